@@ -1,0 +1,24 @@
+"""stripeconv: stripe-wise pruned convolutions that run faster than dense.
+
+``StripeConv2d`` is a drop-in for ``nn.Conv2d`` whose filters keep only some of their stripes
+(one filter's weights at one kernel position). It stores and computes only the kept stripes,
+through one op (``torch.ops.stripeconv.stripe_conv2d``) with compiled CPU, Triton and CUDA
+backends.
+"""
+from . import ops
+from .backends import available_backends, get_backend, set_backend
+from .nn import StripeConv2d, convert
+from .packing import pack_weight, unpack_weight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StripeConv2d",
+    "convert",
+    "set_backend",
+    "get_backend",
+    "available_backends",
+    "pack_weight",
+    "unpack_weight",
+    "ops",
+]

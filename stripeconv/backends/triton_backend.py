@@ -1,0 +1,547 @@
+"""Triton GPU backend of the stripe_conv2d op (kernels in :mod:`stripeconv.kernels.stripe_conv`).
+
+Host side of the kernels: the mask-derived metadata, the per-call weight slabs and the launches.
+
+Forward metadata (see DESIGN.md section 3): filters are permuted into tiles of ``BLOCK_N`` filters
+of one group, chosen so that the union of the positions kept by a tile's filters is small
+(filters are clustered by their position bit pattern: greedy growth of the union, or a sort by
+pattern, whichever computes fewer stripes), and tiles are sorted by work (heavy tiles first).
+Every call gathers the packed ``[S, C/g]`` rows into dense ``[T, U, BLOCK_N, C/g]`` slabs with
+zeros where a filter does not keep a position of its tile's union (one ``index_select``: the
+weights change during training, the gather indices do not). *Tile efficiency* = kept stripes /
+stripes computed (``sum_t |union_t| * BLOCK_N``); :func:`tile_efficiency` reports it.
+
+Backward metadata: the filter of each packed row, the row offsets of every (position, group),
+the positions with kept rows, and row blocks of one (position, group) for grad weight. Grad
+input and grad weight spend no work on pruned stripes.
+
+All metadata depends only on the mask (and groups / block sizes). It is cached keyed on the
+mask's ``(data_ptr, _version, shape, device)``; the entry holds a reference to the mask so its
+storage cannot be recycled for another mask while cached. Building it reads the mask on the
+host once (a device sync); afterwards a call does no host sync (no ``.item()``, no
+``nonzero``), which keeps the steady state usable under CUDA graph capture. Triton autotunes on
+the first launch of a new (shape, density bucket) key, which benchmarks (syncs): run one eager
+step before capturing a graph.
+
+Precision: fp16/bf16/fp32 accumulate in fp32, fp64 in fp64. fp32 inputs use TF32 tensor cores
+only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the matmul flag, since the op is
+a GEMM; it is False by default in PyTorch), IEEE fp32 otherwise.
+
+Grad weight is split-K over pixels. By default the splits add into one fp32 buffer with
+atomics; with ``STRIPECONV_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``
+every split writes its own partial buffer and the host sums them in a fixed order.
+
+Groups: ``groups == 1`` and groups with >= 16 filters and channels per group use the tensor
+core path; depthwise and small groups use an outer-product path (correct, not tuned).
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NAME = "triton"
+
+__all__ = [
+    "NAME", "is_available", "supports", "forward", "grad_input", "grad_weight",
+    "tile_efficiency", "forward_plan", "clear_cache",
+]
+
+_kernels = None
+_import_error: Optional[str] = None
+
+
+def _load_kernels():
+    """Import ``stripeconv.kernels.stripe_conv`` (falls back to the source tree's kernels/)."""
+    global _kernels, _import_error
+    if _kernels is not None or _import_error is not None:
+        return _kernels
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        _import_error = f"triton is not importable ({exc}); pip install 'triton>=3.2'"
+        return None
+    try:
+        _kernels = importlib.import_module("stripeconv.kernels.stripe_conv")
+    except ImportError:
+        # Running from a source checkout without installing: kernels/ sits beside stripeconv/.
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.path.join(here, "kernels", "stripe_conv.py")
+        if not os.path.exists(path):
+            _import_error = "stripeconv.kernels is missing from this install; reinstall stripeconv"
+            return None
+        spec = importlib.util.spec_from_file_location("stripeconv.kernels.stripe_conv", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        _kernels = module
+    return _kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_available() -> tuple[bool, str]:
+    if _load_kernels() is None:
+        return False, _import_error or "triton kernels failed to load"
+    if torch.cuda.is_available() or _interpreting():
+        return True, ""
+    return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
+
+
+def supports(device: torch.device) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+# ----------------------------------------------------------------------------------------------
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def default_block_n(out_per_group: int) -> int:
+    """Filters per forward tile: 64 (wgmma-sized) for wide layers, smaller for narrow ones."""
+    env = os.environ.get("STRIPECONV_TRITON_BLOCK_N")
+    if env:
+        return int(env)
+    if out_per_group >= 16:
+        return min(64, _next_pow2(out_per_group))
+    return max(2, _next_pow2(out_per_group))
+
+
+def _tiles_greedy(pat: np.ndarray, block_n: int) -> list[list[int]]:
+    """Greedy clustering: seed with the heaviest free filter, add the filters that grow the
+    union least (all zero-growth filters at once)."""
+    nf, npos = pat.shape
+    cnt = pat.sum(1)
+    free = np.ones(nf, dtype=bool)
+    tiles = []
+    while free.any():
+        idx = np.nonzero(free)[0]
+        seed = idx[np.argmax(cnt[idx])]
+        union = pat[seed].copy()
+        members = [int(seed)]
+        free[seed] = False
+        while len(members) < block_n and free.any():
+            idx = np.nonzero(free)[0]
+            grow = (pat[idx] & ~union).sum(1)
+            zero = idx[grow == 0]
+            if len(zero):
+                take = zero[np.argsort(-cnt[zero], kind="stable")][: block_n - len(members)]
+            else:
+                score = grow * (npos + 1) - cnt[idx]  # least growth, then most kept stripes
+                take = idx[[int(np.argmin(score))]]
+            members.extend(int(k) for k in take)
+            free[take] = False
+            union |= pat[take].any(0)
+        tiles.append(members)
+    return tiles
+
+
+def _tiles_sorted(pat: np.ndarray, block_n: int) -> list[list[int]]:
+    """Sort filters by bit pattern (most frequently kept position = most significant bit)."""
+    nf, npos = pat.shape
+    order = np.argsort(-pat.sum(0), kind="stable")
+    keys = [tuple(row) for row in pat[:, order].astype(np.int8)]
+    ranked = sorted(range(nf), key=lambda k: keys[k], reverse=True)
+    return [ranked[s:s + block_n] for s in range(0, nf, block_n)]
+
+
+def _computed(pat: np.ndarray, tiles: list[list[int]], block_n: int) -> int:
+    return sum(int(pat[t].any(0).sum()) * block_n for t in tiles)
+
+
+@dataclass
+class ForwardPlan:
+    block_n: int
+    num_tiles: int
+    umax: int
+    tile_pos: Tensor      # [T, UMAX] int32 positions of each tile's union (padded with 0)
+    tile_npos: Tensor     # [T] int32
+    tile_ch: Tensor       # [T, BLOCK_N] int32 original channel of each column, -1 = padding
+    tile_grp: Tensor      # [T] int32 group of each tile
+    gather: Tensor        # [T * UMAX * BLOCK_N] int64 packed row (S = the zero row)
+    kept: int
+    computed: int
+    density: float
+
+    @property
+    def efficiency(self) -> float:
+        return self.kept / self.computed if self.computed else 1.0
+
+
+@dataclass
+class BackwardPlan:
+    filt: Tensor          # [S] int32 filter of each packed row
+    seg: Tensor           # [P, G + 1] int32 row offsets of each (position, group)
+    pos: Tensor           # [NPOS] int32 positions with kept rows
+    npos: int
+    block_r: int
+    blk_pos: Tensor       # [NB] int32 row blocks for grad weight
+    blk_r0: Tensor
+    blk_r1: Tensor
+    blk_grp: Tensor
+    num_blocks: int
+    density: float
+
+
+def _row_ids(mask_cpu: Tensor) -> np.ndarray:
+    """[P, N] packed row index of every stripe (position-major), -1 where pruned."""
+    n, kh, kw = mask_cpu.shape
+    pm = mask_cpu.permute(1, 2, 0).reshape(kh * kw, n).numpy()
+    rid = np.cumsum(pm.reshape(-1)).reshape(pm.shape) - 1
+    return np.where(pm, rid, -1)
+
+
+def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> ForwardPlan:
+    n, kh, kw = mask_cpu.shape
+    npos = kh * kw
+    ng = n // groups
+    pat_all = mask_cpu.reshape(n, npos).numpy().astype(bool)
+    rid = _row_ids(mask_cpu)
+    s = int(pat_all.sum())
+    tiles = []  # (group, [filters])
+    for g in range(groups):
+        pat = pat_all[g * ng:(g + 1) * ng]
+        cand = [_tiles_sorted(pat, block_n)]
+        if ng > block_n:
+            cand.append(_tiles_greedy(pat, block_n))
+        best = min(cand, key=lambda tl_: _computed(pat, tl_, block_n))
+        tiles.extend((g, [g * ng + k for k in sorted(t)]) for t in best)
+    unions = [np.nonzero(pat_all[f].any(0))[0] for _, f in tiles]
+    order = sorted(range(len(tiles)), key=lambda k: -len(unions[k]))  # heavy tiles first
+    num_tiles = len(tiles)
+    umax = max([1] + [len(u) for u in unions])
+    tile_pos = np.zeros((num_tiles, umax), dtype=np.int32)
+    tile_npos = np.zeros(num_tiles, dtype=np.int32)
+    tile_ch = np.full((num_tiles, block_n), -1, dtype=np.int32)
+    tile_grp = np.zeros(num_tiles, dtype=np.int32)
+    gather = np.full((num_tiles, umax, block_n), s, dtype=np.int64)
+    computed = 0
+    for t, k in enumerate(order):
+        g, filters = tiles[k]
+        u = unions[k]
+        tile_pos[t, :len(u)] = u
+        tile_npos[t] = len(u)
+        tile_ch[t, :len(filters)] = filters
+        tile_grp[t] = g
+        if len(u):
+            r = rid[np.ix_(u, filters)]  # [U, F]
+            gather[t, :len(u), :len(filters)] = np.where(r >= 0, r, s)
+        computed += len(u) * block_n
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return ForwardPlan(
+        block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
+        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), gather=dev(gather.reshape(-1)), kept=s,
+        computed=computed, density=s / max(1, n * npos),
+    )
+
+
+def _build_backward(mask_cpu: Tensor, groups: int, block_r: int, device) -> BackwardPlan:
+    n, kh, kw = mask_cpu.shape
+    npos = kh * kw
+    ng = n // groups
+    pm = mask_cpu.permute(1, 2, 0).reshape(npos, n).numpy().astype(bool)  # [P, N]
+    filt = np.nonzero(pm)[1].astype(np.int32)  # row-major over (p, n): the packed order
+    per_group = pm.reshape(npos, groups, ng).sum(2)  # [P, G]
+    counts = pm.sum(1)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    seg = np.zeros((npos, groups + 1), dtype=np.int32)
+    seg[:, 0] = offsets[:-1]
+    seg[:, 1:] = offsets[:-1, None] + np.cumsum(per_group, 1)
+    pos = np.nonzero(counts)[0].astype(np.int32)
+    blocks = []
+    for p in pos:
+        for g in range(groups):
+            a, b = int(seg[p, g]), int(seg[p, g + 1])
+            for r0 in range(a, b, block_r):
+                blocks.append((p, r0, min(b, r0 + block_r), g))
+    blk = np.array(blocks, dtype=np.int32).reshape(-1, 4)
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return BackwardPlan(
+        filt=dev(filt if len(filt) else np.zeros(1, np.int32)), seg=dev(seg),
+        pos=dev(pos if len(pos) else np.zeros(1, np.int32)), npos=len(pos), block_r=block_r,
+        blk_pos=dev(blk[:, 0]), blk_r0=dev(blk[:, 1]), blk_r1=dev(blk[:, 2]), blk_grp=dev(blk[:, 3]),
+        num_blocks=len(blk), density=float(pm.sum()) / max(1, n * npos),
+    )
+
+
+_CACHE_SIZE = 512
+_cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _mask_key(mask: Tensor) -> tuple:
+    return (mask.data_ptr(), mask._version, tuple(mask.shape), str(mask.device))
+
+
+def _cached(kind: str, mask: Tensor, groups: int, block: int, device):
+    key = (kind, *_mask_key(mask), groups, block, str(device))
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            _cache.move_to_end(key)
+            return hit[1]
+    mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
+    build = _build_forward if kind == "fwd" else _build_backward
+    plan = build(mask_cpu, groups, block, device)
+    with _cache_lock:
+        _cache[key] = (mask, plan)  # holding the mask keeps its data_ptr from being recycled
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return plan
+
+
+def clear_cache() -> None:
+    """Drop all cached mask metadata."""
+    with _cache_lock:
+        _cache.clear()
+
+
+def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None) -> ForwardPlan:
+    """The (cached) forward tile plan of ``mask``."""
+    ng = mask.shape[0] // groups
+    return _cached("fwd", mask, groups, block_n or default_block_n(ng), mask.device)
+
+
+def tile_efficiency(mask: Tensor, block_n: Optional[int] = None, groups: int = 1) -> float:
+    """Kept stripes / stripes computed by the forward kernel for ``mask`` (1.0 = no waste)."""
+    return forward_plan(mask, groups, block_n).efficiency
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch helpers
+# ----------------------------------------------------------------------------------------------
+
+def _precision(dtype: torch.dtype):
+    tl = _kernels.tl
+    if dtype == torch.float64:
+        return "ieee", tl.float64
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+        return "tf32", tl.float32
+    return "ieee", tl.float32
+
+
+def _keys(m: int, c: int, n: int, density: float, kh: int, kw: int, stride) -> dict:
+    return dict(
+        KEY_M=_next_pow2(max(1, m)), KEY_C=c, KEY_N=n, KEY_DENSITY=int(round(density * 8)),
+        KEY_CONV=((kh * 16 + kw) * 16 + stride[0]) * 16 + stride[1],
+    )
+
+
+def _out_hw(h, w, kh, kw, stride, padding, dilation):
+    pt, pb, pl, pr = padding
+    ho = (h + pt + pb - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + pl + pr - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return max(ho, 0), max(wo, 0)
+
+
+def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
+    """New tensor in ``ref``'s memory format (channels_last when ``ref`` is)."""
+    fmt = torch.channels_last if (ref.is_contiguous(memory_format=torch.channels_last)
+                                  and not ref.is_contiguous()) else torch.contiguous_format
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=fmt)
+
+
+def _deterministic() -> bool:
+    return os.environ.get("STRIPECONV_DETERMINISTIC", "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
+
+
+_sm_count: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sm_count:
+        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _sm_count[idx]
+
+
+def _check_kernels():
+    if _load_kernels() is None:
+        raise RuntimeError(f"stripeconv backend 'triton' is not available: {_import_error}")
+    return _kernels
+
+
+def _conv_ints(stride, padding, dilation):
+    return [int(v) for v in stride], [int(v) for v in padding], [int(v) for v in dilation]
+
+
+# ----------------------------------------------------------------------------------------------
+# The op's kernels
+# ----------------------------------------------------------------------------------------------
+
+def forward(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    mask: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    k = _check_kernels()
+    stride, padding, dilation = _conv_ints(stride, padding, dilation)
+    b, c, h, w = input.shape
+    n, kh, kw = mask.shape
+    cg, ng = c // groups, n // groups
+    ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
+    out = _like_input((b, n, ho, wo), input)
+    m = b * ho * wo
+    if out.numel() == 0:
+        return out
+    plan = forward_plan(mask, groups)
+    bn = plan.block_n
+    use_dot = bn >= 16
+    block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
+    # Dense slabs [T, U, BLOCK_N, CG] gathered from the packed rows (zero row appended).
+    w_pad = torch.cat([weight, weight.new_zeros(1, cg)]) if weight.shape[0] else weight.new_zeros(1, cg)
+    slab = w_pad.index_select(0, plan.gather)
+    has_bias = bias is not None
+    bias_arg = bias.contiguous() if has_bias else out  # unused pointer when HAS_BIAS is False
+    precision, acc = _precision(input.dtype)
+    grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
+    k.stripe_fwd_kernel[grid](
+        input, slab, bias_arg, out,
+        plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp,
+        b, h, w, ho, wo, cg, plan.num_tiles, plan.umax,
+        *input.stride(), *out.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
+        **_keys(m, c, n, plan.density, kh, kw, stride),
+        HAS_BIAS=has_bias, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        BLOCK_N=bn, BLOCK_K=block_k,
+    )
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _backward_plan(mask: Tensor, groups: int, cg: int, ng: int) -> tuple[BackwardPlan, int]:
+    use_dot = cg >= 16 and ng >= 16
+    block_r = 64 if use_dot else min(4, _next_pow2(ng))
+    return _cached("bwd", mask, groups, block_r, mask.device), block_r
+
+
+def grad_input(
+    grad_output: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    input_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    k = _check_kernels()
+    stride, padding, dilation = _conv_ints(stride, padding, dilation)
+    b, c, h, w = [int(v) for v in input_shape]
+    n, kh, kw = mask.shape
+    cg, ng = c // groups, n // groups
+    ho, wo = grad_output.shape[2:]
+    dx = _like_input((b, c, h, w), grad_output)
+    if dx.numel() == 0:
+        return dx
+    if grad_output.numel() == 0:
+        return dx.zero_()
+    plan, _ = _backward_plan(mask, groups, cg, ng)
+    use_dot = cg >= 16 and ng >= 16
+    block_n = max(16, min(64, _next_pow2(cg))) if use_dot else min(16, _next_pow2(cg))
+    block_k = 32 if use_dot else 1
+    ncb = triton_cdiv(cg, block_n)
+    sh, sw = stride
+    mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
+    precision, acc = _precision(grad_output.dtype)
+    grid = lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw)  # noqa: E731
+    k.stripe_dgrad_kernel[grid](
+        grad_output, weight, dx,
+        plan.pos, plan.npos, plan.seg, plan.filt,
+        b, h, w, ho, wo, cg, groups, ncb,
+        *grad_output.stride(), *dx.stride(),
+        sh, sw, padding[0], padding[2], dilation[0], dilation[1], kw,
+        **_keys(b * h * w, c, n, plan.density, kh, kw, stride),
+        USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return dx
+
+
+def grad_weight(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    mask: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    k = _check_kernels()
+    stride, padding, dilation = _conv_ints(stride, padding, dilation)
+    b, c, h, w = input.shape
+    n, kh, kw = mask.shape
+    cg, ng = c // groups, n // groups
+    ho, wo = grad_output.shape[2:]
+    s = weight.shape[0]
+    m = b * ho * wo
+    if s == 0 or cg == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    if m == 0:
+        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    plan, block_r = _backward_plan(mask, groups, cg, ng)
+    use_dot = cg >= 16 and ng >= 16
+    block_c = max(16, min(64, _next_pow2(cg))) if use_dot else min(4, _next_pow2(cg))
+    ncb = triton_cdiv(cg, block_c)
+    tiles = plan.num_blocks * ncb
+    acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # Split-K over pixels so that the grid fills the GPU (>= ~4 programs per SM).
+    target = 4 * _num_sms(input.device)
+    split = max(1, min(triton_cdiv(target, max(1, tiles)), triton_cdiv(m, 512)))
+    deterministic = _deterministic()
+    if deterministic:  # bound the partial buffers to ~256 MiB
+        split = max(1, min(split, (256 << 20) // max(1, s * cg * 4)))
+    chunk = triton_cdiv(triton_cdiv(m, split), 256) * 256
+    split = triton_cdiv(m, chunk)
+    atomic = split > 1 and not deterministic
+    if atomic or split == 1:
+        buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
+    else:
+        buf = torch.empty((split, s, cg), dtype=acc_torch, device=weight.device)
+    precision, acc = _precision(input.dtype)
+    k.stripe_wgrad_kernel[(tiles, split)](
+        grad_output, input, buf,
+        plan.blk_pos, plan.blk_r0, plan.blk_r1, plan.blk_grp, plan.filt,
+        b, h, w, ho, wo, cg, ncb, chunk, s * cg,
+        *grad_output.stride(), *input.stride(),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
+        **_keys(m, c, n, plan.density, kh, kw, stride),
+        ATOMIC=atomic, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        BLOCK_R=block_r, BLOCK_C=block_c,
+    )
+    if buf.dim() == 3:
+        buf = buf.sum(0)
+    return buf.to(weight.dtype)

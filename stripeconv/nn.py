@@ -1,0 +1,283 @@
+"""StripeConv2d: a drop-in for ``nn.Conv2d`` that stores and computes only kept stripes."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+from .ops import stripe_conv2d
+from .packing import check_stripe_mask, pack_weight, unpack_weight
+
+__all__ = ["StripeConv2d", "convert"]
+
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+_IntOr2 = Union[int, tuple[int, int]]
+
+
+class StripeConv2d(nn.Module):
+    r"""A 2-D convolution whose filters keep only some of their stripes.
+
+    A stripe is one filter's weights at one kernel position, ``weight[n, :, i, j]``. The
+    bool buffer ``stripe_mask`` ``[out_channels, kh, kw]`` says which stripes are kept; the
+    layer computes exactly ``F.conv2d(x, weight * stripe_mask[:, None], bias, ...)`` as a sum
+    of 1x1 convolutions over the kept positions, so its cost falls with the stripes pruned.
+
+    The arguments mean what they mean for :class:`torch.nn.Conv2d`. Only kept stripes are
+    stored and trained: the parameter ``packed_weight`` is ``[num_stripes, in_channels //
+    groups]`` (see :mod:`stripeconv.packing`), and :attr:`weight` rebuilds the dense, masked
+    weight on demand. ``stripe_mask=None`` keeps every stripe.
+
+    ``load_state_dict`` takes the mask of the saved state, whatever mask this module had, and
+    resizes ``packed_weight`` in place (an optimizer created earlier keeps a valid reference,
+    though its per-parameter state no longer matches the new shape).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: _IntOr2,
+        stride: _IntOr2 = 1,
+        padding: Union[str, _IntOr2] = 0,
+        dilation: _IntOr2 = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        stripe_mask: Optional[Tensor] = None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if groups <= 0 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible "
+                f"by groups ({groups}), which must be positive"
+            )
+        if padding_mode not in _PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        self.groups = groups
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid' or int/tuple, got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            self.padding: Union[str, tuple[int, int]] = padding
+        else:
+            self.padding = _pair(padding)
+        self._pads = self._explicit_padding()  # (top, bottom, left, right)
+
+        dense = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
+        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
+        if stripe_mask is None:
+            stripe_mask = torch.ones(out_channels, *self.kernel_size, dtype=torch.bool, device=dense.device)
+        check_stripe_mask(stripe_mask, out_channels, self.kernel_size)
+        stripe_mask = stripe_mask.to(dense.device)
+        self.register_buffer("stripe_mask", stripe_mask.clone())
+        self.packed_weight = nn.Parameter(pack_weight(dense, stripe_mask))
+        if bias:
+            fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------------------- geometry
+    def _explicit_padding(self) -> tuple[int, int, int, int]:
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for d, k in zip(self.dilation, self.kernel_size):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]  # like nn.Conv2d: the extra row/col at the end
+            return tuple(pads)
+        ph, pw = self.padding
+        return (ph, ph, pw, pw)
+
+    # ------------------------------------------------------------------------------ stripes
+    @property
+    def weight(self) -> Tensor:
+        """The dense ``[out, in/groups, kh, kw]`` weight, zero at pruned stripes (differentiable)."""
+        return unpack_weight(self.packed_weight, self.stripe_mask)
+
+    @property
+    def num_stripes(self) -> int:
+        """Number of kept stripes."""
+        return int(self.packed_weight.shape[0])
+
+    @property
+    def density(self) -> float:
+        """Kept stripes / all stripes."""
+        total = self.stripe_mask.numel()
+        return self.num_stripes / total if total else 0.0
+
+    @torch.no_grad()
+    def set_stripe_mask(self, stripe_mask: Tensor) -> None:
+        """Change the kept stripes; stripes kept before keep their weights, new ones start at zero.
+
+        ``packed_weight`` is resized in place (same Parameter object).
+        """
+        check_stripe_mask(stripe_mask, self.out_channels, self.kernel_size)
+        stripe_mask = stripe_mask.to(self.stripe_mask.device)
+        dense = unpack_weight(self.packed_weight, self.stripe_mask)
+        self.packed_weight.data = pack_weight(dense, stripe_mask).contiguous()
+        self.stripe_mask = stripe_mask.clone()
+
+    # ------------------------------------------------------------------------- conversions
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, stripe_mask: Optional[Tensor] = None) -> "StripeConv2d":
+        """A StripeConv2d computing ``conv`` with only the stripes of ``stripe_mask`` kept.
+
+        ``stripe_mask=None`` keeps every stripe whose weights are not all zero.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        weight = conv.weight.detach()
+        if stripe_mask is None:
+            stripe_mask = weight.ne(0).any(dim=1)
+        module = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=weight.device,
+            dtype=weight.dtype,
+            stripe_mask=stripe_mask,
+        )
+        with torch.no_grad():
+            module.packed_weight.copy_(pack_weight(weight, module.stripe_mask))
+            if conv.bias is not None:
+                module.bias.copy_(conv.bias)
+        module.train(conv.training)
+        return module
+
+    def to_conv(self) -> nn.Conv2d:
+        """An equivalent ``nn.Conv2d`` (dense weight, zeros at pruned stripes)."""
+        conv = nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.packed_weight.device,
+            dtype=self.packed_weight.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        conv.train(self.training)
+        return conv
+
+    # ------------------------------------------------------------------------------ forward
+    def _check_input(self, input: Tensor) -> None:
+        if not isinstance(input, Tensor):
+            raise TypeError(f"StripeConv2d expects a Tensor input, got {type(input).__name__}")
+        if input.dim() not in (3, 4):
+            raise ValueError(
+                f"StripeConv2d expects a 3-D (C, H, W) or 4-D (B, C, H, W) input, got {input.dim()}-D "
+                f"of shape {list(input.shape)}"
+            )
+        channels = input.shape[-3]
+        if channels != self.in_channels:
+            raise ValueError(f"StripeConv2d expected input with {self.in_channels} channels, got {channels}")
+        weight = self.packed_weight
+        if input.dtype != weight.dtype:
+            raise TypeError(f"input dtype {input.dtype} does not match the weight dtype {weight.dtype}")
+        if input.device != weight.device:
+            raise RuntimeError(f"input is on {input.device} but the weights are on {weight.device}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)
+        unbatched = input.dim() == 3
+        if unbatched:
+            input = input.unsqueeze(0)
+        pads = self._pads
+        if self.padding_mode != "zeros" and any(pads):
+            # Non-zero padding modes need the padded values themselves, exactly as nn.Conv2d does.
+            t, b, l, r = pads
+            input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
+            pads = (0, 0, 0, 0)
+        out = stripe_conv2d(
+            input, self.packed_weight, self.bias, self.stripe_mask,
+            self.stride, pads, self.dilation, self.groups,
+        )
+        return out.squeeze(0) if unbatched else out
+
+    def extra_repr(self) -> str:
+        s = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+            f", padding={self.padding}"
+        )
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.bias is None:
+            s += ", bias=False"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s + f", stripes={self.num_stripes}/{self.stripe_mask.numel()}"
+
+    # ------------------------------------------------------------------------- state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        mask_key, weight_key = prefix + "stripe_mask", prefix + "packed_weight"
+        if mask_key in state_dict:
+            mask = state_dict[mask_key]
+            check_stripe_mask(mask, self.out_channels, self.kernel_size)
+            kept = int(mask.sum())
+            cg = self.in_channels // self.groups
+            if weight_key in state_dict and tuple(state_dict[weight_key].shape) != (kept, cg):
+                raise RuntimeError(
+                    f"state_dict for {prefix or 'StripeConv2d'} is inconsistent: stripe_mask keeps {kept} "
+                    f"stripes, so packed_weight must be [{kept}, {cg}], got {list(state_dict[weight_key].shape)}"
+                )
+            with torch.no_grad():
+                self.stripe_mask = torch.empty_like(mask, device=self.stripe_mask.device)
+                self.packed_weight.data = self.packed_weight.new_empty(kept, cg)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+
+def convert(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
+    """Replace the ``nn.Conv2d`` modules named in ``masks`` by :class:`StripeConv2d`, in place.
+
+    ``masks`` maps names from ``model.named_modules()`` to stripe masks (bool
+    ``[out, kh, kw]``; ``None`` keeps every non-zero stripe). Returns ``model``.
+    """
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        if name not in modules:
+            raise KeyError(f"convert: model has no module named {name!r}")
+        conv = modules[name]
+        if isinstance(conv, StripeConv2d):
+            if mask is not None:
+                conv.set_stripe_mask(mask)
+            continue
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"convert: module {name!r} is a {type(conv).__name__}, expected nn.Conv2d")
+        replacement = StripeConv2d.from_conv(conv, mask)
+        if name == "":
+            raise ValueError("convert: to convert a bare nn.Conv2d use StripeConv2d.from_conv")
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, child, replacement)
+    return model

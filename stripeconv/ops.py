@@ -1,0 +1,184 @@
+"""The stripe_conv2d op contract, registered once with ``torch.library``.
+
+Three ops in the ``stripeconv`` namespace, with the same arguments for every backend:
+
+``stripe_conv2d(input, weight, bias, stripe_mask, stride, padding, dilation, groups) -> output``
+    ``input`` [B, C, H, W]; ``weight`` packed [S, C/groups] (see :mod:`stripeconv.packing`);
+    ``bias`` [N] or None; ``stripe_mask`` bool [N, kh, kw] with ``S = stripe_mask.sum()``;
+    ``stride``, ``dilation`` (sh, sw); ``padding`` (top, bottom, left, right), zeros implied.
+    Computes ``F.conv2d(input, unpack(weight) , bias, ...)`` as a sum of 1x1 convolutions over
+    the kept positions, with borders handled by the index ranges, never by a padded copy.
+    The output has the input's memory format (NCHW or channels_last).
+
+``stripe_conv2d_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)``
+    Gradient with respect to ``input`` (shape ``input_shape``).
+
+``stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)``
+    Gradient with respect to the packed ``weight`` [S, C/groups] (``weight`` gives its shape).
+
+The gradient of ``bias`` is ``grad_output.sum((0, 2, 3))`` and is part of the autograd formula.
+Each op hands its work to the backend chosen by :mod:`stripeconv.backends` for the input's
+device; fake (meta) kernels make them traceable by ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import backends
+
+__all__ = ["stripe_conv2d", "output_size", "check_op_args"]
+
+
+def output_size(
+    input_hw: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> tuple[int, int]:
+    """Output (Ho, Wo) of a conv with ``padding`` = (top, bottom, left, right)."""
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = input_hw, kernel_size, stride, dilation
+    pt, pb, pl, pr = padding
+    ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    return ho, wo
+
+
+def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding, dilation, groups) -> None:
+    """Validate the op's arguments with messages that say what was expected."""
+    if input.dim() != 4:
+        raise ValueError(f"stripe_conv2d expects a 4-D input [B, C, H, W], got {input.dim()}-D")
+    if stripe_mask.dtype != torch.bool or stripe_mask.dim() != 3:
+        raise ValueError(
+            f"stripe_mask must be a bool tensor [out_channels, kh, kw], got {stripe_mask.dtype} "
+            f"of shape {list(stripe_mask.shape)}"
+        )
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError("stride and dilation take 2 values, padding takes 4 (top, bottom, left, right)")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
+        raise ValueError("stride, dilation and groups must be positive and padding non-negative")
+    n = stripe_mask.shape[0]
+    if n % groups or input.shape[1] % groups:
+        raise ValueError(f"channels ({input.shape[1]} in, {n} out) must be divisible by groups={groups}")
+    if weight.dim() != 2 or weight.shape[1] != input.shape[1] // groups:
+        raise ValueError(
+            f"packed weight must be [num_stripes, in_channels/groups] = [*, {input.shape[1] // groups}], "
+            f"got {list(weight.shape)}"
+        )
+    ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {list(input.shape[2:])} with padding {list(padding)} is smaller than "
+            f"the dilated kernel {list(stripe_mask.shape[1:])} (dilation {list(dilation)}): no output pixel"
+        )
+    if weight.dtype != input.dtype or weight.device != input.device:
+        raise ValueError(
+            f"input ({input.dtype}, {input.device}) and weight ({weight.dtype}, {weight.device}) "
+            "must have the same dtype and device"
+        )
+
+
+def _output_memory_format(input: Tensor) -> torch.memory_format:
+    if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("stripeconv::stripe_conv2d", mutates_args=())
+def stripe_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stripe_mask: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Stripe-pruned conv2d (see the module docstring for the contract)."""
+    check_op_args(input, weight, stripe_mask, stride, padding, dilation, groups)
+    out = backends.resolve(input.device).forward(
+        input, weight, bias, stripe_mask, list(stride), list(padding), list(dilation), groups
+    )
+    return out.contiguous(memory_format=_output_memory_format(input))
+
+
+@stripe_conv2d.register_fake
+def _(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+    ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
+    out = input.new_empty(input.shape[0], stripe_mask.shape[0], ho, wo)
+    return out.contiguous(memory_format=_output_memory_format(input))
+
+
+@torch.library.custom_op("stripeconv::stripe_conv2d_grad_input", mutates_args=())
+def stripe_conv2d_grad_input(
+    grad_output: Tensor,
+    weight: Tensor,
+    stripe_mask: Tensor,
+    input_shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Gradient of stripe_conv2d with respect to its input."""
+    grad_input = backends.resolve(grad_output.device).grad_input(
+        grad_output, weight, stripe_mask, list(input_shape), list(stride), list(padding), list(dilation), groups
+    )
+    return grad_input.contiguous(memory_format=_output_memory_format(grad_output))
+
+
+@stripe_conv2d_grad_input.register_fake
+def _(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+    grad_input = grad_output.new_empty(list(input_shape))
+    return grad_input.contiguous(memory_format=_output_memory_format(grad_output))
+
+
+@torch.library.custom_op("stripeconv::stripe_conv2d_grad_weight", mutates_args=())
+def stripe_conv2d_grad_weight(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    stripe_mask: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    """Gradient of stripe_conv2d with respect to its packed weight."""
+    return backends.resolve(input.device).grad_weight(
+        grad_output, input, weight, stripe_mask, list(stride), list(padding), list(dilation), groups
+    ).contiguous()
+
+
+@stripe_conv2d_grad_weight.register_fake
+def _(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, stripe_mask, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(input, weight, stripe_mask)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad_output):
+    input, weight, stripe_mask = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.conv_args
+    grad_input = grad_weight = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_input = stripe_conv2d_grad_input(
+            grad_output, weight, stripe_mask, list(input.shape), stride, padding, dilation, groups
+        )
+    if ctx.needs_input_grad[1]:
+        grad_weight = stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_bias = grad_output.sum((0, 2, 3))
+    return grad_input, grad_weight, grad_bias, None, None, None, None, None
+
+
+stripe_conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,258 @@
+"""StripeConv2d's API: construction, conversion, packed storage, state_dict, bad input."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stripeconv
+from stripeconv import StripeConv2d
+from stripeconv.packing import pack_weight, position_offsets, unpack_weight
+
+
+def test_packing_round_trip_and_order():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, 2, 3)
+    mask = torch.rand(5, 2, 3) < 0.5
+    packed = pack_weight(weight, mask)
+    assert packed.shape == (int(mask.sum()), 3)
+    torch.testing.assert_close(unpack_weight(packed, mask), weight * mask[:, None])
+    # Position-major: the rows of position p are offsets[p]:offsets[p+1], filters ascending.
+    offsets = position_offsets(mask)
+    for p in range(6):
+        i, j = divmod(p, 3)
+        rows = packed[offsets[p]:offsets[p + 1]]
+        torch.testing.assert_close(rows, weight[mask[:, i, j], :, i, j])
+
+
+def test_only_kept_stripes_are_parameters():
+    mask = torch.zeros(8, 3, 3, dtype=torch.bool)
+    mask[:, 1, 1] = True
+    mask[0] = True
+    layer = StripeConv2d(4, 8, 3, padding=1, stripe_mask=mask)
+    assert layer.packed_weight.shape == (8 + 8, 4)
+    assert layer.num_stripes == 16
+    assert layer.density == pytest.approx(16 / 72)
+    assert sum(p.numel() for p in layer.parameters()) == 16 * 4 + 8
+    # Training leaves pruned stripes at exactly zero: they are not stored at all.
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 4, 5, 5)).square().mean().backward()
+    opt.step()
+    assert torch.all(layer.weight.permute(0, 2, 3, 1)[~mask] == 0)
+
+
+def test_from_conv_default_mask_keeps_nonzero_stripes():
+    conv = nn.Conv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.weight[1, :, 0, 2] = 0
+        conv.weight[2] = 0
+    layer = StripeConv2d.from_conv(conv)
+    expected = conv.weight.ne(0).any(1)
+    assert torch.equal(layer.stripe_mask, expected)
+    assert layer.num_stripes == 36 - 1 - 9
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(layer(x), conv(x), atol=1e-5, rtol=1e-4)
+
+
+def test_to_conv_round_trip():
+    layer = StripeConv2d(4, 6, (3, 5), stride=2, padding=(1, 2), dilation=(1, 2), groups=2,
+                         padding_mode="reflect", stripe_mask=torch.rand(6, 3, 5) < 0.4)
+    conv = layer.to_conv()
+    assert isinstance(conv, nn.Conv2d) and conv.padding_mode == "reflect" and conv.groups == 2
+    x = torch.randn(2, 4, 9, 11)
+    torch.testing.assert_close(conv(x), layer(x), atol=1e-5, rtol=1e-4)
+    back = StripeConv2d.from_conv(conv, layer.stripe_mask)
+    torch.testing.assert_close(back(x), layer(x))
+
+
+def test_nn_conv2d_arguments():
+    for padding in [0, 2, (1, 0), "same", "valid"]:
+        conv = nn.Conv2d(3, 6, (2, 3), padding=padding, bias=False)
+        layer = StripeConv2d(3, 6, (2, 3), padding=padding, bias=False)
+        assert layer.padding == conv.padding and layer.kernel_size == conv.kernel_size
+        assert layer.bias is None
+    with pytest.raises(ValueError, match="divisible by groups"):
+        StripeConv2d(3, 6, 3, groups=2)
+    with pytest.raises(ValueError, match="strided"):
+        StripeConv2d(3, 6, 3, stride=2, padding="same")
+    with pytest.raises(ValueError, match="padding_mode"):
+        StripeConv2d(3, 6, 3, padding_mode="mirror")
+
+
+def test_initialisation_matches_conv2d_distribution():
+    torch.manual_seed(0)
+    layer = StripeConv2d(64, 64, 3)
+    bound = 1 / (64 * 9) ** 0.5
+    assert layer.packed_weight.abs().max() <= bound + 1e-6
+    assert layer.packed_weight.std() > bound / 3
+
+
+def test_state_dict_round_trip_whatever_the_fresh_mask():
+    torch.manual_seed(1)
+    saved = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.3)
+    buffer = io.BytesIO()
+    torch.save(saved.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = StripeConv2d(4, 6, 3, padding=1)  # all stripes kept: different shapes
+    param = fresh.packed_weight
+    fresh.load_state_dict(torch.load(buffer))
+    assert fresh.packed_weight is param  # resized in place
+    assert torch.equal(fresh.stripe_mask, saved.stripe_mask)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(fresh(x), saved(x))
+
+
+def test_convert_then_load_rebuilds_saved_pruned_model():
+    def dense():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2))
+
+    model = dense()
+    masks = {"0": torch.rand(8, 3, 3) < 0.5, "2": torch.rand(4, 3, 3) < 0.5}
+    stripeconv.convert(model, masks)
+    assert isinstance(model[0], StripeConv2d) and isinstance(model[2], StripeConv2d)
+    state = model.state_dict()
+
+    rebuilt = stripeconv.convert(dense(), {"0": None, "2": None})
+    rebuilt.load_state_dict(state)
+    x = torch.randn(2, 3, 9, 9)
+    torch.testing.assert_close(rebuilt(x), model(x))
+
+
+def test_convert_matches_masked_model():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model.eval()
+    masks = {"0": torch.rand(8, 3, 3) < 0.5, "3": torch.rand(4, 1, 1) < 0.5}
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            dict(model.named_modules())[name].weight.mul_(mask[:, None])
+        expected = model(x)
+    torch.testing.assert_close(stripeconv.convert(model, masks)(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_convert_rejects_unknown_or_wrong_modules():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(KeyError, match="no module named 'conv9'"):
+        stripeconv.convert(model, {"conv9": None})
+    with pytest.raises(TypeError, match="expected nn.Conv2d"):
+        stripeconv.convert(model, {"1": None})
+
+
+def test_set_stripe_mask_keeps_surviving_weights():
+    layer = StripeConv2d(3, 4, 3)
+    before = layer.weight.detach().clone()
+    new_mask = torch.rand(4, 3, 3) < 0.5
+    new_mask[0] = True
+    layer.set_stripe_mask(new_mask & layer.stripe_mask)
+    torch.testing.assert_close(layer.weight, before * new_mask[:, None])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_wrong_channel_count_names_expected_and_got():
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="expected input with 4 channels, got 3"):
+        layer(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (1, 2, 4, 8, 8), ()])
+def test_wrong_ndim(shape):
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="3-D .* or 4-D"):
+        layer(torch.randn(shape))
+
+
+def test_mask_of_wrong_shape_or_dtype():
+    with pytest.raises(ValueError, match=r"shape \[out_channels, kh, kw\] = \[6, 3, 3\]"):
+        StripeConv2d(4, 6, 3, stripe_mask=torch.ones(6, 3, 2, dtype=torch.bool))
+    with pytest.raises(TypeError, match="torch.bool"):
+        StripeConv2d(4, 6, 3, stripe_mask=torch.ones(6, 3, 3))
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(ValueError, match="shape"):
+        layer.set_stripe_mask(torch.ones(5, 3, 3, dtype=torch.bool))
+
+
+def test_dtype_mismatch():
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(TypeError, match="does not match the weight dtype"):
+        layer(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_device_mismatch():
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(RuntimeError, match="weights are on"):
+        layer(torch.randn(1, 4, 8, 8, device="cuda"))
+
+
+def test_device_mismatch_meta():
+    layer = StripeConv2d(4, 6, 3)
+    with pytest.raises(RuntimeError, match="weights are on cpu"):
+        layer(torch.randn(1, 4, 8, 8, device="meta"))
+
+
+def test_inconsistent_state_dict():
+    layer = StripeConv2d(4, 6, 3)
+    state = layer.state_dict()
+    state["stripe_mask"] = state["stripe_mask"].clone()
+    state["stripe_mask"][0, 0, 0] = False
+    with pytest.raises(RuntimeError, match="stripe_mask keeps 53 stripes, so packed_weight must be"):
+        StripeConv2d(4, 6, 3).load_state_dict(state)
+    state = layer.state_dict()
+    state["stripe_mask"] = torch.ones(6, 3, 3)
+    with pytest.raises(TypeError, match="torch.bool"):
+        StripeConv2d(4, 6, 3).load_state_dict(state)
+
+
+def test_op_validates_its_arguments():
+    x = torch.randn(1, 4, 6, 6)
+    mask = torch.ones(6, 3, 3, dtype=torch.bool)
+    weight = torch.randn(54, 4)
+    op = torch.ops.stripeconv.stripe_conv2d
+    with pytest.raises(ValueError, match="padding takes 4"):
+        op(x, weight, None, mask, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match=r"\[\*, 4\]"):
+        op(x, torch.randn(54, 3), None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+
+
+# ------------------------------------------------------------------------------ backends
+def test_backend_selection():
+    assert "reference" in stripeconv.available_backends()
+    with pytest.raises(ValueError, match="unknown stripeconv backend 'fast'"):
+        stripeconv.set_backend("fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            stripeconv.set_backend("cuda")
+    stripeconv.set_backend("reference")
+    try:
+        assert stripeconv.get_backend() == "reference"
+        layer = StripeConv2d(2, 2, 3)
+        x = torch.randn(1, 2, 5, 5)
+        torch.testing.assert_close(layer(x), F.conv2d(x, layer.weight, layer.bias))
+    finally:
+        stripeconv.set_backend(None)
+    assert stripeconv.get_backend() is None
+
+
+def test_backend_env_var():
+    import subprocess
+    import sys
+
+    code = "import stripeconv; print(stripeconv.get_backend())"
+    env = {**__import__("os").environ, "STRIPECONV_BACKEND": "reference"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["STRIPECONV_BACKEND"] = "nope"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown stripeconv backend 'nope'" in bad.stderr
+
+
+def test_compiled_cpu_backend_is_built():
+    """The C++ kernels are part of every install: their absence is a broken build, not a skip."""
+    ok, reason = stripeconv.backends._module("cpu").is_available()
+    assert ok, reason
+    assert "cpu" in stripeconv.available_backends()
