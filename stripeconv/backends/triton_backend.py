@@ -318,10 +318,10 @@ def clear_cache() -> None:
         _cache.clear()
 
 
-def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None) -> ForwardPlan:
-    """The (cached) forward tile plan of ``mask``."""
+def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None, device=None) -> ForwardPlan:
+    """The (cached) forward tile plan of ``mask`` (index tensors on ``device``, default the mask's)."""
     ng = mask.shape[0] // groups
-    return _cached("fwd", mask, groups, block_n or default_block_n(ng), mask.device)
+    return _cached("fwd", mask, groups, block_n or default_block_n(ng), device or mask.device)
 
 
 def tile_efficiency(mask: Tensor, block_n: Optional[int] = None, groups: int = 1) -> float:
@@ -413,7 +413,7 @@ def forward(
     m = b * ho * wo
     if out.numel() == 0:
         return out
-    plan = forward_plan(mask, groups)
+    plan = forward_plan(mask, groups, device=input.device)
     bn = plan.block_n
     use_dot = bn >= 16
     block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
@@ -441,10 +441,10 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _backward_plan(mask: Tensor, groups: int, cg: int, ng: int) -> tuple[BackwardPlan, int]:
+def _backward_plan(mask: Tensor, groups: int, cg: int, ng: int, device) -> tuple[BackwardPlan, int]:
     use_dot = cg >= 16 and ng >= 16
     block_r = 64 if use_dot else min(4, _next_pow2(ng))
-    return _cached("bwd", mask, groups, block_r, mask.device), block_r
+    return _cached("bwd", mask, groups, block_r, device), block_r
 
 
 def grad_input(
@@ -468,7 +468,7 @@ def grad_input(
         return dx
     if grad_output.numel() == 0:
         return dx.zero_()
-    plan, _ = _backward_plan(mask, groups, cg, ng)
+    plan, _ = _backward_plan(mask, groups, cg, ng, grad_output.device)
     use_dot = cg >= 16 and ng >= 16
     block_n = max(16, min(64, _next_pow2(cg))) if use_dot else min(16, _next_pow2(cg))
     block_k = 32 if use_dot else 1
@@ -512,7 +512,7 @@ def grad_weight(
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     if m == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    plan, block_r = _backward_plan(mask, groups, cg, ng)
+    plan, block_r = _backward_plan(mask, groups, cg, ng, input.device)
     use_dot = cg >= 16 and ng >= 16
     block_c = max(16, min(64, _next_pow2(cg))) if use_dot else min(4, _next_pow2(cg))
     ncb = triton_cdiv(cg, block_c)

@@ -1,0 +1,381 @@
+"""GPU benchmark of the Triton stripe conv against cuDNN, the reference and channel pruning.
+
+    python bench/bench_gpu.py --out bench/results/            # everything (about 10-15 min on an H100)
+    python bench/bench_gpu.py --out bench/results/ --quick    # a few layers, fewer densities
+
+For every layer, density (1, 0.7, 0.5, 0.3, 0.2, 0.1) and mask kind ("random": every stripe
+kept with probability = density; "realistic": exactly density * N*K*K stripes drawn with the
+centre position kept most often, then edges, then corners) it times, in the same dtype:
+
+* ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
+* ``triton``    this project's Triton backend (``torch.ops.stripeconv.stripe_conv2d`` pinned to it)
+* ``reference`` the pure-PyTorch stripe implementation (stripeconv/backends/reference.py)
+* ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
+  as the stripe conv, i.e. what filter/channel pruning would give at that density
+
+forward only and forward + backward (autograd through the op: grad input, grad weight, bias).
+Timings: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions) on random data
+(never zeros) with input buffers rotated so that one input is not reused from cache; median and
+inter-quartile range are reported. The table prints the speedup over dense next to the ideal
+1/density and the tile efficiency (kept stripes / stripes the forward kernel computes), and per
+layer the two floors: FLOPs / peak and bytes / bandwidth.
+
+Writes ``<out>/bench_gpu_<date>.json`` (device, versions, date, every timing) and a plot
+``<out>/bench_gpu_<date>.png`` when matplotlib is importable.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+DENSITIES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+
+# (name, batch, C, N, H(=W), k, stride, pad)
+VGG16_CIFAR = [
+    ("vgg.conv1_1", 256, 3, 64, 32, 3, 1, 1),
+    ("vgg.conv1_2", 256, 64, 64, 32, 3, 1, 1),
+    ("vgg.conv2_1", 256, 64, 128, 16, 3, 1, 1),
+    ("vgg.conv2_2", 256, 128, 128, 16, 3, 1, 1),
+    ("vgg.conv3_1", 256, 128, 256, 8, 3, 1, 1),
+    ("vgg.conv3_x", 256, 256, 256, 8, 3, 1, 1),   # conv3_2, conv3_3
+    ("vgg.conv4_1", 256, 256, 512, 4, 3, 1, 1),
+    ("vgg.conv4_x", 256, 512, 512, 4, 3, 1, 1),   # conv4_2, conv4_3
+    ("vgg.conv5_x", 256, 512, 512, 2, 3, 1, 1),   # conv5_1..3
+]
+RESNET56_CIFAR = [
+    ("r56.stage1", 256, 16, 16, 32, 3, 1, 1),
+    ("r56.stage2_down", 256, 16, 32, 32, 3, 2, 1),
+    ("r56.stage2", 256, 32, 32, 16, 3, 1, 1),
+    ("r56.stage3_down", 256, 32, 64, 16, 3, 2, 1),
+    ("r56.stage3", 256, 64, 64, 8, 3, 1, 1),
+]
+RESNET50_224 = [  # the 3x3 convs of the bottlenecks (torchvision v1.5: stride on the 3x3)
+    ("r50.layer1", 64, 64, 64, 56, 3, 1, 1),
+    ("r50.layer2_down", 64, 128, 128, 56, 3, 2, 1),
+    ("r50.layer2", 64, 128, 128, 28, 3, 1, 1),
+    ("r50.layer3_down", 64, 256, 256, 28, 3, 2, 1),
+    ("r50.layer3", 64, 256, 256, 14, 3, 1, 1),
+    ("r50.layer4_down", 64, 512, 512, 14, 3, 2, 1),
+    ("r50.layer4", 64, 512, 512, 7, 3, 1, 1),
+]
+BATCH1 = [  # latency
+    ("b1.vgg.conv2_2", 1, 128, 128, 16, 3, 1, 1),
+    ("b1.vgg.conv4_x", 1, 512, 512, 4, 3, 1, 1),
+    ("b1.r50.layer1", 1, 64, 64, 56, 3, 1, 1),
+    ("b1.r50.layer3", 1, 256, 256, 14, 3, 1, 1),
+    ("b1.r50.layer4", 1, 512, 512, 7, 3, 1, 1),
+]
+SUITES = {"vgg16": VGG16_CIFAR, "resnet56": RESNET56_CIFAR, "resnet50": RESNET50_224, "batch1": BATCH1}
+
+# Dense tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s) of the SXM parts; --peak-tflops and
+# --bandwidth override.
+DEVICE_PEAKS = {
+    "H200": {"16bit": 989.0, "tf32": 494.0, "fp32": 67.0, "bw": 4.8},
+    "H100": {"16bit": 989.0, "tf32": 494.0, "fp32": 67.0, "bw": 3.35},
+    "A100": {"16bit": 312.0, "tf32": 156.0, "fp32": 19.5, "bw": 2.0},
+}
+
+
+def _peaks(name: str, dtype: torch.dtype, args) -> tuple[float, float]:
+    entry = next((v for k, v in DEVICE_PEAKS.items() if k in name), DEVICE_PEAKS["H100"])
+    if dtype in (torch.float16, torch.bfloat16):
+        peak = entry["16bit"]
+    else:
+        peak = entry["tf32"] if torch.backends.cuda.matmul.allow_tf32 else entry["fp32"]
+    return (args.peak_tflops or peak) * 1e12, (args.bandwidth or entry["bw"]) * 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+
+def make_mask(n: int, k: int, density: float, kind: str, gen: torch.Generator) -> torch.Tensor:
+    if density >= 1.0:
+        return torch.ones(n, k, k, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(n, k, k, generator=gen) < density
+    # realistic: exactly round(density * n*k*k) stripes, centre > edges > corners
+    c = (k - 1) / 2
+    ii, jj = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
+    dist = (ii - c).abs() + (jj - c).abs()
+    pos_w = torch.exp(-1.2 * dist.float())  # centre 1, edges 0.30, corners 0.09 for 3x3
+    w = pos_w.expand(n, k, k).reshape(-1) * (0.5 + torch.rand(n * k * k, generator=gen))
+    keep = max(1, round(density * n * k * k))
+    idx = torch.multinomial(w, keep, replacement=False, generator=gen)
+    mask = torch.zeros(n * k * k, dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(n, k, k)
+
+
+def _bench(fn, args) -> dict:
+    if args.cpu_smoke:  # code-path check only: the interpreter's times mean nothing
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return {"median_ms": statistics.median(times), "q25_ms": min(times), "q75_ms": max(times),
+                "iqr_ms": max(times) - min(times)}
+    import triton.testing
+
+    q25, q50, q75 = triton.testing.do_bench(fn, warmup=args.warmup_ms, rep=args.rep_ms, quantiles=[0.25, 0.5, 0.75])
+    return {"median_ms": q50, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25}
+
+
+class Rotating:
+    """Several random input buffers used in turn, so that their total exceeds the L2 cache."""
+
+    def __init__(self, shape, dtype, device, min_bytes=128 << 20, max_count=8, requires_grad=False):
+        one = math.prod(shape) * torch.finfo(dtype).bits // 8
+        count = max(2, min(max_count, -(-min_bytes // max(1, one))))
+        self.bufs = [torch.randn(shape, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+                     .requires_grad_(requires_grad) for _ in range(count)]
+        self.i = 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.bufs)
+        return self.bufs[self.i]
+
+
+def run_layer(layer, args, dtype, device, peaks, gen, results):
+    from stripeconv import backends, ops
+    from stripeconv.backends import triton_backend as tb
+    from stripeconv.packing import pack_weight
+
+    name, b, c, n, hw, k, s, p = layer
+    ho = (hw + 2 * p - k) // s + 1
+    elt = torch.finfo(dtype).bits // 8
+    x_rot = Rotating((b, c, hw, hw), dtype, device, requires_grad=True)
+    gy = torch.randn(b, n, ho, ho, dtype=dtype, device=device).contiguous(memory_format=torch.channels_last)
+    w_dense = (torch.randn(n, c, k, k, dtype=dtype, device=device) / math.sqrt(c * k * k)).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    bias = torch.randn(n, dtype=dtype, device=device, requires_grad=True)
+    gy_n = {}  # grad_output per output-channel count, contiguous channels_last
+
+    def _gy(n_out):
+        if n_out not in gy_n:
+            gy_n[n_out] = gy[:, :n_out].contiguous(memory_format=torch.channels_last)
+        return gy_n[n_out]
+    flops_dense = 2.0 * b * ho * ho * n * c * k * k
+    peak, bw = peaks
+
+    def floors(density, n_out=n):
+        flops = flops_dense * density * n_out / n
+        byts = elt * (b * c * hw * hw + b * n_out * ho * ho + n * c * k * k * density)
+        return flops / peak * 1e3, byts / bw * 1e3  # ms
+
+    def dense_fn(weight, bias_, backward):
+        def fwd():
+            x = x_rot.next()
+            y = F.conv2d(x, weight, bias_, s, p)
+            if backward:  # autograd.grad: no accumulation into .grad between repetitions
+                torch.autograd.grad(y, (x, weight, bias_), gy_n[weight.shape[0]])
+            return y
+        return fwd
+
+    def timed(fn, backward):
+        ctx = torch.enable_grad() if backward else torch.no_grad()
+        with ctx:
+            return _bench(fn, args)
+
+    modes = [("fwd", False)] + ([] if args.no_backward else [("fwd+bwd", True)])
+    _gy(n)
+    dense_t = {m: timed(dense_fn(w_dense, bias, bw_), bw_) for m, bw_ in modes}
+    f_flops, f_bytes = floors(1.0)
+    print(f"\n== {name}: B={b} C={c} N={n} {hw}x{hw} k={k} s={s}  (dense floors: FLOPs/peak "
+          f"{f_flops * 1e3:.2f} us, bytes/bw {f_bytes * 1e3:.2f} us)")
+    print(f"{'mask':>9} {'dens':>5} {'1/d':>5} {'eff':>5} {'mode':>7} | {'dense ms':>9} {'triton ms':>10} "
+          f"{'(iqr)':>7} {'speedup':>7} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
+          f"{'floorF us':>9} {'floorB us':>9}")
+    for density in args.densities:
+        n_cp = max(1, round(n * density))
+        _gy(n_cp)
+        w_cp = w_dense[:n_cp].detach().clone().requires_grad_(True)
+        b_cp = bias[:n_cp].detach().clone().requires_grad_(True)
+        cp_t = {m: timed(dense_fn(w_cp, b_cp, bw_), bw_) for m, bw_ in modes}
+        kinds = ["random"] if density >= 1.0 else args.masks
+        for kind in kinds:
+            mask = make_mask(n, k, density, kind, gen).to(device)
+            real_density = mask.float().mean().item()
+            packed = pack_weight(w_dense.detach(), mask).contiguous().requires_grad_(True)
+            eff = tb.tile_efficiency(mask) if mask.any() else 1.0
+            for mode, backward in modes:
+                entry = {"layer": name, "batch": b, "C": c, "N": n, "H": hw, "k": k, "stride": s, "pad": p,
+                         "mask": kind, "density": real_density, "target_density": density, "mode": mode,
+                         "tile_efficiency": eff, "dense": dense_t[mode], "chanprune": cp_t[mode],
+                         "chanprune_channels": n_cp}
+                fl_f, fl_b = floors(real_density)
+                entry["floor_flops_ms"], entry["floor_bytes_ms"] = fl_f, fl_b
+                for backend in ["triton"] + ([] if args.skip_reference else ["reference"]):
+                    backends.set_backend(backend)
+                    try:
+                        def op_fn():
+                            x = x_rot.next()
+                            y = ops.stripe_conv2d(x, packed, bias, mask, (s, s), (p, p, p, p), (1, 1), 1)
+                            if backward:
+                                torch.autograd.grad(y, (x, packed, bias), gy)
+                            return y
+                        entry[backend] = timed(op_fn, backward)
+                    except Exception as exc:  # keep the run going, record the failure
+                        entry[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+                    finally:
+                        backends.set_backend(None)
+                results.append(entry)
+                tri = entry["triton"].get("median_ms", float("nan"))
+                ref = entry.get("reference", {}).get("median_ms", float("nan"))
+                dn = entry["dense"]["median_ms"]
+                cpm = entry["chanprune"]["median_ms"]
+                print(f"{kind:>9} {real_density:5.2f} {1 / max(real_density, 1e-9):5.1f} {eff:5.2f} {mode:>7} | "
+                      f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
+                      f"{cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | {fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}")
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return
+    layers = sorted({r["layer"] for r in results}, key=lambda s: [r["layer"] for r in results].index(s))
+    modes = sorted({r["mode"] for r in results}, reverse=True)
+    cols = min(4, len(layers))
+    rows_n = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows_n * len(modes), cols, figsize=(4 * cols, 3.2 * rows_n * len(modes)), squeeze=False)
+    for mi, mode in enumerate(modes):
+        for li, layer in enumerate(layers):
+            ax = axes[mi * rows_n + li // cols][li % cols]
+            sel = [r for r in results if r["layer"] == layer and r["mode"] == mode]
+            for kind, style in (("random", "o-"), ("realistic", "s-")):
+                pts = sorted((r["target_density"], r["dense"]["median_ms"] / r["triton"]["median_ms"])
+                             for r in sel if r["mask"] == kind or (r["target_density"] >= 1 and kind == "random")
+                             if "median_ms" in r["triton"])
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"triton {kind}")
+            cp = sorted({(r["target_density"], r["dense"]["median_ms"] / r["chanprune"]["median_ms"]) for r in sel})
+            if cp:
+                ax.plot(*zip(*cp), "k--", label="channel-pruned dense")
+            ds = sorted({r["target_density"] for r in sel})
+            ax.plot(ds, [1 / d for d in ds], ":", color="gray", label="1/density")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{layer} ({mode})", fontsize=9)
+            ax.set_xlabel("density")
+            ax.set_ylabel("speedup vs cuDNN")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot written to {path}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--suites", default="vgg16,resnet56,resnet50,batch1",
+                    help="comma list of " + ", ".join(SUITES))
+    ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
+    ap.add_argument("--masks", default="random,realistic")
+    ap.add_argument("--no-backward", action="store_true", help="forward only")
+    ap.add_argument("--skip-reference", action="store_true", help="do not time the pure-PyTorch reference")
+    ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")
+    ap.add_argument("--warmup-ms", type=int, default=25)
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--bandwidth", type=float, default=None, help="TB/s")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cpu-smoke", action="store_true",
+                    help="no GPU: run two tiny layers on CPU through the Triton interpreter to check the script")
+    args = ap.parse_args(argv)
+    args.densities = [float(d) for d in args.densities.split(",")]
+    args.masks = args.masks.split(",")
+
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    elif not torch.cuda.is_available():
+        sys.exit("bench_gpu.py needs a CUDA device (none found; --cpu-smoke checks the script on CPU)")
+    try:
+        import triton
+    except ImportError:
+        sys.exit("bench_gpu.py needs triton (pip install 'triton>=3.2')")
+    from stripeconv.backends import triton_backend as tb
+
+    ok, reason = tb.is_available()
+    if not ok:
+        sys.exit(f"the Triton backend is not available: {reason}")
+
+    torch.backends.cudnn.benchmark = True
+    dtype = getattr(torch, args.dtype)
+    if args.cpu_smoke:
+        device, dtype, args.dtype = torch.device("cpu"), torch.float32, "float32"
+        dev_name, sms = "cpu (Triton interpreter smoke run)", 0
+    else:
+        device = torch.device("cuda")
+        props = torch.cuda.get_device_properties(device)
+        dev_name, sms = props.name, props.multi_processor_count
+    peaks = _peaks(dev_name, dtype, args)
+    layers = [l for s in args.suites.split(",") for l in SUITES[s.strip()]]
+    if args.quick:
+        layers = [VGG16_CIFAR[3], RESNET50_224[2], BATCH1[3]]
+        args.densities = [1.0, 0.5, 0.2]
+    if args.cpu_smoke:
+        layers = [("smoke.s1", 2, 16, 32, 6, 3, 1, 1), ("smoke.s2", 1, 8, 16, 7, 3, 2, 1)]
+        args.densities = [1.0, 0.3]
+    gen = torch.Generator().manual_seed(args.seed)
+    print(f"device {dev_name} ({sms} SMs), dtype {args.dtype}, "
+          f"peak {peaks[0] / 1e12:.0f} TFLOP/s, bandwidth {peaks[1] / 1e12:.2f} TB/s")
+    print("speedup = dense median / method median (>1 is faster than cuDNN); eff = tile efficiency; "
+          "floorF/floorB = FLOPs/peak and bytes/bandwidth of the stripe conv at that density (forward)")
+    results = []
+    t0 = time.time()
+    for layer in layers:
+        run_layer(layer, args, dtype, device, peaks, gen, results)
+    meta = {
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": dev_name, "sm_count": sms,
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "dtype": args.dtype, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
+        "deterministic": tb._deterministic(), "args": {k: v for k, v in vars(args).items()},
+        "wall_s": time.time() - t0,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
+    jpath = os.path.join(args.out, f"bench_gpu_{stamp}.json")
+    with open(jpath, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print(f"\nraw timings written to {jpath}")
+    # Summary: geometric-mean speedup over layers per (mask, density, mode).
+    print("\nsummary: geometric mean speedup vs cuDNN over layers")
+    keys = sorted({(r["mask"], r["target_density"], r["mode"]) for r in results}, key=lambda t: (t[2], t[0], -t[1]))
+    for kind, d, mode in keys:
+        sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)
+               and "median_ms" in r["triton"]]
+        if not sel:
+            continue
+        g = math.exp(statistics.fmean(math.log(r["dense"]["median_ms"] / r["triton"]["median_ms"]) for r in sel))
+        gc = math.exp(statistics.fmean(math.log(r["dense"]["median_ms"] / r["chanprune"]["median_ms"]) for r in sel))
+        eff = statistics.fmean(r["tile_efficiency"] for r in sel)
+        print(f"  {mode:>7} {kind:>9} density {d:4.2f}: triton {g:5.2f}x  chanprune {gc:5.2f}x  "
+              f"ideal {1 / d:5.1f}x  mean tile eff {eff:4.2f}")
+    plot(results, os.path.join(args.out, f"bench_gpu_{stamp}.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Triton kernels of the stripe_conv2d op (forward, grad input, grad weight).
+
+The host side (tile metadata, weight slabs, launch parameters) lives in
+``stripeconv.backends.triton_backend``; this module holds only the ``@triton.jit`` kernels and
+their autotuning configurations. Every kernel addresses tensors through explicit element
+strides, so NCHW and NHWC (channels_last) work alike; NHWC is the fast layout because the
+channel dimension of every [pixels, channels] tile is then contiguous.
+
+Three kernels:
+
+``stripe_fwd_kernel``
+    Implicit GEMM, output-stationary. One program computes a [BLOCK_M pixels, BLOCK_N filters]
+    output tile. Filters are permuted into tiles of BLOCK_N; tile ``t`` reduces over the
+    positions its filters keep (``tile_pos[t, :tile_npos[t]]``, the union) times the input
+    channels of its group, in a single flattened loop (so the software pipeliner sees one loop).
+    Weights come from a dense slab ``[T, UMAX, BLOCK_N, CG]`` with zeros where a filter of the
+    tile does not keep a position of the union. Borders are masked loads. Bias is added in the
+    epilogue and the store scatters the tile's columns back to the original channels.
+
+``stripe_dgrad_kernel``
+    Grad input, output-stationary on dx: [BLOCK_M input pixels, BLOCK_N input channels] per
+    program, reducing over (position p, filters that keep p). The filters that keep p are the
+    packed rows of p (contiguous), so no work is spent on pruned stripes. For stride > 1 the
+    input pixels are split into the stride_h * stride_w output phases (grid axis 1): in a phase
+    a position either lines up with the output grid for every pixel or for none, so incompatible
+    positions are skipped as a whole instead of masking (stride^2 - 1)/stride^2 of the loads.
+
+``stripe_wgrad_kernel``
+    Grad weight: per block of packed rows of one position (and group), a GEMM
+    [rows, pixels] x [pixels, channels] reduced over B*Ho*Wo pixels, split-K over grid axis 1.
+    With ATOMIC the partial sums are added atomically into one fp32 buffer; otherwise each split
+    writes its own slice of a [SPLIT, S, CG] buffer that the host sums (deterministic).
+
+``USE_DOT`` selects tensor-core ``tl.dot`` (block dims >= 16); without it (depthwise and small
+groups) the kernels use outer products / broadcast sums, which are correct for any block size.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _cfg(block_m: int, warps: int, stages: int) -> "triton.Config":
+    return triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    # One config: the interpreter runs programs one by one in Python, so few large programs
+    # are fastest, and a single config skips benchmarking.
+    FWD_CONFIGS = [_cfg(128, 4, 1)]
+    DGRAD_CONFIGS = [_cfg(128, 4, 1)]
+    WGRAD_CONFIGS = [_cfg(128, 4, 1)]
+else:
+    FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3)]
+    DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
+    WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
+
+# Autotuning key: shape buckets and density bucket are passed as (otherwise unused) integer
+# arguments so the key stays small; tensor dtypes are added to the key by triton itself.
+TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def stripe_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    tile_pos_ptr, tile_npos_ptr, tile_ch_ptr, tile_grp_ptr,
+    B, H, W, Ho, Wo, CG, T, UMAX,
+    sxb, sxc, sxh, sxw,
+    sob, soc, soh, sow,
+    SH, SW, PT, PL, DH, DW, KW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    # Tile index varies fastest: programs that run together share the same pixel block of x
+    # (reused through L2); the per-tile weight slabs are small and stay cached.
+    t = pid % T
+    pid_m = pid // T
+    npos = tl.load(tile_npos_ptr + t)
+    g = tl.load(tile_grp_ptr + t)
+
+    M = B * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    wo = offs_m % Wo
+    tmp = offs_m // Wo
+    ho = tmp % Ho
+    b = tmp // Ho
+    h_base = ho * SH - PT
+    w_base = wo * SW - PL
+    x_pix = x_ptr + b.to(tl.int64) * sxb + (g * CG).to(tl.int64) * sxc
+    offs_n = tl.arange(0, BLOCK_N)
+    w_tile = w_ptr + t.to(tl.int64) * UMAX * BLOCK_N * CG
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+
+    if USE_DOT:
+        offs_k = tl.arange(0, BLOCK_K)
+        KC = tl.cdiv(CG, BLOCK_K)
+        for it in range(0, npos * KC):
+            u = it // KC
+            c0 = (it - u * KC) * BLOCK_K
+            p = tl.load(tile_pos_ptr + t * UMAX + u)
+            i = p // KW
+            j = p - i * KW
+            hi = h_base + i * DH
+            wi = w_base + j * DW
+            ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            ck = c0 + offs_k
+            k_ok = ck < CG
+            x_ptrs = x_pix[:, None] + (hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
+            xt = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
+            w_ptrs = w_tile + (u * BLOCK_N + offs_n)[None, :] * CG + ck[:, None]
+            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        for it in range(0, npos * CG):
+            u = it // CG
+            c = it - u * CG
+            p = tl.load(tile_pos_ptr + t * UMAX + u)
+            i = p // KW
+            j = p - i * KW
+            hi = h_base + i * DH
+            wi = w_base + j * DW
+            ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            xv = tl.load(x_pix + hi * sxh + wi * sxw + c * sxc, mask=ok, other=0.0).to(ACC_DTYPE)
+            wv = tl.load(w_tile + (u * BLOCK_N + offs_n) * CG + c).to(ACC_DTYPE)
+            acc += xv[:, None] * wv[None, :]
+
+    ch = tl.load(tile_ch_ptr + t * BLOCK_N + offs_n)  # original channel, -1 for padding columns
+    n_ok = ch >= 0
+    if HAS_BIAS:
+        bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0)
+        acc += bv.to(ACC_DTYPE)[None, :]
+    out_ptrs = (out_ptr + b.to(tl.int64)[:, None] * sob + ch[None, :].to(tl.int64) * soc
+                + (ho * soh + wo * sow)[:, None])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=DGRAD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def stripe_dgrad_kernel(
+    dy_ptr, w_ptr, dx_ptr,
+    pos_ptr, NPOS, seg_ptr, filt_ptr,
+    B, H, W, Ho, Wo, CG, G, NCB,
+    sdb, sdc, sdh, sdw,
+    sxb, sxc, sxh, sxw,
+    SH, SW, PT, PL, DH, DW, KW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    rh = phase // SW
+    rw = phase - rh * SW
+    Hp = (H - rh + SH - 1) // SH
+    Wp = (W - rw + SW - 1) // SW
+    Mp = B * Hp * Wp
+    ncol = G * NCB
+    pid_c = pid % ncol
+    pid_m = pid // ncol
+    g = pid_c // NCB
+    c0 = (pid_c - g * NCB) * BLOCK_N
+
+    if pid_m * BLOCK_M < Mp:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Mp
+        wp = offs_m % Wp
+        tmp = offs_m // Wp
+        hp = tmp % Hp
+        b = tmp // Hp
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        c_ok = offs_c < CG
+        dy_pix = dy_ptr + b.to(tl.int64) * sdb
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        for q in range(0, NPOS):
+            p = tl.load(pos_ptr + q)
+            i = p // KW
+            j = p - i * KW
+            # hi = rh + hp*SH must equal ho*SH - PT + i*DH: the phase decides for all pixels.
+            th = rh + PT - i * DH
+            tw = rw + PL - j * DW
+            if (th % SH == 0) & (tw % SW == 0):
+                ho = hp + th // SH
+                wo = wp + tw // SW
+                ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+                dy_sp = dy_pix + ho * sdh + wo * sdw
+                r_begin = tl.load(seg_ptr + p * (G + 1) + g)
+                r_end = tl.load(seg_ptr + p * (G + 1) + g + 1)
+                if USE_DOT:
+                    for r0 in range(r_begin, r_end, BLOCK_K):
+                        rows = r0 + tl.arange(0, BLOCK_K)
+                        r_ok = rows < r_end
+                        n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
+                        dyt = tl.load(dy_sp[:, None] + n[None, :].to(tl.int64) * sdc,
+                                      mask=ok[:, None] & r_ok[None, :], other=0.0)
+                        wt = tl.load(w_ptr + rows[:, None].to(tl.int64) * CG + offs_c[None, :],
+                                     mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                        acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+                else:
+                    for r in range(r_begin, r_end):
+                        n = tl.load(filt_ptr + r)
+                        dv = tl.load(dy_sp + n.to(tl.int64) * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
+                        wv = tl.load(w_ptr + r * CG + offs_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+                        acc += dv[:, None] * wv[None, :]
+        hi = rh + hp * SH
+        wi = rw + wp * SW
+        dx_ptrs = (dx_ptr + b.to(tl.int64)[:, None] * sxb + (g * CG + offs_c)[None, :].to(tl.int64) * sxc
+                   + (hi * sxh + wi * sxw)[:, None])
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=WGRAD_CONFIGS, key=TUNE_KEY, reset_to_zero=["dw_ptr"])
+@triton.jit
+def stripe_wgrad_kernel(
+    dy_ptr, x_ptr, dw_ptr,
+    blk_pos_ptr, blk_r0_ptr, blk_r1_ptr, blk_grp_ptr, filt_ptr,
+    B, H, W, Ho, Wo, CG, NCB, CHUNK, SPLIT_STRIDE,
+    sdb, sdc, sdh, sdw,
+    sxb, sxc, sxh, sxw,
+    SH, SW, PT, PL, DH, DW, KW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    blk = pid // NCB
+    c0 = (pid - blk * NCB) * BLOCK_C
+    p = tl.load(blk_pos_ptr + blk)
+    r0 = tl.load(blk_r0_ptr + blk)
+    r1 = tl.load(blk_r1_ptr + blk)
+    g = tl.load(blk_grp_ptr + blk)
+    i = p // KW
+    j = p - i * KW
+    rows = r0 + tl.arange(0, BLOCK_R)
+    r_ok = rows < r1
+    n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < CG
+    x_ch = x_ptr + (g * CG + offs_c).to(tl.int64) * sxc
+    dy_ch = dy_ptr + n.to(tl.int64) * sdc
+
+    M = B * Ho * Wo
+    m_start = split * CHUNK
+    m_end = tl.minimum(M, m_start + CHUNK)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        wo = offs_m % Wo
+        tmp = offs_m // Wo
+        ho = tmp % Ho
+        b = tmp // Ho
+        hi = ho * SH - PT + i * DH
+        wi = wo * SW - PL + j * DW
+        x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        b64 = b.to(tl.int64)
+        dyt = tl.load(dy_ch[:, None] + (b64 * sdb + ho * sdh + wo * sdw)[None, :],
+                      mask=r_ok[:, None] & m_ok[None, :], other=0.0)
+        xt = tl.load(x_ch[None, :] + (b64 * sxb + hi * sxh + wi * sxw)[:, None],
+                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        if USE_DOT:
+            acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc += tl.sum(dyt.to(ACC_DTYPE)[:, :, None] * xt.to(ACC_DTYPE)[None, :, :], axis=1)
+
+    dw_ptrs = dw_ptr + rows[:, None].to(tl.int64) * CG + offs_c[None, :]
+    out_mask = r_ok[:, None] & c_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=out_mask)
+    else:
+        tl.store(dw_ptrs + split.to(tl.int64) * SPLIT_STRIDE, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)

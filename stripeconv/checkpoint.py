@@ -1,0 +1,68 @@
+"""Checkpoints that survive a crash: atomic writes and the RNG states a resumed run needs."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+
+PathLike = Union[str, os.PathLike]
+
+
+def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
+    """Write ``state`` with ``torch.save`` so that ``path`` is always a complete checkpoint.
+
+    The data goes to a temporary file in the same directory, is flushed to disk, and then
+    replaces ``path`` in one atomic rename: a crash mid-write leaves the last good checkpoint.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of Python's, NumPy's (if present) and torch's random generators."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])

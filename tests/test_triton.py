@@ -1,0 +1,442 @@
+"""Correctness of the Triton backend against F.conv2d on the masked dense weight.
+
+On a machine without CUDA the kernels run on CPU through the Triton interpreter. The
+interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so those checks
+run in worker subprocesses (this file run as a script with ``--worker``); nothing leaks into
+the pytest process or the other test modules. The worker results are collected once per module
+and reported as one pytest test per case. With a CUDA device the same cases (plus fp16/bf16)
+also run in-process on the GPU.
+
+Shapes are tiny: the interpreter executes every program instance in Python.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+if __name__ != "__main__":
+    import pytest
+
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(f"triton is not importable ({exc}); the Triton backend is not tested", allow_module_level=True)
+
+import torch
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------
+# The cases
+# ------------------------------------------------------------------------------------------
+
+BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
+            groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
+            empty_filters=0, via_op=False, deterministic=False, gpu_only=False, mask_update=False)
+
+
+def _case(name, **kw):
+    unknown = set(kw) - set(BASE)
+    assert not unknown, unknown
+    return name, {**BASE, **kw}
+
+
+CASES = dict([
+    _case("k1", k=(1, 1), padding=(0, 0, 0, 0)),
+    _case("k3"),
+    _case("k1x3", k=(1, 3), padding=(0, 0, 1, 1)),
+    _case("k5_d03", k=(5, 5), padding=(2, 2, 2, 2), density=0.3, H=8, W=6),
+    _case("k3_s2", stride=(2, 2), H=8, W=8),
+    _case("k3_s1x2_asym", stride=(1, 2), padding=(1, 1, 0, 2), H=6, W=9),
+    _case("k3_s2_asym", stride=(2, 2), padding=(0, 2, 1, 0), H=8, W=9),
+    _case("k3_s3_nopad", stride=(3, 3), padding=(0, 0, 0, 0), H=10, W=8),
+    _case("dil2", dilation=(2, 2), padding=(2, 2, 2, 2)),
+    _case("dil2_s2", dilation=(2, 2), stride=(2, 2), padding=(2, 1, 1, 2), H=9, W=8),
+    _case("groups2_wide", C=32, N=32, groups=2),
+    _case("groups2_small", C=8, N=12, groups=2, stride=(2, 2), H=8, W=8),
+    _case("depthwise", C=8, N=8, groups=8),
+    _case("depthwise_s2_mult2", C=8, N=16, groups=8, stride=(2, 2), H=8, W=8),
+    _case("no_bias", bias=False),
+    _case("density0", density=0.0),
+    _case("density1", density=1.0),
+    _case("density01", density=0.1, N=48),
+    _case("empty_filters", empty_filters=9, N=40),
+    _case("partial_tile", N=20),
+    _case("batch0", B=0),
+    _case("empty_output", H=2, W=2, k=(5, 5), padding=(0, 0, 0, 0)),
+    _case("channels_last", channels_last=True, stride=(2, 2), H=8, W=8),
+    _case("cin3", C=3, N=16),
+    _case("block_n64", C=32, N=64, block_n=64, density=0.7),
+    _case("splitk_atomic", H=20, W=20, C=16, N=16, density=0.4),
+    _case("splitk_deterministic", H=20, W=20, C=16, N=16, density=0.4, deterministic=True),
+    _case("fp64", dtype="float64"),
+    _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
+    _case("mask_update", mask_update=True),
+    _case("via_op_autograd", via_op=True, channels_last=True),
+    _case("fp16", dtype="float16", gpu_only=True, C=32, N=64, block_n=64),
+    _case("bf16", dtype="bfloat16", gpu_only=True, C=32, N=64, block_n=64, channels_last=True),
+    _case("fp16_depthwise", dtype="float16", gpu_only=True, C=16, N=16, groups=16),
+])
+
+TOL = {"float64": (1e-9, 1e-9), "float32": (2e-4, 2e-4), "float16": (2e-2, 2e-2), "bfloat16": (8e-2, 5e-2)}
+
+
+def _make(c, device, gen):
+    dtype = getattr(torch, c["dtype"])
+    kh, kw = c["k"]
+    mask = torch.rand(c["N"], kh, kw, generator=gen) < c["density"]
+    if c["empty_filters"]:
+        mask[torch.randperm(c["N"], generator=gen)[: c["empty_filters"]]] = False
+    dense = torch.randn(c["N"], c["C"] // c["groups"], kh, kw, generator=gen, dtype=torch.float64)
+    x = torch.randn(c["B"], c["C"], c["H"], c["W"], generator=gen, dtype=torch.float64)
+    bias = torch.randn(c["N"], generator=gen, dtype=torch.float64) if c["bias"] else None
+    return mask.to(device), dense, x, bias, dtype
+
+
+def _reference(x, w_packed, bias, mask, c):
+    """fp64 oracle: F.conv2d on the unpacked (masked) weight, asymmetric padding via F.pad."""
+    from stripeconv.packing import unpack_weight
+
+    pt, pb, pl, pr = c["padding"]
+    xp = F.pad(x, (pl, pr, pt, pb))
+    (kh, kw), (dh, dw), (sh, sw) = mask.shape[1:], c["dilation"], c["stride"]
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    if ho <= 0 or wo <= 0:  # F.conv2d refuses an empty output; the op returns one
+        return xp.new_zeros(x.shape[0], mask.shape[0], max(ho, 0), max(wo, 0)) + 0 * (xp.sum() + w_packed.sum())
+    return F.conv2d(xp, unpack_weight(w_packed, mask), bias, c["stride"], 0, c["dilation"], c["groups"])
+
+
+def _close(name, got, want, dtype_name):
+    atol, rtol = TOL[dtype_name]
+    if got.shape != want.shape:
+        return f"{name}: shape {list(got.shape)} != {list(want.shape)}"
+    if got.numel() == 0:
+        return ""
+    got = got.detach().double().cpu()
+    want = want.detach().double().cpu()
+    scale = max(1.0, want.abs().max().item())
+    err = (got - want).abs().max().item()
+    if not err <= atol * scale + rtol * 0:
+        return f"{name}: max abs error {err:.3g} > {atol * scale:.3g}"
+    return ""
+
+
+def run_case(name: str, device: str) -> str:
+    """Run one case; returns '' on success or a description of the mismatch."""
+    from stripeconv.backends import triton_backend as tb
+    from stripeconv.packing import pack_weight
+
+    c = CASES[name]
+    gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    mask, dense, x64, bias64, dtype = _make(c, device, gen)
+    mask_cpu = mask.cpu()
+    w64 = pack_weight(dense, mask_cpu).contiguous()
+    old_env = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_DETERMINISTIC")}
+    os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
+    os.environ["STRIPECONV_DETERMINISTIC"] = "1" if c["deterministic"] else "0"
+    try:
+        x = x64.to(device, dtype)
+        if c["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = w64.to(device, dtype)
+        bias = bias64.to(device, dtype) if bias64 is not None else None
+        # The oracle sees exactly the (rounded) values the kernels see.
+        xr, wr = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
+        br = bias.double().cpu() if bias is not None else None
+        ref = _reference(xr, wr, br, mask_cpu, c)
+        gy64 = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        gy = gy64.to(device, dtype)
+        if c["channels_last"]:
+            gy = gy.contiguous(memory_format=torch.channels_last)
+        ref.backward(gy.double().cpu())
+        args = (c["stride"], c["padding"], c["dilation"], c["groups"])
+        errors = []
+        if c["via_op"]:
+            from stripeconv import backends, ops
+
+            backends.set_backend("triton")
+            try:
+                xg = x.detach().requires_grad_()
+                wg = w.detach().requires_grad_()
+                bg = bias.detach().requires_grad_() if bias is not None else None
+                y = ops.stripe_conv2d(xg, wg, bg, mask, *args)
+                if c["channels_last"] and not y.is_contiguous(memory_format=torch.channels_last):
+                    errors.append("output is not channels_last for a channels_last input")
+                y.backward(gy)
+                gx, gw = xg.grad, wg.grad
+                if bg is not None:
+                    errors.append(_close("grad_bias", bg.grad, gy64.sum((0, 2, 3)), c["dtype"]))
+            finally:
+                backends.set_backend(None)
+        else:
+            y = tb.forward(x, w, bias, mask, *args)
+            if c["channels_last"] and y.numel() and not y.is_contiguous(memory_format=torch.channels_last):
+                errors.append("output is not channels_last for a channels_last input")
+            if c["mask_update"]:
+                # Same mask tensor changed in place: the cached plan must be rebuilt.
+                tb.forward(x, w, bias, mask, *args)
+                with torch.no_grad():
+                    mask[0] = ~mask[0]
+                    mask[1:3] = True
+                mask_cpu = mask.cpu()
+                w64b = pack_weight(dense, mask_cpu).contiguous()
+                w = w64b.to(device, dtype)
+                wr = w.double().cpu().requires_grad_()
+                xr = x.double().cpu().requires_grad_()
+                ref = _reference(xr, wr, br, mask_cpu, c)
+                ref.backward(gy.double().cpu())
+                y = tb.forward(x, w, bias, mask, *args)
+            gx = tb.grad_input(gy, w, mask, list(x.shape), *args)
+            gw = tb.grad_weight(gy, x, w, mask, *args)
+            if c["deterministic"]:
+                gw2 = tb.grad_weight(gy, x, w, mask, *args)
+                if not torch.equal(gw, gw2):
+                    errors.append("deterministic grad_weight differs between two runs")
+        errors.append(_close("forward", y, ref, c["dtype"]))
+        errors.append(_close("grad_input", gx, xr.grad, c["dtype"]))
+        errors.append(_close("grad_weight", gw, wr.grad, c["dtype"]))
+        for t, what in ((y, "forward"), (gx, "grad_input"), (gw, "grad_weight")):
+            if t.dtype != dtype:
+                errors.append(f"{what} dtype {t.dtype} != {dtype}")
+        return "; ".join(e for e in errors if e)
+    finally:
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ------------------------------------------------------------------------------------------
+# Worker mode: `TRITON_INTERPRET=1 python tests/test_triton.py --worker NAME...`
+# ------------------------------------------------------------------------------------------
+
+def _worker(names):
+    assert os.environ.get("TRITON_INTERPRET") == "1", "the worker needs TRITON_INTERPRET=1"
+    torch.set_num_threads(1)
+    for name in names:
+        t0 = time.time()
+        try:
+            msg = run_case(name, "cpu")
+            ok = not msg
+        except Exception as exc:  # report, keep going
+            import traceback
+
+            ok, msg = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
+        print("@@RESULT " + json.dumps({"name": name, "ok": ok, "msg": msg, "secs": time.time() - t0}), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        _worker(sys.argv[2:])
+        sys.exit(0)
+
+
+# ------------------------------------------------------------------------------------------
+# pytest side
+# ------------------------------------------------------------------------------------------
+
+INTERPRETER_CASES = [n for n, c in CASES.items() if not c["gpu_only"]]
+WORKERS = 2
+WORKER_TIMEOUT = 170
+
+
+def _package_root() -> str:
+    import stripeconv.packing
+
+    return os.path.dirname(os.path.dirname(os.path.abspath(stripeconv.packing.__file__)))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ)
+    env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([_package_root()] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("STRIPECONV_BACKEND", None)
+    env["OMP_NUM_THREADS"] = "1"
+    chunks = [INTERPRETER_CASES[i::WORKERS] for i in range(WORKERS)]
+    procs = [
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", *chunk], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for chunk in chunks if chunk
+    ]
+    results, logs = {}, []
+    deadline = time.time() + WORKER_TIMEOUT
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+        logs.append(out)
+        for line in out.splitlines():
+            if line.startswith("@@RESULT "):
+                r = json.loads(line[len("@@RESULT "):])
+                results[r["name"]] = r
+    return results, "\n".join(logs)[-4000:]
+
+
+@pytest.mark.parametrize("name", INTERPRETER_CASES)
+def test_interpreter(name, interpreter_results):
+    results, log = interpreter_results
+    if name not in results:
+        pytest.fail(f"no result from the interpreter worker for {name!r}; worker output:\n{log}")
+    r = results[name]
+    assert r["ok"], f"{name}: {r['msg']}"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda(name):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 is set in this process; the GPU kernels are not compiled")
+    msg = run_case(name, "cuda")
+    assert not msg, msg
+
+
+# ---- metadata (host only: no kernels run) -------------------------------------------------
+
+def _plan(mask, groups=1, block_n=16):
+    from stripeconv.backends import triton_backend as tb
+
+    return tb.forward_plan(mask, groups, block_n)
+
+
+def test_availability_reason():
+    from stripeconv.backends import triton_backend as tb
+
+    ok, reason = tb.is_available()
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        assert ok, reason
+    else:
+        assert not ok and "CUDA" in reason
+        assert not tb.supports(torch.device("cpu"))
+    assert tb.supports(torch.device("cuda")) or True
+
+
+def test_plan_permutation_and_gather():
+    from stripeconv.packing import pack_weight, unpack_weight
+
+    gen = torch.Generator().manual_seed(0)
+    n, c = 40, 5
+    mask = torch.rand(n, 3, 3, generator=gen) < 0.4
+    mask[3] = False
+    plan = _plan(mask, 1, 16)
+    ch = plan.tile_ch.flatten()
+    assert sorted(ch[ch >= 0].tolist()) == list(range(n))
+    # Rebuild the dense weight from the slabs: equals the masked weight.
+    dense = torch.randn(n, c, 3, 3, generator=gen)
+    packed = pack_weight(dense, mask)
+    slab = torch.cat([packed, packed.new_zeros(1, c)])[plan.gather].view(plan.num_tiles, plan.umax, 16, c)
+    rebuilt = torch.zeros(n, c, 9)
+    for t in range(plan.num_tiles):
+        for u in range(int(plan.tile_npos[t])):
+            p = int(plan.tile_pos[t, u])
+            for col in range(16):
+                f = int(plan.tile_ch[t, col])
+                if f >= 0:
+                    rebuilt[f, :, p] = slab[t, u, col]
+    torch.testing.assert_close(rebuilt.view(n, c, 3, 3), unpack_weight(packed, mask))
+    # Heavy tiles first, and the efficiency is kept / computed.
+    npos = plan.tile_npos.tolist()
+    assert npos == sorted(npos, reverse=True)
+    assert plan.kept == int(mask.sum())
+    assert plan.computed == sum(npos) * 16
+
+
+def test_tile_efficiency():
+    from stripeconv.backends import triton_backend as tb
+
+    # Grouped stripes: the same positions across groups of 16 filters (shuffled) -> fully efficient.
+    gen = torch.Generator().manual_seed(1)
+    patterns = torch.rand(4, 3, 3, generator=gen) < 0.5
+    patterns[:, 1, 1] = True
+    mask = patterns.repeat_interleave(16, 0)[torch.randperm(64, generator=gen)]
+    assert tb.tile_efficiency(mask, block_n=16) == pytest.approx(1.0)
+    # Random masks: efficiency in (density, 1]; dense mask: 1; empty mask: 1 by convention.
+    rnd = torch.rand(256, 3, 3, generator=gen) < 0.3
+    eff = tb.tile_efficiency(rnd, block_n=16)
+    assert 0.3 * 0.9 < eff <= 1.0
+    assert tb.tile_efficiency(torch.ones(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
+    assert tb.tile_efficiency(torch.zeros(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
+
+
+def test_plan_cache_follows_mask_version():
+    mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.5
+    p1 = _plan(mask)
+    assert _plan(mask) is p1
+    mask[0, 0, 0] = not bool(mask[0, 0, 0])
+    p2 = _plan(mask)
+    assert p2 is not p1 and p2.kept == int(mask.sum())
+
+
+# ---- compile for Hopper without a GPU (catches GPU-only compile errors on CPU-only CI) ------
+
+def _aot_compile(fn, vals, consts, warps=4, stages=3):
+    """Compile a kernel for sm_90 with the specialisation the JIT would pick for ``vals``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit = fn.fn if hasattr(fn, "fn") else fn
+    sig, attrs, cx = {}, {}, {}
+    for i, n in enumerate(jit.arg_names):
+        if n in consts:
+            sig[n], cx[(i,)] = "constexpr", consts[n]
+        elif isinstance(vals[n], str):  # pointer: 16-byte aligned
+            sig[n], attrs[(i,)] = vals[n], [["tt.divisibility", 16]]
+        elif vals[n] == 1:
+            sig[n], cx[(i,)] = "constexpr", 1
+        else:
+            sig[n] = "i32"
+            if vals[n] % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    try:
+        src = ASTSource(jit, sig, constexprs=cx, attrs=attrs)
+    except TypeError as exc:  # pragma: no cover - other triton versions
+        pytest.skip(f"this triton's ahead-of-time API differs ({exc})")
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    ttgir = compiled.asm["ttgir"]
+    return {"wgmma": "warp_group_dot" in ttgir, "pipelined": "async_copy" in ttgir}
+
+
+def test_compiles_for_hopper():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    try:
+        import triton.language as tl
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as exc:  # pragma: no cover
+        pytest.skip(f"no ahead-of-time compiler in this triton ({exc})")
+    from stripeconv.backends import triton_backend as tb
+
+    k = tb._load_kernels()
+    b, c, n, h, w = 64, 128, 128, 28, 28
+    common = dict(B=b, H=h, W=w, Ho=h, Wo=w, CG=c, sxb=h * w * c, sxc=1, sxh=w * c, sxw=c, SH=1, SW=1, PT=1, PL=1,
+                  DH=1, DW=1, KW=3, KEY_M=65536, KEY_C=c, KEY_N=n, KEY_DENSITY=4, KEY_CONV=0)
+    fwd = dict(common, x_ptr="*fp16", w_ptr="*fp16", bias_ptr="*fp16", out_ptr="*fp16", tile_pos_ptr="*i32",
+               tile_npos_ptr="*i32", tile_ch_ptr="*i32", tile_grp_ptr="*i32", T=2, UMAX=9,
+               sob=h * w * n, soc=1, soh=w * n, sow=n)
+    dot = dict(INPUT_PRECISION="ieee", ACC_DTYPE=tl.float32)
+    r = _aot_compile(k.stripe_fwd_kernel, fwd, dict(dot, HAS_BIAS=True, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64))
+    assert r["wgmma"] and r["pipelined"], r
+    _aot_compile(k.stripe_fwd_kernel, dict(fwd, sxc=h * w, sxh=w, sxw=1, soc=h * w, soh=w, sow=1),  # NCHW
+                 dict(dot, HAS_BIAS=False, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64))
+    _aot_compile(k.stripe_fwd_kernel, fwd, dict(dot, HAS_BIAS=True, USE_DOT=False, BLOCK_M=128, BLOCK_N=2, BLOCK_K=1))
+    dg = dict(common, dy_ptr="*fp16", w_ptr="*fp16", dx_ptr="*fp16", pos_ptr="*i32", seg_ptr="*i32", filt_ptr="*i32",
+              NPOS=9, G=1, NCB=2, sdb=h * w * n, sdc=1, sdh=w * n, sdw=n, SH=2, SW=2)
+    r = _aot_compile(k.stripe_dgrad_kernel, dg, dict(dot, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
+    assert r["wgmma"], r
+    wg = dict(dg, x_ptr="*fp16", dw_ptr="*fp32", blk_pos_ptr="*i32", blk_r0_ptr="*i32", blk_r1_ptr="*i32",
+              blk_grp_ptr="*i32", CHUNK=512, SPLIT_STRIDE=c * 600)
+    for atomic in (True, False):
+        r = _aot_compile(k.stripe_wgrad_kernel, wg, dict(dot, ATOMIC=atomic, USE_DOT=True, BLOCK_M=64, BLOCK_R=64, BLOCK_C=64))
+        assert r["wgmma"], r
+    _aot_compile(k.stripe_wgrad_kernel, wg, dict(dot, ATOMIC=True, USE_DOT=False, BLOCK_M=64, BLOCK_R=4, BLOCK_C=4))
