@@ -5,10 +5,12 @@
 through one op (``torch.ops.stripeconv.stripe_conv2d``) with compiled CPU, Triton and CUDA
 backends.
 """
-from . import ops
+from . import data, models, ops, pruning
 from .backends import available_backends, get_backend, set_backend
+from .export import export
 from .nn import StripeConv2d, convert
 from .packing import pack_weight, unpack_weight
+from .profile import profile
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,9 @@ __all__ = [
     "pack_weight",
     "unpack_weight",
     "ops",
+    "profile",
+    "export",
+    "models",
+    "data",
+    "pruning",
 ]

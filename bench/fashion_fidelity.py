@@ -1,0 +1,158 @@
+"""Fidelity of every pruning method on Fashion-MNIST (seeded, CPU).
+
+Trains a small VGG-style net and a ResNet-20 on Fashion-MNIST, prunes each with every method at
+two FLOPs budgets, and writes bench/results/fashion_fidelity.{md,json}: accuracy before/after,
+FLOPs and params reduction of the exported model (stripeconv.profile), and measured CPU latency
+of the exported model vs the dense model.
+
+Full run (~30-40 min on 2 cores):  python bench/fashion_fidelity.py
+Smoke run (~1-2 min):              python bench/fashion_fidelity.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import stripeconv  # noqa: E402
+from stripeconv import models, pruning  # noqa: E402
+from stripeconv.data import fashion_mnist  # noqa: E402
+from stripeconv.profile import profile  # noqa: E402
+
+ONE_SHOT = {"L1Filter", "L1Stripe"}
+
+
+def latency_ms(model, x, reps):
+    model.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            model(x)
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model(x)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def make_model(arch, width):
+    if arch == "vgg":
+        return models.vgg(cfg=[32, 32, "M", 64, 64, "M", 128, 128, "M"], in_channels=1, width=width)
+    return models.resnet20(in_channels=1, width=width)
+
+
+def sgd(model, lr):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check that the script works")
+    ap.add_argument("--train-size", type=int, default=12000)
+    ap.add_argument("--test-size", type=int, default=2000)
+    ap.add_argument("--pretrain-epochs", type=int, default=4)
+    ap.add_argument("--prune-epochs", type=int, default=3)
+    ap.add_argument("--width", type=float, default=0.5)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
+    ap.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
+    ap.add_argument("--methods", nargs="+", default=list(pruning.METHODS))
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--latency-batch", type=int, default=32)
+    ap.add_argument("--latency-reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.pretrain_epochs, args.prune_epochs = 512, 256, 1, 2
+        args.width, args.latency_reps, args.latency_batch = 0.25, 3, 8
+    torch.set_num_threads(args.threads)
+    warnings.simplefilter("ignore")
+    torch.manual_seed(args.seed)
+    train = fashion_mnist(args.data_root, train=True, limit=args.train_size, seed=args.seed)
+    test = fashion_mnist(args.data_root, train=False, limit=args.test_size, seed=args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=g)
+    test_loader = DataLoader(test, batch_size=256)
+    size = (1, 1, 28, 28)
+    xlat = test.tensors[0][: args.latency_batch]
+    rows = []
+    for arch in args.archs:
+        torch.manual_seed(args.seed)
+        base = make_model(arch, args.width)
+        t0 = time.time()
+        pruning.fit(base, None, train_loader, args.pretrain_epochs, optimizer=sgd(base, args.lr),
+                    scheduler=None, progress=False)
+        base_acc = pruning.evaluate(base, test_loader)["accuracy"]
+        dense_prof = profile(base, size)
+        dense_lat = latency_ms(base, xlat, args.latency_reps)
+        print(f"[{arch}] dense acc {base_acc:.4f}  {dense_prof.flops / 1e6:.2f} MFLOPs  {dense_prof.params} params  "
+              f"{dense_lat:.2f} ms  (trained in {time.time() - t0:.0f}s)", flush=True)
+        for budget in args.budgets:
+            for method in args.methods:
+                torch.manual_seed(args.seed)
+                model = copy.deepcopy(base)
+                t0 = time.time()
+                cls = pruning.METHODS[method]
+                kw = {"target_flops_reduction": budget}
+                if method not in ONE_SHOT:
+                    kw["epochs"] = args.prune_epochs
+                pr = cls(model, size, **kw)
+                if method in ONE_SHOT:
+                    pr.prune()
+                opt = sgd(model, args.lr * 0.5)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.prune_epochs)
+                pruning.fit(model, pr, train_loader, args.prune_epochs, optimizer=opt, scheduler=sched, progress=False)
+                ex = pr.export()
+                acc = pruning.evaluate(ex, test_loader)["accuracy"]
+                masked_acc = pruning.evaluate(pr.masked_model(), test_loader)["accuracy"]
+                p = profile(ex, size)
+                lat = latency_ms(ex, xlat, args.latency_reps)
+                row = {
+                    "arch": arch, "method": method, "budget": budget,
+                    "acc_dense": base_acc, "acc_pruned": acc, "acc_masked": masked_acc,
+                    "flops_dense": dense_prof.flops, "flops": p.flops, "flops_reduction": 1 - p.flops / dense_prof.flops,
+                    "params_dense": dense_prof.params, "params": p.params,
+                    "params_reduction": 1 - p.params / dense_prof.params,
+                    "latency_dense_ms": dense_lat, "latency_ms": lat, "speedup": dense_lat / lat,
+                    "seconds": time.time() - t0,
+                }
+                rows.append(row)
+                print(f"  {method:8s} budget {budget:.2f}: acc {acc:.4f} (masked {masked_acc:.4f})  FLOPs -{row['flops_reduction']:.1%}"
+                      f"  params -{row['params_reduction']:.1%}  {lat:.2f} ms (x{row['speedup']:.2f})  [{row['seconds']:.0f}s]",
+                      flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "fashion_fidelity_quick" if args.quick else "fashion_fidelity"
+    meta = {"args": vars(args), "torch": torch.__version__, "backends": stripeconv.available_backends(),
+            "platform": platform.platform(), "threads": args.threads}
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [f"# Fashion-MNIST pruning fidelity{' (quick)' if args.quick else ''}", "",
+             f"torch {torch.__version__}, stripeconv backends {meta['backends']}, {args.threads} threads, "
+             f"train {args.train_size} / test {args.test_size}, pretrain {args.pretrain_epochs} + prune {args.prune_epochs} "
+             f"epochs, width {args.width}, seed {args.seed}. FLOPs = 2 x multiply-adds (convs + linear). Latency: "
+             f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}.", "",
+             "| arch | method | budget | acc dense | acc pruned | FLOPs red. | params red. | dense ms | pruned ms | speedup |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['method']} | {r['budget']:.0%} | {r['acc_dense']:.4f} | {r['acc_pruned']:.4f} | "
+                     f"{r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['latency_dense_ms']:.2f} | "
+                     f"{r['latency_ms']:.2f} | {r['speedup']:.2f} |")
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / stem}.md and .json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Pruning methods that emit stripe masks, and the export to StripeConv2d models.
+
+Every method is a :class:`Pruner` with the same hooks, driven by :func:`fit` or by your loop::
+
+    import torch.nn.functional as F
+    from stripeconv import pruning
+    pruner = pruning.SWP(model, input_size=(1, 3, 32, 32), target_flops_reduction=0.5, epochs=E)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # after the pruner
+    for epoch in range(E):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + pruner.penalty()
+            optimizer.zero_grad(); loss.backward()
+            pruner.after_backward()
+            optimizer.step()
+            pruner.after_step()
+        pruner.end_epoch(epoch)
+    small = pruner.export()   # StripeConv2d layers, dead filters and their channels removed
+    print(pruner.report())    # FLOPs / params reduction (via stripeconv.profile)
+
+    # or: pruning.fit(model, pruner, loader, epochs=E, eval_loader=test_loader)
+    # one-shot: pruner = pruning.L1Filter(model, input_size=..., ratio=0.3); pruner.prune(); fit(...)
+
+Methods: :class:`SWP` (stripe-wise pruning), :class:`L1Filter` / :class:`L1Stripe` (L1-norm
+pruning), :class:`SFP`, :class:`HFP`, :class:`GHFP`, :class:`ASFP`, :class:`SRFP`, :class:`ASRFP`
+(soft / hard / gradually hard / asymptotic / softer filter pruning; ``granularity="stripe"`` too).
+Shared primitives are in :mod:`stripeconv.pruning.criteria`. Export and FLOPs targets need
+``torch-pruning`` (the dependency graph).
+"""
+from . import criteria
+from .asfp import ASFP
+from .base import Pruner, evaluate, fit
+from .ghfp import GHFP
+from .hfp import HFP
+from .l1 import L1Filter, L1Norm, L1Stripe
+from .sfp import SFP
+from .srfp import ASRFP, SRFP
+from .swp import SWP, FilterSkeleton
+
+__all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
+           "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "METHODS"]
+
+METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
+           "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP}

@@ -1,0 +1,388 @@
+"""The Pruner protocol and the stock training loop.
+
+A pruner is attached to a model and driven by a training loop through hooks::
+
+    pruner = stripeconv.pruning.SWP(model, input_size=(1, 3, 32, 32), target_flops_reduction=0.5, epochs=E)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)  # after the pruner
+    for epoch in range(E):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + pruner.penalty()   # extra loss (0.0 if none)
+            opt.zero_grad(); loss.backward()
+            pruner.after_backward()                                    # gradient edits
+            opt.step()
+            pruner.after_step()                                        # mask / parameter updates
+        pruner.end_epoch(epoch)                                        # epoch-level pruning
+    small = pruner.export()          # new model of StripeConv2d, dead filters removed
+    print(pruner.report())           # FLOPs / params reduction reached
+
+One-shot methods use ``pruner.prune(data)`` instead (then fine-tune with the same hooks, which
+keep pruned stripes at zero). :func:`fit` is that loop, ready made.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import criteria as C
+
+__all__ = ["Pruner", "fit", "evaluate"]
+
+
+def _infer_input_size(model: nn.Module):
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            warnings.warn(f"pruning: input_size not given, assuming (1, {m.in_channels}, 32, 32)", stacklevel=4)
+            return (1, m.in_channels, 32, 32)
+    raise ValueError("pruning: the model has no nn.Conv2d to prune")
+
+
+class Pruner:
+    """Base class of the pruning methods.
+
+    Common arguments: ``input_size`` (input shape with batch, e.g. ``(1, 3, 32, 32)``, or an example
+    tensor: needed for the dependency graph and FLOPs), which layers to prune (``layers``
+    names, ``skip_first``, ``skip_1x1``, ``exclude``; grouped/depthwise convs are always left out),
+    and one target: ``ratios`` (name -> fraction of units), ``ratio`` (one fraction: per layer
+    with ``scope="layer"``, of all units together with ``scope="global"``) or
+    ``target_flops_reduction`` (fraction of the model's FLOPs, as :func:`stripeconv.profile`
+    counts them after dead channels are removed, to remove). ``zero_bn`` zeroes the BN affine
+    (and conv bias) of filters that keep no stripe, so they carry 0 and export drops them exactly.
+
+    Hooks (all no-ops unless a method overrides them): :meth:`penalty`, :meth:`after_backward`,
+    :meth:`after_step`, :meth:`end_epoch`, :meth:`prune`. Results: :meth:`masks`,
+    :meth:`masked_model`, :meth:`export`, :meth:`report`. Checkpoints: :meth:`state_dict`,
+    :meth:`load_state_dict` (masks, schedule position and method state; model weights, including
+    any parameters a method attached to the model, are in ``model.state_dict()``).
+    """
+
+    granularities = ("filter", "stripe")
+    default_scope = "layer"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_size=None,
+        *,
+        ratio: Optional[float] = None,
+        ratios: Optional[dict] = None,
+        target_flops_reduction: Optional[float] = None,
+        scope: Optional[str] = None,
+        granularity: str = "filter",
+        epochs: Optional[int] = None,
+        layers=None,
+        skip_first: bool = False,
+        skip_1x1: bool = False,
+        exclude=(),
+        zero_bn: bool = True,
+        require_target: bool = True,
+    ):
+        if granularity not in self.granularities:
+            raise ValueError(f"{type(self).__name__}: granularity must be one of {self.granularities}, got {granularity!r}")
+        given = sum(v is not None for v in (ratio, ratios, target_flops_reduction))
+        if given > 1 or (require_target and given == 0):
+            raise ValueError(f"{type(self).__name__}: give exactly one of ratio=, ratios= or target_flops_reduction=")
+        for v in ([ratio, target_flops_reduction] + list((ratios or {}).values())):
+            if v is not None and not 0.0 <= v < 1.0:
+                raise ValueError(f"{type(self).__name__}: ratios and targets must be in [0, 1), got {v}")
+        self.model = model
+        self.input_size = input_size if input_size is not None else _infer_input_size(model)
+        self.ratio, self.ratios, self.target_flops_reduction = ratio, ratios, target_flops_reduction
+        self.scope = scope or self.default_scope
+        self.granularity = granularity
+        self.epochs = epochs
+        self.zero_bn = zero_bn
+        self.convs = C.prunable_convs(model, layers, skip_first, skip_1x1, exclude)
+        if ratios:
+            unknown = set(ratios) - set(self.convs)
+            if unknown:
+                raise KeyError(f"{type(self).__name__}: ratios name layers that are not prunable: {sorted(unknown)}")
+        self._masks = C.full_masks(self.convs)
+        self._frozen = C.full_masks(self.convs)  # stripes held at zero at every step
+        self.epoch = 0  # epochs completed
+        self.steps = 0
+        self._graph = None
+        self._bn_of = C.conv_bn_pairs(model, self.input_size)
+
+    # -------------------------------------------------------------------------- structure
+    @property
+    def graph(self):
+        """The model's :class:`~stripeconv.pruning.graph.ChannelGraph` (built on first use)."""
+        if self._graph is None:
+            from .graph import ChannelGraph
+            self._graph = ChannelGraph(self.model, self.input_size)
+        return self._graph
+
+    @property
+    def dense_flops(self) -> int:
+        return self.graph.flops({})
+
+    def flops(self, masks: Optional[dict] = None) -> int:
+        """FLOPs (batch 1, dead channels removed) of the model under ``masks`` (default: current)."""
+        return self.graph.flops(self._masks if masks is None else masks)
+
+    def flops_reduction(self, masks: Optional[dict] = None) -> float:
+        return 1.0 - self.flops(masks) / self.dense_flops
+
+    def weight(self, name: str) -> Tensor:
+        """The effective weight of a pruned conv (what the forward pass uses)."""
+        return self.convs[name].weight
+
+    def select(self, scores: dict, base_masks: Optional[dict] = None, **target) -> dict:
+        """Masks pruning the lowest ``scores`` to this pruner's target (or ``target`` overrides)."""
+        kw = dict(ratio=self.ratio, ratios=self.ratios, target_flops_reduction=self.target_flops_reduction,
+                  scope=self.scope)
+        kw.update(target)
+        needs_graph = kw["target_flops_reduction"] is not None
+        return C.select_to_target(
+            scores, self.convs, self.flops if needs_graph else None, self.dense_flops if needs_graph else 0,
+            base_masks=base_masks, **kw)
+
+    # ------------------------------------------------------------------------------ hooks
+    def penalty(self) -> Union[Tensor, float]:
+        """Extra loss term to add before ``backward()``."""
+        return 0.0
+
+    def after_backward(self) -> None:
+        """Gradient edits: pruned (frozen) stripes get no gradient."""
+        C.mask_grads(self.convs, self._frozen)
+        if self.zero_bn:
+            C.zero_dead_bn(self.convs, self._frozen, self._bn_of, grads=True)
+
+    def after_step(self) -> None:
+        """After ``optimizer.step()``: keep frozen stripes (and dead BN) at zero."""
+        self.steps += 1
+        self._enforce(self._frozen)
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after each epoch (0-based)."""
+        self.epoch = epoch + 1
+
+    def prune(self, data=None) -> dict:
+        """One-shot pruning (data-driven methods read ``data``); returns the masks."""
+        raise NotImplementedError(f"{type(self).__name__} prunes during training; drive it with fit() or the hooks")
+
+    @torch.no_grad()
+    def _enforce(self, masks: dict) -> None:
+        for name, conv in self.convs.items():
+            m = masks[name]
+            if not bool(m.all()):
+                self._zero_weights(name, m)
+        if self.zero_bn:
+            C.zero_dead_bn(self.convs, masks, self._bn_of)
+
+    @torch.no_grad()
+    def _zero_weights(self, name: str, mask: Tensor) -> None:
+        w = self.convs[name].weight
+        w.mul_(mask.to(w.device, w.dtype)[:, None])
+
+    # ---------------------------------------------------------------------------- results
+    def masks(self) -> dict[str, Tensor]:
+        """Current stripe masks, name -> bool ``[out, kh, kw]`` (True = kept)."""
+        return {k: v.clone() for k, v in self._masks.items()}
+
+    def masked_model(self) -> nn.Module:
+        """A copy of the model as pruned: masks applied, dead filters' BN zeroed (if ``zero_bn``),
+        method-specific parameters folded. :meth:`export` computes the same function."""
+        model = _dense_copy(self.model)
+        names = dict(model.named_modules())
+        convs = {n: names[n] for n in self.convs}
+        C.apply_masks(model, self._masks)
+        if self.zero_bn:
+            bn_of = {n: names[_name_of(self.model, bn)] for n, bn in self._bn_of.items()}
+            C.zero_dead_bn(convs, self._masks, bn_of)
+        return model
+
+    def export(self, fold: str = "exact") -> nn.Module:
+        """The pruned model with StripeConv2d layers and dead filters removed (see :func:`stripeconv.export`)."""
+        from ..export import export
+        return export(self.masked_model(), self._masks, self.input_size, fold=fold)
+
+    def report(self, exported: Optional[nn.Module] = None) -> dict:
+        """FLOPs and params of the dense and the exported model (via :func:`stripeconv.profile`)."""
+        from ..profile import profile
+        from .graph import example_input
+
+        size = tuple(example_input(self.model, self.input_size).shape[1:])
+        size = (1, *size)
+        dense = profile(_dense_copy(self.model), size)
+        small = profile(exported if exported is not None else self.export(), size)
+        density = {n: float(m.float().mean()) for n, m in self._masks.items()}
+        return {
+            "method": type(self).__name__,
+            "flops_dense": dense.flops, "flops": small.flops,
+            "flops_reduction": 1.0 - small.flops / dense.flops if dense.flops else 0.0,
+            "params_dense": dense.params, "params": small.params,
+            "params_reduction": 1.0 - small.params / dense.params if dense.params else 0.0,
+            "stripe_density": density,
+            "epoch": self.epoch,
+        }
+
+    # ------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict:
+        return {
+            "masks": self.masks(),
+            "frozen": {k: v.clone() for k, v in self._frozen.items()},
+            "epoch": self.epoch,
+            "steps": self.steps,
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("masks", "frozen"):
+            missing = set(self.convs) - set(state[key])
+            if missing:
+                raise KeyError(f"{type(self).__name__}.load_state_dict: no {key} for {sorted(missing)}")
+        dev = {n: c.weight.device for n, c in self.convs.items()}
+        self._masks = {n: state["masks"][n].to(dev[n]).bool() for n in self.convs}
+        self._frozen = {n: state["frozen"][n].to(dev[n]).bool() for n in self.convs}
+        self.epoch, self.steps = int(state["epoch"]), int(state["steps"])
+        self._load_extra_state(state.get("extra", {}))
+        self._enforce(self._frozen)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        pass
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    for n, m in model.named_modules():
+        if m is module:
+            return n
+    raise KeyError(module)
+
+
+def _dense_copy(model: nn.Module) -> nn.Module:
+    """A copy whose parametrized convs are plain ``nn.Conv2d`` holding the current effective weight.
+
+    (``remove_parametrizations`` is not used on copies: it deletes the property from the class
+    that the copy shares with the original model.)
+    """
+    model = copy.deepcopy(model)
+    try:
+        from torch.nn.utils import parametrize
+    except ImportError:  # pragma: no cover
+        return model
+    for name, m in list(model.named_modules()):
+        if not (isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m)):
+            continue
+        plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
+                          m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            plain.weight.copy_(m.weight)
+            if m.bias is not None:
+                plain.bias.copy_(m.bias)
+        plain.train(m.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device=None, loss_fn: Optional[Callable] = None) -> dict:
+    """Top-1 accuracy and mean loss of ``model`` on ``loader`` (eval mode, restored after)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    loss_fn = loss_fn or F.cross_entropy
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss_sum = 0.0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss_sum += float(loss_fn(out, y)) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was)
+    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+
+
+def fit(
+    model: nn.Module,
+    pruner: Optional[Pruner],
+    train_loader,
+    epochs: int,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler=None,
+    device: Optional[Union[str, torch.device]] = None,
+    eval_loader=None,
+    loss_fn: Optional[Callable] = None,
+    start_epoch: int = 0,
+    callback: Optional[Callable[[dict], None]] = None,
+    progress: bool = True,
+    max_steps_per_epoch: Optional[int] = None,
+) -> list[dict]:
+    """Train ``model`` for ``epochs`` while ``pruner`` prunes it (``pruner=None``: plain training).
+
+    Per batch: forward, ``loss = loss_fn(out, y) + pruner.penalty()``, ``zero_grad``, backward,
+    ``pruner.after_backward()``, ``optimizer.step()``, ``pruner.after_step()``; per epoch:
+    ``scheduler.step()``, ``pruner.end_epoch(epoch)``, evaluation on ``eval_loader`` and
+    ``callback(record)``. Without ``optimizer``: SGD(lr 0.1, momentum 0.9, weight decay 1e-4)
+    with the LR divided by 10 at 50% and 75% of the epochs (SWP's CIFAR recipe), created here
+    after the pruner so parameters a pruner attached are trained too. ``start_epoch`` resumes.
+    A tqdm progress bar is shown when tqdm is installed and ``progress``.
+    Returns the list of per-epoch records (epoch, train loss/accuracy, eval metrics, FLOPs reduction).
+    """
+    if device is not None:
+        model.to(device)
+    device = next(model.parameters()).device
+    loss_fn = loss_fn or F.cross_entropy
+    if optimizer is None:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        if scheduler is None:
+            scheduler = torch.optim.lr_scheduler.MultiStepLR(
+                optimizer, [max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))], 0.1)
+    bar = None
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm
+        except ImportError:
+            bar = None
+    history = []
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        seen = correct = 0
+        loss_sum = 0.0
+        it = train_loader if bar is None else bar(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+        for i, (x, y) in enumerate(it):
+            if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
+                break
+            x, y = x.to(device), y.to(device)
+            out = model(x)
+            loss = loss_fn(out, y)
+            if pruner is not None:
+                loss = loss + pruner.penalty()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if pruner is not None:
+                pruner.after_backward()
+            optimizer.step()
+            if pruner is not None:
+                pruner.after_step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((out.argmax(1) == y).sum())
+            seen += len(y)
+        if scheduler is not None:
+            scheduler.step()
+        if pruner is not None:
+            pruner.end_epoch(epoch)
+        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
+        if pruner is not None:
+            record["flops_reduction"] = pruner.flops_reduction()
+        if eval_loader is not None:
+            ev = evaluate(model, eval_loader, device, loss_fn)
+            record.update({"eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
+        history.append(record)
+        if callback is not None:
+            callback(record)
+    return history

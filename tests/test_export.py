@@ -1,0 +1,188 @@
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torch_pruning")
+
+import stripeconv
+from stripeconv import models
+from stripeconv.export import apply_masks, export
+from stripeconv.profile import profile
+
+
+def _randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) * 2 - 1)
+
+
+def _random_masks(model, dead=0.4, keep=0.5, seed=0, zero_bn=False):
+    g = torch.Generator().manual_seed(seed)
+    masks, convs = {}, [(n, c) for n, c in model.named_modules() if isinstance(c, nn.Conv2d) and c.groups == 1]
+    for name, c in convs:
+        mk = torch.rand(c.out_channels, *c.kernel_size, generator=g) < keep
+        mk[torch.rand(c.out_channels, generator=g) < dead] = False
+        masks[name] = mk
+    if zero_bn:  # what pruners do: dead filters carry 0
+        mods = dict(model.named_modules())
+        for name, mk in masks.items():
+            bn_name = name.replace("conv", "bn") if "conv" in name else name[:-1] + "1"
+            d = ~mk.flatten(1).any(1)
+            if bn_name in mods and isinstance(mods[bn_name], nn.BatchNorm2d):
+                mods[bn_name].weight.data[d] = 0
+                mods[bn_name].bias.data[d] = 0
+    return masks
+
+
+def _masked(model, masks):
+    return apply_masks(copy.deepcopy(model).eval(), masks)
+
+
+CASES = [
+    (lambda: models.vgg(cfg=[8, 8, "M", 16, "M", 16], in_channels=1), (3, 1, 28, 28)),
+    (lambda: models.resnet8(width=0.5, in_channels=1), (3, 1, 28, 28)),          # identity + projection shortcuts
+    (lambda: models.resnet18(width=0.125, in_channels=1), (2, 1, 32, 32)),
+    (lambda: models.resnet50(width=0.0625), (2, 3, 16, 16)),                       # bottlenecks
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("fold", ["exact", "interior"])
+def test_export_equals_masked(case, fold):
+    ctor, size = CASES[case]
+    torch.manual_seed(case)
+    model = ctor().eval()
+    _randomize_bn(model, case)
+    masks = _random_masks(model, seed=case)
+    x = torch.randn(size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ex = export(model, masks, input_size=(1, *size[1:]), fold=fold)
+    assert all(isinstance(m, stripeconv.StripeConv2d) for n, m in ex.named_modules() if n in masks)
+    assert not any(type(m) is nn.Conv2d for m in ex.modules())
+    ref = _masked(model, masks)(x)
+    if fold == "exact":
+        torch.testing.assert_close(ex(x), ref, atol=1e-5, rtol=1e-5)
+    assert profile(ex, (1, *size[1:])).params < profile(model, (1, *size[1:]), masks=masks).params
+
+
+def test_chain_removal_counts_and_constant_fold():
+    # plain chain: conv-BN-ReLU-conv(pad 0)-BN-ReLU-pool-linear; dead filters with non-zero BN shift
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                          nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()
+    _randomize_bn(model)
+    model[1].bias.data.fill_(0.7)   # relu(beta') > 0: constants must be folded, not dropped
+    model[4].bias.data.fill_(0.7)
+    masks = {"0": torch.ones(6, 3, 3, dtype=torch.bool), "3": torch.ones(5, 3, 3, dtype=torch.bool)}
+    masks["0"][[1, 4]] = False
+    masks["3"][[0, 2]] = False
+    ex = export(model, masks, input_size=(1, 2, 10, 10))
+    x = torch.randn(4, 2, 10, 10)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+    assert ex[0].out_channels == 4 and ex[1].num_features == 4 and ex[3].in_channels == 4
+    assert ex[3].out_channels == 3 and ex[8].in_features == 3
+    # removed params: 2 filters of conv0 (2*2*9 + 2 bias) + 2*2 BN, conv3 loses 2 input channels of 5 filters
+    # (its kept filters only) and 2 filters, BN 2*2, linear 2*3
+    before = sum(p.numel() for p in model.parameters())
+    after = sum(p.numel() for p in ex.parameters())
+    expected = before - (2 * 18 + 2) - 4 - (5 * 2 * 9) - (2 * 4 * 9 + 2) - 4 - 2 * 3
+    assert after == expected
+
+
+def test_padded_constant_kept_or_interior():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 3, padding=1)).eval()
+    model[1].bias.data.fill_(1.0)
+    masks = {"0": torch.ones(4, 3, 3, dtype=torch.bool)}
+    masks["0"][0] = False
+    with pytest.warns(UserWarning, match="kept"):
+        ex = export(model, masks, input_size=(1, 2, 6, 6))
+    assert ex[0].out_channels == 4  # kept: folding across zero padding is not exact
+    x = torch.randn(2, 2, 6, 6)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+    ex2 = export(model, masks, input_size=(1, 2, 6, 6), fold="interior")
+    assert ex2[0].out_channels == 3
+    torch.testing.assert_close(ex2(x)[..., 1:-1, 1:-1], _masked(model, masks)(x)[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
+
+
+def test_residual_group_needs_all_dead():
+    model = models.resnet8(width=0.5, in_channels=1).eval()
+    masks = {n: torch.ones(c.out_channels, *c.kernel_size, dtype=torch.bool)
+             for n, c in model.named_modules() if isinstance(c, nn.Conv2d)}
+    # channel 0 of stage 1 is produced by conv1 (stem) and layer1.0.conv2 (identity shortcut)
+    masks["layer1.0.conv2"][0] = False
+    for bn in (model.layer1[0].bn2,):
+        bn.weight.data[0] = 0
+        bn.bias.data[0] = 0
+    ex = export(model, masks, input_size=(1, 1, 28, 28))
+    assert ex.layer1[0].conv2.out_channels == 8 and ex.layer1[0].conv2.stripe_mask[0].sum() == 0
+    masks["conv1"][0] = False
+    model.bn1.weight.data[0] = 0
+    model.bn1.bias.data[0] = 0
+    ex = export(model, masks, input_size=(1, 1, 28, 28))
+    assert ex.conv1.out_channels == 7 and ex.layer1[0].conv2.out_channels == 7 and ex.layer1[0].conv1.in_channels == 7
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_zero_bn_masks_remove_everything_dead_vgg():
+    model = models.vgg(cfg=[8, 8, "M", 16], in_channels=1).eval()
+    _randomize_bn(model)
+    masks = _random_masks(model, dead=0.5, seed=3)
+    mods = dict(model.named_modules())
+    for name, mk in masks.items():
+        bn = mods[name[:-1] + str(int(name[-1]) + 1)]
+        d = ~mk.flatten(1).any(1)
+        bn.weight.data[d] = 0
+        bn.bias.data[d] = 0
+    ex = export(model, masks, input_size=(1, 1, 28, 28))
+    for name, mk in masks.items():
+        alive = int(mk.flatten(1).any(1).sum())
+        assert mods[name].out_channels - int((~mk.flatten(1).any(1)).sum()) == alive
+        assert dict(ex.named_modules())[name].out_channels == alive
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+    # the exported state_dict loads into a copy of the exported architecture
+    ex2 = copy.deepcopy(ex)
+    ex2.load_state_dict(ex.state_dict())
+    torch.testing.assert_close(ex2(x), ex(x))
+
+
+def test_depthwise_group_left_whole():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    masks = {"0": torch.ones(8, 3, 3, dtype=torch.bool), "6": torch.ones(4, 1, 1, dtype=torch.bool)}
+    masks["0"][:3] = False
+    masks["6"][1] = False
+    with pytest.warns(UserWarning, match="depthwise"):
+        ex = export(model, masks, input_size=(1, 3, 8, 8))
+    assert ex[0].out_channels == 8 and isinstance(ex[3], nn.Conv2d) and ex[3].groups == 8
+    assert ex[6].out_channels == 3 and ex[9].in_features == 3
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_input_model_untouched_and_errors():
+    model = models.vgg(cfg=[4, "M", 4], in_channels=1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {"features.0": torch.zeros(4, 3, 3, dtype=torch.bool)}
+    masks["features.0"][0, 1, 1] = True
+    export(model, masks, input_size=(1, 1, 8, 8))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    with pytest.raises(KeyError):
+        export(model, {"nope": masks["features.0"]}, input_size=(1, 1, 8, 8))
+    with pytest.raises(ValueError, match="shape"):
+        export(model, {"features.0": masks["features.0"][:2]}, input_size=(1, 1, 8, 8))
