@@ -29,7 +29,7 @@ from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import fashion_mnist  # noqa: E402
 from stripeconv.profile import profile  # noqa: E402
 
-ONE_SHOT = {"L1Filter", "L1Stripe"}
+ONE_SHOT = {"L1Filter", "L1Stripe", "LBS"}
 
 
 def latency_ms(model, x, reps):
@@ -81,10 +81,13 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(args.seed)
-    train = fashion_mnist(args.data_root, train=True, limit=args.train_size, seed=args.seed)
+    full_train = fashion_mnist(args.data_root, train=True, limit=args.train_size, seed=args.seed)
     test = fashion_mnist(args.data_root, train=False, limit=args.test_size, seed=args.seed)
+    # LBS and DAIS measure losses on held-out *training* data, never on the test set; nothing trains on it.
+    train, held_out = pruning.holdout_split(full_train, 0.1, seed=args.seed)
     g = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=g)
+    val_loader = DataLoader(held_out, batch_size=args.batch_size)
     test_loader = DataLoader(test, batch_size=256)
     size = (1, 1, 28, 28)
     xlat = test.tensors[0][: args.latency_batch]
@@ -109,9 +112,16 @@ def main(argv=None):
                 kw = {"target_flops_reduction": budget}
                 if method not in ONE_SHOT:
                     kw["epochs"] = args.prune_epochs
+                steps = len(train_loader) * args.prune_epochs
+                if method in ("GReg1", "GReg2"):
+                    kw["reg_steps"] = steps // 2  # regularise (+ stabilise) in about half the run, then fine-tune
+                elif method == "LBS":
+                    kw["val_data"] = val_loader
+                elif method == "DAIS":
+                    kw.update(val_data=val_loader, search_steps=steps // 2, alpha_lr=0.05)
                 pr = cls(model, size, **kw)
                 if method in ONE_SHOT:
-                    pr.prune()
+                    pr.prune(train_loader)  # L1 ignores the data; LBS scores filters on it
                 opt = sgd(model, args.lr * 0.5)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.prune_epochs)
                 pruning.fit(model, pr, train_loader, args.prune_epochs, optimizer=opt, scheduler=sched, progress=False)

@@ -1,0 +1,172 @@
+"""Private helpers shared by GReg, LBS and DAIS: progress reporting, unit scores, residual
+coupling, checkpointable batch cursors and per-channel output gates."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Progress", "mean_abs_units", "coupled_convs", "BatchCursor", "gate_outputs", "gate_module_of"]
+
+
+class Progress:
+    """A tqdm bar when tqdm is installed, else a log line (stderr) every ``every`` updates.
+
+    Silent unless ``verbose``.
+    """
+
+    def __init__(self, total: Optional[int], desc: str, verbose: bool = True, every: Optional[int] = None,
+                 initial: int = 0):
+        self.total, self.desc, self.verbose = total, desc, verbose
+        self.n = initial
+        self.every = every or max(1, (total or 100) // 10)
+        self.bar = None
+        self.t0 = time.time()
+        if verbose:
+            try:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False)
+            except ImportError:
+                self.bar = None
+
+    def update(self, n: int = 1, **info) -> None:
+        self.n += n
+        if not self.verbose:
+            return
+        if self.bar is not None:
+            self.bar.update(n)
+            if info:
+                self.bar.set_postfix({k: _fmt(v) for k, v in info.items()}, refresh=False)
+        elif self.n % self.every == 0 or (self.total is not None and self.n >= self.total):
+            self.log(**info)
+
+    def log(self, msg: str = "", **info) -> None:
+        if not self.verbose:
+            return
+        tot = f"/{self.total}" if self.total is not None else ""
+        extra = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+        line = f"[{self.desc}] {self.n}{tot} {extra} {msg} ({time.time() - self.t0:.1f}s)".replace("  ", " ")
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+def mean_abs_units(weight: Tensor, granularity: str) -> Tensor:
+    """Mean |w| of each filter (``[out]``) or stripe (``[out, kh, kw]``), as GReg's public code scores units."""
+    w = weight.detach().abs()
+    return w.mean((1, 2, 3)) if granularity == "filter" else w.mean(1)
+
+
+def coupled_convs(graph) -> set:
+    """Names of convs whose output channels are tied to another conv's by a residual addition."""
+    out = set()
+    for g in graph.groups:
+        if len(g.producers) > 1:
+            out |= {name for name, _, _ in g.producers}
+    return out
+
+
+class BatchCursor:
+    """Cycles over a re-iterable ``data`` (a DataLoader, a list of batches), remembering how far it got.
+
+    :meth:`state` / :meth:`load_state` make the position checkpointable: after loading, the next
+    batch is the one that would have come next, provided ``data`` yields the same batches in the
+    same order on every pass (no shuffling, or a DataLoader with a seeded ``generator``: its state
+    at the start of the current pass is saved and restored).
+    """
+
+    def __init__(self, data: Iterable):
+        self.data = data
+        self.passes = 0  # completed passes
+        self.pos = 0  # batches taken in the current pass
+        self._it = None
+        self._gen_state = None
+
+    def _generator(self):
+        return getattr(self.data, "generator", None)
+
+    def _start(self):
+        g = self._generator()
+        self._gen_state = g.get_state().clone() if isinstance(g, torch.Generator) else None
+        self._it = iter(self.data)
+
+    def next(self):
+        if self._it is None:
+            self._start()
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            self.passes += 1
+            self.pos = 0
+            self._start()
+            batch = next(self._it)  # raises if data is empty
+        self.pos += 1
+        return batch
+
+    def state(self) -> dict:
+        return {"passes": self.passes, "pos": self.pos, "generator": self._gen_state}
+
+    def load_state(self, state: dict) -> None:
+        self.passes, pos = int(state["passes"]), int(state["pos"])
+        g = self._generator()
+        if state.get("generator") is not None and isinstance(g, torch.Generator):
+            g.set_state(state["generator"])
+            self._gen_state = state["generator"].clone()
+            self._it = iter(self.data)
+        elif pos:
+            self._start()
+        else:
+            self._it = None
+        for _ in range(pos):
+            next(self._it)
+        self.pos = pos
+
+
+def gate_module_of(pruner, name: str) -> nn.Module:
+    """Where a conv's per-channel gate acts: its BatchNorm (after normalisation) or the conv itself."""
+    return pruner._bn_of.get(name) or pruner.convs[name]
+
+
+@contextmanager
+def gate_outputs(pruner, factors: dict):
+    """Multiply the output channels of convs (after their BN, if any) by ``factors[name]`` ``[out]``.
+
+    With 0/1 factors this computes exactly the model whose gated filters are masked with their BN
+    zeroed (what :class:`~stripeconv.pruning.Pruner` produces for dead filters), without touching
+    any weight.
+    """
+    handles = []
+    try:
+        for name, f in factors.items():
+            mod = gate_module_of(pruner, name)
+
+            def hook(m, inp, out, f=f):
+                return out * f.to(out.device, out.dtype)[None, :, None, None]
+            handles.append(mod.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    if state and "torch" in state:
+        torch.set_rng_state(state["torch"])

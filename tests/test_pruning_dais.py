@@ -1,0 +1,150 @@
+"""DAIS on a small real-data run: the indicators binarise as T anneals, the FLOPs budget is met
+within 2 %, the differentiable FLOPs agree with the graph count, export == masked model, resume is exact."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+pytest.importorskip("torch_pruning")
+
+from stripeconv import models, pruning  # noqa: E402
+from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
+from stripeconv.pruning.dais import DAIS  # noqa: E402
+from stripeconv.pruning.lbs import holdout_split  # noqa: E402
+
+SIZE = (1, 1, 28, 28)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # the CI machine's cores are shared: oversubscribed threads are much slower
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    try:
+        ds = fashion_mnist(train=True, limit=512)
+    except DatasetNotFoundError:  # pragma: no cover - synthetic stand-in without the dataset
+        g = torch.Generator().manual_seed(0)
+        ds = TensorDataset(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g))
+    train, val = holdout_split(ds, 128)  # indicators learn on held-out *training* data
+    return (DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
+            DataLoader(val, batch_size=64))
+
+
+def tiny_resnet():
+    return models.resnet8(width=0.5, in_channels=1)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_dais_binarises_and_meets_budget(target, data):
+    train_dl, val_dl = data
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    pr = DAIS(model, SIZE, val_data=val_dl, target_flops_reduction=target, search_steps=18, alpha_lr=0.1)
+    temps, binar = [], []
+    orig = pr._finalize
+
+    def spy():
+        binar.append(pr.binarization())
+        orig()
+    pr._finalize = spy
+    pruning.fit(model, pr, train_dl, epochs=4, optimizer=torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+                progress=False, callback=lambda r: temps.append(pr.temperature))
+    assert pr.done and pr.alpha_steps == 18 and pr.cursor.passes * len(val_dl) + pr.cursor.pos == 18
+    assert temps[0] < 1.0 and temps[0] > temps[1] >= 1e-3 - 1e-12  # annealed towards 0
+    assert binar[0] >= 0.95  # indicators (nearly all) binary at the end of the search
+    budget = (1 - target) * pr.dense_flops
+    flops = pr.flops()
+    assert flops <= budget and flops >= 0.98 * budget, (flops / budget, pr.correction)
+    c = pr.correction
+    assert c is not None and abs(c["flops_after"] * pr.dense_flops - flops) < 1
+    for n, m in pr.masks().items():  # channels: whole filters, as kept by alpha > 0 (+ correction)
+        assert bool((m.flatten(1).all(1) | ~m.flatten(1).any(1)).all())
+    x = next(iter(train_dl))[0][:8]
+    ex = pr.export()
+    torch.testing.assert_close(ex(x), pr.masked_model().eval()(x), atol=1e-4, rtol=1e-4)
+    rep = pr.report(ex)
+    assert abs(rep["flops_reduction"] - pr.flops_reduction()) < 1e-9 and rep["correction"] is c
+
+
+def test_dais_expected_flops_and_folding(data):
+    train_dl, val_dl = data
+    torch.manual_seed(0)
+    model = tiny_resnet()
+    pr = DAIS(model, SIZE, val_data=val_dl, target_flops_reduction=0.5, search_steps=100)
+    e = float(pr.expected_flops(pr.indicators()))  # soft indicators (0.57 at T = 1): fewer expected FLOPs
+    assert 0.1 * pr.dense_flops < e < pr.dense_flops
+    with torch.no_grad():
+        for a in pr.alphas.values():
+            a.fill_(50.0)  # indicators ~1: the dense count
+    assert abs(float(pr.expected_flops(pr.indicators())) - pr.dense_flops) <= 1e-4 * pr.dense_flops
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for a in pr.alphas.values():
+            a.copy_(torch.where(torch.rand(a.shape, generator=g) < 0.6, 1.0, -1.0))
+    pr.temperature = 1e-4  # binary indicators: the differentiable count equals the graph's
+    keep = {n: a.detach() > 0 for n, a in pr.alphas.items()}
+    exact = pr.flops(pr.binarized_masks(keep))
+    assert abs(float(pr.expected_flops(pr.indicators())) - exact) <= 1e-4 * exact
+    # the residual term is zero only when coupled producers agree
+    assert float(pr.residual_consistency(pr.indicators())) > 0
+    # gating + folding: the soft model equals the finalized masked model when indicators are binary
+    model.eval()
+    x = next(iter(train_dl))[0][:8]
+    with torch.no_grad():
+        soft = model(x)
+    pr.correct = False  # no budget correction here: compare the pure binarised model
+    masks = pr.prune()
+    assert pr.correction is None
+    assert all(torch.equal(masks[n][:, 0, 0], keep[n]) for n in keep)
+    with torch.no_grad():
+        torch.testing.assert_close(pr.masked_model().eval()(x), soft, atol=1e-4, rtol=1e-4)
+
+
+def test_dais_resume_is_exact(data):
+    train_dl, val_dl = data
+    batches = [b for _, b in zip(range(14), iter(train_dl))]
+    kw = dict(val_data=val_dl, target_flops_reduction=0.5, search_steps=10, alpha_lr=0.1)
+
+    def make(state=None):
+        torch.manual_seed(0)
+        model = tiny_resnet()
+        if state is not None:
+            model.load_state_dict(state["model"])
+        pr = DAIS(model, SIZE, **kw)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        if state is not None:
+            pr.load_state_dict(state["pruner"])
+            opt.load_state_dict(state["opt"])
+        return model, pr, opt
+
+    def run(model, pr, opt, bs):
+        for x, y in bs:
+            loss = F.cross_entropy(model(x), y) + pr.penalty()
+            opt.zero_grad()
+            loss.backward()
+            pr.after_backward()
+            opt.step()
+            pr.after_step()
+
+    model, pr, opt = make()
+    run(model, pr, opt, batches)
+    for k in (3, 12):  # inside the search (alphas, Adam state, T, val position) and in fine-tuning
+        m1, p1, o1 = make()
+        run(m1, p1, o1, batches[:k])
+        state = copy.deepcopy({"model": m1.state_dict(), "pruner": p1.state_dict(), "opt": o1.state_dict()})
+        m2, p2, o2 = make(state)
+        assert p2.temperature == p1.temperature and p2.cursor.state()["pos"] == p1.cursor.state()["pos"]
+        run(m2, p2, o2, batches[k:])
+        for key, v in model.state_dict().items():
+            assert torch.equal(v, m2.state_dict()[key]), (k, key)
+        for n in pr.alphas:
+            assert torch.equal(pr.alphas[n], p2.alphas[n])
+            assert torch.equal(pr.masks()[n], p2.masks()[n])
+        assert pr.correction == p2.correction
