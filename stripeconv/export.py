@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Optional
 
 import torch
 from torch import Tensor, nn

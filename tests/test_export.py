@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("torch_pruning")
 
 import stripeconv
 from stripeconv import models

@@ -5,7 +5,6 @@ import pytest
 import torch
 from torch import nn
 
-import stripeconv
 from stripeconv import StripeConv2d
 from stripeconv.packing import pack_weight
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("torch_pruning")
 
 from stripeconv import models
 from stripeconv.pruning import criteria as C

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-pytest.importorskip("torch_pruning")
 
 from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
+from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
 from stripeconv.pruning.dais import DAIS  # noqa: E402
 from stripeconv.pruning.lbs import holdout_split  # noqa: E402
 
@@ -29,9 +29,8 @@ def _one_thread():  # the CI machine's cores are shared: oversubscribed threads 
 def data():
     try:
         ds = fashion_mnist(train=True, limit=512)
-    except DatasetNotFoundError:  # pragma: no cover - synthetic stand-in without the dataset
-        g = torch.Generator().manual_seed(0)
-        ds = TensorDataset(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g))
+    except DatasetNotFoundError:  # the real images shipped with the package
+        ds = fashion_mnist_subset(train=True, limit=512)
     train, val = holdout_split(ds, 128)  # indicators learn on held-out *training* data
     return (DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
             DataLoader(val, batch_size=64))

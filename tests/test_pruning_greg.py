@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-pytest.importorskip("torch_pruning")
 
 from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
+from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
 from stripeconv.pruning.greg import GReg1, GReg2, stage_ratios  # noqa: E402
 
 SIZE = (1, 1, 28, 28)
@@ -28,9 +28,8 @@ def _one_thread():  # the CI machine's cores are shared: oversubscribed threads 
 def batches():
     try:
         ds = fashion_mnist(train=True, limit=384)
-    except DatasetNotFoundError:  # pragma: no cover - synthetic stand-in without the dataset
-        g = torch.Generator().manual_seed(0)
-        ds = TensorDataset(torch.randn(384, 1, 28, 28, generator=g), torch.randint(0, 10, (384,), generator=g))
+    except DatasetNotFoundError:  # the real images shipped with the package
+        ds = fashion_mnist_subset(train=True, limit=384)
     dl = DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     return [b for _ in range(4) for b in dl]  # a fixed sequence of 24 batches
 

@@ -5,12 +5,12 @@ import copy
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
-pytest.importorskip("torch_pruning")
 
 from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
+from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
 from stripeconv.pruning.lbs import LBS, BalancedFilterPruning, holdout_split  # noqa: E402
 
 SIZE = (1, 1, 28, 28)
@@ -28,9 +28,8 @@ def _one_thread():  # the CI machine's cores are shared: oversubscribed threads 
 def data():
     try:
         ds = fashion_mnist(train=True, limit=512)
-    except DatasetNotFoundError:  # pragma: no cover - synthetic stand-in without the dataset
-        g = torch.Generator().manual_seed(0)
-        ds = TensorDataset(torch.randn(512, 1, 28, 28, generator=g), torch.randint(0, 10, (512,), generator=g))
+    except DatasetNotFoundError:  # the real images shipped with the package
+        ds = fashion_mnist_subset(train=True, limit=512)
     train, held_out = holdout_split(ds, 128)  # the loss variation is measured on training data held out
     assert not set(train.indices) & set(held_out.indices)
     train_dl = DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))

@@ -2,7 +2,6 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-pytest.importorskip("torch_pruning")
 
 from stripeconv import models, pruning
 

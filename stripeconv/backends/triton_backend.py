@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import importlib
 import importlib.util
-import math
 import os
 import sys
 import threading
@@ -407,7 +406,7 @@ def forward(
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
     b, c, h, w = input.shape
     n, kh, kw = mask.shape
-    cg, ng = c // groups, n // groups
+    cg = c // groups
     ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
     out = _like_input((b, n, ho, wo), input)
     m = b * ho * wo

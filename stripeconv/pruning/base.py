@@ -21,7 +21,6 @@ keep pruned stripes at zero). :func:`fit` is that loop, ready made.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from typing import Callable, Optional, Union
 
@@ -320,6 +319,7 @@ def fit(
     callback: Optional[Callable[[dict], None]] = None,
     progress: bool = True,
     max_steps_per_epoch: Optional[int] = None,
+    **engine_kwargs,
 ) -> list[dict]:
     """Train ``model`` for ``epochs`` while ``pruner`` prunes it (``pruner=None``: plain training).
 
@@ -331,58 +331,11 @@ def fit(
     after the pruner so parameters a pruner attached are trained too. ``start_epoch`` resumes.
     A tqdm progress bar is shown when tqdm is installed and ``progress``.
     Returns the list of per-epoch records (epoch, train loss/accuracy, eval metrics, FLOPs reduction).
+
+    ``engine_kwargs`` go to :class:`stripeconv.engine.Engine`, which runs the loop: ``out_dir=``
+    and ``resume=`` for per-epoch checkpoints and a JSONL log, ``ctx=`` for DistributedDataParallel.
     """
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
-    loss_fn = loss_fn or F.cross_entropy
-    if optimizer is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-        if scheduler is None:
-            scheduler = torch.optim.lr_scheduler.MultiStepLR(
-                optimizer, [max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))], 0.1)
-    bar = None
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm
-        except ImportError:
-            bar = None
-    history = []
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        seen = correct = 0
-        loss_sum = 0.0
-        it = train_loader if bar is None else bar(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
-        for i, (x, y) in enumerate(it):
-            if max_steps_per_epoch is not None and i >= max_steps_per_epoch:
-                break
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss = loss_fn(out, y)
-            if pruner is not None:
-                loss = loss + pruner.penalty()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if pruner is not None:
-                pruner.after_backward()
-            optimizer.step()
-            if pruner is not None:
-                pruner.after_step()
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
-        if scheduler is not None:
-            scheduler.step()
-        if pruner is not None:
-            pruner.end_epoch(epoch)
-        record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        if pruner is not None:
-            record["flops_reduction"] = pruner.flops_reduction()
-        if eval_loader is not None:
-            ev = evaluate(model, eval_loader, device, loss_fn)
-            record.update({"eval_accuracy": ev["accuracy"], "eval_loss": ev["loss"]})
-        history.append(record)
-        if callback is not None:
-            callback(record)
-    return history
+    from ..engine import fit as engine_fit
+
+    return engine_fit(model, pruner, train_loader, epochs, optimizer, scheduler, device, eval_loader, loss_fn,
+                      start_epoch, callback, progress, max_steps_per_epoch, **engine_kwargs)

@@ -90,7 +90,7 @@ class ChannelGraph:
 
     # -------------------------------------------------------------------------------- groups
     def _read_groups(self) -> None:
-        tp, DG = self.tp, self.DG
+        DG = self.DG
         for g in DG.get_all_groups(root_module_types=(nn.Conv2d, nn.Linear)):
             root = g[0].dep.target.module
             grp = Group(root, self.names.get(root, "?"), DG.get_out_channels(root))

@@ -1,0 +1,183 @@
+"""Multi-process training: DistributedDataParallel set up from torchrun's environment.
+
+``torchrun --nproc_per_node N -m stripeconv prune ...`` starts N processes with ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set; :func:`init_from_env`
+reads them, joins the process group (``gloo`` on CPU, ``nccl`` on GPU) and returns a
+:class:`DistContext`. Without those variables it returns a single-process context and nothing
+else changes.
+
+Pruner state stays identical on every rank: gradients are averaged by DDP before the pruner's
+``after_backward`` sees them, so weight-based decisions are the same everywhere; on top of that
+:func:`broadcast_pruner_state` makes rank 0's masks, schedules and method state authoritative
+after every pruning decision (one-shot ``prune(data)`` reads each rank's data), and
+:func:`digest` / :func:`all_equal` check it. Only rank 0 writes files (``ctx.is_main``).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistContext", "init_from_env", "single_process", "wrap_model", "unwrap",
+           "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "cleanup"]
+
+
+@dataclass
+class DistContext:
+    """Where this process stands: ``rank`` of ``world_size``, its ``device``; ``is_main`` writes files."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None
+    owns_group: bool = False  # this context initialised the process group (and destroys it)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _pick_device(device: Optional[str], local_rank: int) -> torch.device:
+    if device not in (None, "auto"):
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def single_process(device: Optional[str] = None) -> DistContext:
+    """A context for one process (no process group)."""
+    return DistContext(device=_pick_device(device, 0))
+
+
+def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -> DistContext:
+    """Join the process group described by torchrun's environment variables (if any).
+
+    ``device``: ``"cpu"``, ``"cuda"`` (this process's GPU is ``cuda:LOCAL_RANK``) or ``None``/``"auto"``
+    (a GPU when there is one). ``backend`` defaults to ``nccl`` for GPUs and ``gloo`` for CPU.
+    An already initialised process group is used as is.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and not (dist.is_available() and dist.is_initialized()):
+        return single_process(device)
+    if not dist.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = _pick_device(device, local_rank)
+    owns = False
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend=backend)
+        owns = True
+    return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                       backend=dist.get_backend(), owns_group=owns)
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Leave the process group if :func:`init_from_env` created it."""
+    if ctx.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+        ctx.owns_group = False
+
+
+def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``DistributedDataParallel(model)`` when running on several processes, else ``model``.
+
+    DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
+    """
+    if not ctx.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, output_device=ids[0] if ids else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
+        and type(model).__name__ == "DistributedDataParallel" else model
+
+
+def broadcast_object(obj: Any, ctx: DistContext, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (pickled; tensors come back on CPU)."""
+    if not ctx.distributed:
+        return obj
+    if ctx.rank == src:
+        buf = io.BytesIO()
+        torch.save(_to_cpu(obj), buf)
+        payload = [buf.getvalue()]
+    else:
+        payload = [None]
+    dist.broadcast_object_list(payload, src=src, device=ctx.device if ctx.backend == "nccl" else None)
+    return torch.load(io.BytesIO(payload[0]), map_location="cpu", weights_only=False)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def broadcast_pruner_state(pruner, ctx: DistContext) -> None:
+    """Make rank 0's pruner state (masks, frozen stripes, schedule, method state) every rank's."""
+    if pruner is None or not ctx.distributed:
+        return
+    state = broadcast_object(pruner.state_dict() if ctx.is_main else None, ctx)
+    if not ctx.is_main:
+        pruner.load_state_dict(state)
+
+
+def digest(tensors: dict) -> str:
+    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes), for equality checks."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k]
+        if not isinstance(t, torch.Tensor):
+            h.update(f"{k}={t!r};".encode())
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def all_equal(value: str, ctx: DistContext) -> bool:
+    """True when ``value`` (e.g. a :func:`digest`) is the same on every rank."""
+    if not ctx.distributed:
+        return True
+    out: list = [None] * ctx.world_size
+    dist.all_gather_object(out, value)
+    return all(v == out[0] for v in out)
+
+
+def all_reduce_sum(values: list, ctx: DistContext) -> list:
+    """Element-wise sum of a list of numbers over all ranks (float64)."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.backend == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,193 @@
+"""The ``stripeconv`` command line: help, methods, typed hyperparameters, the train -> prune -> finetune ->
+eval -> bench workflow on the shipped Fashion-MNIST subset, clear data errors, kill + resume, the demo."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+
+from stripeconv import StripeConv2d, cli  # noqa: E402
+from stripeconv.artifacts import load_pruned, read_description  # noqa: E402
+from stripeconv.pruning import METHODS, SWP  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "256", "--limit-test", "128", "--device", "cpu",
+        "--no-progress"]
+COMMANDS = ["train", "prune", "finetune", "eval", "bench", "demo", "methods"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert f"stripeconv {command}" in text
+    if command in ("train", "prune", "finetune"):
+        for flag in ("--resume", "--out", "--epochs", "--quiet", "--dataset", "--data"):
+            assert flag in text
+
+
+def test_top_level_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(c in text for c in COMMANDS) and "torchrun" in text
+
+
+def test_methods(capsys):
+    assert cli.main(["methods"]) == 0
+    text = capsys.readouterr().out
+    for name in METHODS:
+        assert f"{name}:" in text
+    assert "alpha=1e-05" in text and "threshold=0.05" in text  # SWP defaults, read from its signature
+    assert cli.main(["methods", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["SWP"]["params"]["alpha"] == 1e-05 and data["SWP"]["description"]
+
+
+def test_set_is_typed_by_the_signature():
+    params = cli.method_params(SWP)
+    got = cli.parse_set(["alpha=1e-4", "group_size=2", "skip_first=false", "threshold=0.02", "scope=layer",
+                         "ratios={\"features.3\": 0.5}"], params)
+    assert got == {"alpha": 1e-4, "group_size": 2, "skip_first": False, "threshold": 0.02, "scope": "layer",
+                   "ratios": {"features.3": 0.5}}
+    assert isinstance(got["group_size"], int) and isinstance(got["alpha"], float)
+    with pytest.raises(cli.CLIError, match="unknown hyperparameter 'alfa'"):
+        cli.parse_set(["alfa=1"], params)
+    with pytest.raises(cli.CLIError, match="expected a number"):
+        cli.parse_set(["alpha=big"], params)
+    assert cli.parse_target("0.5") == {"target_flops_reduction": 0.5}
+    assert cli.parse_target("ratio=0.3") == {"ratio": 0.3}
+
+
+def test_config_file(tmp_path):
+    pytest.importorskip("yaml")
+    cfg = tmp_path / "swp.yaml"
+    cfg.write_text("method: SWP\ntarget: flops=0.4\nalpha: 2.0e-5\nepochs: 3\nlr: 0.003\n")
+    args = cli.build_parser().parse_args(["prune", "--config", str(cfg), "--set", "threshold=0.01"])
+    config = cli._load_config(cfg)
+    cli._apply_config_defaults(args, config)
+    assert args.epochs == 3 and args.lr == 0.003
+    kw = cli.method_kwargs(SWP, args, config)
+    assert kw == {"alpha": 2e-5, "epochs": 3, "target_flops_reduction": 0.4, "threshold": 0.01}
+    args = cli.build_parser().parse_args(["prune", "--config", str(cfg), "--epochs", "5"])
+    cli._apply_config_defaults(args, config)
+    assert args.epochs == 5  # the command line wins
+    js = tmp_path / "swp.json"
+    js.write_text(json.dumps({"method": "SWP", "params": {"alpha": 3e-5}}))
+    args = cli.build_parser().parse_args(["prune", "--config", str(js)])
+    assert cli.method_kwargs(SWP, args, cli._load_config(js)) == {"alpha": 3e-5, "epochs": 10}
+
+
+def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
+    base, pr, ft = tmp_path / "base", tmp_path / "swp", tmp_path / "ft"
+    assert cli.main(["train", "--model", "cnn-tiny", "--epochs", "1", "--lr", "0.05", "--out", str(base), *DATA]) == 0
+    assert (base / "model.pt").is_file() and (base / "train.ckpt").is_file()
+    assert cli.main(["prune", "--from", str(base / "model"), "--method", "swp", "--target", "flops=0.4",
+                     "--set", "alpha=1e-3", "--epochs", "2", "--out", str(pr), "--no-progress", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "SWP: accuracy" in out and "[prune]" not in out  # --quiet: result line only
+
+    # the saved model loads with one call into an exported StripeConv2d model ...
+    model = load_pruned(pr / "pruned")
+    assert any(isinstance(m, StripeConv2d) and m.density < 1 for m in model.modules())
+    desc = read_description(pr / "pruned")
+    assert desc["extra"]["method"] == "SWP" and desc["extra"]["flops_reduction"] > 0.3
+    # ... and `stripeconv eval` reproduces the accuracy reported when it was saved
+    assert cli.main(["eval", str(pr / "pruned"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["samples"] == 128 and res["accuracy"] == desc["extra"]["accuracy"]
+    log = [json.loads(line) for line in (pr / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in log if "train_loss" in r] == [0, 1]
+    assert log[-1]["event"] == "saved" and log[-1]["eval_accuracy"] == res["accuracy"]
+    assert (pr / "report.md").is_file()
+
+    assert cli.main(["finetune", str(pr / "pruned"), "--epochs", "1", "--out", str(ft), "--no-progress",
+                     "--quiet"]) == 0
+    assert "finetune: accuracy" in capsys.readouterr().out
+    assert cli.main(["eval", str(ft / "finetuned.pt"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["accuracy"] == read_description(ft / "finetuned")["extra"]["accuracy"]
+    before = {n: m.stripe_mask for n, m in model.named_modules() if isinstance(m, StripeConv2d)}
+    after = {n: m.stripe_mask for n, m in load_pruned(ft / "finetuned").named_modules() if isinstance(m, StripeConv2d)}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    assert cli.main(["bench", str(pr / "pruned"), "--batch-size", "2", "--repeats", "2", "--layers", "--json",
+                     "--output", str(tmp_path / "bench.json")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["results"][0]["batch"] == 2 and res["results"][0]["stripe_ms"] > 0 and res["layers"]
+
+
+def test_oneshot_method_with_zero_epochs(tmp_path, capsys):
+    assert cli.main(["prune", "--model", "cnn-tiny", "--method", "L1Filter", "--target", "ratio=0.5", "--epochs", "0",
+                     "--out", str(tmp_path), "--quiet", *DATA]) == 0
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["event"] == "oneshot_prune" and log[-1]["event"] == "saved"
+
+
+def test_clear_errors(tmp_path, capsys):
+    assert cli.main(["train", "--dataset", "fashion-mnist", "--data", str(tmp_path / "nowhere"), "--out",
+                     str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "nowhere") in err and "apt-get install dataset-fashion-mnist" in err
+    assert "fashion-mnist-subset" in err
+    assert cli.main(["train", "--dataset", "cifar10", "--out", str(tmp_path)]) == 2
+    assert "needs --data" in capsys.readouterr().err
+    assert cli.main(["train", "--dataset", "cifar10", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "cs.toronto.edu" in capsys.readouterr().err
+    assert cli.main(["prune", "--method", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown pruning method" in capsys.readouterr().err
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        (tmp_path / "train").mkdir()
+        (tmp_path / "val").mkdir()
+        assert cli.main(["train", "--dataset", "imagefolder", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+        assert "torchvision" in capsys.readouterr().err
+
+
+def _prune_cmd(out, epochs=3):
+    return [sys.executable, "-m", "stripeconv", "prune", "--model", "cnn-tiny", "--method", "GHFP", "--target",
+            "ratio=0.4", "--epochs", str(epochs), "--lr", "0.05", "--out", str(out), "--threads", "1", *DATA]
+
+
+def test_killed_process_resumes_to_the_same_result(tmp_path):
+    """SIGKILL a real `stripeconv prune` after its first checkpoint, resume it: same saved model as a straight run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_prune_cmd(straight), env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_prune_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "prune.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "pruned.pt").exists()
+    subprocess.run(_prune_cmd(killed) + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+    a = torch.load(straight / "pruned.pt", weights_only=True)
+    b = torch.load(killed / "pruned.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_quick_falls_back_to_the_shipped_subset(tmp_path, capsys, monkeypatch):
+    from stripeconv.demo import run_demo
+
+    monkeypatch.setenv("STRIPECONV_FASHION_MNIST", str(tmp_path / "not-installed"))
+    s = run_demo(out=str(tmp_path), quick=True, progress=False, quiet=True, bench_batch=8)
+    assert s["dataset"] == "fashion-mnist-subset"
+    text = capsys.readouterr().out
+    assert "stripeconv demo" in text and "FLOPs" in text and "per layer" in text
+    report = (tmp_path / "report.md").read_text()
+    assert "Per layer" in report and "test accuracy" in report and "latency" in report
+    assert 0.3 < s["prune_report"]["flops_reduction"] < 0.8
+    assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "summary.json").is_file()
+    assert cli.main(["eval", str(tmp_path / "pruned"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == s["accuracy_after"]
