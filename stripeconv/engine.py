@@ -6,8 +6,15 @@ Its loop is a superset of :func:`stripeconv.pruning.fit`, in the same hook order
     per batch:  out = model(x); loss = loss_fn(out, y) + pruner.penalty()
                 optimizer.zero_grad(); loss.backward()        # DDP averages gradients here
                 pruner.after_backward(); optimizer.step(); pruner.after_step()
-    per epoch:  scheduler.step(); [sync BN buffers]; pruner.end_epoch(epoch)
-                [broadcast pruner state from rank 0]; evaluate; write checkpoint; log; callback(record)
+    per epoch:  scheduler.step(); pruner.end_epoch(epoch); [re-estimate BN statistics]
+                [sync BN buffers]; [broadcast pruner state from rank 0]; evaluate; write checkpoint;
+                log; callback(record)
+
+Re-estimating BN statistics: pruning decisions at an epoch end zero filters, which changes the
+inputs of every later BatchNorm, so running statistics gathered before the decision no longer
+fit and an eval-mode model can collapse to chance accuracy until it trains again. With a pruner
+attached, the engine re-estimates them after ``end_epoch`` on ``recalibrate_bn`` training
+batches (forward passes only, BN in train mode, everything else in eval mode; 0 turns it off).
 
 One-shot methods: ``oneshot=True`` calls ``pruner.prune(prune_data)`` before the first epoch (the
 epochs then fine-tune with the same hooks, which keep pruned stripes at zero).
@@ -221,6 +228,35 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int, device=None) -> None:
+    """Re-estimate every BatchNorm's running statistics from ``num_batches`` of ``batches``.
+
+    Only BN layers run in train mode (cumulative averages over the batches); dropout and the
+    rest stay in eval mode, and the model's train/eval flags are restored afterwards.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms or num_batches <= 0:
+        return
+    was_training = {m: m.training for m in model.modules()}
+    momenta = {m: m.momentum for m in norms}
+    model.eval()
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+        m.train()
+    try:
+        for i, (x, _) in enumerate(batches):
+            if i >= num_batches:
+                break
+            model(x.to(device) if device is not None else x)
+    finally:
+        for m in norms:
+            m.momentum = momenta[m]
+        for m, flag in was_training.items():
+            m.train(flag)
+
+
 def _progress_factory(enabled: bool):
     if not enabled:
         return None
@@ -285,6 +321,7 @@ class Engine:
         max_steps_per_epoch: Optional[int] = None,
         num_workers: int = 0,
         check_consistency: bool = True,
+        recalibrate_bn: int = 20,
         meta: Optional[dict] = None,
     ):
         self.ctx = ctx or single_process(None if device is None else str(device))
@@ -305,6 +342,7 @@ class Engine:
         self.max_steps_per_epoch = max_steps_per_epoch
         self.num_workers = num_workers
         self.check_consistency = check_consistency
+        self.recalibrate_bn = recalibrate_bn
         self.phase = phase
         self.meta = dict(meta or {})
         self.oneshot = (is_oneshot(pruner) if pruner is not None else False) if oneshot is None else oneshot
@@ -500,9 +538,11 @@ class Engine:
             bar.close()
         if self.scheduler is not None:
             self.scheduler.step()
-        self._sync_buffers()
         if pruner is not None:
             pruner.end_epoch(epoch)
+            if self.recalibrate_bn:
+                recalibrate_batchnorm(self.model, self._train_loader(epoch), self.recalibrate_bn, self.device)
+        self._sync_buffers()
         loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], self.ctx)
         record: dict[str, Any] = {"phase": self.phase, "epoch": epoch, "train_loss": loss_sum / max(seen, 1),
                                   "train_accuracy": correct / max(seen, 1), "lr": lr, "samples": int(seen)}

@@ -193,3 +193,21 @@ def test_progress_bar_and_lines(data, capsys):
     assert "[train] epoch 1/1: loss" in err  # the per-epoch line
     Engine(_model(), train, epochs=1, batch_size=64, progress=False, quiet=True).run()
     assert capsys.readouterr().err == ""
+
+
+def test_recalibrate_batchnorm_reestimates_running_statistics():
+    from torch import nn
+
+    from stripeconv.engine import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3), nn.Dropout(0.5)).eval()
+    batches = [(torch.randn(8, 2, 4, 4) * 3 + 1, torch.zeros(8)) for _ in range(5)]
+    recalibrate_batchnorm(model, batches, num_batches=4)
+    feats = torch.cat([model[0](x) for x, _ in batches[:4]])  # the 5th batch is not used
+    bn = model[1]
+    torch.testing.assert_close(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-5, rtol=1e-5)
+    per_batch_var = torch.stack([model[0](x).var((0, 2, 3), unbiased=True) for x, _ in batches[:4]])
+    torch.testing.assert_close(bn.running_var, per_batch_var.mean(0), atol=1e-5, rtol=1e-5)
+    assert bn.momentum == 0.1 and not model.training and not bn.training
+
