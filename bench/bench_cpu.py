@@ -1,0 +1,268 @@
+"""CPU benchmark of the compiled stripe conv kernels against dense oneDNN convolution.
+
+For each layer and stripe density it times, in fp32 on random data with a random stripe mask
+(torch.manual_seed):
+  * dense ``F.conv2d`` with NCHW input and with channels_last input (the faster one is the
+    baseline);
+  * the stripe op on the compiled CPU backend (``torch.ops.stripeconv.stripe_conv2d`` with the
+    ``cpu`` backend pinned, NCHW input);
+  * the pure-PyTorch reference backend (few repeats: it is slow);
+  * optionally (--backward) forward+backward of both, through autograd.
+The stripe op and the dense baseline are timed back to back in every repeat, so both see the
+same load when other processes share the machine; the speedup is the median of the per-repeat
+ratios ("speedup"); "(min)" is the ratio of the fastest repeats, what the kernels do when nothing
+else runs on the machine. Times are medians with the interquartile range as spread; the target
+is judged on the median ratio. --quiet-wait waits for other processes to go idle first.
+
+    python bench/bench_cpu.py                     # the three target layers, forward
+    python bench/bench_cpu.py --backward --json bench/results/cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import stripeconv  # noqa: E402
+from stripeconv.backends import reference  # noqa: E402
+from stripeconv.packing import pack_weight  # noqa: E402
+
+# (name, in_channels, out_channels, H=W, batch); all 3x3, stride 1, padding 1.
+LAYERS = [
+    ("64->64 32x32 b16", 64, 64, 32, 16),
+    ("256->256 8x8 b16", 256, 256, 8, 16),
+    ("128->128 16x16 b1", 128, 128, 16, 1),
+]
+DENSITIES = [1.0, 0.5, 0.3, 0.1]
+
+
+def target(batch: int, density: float) -> float:
+    """Required speedup over dense: 0.7/density at batch 16, 0.5/density at batch 1; 0.9 at density 1."""
+    if density >= 1.0:
+        return 0.9
+    return (0.5 if batch == 1 else 0.7) / density
+
+
+def _cpu_busy(window: float = 0.25) -> float:
+    """Fraction of the machine's CPU time used by anything over `window` seconds (Linux only)."""
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+    try:
+        i0, t0 = read()
+        time.sleep(window)
+        i1, t1 = read()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_quiet(max_wait: float, threshold: float = 0.15) -> float:
+    """On a shared machine, wait (up to max_wait s) until other processes leave the CPUs idle."""
+    start = time.perf_counter()
+    busy = _cpu_busy() if max_wait > 0 else 0.0
+    while busy > threshold and time.perf_counter() - start < max_wait:
+        busy = _cpu_busy()
+    return busy
+
+
+def _time_once(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def time_pair(fa, fb, repeats: int, warmup: int = 3):
+    """Time fa and fb back to back `repeats` times; returns both time lists (seconds)."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for i in range(repeats):
+        if i % 2:  # alternate the order so neither always runs second
+            tb.append(_time_once(fb))
+            ta.append(_time_once(fa))
+        else:
+            ta.append(_time_once(fa))
+            tb.append(_time_once(fb))
+    return ta, tb
+
+
+def time_one(fn, repeats: int, warmup: int = 1):
+    for _ in range(warmup):
+        fn()
+    return [_time_once(fn) for _ in range(repeats)]
+
+
+def summary(ts):
+    ts = sorted(ts)
+    q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+    return {"median_ms": statistics.median(ts) * 1e3, "iqr_ms": (q[2] - q[0]) * 1e3, "min_ms": ts[0] * 1e3}
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def make_case(cin, cout, hw, batch, density, seed=0):
+    torch.manual_seed(seed)
+    x = torch.randn(batch, cin, hw, hw)
+    w = torch.randn(cout, cin, 3, 3) * (2.0 / (cin * 9)) ** 0.5
+    bias = torch.randn(cout)
+    mask = torch.rand(cout, 3, 3) < density
+    return x, w, bias, mask, pack_weight(w, mask).contiguous()
+
+
+def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
+    x, w, bias, mask, packed = make_case(cin, cout, hw, batch, density)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    conv_args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    op = torch.ops.stripeconv.stripe_conv2d
+
+    def dense_nchw():
+        return F.conv2d(x, w, bias, 1, 1)
+
+    def dense_cl():
+        return F.conv2d(xcl, w, bias, 1, 1)
+
+    def stripe():
+        return op(x, packed, bias, mask, *conv_args)
+
+    # correctness guard: a benchmark of a wrong kernel is worthless
+    torch.testing.assert_close(stripe(), F.conv2d(x, w * mask[:, None], bias, 1, 1), atol=1e-3, rtol=1e-3)
+
+    busy = wait_for_quiet(args.quiet_wait)
+    t_nchw, t_st1 = time_pair(dense_nchw, stripe, args.repeats)
+    t_cl, t_st2 = time_pair(dense_cl, stripe, args.repeats)
+    nchw, cl = summary(t_nchw), summary(t_cl)
+    if nchw["median_ms"] <= cl["median_ms"]:
+        best, t_dense, t_st, dense_fmt = nchw, t_nchw, t_st1, "nchw"
+    else:
+        best, t_dense, t_st, dense_fmt = cl, t_cl, t_st2, "channels_last"
+    ratios = [d / s for d, s in zip(t_dense, t_st)]
+    row = {
+        "layer": name,
+        "cin": cin,
+        "cout": cout,
+        "hw": hw,
+        "batch": batch,
+        "density": density,
+        "kept_stripes": int(mask.sum()),
+        "cpu_busy_before": busy,
+        "dense_nchw": nchw,
+        "dense_channels_last": cl,
+        "dense_best_format": dense_fmt,
+        "stripe_cpu": summary(t_st),
+        "speedup": statistics.median(ratios),
+        # best-case ratio (min times): what the kernels do when nothing else runs on the machine
+        "speedup_min": min(t_dense) / min(t_st),
+        "ideal": 1.0 / max(density, 1e-9),
+        "target": target(batch, density),
+    }
+    row["meets_target"] = row["speedup"] >= row["target"]
+    if not args.no_reference:
+        stride, padding, dilation, groups = conv_args
+        row["reference"] = summary(
+            time_one(lambda: reference.forward(x, packed, bias, mask, stride, padding, dilation, groups),
+                     args.ref_repeats)
+        )
+    if args.backward:
+        gy = torch.randn(batch, cout, hw, hw)
+        xd = (x if dense_fmt == "nchw" else xcl).detach().requires_grad_()
+        wd = w.detach().requires_grad_()
+        xs = x.detach().requires_grad_()
+        ps = packed.detach().requires_grad_()
+
+        def dense_fb():
+            F.conv2d(xd, wd, None, 1, 1).backward(gy)
+
+        def stripe_fb():
+            op(xs, ps, None, mask, *conv_args).backward(gy)
+
+        t_d, t_s = time_pair(dense_fb, stripe_fb, max(5, args.repeats // 2))
+        row["dense_fwd_bwd"] = summary(t_d)
+        row["stripe_fwd_bwd"] = summary(t_s)
+        row["speedup_fwd_bwd"] = statistics.median(d / s for d, s in zip(t_d, t_s))
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--ref-repeats", type=int, default=3)
+    parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--no-reference", action="store_true", help="skip the slow reference backend")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--json", metavar="PATH", help="write raw results and machine info to PATH")
+    parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
+                        help="before each layer, wait up to S seconds for other processes to leave the CPUs idle")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ok, reason = stripeconv.backends._module("cpu").is_available()
+    if not ok:
+        sys.exit(f"the cpu backend is not available: {reason}")
+    stripeconv.set_backend("cpu")
+
+    info = machine_info()
+    print(f"# {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, {info['date']}")
+    header = (f"{'layer':<20} {'dens':>4} {'nchw ms':>8} {'cl ms':>8} {'stripe ms':>13} {'ref ms':>8} "
+              f"{'speedup':>7} {'(min)':>6} {'1/dens':>6} {'target':>6} ok")
+    if args.backward:
+        header += f" {'dense f+b':>10} {'stripe f+b':>11} {'f+b x':>6}"
+    print(header)
+    rows = []
+    for name, cin, cout, hw, batch in LAYERS:
+        for density in args.densities:
+            r = bench_layer(name, cin, cout, hw, batch, density, args)
+            rows.append(r)
+            st = r["stripe_cpu"]
+            ref = f"{r['reference']['median_ms']:8.2f}" if "reference" in r else f"{'-':>8}"
+            line = (f"{name:<20} {density:>4.2f} {r['dense_nchw']['median_ms']:>8.3f} "
+                    f"{r['dense_channels_last']['median_ms']:>8.3f} "
+                    f"{st['median_ms']:>7.3f}±{st['iqr_ms']:<5.3f} {ref} {r['speedup']:>7.2f} {r['speedup_min']:>6.2f} "
+                    f"{r['ideal']:>6.2f} {r['target']:>6.2f} {'yes' if r['meets_target'] else 'NO'}")
+            if args.backward:
+                line += (f" {r['dense_fwd_bwd']['median_ms']:>10.3f} {r['stripe_fwd_bwd']['median_ms']:>11.3f} "
+                         f"{r['speedup_fwd_bwd']:>6.2f}")
+            print(line, flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "args": vars(args), "results": rows}, f, indent=1)
+        print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""pytest-benchmark suite of the compiled CPU kernels (the cases of bench/bench_cpu.py).
+
+    pytest bench/test_bench_cpu.py --benchmark-only
+
+Not collected by the normal test command (testpaths = tests/). Every layer is timed as dense
+F.conv2d (NCHW and channels_last), and as the stripe op on the cpu backend at each density,
+forward and forward+backward; group names put the dense baseline next to the stripe rows.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+pytest.importorskip("pytest_benchmark")
+try:
+    import stripeconv._C  # noqa: F401
+except ImportError as exc:  # pragma: no cover
+    pytest.skip(f"stripeconv._C is not built ({exc})", allow_module_level=True)
+
+import stripeconv  # noqa: E402
+from bench_cpu import DENSITIES, LAYERS, make_case  # noqa: E402
+
+CONV_ARGS = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+LAYER_IDS = [name.replace(" ", "_").replace(">", "") for name, *_ in LAYERS]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cpu_backend():
+    previous = stripeconv.get_backend()
+    stripeconv.set_backend("cpu")
+    yield
+    stripeconv.set_backend(previous)
+
+
+@pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+def test_dense_forward(benchmark, layer, fmt):
+    name, cin, cout, hw, batch = layer
+    x, w, bias, _, _ = make_case(cin, cout, hw, batch, 1.0)
+    if fmt == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    benchmark.group = f"forward {name}"
+    benchmark(F.conv2d, x, w, bias, 1, 1)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+def test_stripe_forward(benchmark, layer, density):
+    name, cin, cout, hw, batch = layer
+    x, _, bias, mask, packed = make_case(cin, cout, hw, batch, density)
+    benchmark.group = f"forward {name}"
+    benchmark.extra_info["density"] = density
+    benchmark(torch.ops.stripeconv.stripe_conv2d, x, packed, bias, mask, *CONV_ARGS)
+
+
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+def test_dense_forward_backward(benchmark, layer):
+    name, cin, cout, hw, batch = layer
+    x, w, _, _, _ = make_case(cin, cout, hw, batch, 1.0)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    w = w.requires_grad_()
+    gy = torch.randn(batch, cout, hw, hw)
+    benchmark.group = f"forward+backward {name}"
+    benchmark(lambda: F.conv2d(x, w, None, 1, 1).backward(gy))
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+def test_stripe_forward_backward(benchmark, layer, density):
+    name, cin, cout, hw, batch = layer
+    x, _, _, mask, packed = make_case(cin, cout, hw, batch, density)
+    x.requires_grad_()
+    packed.requires_grad_()
+    gy = torch.randn(batch, cout, hw, hw)
+    op = torch.ops.stripeconv.stripe_conv2d
+    benchmark.group = f"forward+backward {name}"
+    benchmark.extra_info["density"] = density
+    benchmark(lambda: op(x, packed, None, mask, *CONV_ARGS).backward(gy))

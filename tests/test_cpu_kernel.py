@@ -1,0 +1,293 @@
+"""Kernel-level checks of the compiled CPU ops (torch.ops.stripeconv_cpu.*).
+
+Every op is compared with F.conv2d (and its autograd) on the masked dense weight. The cases
+cover both code paths of the acc engine in csrc/cpu/stripe_conv_cpu.cpp:
+  * flat path: output row pitch == input row pitch (stride 1 with "same" padding, or a
+    strided conv whose output width equals the phase-plane width ceil(W / stride_w));
+  * row path: everything else (e.g. padding 0, asymmetric padding, odd strides).
+`path` in each case says which one it takes; `_path` recomputes it from the geometry.
+Both micro-kernel families run: the AVX-512 one (when the CPU has it) and the portable one
+(STRIPECONV_CPU_ISA=generic).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:
+    import stripeconv._C  # noqa: F401
+
+    HAVE_C = True
+except ImportError as exc:  # pragma: no cover - depends on the build
+    HAVE_C = False
+    REASON = f"stripeconv._C is not built ({exc}); run `pip install --no-build-isolation -e .`"
+
+if not HAVE_C:  # pragma: no cover
+    pytest.skip(REASON, allow_module_level=True)
+
+from stripeconv.packing import pack_weight, unpack_weight  # noqa: E402
+
+ops = torch.ops.stripeconv_cpu
+
+
+def _out_size(h, w, k, s, p, d):
+    ho = (h + p[0] + p[1] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+    wo = (w + p[2] + p[3] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    return max(ho, 0), max(wo, 0)
+
+
+def _path(h, w, k, s, p, d):
+    _, wo = _out_size(h, w, k, s, p, d)
+    return "flat" if wo == math.ceil(w / s[1]) else "row"
+
+
+def _make(case, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, c, n, h, w = case["b"], case["c"], case["n"], case["h"], case["w"]
+    kh, kw = case["k"]
+    groups = case.get("groups", 1)
+    x = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+    wd = torch.randn(n, c // groups, kh, kw, generator=g, dtype=dtype)
+    mask = torch.rand(n, kh, kw, generator=g) < case.get("density", 0.5)
+    if case.get("dead_filters"):
+        mask[::3] = False  # filters with no stripe
+    bias = torch.randn(n, generator=g, dtype=dtype) if case.get("bias", True) else None
+    return x, pack_weight(wd, mask).contiguous(), mask, bias
+
+
+def _dense(x, packed, mask, bias, s, p, d, groups):
+    wm = unpack_weight(packed, mask)
+    ho, wo = _out_size(x.shape[2], x.shape[3], mask.shape[1:], s, p, d)
+    if ho == 0 or wo == 0:  # F.conv2d refuses empty outputs; the gradient is then zero
+        return (x.sum() * 0 + wm.sum() * 0).expand(x.shape[0], mask.shape[0], ho, wo)
+    xp = F.pad(x, (p[2], p[3], p[0], p[1]))
+    return F.conv2d(xp, wm, bias, s, 0, d, groups)
+
+
+CASES = [
+    dict(id="s1_same_flat", b=2, c=8, n=16, h=10, w=10, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="s1_multichunk_tail", b=2, c=7, n=13, h=13, w=11, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
+         path="flat"),
+    dict(id="s1_8x8_flat", b=3, c=16, n=16, h=8, w=8, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="s1_valid_row", b=2, c=8, n=16, h=10, w=13, k=(3, 3), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), path="row"),
+    dict(id="s1_wide_row", b=1, c=5, n=7, h=3, w=150, k=(3, 3), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), path="row"),
+    dict(id="s1_asym_pad", b=2, c=6, n=10, h=9, w=11, k=(3, 3), s=(1, 1), p=(0, 2, 2, 1), d=(1, 1), path="row"),
+    dict(id="s1_asym_pad_flat", b=2, c=6, n=10, h=9, w=11, k=(3, 3), s=(1, 1), p=(2, 0, 2, 0), d=(1, 1),
+         path="flat"),
+    dict(id="s2_flat", b=2, c=8, n=16, h=12, w=12, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="s2_odd", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="s2_valid_row", b=2, c=5, n=6, h=11, w=11, k=(3, 3), s=(2, 2), p=(0, 0, 0, 0), d=(1, 1), path="row"),
+    dict(id="s3_asym", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(3, 3), p=(1, 2, 0, 1), d=(1, 1), path="flat"),
+    dict(id="s3_row", b=2, c=8, n=16, h=10, w=10, k=(3, 3), s=(3, 3), p=(0, 1, 0, 0), d=(1, 1), path="row"),
+    dict(id="s1x2", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(1, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="dil2", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(1, 1), p=(2, 2, 2, 2), d=(2, 2), path="flat"),
+    dict(id="dil2_s2", b=1, c=4, n=8, h=13, w=12, k=(3, 3), s=(2, 2), p=(1, 0, 2, 1), d=(2, 2), path="flat"),
+    dict(id="dil2_s2_row", b=1, c=4, n=8, h=13, w=12, k=(3, 3), s=(2, 2), p=(1, 0, 0, 1), d=(2, 2), path="row"),
+    dict(id="groups4", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), groups=4,
+         path="flat"),
+    dict(id="depthwise", b=2, c=8, n=8, h=11, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), groups=8,
+         density=0.7, path="flat"),
+    dict(id="depthwise_mult2_s2", b=2, c=6, n=12, h=10, w=9, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1),
+         groups=6, density=0.7, path="flat"),
+    dict(id="kernel_5x3", b=2, c=5, n=9, h=9, w=10, k=(5, 3), s=(1, 1), p=(2, 2, 1, 1), d=(1, 1), path="flat"),
+    dict(id="pointwise", b=2, c=9, n=11, h=5, w=7, k=(1, 1), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), density=1.0,
+         path="flat"),
+    dict(id="pointwise_s2_downsample", b=2, c=8, n=12, h=9, w=10, k=(1, 1), s=(2, 2), p=(0, 0, 0, 0), d=(1, 1),
+         density=1.0, path="flat"),
+    dict(id="pointwise_s3_empty_phases", b=2, c=4, n=6, h=7, w=8, k=(1, 1), s=(3, 3), p=(0, 0, 0, 0), d=(1, 1),
+         density=1.0, path="flat"),
+    dict(id="image_smaller_than_kernel", b=1, c=4, n=4, h=2, w=2, k=(3, 5), s=(1, 1), p=(1, 1, 2, 2), d=(1, 1),
+         density=0.9, path="flat"),
+    dict(id="image_smaller_asym", b=1, c=4, n=4, h=2, w=2, k=(3, 5), s=(1, 1), p=(0, 3, 1, 4), d=(1, 1),
+         density=0.9, path="row"),
+    dict(id="one_row_wide", b=3, c=5, n=7, h=1, w=70, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="batch1_channel_splits", b=1, c=16, n=64, h=6, w=6, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
+         path="flat"),
+    dict(id="dead_filters", b=2, c=8, n=12, h=7, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
+         dead_filters=True, path="flat"),
+    dict(id="no_bias", b=2, c=8, n=12, h=7, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), bias=False,
+         path="flat"),
+    dict(id="zero_stripes", b=2, c=5, n=7, h=9, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=0.0,
+         path="flat"),
+    dict(id="full_density", b=2, c=5, n=7, h=9, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=1.0,
+         path="flat"),
+    dict(id="empty_batch", b=0, c=5, n=7, h=9, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
+    dict(id="empty_output", b=2, c=5, n=7, h=2, w=2, k=(5, 5), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), path="row"),
+    dict(id="empty_output_width", b=2, c=5, n=7, h=9, w=2, k=(3, 3), s=(1, 1), p=(1, 1, 0, 0), d=(1, 1),
+         path="row"),
+]
+
+TOL = {torch.float32: dict(atol=2e-4, rtol=1e-4), torch.float64: dict(atol=1e-10, rtol=1e-10)}
+
+
+@pytest.fixture(autouse=True)
+def _stripe_kernels_only(monkeypatch):
+    # Near density 1 the forward may hand over to the dense conv (see kDenseDensity in
+    # csrc/cpu/stripe_conv_cpu.cpp); the kernel tests pin the stripe kernels.
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "never")
+
+
+@pytest.fixture(params=["simd", "generic"])
+def isa(request, monkeypatch):
+    if request.param == "generic":
+        monkeypatch.setenv("STRIPECONV_CPU_ISA", "generic")
+    else:
+        monkeypatch.delenv("STRIPECONV_CPU_ISA", raising=False)
+    return request.param
+
+
+def _check_case(case, dtype):
+    s, p, d, groups = case["s"], case["p"], case["d"], case.get("groups", 1)
+    assert _path(case["h"], case["w"], case["k"], s, p, d) == case["path"]
+    x, w, mask, bias = _make(case, dtype)
+    # forward
+    ref = _dense(x, w, mask, bias, s, p, d, groups)
+    y = ops.forward(x, w, bias, mask, list(s), list(p), list(d), groups)
+    assert y.shape == ref.shape and y.dtype == dtype
+    torch.testing.assert_close(y, ref, **TOL[dtype])
+    # backward through autograd on the dense conv
+    xr = x.clone().requires_grad_()
+    wr = w.clone().requires_grad_()
+    out = _dense(xr, wr, mask, None, s, p, d, groups)
+    gy = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    out.backward(gy)
+    gx = ops.grad_input(gy, w, mask, list(x.shape), list(s), list(p), list(d), groups)
+    gw = ops.grad_weight(gy, x, w, mask, list(s), list(p), list(d), groups)
+    assert gx.shape == x.shape and gw.shape == w.shape
+    torch.testing.assert_close(gx, xr.grad, **TOL[dtype])
+    torch.testing.assert_close(gw, wr.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_ops_match_dense(case, dtype, isa):
+    _check_case(case, dtype)
+
+
+def test_bfloat16_accumulates_in_fp32():
+    case = dict(b=2, c=32, n=16, h=9, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1))
+    x, w, mask, bias = _make(case, torch.float32)
+    xb, wb, bb = x.bfloat16(), w.bfloat16(), bias.bfloat16()
+    ref = _dense(xb.float(), wb.float(), mask, bb.float(), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    y = ops.forward(xb, wb, bb, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    gy = torch.randn(ref.shape).bfloat16()
+    gx = ops.grad_input(gy, wb, mask, list(x.shape), [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    gw = ops.grad_weight(gy, xb, wb, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    assert gx.dtype == gw.dtype == torch.bfloat16
+    xr, wr = xb.float().requires_grad_(), wb.float().requires_grad_()
+    _dense(xr, wr, mask, None, (1, 1), (1, 1, 1, 1), (1, 1), 1).backward(gy.float())
+    torch.testing.assert_close(gx.float(), xr.grad, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(gw.float(), wr.grad, atol=0.2, rtol=0.02)
+
+
+def test_larger_layer_fp32_all_paths():
+    """A layer big enough for several chunks per image, full register tiles and both threads."""
+    for case in [
+        dict(b=3, c=40, n=52, h=17, w=19, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=0.4, path="flat"),
+        dict(b=2, c=40, n=52, h=17, w=19, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1), density=0.4, path="flat"),
+        dict(b=2, c=24, n=30, h=9, w=80, k=(3, 3), s=(1, 1), p=(0, 0, 0, 0), d=(1, 1), density=0.3, path="row"),
+    ]:
+        _check_case(case, torch.float32)
+
+
+def test_channels_last_and_noncontiguous_inputs():
+    case = dict(b=2, c=8, n=12, h=9, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1))
+    x, w, mask, bias = _make(case, torch.float32)
+    ref = _dense(x, w, mask, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    y = ops.forward(xcl, w, bias, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    assert y.is_contiguous(memory_format=torch.channels_last)  # output in the input's format
+    torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+    gy = torch.randn(ref.shape)
+    gycl = gy.contiguous(memory_format=torch.channels_last)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    gx = ops.grad_input(gycl, w, mask, list(x.shape), *args)
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gx, ops.grad_input(gy, w, mask, list(x.shape), *args), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.grad_weight(gycl, xcl, w, mask, *args), ops.grad_weight(gy, x, w, mask, *args),
+                               atol=1e-4, rtol=1e-5)
+    wt = w.t().contiguous().t()  # same values, column-major storage
+    y = ops.forward(x, wt, bias, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_deterministic_across_runs_and_threads():
+    case = dict(b=4, c=32, n=48, h=12, w=12, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=0.5)
+    x, w, mask, bias = _make(case, torch.float32)
+    gy = torch.randn(4, 48, 12, 12)
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+
+    def run():
+        return (
+            ops.forward(x, w, bias, mask, *args),
+            ops.grad_input(gy, w, mask, list(x.shape), *args),
+            ops.grad_weight(gy, x, w, mask, *args),
+        )
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(first, run(), single):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_argument_errors_name_expected_and_got():
+    x = torch.randn(2, 8, 9, 9)
+    mask = torch.ones(4, 3, 3, dtype=torch.bool)
+    w = torch.randn(36, 8)
+    good = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="36 rows but stripe_mask keeps 35"):
+        m2 = mask.clone()
+        m2[0, 0, 0] = False
+        ops.forward(x, w, None, m2, *good)
+    with pytest.raises(RuntimeError, match=r"packed weight must be \[num_stripes, 8\]"):
+        ops.forward(x, torch.randn(36, 7), None, mask, *good)
+    with pytest.raises(RuntimeError, match="stripe_mask must have dtype bool"):
+        ops.forward(x, w, None, mask.float(), *good)
+    with pytest.raises(RuntimeError, match="padding takes 4 values"):
+        ops.forward(x, w, None, mask, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        ops.forward(x, w, None, mask, [0, 1], [1, 1, 1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="divisible by groups"):
+        ops.forward(x, torch.randn(36, 2), None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 3)
+    with pytest.raises(RuntimeError, match=r"bias must be \[4\]"):
+        ops.forward(x, w, torch.randn(5), mask, *good)
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        ops.forward(x, w.double(), None, mask, *good)
+    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+        ops.forward(x.long(), w.long(), None, mask, *good)
+    with pytest.raises(RuntimeError, match="4-D input"):
+        ops.forward(x[0], w, None, mask, *good)
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
+        ops.grad_input(torch.randn(2, 4, 8, 9), w, mask, [2, 8, 9, 9], *good)
+    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
+        ops.grad_weight(torch.randn(2, 5, 9, 9), x, w, mask, *good)
+
+
+@pytest.mark.parametrize("policy", ["always", "auto"])
+def test_dense_dispatch_near_density_one(policy, monkeypatch):
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", policy)
+    for cl in (False, True):
+        case = dict(b=2, c=16, n=24, h=9, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=1.0)
+        x, w, mask, bias = _make(case, torch.float32)
+        mask[0, 0, 0] = False  # density 215/216: still above the dense threshold
+        w = pack_weight(torch.randn(24, 16, 3, 3), mask)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref = _dense(x, w, mask, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        y = ops.forward(x, w, bias, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)  # auto: dense for channels_last
+        torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl
+    # asymmetric padding never goes to the dense conv, whatever the policy
+    x, w, mask, bias = _make(dict(b=1, c=4, n=4, h=6, w=6, k=(3, 3), density=1.0), torch.float32)
+    y = ops.forward(x, w, bias, mask, [1, 1], [0, 2, 1, 1], [1, 1], 1)
+    torch.testing.assert_close(y, _dense(x, w, mask, bias, (1, 1), (0, 2, 1, 1), (1, 1), 1), atol=2e-4, rtol=1e-4)
