@@ -58,3 +58,70 @@ def check_against_oracle(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, a
     torch.testing.assert_close(layer.packed_weight.grad, pack_weight(oracle.weight.grad, mask), atol=atol, rtol=rtol)
     if conv.bias is not None:
         torch.testing.assert_close(layer.bias.grad, oracle.bias.grad, atol=atol, rtol=rtol)
+
+
+# ------------------------------------------------------------------------- pruning tests
+FASHION_SIZE = (1, 1, 28, 28)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on the shared 2-core CI machine oversubscribed threads are far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def fashion(train: bool = True, limit: int = 384):
+    """Real Fashion-MNIST images: the installed dataset, else the subset shipped with the package."""
+    from stripeconv.data import DatasetNotFoundError, fashion_mnist
+    from stripeconv.data.embedded import fashion_mnist_subset
+
+    try:
+        return fashion_mnist(train=train, limit=limit)
+    except DatasetNotFoundError:
+        return fashion_mnist_subset(train=train, limit=limit)
+
+
+def tiny_vgg() -> nn.Module:
+    from stripeconv import models
+
+    return models.vgg(cfg=[8, "M", 16, "M", 16], in_channels=1)
+
+
+def tiny_resnet() -> nn.Module:
+    from stripeconv import models
+
+    return models.resnet8(width=0.5, in_channels=1)
+
+
+def check_export(pruner, x: torch.Tensor, atol: float = 1e-4) -> nn.Module:
+    """The exported model computes what the masked model computes, with StripeConv2d layers."""
+    masked = pruner.masked_model().eval()
+    exported = pruner.export()
+    torch.testing.assert_close(exported(x), masked(x), atol=atol, rtol=1e-4)
+    assert any(isinstance(m, stripeconv.StripeConv2d) for m in exported.modules())
+    return exported
+
+
+class Recorder(stripeconv.pruning.Pruner):
+    """A pruner that records the order in which the training loop calls its hooks."""
+
+    def __init__(self, model, input_size):
+        super().__init__(model, input_size, require_target=False)
+        self.calls = []
+
+    def penalty(self):
+        self.calls.append("penalty")
+        return torch.zeros(())
+
+    def after_backward(self):
+        grads = [p.grad is not None for p in self.model.parameters()]
+        self.calls.append("after_backward" if all(grads) else "after_backward-nograd")
+
+    def after_step(self):
+        self.calls.append("after_step")
+
+    def end_epoch(self, epoch):
+        self.calls.append(f"end_epoch{epoch}")

@@ -11,7 +11,7 @@ from stripeconv.checkpoint import load_checkpoint  # noqa: E402
 from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
 from stripeconv.engine import Engine, epoch_loader, is_oneshot  # noqa: E402
 
-SIZE = (1, 1, 28, 28)
+from conftest import FASHION_SIZE as SIZE, Recorder  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -26,48 +26,13 @@ def _model(seed=0):
     return models.vgg(cfg=[8, "M", 8, "M", 16], in_channels=1)
 
 
-class Recorder(pruning.Pruner):
-    def __init__(self, model):
-        super().__init__(model, SIZE, require_target=False)
-        self.calls = []
-
-    def penalty(self):
-        self.calls.append("penalty")
-        return torch.zeros(())
-
-    def after_backward(self):
-        self.calls.append("after_backward")
-
-    def after_step(self):
-        self.calls.append("after_step")
-
-    def end_epoch(self, epoch):
-        self.calls.append(f"end_epoch{epoch}")
-
-
-def test_fit_calls_the_hooks_in_protocol_order(data):
-    train, test = data
-    loader = DataLoader(train, batch_size=64, shuffle=False)
-    model = _model()
-    rec = Recorder(model)
-    hist = pruning.fit(model, rec, loader, epochs=2, eval_loader=DataLoader(test, batch_size=64), progress=False)
-    per_batch = ["penalty", "after_backward", "after_step"]
-    expected = []
-    for epoch in range(2):
-        expected += per_batch * len(loader) + [f"end_epoch{epoch}"]
-    assert rec.calls == expected
-    assert [r["epoch"] for r in hist] == [0, 1]
-    for record in hist:
-        assert {"train_loss", "train_accuracy", "eval_accuracy", "eval_loss", "flops_reduction"} <= set(record)
-
-
 def test_engine_and_fit_train_identically(data):
     train, test = data
     loader = DataLoader(train, batch_size=64, shuffle=False)
     states = []
     for use_engine in (False, True):
         model = _model()
-        rec = Recorder(model)
+        rec = Recorder(model, SIZE)
         if use_engine:
             Engine(model, loader, pruner=rec, epochs=2, progress=False, quiet=True).run()
         else:

@@ -8,36 +8,21 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 
-from stripeconv import models, pruning  # noqa: E402
-from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
-from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
+from stripeconv import pruning  # noqa: E402
 from stripeconv.pruning.dais import DAIS  # noqa: E402
 from stripeconv.pruning.lbs import holdout_split  # noqa: E402
 
-SIZE = (1, 1, 28, 28)
+from conftest import FASHION_SIZE as SIZE, fashion, tiny_resnet
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # the CI machine's cores are shared: oversubscribed threads are much slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data():
-    try:
-        ds = fashion_mnist(train=True, limit=512)
-    except DatasetNotFoundError:  # the real images shipped with the package
-        ds = fashion_mnist_subset(train=True, limit=512)
+    ds = fashion(train=True, limit=512)
     train, val = holdout_split(ds, 128)  # indicators learn on held-out *training* data
     return (DataLoader(train, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0)),
             DataLoader(val, batch_size=64))
-
-
-def tiny_resnet():
-    return models.resnet8(width=0.5, in_channels=1)
 
 
 @pytest.mark.parametrize("target", [0.5, 0.7])

@@ -8,38 +8,19 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 
-from stripeconv import models, pruning  # noqa: E402
-from stripeconv.data import DatasetNotFoundError, fashion_mnist  # noqa: E402
-from stripeconv.data.embedded import fashion_mnist_subset  # noqa: E402
+from stripeconv import pruning  # noqa: E402
 from stripeconv.pruning.greg import GReg1, GReg2, stage_ratios  # noqa: E402
 
-SIZE = (1, 1, 28, 28)
+from conftest import FASHION_SIZE as SIZE, check_export, fashion, tiny_resnet, tiny_vgg
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # the CI machine's cores are shared: oversubscribed threads are much slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def batches():
-    try:
-        ds = fashion_mnist(train=True, limit=384)
-    except DatasetNotFoundError:  # the real images shipped with the package
-        ds = fashion_mnist_subset(train=True, limit=384)
+    ds = fashion(train=True, limit=384)
     dl = DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
     return [b for _ in range(4) for b in dl]  # a fixed sequence of 24 batches
-
-
-def tiny_vgg():
-    return models.vgg(cfg=[8, "M", 16, "M", 16], in_channels=1)
-
-
-def tiny_resnet():
-    return models.resnet8(width=0.5, in_channels=1)
 
 
 def step(model, pr, opt, x, y):
@@ -50,13 +31,6 @@ def step(model, pr, opt, x, y):
     opt.step()
     pr.after_step()
     return float(loss.detach())
-
-
-def check_export(pr, x):
-    masked = pr.masked_model().eval()
-    ex = pr.export()
-    torch.testing.assert_close(ex(x), masked(x), atol=1e-4, rtol=1e-4)
-    return ex
 
 
 def test_greg1_penalty_grows_as_scheduled(batches):

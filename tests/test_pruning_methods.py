@@ -6,37 +6,15 @@ import torch
 from torch.utils.data import DataLoader
 
 
-import stripeconv
-from stripeconv import models, pruning
-from stripeconv.data.embedded import fashion_mnist_subset
-from stripeconv.data import DatasetNotFoundError, fashion_mnist
+from stripeconv import pruning
 
-SIZE = (1, 1, 28, 28)
+from conftest import FASHION_SIZE as SIZE, check_export as _check_export, fashion, tiny_resnet, tiny_vgg
 
 
 @pytest.fixture(scope="module")
 def loader():
-    try:
-        ds = fashion_mnist(train=False, limit=384)  # the 10k split reads faster
-    except DatasetNotFoundError:  # the real images shipped with the package
-        ds = fashion_mnist_subset(train=False, limit=384)
+    ds = fashion(train=False, limit=384)  # the 10k split reads faster
     return DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-
-
-def tiny_vgg():
-    return models.vgg(cfg=[8, "M", 16, "M", 16], in_channels=1)
-
-
-def tiny_resnet():
-    return models.resnet8(width=0.5, in_channels=1)
-
-
-def _check_export(pruner, model_x):
-    masked = pruner.masked_model().eval()
-    ex = pruner.export()
-    torch.testing.assert_close(ex(model_x), masked(model_x), atol=1e-4, rtol=1e-4)
-    assert any(isinstance(m, stripeconv.StripeConv2d) for m in ex.modules())
-    return ex
 
 
 @pytest.mark.parametrize("name", ["SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP"])

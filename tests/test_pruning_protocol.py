@@ -5,6 +5,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stripeconv import models, pruning
 
+from conftest import Recorder
+
 SIZE = (1, 1, 16, 16)
 
 
@@ -14,29 +16,9 @@ def _loader(n=64):
                       batch_size=16)
 
 
-class Recorder(pruning.Pruner):
-    def __init__(self, model):
-        super().__init__(model, SIZE, require_target=False)
-        self.calls = []
-
-    def penalty(self):
-        self.calls.append("penalty")
-        return torch.zeros(())
-
-    def after_backward(self):
-        grads = [p.grad is not None for p in self.model.parameters()]
-        self.calls.append("after_backward" if all(grads) else "after_backward-nograd")
-
-    def after_step(self):
-        self.calls.append("after_step")
-
-    def end_epoch(self, epoch):
-        self.calls.append(f"end_epoch{epoch}")
-
-
 def test_fit_hook_order():
     model = models.vgg(cfg=[4, "M", 4], in_channels=1)
-    rec = Recorder(model)
+    rec = Recorder(model, SIZE)
     log = []
     hist = pruning.fit(model, rec, _loader(32), epochs=2, eval_loader=_loader(16), callback=log.append, progress=False)
     assert rec.calls == ["penalty", "after_backward", "after_step"] * 2 + ["end_epoch0"] + \

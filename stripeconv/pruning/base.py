@@ -25,7 +25,6 @@ import warnings
 from typing import Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import criteria as C
@@ -284,25 +283,11 @@ def _dense_copy(model: nn.Module) -> nn.Module:
     return model
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader, device=None, loss_fn: Optional[Callable] = None) -> dict:
-    """Top-1 accuracy and mean loss of ``model`` on ``loader`` (eval mode, restored after)."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    loss_fn = loss_fn or F.cross_entropy
-    was = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            out = model(x)
-            loss_sum += float(loss_fn(out, y)) * len(y)
-            correct += int((out.argmax(1) == y).sum())
-            total += len(y)
-    finally:
-        model.train(was)
-    return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1)}
+    """Top-1 accuracy and mean loss of ``model`` on ``loader`` (a loader or a Dataset; eval mode, restored after)."""
+    from ..engine import evaluate_model
+
+    return evaluate_model(model, loader, device, loss_fn)
 
 
 def fit(
