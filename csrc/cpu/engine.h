@@ -1,0 +1,255 @@
+// The acc engine that forward and grad input share: sums of shifted 1x1 convolutions over chunks
+// of the output plane, with the border lane masks and the split of output channels into tasks.
+// (Overview of the whole CPU backend: ops.cpp.)
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "common.h"
+#include "microkernels.h"
+
+namespace stripeconv_cpu {
+namespace detail {
+
+// ------------------------------------------------------------------------------------------
+// The acc engine: out[b, o, plane] (+)= sum over items of shifted 1x1 convolutions.
+
+struct EnginePos {
+  int64_t in_off;    // offset of the input plane set (excluding batch and channel)
+  int64_t hin, win;  // valid input extent
+  int64_t rq, cq;    // out (h, w) reads in (h + rq, w + cq)
+};
+
+template <typename T>
+struct Item {
+  int pos = 0;  // index into EnginePos
+  int r = 0;    // output channels in this block (1..kMaxR)
+  int64_t K = 0;
+  const int64_t* roff = nullptr;  // [K] input channel offsets
+  const T* w = nullptr;            // weight of (k, r) at w[k * wsk + r * wsr] (read in place)
+  int64_t wsk = 0, wsr = 0;
+  int64_t outc[kMaxR] = {};
+};
+
+// A block of output channels reducing over a list of (position, reduction index) pairs at once
+// (flat path of grad input): per pair an input offset (shift folded in), a mask row and a
+// weight row.
+template <typename T>
+struct ListItem {
+  int r = 0;
+  int64_t K = 0;
+  const int64_t* roff = nullptr;
+  const int64_t* moff = nullptr;
+  const int64_t* woff = nullptr;
+  const T* w = nullptr;
+  int64_t wsr = 0;
+  int64_t outc[kMaxR] = {};
+};
+
+template <typename T>
+struct AccEngine {
+  T* out = nullptr;
+  int64_t out_bs = 0, out_cs = 0, hout = 0, wout = 0, po = 0;
+  const T* in = nullptr;
+  int64_t in_bs = 0, pi = 0;
+  int64_t B = 0;
+  const T* bias = nullptr;  // [out channels] or null (zero init)
+  std::vector<EnginePos> pos;
+  std::vector<std::pair<int64_t, int64_t>> split_range;  // output channels each split initialises
+  std::vector<std::vector<Item<T>>> split_items;          // items of each split, by position
+  std::vector<std::vector<ListItem<T>>> split_list_items;  // flat path only: multi-position items
+};
+
+constexpr int64_t kGroupBytes = 192 * 1024;  // weights of one item group (fits in L2 with the data)
+
+inline bool position_touches_output(const EnginePos& q, int64_t hout, int64_t wout) {
+  const int64_t h0 = std::max<int64_t>(0, -q.rq), h1 = std::min(hout, q.hin - q.rq);
+  const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
+  return h0 < h1 && w0 < w1;
+}
+
+// Lane masks of the flat path: st[v] = lanes inside the output image, ld[p][v] = lanes whose
+// input at position p lies inside the input image.
+inline void build_flat_masks(int64_t hout, int64_t wout, int64_t po, const std::vector<EnginePos>& pos,
+                      std::vector<mask_t>& st, std::vector<mask_t>& ld) {
+  const int64_t npix = hout * po, nvec = ceil_div(npix, kLanes);
+  st.assign(nvec, 0);
+  ld.assign(pos.size() * nvec, 0);
+  for (int64_t f = 0; f < npix; ++f)
+    if (f % po < wout) st[f / kLanes] |= mask_t(1u << (f % kLanes));
+  for (size_t p = 0; p < pos.size(); ++p) {
+    const EnginePos& q = pos[p];
+    mask_t* m = ld.data() + p * nvec;
+    for (int64_t ho = 0; ho < hout; ++ho) {
+      const int64_t hi = ho + q.rq;
+      if (hi < 0 || hi >= q.hin) continue;
+      const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
+      for (int64_t wo = w0; wo < w1; ++wo) {
+        const int64_t f = ho * po + wo;
+        m[f / kLanes] |= mask_t(1u << (f % kLanes));
+      }
+    }
+  }
+}
+
+inline void tail_masks(int64_t len, mask_t* m) {  // len in (0, kChunk]
+  for (int v = 0; v < kMaxV; ++v) {
+    const int64_t rem = len - v * kLanes;
+    m[v] = rem >= kLanes ? mask_t(0xFFFF) : (rem <= 0 ? mask_t(0) : mask_t((1u << rem) - 1));
+  }
+}
+
+template <typename T>
+void init_out(T* o, int64_t len, const T* bias, int64_t c) {
+  const T v = bias ? bias[c] : T(0);
+  std::fill(o, o + len, v);
+}
+
+// One chunk of nv vectors for r output channels: one micro-kernel call when the r x nv tile fits
+// the registers, else two calls of at most 4 vectors each.
+template <typename T>
+inline void call_acc(const Kernels<T>& ker, const Item<T>& it, int64_t nv, const T* in, T* const* op,
+                     const mask_t* ldm, const mask_t* stm) {
+  if (it.r * nv <= kMaxTile) {
+    ker.acc[it.r][nv](in, it.roff, it.K, it.w, it.wsk, it.wsr, op, ldm, stm);
+    return;
+  }
+  constexpr int64_t h = kMaxTile / kMaxR;
+  ker.acc[it.r][h](in, it.roff, it.K, it.w, it.wsk, it.wsr, op, ldm, stm);
+  T* op2[kMaxR];
+  for (int r = 0; r < it.r; ++r) op2[r] = op[r] + h * kLanes;
+  ker.acc[it.r][nv - h](in + h * kLanes, it.roff, it.K, it.w, it.wsk, it.wsr, op2, ldm + h, stm + h);
+}
+
+template <typename T>
+inline void call_acc_list(const Kernels<T>& ker, const ListItem<T>& it, int64_t nv, const T* in, T* const* op,
+                          const mask_t* ldm, const mask_t* stm) {
+  if (it.r * nv <= kMaxTile) {
+    ker.acc_list[it.r][nv](in, it.roff, ldm, it.moff, it.w, it.woff, it.wsr, it.K, op, stm);
+    return;
+  }
+  constexpr int64_t h = kMaxTile / kMaxR;
+  ker.acc_list[it.r][h](in, it.roff, ldm, it.moff, it.w, it.woff, it.wsr, it.K, op, stm);
+  T* op2[kMaxR];
+  for (int r = 0; r < it.r; ++r) op2[r] = op[r] + h * kLanes;
+  ker.acc_list[it.r][nv - h](in + h * kLanes, it.roff, ldm + h, it.moff, it.w, it.woff, it.wsr, it.K, op2, stm + h);
+}
+
+template <typename T>
+void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  if (e.B == 0 || e.hout == 0 || e.wout == 0 || nsplit == 0) return;
+  if (e.po == e.pi) {
+    // Flat path.
+    std::vector<mask_t> st, ld;
+    build_flat_masks(e.hout, e.wout, e.po, e.pos, st, ld);
+    const int64_t npix = e.hout * e.po, nvec = ceil_div(npix, kLanes), nchunk = ceil_div(nvec, kMaxV);
+    const int64_t ntask = e.B * nchunk * nsplit;
+    // Items are cut into groups whose weights fit in L2 (~192 KB); a thread runs one group over
+    // all of its chunks before the next, so large weights stream from L3 once per thread and
+    // group rather than once per chunk. The order of the sum of each output element (positions
+    // in order) does not change.
+    std::vector<std::vector<size_t>> groups(nsplit);
+    int64_t ngroups = 1;
+    for (int64_t s = 0; s < nsplit; ++s) {
+      groups[s].push_back(0);
+      int64_t bytes = 0;
+      for (size_t i = 0; i < e.split_items[s].size(); ++i) {
+        const int64_t wb = e.split_items[s][i].r * e.split_items[s][i].K * static_cast<int64_t>(sizeof(T));
+        if (bytes > 0 && bytes + wb > kGroupBytes) {
+          groups[s].push_back(i);
+          bytes = 0;
+        }
+        bytes += wb;
+      }
+      groups[s].push_back(e.split_items[s].size());
+      ngroups = std::max<int64_t>(ngroups, static_cast<int64_t>(groups[s].size()) - 1);
+    }
+    at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+     for (int64_t gi = 0; gi < ngroups; ++gi) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t % nsplit, ch = (t / nsplit) % nchunk, b = t / (nsplit * nchunk);
+        const int64_t f0 = ch * kChunk, len = std::min<int64_t>(kChunk, npix - f0);
+        const int64_t nv = std::min<int64_t>(kMaxV, nvec - ch * kMaxV);
+        T* ob = e.out + b * e.out_bs + f0;
+        if (gi == 0)
+          for (int64_t c = e.split_range[s].first; c < e.split_range[s].second; ++c)
+            init_out(ob + c * e.out_cs, len, e.bias, c);
+        const mask_t* stm = st.data() + ch * kMaxV;
+        const T* ib = e.in + b * e.in_bs + f0;
+        if (gi + 1 >= static_cast<int64_t>(groups[s].size())) continue;
+        for (size_t i = groups[s][gi]; i < groups[s][gi + 1]; ++i) {
+          const Item<T>& it = e.split_items[s][i];
+          const EnginePos& q = e.pos[it.pos];
+          const mask_t* ldm = ld.data() + it.pos * nvec + ch * kMaxV;
+          bool any = false;
+          for (int64_t v = 0; v < nv; ++v) any = any || ldm[v] != 0;
+          if (!any) continue;
+          T* op[kMaxR];
+          for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
+          call_acc(ker, it, nv, ib + q.in_off + q.rq * e.pi + q.cq, op, ldm, stm);
+        }
+        if (gi == 0 && static_cast<int64_t>(e.split_list_items.size()) > s) {
+          for (const ListItem<T>& it : e.split_list_items[s]) {
+            T* op[kMaxR];
+            for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
+            call_acc_list(ker, it, nv, ib, op, ld.data() + ch * kMaxV, stm);
+          }
+        }
+      }
+     }
+    });
+  } else {
+    // Row path: exact valid segment of every output row and position.
+    const int64_t ntask = e.B * e.hout * nsplit;
+    at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+      mask_t m[kMaxV];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t s = t % nsplit, ho = (t / nsplit) % e.hout, b = t / (nsplit * e.hout);
+        T* ob = e.out + b * e.out_bs + ho * e.po;
+        for (int64_t c = e.split_range[s].first; c < e.split_range[s].second; ++c)
+          init_out(ob + c * e.out_cs, e.wout, e.bias, c);
+        for (const Item<T>& it : e.split_items[s]) {
+          const EnginePos& q = e.pos[it.pos];
+          const int64_t hi = ho + q.rq;
+          if (hi < 0 || hi >= q.hin) continue;
+          const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(e.wout, q.win - q.cq);
+          const T* ib = e.in + b * e.in_bs + q.in_off + hi * e.pi + q.cq;
+          for (int64_t x0 = w0; x0 < w1; x0 += kChunk) {
+            const int64_t len = std::min<int64_t>(kChunk, w1 - x0);
+            tail_masks(len, m);
+            T* op[kMaxR];
+            for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs + x0;
+            call_acc(ker, it, ceil_div(len, kLanes), ib + x0, op, m, m);
+          }
+        }
+      }
+    });
+  }
+}
+
+// Number of output-channel splits: enough tasks to keep every thread busy when the batch and
+// the plane give few chunks (batch 1), but blocks large enough for the register tiles.
+// `rows_per_item` is the mean number of output channels a position (and group) feeds: a split
+// must leave about two full register tiles of them, or the micro-kernel runs half-empty tiles
+// (at density 0.1, 128 filters give ~13 per position: splitting them 4 ways was slower than
+// leaving one thread with less to do).
+inline int64_t choose_splits(int64_t base_tasks, int64_t nout, double rows_per_item) {
+  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+  const int64_t want = 4 * threads;
+  if (base_tasks >= want || base_tasks == 0) return 1;
+  const int64_t by_tasks = ceil_div(want, base_tasks);
+  const int64_t by_width = std::max<int64_t>(1, nout / (4 * kMaxR));
+  const int64_t by_density = std::max<int64_t>(1, static_cast<int64_t>(rows_per_item / (2 * kMaxR)));
+  int64_t n = std::max<int64_t>(1, std::min({by_tasks, by_width, by_density}));
+  if (base_tasks < threads && n * base_tasks < threads)  // at least one task per thread
+    n = std::min<int64_t>(ceil_div(threads, base_tasks), std::max<int64_t>(1, nout / kMaxR));
+  return n;
+}
+
+}  // namespace detail
+}  // namespace stripeconv_cpu
