@@ -23,6 +23,8 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from ._tracing import forward_with_hooks
+
 __all__ = ["profile", "Profile", "LayerProfile"]
 
 
@@ -151,15 +153,7 @@ def profile(
         dev = device if device is not None else (p.device if p is not None else "cpu")
         dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
         x = torch.zeros(tuple(input_size), device=dev, dtype=dtype)
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, x, handles)
 
     rows = []
     for name, module in named.items():

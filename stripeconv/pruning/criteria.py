@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .._tracing import forward_with_hooks
 from ..export import apply_masks  # noqa: F401  (re-exported: zero pruned stripes in place)
 
 __all__ = [
@@ -292,16 +293,7 @@ def conv_bn_pairs(model: nn.Module, example_inputs) -> dict[str, nn.BatchNorm2d]
                 if src is not None and mod.num_features == inp[0].shape[1]:
                     pairs[src] = mod
             handles.append(m.register_forward_pre_hook(pre))
-    x = example_input(model, example_inputs)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
+    forward_with_hooks(model, example_input(model, example_inputs), handles)
     return pairs
 
 

@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._tracing import forward_with_hooks
+
 __all__ = ["ChannelGraph", "Group", "require_torch_pruning", "example_input"]
 
 _BLOCKING = (nn.GroupNorm, nn.LayerNorm)  # mix channels: removing one changes the others
@@ -119,15 +121,7 @@ class ChannelGraph:
                     sizes[name] = (out.numel() // out.shape[1]) // out.shape[0] if isinstance(mod, nn.Conv2d) else \
                         inp[0].numel() // inp[0].shape[-1] // (inp[0].shape[0] if inp[0].dim() > 1 else 1)
                 handles.append(m.register_forward_hook(hook))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                self.model(x[:1])
-        finally:
-            self.model.train(was_training)
-            for h in handles:
-                h.remove()
+        forward_with_hooks(self.model, x[:1], handles)
         return sizes
 
     # --------------------------------------------------------------------------- liveness
