@@ -420,7 +420,7 @@ def cmd_train(args) -> int:
         _result(f"test accuracy {ev['accuracy']:.4f}; model saved to {Path(args.out) / 'model'}.pt/.json", ctx)
         ctx.barrier()
     finally:
-        cleanup(ctx)
+        cleanup(ctx, barrier=False)  # the success path met at the barrier above
     return 0
 
 
@@ -505,7 +505,7 @@ def cmd_prune(args) -> int:
                     f"saved {out / 'pruned'}.pt/.json (load with stripeconv.artifacts.load_pruned)", ctx)
         ctx.barrier()
     finally:
-        cleanup(ctx)
+        cleanup(ctx, barrier=False)  # the success path met at the barrier above
     return 0
 
 
@@ -577,7 +577,7 @@ def cmd_finetune(args) -> int:
                 f"{Path(args.out) / 'finetuned'}.pt/.json", ctx)
         ctx.barrier()
     finally:
-        cleanup(ctx)
+        cleanup(ctx, barrier=False)  # the success path met at the barrier above
     return 0
 
 

@@ -93,9 +93,16 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
                        backend=dist.get_backend(), owns_group=owns)
 
 
-def cleanup(ctx: DistContext) -> None:
-    """Leave the process group if :func:`init_from_env` created it."""
+def cleanup(ctx: DistContext, barrier: bool = True) -> None:
+    """Leave the process group if :func:`init_from_env` created it.
+
+    With ``barrier`` all ranks meet first: a rank that tears down its gloo connections while a
+    peer still uses them aborts the peer. Pass ``barrier=False`` on an error path, where the
+    other ranks may never arrive.
+    """
     if ctx.owns_group and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
         ctx.owns_group = False
 
