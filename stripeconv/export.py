@@ -15,13 +15,13 @@ its stripe mask), with:
   it) folded into the bias of each consuming conv / linear layer. The value is *measured* at the
   consumer's input on random inputs and must be the same constant for every sample and pixel.
 
-Folding is exact for linear layers and for convs without zero padding. A conv with zero padding
-sees the constant at interior pixels but zeros at its borders, so a non-zero constant cannot be
-folded into its bias exactly: with ``fold="exact"`` (default) such channels are kept (their
-filters still cost nothing: they keep no stripe) and a warning says how many; with
-``fold="interior"`` they are folded anyway (exact away from the borders, as filter-pruning
-papers implicitly do). Pruners avoid the issue by zeroing the BN of dead filters (the channel
-then carries relu(0) = 0), as SWP does.
+Folding into the bias is exact for linear layers and for convs without zero padding. A conv with
+zero padding sees the constant at interior pixels but zeros at its borders: with ``fold="exact"``
+(default) the constant goes into the consumer's ``constant_channel_weight`` (see
+:class:`~stripeconv.StripeConv2d`; a zero-padded consumer that is not pruned becomes a
+StripeConv2d keeping every stripe), which reproduces the borders exactly at the cost of a bias;
+with ``fold="interior"`` it goes into the bias (exact away from the borders, as filter-pruning
+papers implicitly do). Pruners that zero the BN of dead filters (SWP) make the constant 0.
 
 Requires ``torch-pruning`` (imported lazily).
 """
@@ -70,9 +70,10 @@ def _constant(values: Tensor, tol: float) -> tuple[bool, float]:
     return (hi - lo) <= tol * max(1.0, abs(c)), c
 
 
-def _pads_nonzero(conv: nn.Conv2d) -> bool:
-    if conv.kernel_size == (1, 1) and conv.padding in ((0, 0), "valid"):
-        return False
+def _zero_padded(conv: nn.Module) -> bool:
+    """Does ``conv`` pad its input with zeros (so a constant channel is not constant at its borders)?"""
+    if not isinstance(conv, nn.Conv2d) or conv.padding_mode != "zeros":
+        return False  # linear layers; reflect/replicate/circular padding keep a constant constant
     if isinstance(conv.padding, str):
         return conv.padding == "same" and conv.kernel_size != (1, 1)
     return any(conv.padding)
@@ -111,13 +112,27 @@ def export(
     apply_masks(new, masks)
 
     any_dead = any(not bool(m.reshape(m.shape[0], -1).any(1).all()) for m in masks.values())
+    constant_channels: dict[str, Tensor] = {}
     if remove_dead and any_dead:
-        masks = _remove_dead(new, masks, input_size, fold, tol)
+        masks, constant_channels = _remove_dead(new, masks, input_size, fold, tol)
+    modules = dict(new.named_modules())
+    for name in constant_channels:  # a zero-padded consumer that is not pruned still needs the term
+        if name not in masks:
+            conv = modules[name]
+            masks[name] = torch.ones(conv.out_channels, *conv.kernel_size, dtype=torch.bool)
     convert(new, {k: v.to(modules[k].weight.device) for k, v in masks.items()})
+    modules = dict(new.named_modules())
+    for name, weight in constant_channels.items():
+        modules[name].add_constant_channel(weight)
     return new.eval()
 
 
-def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float) -> dict:
+def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float) -> tuple[dict, dict]:
+    """Remove dead channel groups from ``new`` in place, folding the constants they carry.
+
+    Returns the masks of the smaller model and, per zero-padded consumer conv (with
+    ``fold="exact"``), the ``[out, kh, kw]`` constant-channel weight to attach after conversion.
+    """
     from .pruning.graph import ChannelGraph, example_input
 
     x = example_input(new, input_size)
@@ -131,11 +146,10 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
     for g in blocked:
         warnings.warn(f"export: channels of {g.root_name} are not removed: {g.blocked}", stacklevel=3)
     if not dead_groups:
-        return masks
+        return masks, {}
 
     consumers = {c[0] for _, g in dead_groups for c in g.consumers}
     inputs = _capture_inputs(new, consumers, x.expand(max(2, x.shape[0]), *x.shape[1:]).contiguous())
-    kept_for_padding = 0
     plans = []  # (group, removable root idx tensor, folds)
     for gi, g in dead_groups:
         dead = ~roots_alive[gi]
@@ -153,9 +167,6 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
                     dead[r] = False
                     continue
                 ok, c = _constant(X[:, i], tol)
-                if ok and isinstance(layer, nn.Conv2d) and abs(c) > tol and _pads_nonzero(layer) and fold == "exact":
-                    ok = False
-                    kept_for_padding += 1
                 if not ok:
                     dead[r] = False
                 values[k] = c
@@ -164,12 +175,7 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
             dead[0] = False
         if bool(dead.any()):
             plans.append((g, dead, folds))
-    if kept_for_padding:
-        warnings.warn(
-            f"export: {kept_for_padding} dead channel(s) were kept because they carry a non-zero constant "
-            "(e.g. relu(BN shift)) into a zero-padded conv, where folding it into the bias is not exact; "
-            "zero the BN of dead filters (pruners do) or pass fold='interior'", stacklevel=3)
-
+    constant_channels: dict[str, Tensor] = {}  # consumer -> [out, kh, kw], original out-channel order
     with torch.no_grad():
         for g, dead, folds in plans:  # fold constants into consumer biases (original indices)
             for name, cidx, cr, values in folds:
@@ -179,6 +185,10 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
                 layer = modules[name]
                 i, v = cidx[sel], values[sel].to(layer.weight.device, layer.weight.dtype)
                 if bool((v == 0).all()):
+                    continue
+                if fold == "exact" and _zero_padded(layer):
+                    term = (layer.weight[:, i] * v[None, :, None, None]).sum(1)
+                    constant_channels[name] = constant_channels.get(name, 0) + term
                     continue
                 if isinstance(layer, nn.Conv2d):
                     delta = (layer.weight[:, i].sum((2, 3)) * v).sum(1)
@@ -205,4 +215,9 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
             keep[removed[name]] = False
             mask = mask[keep]
         out[name] = mask
-    return out
+    for name, term in constant_channels.items():  # the consumer's own dead filters are gone too
+        if name in removed:
+            keep = torch.ones(term.shape[0], dtype=torch.bool, device=term.device)
+            keep[removed[name].to(term.device)] = False
+            constant_channels[name] = term[keep]
+    return out, constant_channels

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from .ops import stripe_conv2d
+from . import backends
+from .ops import check_output_size, stripe_conv2d
 from .packing import check_stripe_mask, pack_weight, unpack_weight
 
 __all__ = ["StripeConv2d", "convert"]
@@ -34,6 +35,13 @@ class StripeConv2d(nn.Module):
     ``load_state_dict`` takes the mask of the saved state, whatever mask this module had, and
     resizes ``packed_weight`` in place (an optimizer created earlier keeps a valid reference,
     though its per-parameter state no longer matches the new shape).
+
+    The optional buffer ``constant_channel_weight`` ``[out_channels, kh, kw]`` (``None`` unless
+    set, e.g. by :func:`stripeconv.export`) holds, per stripe, the weights of input channels that
+    were removed because they carried a constant: the layer adds the response of
+    ``constant_channel_weight`` to a channel of ones padded like the input (zeros with
+    ``padding_mode="zeros"``), which, unlike a bias, is exact at the borders. It is fixed (not
+    trained); the map is cached per input size.
     """
 
     def __init__(
@@ -91,6 +99,8 @@ class StripeConv2d(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
         else:
             self.register_parameter("bias", None)
+        self.register_buffer("constant_channel_weight", None)
+        self._constant_map_cache: Optional[tuple[tuple, Tensor]] = None
 
     # ----------------------------------------------------------------------------- geometry
     def _explicit_padding(self) -> tuple[int, int, int, int]:
@@ -133,6 +143,26 @@ class StripeConv2d(nn.Module):
         dense = unpack_weight(self.packed_weight, self.stripe_mask)
         self.packed_weight.data = pack_weight(dense, stripe_mask).contiguous()
         self.stripe_mask = stripe_mask.clone()
+        if self.constant_channel_weight is not None:  # pruned stripes read no input, constant or not
+            self.constant_channel_weight.mul_(stripe_mask.to(self.constant_channel_weight.dtype))
+
+    @torch.no_grad()
+    def add_constant_channel(self, weight: Tensor) -> None:
+        """Fold removed input channels of constant value into the layer, exactly.
+
+        ``weight`` ``[out_channels, kh, kw]`` is ``sum_c value_c * W[:, c]`` over the removed
+        channels ``c``; it is added to ``constant_channel_weight`` (zero at pruned stripes).
+        """
+        shape = (self.out_channels, *self.kernel_size)
+        if tuple(weight.shape) != shape:
+            raise ValueError(f"add_constant_channel expects a weight of shape {list(shape)}, got {list(weight.shape)}")
+        ref = self.packed_weight
+        weight = weight.to(ref.device, ref.dtype) * self.stripe_mask.to(ref.dtype)
+        if self.constant_channel_weight is None:
+            self.constant_channel_weight = weight.clone()
+        else:
+            self.constant_channel_weight.add_(weight)
+        self._constant_map_cache = None
 
     # ------------------------------------------------------------------------- conversions
     @classmethod
@@ -167,8 +197,17 @@ class StripeConv2d(nn.Module):
         module.train(conv.training)
         return module
 
-    def to_conv(self) -> nn.Conv2d:
-        """An equivalent ``nn.Conv2d`` (dense weight, zeros at pruned stripes)."""
+    def to_conv(self, ignore_constant_channel: bool = False) -> nn.Conv2d:
+        """An equivalent ``nn.Conv2d`` (dense weight, zeros at pruned stripes).
+
+        A layer with a ``constant_channel_weight`` has no exact ``nn.Conv2d`` equivalent (its
+        border response differs from a bias): that raises, unless ``ignore_constant_channel``
+        (a same-cost conv for timing) drops the term.
+        """
+        if self.constant_channel_weight is not None and not ignore_constant_channel:
+            raise ValueError(
+                "to_conv: this StripeConv2d folds removed constant input channels (constant_channel_weight), "
+                "which an nn.Conv2d cannot express exactly; pass ignore_constant_channel=True for a same-shape conv")
         conv = nn.Conv2d(
             self.in_channels,
             self.out_channels,
@@ -206,6 +245,7 @@ class StripeConv2d(nn.Module):
             raise TypeError(f"input dtype {input.dtype} does not match the weight dtype {weight.dtype}")
         if input.device != weight.device:
             raise RuntimeError(f"input is on {input.device} but the weights are on {weight.device}")
+        check_output_size(input.shape[-2:], self.kernel_size, self.stride, self._pads, self.dilation)
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
@@ -218,11 +258,26 @@ class StripeConv2d(nn.Module):
             t, b, l, r = pads
             input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
             pads = (0, 0, 0, 0)
-        out = stripe_conv2d(
-            input, self.packed_weight, self.bias, self.stripe_mask,
-            self.stride, pads, self.dilation, self.groups,
-        )
+        eager_cpu = input.device.type == "cpu" and not torch.compiler.is_compiling() and backends.eager_cpu_module()
+        conv = eager_cpu.eager_conv2d if eager_cpu else stripe_conv2d  # same kernels; the op's Python layers cost ~20 us
+        out = conv(input, self.packed_weight, self.bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
+        if self.constant_channel_weight is not None:
+            out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
         return out.squeeze(0) if unbatched else out
+
+    def _constant_map(self, height: int, width: int, pads: tuple[int, int, int, int]) -> Tensor:
+        """``[1, out, Ho, Wo]`` response to a channel of ones, zero in the explicit ``pads``."""
+        k = self.constant_channel_weight
+        key = (height, width, pads, k.device, k.dtype, k.data_ptr(), k._version)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and self._constant_map_cache is not None and self._constant_map_cache[0] == key:
+            return self._constant_map_cache[1]
+        t, b, l, r = pads
+        ones = F.pad(torch.ones(1, 1, height, width, device=k.device, dtype=k.dtype), (l, r, t, b))
+        value = F.conv2d(ones, k.unsqueeze(1), None, self.stride, 0, self.dilation)
+        if not compiling:
+            self._constant_map_cache = (key, value)
+        return value
 
     def extra_repr(self) -> str:
         s = (
@@ -237,11 +292,20 @@ class StripeConv2d(nn.Module):
             s += ", bias=False"
         if self.padding_mode != "zeros":
             s += f", padding_mode={self.padding_mode!r}"
-        return s + f", stripes={self.num_stripes}/{self.stripe_mask.numel()}"
+        s += f", stripes={self.num_stripes}/{self.stripe_mask.numel()}"
+        return s + (", constant_channel" if self.constant_channel_weight is not None else "")
 
     # ------------------------------------------------------------------------- state_dict
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         mask_key, weight_key = prefix + "stripe_mask", prefix + "packed_weight"
+        const_key = prefix + "constant_channel_weight"
+        if const_key in state_dict and self.constant_channel_weight is None:
+            shape = (self.out_channels, *self.kernel_size)
+            if tuple(state_dict[const_key].shape) != shape:
+                raise RuntimeError(f"state_dict for {prefix or 'StripeConv2d'}: constant_channel_weight must be "
+                                   f"{list(shape)}, got {list(state_dict[const_key].shape)}")
+            self.constant_channel_weight = self.packed_weight.new_zeros(shape)
+        self._constant_map_cache = None
         if mask_key in state_dict:
             mask = state_dict[mask_key]
             check_stripe_mask(mask, self.out_channels, self.kernel_size)

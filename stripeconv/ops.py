@@ -29,7 +29,7 @@ from torch import Tensor
 
 from . import backends
 
-__all__ = ["stripe_conv2d", "output_size", "check_op_args"]
+__all__ = ["stripe_conv2d", "output_size", "check_output_size", "check_op_args"]
 
 
 def output_size(
@@ -45,6 +45,16 @@ def output_size(
     ho = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
     wo = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
     return ho, wo
+
+
+def check_output_size(input_hw, kernel_size, stride, padding, dilation) -> None:
+    """Raise ``ValueError`` when the padded input is smaller than the dilated kernel (no output pixel)."""
+    ho, wo = output_size(input_hw, kernel_size, stride, padding, dilation)
+    if ho < 1 or wo < 1:
+        raise ValueError(
+            f"input of spatial size {list(input_hw)} with padding {list(padding)} is smaller than "
+            f"the dilated kernel {list(kernel_size)} (dilation {list(dilation)}): no output pixel"
+        )
 
 
 def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding, dilation, groups) -> None:
@@ -68,12 +78,7 @@ def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, pa
             f"packed weight must be [num_stripes, in_channels/groups] = [*, {input.shape[1] // groups}], "
             f"got {list(weight.shape)}"
         )
-    ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
-    if ho < 1 or wo < 1:
-        raise ValueError(
-            f"input of spatial size {list(input.shape[2:])} with padding {list(padding)} is smaller than "
-            f"the dilated kernel {list(stripe_mask.shape[1:])} (dilation {list(dilation)}): no output pixel"
-        )
+    check_output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
     if weight.dtype != input.dtype or weight.device != input.device:
         raise ValueError(
             f"input ({input.dtype}, {input.device}) and weight ({weight.dtype}, {weight.device}) "
@@ -107,7 +112,8 @@ def stripe_conv2d(
 
 
 @stripe_conv2d.register_fake
-def _(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+def fake_forward(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+    """Output shape and memory format of the forward, without computing it."""
     ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
     out = input.new_empty(input.shape[0], stripe_mask.shape[0], ho, wo)
     return out.contiguous(memory_format=_output_memory_format(input))
@@ -132,7 +138,7 @@ def stripe_conv2d_grad_input(
 
 
 @stripe_conv2d_grad_input.register_fake
-def _(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+def fake_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
     grad_input = grad_output.new_empty(list(input_shape))
     return grad_input.contiguous(memory_format=_output_memory_format(grad_output))
 
@@ -155,7 +161,7 @@ def stripe_conv2d_grad_weight(
 
 
 @stripe_conv2d_grad_weight.register_fake
-def _(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+def fake_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 

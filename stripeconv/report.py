@@ -63,12 +63,17 @@ def measure(fn: Callable, inputs: Sequence, repeats: int = 20, warmup: int = 3,
 
 
 def dense_counterpart(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose ``StripeConv2d`` layers are equivalent dense ``nn.Conv2d``."""
+    """A copy of ``model`` whose ``StripeConv2d`` layers are dense ``nn.Conv2d`` of the same shape.
+
+    It is the speed reference: a folded constant channel (``constant_channel_weight``, a
+    bias-sized term) is left out, so outputs may differ at zero-padded borders.
+    """
     model = copy.deepcopy(model)
     for name, m in list(model.named_modules()):
         if isinstance(m, StripeConv2d):
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, m.to_conv())
+            setattr(model.get_submodule(parent) if parent else model, child,
+                    m.to_conv(ignore_constant_channel=True))
     return model
 
 
@@ -187,7 +192,7 @@ def layer_latency(model: nn.Module, input_shape, device: Union[str, torch.device
     modules = dict(model.named_modules())
     for name, shape in shapes.items():
         layer = modules[name]
-        dense = layer.to_conv().to(device).eval()
+        dense = layer.to_conv(ignore_constant_channel=True).to(device).eval()
         fns, inputs = _prepare({"dense": dense, "stripe": layer}, _inputs(shape, device, count=3, seed=1), layouts)
         r = measure_interleaved(fns, inputs, repeats, warmup, device=device)
         dk, d = best_of(r, "dense")

@@ -9,6 +9,7 @@ from torch import nn
 import stripeconv
 from stripeconv import models
 from stripeconv.export import apply_masks, export
+from stripeconv.nn import StripeConv2d
 from stripeconv.profile import profile
 
 
@@ -98,21 +99,77 @@ def test_chain_removal_counts_and_constant_fold():
     assert after == expected
 
 
-def test_padded_constant_kept_or_interior():
+@pytest.mark.parametrize("padding", [1, "same", 2, (1, 0)])
+@pytest.mark.parametrize("consumer_pruned", [True, False])
+def test_padded_constant_folded_exactly_or_interior(padding, consumer_pruned):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 3, padding=padding)).eval()
+    _randomize_bn(model)
+    model[1].bias.data[0] = 1.0  # relu(BN shift) of the dead filter: a non-zero constant
+    masks = {"0": torch.ones(4, 3, 3, dtype=torch.bool)}
+    masks["0"][0] = False
+    if consumer_pruned:
+        masks["3"] = torch.rand(3, 3, 3) < 0.6
+        masks["3"][1] = False  # the consumer's own dead filter goes too
+    ex = export(model, masks, input_size=(1, 2, 6, 6))
+    assert ex[0].out_channels == 3 and ex[3].in_channels == 3
+    assert isinstance(ex[3], StripeConv2d) and ex[3].constant_channel_weight is not None
+    assert ex[3].out_channels == (2 if consumer_pruned else 3)
+    x = torch.randn(2, 2, 6, 6)
+    want = _masked(model, masks)(x)
+    if consumer_pruned:
+        want = want[:, [0, 2]]
+    torch.testing.assert_close(ex(x), want, atol=1e-5, rtol=1e-5)
+    h = ex[:3](x)
+    torch.testing.assert_close(ex[3](h[0]), ex[3](h)[0])  # unbatched input
+    with pytest.raises(ValueError, match="constant_channel_weight"):
+        ex[3].to_conv()
+    ex2 = export(model, masks, input_size=(1, 2, 6, 6), fold="interior")
+    assert ex2[0].out_channels == 3 and getattr(ex2[3], "constant_channel_weight", None) is None
+    if padding == 1:
+        torch.testing.assert_close(ex2(x)[..., 1:-1, 1:-1], want[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(ex2(x), want, atol=1e-3)  # the borders differ: not exact
+
+
+def test_constant_folded_into_bias_for_reflect_padding():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 3, padding=1, padding_mode="reflect")).eval()
+    model[1].bias.data[0] = 1.0
+    masks = {"0": torch.ones(4, 3, 3, dtype=torch.bool), "3": torch.ones(3, 3, 3, dtype=torch.bool)}
+    masks["0"][0] = False
+    ex = export(model, masks, input_size=(1, 2, 6, 6))
+    assert ex[3].in_channels == 3 and ex[3].constant_channel_weight is None  # a bias is exact here
+    x = torch.randn(2, 2, 6, 6)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_constant_channel_state_dict_round_trip(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                           nn.Conv2d(4, 3, 3, padding=1)).eval()
-    model[1].bias.data.fill_(1.0)
-    masks = {"0": torch.ones(4, 3, 3, dtype=torch.bool)}
+    model[1].bias.data[0] = 1.0
+    masks = {"0": torch.ones(4, 3, 3, dtype=torch.bool), "3": torch.rand(3, 3, 3) < 0.7}
     masks["0"][0] = False
-    with pytest.warns(UserWarning, match="kept"):
-        ex = export(model, masks, input_size=(1, 2, 6, 6))
-    assert ex[0].out_channels == 4  # kept: folding across zero padding is not exact
+    ex = export(model, masks, input_size=(1, 2, 6, 6))
+    fresh = nn.Sequential(StripeConv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                          StripeConv2d(3, 3, 3, padding=1)).eval()
+    fresh.load_state_dict(ex.state_dict())
     x = torch.randn(2, 2, 6, 6)
-    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
-    ex2 = export(model, masks, input_size=(1, 2, 6, 6), fold="interior")
-    assert ex2[0].out_channels == 3
-    torch.testing.assert_close(ex2(x)[..., 1:-1, 1:-1], _masked(model, masks)(x)[..., 1:-1, 1:-1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh(x), ex(x))
+    wrong = dict(ex.state_dict())
+    wrong["3.constant_channel_weight"] = torch.zeros(3, 2, 2)
+    with pytest.raises(RuntimeError, match="constant_channel_weight must be"):
+        nn.Sequential(StripeConv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                      StripeConv2d(3, 3, 3, padding=1)).load_state_dict(wrong)
+    # the cached map follows input size changes and mask changes
+    torch.testing.assert_close(ex(torch.ones(1, 2, 5, 7)), _masked(model, masks)(torch.ones(1, 2, 5, 7)),
+                               atol=1e-5, rtol=1e-5)
+    keep = ex[3].stripe_mask.clone()
+    keep[:, 0, 0] = False
+    ex[3].set_stripe_mask(keep)  # a pruned stripe reads nothing, the constant channel included
+    assert bool((ex[3].constant_channel_weight[:, 0, 0] == 0).all())
 
 
 def test_residual_group_needs_all_dead():

@@ -256,3 +256,79 @@ def test_compiled_cpu_backend_is_built():
     ok, reason = stripeconv.backends._module("cpu").is_available()
     assert ok, reason
     assert "cpu" in stripeconv.available_backends()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_eager_cpu_path_equals_the_op(channels_last, bias, monkeypatch):
+    """Eager CPU calls take the compiled entry point with C++ autograd: same values and gradients as the op."""
+    from stripeconv import backends
+
+    stripeconv.set_backend(None)
+    torch.manual_seed(0)
+    mask = torch.rand(6, 3, 3) < 0.5
+    layer = StripeConv2d(4, 6, 3, stride=(1, 2), padding=1, bias=bias, stripe_mask=mask)
+    x = torch.randn(2, 4, 7, 9)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    calls = []
+    cpu = backends.eager_cpu_module()
+    assert cpu is not None
+    monkeypatch.setattr(cpu, "eager_conv2d", lambda *a: calls.append(1) or torch.ops.stripeconv_cpu.conv2d(*a))
+
+    def run(module_forward):
+        xi = x.detach().clone().requires_grad_(True)
+        out = module_forward(xi)
+        gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        gy = gy.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        grads = torch.autograd.grad(out, [xi] + list(layer.parameters()), gy)
+        return out, grads
+
+    eager_out, eager_grads = run(layer)
+    assert calls, "the eager CPU path was not taken"
+    pads = layer._pads
+    op_out, op_grads = run(lambda xi: stripeconv.ops.stripe_conv2d(
+        xi, layer.packed_weight, layer.bias, layer.stripe_mask, layer.stride, pads, layer.dilation, layer.groups))
+    torch.testing.assert_close(eager_out, op_out, rtol=0, atol=0)
+    assert eager_out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    for a, b in zip(eager_grads, op_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert eager_grads[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    oracle = F.conv2d(x, layer.weight, layer.bias, layer.stride, 1)
+    torch.testing.assert_close(eager_out, oracle, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_cpu_path_gradcheck_and_fake_tensors():
+    stripeconv.set_backend(None)
+    torch.manual_seed(0)
+    layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3) < 0.6).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.double, requires_grad=True)
+    w, b = layer.packed_weight, layer.bias
+    fn = lambda x, w, b: torch.ops.stripeconv_cpu.conv2d(x, w, b, layer.stripe_mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3) < 0.6)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    x = mode.from_tensor(torch.randn(2, 3, 5, 5).contiguous(memory_format=torch.channels_last))
+    with mode:  # shape propagation without compiling (the entry point has a fake kernel)
+        out = layer(x)
+        assert out.shape == (2, 4, 5, 5) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pinned_reference_backend_skips_the_eager_cpu_path(monkeypatch):
+    from stripeconv import backends
+
+    stripeconv.set_backend("reference")
+    try:
+        assert backends.eager_cpu_module() is None
+        calls = []
+        ref = backends._module("reference")
+        orig = ref.forward
+        monkeypatch.setattr(ref, "forward", lambda *a: calls.append(1) or orig(*a))
+        layer = StripeConv2d(3, 4, 3, padding=1)
+        layer(torch.randn(1, 3, 5, 5))
+        assert calls
+    finally:
+        stripeconv.set_backend(None)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve", "eager_cpu_module"]
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 _MODULES = {
@@ -68,6 +68,17 @@ def set_backend(name: Optional[str]) -> None:
 def get_backend() -> Optional[str]:
     """The pinned backend name, or ``None`` when it is chosen per device."""
     return _selected
+
+
+def eager_cpu_module() -> Optional[ModuleType]:
+    """The ``cpu`` backend when it runs CPU calls (chosen by default or pinned), else ``None``.
+
+    Modules call its ``eager_conv2d`` directly in eager mode: the same kernels as the op.
+    """
+    if _selected not in (None, "cpu"):
+        return None
+    module = _loaded.get("cpu") or _module("cpu")
+    return module if module.is_available()[0] else None
 
 
 def resolve(device: torch.device) -> ModuleType:

@@ -13,7 +13,13 @@ The pruning rate is the target (``ratio`` per layer as in the papers, ``ratios``
 (``schedule="constant"``) or raised asymptotically (``schedule="asymptotic"``, ASFP:
 ``rate(e) = P * (1 - exp(-k e)) / (1 - exp(-k E))`` with ``k`` such that 3/4 of ``P`` is reached
 after 1/4 of the ``E`` epochs). At the end (or whenever :meth:`masks` are exported) the last
-selection is hard: the masked model zeroes those units and their BN.
+selection is hard.
+
+As in the methods' public code only conv weights are zeroed (``zero_bn=False`` by default): a
+pruned filter's channel still carries its BN shift, a constant the next layers learn to use
+while the filter may come back, and :func:`stripeconv.export` folds that constant exactly when it
+removes the channel. ``zero_bn=True`` zeroes the BN of frozen filters instead (the network then
+loses the constant at each freezing step).
 """
 from __future__ import annotations
 
@@ -54,9 +60,9 @@ class SoftFilterPrunerBase(Pruner):
     def __init__(self, model, input_size=None, *, ratio=None, ratios=None, target_flops_reduction=None,
                  granularity: str = "filter", scope: Optional[str] = None, epochs: Optional[int] = None,
                  schedule: Optional[str] = None, interval: int = 1, p: int = 2,
-                 alpha0: float = 0.5, **kw):
+                 alpha0: float = 0.5, zero_bn: bool = False, **kw):
         super().__init__(model, input_size, ratio=ratio, ratios=ratios, target_flops_reduction=target_flops_reduction,
-                         scope=scope, granularity=granularity, epochs=epochs, **kw)
+                         scope=scope, granularity=granularity, epochs=epochs, zero_bn=zero_bn, **kw)
         self.schedule = schedule or self.default_schedule
         if self.schedule not in ("constant", "asymptotic"):
             raise ValueError(f"schedule must be 'constant' or 'asymptotic', got {self.schedule!r}")
