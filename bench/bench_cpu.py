@@ -4,8 +4,8 @@ For each layer and stripe density it times, in fp32 on random data with a random
 (torch.manual_seed):
   * dense ``F.conv2d`` with NCHW input and with channels_last input (the faster one is the
     baseline);
-  * the stripe op on the compiled CPU backend (``torch.ops.stripeconv.stripe_conv2d`` with the
-    ``cpu`` backend pinned, NCHW input);
+  * ``StripeConv2d`` on the compiled CPU backend (the ``cpu`` backend pinned, NCHW input, eager:
+    what a user's model runs; under no_grad for the forward);
   * the pure-PyTorch reference backend (few repeats: it is slow);
   * optionally (--backward) forward+backward of both, through autograd.
 The stripe op and the dense baseline are timed back to back in every repeat, so both see the
@@ -35,6 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import stripeconv  # noqa: E402
+from stripeconv import StripeConv2d  # noqa: E402
 from stripeconv.backends import reference  # noqa: E402
 from stripeconv.packing import pack_weight  # noqa: E402
 
@@ -143,11 +144,20 @@ def make_case(cin, cout, hw, batch, density, seed=0):
     return x, w, bias, mask, pack_weight(w, mask).contiguous()
 
 
+def make_layer(cin, cout, mask, packed, bias=None) -> StripeConv2d:
+    """The 3x3, padding 1 ``StripeConv2d`` with these stripes (and bias, if given)."""
+    layer = StripeConv2d(cin, cout, 3, padding=1, bias=bias is not None, stripe_mask=mask)
+    with torch.no_grad():
+        layer.packed_weight.copy_(packed)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
 def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
     x, w, bias, mask, packed = make_case(cin, cout, hw, batch, density)
     xcl = x.contiguous(memory_format=torch.channels_last)
     conv_args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
-    op = torch.ops.stripeconv.stripe_conv2d
 
     def dense_nchw():
         return F.conv2d(x, w, bias, 1, 1)
@@ -155,8 +165,11 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
     def dense_cl():
         return F.conv2d(xcl, w, bias, 1, 1)
 
+    layer = make_layer(cin, cout, mask, packed, bias)
+
     def stripe():
-        return op(x, packed, bias, mask, *conv_args)
+        with torch.no_grad():
+            return layer(x)
 
     # correctness guard: a benchmark of a wrong kernel is worthless
     torch.testing.assert_close(stripe(), F.conv2d(x, w * mask[:, None], bias, 1, 1), atol=1e-3, rtol=1e-3)
@@ -201,13 +214,13 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
         xd = (x if dense_fmt == "nchw" else xcl).detach().requires_grad_()
         wd = w.detach().requires_grad_()
         xs = x.detach().requires_grad_()
-        ps = packed.detach().requires_grad_()
+        layer_fb = make_layer(cin, cout, mask, packed, None)
 
         def dense_fb():
             F.conv2d(xd, wd, None, 1, 1).backward(gy)
 
         def stripe_fb():
-            op(xs, ps, None, mask, *conv_args).backward(gy)
+            layer_fb(xs).backward(gy)
 
         t_d, t_s = time_pair(dense_fb, stripe_fb, max(5, args.repeats // 2))
         row["dense_fwd_bwd"] = summary(t_d)

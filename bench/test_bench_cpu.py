@@ -3,8 +3,8 @@
     pytest bench/test_bench_cpu.py --benchmark-only
 
 Not collected by the normal test command (testpaths = tests/). Every layer is timed as dense
-F.conv2d (NCHW and channels_last), and as the stripe op on the cpu backend at each density,
-forward and forward+backward; group names put the dense baseline next to the stripe rows.
+F.conv2d (NCHW and channels_last), and as StripeConv2d on the cpu backend at each density,
+forward and forward+backward (``StripeConv2d`` in eager mode, as models run it); group names put the dense baseline next to the stripe rows.
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ except ImportError as exc:  # pragma: no cover
     pytest.skip(f"stripeconv._C is not built ({exc})", allow_module_level=True)
 
 import stripeconv  # noqa: E402
-from bench_cpu import DENSITIES, LAYERS, make_case  # noqa: E402
+from bench_cpu import DENSITIES, LAYERS, make_case, make_layer  # noqa: E402
 
-CONV_ARGS = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
 LAYER_IDS = [name.replace(" ", "_").replace(">", "") for name, *_ in LAYERS]
 
 
@@ -56,7 +55,9 @@ def test_stripe_forward(benchmark, layer, density):
     x, _, bias, mask, packed = make_case(cin, cout, hw, batch, density)
     benchmark.group = f"forward {name}"
     benchmark.extra_info["density"] = density
-    benchmark(torch.ops.stripeconv.stripe_conv2d, x, packed, bias, mask, *CONV_ARGS)
+    layer = make_layer(cin, cout, mask, packed, bias)
+    with torch.no_grad():
+        benchmark(layer, x)
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
@@ -76,9 +77,8 @@ def test_stripe_forward_backward(benchmark, layer, density):
     name, cin, cout, hw, batch = layer
     x, _, _, mask, packed = make_case(cin, cout, hw, batch, density)
     x.requires_grad_()
-    packed.requires_grad_()
+    layer = make_layer(cin, cout, mask, packed)
     gy = torch.randn(batch, cout, hw, hw)
-    op = torch.ops.stripeconv.stripe_conv2d
     benchmark.group = f"forward+backward {name}"
     benchmark.extra_info["density"] = density
-    benchmark(lambda: op(x, packed, None, mask, *CONV_ARGS).backward(gy))
+    benchmark(lambda: layer(x).backward(gy))

@@ -276,8 +276,8 @@ def test_argument_errors_name_expected_and_got():
 @pytest.mark.parametrize("policy", ["always", "auto"])
 def test_dense_dispatch_near_density_one(policy, monkeypatch):
     monkeypatch.setenv("STRIPECONV_CPU_DENSE", policy)
-    for cl in (False, True):
-        case = dict(b=2, c=16, n=24, h=9, w=9, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=1.0)
+    for cl, b, hw in ((False, 2, 9), (True, 2, 9), (False, 8, 8)):  # the last: a small plane, NCHW (dense too)
+        case = dict(b=b, c=16, n=24, h=hw, w=hw, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=1.0)
         x, w, mask, bias = _make(case, torch.float32)
         mask[0, 0, 0] = False  # density 215/216: still above the dense threshold
         w = pack_weight(torch.randn(24, 16, 3, 3), mask)

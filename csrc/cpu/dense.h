@@ -18,12 +18,19 @@ namespace detail {
 // stripe kernel. On channels_last input the stripe kernel pays two layout transposes on top,
 // while oneDNN's channels_last path is its fastest: there, at density >= kDenseDensity (0.9,
 // where the stripe time, proportional to density, is within ~10% of dense), with symmetric
-// padding, the op runs at::conv2d on the unpacked dense weight. A fixed rule rather than a
-// timing-based choice keeps results identical across processes (e.g. DDP ranks).
+// padding, the op runs at::conv2d on the unpacked dense weight. NCHW input does the same when
+// the output plane is small (<= 64 pixels) and the batch is not (>= 8): there the stripe engine
+// has a single 64-pixel chunk per image and oneDNN's NCHW path is the faster one (density 1,
+// 2 threads: 256->256 8x8 b16 0.85x -> 0.92x of the best oneDNN time, 128->128 8x8 b16
+// 0.86x -> 0.93x), while at batch 1 unpacking and reordering the weights dominate (512->512
+// 7x7 b1: 0.85x stripe vs 0.55x dense). A fixed rule rather than a timing-based choice keeps
+// results identical across processes and runs (DDP ranks, resumed training).
 // STRIPECONV_CPU_DENSE=never | always overrides it (the kernel tests use never).
 constexpr double kDenseDensity = 0.9;
 
 enum class DensePolicy { kAuto, kNever, kAlways };
+
+inline bool prefers_dense_nchw(const Geometry& g) { return g.Ho * g.Wo <= 64 && g.B >= 8; }
 DensePolicy dense_policy();
 
 at::Tensor dense_forward(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
