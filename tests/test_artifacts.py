@@ -11,10 +11,13 @@ from stripeconv.artifacts import load_pruned, read_description, save_pruned  # n
 SIZE = (1, 3, 16, 16)
 
 
-def _exported(arch="resnet8", **kw):
+def _exported(arch="resnet8", zero_bn=True, **kw):
     torch.manual_seed(0)
     model = getattr(models, arch)(num_classes=10, width=0.5, **kw)
-    pr = pruning.L1Stripe(model, input_size=SIZE, ratio=0.5, scope="global")
+    for m in model.modules():  # trained-looking BN: non-zero shifts
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.bias.data.uniform_(0.1, 0.5)
+    pr = pruning.L1Stripe(model, input_size=SIZE, ratio=0.5, scope="global", zero_bn=zero_bn)
     pr.prune()
     # kill some whole filters too, so that export removes channels
     masks = pr.masks()
@@ -25,9 +28,13 @@ def _exported(arch="resnet8", **kw):
     return pr.export()
 
 
+@pytest.mark.parametrize("zero_bn", [True, False])
 @pytest.mark.parametrize("arch", ["resnet8", "vgg11_bn"])
-def test_roundtrip_same_outputs(arch, tmp_path):
-    exported = _exported(arch)
+def test_roundtrip_same_outputs(arch, zero_bn, tmp_path):
+    exported = _exported(arch, zero_bn=zero_bn)
+    # a removed filter that keeps its BN shift leaves a constant that export folds into its consumers
+    folded = [m for m in exported.modules() if getattr(m, "constant_channel_weight", None) is not None]
+    assert bool(folded) == (not zero_bn)
     weights, meta = save_pruned(exported, tmp_path / "model.v1", arch, {"num_classes": 10, "width": 0.5},
                                 extra={"accuracy": 0.5})
     assert weights.name == "model.v1.pt" and meta.name == "model.v1.json"
