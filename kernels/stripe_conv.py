@@ -22,14 +22,18 @@ Three kernels:
     program, reducing over (position p, filters that keep p). The filters that keep p are the
     packed rows of p (contiguous), so no work is spent on pruned stripes. For stride > 1 the
     input pixels are split into the stride_h * stride_w output phases (grid axis 1): in a phase
-    a position either lines up with the output grid for every pixel or for none, so incompatible
-    positions are skipped as a whole instead of masking (stride^2 - 1)/stride^2 of the loads.
+    a position either lines up with the output grid for every pixel or for none, so the host
+    lists, per (phase, group), only the chunks of rows of the positions that line up, and the
+    kernel runs one flat loop over them (no masking of (stride^2 - 1)/stride^2 of the loads).
 
 ``stripe_wgrad_kernel``
     Grad weight: per block of packed rows of one position (and group), a GEMM
     [rows, pixels] x [pixels, channels] reduced over B*Ho*Wo pixels, split-K over grid axis 1.
     With ATOMIC the partial sums are added atomically into one fp32 buffer; otherwise each split
     writes its own slice of a [SPLIT, S, CG] buffer that the host sums (deterministic).
+
+Offsets are int32 (fewer registers: the pipeliner keeps the addresses of every stage in flight)
+unless ``INT64_INDEX``, which the host sets for tensors with 2**31 or more elements.
 
 ``USE_DOT`` selects tensor-core ``tl.dot`` (block dims >= 16); without it (depthwise and small
 groups) the kernels use outer products / broadcast sums, which are correct for any block size.
@@ -75,7 +79,7 @@ def stripe_fwd_kernel(
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,9 +97,11 @@ def stripe_fwd_kernel(
     tmp = offs_m // Wo
     ho = tmp % Ho
     b = tmp // Ho
+    if INT64_INDEX:  # offsets beyond int32: widen the pixel coordinates once, all else follows
+        b, ho, wo = b.to(tl.int64), ho.to(tl.int64), wo.to(tl.int64)
     h_base = ho * SH - PT
     w_base = wo * SW - PL
-    x_pix = x_ptr + b.to(tl.int64) * sxb + (g * CG).to(tl.int64) * sxc
+    x_row = b * sxb + g * CG * sxc
     offs_n = tl.arange(0, BLOCK_N)
     w_tile = w_ptr + t.to(tl.int64) * UMAX * BLOCK_N * CG
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -113,11 +119,15 @@ def stripe_fwd_kernel(
             wi = w_base + j * DW
             ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             ck = c0 + offs_k
-            k_ok = ck < CG
-            x_ptrs = x_pix[:, None] + (hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
-            xt = tl.load(x_ptrs, mask=ok[:, None] & k_ok[None, :], other=0.0)
-            w_ptrs = w_tile + (u * BLOCK_N + offs_n)[None, :] * CG + ck[:, None]
-            wt = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
+            w_off = (u * BLOCK_N + offs_n)[None, :] * CG + ck[:, None]
+            if EVEN_K:
+                xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
+                wt = tl.load(w_tile + w_off)
+            else:
+                k_ok = ck < CG
+                xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_tile + w_off, mask=k_ok[:, None], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for it in range(0, npos * CG):
@@ -129,7 +139,7 @@ def stripe_fwd_kernel(
             hi = h_base + i * DH
             wi = w_base + j * DW
             ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            xv = tl.load(x_pix + hi * sxh + wi * sxw + c * sxc, mask=ok, other=0.0).to(ACC_DTYPE)
+            xv = tl.load(x_ptr + x_row + hi * sxh + wi * sxw + c * sxc, mask=ok, other=0.0).to(ACC_DTYPE)
             wv = tl.load(w_tile + (u * BLOCK_N + offs_n) * CG + c).to(ACC_DTYPE)
             acc += xv[:, None] * wv[None, :]
 
@@ -138,8 +148,7 @@ def stripe_fwd_kernel(
     if HAS_BIAS:
         bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0)
         acc += bv.to(ACC_DTYPE)[None, :]
-    out_ptrs = (out_ptr + b.to(tl.int64)[:, None] * sob + ch[None, :].to(tl.int64) * soc
-                + (ho * soh + wo * sow)[:, None])
+    out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -147,13 +156,14 @@ def stripe_fwd_kernel(
 @triton.jit
 def stripe_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
-    pos_ptr, NPOS, seg_ptr, filt_ptr,
+    chunk_off_ptr, chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr,
     B, H, W, Ho, Wo, CG, G, NCB,
     sdb, sdc, sdh, sdw,
     sxb, sxc, sxh, sxw,
-    SH, SW, PT, PL, DH, DW, KW,
+    SH, SW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    INT64_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -176,43 +186,45 @@ def stripe_dgrad_kernel(
         tmp = offs_m // Wp
         hp = tmp % Hp
         b = tmp // Hp
+        if INT64_INDEX:
+            b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
         offs_c = c0 + tl.arange(0, BLOCK_N)
         c_ok = offs_c < CG
-        dy_pix = dy_ptr + b.to(tl.int64) * sdb
+        dy_row = b * sdb
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
-        for q in range(0, NPOS):
-            p = tl.load(pos_ptr + q)
-            i = p // KW
-            j = p - i * KW
-            # hi = rh + hp*SH must equal ho*SH - PT + i*DH: the phase decides for all pixels.
-            th = rh + PT - i * DH
-            tw = rw + PL - j * DW
-            if (th % SH == 0) & (tw % SW == 0):
-                ho = hp + th // SH
-                wo = wp + tw // SW
-                ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
-                dy_sp = dy_pix + ho * sdh + wo * sdw
-                r_begin = tl.load(seg_ptr + p * (G + 1) + g)
-                r_end = tl.load(seg_ptr + p * (G + 1) + g + 1)
-                if USE_DOT:
-                    for r0 in range(r_begin, r_end, BLOCK_K):
-                        rows = r0 + tl.arange(0, BLOCK_K)
-                        r_ok = rows < r_end
-                        n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
-                        dyt = tl.load(dy_sp[:, None] + n[None, :].to(tl.int64) * sdc,
-                                      mask=ok[:, None] & r_ok[None, :], other=0.0)
-                        wt = tl.load(w_ptr + rows[:, None].to(tl.int64) * CG + offs_c[None, :],
-                                     mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-                        acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                else:
-                    for r in range(r_begin, r_end):
-                        n = tl.load(filt_ptr + r)
-                        dv = tl.load(dy_sp + n.to(tl.int64) * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
-                        wv = tl.load(w_ptr + r * CG + offs_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
-                        acc += dv[:, None] * wv[None, :]
+        # One flat loop over the chunks of this (phase, group): a chunk is up to BLOCK_K packed
+        # rows of one position whose taps line up with the phase, and (dh, dw) is where that
+        # position reads dy relative to the phase pixel (hp, wp).
+        k_begin = tl.load(chunk_off_ptr + phase * G + g)
+        k_end = tl.load(chunk_off_ptr + phase * G + g + 1)
+        for kk in range(k_begin, k_end):
+            r0 = tl.load(chunk_r0_ptr + kk)
+            r1 = tl.load(chunk_r1_ptr + kk)
+            ho = hp + tl.load(chunk_dh_ptr + kk)
+            wo = wp + tl.load(chunk_dw_ptr + kk)
+            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            dy_off = dy_row + ho * sdh + wo * sdw
+            if USE_DOT:
+                rows = r0 + tl.arange(0, BLOCK_K)
+                r_ok = rows < r1
+                n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
+                if INT64_INDEX:
+                    rows = rows.to(tl.int64)
+                    n = n.to(tl.int64)
+                dyt = tl.load(dy_ptr + dy_off[:, None] + n[None, :] * sdc,
+                              mask=ok[:, None] & r_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
+                             mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+                acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+            else:
+                for r in range(r0, r1):
+                    n = tl.load(filt_ptr + r)
+                    dv = tl.load(dy_ptr + dy_off + n * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
+                    wv = tl.load(w_ptr + r * CG + offs_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
+                    acc += dv[:, None] * wv[None, :]
         hi = rh + hp * SH
         wi = rw + wp * SW
-        dx_ptrs = (dx_ptr + b.to(tl.int64)[:, None] * sxb + (g * CG + offs_c)[None, :].to(tl.int64) * sxc
+        dx_ptrs = (dx_ptr + (b * sxb)[:, None] + (g * CG + offs_c)[None, :] * sxc
                    + (hi * sxh + wi * sxw)[:, None])
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
@@ -228,7 +240,7 @@ def stripe_wgrad_kernel(
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     ATOMIC: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -246,8 +258,10 @@ def stripe_wgrad_kernel(
     n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < CG
-    x_ch = x_ptr + (g * CG + offs_c).to(tl.int64) * sxc
-    dy_ch = dy_ptr + n.to(tl.int64) * sdc
+    if INT64_INDEX:
+        rows, n, offs_c = rows.to(tl.int64), n.to(tl.int64), offs_c.to(tl.int64)
+    x_ch = (g * CG + offs_c) * sxc
+    dy_ch = n * sdc
 
     M = B * Ho * Wo
     m_start = split * CHUNK
@@ -260,20 +274,21 @@ def stripe_wgrad_kernel(
         tmp = offs_m // Wo
         ho = tmp % Ho
         b = tmp // Ho
+        if INT64_INDEX:
+            b, ho, wo = b.to(tl.int64), ho.to(tl.int64), wo.to(tl.int64)
         hi = ho * SH - PT + i * DH
         wi = wo * SW - PL + j * DW
         x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        b64 = b.to(tl.int64)
-        dyt = tl.load(dy_ch[:, None] + (b64 * sdb + ho * sdh + wo * sdw)[None, :],
+        dyt = tl.load(dy_ptr + dy_ch[:, None] + (b * sdb + ho * sdh + wo * sdw)[None, :],
                       mask=r_ok[:, None] & m_ok[None, :], other=0.0)
-        xt = tl.load(x_ch[None, :] + (b64 * sxb + hi * sxh + wi * sxw)[:, None],
+        xt = tl.load(x_ptr + x_ch[None, :] + (b * sxb + hi * sxh + wi * sxw)[:, None],
                      mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         else:
             acc += tl.sum(dyt.to(ACC_DTYPE)[:, :, None] * xt.to(ACC_DTYPE)[None, :, :], axis=1)
 
-    dw_ptrs = dw_ptr + rows[:, None].to(tl.int64) * CG + offs_c[None, :]
+    dw_ptrs = dw_ptr + rows[:, None] * CG + offs_c[None, :]
     out_mask = r_ok[:, None] & c_ok[None, :]
     if ATOMIC:
         tl.atomic_add(dw_ptrs, acc, mask=out_mask)

@@ -376,67 +376,78 @@ def test_plan_cache_follows_mask_version():
     assert p2 is not p1 and p2.kept == int(mask.sum())
 
 
-# ---- compile for Hopper without a GPU (catches GPU-only compile errors on CPU-only CI) ------
+# ---- compile for GPUs without a GPU (catches GPU-only compile errors on CPU-only CI) ---------
 
-def _aot_compile(fn, vals, consts, warps=4, stages=3):
-    """Compile a kernel for sm_90 with the specialisation the JIT would pick for ``vals``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    jit = fn.fn if hasattr(fn, "fn") else fn
-    sig, attrs, cx = {}, {}, {}
-    for i, n in enumerate(jit.arg_names):
-        if n in consts:
-            sig[n], cx[(i,)] = "constexpr", consts[n]
-        elif isinstance(vals[n], str):  # pointer: 16-byte aligned
-            sig[n], attrs[(i,)] = vals[n], [["tt.divisibility", 16]]
-        elif vals[n] == 1:
-            sig[n], cx[(i,)] = "constexpr", 1
-        else:
-            sig[n] = "i32"
-            if vals[n] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    try:
-        src = ASTSource(jit, sig, constexprs=cx, attrs=attrs)
-    except TypeError as exc:  # pragma: no cover - other triton versions
-        pytest.skip(f"this triton's ahead-of-time API differs ({exc})")
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    ttgir = compiled.asm["ttgir"]
-    return {"wgmma": "warp_group_dot" in ttgir, "pipelined": "async_copy" in ttgir}
-
-
-def test_compiles_for_hopper():
+def _aot():
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process")
     try:
-        import triton.language as tl
         from triton.backends.compiler import GPUTarget  # noqa: F401
         from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as exc:  # pragma: no cover
+    except ImportError as exc:  # pragma: no cover - other triton versions
         pytest.skip(f"no ahead-of-time compiler in this triton ({exc})")
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.kernels import aot
 
-    k = tb._load_kernels()
-    b, c, n, h, w = 64, 128, 128, 28, 28
-    common = dict(B=b, H=h, W=w, Ho=h, Wo=w, CG=c, sxb=h * w * c, sxc=1, sxh=w * c, sxw=c, SH=1, SW=1, PT=1, PL=1,
-                  DH=1, DW=1, KW=3, KEY_M=65536, KEY_C=c, KEY_N=n, KEY_DENSITY=4, KEY_CONV=0)
-    fwd = dict(common, x_ptr="*fp16", w_ptr="*fp16", bias_ptr="*fp16", out_ptr="*fp16", tile_pos_ptr="*i32",
-               tile_npos_ptr="*i32", tile_ch_ptr="*i32", tile_grp_ptr="*i32", T=2, UMAX=9,
-               sob=h * w * n, soc=1, soh=w * n, sow=n)
-    dot = dict(INPUT_PRECISION="ieee", ACC_DTYPE=tl.float32)
-    r = _aot_compile(k.stripe_fwd_kernel, fwd, dict(dot, HAS_BIAS=True, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64))
-    assert r["wgmma"] and r["pipelined"], r
-    _aot_compile(k.stripe_fwd_kernel, dict(fwd, sxc=h * w, sxh=w, sxw=1, soc=h * w, soh=w, sow=1),  # NCHW
-                 dict(dot, HAS_BIAS=False, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64))
-    _aot_compile(k.stripe_fwd_kernel, fwd, dict(dot, HAS_BIAS=True, USE_DOT=False, BLOCK_M=128, BLOCK_N=2, BLOCK_K=1))
-    dg = dict(common, dy_ptr="*fp16", w_ptr="*fp16", dx_ptr="*fp16", pos_ptr="*i32", seg_ptr="*i32", filt_ptr="*i32",
-              NPOS=9, G=1, NCB=2, sdb=h * w * n, sdc=1, sdh=w * n, sdw=n, SH=2, SW=2)
-    r = _aot_compile(k.stripe_dgrad_kernel, dg, dict(dot, USE_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=32))
-    assert r["wgmma"], r
-    wg = dict(dg, x_ptr="*fp16", dw_ptr="*fp32", blk_pos_ptr="*i32", blk_r0_ptr="*i32", blk_r1_ptr="*i32",
-              blk_grp_ptr="*i32", CHUNK=512, SPLIT_STRIDE=c * 600)
-    for atomic in (True, False):
-        r = _aot_compile(k.stripe_wgrad_kernel, wg, dict(dot, ATOMIC=atomic, USE_DOT=True, BLOCK_M=64, BLOCK_R=64, BLOCK_C=64))
-        assert r["wgmma"], r
-    _aot_compile(k.stripe_wgrad_kernel, wg, dict(dot, ATOMIC=True, USE_DOT=False, BLOCK_M=64, BLOCK_R=4, BLOCK_C=4))
+    return aot
+
+
+def _aot_calls(aot):
+    """Calls whose launches cover every kernel branch: tensor-core and scalar paths, all dtypes,
+    both layouts, stride 2 phases, split-K with atomics and with per-split buffers."""
+    calls = aot.layer_calls(128, 128, 32, stride=2, density=0.3, dtype=torch.bfloat16, batch=8)
+    calls += aot.layer_calls(64, 96, 12, density=0.5, dtype=torch.float16, channels_last=False, bias=False)
+    calls += aot.layer_calls(32, 32, 8, density=0.5, groups=32, dtype=torch.bfloat16)
+    calls += aot.layer_calls(24, 40, 8, density=0.5, groups=2, dtype=torch.float32)  # small groups
+    calls += aot.layer_calls(32, 32, 8, density=0.7, dtype=torch.float64)
+    return calls
+
+
+def _check_variants(aot, label, call, arch):
+    variants = aot.compile_call(call, arch)
+    assert variants, f"{label}: nothing was launched"
+    by_kernel = {}
+    for v in variants:
+        by_kernel.setdefault(v.kernel, []).append(v)
+    for kernel, vs in by_kernel.items():
+        # The autotuner must always have a configuration that does not spill.
+        assert any(v.spill_bytes == 0 for v in vs), (label, [v.row() for v in vs])
+        for v in vs:
+            # fp32 in IEEE mode and fp64 have no tensor-core path; 16-bit inputs and TF32 do.
+            if v.constexprs.get("USE_DOT") and (v.dtype in ("fp16", "bf16") or v.constexprs["INPUT_PRECISION"] == "tf32"):
+                assert v.tensor_cores == ("wgmma" if arch >= 90 else "mma"), (label, v.row())
+            if kernel == "stripe_fwd_kernel" and v.constexprs.get("USE_DOT"):
+                assert v.async_copies > 0, ("forward loads are not pipelined", label, v.row())
+    return variants
+
+
+def test_compiles_for_hopper():
+    aot = _aot()
+    launched = set()
+    for label, call in _aot_calls(aot):
+        for v in _check_variants(aot, label, call, 90):
+            launched.add((v.kernel, bool(v.constexprs.get("USE_DOT")), v.constexprs.get("ATOMIC")))
+    # Both wgrad reductions and both paths of every kernel were compiled.
+    for kernel in ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"):
+        assert {use_dot for k, use_dot, _ in launched if k == kernel} == {True, False}, launched
+    assert {atomic for k, _, atomic in launched if k == "stripe_wgrad_kernel"} == {True, False}, launched
+
+
+def test_compiles_for_ampere():
+    aot = _aot()
+    for label, call in aot.layer_calls(128, 128, 16, stride=2, density=0.3, dtype=torch.bfloat16, batch=8):
+        _check_variants(aot, label, call, 80)
+
+
+def test_tf32_only_when_allowed():
+    aot = _aot()
+    label, call = aot.layer_calls(64, 64, 8, dtype=torch.float32)[0]
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow, want in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            (launch,) = aot.capture_launches(call)
+            assert launch.kwargs["INPUT_PRECISION"] == want
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+

@@ -11,11 +11,14 @@ zeros where a filter does not keep a position of its tile's union (one ``index_s
 weights change during training, the gather indices do not). *Tile efficiency* = kept stripes /
 stripes computed (``sum_t |union_t| * BLOCK_N``); :func:`tile_efficiency` reports it.
 
-Backward metadata: the filter of each packed row, the row offsets of every (position, group),
-the positions with kept rows, and row blocks of one (position, group) for grad weight. Grad
-input and grad weight spend no work on pruned stripes.
+Backward metadata: the filter of each packed row; for grad input, per (output phase, group) the
+chunks of packed rows of the positions whose taps line up with that phase (this depends on
+stride, padding and dilation too); for grad weight, row blocks of one (position, group). Grad
+input and grad weight spend no work on pruned stripes. NCHW operands are copied to channels_last
+once per call (the kernels' vector loads need contiguous channels); results keep the caller's
+memory format.
 
-All metadata depends only on the mask (and groups / block sizes). It is cached keyed on the
+All metadata depends only on the mask (and groups, block sizes, conv geometry). It is cached keyed on the
 mask's ``(data_ptr, _version, shape, device)``; the entry holds a reference to the mask so its
 storage cannot be recycled for another mask while cached. Building it reads the mask on the
 host once (a device sync); afterwards a call does no host sync (no ``.item()``, no
@@ -184,13 +187,21 @@ class ForwardPlan:
 
 
 @dataclass
-class BackwardPlan:
+class GradInputPlan:
     filt: Tensor          # [S] int32 filter of each packed row
-    seg: Tensor           # [P, G + 1] int32 row offsets of each (position, group)
-    pos: Tensor           # [NPOS] int32 positions with kept rows
-    npos: int
+    chunk_off: Tensor     # [PHASES * G + 1] int32: chunks of (phase, group) k are off[k]..off[k+1]
+    chunk_r0: Tensor      # [NC] int32 packed rows r0..r1 of one position and group
+    chunk_r1: Tensor
+    chunk_dh: Tensor      # [NC] int32 dy row/column read, relative to the phase pixel
+    chunk_dw: Tensor
+    density: float
+
+
+@dataclass
+class GradWeightPlan:
+    filt: Tensor          # [S] int32 filter of each packed row
     block_r: int
-    blk_pos: Tensor       # [NB] int32 row blocks for grad weight
+    blk_pos: Tensor       # [NB] int32 blocks of packed rows of one (position, group)
     blk_r0: Tensor
     blk_r1: Tensor
     blk_grp: Tensor
@@ -253,35 +264,63 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
     )
 
 
-def _build_backward(mask_cpu: Tensor, groups: int, block_r: int, device) -> BackwardPlan:
+def _segments(mask_cpu: Tensor, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(filter of each packed row, [P, G + 1] row offsets of each (position, group))."""
     n, kh, kw = mask_cpu.shape
     npos = kh * kw
-    ng = n // groups
     pm = mask_cpu.permute(1, 2, 0).reshape(npos, n).numpy().astype(bool)  # [P, N]
     filt = np.nonzero(pm)[1].astype(np.int32)  # row-major over (p, n): the packed order
-    per_group = pm.reshape(npos, groups, ng).sum(2)  # [P, G]
-    counts = pm.sum(1)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
-    seg = np.zeros((npos, groups + 1), dtype=np.int32)
-    seg[:, 0] = offsets[:-1]
-    seg[:, 1:] = offsets[:-1, None] + np.cumsum(per_group, 1)
-    pos = np.nonzero(counts)[0].astype(np.int32)
+    per_group = pm.reshape(npos, groups, n // groups).sum(2)  # [P, G]
+    starts = np.concatenate([[0], np.cumsum(pm.sum(1))])[:-1]
+    seg = np.zeros((npos, groups + 1), dtype=np.int64)
+    seg[:, 0] = starts
+    seg[:, 1:] = starts[:, None] + np.cumsum(per_group, 1)
+    return filt, seg
+
+
+def _dev(a: np.ndarray, device, dtype=np.int32) -> Tensor:
+    a = np.asarray(a, dtype=dtype).reshape(-1)
+    return torch.from_numpy(np.ascontiguousarray(a if len(a) else np.zeros(1, dtype))).to(device)
+
+
+def _build_grad_input(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> GradInputPlan:
+    (sh, sw), (pt, pl), (dh, dw) = conv
+    n, kh, kw = mask_cpu.shape
+    filt, seg = _segments(mask_cpu, groups)
+    chunks, offsets = [], [0]
+    for rh in range(sh):
+        for rw in range(sw):
+            # Taps of position (i, j) line up with this phase iff (rh + pt - i*dh) % sh == 0 (and
+            # likewise for w); then they read dy at (hp + oh, wp + ow) for every phase pixel.
+            for g in range(groups):
+                for p in range(kh * kw):
+                    i, j = divmod(p, kw)
+                    th, tw = rh + pt - i * dh, rw + pl - j * dw
+                    if th % sh or tw % sw:
+                        continue
+                    a, b = int(seg[p, g]), int(seg[p, g + 1])
+                    chunks.extend((r0, min(b, r0 + block), th // sh, tw // sw) for r0 in range(a, b, block))
+                offsets.append(len(chunks))
+    ch = np.array(chunks, dtype=np.int64).reshape(-1, 4)
+    return GradInputPlan(
+        filt=_dev(filt, device), chunk_off=_dev(offsets, device), chunk_r0=_dev(ch[:, 0], device),
+        chunk_r1=_dev(ch[:, 1], device), chunk_dh=_dev(ch[:, 2], device), chunk_dw=_dev(ch[:, 3], device),
+        density=len(filt) / max(1, mask_cpu.numel()),
+    )
+
+
+def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> GradWeightPlan:
+    filt, seg = _segments(mask_cpu, groups)
     blocks = []
-    for p in pos:
+    for p in range(seg.shape[0]):
         for g in range(groups):
             a, b = int(seg[p, g]), int(seg[p, g + 1])
-            for r0 in range(a, b, block_r):
-                blocks.append((p, r0, min(b, r0 + block_r), g))
-    blk = np.array(blocks, dtype=np.int32).reshape(-1, 4)
-
-    def dev(a):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
-    return BackwardPlan(
-        filt=dev(filt if len(filt) else np.zeros(1, np.int32)), seg=dev(seg),
-        pos=dev(pos if len(pos) else np.zeros(1, np.int32)), npos=len(pos), block_r=block_r,
-        blk_pos=dev(blk[:, 0]), blk_r0=dev(blk[:, 1]), blk_r1=dev(blk[:, 2]), blk_grp=dev(blk[:, 3]),
-        num_blocks=len(blk), density=float(pm.sum()) / max(1, n * npos),
+            blocks.extend((p, r0, min(b, r0 + block), g) for r0 in range(a, b, block))
+    blk = np.array(blocks, dtype=np.int64).reshape(-1, 4)
+    return GradWeightPlan(
+        filt=_dev(filt, device), block_r=block, blk_pos=_dev(blk[:, 0], device), blk_r0=_dev(blk[:, 1], device),
+        blk_r1=_dev(blk[:, 2], device), blk_grp=_dev(blk[:, 3], device), num_blocks=len(blk),
+        density=len(filt) / max(1, mask_cpu.numel()),
     )
 
 
@@ -294,16 +333,19 @@ def _mask_key(mask: Tensor) -> tuple:
     return (mask.data_ptr(), mask._version, tuple(mask.shape), str(mask.device))
 
 
-def _cached(kind: str, mask: Tensor, groups: int, block: int, device):
-    key = (kind, *_mask_key(mask), groups, block, str(device))
+_BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
+             "dgrad": _build_grad_input, "wgrad": _build_grad_weight}
+
+
+def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
+    key = (kind, *_mask_key(mask), groups, block, str(device), conv)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit[1]
     mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
-    build = _build_forward if kind == "fwd" else _build_backward
-    plan = build(mask_cpu, groups, block, device)
+    plan = _BUILDERS[kind](mask_cpu, groups, block, conv, device)
     with _cache_lock:
         _cache[key] = (mask, plan)  # holding the mask keeps its data_ptr from being recycled
         while len(_cache) > _CACHE_SIZE:
@@ -362,6 +404,13 @@ def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=fmt)
 
 
+def _nhwc(t: Tensor) -> Tensor:
+    """``t`` in channels_last. The kernels read NHWC tiles (channels contiguous, vector loads);
+    strided NCHW gathers cost more registers than they are worth, so NCHW operands are copied
+    once. Outputs keep the caller's memory format (the stores take any strides)."""
+    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
+
+
 def _deterministic() -> bool:
     return os.environ.get("STRIPECONV_DETERMINISTIC", "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
 
@@ -382,6 +431,12 @@ def _check_kernels():
     if _load_kernels() is None:
         raise RuntimeError(f"stripeconv backend 'triton' is not available: {_import_error}")
     return _kernels
+
+
+def _needs_int64(*tensors: Tensor) -> bool:
+    """Whether element offsets into any of ``tensors`` can exceed int32."""
+    return any(t.numel() > 0 and sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) >= 2**31 - 1
+               for t in tensors)
 
 
 def _conv_ints(stride, padding, dilation):
@@ -413,6 +468,7 @@ def forward(
     if out.numel() == 0:
         return out
     plan = forward_plan(mask, groups, device=input.device)
+    x = _nhwc(input)
     bn = plan.block_n
     use_dot = bn >= 16
     block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
@@ -424,13 +480,14 @@ def forward(
     precision, acc = _precision(input.dtype)
     grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
     k.stripe_fwd_kernel[grid](
-        input, slab, bias_arg, out,
+        x, slab, bias_arg, out,
         plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp,
         b, h, w, ho, wo, cg, plan.num_tiles, plan.umax,
-        *input.stride(), *out.stride(),
+        *x.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=has_bias, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, slab),
         BLOCK_N=bn, BLOCK_K=block_k,
     )
     return out
@@ -440,10 +497,8 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _backward_plan(mask: Tensor, groups: int, cg: int, ng: int, device) -> tuple[BackwardPlan, int]:
-    use_dot = cg >= 16 and ng >= 16
-    block_r = 64 if use_dot else min(4, _next_pow2(ng))
-    return _cached("bwd", mask, groups, block_r, device), block_r
+def _use_dot_backward(cg: int, ng: int) -> bool:
+    return cg >= 16 and ng >= 16
 
 
 def grad_input(
@@ -467,26 +522,37 @@ def grad_input(
         return dx
     if grad_output.numel() == 0:
         return dx.zero_()
-    plan, _ = _backward_plan(mask, groups, cg, ng, grad_output.device)
-    use_dot = cg >= 16 and ng >= 16
+    result = dx
+    if not dx.is_contiguous(memory_format=torch.channels_last):
+        # Computed in NHWC and copied once: strided NCHW stores of the gathered tiles spill.
+        dx = torch.empty((b, c, h, w), dtype=dx.dtype, device=dx.device, memory_format=torch.channels_last)
+    use_dot = _use_dot_backward(cg, ng)
     block_n = max(16, min(64, _next_pow2(cg))) if use_dot else min(16, _next_pow2(cg))
     block_k = 32 if use_dot else 1
+    # The scalar path walks the rows of a chunk one by one: one chunk per (phase, position, group).
+    chunk = block_k if use_dot else 1 << 30
+    conv = (tuple(stride), (padding[0], padding[2]), tuple(dilation))
+    plan = _cached("dgrad", mask, groups, chunk, grad_output.device, conv)
     ncb = triton_cdiv(cg, block_n)
     sh, sw = stride
     mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
     precision, acc = _precision(grad_output.dtype)
     grid = lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw)  # noqa: E731
+    dy = _nhwc(grad_output)
     k.stripe_dgrad_kernel[grid](
-        grad_output, weight, dx,
-        plan.pos, plan.npos, plan.seg, plan.filt,
+        dy, weight, dx,
+        plan.chunk_off, plan.chunk_r0, plan.chunk_r1, plan.chunk_dh, plan.chunk_dw, plan.filt,
         b, h, w, ho, wo, cg, groups, ncb,
-        *grad_output.stride(), *dx.stride(),
-        sh, sw, padding[0], padding[2], dilation[0], dilation[1], kw,
+        *dy.stride(), *dx.stride(),
+        sh, sw,
         **_keys(b * h * w, c, n, plan.density, kh, kw, stride),
         USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        INT64_INDEX=_needs_int64(dy, weight, dx),
         BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    return dx
+    if result is not dx:
+        result.copy_(dx)
+    return result
 
 
 def grad_weight(
@@ -507,12 +573,11 @@ def grad_weight(
     ho, wo = grad_output.shape[2:]
     s = weight.shape[0]
     m = b * ho * wo
-    if s == 0 or cg == 0:
+    if s == 0 or cg == 0 or m == 0:
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    if m == 0:
-        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    plan, block_r = _backward_plan(mask, groups, cg, ng, input.device)
-    use_dot = cg >= 16 and ng >= 16
+    use_dot = _use_dot_backward(cg, ng)
+    block_r = 64 if use_dot else min(4, _next_pow2(ng))
+    plan = _cached("wgrad", mask, groups, block_r, input.device)
     block_c = max(16, min(64, _next_pow2(cg))) if use_dot else min(4, _next_pow2(cg))
     ncb = triton_cdiv(cg, block_c)
     tiles = plan.num_blocks * ncb
@@ -531,14 +596,16 @@ def grad_weight(
     else:
         buf = torch.empty((split, s, cg), dtype=acc_torch, device=weight.device)
     precision, acc = _precision(input.dtype)
+    dy, x = _nhwc(grad_output), _nhwc(input)
     k.stripe_wgrad_kernel[(tiles, split)](
-        grad_output, input, buf,
+        dy, x, buf,
         plan.blk_pos, plan.blk_r0, plan.blk_r1, plan.blk_grp, plan.filt,
         b, h, w, ho, wo, cg, ncb, chunk, s * cg,
-        *grad_output.stride(), *input.stride(),
+        *dy.stride(), *x.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
         **_keys(m, c, n, plan.density, kh, kw, stride),
         ATOMIC=atomic, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        INT64_INDEX=_needs_int64(dy, x, buf),
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
     if buf.dim() == 3:

@@ -1,0 +1,266 @@
+"""Compile the Triton kernels for a GPU architecture on a machine without a GPU.
+
+The Triton interpreter checks what the kernels compute, not whether they compile for a GPU or
+how they compile. This module closes that gap: it records the launches the host code of the
+``triton`` backend makes for a given call (run on CPU tensors, nothing is executed), rebuilds the
+specialisation Triton's JIT would derive from those arguments (integers equal to 1 become
+constants, pointers and integers divisible by 16 get the divisibility hint), and compiles every
+autotuning configuration with ``triton.compile`` for the requested target (``sm_90`` by default;
+ptxas ships with Triton). Each compiled variant reports what decides its speed: registers,
+spill bytes, shared memory, whether the main loop uses tensor cores (``wgmma`` on sm_90,
+``mma.sync`` before) and whether its global loads are pipelined (``cp.async``).
+
+Command line: ``python -m stripeconv.kernels.aot [--arch 90]`` prints that table for a set of
+representative layers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+__all__ = ["Launch", "Variant", "capture_launches", "compile_launch", "compile_call"]
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the host code issued it."""
+    kernel: Any               # the (autotuned) JIT function
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return _jit_fn(self.kernel).__name__
+
+
+@dataclass
+class Variant:
+    """One autotuning configuration of a launch, compiled for ``arch``."""
+    kernel: str
+    arch: int
+    config: dict
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    tensor_cores: str          # "wgmma", "mma" or "none"
+    async_copies: int          # cp.async / bulk copies in the PTX: the loads the pipeliner staged
+    dtype: str = ""            # element type of the first pointer argument (the activations)
+    constexprs: dict = field(default_factory=dict)
+
+    def row(self) -> str:
+        cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
+        return (f"{self.kernel:<22} sm_{self.arch} {cfg:<38} regs {self.registers:>3}  spill {self.spill_bytes:>5} B  "
+                f"smem {self.shared_bytes:>6} B  {self.tensor_cores:<5}  async loads {self.async_copies}")
+
+
+def _jit_fn(kernel):
+    """The JITFunction under an Autotuner (or the function itself)."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel, sink: list):
+        self._kernel, self._sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self._sink.append(Launch(self._kernel, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def _recording(sink: list) -> Iterator[None]:
+    from ..backends import triton_backend as host
+
+    real = host._check_kernels()
+
+    class Namespace:
+        tl = real.tl
+
+    ns = Namespace()
+    for name in dir(real):
+        if name.startswith("stripe_") and name.endswith("_kernel"):
+            setattr(ns, name, _Recorder(getattr(real, name), sink))
+    saved = host._kernels
+    host._kernels = ns
+    try:
+        yield
+    finally:
+        host._kernels = saved
+
+
+def capture_launches(call: Callable[[], Any], sm_count: int = 132) -> list[Launch]:
+    """Run ``call`` (host code of the triton backend on CPU tensors) and return its launches.
+
+    ``sm_count`` stands in for the GPU's multiprocessor count, which sizes the split-K of grad
+    weight (132: an H100 / H200).
+    """
+    from ..backends import triton_backend as host
+
+    sink: list[Launch] = []
+    saved = host._num_sms
+    host._num_sms = lambda device: sm_count
+    try:
+        with _recording(sink):
+            call()
+    finally:
+        host._num_sms = saved
+    return sink
+
+
+def _specialise(value) -> tuple[str, Any]:
+    """(signature type, constant or divisibility hint) as Triton's JIT derives them."""
+    if value is None:
+        return "constexpr", None
+    if isinstance(value, bool):
+        return "i1", None
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        return kind, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None
+    if isinstance(value, torch.Tensor):
+        name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+                torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}[value.dtype]
+        return "*" + name, True  # torch allocations are 16-byte aligned
+    raise TypeError(f"cannot specialise an argument of type {type(value).__name__}")
+
+
+def _tool(name: str) -> Optional[str]:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return bundled if os.path.exists(bundled) else shutil.which(name)
+
+
+def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
+    """(registers, local-memory bytes) of the kernel in ``cubin``, read with cuobjdump."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        return -1, -1
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
+    spill = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+    return (int(regs.group(1)) if regs else -1), spill
+
+
+def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = None) -> list[Variant]:
+    """Compile every autotuning configuration of ``launch`` for ``sm_<arch>``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_fn(launch.kernel)
+    bound = inspect.signature(fn.fn).bind_partial(*launch.args, **launch.kwargs)
+    configs = configs if configs is not None else getattr(launch.kernel, "configs", None) or [None]
+    variants = []
+    for config in configs:
+        values = dict(bound.arguments)
+        options = {}
+        if config is not None:
+            values.update(config.kwargs)
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        signature, constexprs, attrs = {}, {}, {}
+        for index, param in enumerate(fn.params):
+            name = param.name
+            value = values[name]
+            if param.is_constexpr:
+                signature[name] = "constexpr"
+                constexprs[name] = value
+                continue
+            kind, hint = _specialise(value)
+            signature[name] = kind
+            if kind == "constexpr":
+                constexprs[name] = hint
+            elif hint is True:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        ptx = compiled.asm["ptx"]
+        regs, spill = _resources(compiled.asm["cubin"], arch)
+        tensor_cores = "wgmma" if "wgmma.mma_async" in ptx else "mma" if "mma.sync" in ptx else "none"
+        asyncs = len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx))
+        shown = {k: v for k, v in constexprs.items()
+                 if k.startswith("BLOCK") or k in ("USE_DOT", "ATOMIC", "HAS_BIAS")}
+        cfg = {**({"BLOCK_M": config.kwargs.get("BLOCK_M")} if config is not None else {}), **options}
+        dtype = next(t[1:] for t in signature.values() if t.startswith("*"))
+        variants.append(Variant(fn.__name__, arch, {**cfg, **{k: v for k, v in shown.items() if k != "BLOCK_M"}},
+                                regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs))
+    return variants
+
+
+def compile_call(call: Callable[[], Any], arch: int = 90) -> list[Variant]:
+    """Compile every kernel variant that ``call`` would launch, for ``sm_<arch>``."""
+    variants = []
+    for launch in capture_launches(call):
+        variants.extend(compile_launch(launch, arch))
+    return variants
+
+
+def layer_calls(c: int, n: int, h: int, stride: int = 1, density: float = 0.5, groups: int = 1,
+                dtype: torch.dtype = torch.bfloat16, channels_last: bool = True, bias: bool = True,
+                batch: int = 2, seed: int = 0) -> list[tuple[str, Callable[[], Any]]]:
+    """(label, call) for the forward, grad input and grad weight of one 3x3 layer (padding 1)."""
+    from .. import packing
+    from ..backends import triton_backend as host
+
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, 3, 3, generator=g) < density
+    packed = packing.pack_weight(torch.randn(n, c // groups, 3, 3, generator=g).to(dtype), mask)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, c, h, h, generator=g).to(dtype).contiguous(memory_format=fmt)
+    ho = (h - 1) // stride + 1
+    dy = torch.randn(batch, n, ho, ho, generator=g).to(dtype).contiguous(memory_format=fmt)
+    b = torch.zeros(n, dtype=dtype) if bias else None
+    conv = ((stride, stride), (1, 1, 1, 1), (1, 1), groups)
+    label = f"c{c} n{n} {h}x{h} s{stride} g{groups} d{density} {str(dtype)[6:]} {'nhwc' if channels_last else 'nchw'}"
+    return [
+        (f"fwd   {label}", lambda: host.forward(x, packed, b, mask, *conv)),
+        (f"dgrad {label}", lambda: host.grad_input(dy, packed, mask, x.shape, *conv)),
+        (f"wgrad {label}", lambda: host.grad_weight(dy, x, packed, mask, *conv)),
+    ]
+
+
+def _representative_calls(dtype: torch.dtype):
+    return (layer_calls(256, 256, 14, 1, 0.5, dtype=dtype) + layer_calls(128, 128, 16, 2, 0.3, dtype=dtype)
+            + layer_calls(32, 32, 8, 1, 0.5, groups=32, dtype=dtype))
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 89, 90, ...)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    for label, call in _representative_calls(dtype):
+        print(f"# {label} ({args.dtype})")
+        for variant in compile_call(call, args.arch):
+            print("  " + variant.row())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
