@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
-            empty_filters=0, via_op=False, deterministic=False, gpu_only=False, mask_update=False)
+            empty_filters=0, via_op=False, deterministic=False, gpu_only=False, mask_update=False,
+            dense="never")
 
 
 def _case(name, **kw):
@@ -77,6 +78,11 @@ CASES = dict([
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
     _case("via_op_autograd", via_op=True, channels_last=True),
+    # The dense cuDNN hand-over (STRIPECONV_GPU_DENSE=always): F.conv2d on the scattered weight.
+    _case("dense_handover", dense="always", channels_last=True, density=0.6),
+    _case("dense_handover_groups_s2", dense="always", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8),
+    _case("dense_handover_via_op", dense="always", via_op=True, bias=False),
+    _case("dense_handover_asym_pad", dense="always", stride=(1, 2), padding=(1, 1, 0, 2), H=6, W=9),  # stripe only
     _case("fp16", dtype="float16", gpu_only=True, C=32, N=64, block_n=64),
     _case("bf16", dtype="bfloat16", gpu_only=True, C=32, N=64, block_n=64, channels_last=True),
     _case("fp16_depthwise", dtype="float16", gpu_only=True, C=16, N=16, groups=16),
@@ -136,8 +142,10 @@ def run_case(name: str, device: str) -> str:
     mask, dense, x64, bias64, dtype = _make(c, device, gen)
     mask_cpu = mask.cpu()
     w64 = pack_weight(dense, mask_cpu).contiguous()
-    old_env = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_DETERMINISTIC")}
+    old_env = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_DETERMINISTIC",
+                                               "STRIPECONV_GPU_DENSE")}
     os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
+    os.environ["STRIPECONV_GPU_DENSE"] = c["dense"]
     os.environ["STRIPECONV_DETERMINISTIC"] = "1" if c["deterministic"] else "0"
     try:
         x = x64.to(device, dtype)
@@ -451,3 +459,11 @@ def test_tf32_only_when_allowed():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_compiles_every_tile_width(width, monkeypatch):
+    aot = _aot()
+    monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", str(width))
+    label, call = aot.layer_calls(128, 256, 16, density=0.7, dtype=torch.bfloat16)[0]
+    variants = _check_variants(aot, label, call, 90)
+    assert {v.constexprs["BLOCK_N"] for v in variants} == {width}

@@ -40,8 +40,10 @@ core path; depthwise and small groups use an outer-product path (correct, not tu
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
 import importlib.util
+import math
 import os
 import sys
 import threading
@@ -50,7 +52,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import gpu_select
 
 NAME = "triton"
 
@@ -180,6 +185,7 @@ class ForwardPlan:
     kept: int
     computed: int
     density: float
+    mask_shape: tuple
 
     @property
     def efficiency(self) -> float:
@@ -260,7 +266,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
     return ForwardPlan(
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), gather=dev(gather.reshape(-1)), kept=s,
-        computed=computed, density=s / max(1, n * npos),
+        computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw),
     )
 
 
@@ -333,8 +339,22 @@ def _mask_key(mask: Tensor) -> tuple:
     return (mask.data_ptr(), mask._version, tuple(mask.shape), str(mask.device))
 
 
+@dataclass
+class DensePlan:
+    scatter: Tensor       # [N * kh * kw] int64 packed row of each (filter, position), S = pruned
+    gather: Tensor        # [S] int64 (filter, position) of each packed row
+
+
+def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> DensePlan:
+    n, kh, kw = mask_cpu.shape
+    rid = _row_ids(mask_cpu).T.reshape(-1)  # [N * P]: (filter, position) order
+    s = int(mask_cpu.sum())
+    return DensePlan(scatter=_dev(np.where(rid >= 0, rid, s), device, np.int64),
+                     gather=_dev(np.argsort(np.where(rid >= 0, rid, s), kind="stable")[:s], device, np.int64))
+
+
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
-             "dgrad": _build_grad_input, "wgrad": _build_grad_weight}
+             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
 
 
 def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
@@ -397,11 +417,14 @@ def _out_hw(h, w, kh, kw, stride, padding, dilation):
     return max(ho, 0), max(wo, 0)
 
 
+def _memory_format(ref: Tensor) -> torch.memory_format:
+    return (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
+            else torch.contiguous_format)
+
+
 def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
     """New tensor in ``ref``'s memory format (channels_last when ``ref`` is)."""
-    fmt = torch.channels_last if (ref.is_contiguous(memory_format=torch.channels_last)
-                                  and not ref.is_contiguous()) else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=_memory_format(ref))
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -447,27 +470,30 @@ def _conv_ints(stride, padding, dilation):
 # The op's kernels
 # ----------------------------------------------------------------------------------------------
 
-def forward(
-    input: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    mask: Tensor,
-    stride: Sequence[int],
-    padding: Sequence[int],
-    dilation: Sequence[int],
-    groups: int,
-) -> Tensor:
-    k = _check_kernels()
-    stride, padding, dilation = _conv_ints(stride, padding, dilation)
+def _block_n_candidates(mask: Tensor, groups: int, device) -> list[int]:
+    """Filter-tile widths worth timing for ``mask``: the default (64 for wide layers), 32 when it
+    computes at least 10 % fewer stripes (random masks), 128 when it computes at most 5 % more
+    (dense-ish masks: wider wgmma tiles reuse each input tile for more filters)."""
+    ng = mask.shape[0] // groups
+    default = default_block_n(ng)
+    if os.environ.get("STRIPECONV_TRITON_BLOCK_N") or default != 64:
+        return [default]
+    base = forward_plan(mask, groups, 64, device).computed
+    widths = [64]
+    if forward_plan(mask, groups, 32, device).computed < 0.9 * base:
+        widths.append(32)
+    if ng >= 128 and forward_plan(mask, groups, 128, device).computed <= 1.05 * base:
+        widths.append(128)
+    return widths
+
+
+def _forward_stripe(k, input, weight, bias, plan: ForwardPlan, stride, padding, dilation, out_hw) -> Tensor:
     b, c, h, w = input.shape
-    n, kh, kw = mask.shape
-    cg = c // groups
-    ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
+    n, kh, kw = plan.mask_shape
+    cg = weight.shape[1]
+    ho, wo = out_hw
     out = _like_input((b, n, ho, wo), input)
     m = b * ho * wo
-    if out.numel() == 0:
-        return out
-    plan = forward_plan(mask, groups, device=input.device)
     x = _nhwc(input)
     bn = plan.block_n
     use_dot = bn >= 16
@@ -493,6 +519,56 @@ def forward(
     return out
 
 
+def _symmetric(padding) -> bool:
+    return padding[0] == padding[1] and padding[2] == padding[3]
+
+
+def _dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
+    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free."""
+    n, kh, kw = mask.shape
+    index = _cached("dense", mask, 1, 0, device).scatter
+    cg = weight.shape[1]
+    w_pad = torch.cat([weight, weight.new_zeros(1, cg)])
+    return w_pad.index_select(0, index).view(n, kh, kw, cg).permute(0, 3, 1, 2)
+
+
+def _select_key(op: str, *tensors: Tensor, extra: tuple = ()) -> tuple:
+    return (op, *[(tuple(t.shape), t.dtype, t.is_contiguous(memory_format=torch.channels_last), str(t.device))
+                  for t in tensors], *extra)
+
+
+def forward(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    mask: Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> Tensor:
+    k = _check_kernels()
+    stride, padding, dilation = _conv_ints(stride, padding, dilation)
+    b, c, h, w = input.shape
+    n, kh, kw = mask.shape
+    ho, wo = _out_hw(h, w, kh, kw, stride, padding, dilation)
+    if b * n * ho * wo == 0:
+        return _like_input((b, n, ho, wo), input)
+    device = input.device
+    candidates, counts = {}, []
+    for bn in _block_n_candidates(mask, groups, device):
+        plan = forward_plan(mask, groups, bn, device)
+        counts.append((bn, plan.kept, plan.computed))
+        candidates[f"stripe{bn}"] = functools.partial(
+            _forward_stripe, k, input, weight, bias, plan, stride, padding, dilation, (ho, wo))
+    if _symmetric(padding):
+        candidates["dense"] = lambda: F.conv2d(input, _dense_weight(weight, mask, device), bias, stride,
+                                               (padding[0], padding[2]), dilation, groups)
+    key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
+                                                    tuple(dilation), groups, tuple(counts)))
+    return candidates[gpu_select.choose(key, candidates, device)]()
+
+
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -513,7 +589,23 @@ def grad_input(
 ) -> Tensor:
     k = _check_kernels()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
-    b, c, h, w = [int(v) for v in input_shape]
+    input_shape = [int(v) for v in input_shape]
+    candidates = {"stripe": functools.partial(_grad_input_stripe, k, grad_output, weight, mask, input_shape,
+                                              stride, padding, dilation, groups)}
+    if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
+        def dense():
+            w_dense = _dense_weight(weight, mask, grad_output.device)
+            dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
+                                            dilation, groups)
+            return dx.contiguous(memory_format=_memory_format(grad_output))
+        candidates["dense"] = dense
+    key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
+                                                           tuple(dilation), groups))
+    return candidates[gpu_select.choose(key, candidates, grad_output.device)]()
+
+
+def _grad_input_stripe(k, grad_output, weight, mask, input_shape, stride, padding, dilation, groups) -> Tensor:
+    b, c, h, w = input_shape
     n, kh, kw = mask.shape
     cg, ng = c // groups, n // groups
     ho, wo = grad_output.shape[2:]
@@ -567,6 +659,22 @@ def grad_weight(
 ) -> Tensor:
     k = _check_kernels()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
+    candidates = {"stripe": functools.partial(_grad_weight_stripe, k, grad_output, input, weight, mask,
+                                              stride, padding, dilation, groups)}
+    if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
+        def dense():
+            n, kh, kw = mask.shape
+            dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
+                                             (padding[0], padding[2]), dilation, groups)
+            gather = _cached("dense", mask, 1, 0, input.device).gather
+            return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
+        candidates["dense"] = dense
+    key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding),
+                                                                 tuple(dilation), groups, _deterministic()))
+    return candidates[gpu_select.choose(key, candidates, input.device)]()
+
+
+def _grad_weight_stripe(k, grad_output, input, weight, mask, stride, padding, dilation, groups) -> Tensor:
     b, c, h, w = input.shape
     n, kh, kw = mask.shape
     cg, ng = c // groups, n // groups

@@ -1,0 +1,89 @@
+"""The per-shape choice between the stripe kernels and cuDNN (stripeconv.backends.gpu_select).
+
+The timing itself needs a GPU; here the timer is replaced so the decision logic, the cache and
+the overrides are checked on any machine. The dense path's numerics are checked against the
+oracle in tests/test_triton.py (cases ``dense_handover*``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stripeconv.backends import gpu_select
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    gpu_select.clear()
+    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    yield
+    gpu_select.clear()
+
+
+def _fake_timer(monkeypatch, times):
+    calls = []
+
+    def timer(fn, repeats=5):
+        name = fn()
+        calls.append(name)
+        return times[name]
+    monkeypatch.setattr(gpu_select, "_time_ms", timer)
+    return calls
+
+
+def _candidates():
+    return {"stripe64": lambda: "stripe64", "stripe32": lambda: "stripe32", "dense": lambda: "dense"}
+
+
+def test_times_once_and_caches_the_fastest(monkeypatch):
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.5, "dense": 3.0})
+    assert gpu_select.choose(("k", 1), _candidates(), CUDA) == "stripe32"
+    assert sorted(calls) == ["dense", "stripe32", "stripe64"]
+    assert gpu_select.choose(("k", 1), _candidates(), CUDA) == "stripe32"
+    assert len(calls) == 3  # cached: no second timing
+    (entry,) = gpu_select.decisions()
+    assert entry["choice"] == "stripe32" and entry["times_ms"]["dense"] == 3.0
+
+
+def test_dense_wins_when_faster(monkeypatch):
+    _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 2.5, "dense": 1.0})
+    assert gpu_select.choose(("dense-wins",), _candidates(), CUDA) == "dense"
+
+
+def test_overrides(monkeypatch):
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    assert gpu_select.choose(("o",), _candidates(), CUDA) == "stripe64"
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "always")
+    assert gpu_select.choose(("o",), _candidates(), CUDA) == "dense"
+    # No dense candidate (asymmetric padding, say): "always" falls back to the stripe kernel.
+    assert gpu_select.choose(("o",), {"stripe": lambda: "stripe"}, CUDA) == "stripe"
+    assert calls == [] and gpu_select.decisions() == []
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "sometimes")
+    with pytest.raises(ValueError, match="STRIPECONV_GPU_DENSE must be one of auto, never, always"):
+        gpu_select.choose(("o",), _candidates(), CUDA)
+
+
+def test_no_timing_off_gpu_or_while_capturing(monkeypatch):
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
+    assert gpu_select.choose(("cpu",), _candidates(), torch.device("cpu")) == "stripe64"
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert gpu_select.choose(("capturing",), _candidates(), CUDA) == "stripe64"
+    assert calls == [] and gpu_select.decisions() == []
+
+
+def test_block_width_candidates():
+    pytest.importorskip("numpy")
+    from stripeconv.backends import triton_backend as tb
+
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.ones(256, 3, 3, dtype=torch.bool)
+    assert tb._block_n_candidates(dense, 1, "cpu") == [64, 128]  # dense: wider tiles waste nothing
+    random = torch.rand(256, 3, 3, generator=gen) < 0.3
+    widths = tb._block_n_candidates(random, 1, "cpu")
+    assert 32 in widths and 128 not in widths  # random: narrower tiles compute fewer stripes
+    assert tb.forward_plan(random, 1, 32).computed < 0.9 * tb.forward_plan(random, 1, 64).computed
+    assert tb._block_n_candidates(torch.ones(32, 3, 3, dtype=torch.bool), 1, "cpu") == [32]  # narrow layer
