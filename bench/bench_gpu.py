@@ -8,7 +8,10 @@ kept with probability = density; "realistic": exactly density * N*K*K stripes dr
 centre position kept most often, then edges, then corners) it times, in the same dtype:
 
 * ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
-* ``triton``    this project's Triton backend (``torch.ops.stripeconv.stripe_conv2d`` pinned to it)
+* ``triton``    this project's Triton kernels (the op pinned to the triton backend with
+  ``STRIPECONV_GPU_DENSE=never``: the stripe kernels always run)
+* ``stripeconv``  the op as models run it on a GPU: per shape the faster of the stripe kernels
+  and cuDNN, chosen by timing once (stripeconv/backends/gpu_select.py)
 * ``reference`` the pure-PyTorch stripe implementation (stripeconv/backends/reference.py)
 * ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
   as the stripe conv, i.e. what filter/channel pruning would give at that density
@@ -20,8 +23,11 @@ inter-quartile range are reported. The table prints the speedup over dense next 
 1/density and the tile efficiency (kept stripes / stripes the forward kernel computes), and per
 layer the two floors: FLOPs / peak and bytes / bandwidth.
 
-Writes ``<out>/bench_gpu_<date>.json`` (device, versions, date, every timing) and a plot
-``<out>/bench_gpu_<date>.png`` when matplotlib is importable.
+Writes ``<out>/bench_gpu_<date>.json`` (device, versions, date, every timing; rewritten after
+every layer, so a run cut short keeps what it measured) and a plot ``<out>/bench_gpu_<date>.png``
+when matplotlib is importable. ``--budget-s`` stops starting new layers after that many
+seconds. ``--from-json A.json B.json ...`` merges earlier runs (e.g. one per suite) and prints
+the tables, the target check and the plot again without a GPU.
 """
 from __future__ import annotations
 
@@ -197,7 +203,7 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
     print(f"\n== {name}: B={b} C={c} N={n} {hw}x{hw} k={k} s={s}  (dense floors: FLOPs/peak "
           f"{f_flops * 1e3:.2f} us, bytes/bw {f_bytes * 1e3:.2f} us)")
     print(f"{'mask':>9} {'dens':>5} {'1/d':>5} {'eff':>5} {'mode':>7} | {'dense ms':>9} {'triton ms':>10} "
-          f"{'(iqr)':>7} {'speedup':>7} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
+          f"{'(iqr)':>7} {'speedup':>7} | {'auto':>6} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
           f"{'floorF us':>9} {'floorB us':>9}")
     for density in args.densities:
         n_cp = max(1, round(n * density))
@@ -210,16 +216,23 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
             mask = make_mask(n, k, density, kind, gen).to(device)
             real_density = mask.float().mean().item()
             packed = pack_weight(w_dense.detach(), mask).contiguous().requires_grad_(True)
-            eff = tb.tile_efficiency(mask) if mask.any() else 1.0
+            widths = tb._block_n_candidates(mask, 1, device) if mask.any() else []
+            eff_by_width = {w: tb.tile_efficiency(mask, w) for w in widths}
+            eff = max(eff_by_width.values(), default=1.0)
             for mode, backward in modes:
                 entry = {"layer": name, "batch": b, "C": c, "N": n, "H": hw, "k": k, "stride": s, "pad": p,
                          "mask": kind, "density": real_density, "target_density": density, "mode": mode,
-                         "tile_efficiency": eff, "dense": dense_t[mode], "chanprune": cp_t[mode],
+                         "tile_efficiency": eff, "tile_efficiency_by_width": eff_by_width,
+                         "dense": dense_t[mode], "chanprune": cp_t[mode],
                          "chanprune_channels": n_cp}
                 fl_f, fl_b = floors(real_density)
                 entry["floor_flops_ms"], entry["floor_bytes_ms"] = fl_f, fl_b
-                for backend in ["triton"] + ([] if args.skip_reference else ["reference"]):
+                methods = [("triton", "triton", "never"), ("stripeconv", "triton", "auto")]
+                if not args.skip_reference:
+                    methods.append(("reference", "reference", "never"))
+                for method, backend, dense_mode in methods:
                     backends.set_backend(backend)
+                    os.environ["STRIPECONV_GPU_DENSE"] = dense_mode
                     try:
                         def op_fn():
                             x = x_rot.next()
@@ -227,19 +240,22 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                             if backward:
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y
-                        entry[backend] = timed(op_fn, backward)
+                        entry[method] = timed(op_fn, backward)
                     except Exception as exc:  # keep the run going, record the failure
-                        entry[backend] = {"error": f"{type(exc).__name__}: {exc}"}
+                        entry[method] = {"error": f"{type(exc).__name__}: {exc}"}
                     finally:
                         backends.set_backend(None)
+                        os.environ.pop("STRIPECONV_GPU_DENSE", None)
                 results.append(entry)
                 tri = entry["triton"].get("median_ms", float("nan"))
+                auto = entry["stripeconv"].get("median_ms", float("nan"))
                 ref = entry.get("reference", {}).get("median_ms", float("nan"))
                 dn = entry["dense"]["median_ms"]
                 cpm = entry["chanprune"]["median_ms"]
                 print(f"{kind:>9} {real_density:5.2f} {1 / max(real_density, 1e-9):5.1f} {eff:5.2f} {mode:>7} | "
                       f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
-                      f"{cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | {fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}")
+                      f"{dn / auto:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | "
+                      f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}", flush=True)
 
 
 def plot(results, path):
@@ -283,10 +299,84 @@ def plot(results, path):
     print(f"plot written to {path}")
 
 
+# Issue targets (bf16 on H100/H200): forward >= 0.85/d for d in [0.2, 1] on the ResNet-50 and VGG
+# CIFAR layers, d = 1 within 5 % of cuDNN, forward+backward >= 0.7/d, batch-1 no slower than cuDNN.
+def _target(r) -> tuple[str, float] | None:
+    d, layer, mode = r["target_density"], r["layer"], r["mode"]
+    if layer.startswith("b1."):
+        return ("batch-1 >= 1.0x", 1.0) if mode == "fwd" else None
+    if not (layer.startswith("r50.") or layer.startswith("vgg.")) or d < 0.2:
+        return None
+    if mode == "fwd":
+        return ("d=1 >= 0.95x", 0.95) if d >= 1.0 else ("fwd >= 0.85/d", 0.85 / d)
+    return ("fwd+bwd >= 0.7/d", 0.7 / d)
+
+
+def summarize(results: list, method: str = "stripeconv") -> None:
+    """Geometric-mean speedups over layers and the target check, for ``method``."""
+    def speedup(r, m):
+        t = r.get(m, {}).get("median_ms")
+        return r["dense"]["median_ms"] / t if t else None
+
+    if not results:
+        print("\nno results")
+        return
+    print(f"\nsummary: geometric mean speedup vs cuDNN over layers (triton = kernels only, "
+          f"stripeconv = with the dense hand-over)")
+    keys = sorted({(r["mask"], r["target_density"], r["mode"]) for r in results}, key=lambda t: (t[2], t[0], -t[1]))
+    for kind, d, mode in keys:
+        sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)]
+        parts = []
+        for m in ("triton", "stripeconv", "chanprune"):
+            vals = [v for v in (speedup(r, m) for r in sel) if v]
+            if vals:
+                parts.append(f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x")
+        eff = statistics.fmean(r["tile_efficiency"] for r in sel)
+        print(f"  {mode:>7} {kind:>9} density {d:4.2f}: {'  '.join(parts)}  ideal {1 / d:5.1f}x  "
+              f"mean tile eff {eff:4.2f}")
+    for m in ("triton", "stripeconv"):
+        groups: dict = {}
+        for r in results:
+            tgt, v = _target(r), speedup(r, m)
+            if tgt is None or v is None:
+                continue
+            groups.setdefault(tgt[0], []).append((v >= tgt[1], r, v, tgt[1]))
+        if not groups:
+            continue
+        print(f"\ntargets ({m}): met / measured")
+        for name, rows in groups.items():
+            met = sum(ok for ok, *_ in rows)
+            worst = min(rows, key=lambda t: t[2] / t[3])
+            _, r, v, need = worst
+            print(f"  {name:<18} {met:3d} / {len(rows):<3d}  worst: {r['layer']} {r['mask']} d={r['target_density']} "
+                  f"{v:.2f}x vs {need:.2f}x")
+
+
+def _write(path: str, meta: dict, results: list) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _from_json(paths: list, out: str) -> None:
+    results, metas = [], []
+    for path in paths:
+        with open(path) as f:
+            data = json.load(f)
+        metas.append(data["meta"])
+        results.extend(data["results"])
+    for meta in metas:
+        print(f"{meta['date']}  {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
+              f"CUDA {meta['cuda']}  {meta['dtype']}  {len(meta.get('layers_done', []))} layers")
+    summarize(results)
+    plot(results, out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--suites", default="vgg16,resnet56,resnet50,batch1",
                     help="comma list of " + ", ".join(SUITES))
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
@@ -294,16 +384,24 @@ def main(argv=None):
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the pure-PyTorch reference")
     ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new layer after this many seconds")
     ap.add_argument("--warmup-ms", type=int, default=25)
-    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--rep-ms", type=int, default=60)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--bandwidth", type=float, default=None, help="TB/s")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tag", default="", help="added to the output file names")
+    ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
+                    help="no measuring: merge these result files, print the summary and plot")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run two tiny layers on CPU through the Triton interpreter to check the script")
     args = ap.parse_args(argv)
     args.densities = [float(d) for d in args.densities.split(",")]
     args.masks = args.masks.split(",")
+    if args.from_json:
+        os.makedirs(args.out, exist_ok=True)
+        _from_json(args.from_json, os.path.join(args.out, f"bench_gpu_merged{args.tag}.png"))
+        return
 
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -313,6 +411,7 @@ def main(argv=None):
         import triton
     except ImportError:
         sys.exit("bench_gpu.py needs triton (pip install 'triton>=3.2')")
+    from stripeconv.backends import gpu_select
     from stripeconv.backends import triton_backend as tb
 
     ok, reason = tb.is_available()
@@ -339,12 +438,12 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)
     print(f"device {dev_name} ({sms} SMs), dtype {args.dtype}, "
           f"peak {peaks[0] / 1e12:.0f} TFLOP/s, bandwidth {peaks[1] / 1e12:.2f} TB/s")
-    print("speedup = dense median / method median (>1 is faster than cuDNN); eff = tile efficiency; "
-          "floorF/floorB = FLOPs/peak and bytes/bandwidth of the stripe conv at that density (forward)")
-    results = []
-    t0 = time.time()
-    for layer in layers:
-        run_layer(layer, args, dtype, device, peaks, gen, results)
+    print("speedup = dense median / method median (>1 is faster than cuDNN); auto = speedup of the op with "
+          "the dense hand-over; eff = tile efficiency; floorF/floorB = FLOPs/peak and bytes/bandwidth of the "
+          "stripe conv at that density (forward)")
+    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S") + args.tag
+    os.makedirs(args.out, exist_ok=True)
+    jpath = os.path.join(args.out, f"bench_gpu_{stamp}.json")
     meta = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),
         "device": dev_name, "sm_count": sms,
@@ -353,27 +452,24 @@ def main(argv=None):
         "dtype": args.dtype, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
         "deterministic": tb._deterministic(), "args": {k: v for k, v in vars(args).items()},
-        "wall_s": time.time() - t0,
+        "layers_done": [], "layers_skipped": [],
     }
-    os.makedirs(args.out, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d_%H%M%S")
-    jpath = os.path.join(args.out, f"bench_gpu_{stamp}.json")
-    with open(jpath, "w") as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    print(f"\nraw timings written to {jpath}")
-    # Summary: geometric-mean speedup over layers per (mask, density, mode).
-    print("\nsummary: geometric mean speedup vs cuDNN over layers")
-    keys = sorted({(r["mask"], r["target_density"], r["mode"]) for r in results}, key=lambda t: (t[2], t[0], -t[1]))
-    for kind, d, mode in keys:
-        sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)
-               and "median_ms" in r["triton"]]
-        if not sel:
+    results = []
+    t0 = time.time()
+    for layer in layers:
+        if args.budget_s is not None and meta["layers_done"] and time.time() - t0 > args.budget_s:
+            meta["layers_skipped"].append(layer[0])
             continue
-        g = math.exp(statistics.fmean(math.log(r["dense"]["median_ms"] / r["triton"]["median_ms"]) for r in sel))
-        gc = math.exp(statistics.fmean(math.log(r["dense"]["median_ms"] / r["chanprune"]["median_ms"]) for r in sel))
-        eff = statistics.fmean(r["tile_efficiency"] for r in sel)
-        print(f"  {mode:>7} {kind:>9} density {d:4.2f}: triton {g:5.2f}x  chanprune {gc:5.2f}x  "
-              f"ideal {1 / d:5.1f}x  mean tile eff {eff:4.2f}")
+        run_layer(layer, args, dtype, device, peaks, gen, results)
+        meta["layers_done"].append(layer[0])
+        meta["wall_s"] = time.time() - t0
+        meta["dispatch_decisions"] = [{**d, "key": repr(d["key"])} for d in gpu_select.decisions()]
+        _write(jpath, meta, results)
+    if meta["layers_skipped"]:
+        print(f"\nbudget of {args.budget_s:.0f} s reached: skipped {', '.join(meta['layers_skipped'])}")
+    _write(jpath, meta, results)
+    print(f"\nraw timings written to {jpath}")
+    summarize(results)
     plot(results, os.path.join(args.out, f"bench_gpu_{stamp}.png"))
 
 

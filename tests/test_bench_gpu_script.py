@@ -1,0 +1,88 @@
+"""bench/bench_gpu.py end to end on CPU (``--cpu-smoke``: the Triton interpreter on tiny layers).
+
+The timings of a smoke run mean nothing; what is checked is that the script a GPU session
+runs produces complete raw JSON, the merged summary and the target check, so that the device
+time is spent measuring rather than debugging.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "bench", "bench_gpu.py")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(*args):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, SCRIPT, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_cpu_smoke_run_writes_complete_results(tmp_path):
+    out = _run("--cpu-smoke", "--out", str(tmp_path), "--tag", "_smoke")
+    (jpath,) = tmp_path.glob("bench_gpu_*_smoke.json")
+    data = json.loads(jpath.read_text())
+    meta, results = data["meta"], data["results"]
+    for field in ("date", "device", "torch", "triton", "cuda", "dtype", "wall_s"):
+        assert field in meta, field
+    assert meta["layers_done"] == ["smoke.s1", "smoke.s2"] and meta["layers_skipped"] == []
+    # 2 layers x (density 1: one mask; density 0.3: two kinds) x 2 modes
+    assert len(results) == 2 * 3 * 2
+    for r in results:
+        for method in ("dense", "chanprune", "triton", "stripeconv", "reference"):
+            assert r[method]["median_ms"] > 0, (method, r)
+        assert 0 < r["tile_efficiency"] <= 1
+        assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
+    assert "summary: geometric mean speedup" in out
+    merged = _run("--from-json", str(jpath), "--out", str(tmp_path))
+    assert "fwd+bwd realistic density 0.30" in merged
+
+
+def test_budget_stops_before_the_next_layer(tmp_path):
+    out = _run("--cpu-smoke", "--out", str(tmp_path), "--budget-s", "0", "--no-backward", "--skip-reference")
+    (jpath,) = tmp_path.glob("bench_gpu_*.json")
+    meta = json.loads(jpath.read_text())["meta"]
+    assert meta["layers_done"] == ["smoke.s1"] and meta["layers_skipped"] == ["smoke.s2"]
+    assert "budget of 0 s reached" in out
+
+
+def test_target_check(capsys):
+    bench = _bench_module()
+
+    def row(layer, d, mode, dense, stripe):
+        return {"layer": layer, "mask": "random", "target_density": d, "mode": mode, "tile_efficiency": 1.0,
+                "dense": {"median_ms": dense}, "stripeconv": {"median_ms": stripe}, "triton": {"median_ms": stripe}}
+
+    results = [
+        row("r50.layer3", 1.0, "fwd", 1.0, 1.02),     # 0.98x: d=1 met
+        row("r50.layer3", 0.5, "fwd", 1.0, 0.5),      # 2.0x >= 1.7x: met
+        row("vgg.conv3_x", 0.2, "fwd", 1.0, 0.4),     # 2.5x < 4.25x: missed
+        row("vgg.conv3_x", 0.1, "fwd", 1.0, 0.5),     # below d = 0.2: no target
+        row("r56.stage3", 0.5, "fwd", 1.0, 2.0),      # ResNet-56: no target
+        row("b1.r50.layer4", 0.5, "fwd", 1.0, 1.1),   # batch 1 slower than cuDNN: missed
+        row("r50.layer3", 0.5, "fwd+bwd", 1.0, 0.8),  # 1.25x < 1.4x: missed
+    ]
+    assert bench._target(results[3]) is None and bench._target(results[4]) is None
+    bench.summarize(results)
+    out = capsys.readouterr().out
+    counts = dict(re.findall(r"^\s+(\S+ >= \S+)\s+(\d+ / \d+)", out, flags=re.M))
+    assert counts == {"d=1 >= 0.95x": "1 / 1", "fwd >= 0.85/d": "1 / 2", "batch-1 >= 1.0x": "0 / 1",
+                      "fwd+bwd >= 0.7/d": "0 / 1"}, out
