@@ -22,7 +22,7 @@ for step in "$@"; do
       STRIPECONV_FORCE_CUDA=0 pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1 \
         || { tail -40 "$OUT/build.log"; exit 1; } ;;
     test)
-      python -m pytest tests/test_triton.py tests/test_gpu_select.py tests/test_correctness.py tests/test_module.py \
+      python -m pytest tests/test_gpu.py tests/test_triton.py tests/test_gpu_select.py tests/test_correctness.py tests/test_module.py \
         -q -x -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)

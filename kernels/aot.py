@@ -255,6 +255,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    import datetime
+    import triton
+
+    print(f"# ahead-of-time compile for sm_{args.arch}, {args.dtype}, triton {triton.__version__}, "
+          f"torch {torch.__version__}, {datetime.date.today().isoformat()} (compiled only, nothing ran on a GPU)")
     for label, call in _representative_calls(dtype):
         print(f"# {label} ({args.dtype})")
         for variant in compile_call(call, args.arch):

@@ -1,0 +1,146 @@
+"""StripeConv2d on a CUDA device: torch.compile, CUDA graph capture, the dense hand-over and
+fine-tuning, each checked against F.conv2d on the masked weight.
+
+Every check runs on CPU too (graph capture excepted), so the checks themselves are exercised on
+machines without a GPU; the CUDA copies are skipped there.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stripeconv import StripeConv2d
+from stripeconv.backends import gpu_select
+
+@pytest.fixture(params=["cpu", "cuda"])
+def device(request):
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    return torch.device(request.param)
+
+
+def _layer(device, dtype=torch.float32, c=32, n=64, density=0.4, stride=1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, 3, 3, generator=gen) < density
+    layer = StripeConv2d(c, n, 3, stride=stride, padding=1, bias=True, stripe_mask=mask)
+    return layer.to(device=device, dtype=dtype)
+
+
+def _oracle(layer, x):
+    """F.conv2d on the masked dense weight, in fp64 on the CPU."""
+    return F.conv2d(x.double().cpu(), layer.weight.double().cpu(), layer.bias.double().cpu(),
+                    layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _input(device, dtype, c=32, hw=12, batch=4, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c, hw, hw, generator=gen)
+    return x.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _tol(dtype):
+    return {torch.float32: 2e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_backward_against_oracle(device, dtype):
+    layer = _layer(device, dtype)
+    x = _input(device, dtype).requires_grad_()
+    y = layer(x)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    xr = x.detach().double().cpu().requires_grad_()
+    wr = layer.weight.detach().double().cpu().requires_grad_()
+    br = layer.bias.detach().double().cpu().requires_grad_()
+    ref = F.conv2d(xr, wr, br, 1, 1)
+    ref.backward(gy.double().cpu())
+    tol = _tol(dtype)
+    scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731
+    assert (y.double().cpu() - ref).abs().max() <= tol * scale(ref)
+    assert (x.grad.double().cpu() - xr.grad).abs().max() <= tol * scale(xr.grad)
+    gw = layer.packed_weight.grad.double().cpu()
+    from stripeconv.packing import pack_weight
+
+    want = pack_weight(wr.grad, layer.stripe_mask.cpu())
+    assert (gw - want).abs().max() <= tol * scale(want)
+    assert (layer.bias.grad.double().cpu() - br.grad).abs().max() <= tol * scale(br.grad)
+
+
+@pytest.mark.parametrize("choice", ["never", "always", "auto"])
+def test_dense_handover_choices_agree(device, choice, monkeypatch):
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", choice)
+    gpu_select.clear()
+    layer = _layer(device, density=0.95 if choice == "auto" else 0.5)
+    x = _input(device, torch.float32)
+    with torch.no_grad():
+        y = layer(x)
+    ref = _oracle(layer, x)
+    assert (y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
+    if choice == "auto" and device.type == "cuda":
+        assert gpu_select.decisions(), "the first CUDA call of a shape times the candidates"
+
+
+def test_torch_compile_fullgraph(device):
+    layer = _layer(device)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = _input(device, torch.float32).requires_grad_()
+    y = compiled(x)
+    y.square().sum().backward()
+    ref = _oracle(layer, x)
+    assert (y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
+    assert layer.packed_weight.grad is not None and x.grad is not None
+
+
+def test_cuda_graph_capture_and_replay(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    layer = _layer(device)
+    static_x = _input(device, torch.float32).requires_grad_()
+    # Warm up on a side stream: mask metadata, autotuning and the dense/stripe choice happen here.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer.zero_grad(set_to_none=True)
+            layer(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    layer.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.sum().backward()
+    for seed in (5, 6):
+        with torch.no_grad():
+            static_x.copy_(_input(device, torch.float32, seed=seed))
+        layer.packed_weight.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = _oracle(layer, static_x)
+        assert (static_y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
+
+
+def test_fine_tuning_reduces_the_loss(device):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        _layer(device, c=3, n=32, density=0.5, seed=2), nn.BatchNorm2d(32), nn.ReLU(),
+        _layer(device, c=32, n=32, density=0.4, stride=2, seed=3), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 4),
+    ).to(device)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 3, 16, 16, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 4, (64,), generator=gen).to(device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0], losses
+    for module in net:
+        if isinstance(module, StripeConv2d):  # pruned stripes stay pruned
+            assert torch.equal(module.weight[~module.stripe_mask.unsqueeze(1).expand_as(module.weight)].abs().sum(),
+                               torch.zeros((), device=device))
