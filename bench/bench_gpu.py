@@ -1,11 +1,13 @@
 """GPU benchmark of the Triton stripe conv against cuDNN, the reference and channel pruning.
 
-    python bench/bench_gpu.py --out bench/results/            # everything (about 10-15 min on an H100)
+    python bench/bench_gpu.py --out bench/results/            # everything (about 20 min on an H100)
     python bench/bench_gpu.py --out bench/results/ --quick    # a few layers, fewer densities
+    bash bench/gpu_session.sh build test quick                # the same in 10-minute steps
 
 For every layer, density (1, 0.7, 0.5, 0.3, 0.2, 0.1) and mask kind ("random": every stripe
 kept with probability = density; "realistic": exactly density * N*K*K stripes drawn with the
-centre position kept most often, then edges, then corners) it times, in the same dtype:
+centre position kept most often, then edges, then corners; "grouped": groups of 32 filters
+share one such pattern, as SWP with ``group_size=32`` learns) it times, in the same dtype:
 
 * ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
 * ``triton``    this project's Triton kernels (the op pinned to the triton backend with
@@ -107,16 +109,33 @@ def _peaks(name: str, dtype: torch.dtype, args) -> tuple[float, float]:
 
 # ----------------------------------------------------------------------------------------------
 
+GROUP = 32  # filters per shared pattern in "grouped" masks (SWP with group_size=32)
+
+
 def make_mask(n: int, k: int, density: float, kind: str, gen: torch.Generator) -> torch.Tensor:
     if density >= 1.0:
         return torch.ones(n, k, k, dtype=torch.bool)
     if kind == "random":
         return torch.rand(n, k, k, generator=gen) < density
-    # realistic: exactly round(density * n*k*k) stripes, centre > edges > corners
     c = (k - 1) / 2
     ii, jj = torch.meshgrid(torch.arange(k), torch.arange(k), indexing="ij")
     dist = (ii - c).abs() + (jj - c).abs()
     pos_w = torch.exp(-1.2 * dist.float())  # centre 1, edges 0.30, corners 0.09 for 3x3
+    if kind == "grouped":
+        # Each group of GROUP filters keeps one pattern; per group floor or ceil of density * k*k
+        # positions, drawn centre-first, so that the mean density is the target.
+        groups = -(-n // GROUP)
+        want = density * k * k
+        counts = torch.full((groups,), int(want)) + (torch.rand(groups, generator=gen) < want - int(want)).long()
+        mask = torch.zeros(groups, k * k, dtype=torch.bool)
+        for gi in range(groups):
+            if counts[gi] > 0:
+                w = pos_w.reshape(-1) * (0.5 + torch.rand(k * k, generator=gen))
+                mask[gi, torch.multinomial(w, int(counts[gi]), replacement=False, generator=gen)] = True
+        return mask.repeat_interleave(GROUP, 0)[:n].view(n, k, k)
+    if kind != "realistic":
+        raise ValueError(f"mask kind must be random, realistic or grouped, got {kind!r}")
+    # realistic: exactly round(density * n*k*k) stripes, centre > edges > corners
     w = pos_w.expand(n, k, k).reshape(-1) * (0.5 + torch.rand(n * k * k, generator=gen))
     keep = max(1, round(density * n * k * k))
     idx = torch.multinomial(w, keep, replacement=False, generator=gen)
@@ -276,7 +295,7 @@ def plot(results, path):
         for li, layer in enumerate(layers):
             ax = axes[mi * rows_n + li // cols][li % cols]
             sel = [r for r in results if r["layer"] == layer and r["mode"] == mode]
-            for kind, style in (("random", "o-"), ("realistic", "s-")):
+            for kind, style in (("random", "o-"), ("realistic", "s-"), ("grouped", "^-")):
                 pts = sorted((r["target_density"], r["dense"]["median_ms"] / r["triton"]["median_ms"])
                              for r in sel if r["mask"] == kind or (r["target_density"] >= 1 and kind == "random")
                              if "median_ms" in r["triton"])
@@ -380,7 +399,7 @@ def main(argv=None):
     ap.add_argument("--suites", default="vgg16,resnet56,resnet50,batch1",
                     help="comma list of " + ", ".join(SUITES))
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
-    ap.add_argument("--masks", default="random,realistic")
+    ap.add_argument("--masks", default="random,realistic,grouped")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--skip-reference", action="store_true", help="do not time the pure-PyTorch reference")
     ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")

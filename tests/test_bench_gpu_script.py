@@ -44,8 +44,9 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
     for field in ("date", "device", "torch", "triton", "cuda", "dtype", "wall_s"):
         assert field in meta, field
     assert meta["layers_done"] == ["smoke.s1", "smoke.s2"] and meta["layers_skipped"] == []
-    # 2 layers x (density 1: one mask; density 0.3: two kinds) x 2 modes
-    assert len(results) == 2 * 3 * 2
+    # 2 layers x (density 1: one mask; density 0.3: random, realistic, grouped) x 2 modes
+    assert len(results) == 2 * 4 * 2
+    assert {r["mask"] for r in results} == {"random", "realistic", "grouped"}
     for r in results:
         for method in ("dense", "chanprune", "triton", "stripeconv", "reference"):
             assert r[method]["median_ms"] > 0, (method, r)
@@ -53,7 +54,7 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
         assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
     assert "summary: geometric mean speedup" in out
     merged = _run("--from-json", str(jpath), "--out", str(tmp_path))
-    assert "fwd+bwd realistic density 0.30" in merged
+    assert "fwd+bwd realistic density 0.30" in merged and "  grouped density 0.30" in merged
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):
@@ -62,6 +63,17 @@ def test_budget_stops_before_the_next_layer(tmp_path):
     meta = json.loads(jpath.read_text())["meta"]
     assert meta["layers_done"] == ["smoke.s1"] and meta["layers_skipped"] == ["smoke.s2"]
     assert "budget of 0 s reached" in out
+
+
+def test_grouped_masks_share_patterns():
+    bench = _bench_module()
+    gen = __import__("torch").Generator().manual_seed(0)
+    mask = bench.make_mask(256, 3, 0.3, "grouped", gen)
+    groups = mask.view(256 // bench.GROUP, bench.GROUP, 9)
+    assert (groups == groups[:, :1]).all()  # one pattern per group
+    assert abs(mask.float().mean().item() - 0.3) < 0.1
+    with pytest.raises(ValueError, match="mask kind"):
+        bench.make_mask(8, 3, 0.5, "striped", gen)
 
 
 def test_target_check(capsys):
