@@ -51,6 +51,56 @@ def make_model(arch, width):
     return models.resnet20(in_channels=1, width=width)
 
 
+def parse_method(spec: str):
+    """``"SWP"`` or ``"SWP:group_size=8,alpha=1e-5"`` -> (class, extra keyword arguments)."""
+    name, _, rest = spec.partition(":")
+    if name not in pruning.METHODS:
+        raise SystemExit(f"unknown method {name!r}; expected one of {', '.join(pruning.METHODS)}")
+    extra = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"method option {item!r} in {spec!r} must be key=value")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return name, pruning.METHODS[name], extra
+
+
+def gpu_tile_efficiency(model, x) -> float:
+    """Kept / computed stripes of the GPU forward kernel over the model's StripeConv2d layers,
+    weighted by each layer's output pixels times input channels per group (its work per stripe),
+    with the tile width the GPU dispatch would consider best (fewest computed stripes)."""
+    from stripeconv.backends import triton_backend as tb
+
+    kept = computed = 0.0
+    hooks = []
+
+    def hook(layer, inputs, output):
+        nonlocal kept, computed
+        mask = layer.stripe_mask.cpu()
+        if not mask.any():
+            return
+        work = output.shape[-2] * output.shape[-1] * layer.in_channels // layer.groups
+        best = min(tb.forward_plan(mask, layer.groups, w).computed
+                   for w in tb._block_n_candidates(mask, layer.groups, "cpu"))
+        kept += int(mask.sum()) * work
+        computed += best * work
+
+    for module in model.modules():
+        if isinstance(module, stripeconv.StripeConv2d):
+            hooks.append(module.register_forward_hook(hook))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+    return kept / computed if computed else 1.0
+
+
 def sgd(model, lr):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
 
@@ -67,7 +117,9 @@ def main(argv=None):
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
-    ap.add_argument("--methods", nargs="+", default=list(pruning.METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(pruning.METHODS),
+                    help="method names, optionally with options: SWP:group_size=8")
+    ap.add_argument("--name", default="fashion_fidelity", help="stem of the output files")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--latency-batch", type=int, default=32)
@@ -107,12 +159,12 @@ def main(argv=None):
         print(f"[{arch}] dense acc {base_acc:.4f}  {dense_prof.flops / 1e6:.2f} MFLOPs  {dense_prof.params} params  "
               f"{dense_lat:.2f} ms  (trained in {time.time() - t0:.0f}s)", flush=True)
         for budget in args.budgets:
-            for method in args.methods:
+            for spec in args.methods:
+                method, cls, extra = parse_method(spec)
                 torch.manual_seed(args.seed)
                 model = copy.deepcopy(base)
                 t0 = time.time()
-                cls = pruning.METHODS[method]
-                kw = {"target_flops_reduction": budget}
+                kw = {"target_flops_reduction": budget, **extra}
                 if method not in ONE_SHOT:
                     kw["epochs"] = args.prune_epochs
                 steps = len(train_loader) * args.prune_epochs
@@ -139,7 +191,7 @@ def main(argv=None):
                 p = profile(ex, size)
                 lat = latency_ms(ex, xlat, args.latency_reps)
                 row = {
-                    "arch": arch, "method": method, "budget": budget,
+                    "arch": arch, "method": spec, "budget": budget, "gpu_tile_efficiency": gpu_tile_efficiency(ex, xlat),
                     "acc_dense": base_acc, "acc_pruned": acc, "acc_at_export": acc_at_export, "acc_masked": masked_acc,
                     "flops_dense": dense_prof.flops, "flops": p.flops, "flops_reduction": 1 - p.flops / dense_prof.flops,
                     "params_dense": dense_prof.params, "params": p.params,
@@ -148,12 +200,12 @@ def main(argv=None):
                     "seconds": time.time() - t0,
                 }
                 rows.append(row)
-                print(f"  {method:8s} budget {budget:.2f}: acc {acc:.4f} (at export {acc_at_export:.4f}, masked {masked_acc:.4f})  FLOPs -{row['flops_reduction']:.1%}"
+                print(f"  {spec:8s} budget {budget:.2f}: acc {acc:.4f} (at export {acc_at_export:.4f}, masked {masked_acc:.4f})  FLOPs -{row['flops_reduction']:.1%}"
                       f"  params -{row['params_reduction']:.1%}  {lat:.2f} ms (x{row['speedup']:.2f})  [{row['seconds']:.0f}s]",
                       flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "fashion_fidelity_quick" if args.quick else "fashion_fidelity"
+    stem = args.name + ("_quick" if args.quick else "")
     meta = {"args": vars(args), "torch": torch.__version__, "backends": stripeconv.available_backends(),
             "platform": platform.platform(), "threads": args.threads}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -162,14 +214,15 @@ def main(argv=None):
              f"train {args.train_size} / test {args.test_size}, pretrain {args.pretrain_epochs} + prune {args.prune_epochs} "
              f"epochs, then {args.finetune_epochs} fine-tuning epoch(s) of the exported model, width {args.width}, "
              f"seed {args.seed}. FLOPs = 2 x multiply-adds (convs + linear). Latency: "
-             f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}.", "",
-             "| arch | method | budget | acc dense | acc at export | acc fine-tuned | FLOPs red. | params red. | dense ms | pruned ms | speedup |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}. GPU tile eff.: kept / "
+             f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted).", "",
+             "| arch | method | budget | acc dense | acc at export | acc fine-tuned | FLOPs red. | params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['arch']} | {r['method']} | {r['budget']:.0%} | {r['acc_dense']:.4f} | {r['acc_at_export']:.4f} | "
                      f"{r['acc_pruned']:.4f} | "
                      f"{r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['latency_dense_ms']:.2f} | "
-                     f"{r['latency_ms']:.2f} | {r['speedup']:.2f} |")
+                     f"{r['latency_ms']:.2f} | {r['speedup']:.2f} | {r['gpu_tile_efficiency']:.2f} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / stem}.md and .json")
 

@@ -40,6 +40,7 @@ groups) the kernels use outer products / broadcast sums, which are correct for a
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import triton
@@ -66,9 +67,12 @@ else:
 # Autotuning key: shape buckets and density bucket are passed as (otherwise unused) integer
 # arguments so the key stays small; tensor dtypes are added to the key by triton itself.
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
+# Where this triton can, the best configuration per key is kept in triton's on-disk cache, so a
+# shape is benchmarked once per machine rather than once per process.
+_TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, **_TUNE_CACHE)
 @triton.jit
 def stripe_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -152,7 +156,7 @@ def stripe_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=DGRAD_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=DGRAD_CONFIGS, key=TUNE_KEY, **_TUNE_CACHE)
 @triton.jit
 def stripe_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
@@ -229,7 +233,7 @@ def stripe_dgrad_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=TUNE_KEY, reset_to_zero=["dw_ptr"])
+@triton.autotune(configs=WGRAD_CONFIGS, key=TUNE_KEY, reset_to_zero=["dw_ptr"], **_TUNE_CACHE)
 @triton.jit
 def stripe_wgrad_kernel(
     dy_ptr, x_ptr, dw_ptr,
