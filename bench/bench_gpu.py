@@ -235,7 +235,7 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
             mask = make_mask(n, k, density, kind, gen).to(device)
             real_density = mask.float().mean().item()
             packed = pack_weight(w_dense.detach(), mask).contiguous().requires_grad_(True)
-            widths = tb._block_n_candidates(mask, 1, device) if mask.any() else []
+            widths = tb.tile_widths(mask, 1, device) if mask.any() else []
             eff_by_width = {w: tb.tile_efficiency(mask, w) for w in widths}
             eff = max(eff_by_width.values(), default=1.0)
             for mode, backward in modes:

@@ -84,7 +84,7 @@ def gpu_tile_efficiency(model, x) -> float:
             return
         work = output.shape[-2] * output.shape[-1] * layer.in_channels // layer.groups
         best = min(tb.forward_plan(mask, layer.groups, w).computed
-                   for w in tb._block_n_candidates(mask, layer.groups, "cpu"))
+                   for w in tb.tile_widths(mask, layer.groups, "cpu"))
         kept += int(mask.sum()) * work
         computed += best * work
 

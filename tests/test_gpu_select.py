@@ -81,9 +81,12 @@ def test_block_width_candidates():
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.ones(256, 3, 3, dtype=torch.bool)
-    assert tb._block_n_candidates(dense, 1, "cpu") == [64, 128]  # dense: wider tiles waste nothing
+    assert tb.tile_widths(dense, 1, "cpu") == [64, 128]  # dense: wider tiles waste nothing
     random = torch.rand(256, 3, 3, generator=gen) < 0.3
-    widths = tb._block_n_candidates(random, 1, "cpu")
+    widths = tb.tile_widths(random, 1, "cpu")
     assert 32 in widths and 128 not in widths  # random: narrower tiles compute fewer stripes
     assert tb.forward_plan(random, 1, 32).computed < 0.9 * tb.forward_plan(random, 1, 64).computed
-    assert tb._block_n_candidates(torch.ones(32, 3, 3, dtype=torch.bool), 1, "cpu") == [32]  # narrow layer
+    assert tb.tile_widths(torch.ones(32, 3, 3, dtype=torch.bool), 1, "cpu") == [32]  # narrow layer
+    # 45 filters: one 64-wide tile pads to 64 columns, three 16-wide tiles to 48.
+    assert tb.tile_widths(torch.ones(45, 3, 3, dtype=torch.bool), 1, "cpu") == [64, 16]
+    assert tb.tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool), 16) == pytest.approx(45 / 48)

@@ -460,7 +460,7 @@ def test_tf32_only_when_allowed():
 
 
 
-@pytest.mark.parametrize("width", [32, 128])
+@pytest.mark.parametrize("width", [16, 32, 128])
 def test_compiles_every_tile_width(width, monkeypatch):
     aot = _aot()
     monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", str(width))

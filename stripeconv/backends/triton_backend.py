@@ -61,7 +61,7 @@ NAME = "triton"
 
 __all__ = [
     "NAME", "is_available", "supports", "forward", "grad_input", "grad_weight",
-    "tile_efficiency", "forward_plan", "clear_cache",
+    "tile_efficiency", "tile_widths", "forward_plan", "clear_cache",
 ]
 
 _kernels = None
@@ -470,19 +470,27 @@ def _conv_ints(stride, padding, dilation):
 # The op's kernels
 # ----------------------------------------------------------------------------------------------
 
-def _block_n_candidates(mask: Tensor, groups: int, device) -> list[int]:
-    """Filter-tile widths worth timing for ``mask``: the default (64 for wide layers), 32 when it
-    computes at least 10 % fewer stripes (random masks), 128 when it computes at most 5 % more
-    (dense-ish masks: wider wgmma tiles reuse each input tile for more filters)."""
+def tile_widths(mask: Tensor, groups: int = 1, device=None) -> list[int]:
+    """Filter-tile widths worth timing for ``mask``, the default first (64 for wide layers).
+
+    Half and quarter widths (not below 16, the smallest tensor-core tile) join when each computes
+    at least 10 % fewer stripes than the widths before it: random masks, whose tiles' position
+    unions shrink with the tile, and channel counts that a wide tile pads (45 filters in one
+    64-wide tile compute 64 columns, in three 16-wide tiles 48). 128 joins for dense-ish masks
+    when it computes at most 5 % more than 64: wider wgmma tiles reuse each input tile more.
+    """
     ng = mask.shape[0] // groups
+    device = device or mask.device
     default = default_block_n(ng)
-    if os.environ.get("STRIPECONV_TRITON_BLOCK_N") or default != 64:
+    if os.environ.get("STRIPECONV_TRITON_BLOCK_N") or default < 16:
         return [default]
-    base = forward_plan(mask, groups, 64, device).computed
-    widths = [64]
-    if forward_plan(mask, groups, 32, device).computed < 0.9 * base:
-        widths.append(32)
-    if ng >= 128 and forward_plan(mask, groups, 128, device).computed <= 1.05 * base:
+    computed = lambda w: forward_plan(mask, groups, w, device).computed  # noqa: E731
+    widths, best = [default], computed(default)
+    for w in (default // 2, default // 4):
+        if w >= 16 and computed(w) < 0.9 * best:
+            widths.append(w)
+            best = computed(w)
+    if default == 64 and ng >= 128 and computed(128) <= 1.05 * computed(64):
         widths.append(128)
     return widths
 
@@ -556,7 +564,7 @@ def forward(
         return _like_input((b, n, ho, wo), input)
     device = input.device
     candidates, counts = {}, []
-    for bn in _block_n_candidates(mask, groups, device):
+    for bn in tile_widths(mask, groups, device):
         plan = forward_plan(mask, groups, bn, device)
         counts.append((bn, plan.kept, plan.computed))
         candidates[f"stripe{bn}"] = functools.partial(
