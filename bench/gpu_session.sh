@@ -23,7 +23,7 @@ for step in "$@"; do
         || { tail -40 "$OUT/build.log"; exit 1; } ;;
     test)
       python -m pytest tests/test_gpu.py tests/test_triton.py tests/test_gpu_select.py tests/test_correctness.py tests/test_module.py \
-        -q -x -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+        -q -rs 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)
       python bench/bench_gpu.py --quick --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60 ;;
