@@ -298,3 +298,14 @@ def stripe_wgrad_kernel(
         tl.atomic_add(dw_ptrs, acc, mask=out_mask)
     else:
         tl.store(dw_ptrs + split.to(tl.int64) * SPLIT_STRIDE, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def interpreter_probe(n_ptr, out_ptr):
+    """Counts to a loaded bound: the pattern every kernel above uses for its main loop. Run once
+    under TRITON_INTERPRET=1 to check that this triton's interpreter supports it."""
+    n = tl.load(n_ptr)
+    total = 0
+    for _ in range(0, n):
+        total += 1
+    tl.store(out_ptr, total)

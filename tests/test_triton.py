@@ -227,6 +227,12 @@ def run_case(name: str, device: str) -> str:
 def _worker(names):
     assert os.environ.get("TRITON_INTERPRET") == "1", "the worker needs TRITON_INTERPRET=1"
     torch.set_num_threads(1)
+    from stripeconv.backends import triton_backend as tb
+
+    ok, reason = tb.is_available()
+    if not ok:
+        print("@@SKIP " + json.dumps({"reason": reason}), flush=True)
+        return
     for name in names:
         t0 = time.time()
         try:
@@ -286,6 +292,8 @@ def interpreter_results():
             if line.startswith("@@RESULT "):
                 r = json.loads(line[len("@@RESULT "):])
                 results[r["name"]] = r
+            elif line.startswith("@@SKIP "):
+                pytest.skip(json.loads(line[len("@@SKIP "):])["reason"])
     return results, "\n".join(logs)[-4000:]
 
 

@@ -99,11 +99,35 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_interpreter_problem: Optional[str] = None
+
+
+def _check_interpreter() -> str:
+    """'' when this triton's interpreter runs the kernels' loops (data-dependent bounds), else why not."""
+    global _interpreter_problem
+    if _interpreter_problem is None:
+        n, out = torch.tensor([3], dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        try:
+            _kernels.interpreter_probe[(1,)](n, out)
+            _interpreter_problem = "" if int(out) == 3 else f"its probe kernel counted to {int(out)}, not 3"
+        except Exception as exc:  # triton 3.6 with numpy 2: loaded scalars are 1-element arrays
+            _interpreter_problem = f"{type(exc).__name__}: {exc}"
+        if _interpreter_problem:
+            import triton
+
+            _interpreter_problem = (f"the Triton interpreter of triton {triton.__version__} cannot run loops whose "
+                                    f"bounds are loaded values ({_interpreter_problem}); triton >= 3.7 can")
+    return _interpreter_problem
+
+
 def is_available() -> tuple[bool, str]:
     if _load_kernels() is None:
         return False, _import_error or "triton kernels failed to load"
-    if torch.cuda.is_available() or _interpreting():
+    if torch.cuda.is_available():
         return True, ""
+    if _interpreting():
+        problem = _check_interpreter()
+        return not problem, problem
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
 
 
