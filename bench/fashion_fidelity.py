@@ -83,10 +83,8 @@ def gpu_tile_efficiency(model, x) -> float:
         if not mask.any():
             return
         work = output.shape[-2] * output.shape[-1] * layer.in_channels // layer.groups
-        best = min(tb.forward_plan(mask, layer.groups, w).computed
-                   for w in tb.tile_widths(mask, layer.groups, "cpu"))
         kept += int(mask.sum()) * work
-        computed += best * work
+        computed += int(mask.sum()) / tb.best_tile_efficiency(mask, layer.groups) * work
 
     for module in model.modules():
         if isinstance(module, stripeconv.StripeConv2d):

@@ -660,7 +660,8 @@ def cmd_bench(args) -> int:
               "speedup = dense / stripe")
         for r in layers:
             print(f"  {r['layer']:<24} density {r['density']:.3f}  dense {r['dense_ms']:.3f} ms  stripe "
-                  f"{r['stripe_ms']:.3f} ms  {r['speedup']:.2f}x (1/density {r['ideal_speedup']:.2f}x)")
+                  f"{r['stripe_ms']:.3f} ms  {r['speedup']:.2f}x (1/density {r['ideal_speedup']:.2f}x, "
+                  f"GPU tile eff. {r['gpu_tile_efficiency']:.2f})")
     if args.output:
         Path(args.output).write_text(json.dumps(out, indent=1))
     return 0

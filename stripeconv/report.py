@@ -21,6 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .backends import triton_backend
 from .nn import StripeConv2d
 
 __all__ = ["measure", "measure_interleaved", "best_of", "LAYOUTS", "dense_counterpart", "model_latency",
@@ -202,6 +203,7 @@ def layer_latency(model: nn.Module, input_shape, device: Union[str, torch.device
             "input_shape": list(shape), "density": layer.density, "stripes": layer.num_stripes,
             "dense_ms": d["median_ms"], "stripe_ms": st["median_ms"], "speedup": d["median_ms"] / st["median_ms"],
             "ideal_speedup": 1.0 / layer.density if layer.density else float("inf"),
+            "gpu_tile_efficiency": triton_backend.best_tile_efficiency(layer.stripe_mask.cpu(), layer.groups),
             "dense_layout": dk.partition("@")[2] or "nchw", "stripe_layout": sk.partition("@")[2] or "nchw",
         })
     return rows
@@ -335,7 +337,9 @@ def write_report(out_dir: Union[str, os.PathLike], summary: dict, plot: bool = T
     if rows:
         L += ["## Per layer", "",
               "Stripe density = kept stripes / all stripes of the layer; latency of the layer alone on its input "
-              "shape, StripeConv2d vs the same layer as a dense nn.Conv2d, each in its fastest layout.", "",
+              "shape, StripeConv2d vs the same layer as a dense nn.Conv2d, each in its fastest layout. GPU tile "
+              "eff. = kept / computed stripes of the GPU forward kernel's filter tiles (1 = no waste; the GPU "
+              "speedup cannot exceed eff. / density).", "",
               _layer_table(rows), ""]
     if plot_path is not None:
         L += [f"![per-layer density and speedup]({plot_path.name})", ""]
@@ -377,11 +381,12 @@ def _timings(lat: dict) -> dict:
 
 
 def _layer_table(rows: list) -> str:
-    lines = ["| layer | in -> out | density | dense ms | stripe ms | speedup | 1/density |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| layer | in -> out | density | dense ms | stripe ms | speedup | 1/density | GPU tile eff. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         dl, sl = r.get("dense_layout", "nchw").upper(), r.get("stripe_layout", "nchw").upper()
+        eff = r.get("gpu_tile_efficiency")
         lines.append(f"| {r['layer']} | {r['in_channels']} -> {r['out_channels']} | {r['density']:.3f} | "
                      f"{r['dense_ms']:.3f} ({dl}) | {r['stripe_ms']:.3f} ({sl}) | {r['speedup']:.2f}x | "
-                     f"{r['ideal_speedup']:.2f}x |")
+                     f"{r['ideal_speedup']:.2f}x | {'' if eff is None else f'{eff:.2f}'} |")
     return "\n".join(lines)

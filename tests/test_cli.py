@@ -123,6 +123,7 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
                      "--output", str(tmp_path / "bench.json")]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["results"][0]["batch"] == 2 and res["results"][0]["stripe_ms"] > 0 and res["layers"]
+    assert all(0 < row["gpu_tile_efficiency"] <= 1 for row in res["layers"])
 
 
 def test_oneshot_method_with_zero_epochs(tmp_path, capsys):

@@ -90,3 +90,17 @@ def test_block_width_candidates():
     # 45 filters: one 64-wide tile pads to 64 columns, three 16-wide tiles to 48.
     assert tb.tile_widths(torch.ones(45, 3, 3, dtype=torch.bool), 1, "cpu") == [64, 16]
     assert tb.tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool), 16) == pytest.approx(45 / 48)
+
+
+def test_best_tile_efficiency():
+    from stripeconv.backends import triton_backend as tb
+
+    gen = torch.Generator().manual_seed(3)
+    patterns = torch.rand(8, 3, 3, generator=gen) < 0.4
+    patterns[:, 1, 1] = True
+    grouped = patterns.repeat_interleave(32, 0)  # 256 filters, one pattern per 32
+    assert tb.best_tile_efficiency(grouped) == pytest.approx(1.0)
+    assert tb.best_tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool)) == pytest.approx(45 / 48)
+    assert tb.best_tile_efficiency(torch.zeros(64, 3, 3, dtype=torch.bool)) == 1.0
+    random = torch.rand(256, 3, 3, generator=gen) < 0.3
+    assert tb.best_tile_efficiency(random) == max(tb.tile_efficiency(random, w) for w in tb.tile_widths(random))

@@ -61,7 +61,7 @@ NAME = "triton"
 
 __all__ = [
     "NAME", "is_available", "supports", "forward", "grad_input", "grad_weight",
-    "tile_efficiency", "tile_widths", "forward_plan", "clear_cache",
+    "tile_efficiency", "best_tile_efficiency", "tile_widths", "forward_plan", "clear_cache",
 ]
 
 _kernels = None
@@ -517,6 +517,15 @@ def tile_widths(mask: Tensor, groups: int = 1, device=None) -> list[int]:
     if default == 64 and ng >= 128 and computed(128) <= 1.05 * computed(64):
         widths.append(128)
     return widths
+
+
+def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
+    """Kept / computed stripes of the forward kernel at the tile width that computes the fewest
+    (1.0 = no waste). Host-only: needs neither triton nor a GPU."""
+    if not bool(mask.any()):
+        return 1.0
+    computed = min(forward_plan(mask, groups, w).computed for w in tile_widths(mask, groups))
+    return int(mask.sum()) / computed
 
 
 def _forward_stripe(k, input, weight, bias, plan: ForwardPlan, stride, padding, dilation, out_hw) -> Tensor:
