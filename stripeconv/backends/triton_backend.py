@@ -74,25 +74,36 @@ def _load_kernels():
     if _kernels is not None or _import_error is not None:
         return _kernels
     try:
-        import triton  # noqa: F401
+        import triton
     except Exception as exc:  # ImportError, or a broken install
         _import_error = f"triton is not importable ({exc}); pip install 'triton>=3.2'"
         return None
     try:
-        _kernels = importlib.import_module("stripeconv.kernels.stripe_conv")
+        _kernels = _import_kernels()
+    except Exception as exc:  # e.g. triton < 3.3 without a GPU driver: its autotuner looks for one at import
+        _import_error = (f"the Triton kernels failed to load with triton {triton.__version__} "
+                         f"({type(exc).__name__}: {exc})")
+    return _kernels
+
+
+def _import_kernels():
+    try:
+        return importlib.import_module("stripeconv.kernels.stripe_conv")
     except ImportError:
         # Running from a source checkout without installing: kernels/ sits beside stripeconv/.
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.path.join(here, "kernels", "stripe_conv.py")
         if not os.path.exists(path):
-            _import_error = "stripeconv.kernels is missing from this install; reinstall stripeconv"
-            return None
+            raise ImportError("stripeconv.kernels is missing from this install; reinstall stripeconv") from None
         spec = importlib.util.spec_from_file_location("stripeconv.kernels.stripe_conv", path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        _kernels = module
-    return _kernels
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(spec.name, None)
+            raise
+        return module
 
 
 def _interpreting() -> bool:
