@@ -9,7 +9,12 @@ pattern, whichever computes fewer stripes), and tiles are sorted by work (heavy 
 Every call gathers the packed ``[S, C/g]`` rows into dense ``[T, U, BLOCK_N, C/g]`` slabs with
 zeros where a filter does not keep a position of its tile's union (one ``index_select``: the
 weights change during training, the gather indices do not). *Tile efficiency* = kept stripes /
-stripes computed (``sum_t |union_t| * BLOCK_N``); :func:`tile_efficiency` reports it.
+stripes computed (``sum_t |union_t| * BLOCK_N``); :func:`tile_efficiency` reports it for one
+width, :func:`best_tile_efficiency` for the best of the widths :func:`tile_widths` offers.
+
+Which runs: on CUDA every call picks, per shape, the fastest of the stripe kernels at each
+offered tile width and cuDNN's dense conv on the scattered weight, timed once per key by
+:mod:`stripeconv.backends.gpu_select` (``STRIPECONV_GPU_DENSE`` overrides).
 
 Backward metadata: the filter of each packed row; for grad input, per (output phase, group) the
 chunks of packed rows of the positions whose taps line up with that phase (this depends on
@@ -18,13 +23,13 @@ input and grad weight spend no work on pruned stripes. NCHW operands are copied 
 once per call (the kernels' vector loads need contiguous channels); results keep the caller's
 memory format.
 
-All metadata depends only on the mask (and groups, block sizes, conv geometry). It is cached keyed on the
-mask's ``(data_ptr, _version, shape, device)``; the entry holds a reference to the mask so its
+All metadata depends only on the mask (and groups, block sizes, conv geometry). It is cached
+keyed on the mask's ``(data_ptr, _version, shape, device)``; the entry holds a reference to the mask so its
 storage cannot be recycled for another mask while cached. Building it reads the mask on the
 host once (a device sync); afterwards a call does no host sync (no ``.item()``, no
 ``nonzero``), which keeps the steady state usable under CUDA graph capture. Triton autotunes on
-the first launch of a new (shape, density bucket) key, which benchmarks (syncs): run one eager
-step before capturing a graph.
+the first launch of a new (shape, density bucket) key and the dense/stripe choice times its
+candidates, both of which sync: run one eager step before capturing a graph.
 
 Precision: fp16/bf16/fp32 accumulate in fp32, fp64 in fp64. fp32 inputs use TF32 tensor cores
 only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the matmul flag, since the op is
