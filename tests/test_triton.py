@@ -72,6 +72,8 @@ CASES = dict([
     _case("channels_last", channels_last=True, stride=(2, 2), H=8, W=8),
     _case("cin3", C=3, N=16),
     _case("block_n64", C=32, N=64, block_n=64, density=0.7),
+    _case("block_n128", C=16, N=160, block_n=128, density=0.8, H=5, W=5),  # two tiles, the second partial
+    _case("block_n32_s2", C=16, N=48, block_n=32, density=0.4, stride=(2, 2), H=8, W=8, channels_last=True),
     _case("splitk_atomic", H=20, W=20, C=16, N=16, density=0.4),
     _case("splitk_deterministic", H=20, W=20, C=16, N=16, density=0.4, deterministic=True),
     _case("fp64", dtype="float64"),
