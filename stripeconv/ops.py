@@ -86,7 +86,8 @@ def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, pa
         )
 
 
-def _output_memory_format(input: Tensor) -> torch.memory_format:
+def output_memory_format(input: Tensor) -> torch.memory_format:
+    """The op's result layout: channels_last when ``input`` is (and is not also contiguous)."""
     if input.is_contiguous(memory_format=torch.channels_last) and not input.is_contiguous():
         return torch.channels_last
     return torch.contiguous_format
@@ -108,7 +109,7 @@ def stripe_conv2d(
     out = backends.resolve(input.device).forward(
         input, weight, bias, stripe_mask, list(stride), list(padding), list(dilation), groups
     )
-    return out.contiguous(memory_format=_output_memory_format(input))
+    return out.contiguous(memory_format=output_memory_format(input))
 
 
 @stripe_conv2d.register_fake
@@ -116,7 +117,7 @@ def fake_forward(input, weight, bias, stripe_mask, stride, padding, dilation, gr
     """Output shape and memory format of the forward, without computing it."""
     ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
     out = input.new_empty(input.shape[0], stripe_mask.shape[0], ho, wo)
-    return out.contiguous(memory_format=_output_memory_format(input))
+    return out.contiguous(memory_format=output_memory_format(input))
 
 
 @torch.library.custom_op("stripeconv::stripe_conv2d_grad_input", mutates_args=())
@@ -134,13 +135,13 @@ def stripe_conv2d_grad_input(
     grad_input = backends.resolve(grad_output.device).grad_input(
         grad_output, weight, stripe_mask, list(input_shape), list(stride), list(padding), list(dilation), groups
     )
-    return grad_input.contiguous(memory_format=_output_memory_format(grad_output))
+    return grad_input.contiguous(memory_format=output_memory_format(grad_output))
 
 
 @stripe_conv2d_grad_input.register_fake
 def fake_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
     grad_input = grad_output.new_empty(list(input_shape))
-    return grad_input.contiguous(memory_format=_output_memory_format(grad_output))
+    return grad_input.contiguous(memory_format=output_memory_format(grad_output))
 
 
 @torch.library.custom_op("stripeconv::stripe_conv2d_grad_weight", mutates_args=())

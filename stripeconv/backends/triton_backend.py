@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops import output_memory_format
 from . import gpu_select
 
 NAME = "triton"
@@ -457,14 +458,9 @@ def _out_hw(h, w, kh, kw, stride, padding, dilation):
     return max(ho, 0), max(wo, 0)
 
 
-def _memory_format(ref: Tensor) -> torch.memory_format:
-    return (torch.channels_last if ref.is_contiguous(memory_format=torch.channels_last) and not ref.is_contiguous()
-            else torch.contiguous_format)
-
-
 def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
     """New tensor in ``ref``'s memory format (channels_last when ``ref`` is)."""
-    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=_memory_format(ref))
+    return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=output_memory_format(ref))
 
 
 def _nhwc(t: Tensor) -> Tensor:
@@ -654,7 +650,7 @@ def grad_input(
             w_dense = _dense_weight(weight, mask, grad_output.device)
             dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
                                             dilation, groups)
-            return dx.contiguous(memory_format=_memory_format(grad_output))
+            return dx.contiguous(memory_format=output_memory_format(grad_output))
         candidates["dense"] = dense
     key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
                                                            tuple(dilation), groups))
