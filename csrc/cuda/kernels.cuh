@@ -1,0 +1,472 @@
+// CUDA kernels of stripe_conv2d. Pure CUDA: no torch headers (the launchers are in ops.h).
+//
+// Layouts: activations NHWC (channels_last), packed weight [S, Cg] with rows ordered by kernel
+// position p = i * kw + j, then filter (stripeconv/packing.py). The mask-derived metadata is
+// built on the device (build_rows_kernel), so no call reads the mask on the host:
+//   prefix[p][f]   first packed row of position p whose filter is >= f   ([K, N + 1])
+//   row_filter[r]  filter of packed row r                                ([S])
+// The rows of position p and filters [f0, f1) are therefore the range [prefix[p][f0], prefix[p][f1]).
+//
+// Every kernel is a GEMM over shared-memory tiles in "NT" form, C[m][n] = sum_k A[m][k] * B[n][k],
+// computed by 4 warps on a 64 x 64 tile (each warp 32 x 32): wmma tensor cores for fp16/bf16
+// (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. The kernels differ in what they gather:
+//
+// forward (position-major, zero wasted stripes at any mask): a block owns 64 output pixels and a
+//   block of nb filters whose fp32 outputs live in shared memory. For each position p it multiplies
+//   the shifted input rows by the packed rows of p in chunks of 64 (only the filters that keep p,
+//   so nothing is computed for pruned stripes; chunks are cut at 16-column granularity) and adds
+//   each chunk's columns into the accumulator of the chunk's filters. Borders: masked loads.
+// grad input (output-stationary over grad_input): a block owns 64 pixels of one stride phase and
+//   64 input channels and reduces over the packed rows of the positions whose taps land on that
+//   phase, gathering grad_output at the rows' filters. No work is spent on other phases.
+// grad weight: a block owns 64 packed rows of one (position, group) and 64 channels and reduces
+//   over a split of the output pixels into an fp32 workspace; reduce_splits_kernel sums the
+//   splits in a fixed order (deterministic).
+#pragma once
+
+#ifndef STRIPECONV_CUDA_EMULATION
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+#include <stdint.h>
+
+namespace stripeconv_cuda {
+
+constexpr int kThreads = 128;  // 4 warps as 2 x 2 warp tiles of 32 x 32
+constexpr int kTileM = 64;
+constexpr int kTileN = 64;
+constexpr int kTileK = 32;
+constexpr int kStageLd = kTileN + 4;  // fp32 staging tile: a multiple of 4 (wmma), rows 32-byte aligned
+
+// Geometry of one call; activations are NHWC, C and N count all groups.
+struct ConvShape {
+  int B, C, H, W;
+  int N, Ho, Wo;
+  int kh, kw, sh, sw, pt, pl, dh, dw;
+  int groups, Cg, Ng;
+  int S;  // packed rows
+};
+
+// ------------------------------------------------------------------------------ numeric types
+template <typename T>
+struct Num;
+template <>
+struct Num<float> {
+  using Acc = float;
+  static __device__ __forceinline__ float to_acc(float v) { return v; }
+  static __device__ __forceinline__ float from_acc(float v) { return v; }
+};
+template <>
+struct Num<double> {
+  using Acc = double;
+  static __device__ __forceinline__ double to_acc(double v) { return v; }
+  static __device__ __forceinline__ double from_acc(double v) { return v; }
+};
+template <>
+struct Num<__half> {
+  using Acc = float;
+  static __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Num<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+};
+
+// Leading dimension of the [64][kTileK] operand tiles: 16-bit rows padded by 8 elements keep
+// wmma's 32-byte alignment and spread the banks; 4- and 8-byte rows by one element.
+template <typename T>
+constexpr int operand_ld() {
+  return kTileK + (sizeof(T) == 2 ? 8 : 1);
+}
+
+__host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+#ifdef STRIPECONV_CUDA_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_smem() { return stripeconv_emu::g_shared; }
+#else
+__device__ __forceinline__ unsigned char* dynamic_smem() {
+  extern __shared__ __align__(128) unsigned char smem[];
+  return smem;
+}
+#endif
+
+// ------------------------------------------------------------------------- warp tile products
+// A warp's 32 x 32 block of C += A * B^T over kdim (a multiple of 16), A and B rows K-contiguous
+// in shared memory with leading dimension ld. Columns at or beyond n_valid need not be computed.
+
+// CUDA cores: each lane owns a 4 x 8 block (8 x 4 lanes).
+template <typename T>
+struct WarpTile {
+  using Acc = typename Num<T>::Acc;
+  Acc c[4][8];
+
+  __device__ void zero() {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) c[i][j] = Acc(0);
+  }
+  __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
+    if (n_valid <= 0) return;
+    const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
+    for (int k = 0; k < kdim; ++k) {
+      Acc av[4], bv[8];
+      for (int i = 0; i < 4; ++i) av[i] = Num<T>::to_acc(a[(r0 + i) * ld + k]);
+      for (int j = 0; j < 8; ++j) bv[j] = Num<T>::to_acc(b[(c0 + j) * ld + k]);
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 8; ++j) c[i][j] += av[i] * bv[j];
+    }
+  }
+  __device__ void store(Acc* out, int ldc) const {
+    const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) out[(r0 + i) * ldc + c0 + j] = c[i][j];
+  }
+};
+
+// Tensor cores: 2 x 2 wmma 16x16x16 fragments, fp32 accumulators.
+template <typename T>
+struct WmmaWarpTile {
+  using Acc = float;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2][2];
+
+  __device__ void zero() {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
+  }
+  __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
+    using namespace nvcuda;
+    const int ncols = n_valid > 16 ? 2 : (n_valid > 0 ? 1 : 0);
+    if (ncols == 0) return;
+    for (int k = 0; k < kdim; k += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * ld + k, ld);
+      for (int j = 0; j < ncols; ++j) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
+        wmma::load_matrix_sync(fb, b + j * 16 * ld + k, ld);
+        for (int i = 0; i < 2; ++i) wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
+      }
+    }
+  }
+  __device__ void store(float* out, int ldc) const {
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 2; ++j)
+        nvcuda::wmma::store_matrix_sync(out + i * 16 * ldc + j * 16, c[i][j], ldc, nvcuda::wmma::mem_row_major);
+  }
+};
+
+// fp16 wmma needs sm_70, bf16 sm_80; older devices use the CUDA-core tile.
+template <typename T>
+struct TileFor {
+  using type = WarpTile<T>;
+};
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 700
+template <>
+struct TileFor<__half> {
+  using type = WmmaWarpTile<__half>;
+};
+#endif
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+template <>
+struct TileFor<__nv_bfloat16> {
+  using type = WmmaWarpTile<__nv_bfloat16>;
+};
+#endif
+
+// ------------------------------------------------------------------------------- metadata
+// One block: per position the kept filters in order (row_filter) and the prefix table.
+// Rows beyond S (a mask that does not match the packed weight) are not written.
+__global__ void build_rows_kernel(const unsigned char* __restrict__ mask, int N, int K, int S,
+                                  int* __restrict__ prefix, int* __restrict__ row_filter) {
+  int* position_start = reinterpret_cast<int*>(dynamic_smem());  // [K]
+  for (int p = threadIdx.x; p < K; p += blockDim.x) {
+    int count = 0;
+    for (int f = 0; f < N; ++f) count += mask[int64_t(f) * K + p] != 0;
+    position_start[p] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int total = 0;
+    for (int p = 0; p < K; ++p) {
+      const int count = position_start[p];
+      position_start[p] = total;
+      total += count;
+    }
+  }
+  __syncthreads();
+  for (int p = threadIdx.x; p < K; p += blockDim.x) {
+    int r = position_start[p];
+    int* row = prefix + int64_t(p) * (N + 1);
+    for (int f = 0; f < N; ++f) {
+      row[f] = r < S ? r : S;
+      if (mask[int64_t(f) * K + p]) {
+        if (r < S) row_filter[r] = f;
+        ++r;
+      }
+    }
+    row[N] = r < S ? r : S;
+  }
+}
+
+// ---------------------------------------------------------------------------------- forward
+// Shared memory: acc [64][nb], stage [64][kStageLd] (Acc), A and B tiles [64][ld] (T), row info.
+template <typename T>
+__host__ __device__ constexpr int64_t forward_smem_bytes(int nb) {
+  using Acc = typename Num<T>::Acc;
+  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
+         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128) + align_up((3 * kTileM + kTileN) * 4, 128);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
+                   const int* __restrict__ prefix, const int* __restrict__ row_filter, T* __restrict__ y,
+                   ConvShape s, int nb) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int ld = operand_ld<T>();
+  unsigned char* smem = dynamic_smem();
+  Acc* acc = reinterpret_cast<Acc*>(smem);
+  smem += align_up(int64_t(kTileM) * nb * sizeof(Acc), 128);
+  Acc* stage = reinterpret_cast<Acc*>(smem);
+  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
+  T* a_tile = reinterpret_cast<T*>(smem);
+  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
+  T* b_tile = reinterpret_cast<T*>(smem);
+  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
+  int* row_b = reinterpret_cast<int*>(smem);
+  int* row_h = row_b + kTileM;
+  int* row_w = row_h + kTileM;
+  int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the range
+
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int g = blockIdx.z, f0 = blockIdx.y * nb, fg0 = g * s.Ng + f0;
+  const int fcount = s.Ng - f0 < nb ? s.Ng - f0 : nb;
+  const int m0 = blockIdx.x * kTileM, M = s.B * s.Ho * s.Wo, K = s.kh * s.kw;
+  const T zero = Num<T>::from_acc(Acc(0));
+
+  for (int idx = tid; idx < kTileM * nb; idx += kThreads) acc[idx] = Acc(0);
+  for (int m = tid; m < kTileM; m += kThreads) {
+    const int pix = m0 + m;
+    if (pix < M) {
+      const int b = pix / (s.Ho * s.Wo), rem = pix % (s.Ho * s.Wo);
+      row_b[m] = b;
+      row_h[m] = (rem / s.Wo) * s.sh - s.pt;
+      row_w[m] = (rem % s.Wo) * s.sw - s.pl;
+    } else {
+      row_b[m] = -1;
+    }
+  }
+  __syncthreads();
+
+  for (int p = 0; p < K; ++p) {
+    const int ih = (p / s.kw) * s.dh, iw = (p % s.kw) * s.dw;
+    const int r_begin = prefix[int64_t(p) * (s.N + 1) + fg0], r_end = prefix[int64_t(p) * (s.N + 1) + fg0 + fcount];
+    for (int r0 = r_begin; r0 < r_end; r0 += kTileN) {
+      const int rows = r_end - r0 < kTileN ? r_end - r0 : kTileN;
+      for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < rows ? row_filter[r0 + j] - fg0 : -1;
+      typename TileFor<T>::type tile;
+      tile.zero();
+      for (int c0 = 0; c0 < s.Cg; c0 += kTileK) {
+        for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+          const int m = idx / kTileK, k = idx % kTileK, c = c0 + k;
+          T v = zero;
+          const int b = row_b[m], h = row_h[m] + ih, wc = row_w[m] + iw;
+          if (b >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W)
+            v = x[((int64_t(b) * s.H + h) * s.W + wc) * s.C + int64_t(g) * s.Cg + c];
+          a_tile[m * ld + k] = v;
+        }
+        for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
+          const int n = idx / kTileK, k = idx % kTileK, c = c0 + k;
+          b_tile[n * ld + k] = (n < rows && c < s.Cg) ? w[int64_t(r0 + n) * s.Cg + c] : zero;
+        }
+        __syncthreads();
+        tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, rows - wn * 32);
+        __syncthreads();
+      }
+      tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
+      __syncthreads();
+      // Each chunk row is a different filter, so no two threads add into the same column.
+      for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
+        const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
+        if (col >= 0) acc[m * nb + col] += stage[m * kStageLd + j];
+      }
+      __syncthreads();
+    }
+  }
+
+  for (int idx = tid; idx < kTileM * fcount; idx += kThreads) {
+    const int m = idx / fcount, n = idx % fcount;
+    if (row_b[m] < 0) continue;
+    Acc v = acc[m * nb + n];
+    if (bias != nullptr) v += Num<T>::to_acc(bias[fg0 + n]);
+    y[int64_t(m0 + m) * s.N + fg0 + n] = Num<T>::from_acc(v);
+  }
+}
+
+// ------------------------------------------------------------------------------- grad input
+template <typename T>
+__host__ __device__ constexpr int64_t grad_input_smem_bytes() {
+  using Acc = typename Num<T>::Acc;
+  return align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
+         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128) + align_up(3 * kTileM * 4, 128);
+}
+
+// grid: (pixel tiles of the largest phase, channel tiles, groups * sh * sw)
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ w, const int* __restrict__ prefix,
+                      const int* __restrict__ row_filter, T* __restrict__ dx, ConvShape s) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int ld = operand_ld<T>();
+  const int phases = s.sh * s.sw, phase = blockIdx.z % phases, g = blockIdx.z / phases;
+  const int a = phase / s.sw, cph = phase % s.sw;
+  const int hp = a < s.H ? (s.H - a + s.sh - 1) / s.sh : 0, wp = cph < s.W ? (s.W - cph + s.sw - 1) / s.sw : 0;
+  const int m0 = blockIdx.x * kTileM;
+  if (m0 >= s.B * hp * wp) return;  // uniform across the block: this phase has fewer pixels
+
+  unsigned char* smem = dynamic_smem();
+  Acc* stage = reinterpret_cast<Acc*>(smem);
+  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
+  T* a_tile = reinterpret_cast<T*>(smem);
+  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
+  T* b_tile = reinterpret_cast<T*>(smem);
+  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
+  int* row_b = reinterpret_cast<int*>(smem);
+  int* row_r = row_b + kTileM;
+  int* row_q = row_r + kTileM;
+
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int c0 = blockIdx.y * kTileN, K = s.kh * s.kw, Mp = s.B * hp * wp;
+  const T zero = Num<T>::from_acc(Acc(0));
+  for (int m = tid; m < kTileM; m += kThreads) {
+    const int pix = m0 + m;
+    if (pix < Mp) {
+      row_b[m] = pix / (hp * wp);
+      row_r[m] = (pix % (hp * wp)) / wp;
+      row_q[m] = pix % wp;
+    } else {
+      row_b[m] = -1;
+    }
+  }
+  __syncthreads();
+
+  typename TileFor<T>::type tile;
+  tile.zero();
+  for (int p = 0; p < K; ++p) {
+    // Input row a + sh * r receives output row (a + pt - i * dh) / sh + r when that divides.
+    const int th = a + s.pt - (p / s.kw) * s.dh, tw = cph + s.pl - (p % s.kw) * s.dw;
+    if (((th % s.sh) + s.sh) % s.sh != 0 || ((tw % s.sw) + s.sw) % s.sw != 0) continue;
+    const int oh = th / s.sh, ow = tw / s.sw;
+    const int r_begin = prefix[int64_t(p) * (s.N + 1) + g * s.Ng], r_end = prefix[int64_t(p) * (s.N + 1) + (g + 1) * s.Ng];
+    for (int r0 = r_begin; r0 < r_end; r0 += kTileK) {
+      for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+        const int m = idx / kTileK, k = idx % kTileK;
+        T v = zero;
+        const int b = row_b[m], ho = row_r[m] + oh, wo = row_q[m] + ow;
+        if (b >= 0 && r0 + k < r_end && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo)
+          v = dy[((int64_t(b) * s.Ho + ho) * s.Wo + wo) * s.N + row_filter[r0 + k]];
+        a_tile[m * ld + k] = v;
+      }
+      for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
+        const int k = idx / kTileN, n = idx % kTileN, c = c0 + n;
+        b_tile[n * ld + k] = (r0 + k < r_end && c < s.Cg) ? w[int64_t(r0 + k) * s.Cg + c] : zero;
+      }
+      __syncthreads();
+      tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, s.Cg - c0 - wn * 32);
+      __syncthreads();
+    }
+  }
+  tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
+  __syncthreads();
+  const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
+  for (int idx = tid; idx < kTileM * ccount; idx += kThreads) {
+    const int m = idx / ccount, n = idx % ccount;
+    if (row_b[m] < 0) continue;
+    const int hi = a + row_r[m] * s.sh, wi = cph + row_q[m] * s.sw;
+    dx[((int64_t(row_b[m]) * s.H + hi) * s.W + wi) * s.C + int64_t(g) * s.Cg + c0 + n] =
+        Num<T>::from_acc(stage[m * kStageLd + n]);
+  }
+}
+
+// ------------------------------------------------------------------------------ grad weight
+template <typename T>
+__host__ __device__ constexpr int64_t grad_weight_smem_bytes() {
+  using Acc = typename Num<T>::Acc;
+  return align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
+         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128);
+}
+
+// grid: (row tiles of the largest (position, group) range, K * groups, splits * channel tiles).
+// workspace [splits, S, Cg] in the accumulation type.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int* __restrict__ prefix,
+                       const int* __restrict__ row_filter, typename Num<T>::Acc* __restrict__ workspace,
+                       ConvShape s, int splits, int pixels_per_split) {
+  using Acc = typename Num<T>::Acc;
+  constexpr int ld = operand_ld<T>();
+  const int K = s.kh * s.kw, p = blockIdx.y % K, g = blockIdx.y / K;
+  const int r_begin = prefix[int64_t(p) * (s.N + 1) + g * s.Ng], r_end = prefix[int64_t(p) * (s.N + 1) + (g + 1) * s.Ng];
+  const int r0 = r_begin + blockIdx.x * kTileM;
+  if (r0 >= r_end) return;  // uniform: this (position, group) keeps fewer rows
+
+  unsigned char* smem = dynamic_smem();
+  Acc* stage = reinterpret_cast<Acc*>(smem);
+  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
+  T* a_tile = reinterpret_cast<T*>(smem);
+  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
+  T* b_tile = reinterpret_cast<T*>(smem);
+
+  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int split = blockIdx.z % splits, c0 = (blockIdx.z / splits) * kTileN;
+  const int M = s.B * s.Ho * s.Wo, k_begin = split * pixels_per_split;
+  const int k_end = M - k_begin < pixels_per_split ? M : k_begin + pixels_per_split;
+  const int rows = r_end - r0 < kTileM ? r_end - r0 : kTileM;
+  const int ih = (p / s.kw) * s.dh - s.pt, iw = (p % s.kw) * s.dw - s.pl;
+  const T zero = Num<T>::from_acc(Acc(0));
+
+  typename TileFor<T>::type tile;
+  tile.zero();
+  for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
+    for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+      const int k = idx / kTileM, m = idx % kTileM, pix = k0 + k;
+      a_tile[m * ld + k] = (m < rows && pix < k_end) ? dy[int64_t(pix) * s.N + row_filter[r0 + m]] : zero;
+    }
+    for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
+      const int k = idx / kTileN, n = idx % kTileN, pix = k0 + k, c = c0 + n;
+      T v = zero;
+      if (pix < k_end && c < s.Cg) {
+        const int b = pix / (s.Ho * s.Wo), rem = pix % (s.Ho * s.Wo);
+        const int h = (rem / s.Wo) * s.sh + ih, wc = (rem % s.Wo) * s.sw + iw;
+        if (h >= 0 && h < s.H && wc >= 0 && wc < s.W) v = x[((int64_t(b) * s.H + h) * s.W + wc) * s.C + int64_t(g) * s.Cg + c];
+      }
+      b_tile[n * ld + k] = v;
+    }
+    __syncthreads();
+    tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, s.Cg - c0 - wn * 32);
+    __syncthreads();
+  }
+  tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
+  __syncthreads();
+  const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
+  for (int idx = tid; idx < rows * ccount; idx += kThreads) {
+    const int m = idx / ccount, n = idx % ccount;
+    workspace[(int64_t(split) * s.S + r0 + m) * s.Cg + c0 + n] = stage[m * kStageLd + n];
+  }
+}
+
+// grad_weight[i] = sum over splits of workspace[split][i], in split order.
+template <typename T>
+__global__ void reduce_splits_kernel(const typename Num<T>::Acc* __restrict__ workspace, T* __restrict__ out,
+                                     int64_t count, int splits) {
+  using Acc = typename Num<T>::Acc;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    Acc v = Acc(0);
+    for (int sp = 0; sp < splits; ++sp) v += workspace[sp * count + i];
+    out[i] = Num<T>::from_acc(v);
+  }
+}
+
+}  // namespace stripeconv_cuda
