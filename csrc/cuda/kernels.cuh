@@ -79,7 +79,7 @@ struct Num<__nv_bfloat16> {
 // Leading dimension of the [64][kTileK] operand tiles: 16-bit rows padded by 8 elements keep
 // wmma's 32-byte alignment and spread the banks; 4- and 8-byte rows by one element.
 template <typename T>
-constexpr int operand_ld() {
+__host__ __device__ constexpr int operand_ld() {
   return kTileK + (sizeof(T) == 2 ? 8 : 1);
 }
 
@@ -105,7 +105,9 @@ struct WarpTile {
   Acc c[4][8];
 
   __device__ void zero() {
+#pragma unroll
     for (int i = 0; i < 4; ++i)
+#pragma unroll
       for (int j = 0; j < 8; ++j) c[i][j] = Acc(0);
   }
   __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
@@ -113,15 +115,21 @@ struct WarpTile {
     const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
     for (int k = 0; k < kdim; ++k) {
       Acc av[4], bv[8];
+#pragma unroll
       for (int i = 0; i < 4; ++i) av[i] = Num<T>::to_acc(a[(r0 + i) * ld + k]);
+#pragma unroll
       for (int j = 0; j < 8; ++j) bv[j] = Num<T>::to_acc(b[(c0 + j) * ld + k]);
+#pragma unroll
       for (int i = 0; i < 4; ++i)
+#pragma unroll
         for (int j = 0; j < 8; ++j) c[i][j] += av[i] * bv[j];
     }
   }
   __device__ void store(Acc* out, int ldc) const {
     const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
+#pragma unroll
     for (int i = 0; i < 4; ++i)
+#pragma unroll
       for (int j = 0; j < 8; ++j) out[(r0 + i) * ldc + c0 + j] = c[i][j];
   }
 };
@@ -133,7 +141,9 @@ struct WmmaWarpTile {
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2][2];
 
   __device__ void zero() {
+#pragma unroll
     for (int i = 0; i < 2; ++i)
+#pragma unroll
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
   }
   __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
@@ -142,16 +152,22 @@ struct WmmaWarpTile {
     if (ncols == 0) return;
     for (int k = 0; k < kdim; k += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+#pragma unroll
       for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * ld + k, ld);
-      for (int j = 0; j < ncols; ++j) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {  // constant bounds keep the fragments in registers
+        if (j >= ncols) break;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
         wmma::load_matrix_sync(fb, b + j * 16 * ld + k, ld);
+#pragma unroll
         for (int i = 0; i < 2; ++i) wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
       }
     }
   }
   __device__ void store(float* out, int ldc) const {
+#pragma unroll
     for (int i = 0; i < 2; ++i)
+#pragma unroll
       for (int j = 0; j < 2; ++j)
         nvcuda::wmma::store_matrix_sync(out + i * 16 * ldc + j * 16, c[i][j], ldc, nvcuda::wmma::mem_row_major);
   }

@@ -5,8 +5,8 @@ A backend is a module with ``NAME``, ``is_available() -> (bool, reason)``,
 ``grad_weight`` with the arguments of :mod:`stripeconv.ops`.
 
 By default the fastest available backend for the input's device is used: ``cpu`` (the compiled
-C++ kernels) for CPU tensors, ``cuda`` then ``triton`` for CUDA tensors, ``reference`` when
-nothing compiled is there. :func:`set_backend` or the environment variable
+C++ kernels) for CPU tensors, ``triton`` (then ``cuda``) for CUDA tensors, ``reference`` when
+nothing compiled is there. The ``cuda`` kernels are opt-in until benchmarks show them faster. :func:`set_backend` or the environment variable
 ``STRIPECONV_BACKEND`` pins one.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ _MODULES = {
     "triton": "triton_backend",
     "cuda": "cuda",
 }
-_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 _loaded: dict[str, ModuleType] = {}
 _selected: Optional[str] = None

@@ -1,0 +1,247 @@
+"""The CUDA C++ backend (csrc/cuda) without a GPU, and on one when there is one.
+
+* Emulation: the unmodified launchers and kernels compiled for the CPU against
+  csrc/cuda/emulation.h (CUDA threads as OS threads, real barriers, wmma emulated with its
+  alignment rules checked, poisoned shared memory), registered as ``stripeconv_cuda_emu`` and
+  run through ``StripeConv2d`` with the ``cuda`` backend against the fp64 oracle: forward and
+  every gradient.
+* nvcc: csrc/cuda/ops.cu compiles for sm_80 and sm_90 against torch's headers, the tensor-core
+  kernels use HMMA and do not spill.
+* GPU: the same oracle checks on CUDA tensors when the extension was built with CUDA.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stripeconv
+from stripeconv.backends import cuda as cuda_backend
+from stripeconv.packing import pack_weight
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
+
+
+@pytest.fixture(scope="module")
+def emulated_ops(tmp_path_factory):
+    """Build the CPU emulation of the CUDA kernels once per test session."""
+    from torch.utils import cpp_extension
+
+    if not hasattr(torch.ops, "stripeconv_cuda_emu") or not hasattr(torch.ops.stripeconv_cuda_emu, "forward"):
+        cpp_extension.load(
+            name="stripeconv_cuda_emu",
+            sources=[os.path.join(ROOT, "tests", "cuda_emulation", "ops_emulated.cpp")],
+            extra_include_paths=[CUDA_SRC],
+            extra_cflags=["-O1", "-std=c++17", "-pthread"],
+            extra_ldflags=["-pthread"],
+            build_directory=str(tmp_path_factory.mktemp("cuda_emu")),
+            is_python_module=False,
+        )
+    return torch.ops.stripeconv_cuda_emu
+
+
+@pytest.fixture(params=["emulated", "cuda"])
+def cuda_kernels(request, monkeypatch):
+    """The ``cuda`` backend on CPU tensors through the emulation, or on a GPU when there is one."""
+    if request.param == "emulated":
+        request.getfixturevalue("emulated_ops")
+        monkeypatch.setattr(cuda_backend, "_NAMESPACE", "stripeconv_cuda_emu")
+        monkeypatch.setattr(cuda_backend, "_DEVICE_TYPE", "cpu")
+        device = torch.device("cpu")
+    else:
+        ok, reason = cuda_backend.is_available()
+        if not ok:
+            pytest.skip(f"CUDA kernels: {reason}")
+        device = torch.device("cuda")
+    stripeconv.set_backend("cuda")
+    yield device
+    stripeconv.set_backend(None)
+
+
+def _check(device, dtype, in_ch, out_ch, size, kernel_size, density, seed=0, channels_last=False, bias=True, **conv):
+    """StripeConv2d on ``device``/``dtype`` against the fp64 oracle on the same rounded values."""
+    g = torch.Generator().manual_seed(seed)
+    conv64 = nn.Conv2d(in_ch, out_ch, kernel_size, bias=bias, **conv).double()
+    mask = torch.rand(out_ch, *conv64.kernel_size, generator=g) < density
+    with torch.no_grad():
+        conv64.weight.copy_(torch.randn(conv64.weight.shape, generator=g, dtype=torch.float64).to(dtype).double())
+        conv64.weight.mul_(mask[:, None])
+        if bias:
+            conv64.bias.copy_(torch.randn(out_ch, generator=g, dtype=torch.float64).to(dtype).double())
+    x64 = torch.randn(2, in_ch, *size, generator=g, dtype=torch.float64).to(dtype).double().requires_grad_(True)
+    expected = conv64(x64)
+    grad_out = torch.randn(expected.shape, generator=g, dtype=torch.float64).to(dtype).double()
+    expected.backward(grad_out)
+
+    layer = stripeconv.StripeConv2d.from_conv(conv64, mask).to(device=device, dtype=dtype)
+    x = x64.detach().to(device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    got = layer(x)
+    got.backward(grad_out.to(device=device, dtype=dtype))
+    if channels_last:
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}[dtype]
+
+    def close(actual, wanted, what):
+        assert actual.shape == wanted.shape, what
+        if wanted.numel() == 0:
+            return
+        scale = wanted.abs().max().item() + 1e-12
+        err = (actual.detach().double().cpu() - wanted).abs().max().item() / scale
+        assert err < tol, f"{what}: max error {err:.2e} of scale {scale:.2e} (tolerance {tol:.0e})"
+
+    close(got, expected.detach(), "output")
+    close(x.grad, x64.grad, "grad input")
+    close(layer.packed_weight.grad, pack_weight(conv64.weight.grad, mask), "grad weight")
+    if bias:
+        close(layer.bias.grad, conv64.bias.grad, "grad bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_oracle_dtypes(cuda_kernels, dtype):
+    # 24 filters in blocks of 16 (two filter blocks, one partial), 40 channels (two K steps).
+    _check(cuda_kernels, dtype, 40, 24, (6, 6), 3, 0.5, padding=1)
+
+
+@pytest.mark.parametrize(
+    "in_ch, out_ch, size, kernel_size, density, conv, channels_last",
+    [
+        (8, 24, (7, 5), 3, 0.4, dict(stride=2, padding=(1, 2)), True),          # stride phases, NHWC
+        (6, 6, (9, 8), (3, 2), 0.6, dict(stride=(2, 3), dilation=(2, 1), groups=3), False),
+        (4, 4, (6, 6), 3, 0.7, dict(padding=1, groups=4), False),                # depthwise
+        (70, 70, (5, 5), 3, 0.3, dict(padding=1), True),                        # > 64 rows per position
+        (8, 16, (5, 6), 3, 0.0, dict(padding=1), False),                        # every stripe pruned
+        (8, 16, (5, 6), 3, 1.0, dict(padding="same", dilation=2), False),       # every stripe kept
+        (8, 8, (3, 3), 3, 0.5, dict(stride=4, padding=1), False),               # stride > kernel: pixels no tap reaches
+    ],
+)
+def test_oracle_geometry(cuda_kernels, in_ch, out_ch, size, kernel_size, density, conv, channels_last):
+    _check(cuda_kernels, torch.float32, in_ch, out_ch, size, kernel_size, density,
+           channels_last=channels_last, **conv)
+
+
+def test_oracle_many_pixels_fp16(cuda_kernels):
+    # 2 x 12 x 12 = 288 output pixels: several pixel tiles and grad weight splits.
+    _check(cuda_kernels, torch.float16, 16, 32, (12, 12), 3, 0.3, padding=1, bias=False)
+
+
+def test_mask_that_does_not_match_the_weight(cuda_kernels):
+    mask = torch.ones(4, 3, 3, dtype=torch.bool, device=cuda_kernels)
+    weight = torch.randn(35, 2, device=cuda_kernels)
+    x = torch.randn(1, 2, 5, 5, device=cuda_kernels)
+    with pytest.raises(ValueError, match="35 rows but stripe_mask keeps 36 stripes"):
+        stripeconv.ops.stripe_conv2d(x, weight, None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+
+
+def test_unsupported_dtype_is_named(emulated_ops):
+    mask = torch.ones(2, 1, 1, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="expected float16, bfloat16, float32 or float64"):
+        emulated_ops.forward(torch.ones(1, 2, 3, 3, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32), None,
+                             mask, [1, 1], [0, 0, 0, 0], [1, 1], 1)
+
+
+def test_kernels_reject_wrong_device(emulated_ops):
+    # Registered for CPU tensors only: a meta tensor has no kernel to run.
+    mask = torch.ones(2, 1, 1, dtype=torch.bool)
+    with pytest.raises(NotImplementedError):
+        emulated_ops.forward(torch.ones(1, 2, 3, 3, device="meta"), torch.ones(2, 2, device="meta"), None,
+                             mask.to("meta"), [1, 1], [0, 0, 0, 0], [1, 1], 1)
+
+
+def test_not_available_without_cuda_build():
+    ok, reason = cuda_backend.is_available()
+    if torch.cuda.is_available() and ok:
+        pytest.skip("the extension was built with CUDA kernels here")
+    assert not ok and reason
+
+
+# ------------------------------------------------------------------------------------- nvcc
+def _nvcc() -> str:
+    nvcc = shutil.which("nvcc") or (os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc") if "CUDA_HOME" in os.environ else "")
+    if not nvcc or not os.path.exists(nvcc):
+        pytest.skip("nvcc not found: the CUDA sources cannot be compile-checked here")
+    return nvcc
+
+
+@pytest.fixture(scope="module")
+def compiled_ops(tmp_path_factory):
+    """csrc/cuda/ops.cu compiled (not linked) for sm_80 and sm_90 against torch's headers."""
+    nvcc = _nvcc()
+    tmp = tmp_path_factory.mktemp("nvcc")
+    # CPU wheels of torch ship the c10/cuda headers but not this generated one.
+    shim = tmp / "c10" / "cuda" / "impl"
+    shim.mkdir(parents=True)
+    (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    include = os.path.join(os.path.dirname(torch.__file__), "include")
+    obj = tmp / "ops.o"
+    cmd = [nvcc, "-c", "-std=c++17", "-O3", "-Xptxas", "-v",
+           "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+           "-I", CUDA_SRC, "-I", str(tmp), "-I", include, "-I", os.path.join(include, "torch", "csrc", "api", "include"),
+           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}", "-diag-suppress", "3306",
+           os.path.join(CUDA_SRC, "ops.cu"), "-o", str(obj)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return obj, run.stderr
+
+
+def _ptxas_report(log: str) -> dict:
+    """{(kernel, dtype, arch): (registers, spill bytes)} from ptxas -v."""
+    report, current = {}, None
+    for line in log.splitlines():
+        m = re.search(r"Compiling entry function '_ZN15stripeconv_cuda\d+(\w+?)I(\w+?)E\w*' for 'sm_(\d+)'", line)
+        if m:
+            current = (m.group(1), m.group(2), m.group(3))
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and current:
+            report[current] = [None, int(m.group(1))]
+        m = re.search(r"Used (\d+) registers", line)
+        if m and current in report:
+            report[current][0] = int(m.group(1))
+    return report
+
+
+def test_cuda_sources_compile_for_sm80_and_sm90(compiled_ops):
+    _, log = compiled_ops
+    report = _ptxas_report(log)
+    kernels = {"forward_kernel", "grad_input_kernel", "grad_weight_kernel"}
+    for arch in ("80", "90"):
+        for dtype in ("6__half", "13__nv_bfloat16", "f", "d"):
+            for kernel in kernels:
+                assert (kernel, dtype, arch) in report, f"{kernel}<{dtype}> missing for sm_{arch}"
+            if dtype in ("6__half", "13__nv_bfloat16"):
+                for kernel in kernels:  # the tensor-core tiles keep their fragments in registers
+                    assert report[(kernel, dtype, arch)][1] == 0, (kernel, dtype, arch, report[(kernel, dtype, arch)])
+
+
+def test_tensor_core_kernels_use_hmma(compiled_ops):
+    obj, _ = compiled_ops
+    candidates = [shutil.which("cuobjdump"), os.path.join(os.path.dirname(_nvcc()), "cuobjdump")]
+    try:
+        import triton  # its wheel bundles the CUDA binary tools
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    cuobjdump = next((c for c in candidates if c and os.path.exists(c)), None)
+    if cuobjdump is None:
+        pytest.skip("cuobjdump not found (neither on PATH, next to nvcc, nor in triton's wheel)")
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90", str(obj)], capture_output=True, text=True, check=True).stdout
+    checked = 0
+    for fn in re.split(r"\n\s*Function : ", sass)[1:]:
+        m = re.match(r"_ZN15stripeconv_cuda\d+(forward|grad_input|grad_weight)_kernelI(\w+?)E", fn)
+        if m:
+            checked += 1
+            if m.group(2) in ("6__half", "13__nv_bfloat16"):
+                assert "HMMA" in fn, f"{m.group(1)}<{m.group(2)}> has no tensor-core instruction"
+            else:  # fp32 stays IEEE on CUDA cores
+                assert "HMMA" not in fn, f"{m.group(1)}<{m.group(2)}> uses tensor cores"
+    assert checked == 12
