@@ -14,6 +14,8 @@ share one such pattern, as SWP with ``group_size=32`` learns) it times, in the s
   ``STRIPECONV_GPU_DENSE=never``: the stripe kernels always run)
 * ``stripeconv``  the op as models run it on a GPU: per shape the faster of the stripe kernels
   and cuDNN, chosen by timing once (stripeconv/backends/gpu_select.py)
+* ``cuda``      the CUDA C++ kernels (csrc/cuda, position-major forward that computes no pruned
+  stripe), when the extension was built with CUDA
 * ``reference`` the pure-PyTorch stripe implementation (stripeconv/backends/reference.py)
 * ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
   as the stripe conv, i.e. what filter/channel pruning would give at that density
@@ -222,7 +224,7 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
     print(f"\n== {name}: B={b} C={c} N={n} {hw}x{hw} k={k} s={s}  (dense floors: FLOPs/peak "
           f"{f_flops * 1e3:.2f} us, bytes/bw {f_bytes * 1e3:.2f} us)")
     print(f"{'mask':>9} {'dens':>5} {'1/d':>5} {'eff':>5} {'mode':>7} | {'dense ms':>9} {'triton ms':>10} "
-          f"{'(iqr)':>7} {'speedup':>7} | {'auto':>6} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
+          f"{'(iqr)':>7} {'speedup':>7} | {'auto':>6} {'cuda':>6} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
           f"{'floorF us':>9} {'floorB us':>9}")
     for density in args.densities:
         n_cp = max(1, round(n * density))
@@ -247,6 +249,8 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                 fl_f, fl_b = floors(real_density)
                 entry["floor_flops_ms"], entry["floor_bytes_ms"] = fl_f, fl_b
                 methods = [("triton", "triton", "never"), ("stripeconv", "triton", "auto")]
+                if backends._module("cuda").is_available()[0]:  # CUDA C++ kernels, when built
+                    methods.append(("cuda", "cuda", "never"))
                 if not args.skip_reference:
                     methods.append(("reference", "reference", "never"))
                 for method, backend, dense_mode in methods:
@@ -268,12 +272,13 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                 results.append(entry)
                 tri = entry["triton"].get("median_ms", float("nan"))
                 auto = entry["stripeconv"].get("median_ms", float("nan"))
+                cuda = entry.get("cuda", {}).get("median_ms", float("nan"))
                 ref = entry.get("reference", {}).get("median_ms", float("nan"))
                 dn = entry["dense"]["median_ms"]
                 cpm = entry["chanprune"]["median_ms"]
                 print(f"{kind:>9} {real_density:5.2f} {1 / max(real_density, 1e-9):5.1f} {eff:5.2f} {mode:>7} | "
                       f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
-                      f"{dn / auto:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | "
+                      f"{dn / auto:6.2f} {dn / cuda:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | "
                       f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}", flush=True)
 
 
@@ -346,14 +351,14 @@ def summarize(results: list, method: str = "stripeconv") -> None:
     for kind, d, mode in keys:
         sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)]
         parts = []
-        for m in ("triton", "stripeconv", "chanprune"):
+        for m in ("triton", "stripeconv", "cuda", "chanprune"):
             vals = [v for v in (speedup(r, m) for r in sel) if v]
             if vals:
                 parts.append(f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x")
         eff = statistics.fmean(r["tile_efficiency"] for r in sel)
         print(f"  {mode:>7} {kind:>9} density {d:4.2f}: {'  '.join(parts)}  ideal {1 / d:5.1f}x  "
               f"mean tile eff {eff:4.2f}")
-    for m in ("triton", "stripeconv"):
+    for m in ("triton", "stripeconv", "cuda"):
         groups: dict = {}
         for r in results:
             tgt, v = _target(r), speedup(r, m)
