@@ -134,6 +134,51 @@ def test_oracle_many_pixels_fp16(cuda_kernels):
     _check(cuda_kernels, torch.float16, 16, 32, (12, 12), 3, 0.3, padding=1, bias=False)
 
 
+def _small_layer(device, dtype=torch.float32):
+    g = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(8, 16, 3, padding=1, stride=2)
+    mask = torch.rand(16, 3, 3, generator=g) < 0.4
+    return stripeconv.StripeConv2d.from_conv(conv, mask).to(device=device, dtype=dtype)
+
+
+def _reference(layer, x):
+    with torch.no_grad():
+        return F.conv2d(x.double().cpu(), layer.weight.double().cpu(), layer.bias.double().cpu(), layer.stride,
+                        layer.padding, layer.dilation, layer.groups)
+
+
+def test_torch_compile(cuda_kernels):
+    layer = _small_layer(cuda_kernels)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 9, 9).to(cuda_kernels).requires_grad_(True)
+    y = compiled(x)
+    y.square().sum().backward()
+    torch.testing.assert_close(y.double().cpu(), _reference(layer, x), atol=1e-4, rtol=1e-4)
+    assert x.grad is not None and layer.packed_weight.grad is not None
+
+
+def test_cuda_graph_capture(cuda_kernels):
+    if cuda_kernels.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    layer = _small_layer(cuda_kernels)
+    static_x = torch.randn(2, 8, 9, 9, device=cuda_kernels, requires_grad=True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the once-per-mask host check happens here
+        layer(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.sum().backward()
+    for seed in (1, 2):
+        with torch.no_grad():
+            static_x.copy_(torch.randn(2, 8, 9, 9, generator=torch.Generator().manual_seed(seed)).to(cuda_kernels))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_y.double().cpu(), _reference(layer, static_x), atol=1e-4, rtol=1e-4)
+
+
 def test_mask_that_does_not_match_the_weight(cuda_kernels):
     mask = torch.ones(4, 3, 3, dtype=torch.bool, device=cuda_kernels)
     weight = torch.randn(35, 2, device=cuda_kernels)
