@@ -94,6 +94,26 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
+// The shared-memory tiles every kernel multiplies: the fp32 (fp64) staging tile [64][kStageLd]
+// the warps store their results to, and the two operand tiles [64][ld]; 128-byte aligned regions.
+template <typename T>
+struct GemmTiles {
+  using Acc = typename Num<T>::Acc;
+  static constexpr int64_t kStageBytes = align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
+  static constexpr int64_t kOperandBytes = align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128);
+  static constexpr int64_t kBytes = kStageBytes + 2 * kOperandBytes;
+
+  Acc* stage;
+  T* a;
+  T* b;
+  unsigned char* end;  // the first byte after the tiles
+
+  __device__ static GemmTiles carve(unsigned char* p) {
+    return {reinterpret_cast<Acc*>(p), reinterpret_cast<T*>(p + kStageBytes),
+            reinterpret_cast<T*>(p + kStageBytes + kOperandBytes), p + kBytes};
+  }
+};
+
 // ------------------------------------------------------------------------- warp tile products
 // A warp's 32 x 32 block of C += A * B^T over kdim (a multiple of 16), A and B rows K-contiguous
 // in shared memory with leading dimension ld. Columns at or beyond n_valid need not be computed.
@@ -231,8 +251,7 @@ __global__ void build_rows_kernel(const unsigned char* __restrict__ mask, int N,
 template <typename T>
 __host__ __device__ constexpr int64_t forward_smem_bytes(int nb) {
   using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
-         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128) + align_up((3 * kTileM + kTileN) * 4, 128);
+  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + GemmTiles<T>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
 }
 
 template <typename T>
@@ -244,14 +263,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int ld = operand_ld<T>();
   unsigned char* smem = dynamic_smem();
   Acc* acc = reinterpret_cast<Acc*>(smem);
-  smem += align_up(int64_t(kTileM) * nb * sizeof(Acc), 128);
-  Acc* stage = reinterpret_cast<Acc*>(smem);
-  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
-  T* a_tile = reinterpret_cast<T*>(smem);
-  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
-  T* b_tile = reinterpret_cast<T*>(smem);
-  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
-  int* row_b = reinterpret_cast<int*>(smem);
+  const GemmTiles<T> tiles = GemmTiles<T>::carve(smem + align_up(int64_t(kTileM) * nb * sizeof(Acc), 128));
+  Acc* stage = tiles.stage;
+  T* a_tile = tiles.a;
+  T* b_tile = tiles.b;
+  int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_h = row_b + kTileM;
   int* row_w = row_h + kTileM;
   int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the range
@@ -324,9 +340,7 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------- grad input
 template <typename T>
 __host__ __device__ constexpr int64_t grad_input_smem_bytes() {
-  using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
-         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128) + align_up(3 * kTileM * 4, 128);
+  return GemmTiles<T>::kBytes + align_up(3 * kTileM * 4, 128);
 }
 
 // grid: (pixel tiles of the largest phase, channel tiles, groups * sh * sw)
@@ -342,14 +356,11 @@ __global__ void __launch_bounds__(kThreads)
   const int m0 = blockIdx.x * kTileM;
   if (m0 >= s.B * hp * wp) return;  // uniform across the block: this phase has fewer pixels
 
-  unsigned char* smem = dynamic_smem();
-  Acc* stage = reinterpret_cast<Acc*>(smem);
-  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
-  T* a_tile = reinterpret_cast<T*>(smem);
-  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
-  T* b_tile = reinterpret_cast<T*>(smem);
-  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
-  int* row_b = reinterpret_cast<int*>(smem);
+  const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
+  Acc* stage = tiles.stage;
+  T* a_tile = tiles.a;
+  T* b_tile = tiles.b;
+  int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_r = row_b + kTileM;
   int* row_q = row_r + kTileM;
 
@@ -409,9 +420,7 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------------------------ grad weight
 template <typename T>
 __host__ __device__ constexpr int64_t grad_weight_smem_bytes() {
-  using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) +
-         2 * align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128);
+  return GemmTiles<T>::kBytes;
 }
 
 // grid: (row tiles of the largest (position, group) range, K * groups, splits * channel tiles).
@@ -428,12 +437,10 @@ __global__ void __launch_bounds__(kThreads)
   const int r0 = r_begin + blockIdx.x * kTileM;
   if (r0 >= r_end) return;  // uniform: this (position, group) keeps fewer rows
 
-  unsigned char* smem = dynamic_smem();
-  Acc* stage = reinterpret_cast<Acc*>(smem);
-  smem += align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
-  T* a_tile = reinterpret_cast<T*>(smem);
-  smem += align_up(int64_t(kTileM) * ld * sizeof(T), 128);
-  T* b_tile = reinterpret_cast<T*>(smem);
+  const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
+  Acc* stage = tiles.stage;
+  T* a_tile = tiles.a;
+  T* b_tile = tiles.b;
 
   const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
   const int split = blockIdx.z % splits, c0 = (blockIdx.z / splits) * kTileN;
