@@ -112,6 +112,23 @@ struct GemmTiles {
     return {reinterpret_cast<Acc*>(p), reinterpret_cast<T*>(p + kStageBytes),
             reinterpret_cast<T*>(p + kStageBytes + kOperandBytes), p + kBytes};
   }
+  // After the block has loaded a K step into a and b: each warp multiplies its 32 x 32 block
+  // (the block tile has n_valid valid columns), then the tiles are free for the next loads.
+  template <typename Tile>
+  __device__ void multiply(Tile& tile, int n_valid) const {
+    constexpr int ld = operand_ld<T>();
+    const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+    __syncthreads();
+    tile.mma(a + wm * 32 * ld, b + wn * 32 * ld, ld, kTileK, n_valid - wn * 32);
+    __syncthreads();
+  }
+  // Each warp's results into its block of the staging tile, visible to the whole block.
+  template <typename Tile>
+  __device__ void stage_results(const Tile& tile) const {
+    const int warp = threadIdx.x >> 5;
+    tile.store(stage + (warp >> 1) * 32 * kStageLd + (warp & 1) * 32, kStageLd);
+    __syncthreads();
+  }
 };
 
 // ------------------------------------------------------------------------- warp tile products
@@ -272,7 +289,7 @@ __global__ void __launch_bounds__(kThreads)
   int* row_w = row_h + kTileM;
   int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the range
 
-  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x;
   const int g = blockIdx.z, f0 = blockIdx.y * nb, fg0 = g * s.Ng + f0;
   const int fcount = s.Ng - f0 < nb ? s.Ng - f0 : nb;
   const int m0 = blockIdx.x * kTileM, M = s.B * s.Ho * s.Wo, K = s.kh * s.kw;
@@ -313,12 +330,9 @@ __global__ void __launch_bounds__(kThreads)
           const int n = idx / kTileK, k = idx % kTileK, c = c0 + k;
           b_tile[n * ld + k] = (n < rows && c < s.Cg) ? w[int64_t(r0 + n) * s.Cg + c] : zero;
         }
-        __syncthreads();
-        tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, rows - wn * 32);
-        __syncthreads();
+        tiles.multiply(tile, rows);
       }
-      tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
-      __syncthreads();
+      tiles.stage_results(tile);
       // Each chunk row is a different filter, so no two threads add into the same column.
       for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
         const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
@@ -364,7 +378,7 @@ __global__ void __launch_bounds__(kThreads)
   int* row_r = row_b + kTileM;
   int* row_q = row_r + kTileM;
 
-  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x;
   const int c0 = blockIdx.y * kTileN, K = s.kh * s.kw, Mp = s.B * hp * wp;
   const T zero = Num<T>::from_acc(Acc(0));
   for (int m = tid; m < kTileM; m += kThreads) {
@@ -400,13 +414,10 @@ __global__ void __launch_bounds__(kThreads)
         const int k = idx / kTileN, n = idx % kTileN, c = c0 + n;
         b_tile[n * ld + k] = (r0 + k < r_end && c < s.Cg) ? w[int64_t(r0 + k) * s.Cg + c] : zero;
       }
-      __syncthreads();
-      tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, s.Cg - c0 - wn * 32);
-      __syncthreads();
+      tiles.multiply(tile, s.Cg - c0);
     }
   }
-  tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
-  __syncthreads();
+  tiles.stage_results(tile);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < kTileM * ccount; idx += kThreads) {
     const int m = idx / ccount, n = idx % ccount;
@@ -442,7 +453,7 @@ __global__ void __launch_bounds__(kThreads)
   T* a_tile = tiles.a;
   T* b_tile = tiles.b;
 
-  const int tid = threadIdx.x, warp = tid >> 5, wm = warp >> 1, wn = warp & 1;
+  const int tid = threadIdx.x;
   const int split = blockIdx.z % splits, c0 = (blockIdx.z / splits) * kTileN;
   const int M = s.B * s.Ho * s.Wo, k_begin = split * pixels_per_split;
   const int k_end = M - k_begin < pixels_per_split ? M : k_begin + pixels_per_split;
@@ -467,12 +478,9 @@ __global__ void __launch_bounds__(kThreads)
       }
       b_tile[n * ld + k] = v;
     }
-    __syncthreads();
-    tile.mma(a_tile + wm * 32 * ld, b_tile + wn * 32 * ld, ld, kTileK, s.Cg - c0 - wn * 32);
-    __syncthreads();
+    tiles.multiply(tile, s.Cg - c0);
   }
-  tile.store(stage + wm * 32 * kStageLd + wn * 32, kStageLd);
-  __syncthreads();
+  tiles.stage_results(tile);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < rows * ccount; idx += kThreads) {
     const int m = idx / ccount, n = idx % ccount;
