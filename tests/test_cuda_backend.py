@@ -23,7 +23,7 @@ from torch import nn
 
 import stripeconv
 from stripeconv.backends import cuda as cuda_backend
-from stripeconv.packing import pack_weight
+from stripeconv.packing import pack_weight, unpack_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SRC = os.path.join(ROOT, "csrc", "cuda")
@@ -132,6 +132,35 @@ def test_oracle_geometry(cuda_kernels, in_ch, out_ch, size, kernel_size, density
 def test_oracle_many_pixels_fp16(cuda_kernels):
     # 2 x 12 x 12 = 288 output pixels: several pixel tiles and grad weight splits.
     _check(cuda_kernels, torch.float16, 16, 32, (12, 12), 3, 0.3, padding=1, bias=False)
+
+
+@pytest.mark.parametrize(
+    "in_ch, conv",
+    [
+        (12, dict(padding=1)),                        # 12 channels: element loads (not 16-byte runs)
+        (32, dict(padding=(0, 2), stride=2, groups=2)),  # 16-byte copies per group, borders zero-filled
+        (72, dict(padding=2, dilation=2)),            # 3 channel steps, the last one partial
+    ],
+)
+def test_oracle_bf16_load_paths(cuda_kernels, in_ch, conv):
+    _check(cuda_kernels, torch.bfloat16, in_ch, 24, (7, 6), 3, 0.4, channels_last=True, **conv)
+
+
+def test_misaligned_input_matches_aligned(emulated_ops):
+    # An input 2 bytes off a 16-byte boundary takes the element loads; the result is the same bits.
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(24, 3, 3, generator=g) < 0.5
+    weight = torch.randn(int(mask.sum()), 16, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 16, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    storage = torch.empty(x.numel() + 1, dtype=torch.bfloat16)
+    shifted = storage[1:].as_strided(x.shape, x.stride())
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0 and x.data_ptr() % 16 == 0
+    args = (weight, None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    aligned, misaligned = emulated_ops.forward(x, *args), emulated_ops.forward(shifted, *args)
+    assert torch.equal(aligned, misaligned)
+    expected = F.conv2d(x.double(), unpack_weight(weight.double(), mask), padding=1)
+    torch.testing.assert_close(aligned.double(), expected, atol=0.05, rtol=0.02)
 
 
 def _small_layer(device, dtype=torch.float32):
@@ -267,7 +296,7 @@ def test_cuda_sources_compile_for_sm80_and_sm90(compiled_ops):
                     assert report[(kernel, dtype, arch)][1] == 0, (kernel, dtype, arch, report[(kernel, dtype, arch)])
 
 
-def test_tensor_core_kernels_use_hmma(compiled_ops):
+def test_tensor_cores_and_async_copies_where_expected(compiled_ops):
     obj, _ = compiled_ops
     candidates = [shutil.which("cuobjdump"), os.path.join(os.path.dirname(_nvcc()), "cuobjdump")]
     try:
@@ -285,8 +314,10 @@ def test_tensor_core_kernels_use_hmma(compiled_ops):
         m = re.match(r"_ZN15stripeconv_cuda\d+(forward|grad_input|grad_weight)_kernelI(\w+?)E", fn)
         if m:
             checked += 1
-            if m.group(2) in ("6__half", "13__nv_bfloat16"):
-                assert "HMMA" in fn, f"{m.group(1)}<{m.group(2)}> has no tensor-core instruction"
-            else:  # fp32 stays IEEE on CUDA cores
-                assert "HMMA" not in fn, f"{m.group(1)}<{m.group(2)}> uses tensor cores"
+            sixteen_bit = m.group(2) in ("6__half", "13__nv_bfloat16")
+            # fp32 stays IEEE on CUDA cores
+            assert ("HMMA" in fn) == sixteen_bit, f"{m.group(1)}<{m.group(2)}>: HMMA present is {'HMMA' in fn}"
+            # the 16-bit forward loads its operands by asynchronous copies (cp.async)
+            wants_ldgsts = sixteen_bit and m.group(1) == "forward"
+            assert ("LDGSTS" in fn) == wants_ldgsts, f"{m.group(1)}<{m.group(2)}>: LDGSTS present is {'LDGSTS' in fn}"
     assert checked == 12

@@ -10,6 +10,10 @@
 //   and lane 0 stores it. The pointer alignment (32 bytes) and leading-dimension rules of the
 //   CUDA documentation are checked on every load and store.
 // * __half and __nv_bfloat16 are 16-bit storage types with round-to-nearest-even conversions.
+// * Asynchronous copies (async_copy_16 / _commit / _wait, cp.async on the device) land in shared
+//   memory only when a wait retires their group, the latest moment the hardware allows, so a
+//   kernel that reads a buffer before waiting for it reads stale or poisoned bytes. Destinations
+//   must lie in shared memory and both addresses be 16-byte aligned.
 //
 // It checks the kernels' logic (indexing, borders, barriers, tiling, shared-memory use); it says
 // nothing about their speed.
@@ -23,6 +27,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <thread>
 #include <type_traits>
@@ -44,6 +49,15 @@ struct dim3 {
 inline thread_local dim3 tl_thread_idx, tl_block_idx;
 inline dim3 g_block_dim, g_grid_dim;
 inline unsigned char* g_shared = nullptr;
+inline size_t g_shared_bytes = 0;
+
+// This thread's asynchronous copies: those not yet committed, and the committed groups in order.
+struct AsyncCopy {
+  unsigned char* dst;
+  const unsigned char* src;  // nullptr: zero fill
+};
+inline thread_local std::vector<AsyncCopy> tl_uncommitted;
+inline thread_local std::deque<std::vector<AsyncCopy>> tl_in_flight;
 
 // A reusable barrier for the threads of one block, with a timeout that reports a deadlock.
 class BlockBarrier {
@@ -90,6 +104,7 @@ void run_grid(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_by
   g_block_dim = block;
   g_grid_dim = grid;
   g_shared = base;
+  g_shared_bytes = shared_bytes;
   g_barrier = &barrier;
   const size_t nblocks = size_t(grid.x) * grid.y * grid.z;
   std::vector<std::thread> threads;
@@ -101,6 +116,8 @@ void run_grid(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_by
         if (t == 0) std::memset(base, 0xFF, shared_bytes);  // poison: unwritten reads give NaN
         barrier.wait();
         tl_block_idx = dim3(b % grid.x, (b / grid.x) % grid.y, b / (size_t(grid.x) * grid.y));
+        tl_uncommitted.clear();  // copies a block never waited for do not reach the next one
+        tl_in_flight.clear();
         kernel(args...);
         barrier.wait();  // the block is done before the next one reuses shared memory
       }
@@ -119,6 +136,39 @@ using stripeconv_emu::dim3;
 #define gridDim (stripeconv_emu::g_grid_dim)
 
 inline void __syncthreads() { stripeconv_emu::g_barrier->wait(); }
+
+// ------------------------------------------------------------------------------ async copies
+template <bool kCacheL1>
+void async_copy_16(void* dst, const void* src, bool valid) {
+  using namespace stripeconv_emu;
+  auto* d = static_cast<unsigned char*>(dst);
+  if (d < g_shared || d + 16 > g_shared + g_shared_bytes || reinterpret_cast<uintptr_t>(d) % 16 != 0 ||
+      (valid && reinterpret_cast<uintptr_t>(src) % 16 != 0)) {
+    std::fprintf(stderr, "stripeconv CUDA emulation: async_copy_16 needs a 16-byte aligned shared destination and "
+                         "global source, got %p <- %p\n", dst, src);
+    std::abort();
+  }
+  tl_uncommitted.push_back({d, valid ? static_cast<const unsigned char*>(src) : nullptr});
+}
+
+inline void async_copy_commit() {
+  stripeconv_emu::tl_in_flight.push_back(std::move(stripeconv_emu::tl_uncommitted));
+  stripeconv_emu::tl_uncommitted.clear();
+}
+
+template <int kPending>
+void async_copy_wait() {
+  auto& groups = stripeconv_emu::tl_in_flight;
+  while (groups.size() > size_t(kPending)) {
+    for (const auto& copy : groups.front()) {
+      if (copy.src != nullptr)
+        std::memcpy(copy.dst, copy.src, 16);
+      else
+        std::memset(copy.dst, 0, 16);
+    }
+    groups.pop_front();
+  }
+}
 
 // ---------------------------------------------------------------------------------- 16-bit types
 struct __half {

@@ -16,6 +16,9 @@
 //   the shifted input rows by the packed rows of p in chunks of 64 (only the filters that keep p,
 //   so nothing is computed for pruned stripes; chunks are cut at 16-column granularity) and adds
 //   each chunk's columns into the accumulator of the chunk's filters. Borders: masked loads.
+//   The (position, chunk, channel step) sequence is one software pipeline over two operand
+//   buffers: with 16-bit types and 8-aligned channels the next step's tiles arrive by 16-byte
+//   asynchronous copies (cp.async, zero-filled outside the input) while the current one multiplies.
 // grad input (output-stationary over grad_input): a block owns 64 pixels of one stride phase and
 //   64 input channels and reduces over the packed rows of the positions whose taps land on that
 //   phase, gathering grad_output at the rows' filters. No work is spent on other phases.
@@ -85,6 +88,43 @@ __host__ __device__ constexpr int operand_ld() {
 
 __host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
+// 16-byte copies global -> shared that bypass registers (cp.async): only 16-bit operand tiles have
+// 16-byte aligned rows (operand_ld), and the source must hold 8 aligned channels.
+template <typename T>
+__host__ __device__ constexpr bool async_copyable() {
+  return sizeof(T) == 2;
+}
+
+#ifndef STRIPECONV_CUDA_EMULATION
+// Copies 16 bytes from src to shared dst, or writes 16 zero bytes without reading src when !valid.
+// kCacheL1: keep the line in L1 (operands that neighbouring steps read again).
+template <bool kCacheL1>
+__device__ __forceinline__ void async_copy_16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned dst_shared = unsigned(__cvta_generic_to_shared(dst)), src_bytes = valid ? 16 : 0;
+  if (kCacheL1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(src_bytes));
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst_shared), "l"(src), "r"(src_bytes));
+#else
+  *reinterpret_cast<uint4*>(dst) = valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
+#endif
+}
+// Closes the group of this thread's copies issued since the last commit.
+__device__ __forceinline__ void async_copy_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+// Waits until at most kPending of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void async_copy_wait() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+#endif
+}
+#endif
+
 #ifdef STRIPECONV_CUDA_EMULATION
 __device__ __forceinline__ unsigned char* dynamic_smem() { return stripeconv_emu::g_shared; }
 #else
@@ -95,31 +135,33 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 #endif
 
 // The shared-memory tiles every kernel multiplies: the fp32 (fp64) staging tile [64][kStageLd]
-// the warps store their results to, and the two operand tiles [64][ld]; 128-byte aligned regions.
-template <typename T>
+// the warps store their results to, and kBuffers pairs of operand tiles [64][ld] (more than one
+// when the next step's operands load while the current ones multiply); 128-byte aligned regions.
+template <typename T, int kBuffers = 1>
 struct GemmTiles {
   using Acc = typename Num<T>::Acc;
   static constexpr int64_t kStageBytes = align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
   static constexpr int64_t kOperandBytes = align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128);
-  static constexpr int64_t kBytes = kStageBytes + 2 * kOperandBytes;
+  static constexpr int64_t kBytes = kStageBytes + 2 * kBuffers * kOperandBytes;
 
   Acc* stage;
-  T* a;
-  T* b;
+  unsigned char* operands;
   unsigned char* end;  // the first byte after the tiles
 
   __device__ static GemmTiles carve(unsigned char* p) {
-    return {reinterpret_cast<Acc*>(p), reinterpret_cast<T*>(p + kStageBytes),
-            reinterpret_cast<T*>(p + kStageBytes + kOperandBytes), p + kBytes};
+    return {reinterpret_cast<Acc*>(p), p + kStageBytes, p + kBytes};
   }
-  // After the block has loaded a K step into a and b: each warp multiplies its 32 x 32 block
-  // (the block tile has n_valid valid columns), then the tiles are free for the next loads.
+  __device__ T* a(int buffer = 0) const { return reinterpret_cast<T*>(operands + (2 * buffer) * kOperandBytes); }
+  __device__ T* b(int buffer = 0) const { return reinterpret_cast<T*>(operands + (2 * buffer + 1) * kOperandBytes); }
+
+  // After the block has loaded a K step into buffer's a and b: each warp multiplies its 32 x 32
+  // block (the block tile has n_valid valid columns), then the buffer is free for the next loads.
   template <typename Tile>
-  __device__ void multiply(Tile& tile, int n_valid) const {
+  __device__ void multiply(Tile& tile, int n_valid, int buffer = 0) const {
     constexpr int ld = operand_ld<T>();
     const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
     __syncthreads();
-    tile.mma(a + wm * 32 * ld, b + wn * 32 * ld, ld, kTileK, n_valid - wn * 32);
+    tile.mma(a(buffer) + wm * 32 * ld, b(buffer) + wn * 32 * ld, ld, kTileK, n_valid - wn * 32);
     __syncthreads();
   }
   // Each warp's results into its block of the staging tile, visible to the whole block.
@@ -264,36 +306,112 @@ __global__ void build_rows_kernel(const unsigned char* __restrict__ mask, int N,
 }
 
 // ---------------------------------------------------------------------------------- forward
-// Shared memory: acc [64][nb], stage [64][kStageLd] (Acc), A and B tiles [64][ld] (T), row info.
+// The forward's K steps in order: the positions, the chunks of <= kTileN packed rows each keeps
+// among the block's filters [f_begin, f_end), and the kTileK-channel steps of each chunk.
+struct ForwardSteps {
+  const int* prefix;
+  int prefix_ld, f_begin, f_end, K, Cg;
+  int p, r0, r_end, c0;
+
+  __device__ ForwardSteps(const int* prefix_, const ConvShape& s, int f_begin_, int f_end_)
+      : prefix(prefix_), prefix_ld(s.N + 1), f_begin(f_begin_), f_end(f_end_), K(s.kh * s.kw), Cg(s.Cg), c0(0) {
+    seek(0);
+  }
+  __device__ bool done() const { return p >= K; }
+  __device__ int rows() const { return r_end - r0 < kTileN ? r_end - r0 : kTileN; }
+  __device__ bool chunk_begins() const { return c0 == 0; }
+  __device__ bool chunk_ends() const { return c0 + kTileK >= Cg; }
+  __device__ void next() {
+    if ((c0 += kTileK) < Cg) return;
+    c0 = 0;
+    if ((r0 += kTileN) < r_end) return;
+    seek(p + 1);
+  }
+
+ private:
+  // The first position at or after `from` that some filter of the block keeps.
+  __device__ void seek(int from) {
+    for (p = from; p < K; ++p) {
+      r0 = prefix[int64_t(p) * prefix_ld + f_begin];
+      r_end = prefix[int64_t(p) * prefix_ld + f_end];
+      if (r0 < r_end) return;
+    }
+  }
+};
+
+// Pixel rows of a forward block: batch index (-1 past the last pixel) and the top-left input
+// coordinate of the pixel's receptive field.
+struct PixelRows {
+  const int* b;
+  const int* h;
+  const int* w;
+};
+
+// Loads one step's operands: a[m][k] = x at pixel m shifted to the step's position, channel
+// c0 + k of group g (zero outside the input and past Cg); b[n][k] = packed row r0 + n (zero past
+// the chunk). `vectorized`: 16-byte asynchronous copies (async_copyable T, Cg and C multiples of 8,
+// x and w 16-byte aligned); otherwise element loads through registers.
+template <typename T>
+__device__ void load_forward_step(const T* __restrict__ x, const T* __restrict__ w, const ConvShape& s, int g,
+                                  const ForwardSteps& step, PixelRows px, T* a, T* b, bool vectorized) {
+  constexpr int ld = operand_ld<T>();
+  const int tid = threadIdx.x, rows = step.rows(), c0 = step.c0;
+  const int ih = (step.p / s.kw) * s.dh, iw = (step.p % s.kw) * s.dw;
+  const T* xg = x + int64_t(g) * s.Cg;
+  if (async_copyable<T>() && vectorized) {
+    constexpr int kVec = 16 / sizeof(T), kVecsPerRow = kTileK / kVec;
+    for (int v = tid; v < kTileM * kVecsPerRow; v += kThreads) {
+      const int m = v / kVecsPerRow, k = (v % kVecsPerRow) * kVec, c = c0 + k;
+      const int bi = px.b[m], h = px.h[m] + ih, wc = px.w[m] + iw;
+      const bool inside = bi >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W;
+      async_copy_16<true>(a + m * ld + k, inside ? xg + ((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c : x, inside);
+    }
+    for (int v = tid; v < kTileN * kVecsPerRow; v += kThreads) {
+      const int n = v / kVecsPerRow, k = (v % kVecsPerRow) * kVec, c = c0 + k;
+      const bool kept = n < rows && c < s.Cg;
+      async_copy_16<false>(b + n * ld + k, kept ? w + int64_t(step.r0 + n) * s.Cg + c : w, kept);
+    }
+    return;
+  }
+  const T zero = Num<T>::from_acc(typename Num<T>::Acc(0));
+  for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+    const int m = idx / kTileK, k = idx % kTileK, c = c0 + k;
+    const int bi = px.b[m], h = px.h[m] + ih, wc = px.w[m] + iw;
+    const bool inside = bi >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W;
+    a[m * ld + k] = inside ? xg[((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c] : zero;
+  }
+  for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
+    const int n = idx / kTileK, k = idx % kTileK, c = c0 + k;
+    b[n * ld + k] = (n < rows && c < s.Cg) ? w[int64_t(step.r0 + n) * s.Cg + c] : zero;
+  }
+}
+
+// Shared memory: acc [64][nb], the GEMM tiles with two operand buffers, pixel rows and chunk columns.
 template <typename T>
 __host__ __device__ constexpr int64_t forward_smem_bytes(int nb) {
   using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + GemmTiles<T>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
+  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + GemmTiles<T, 2>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     forward_kernel(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,
                    const int* __restrict__ prefix, const int* __restrict__ row_filter, T* __restrict__ y,
-                   ConvShape s, int nb) {
+                   ConvShape s, int nb, bool vectorized) {
   using Acc = typename Num<T>::Acc;
-  constexpr int ld = operand_ld<T>();
   unsigned char* smem = dynamic_smem();
   Acc* acc = reinterpret_cast<Acc*>(smem);
-  const GemmTiles<T> tiles = GemmTiles<T>::carve(smem + align_up(int64_t(kTileM) * nb * sizeof(Acc), 128));
-  Acc* stage = tiles.stage;
-  T* a_tile = tiles.a;
-  T* b_tile = tiles.b;
+  const GemmTiles<T, 2> tiles = GemmTiles<T, 2>::carve(smem + align_up(int64_t(kTileM) * nb * sizeof(Acc), 128));
   int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_h = row_b + kTileM;
   int* row_w = row_h + kTileM;
-  int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the range
+  int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the chunk
+  const PixelRows px{row_b, row_h, row_w};
 
   const int tid = threadIdx.x;
   const int g = blockIdx.z, f0 = blockIdx.y * nb, fg0 = g * s.Ng + f0;
   const int fcount = s.Ng - f0 < nb ? s.Ng - f0 : nb;
-  const int m0 = blockIdx.x * kTileM, M = s.B * s.Ho * s.Wo, K = s.kh * s.kw;
-  const T zero = Num<T>::from_acc(Acc(0));
+  const int m0 = blockIdx.x * kTileM, M = s.B * s.Ho * s.Wo;
 
   for (int idx = tid; idx < kTileM * nb; idx += kThreads) acc[idx] = Acc(0);
   for (int m = tid; m < kTileM; m += kThreads) {
@@ -309,34 +427,32 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  for (int p = 0; p < K; ++p) {
-    const int ih = (p / s.kw) * s.dh, iw = (p % s.kw) * s.dw;
-    const int r_begin = prefix[int64_t(p) * (s.N + 1) + fg0], r_end = prefix[int64_t(p) * (s.N + 1) + fg0 + fcount];
-    for (int r0 = r_begin; r0 < r_end; r0 += kTileN) {
-      const int rows = r_end - r0 < kTileN ? r_end - r0 : kTileN;
-      for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < rows ? row_filter[r0 + j] - fg0 : -1;
-      typename TileFor<T>::type tile;
+  // Software pipeline: `loading` runs one step ahead of `step`, into the other operand buffer.
+  ForwardSteps step(prefix, s, fg0, fg0 + fcount), loading = step;
+  if (!loading.done()) {
+    load_forward_step(x, w, s, g, loading, px, tiles.a(0), tiles.b(0), vectorized);
+    loading.next();
+  }
+  async_copy_commit();
+  typename TileFor<T>::type tile;
+  for (int buffer = 0; !step.done(); step.next(), buffer ^= 1) {
+    if (!loading.done()) {  // the other buffer was released by the barrier ending the last multiply
+      load_forward_step(x, w, s, g, loading, px, tiles.a(buffer ^ 1), tiles.b(buffer ^ 1), vectorized);
+      loading.next();
+    }
+    async_copy_commit();
+    if (step.chunk_begins()) {
       tile.zero();
-      for (int c0 = 0; c0 < s.Cg; c0 += kTileK) {
-        for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
-          const int m = idx / kTileK, k = idx % kTileK, c = c0 + k;
-          T v = zero;
-          const int b = row_b[m], h = row_h[m] + ih, wc = row_w[m] + iw;
-          if (b >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W)
-            v = x[((int64_t(b) * s.H + h) * s.W + wc) * s.C + int64_t(g) * s.Cg + c];
-          a_tile[m * ld + k] = v;
-        }
-        for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
-          const int n = idx / kTileK, k = idx % kTileK, c = c0 + k;
-          b_tile[n * ld + k] = (n < rows && c < s.Cg) ? w[int64_t(r0 + n) * s.Cg + c] : zero;
-        }
-        tiles.multiply(tile, rows);
-      }
+      for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < step.rows() ? row_filter[step.r0 + j] - fg0 : -1;
+    }
+    async_copy_wait<1>();  // this step's copies have landed; multiply's barrier publishes them
+    tiles.multiply(tile, step.rows(), buffer);
+    if (step.chunk_ends()) {
       tiles.stage_results(tile);
       // Each chunk row is a different filter, so no two threads add into the same column.
       for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
         const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
-        if (col >= 0) acc[m * nb + col] += stage[m * kStageLd + j];
+        if (col >= 0) acc[m * nb + col] += tiles.stage[m * kStageLd + j];
       }
       __syncthreads();
     }
@@ -372,8 +488,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
   Acc* stage = tiles.stage;
-  T* a_tile = tiles.a;
-  T* b_tile = tiles.b;
+  T* a_tile = tiles.a();
+  T* b_tile = tiles.b();
   int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_r = row_b + kTileM;
   int* row_q = row_r + kTileM;
@@ -450,8 +566,8 @@ __global__ void __launch_bounds__(kThreads)
 
   const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
   Acc* stage = tiles.stage;
-  T* a_tile = tiles.a;
-  T* b_tile = tiles.b;
+  T* a_tile = tiles.a();
+  T* b_tile = tiles.b();
 
   const int tid = threadIdx.x;
   const int split = blockIdx.z % splits, c0 = (blockIdx.z / splits) * kTileN;

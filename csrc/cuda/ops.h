@@ -130,6 +130,12 @@ ConvShape make_shape(const char* op, at::IntArrayRef input_shape, const at::Tens
   return s;
 }
 
+// 16-byte loads of channel runs: every run of a group starts 16-byte aligned.
+bool vector_aligned(const ConvShape& s, const at::Tensor& x, const at::Tensor& w) {
+  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
+  return (s.Cg * x.element_size()) % 16 == 0 && aligned(x) && aligned(w);
+}
+
 struct RowIndex {
   at::Tensor prefix, row_filter;
 };
@@ -187,7 +193,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
     const dim3 grid(unsigned(ceil_div(int64_t(s.B) * s.Ho * s.Wo, kTileM)), unsigned(ceil_div(s.Ng, nb)), unsigned(s.groups));
     launch(forward_kernel<T>, grid, dim3(kThreads), forward_smem_bytes<T>(nb), ptr<T>(x), ptr<T>(w),
            b.defined() ? ptr<T>(b) : static_cast<const T*>(nullptr), ptr<int>(rows.prefix), ptr<int>(rows.row_filter),
-           mutable_ptr<T>(y), s, nb);
+           mutable_ptr<T>(y), s, nb, async_copyable<T>() && vector_aligned(s, x, w));
   });
   return y;
 }
