@@ -15,7 +15,8 @@ share one such pattern, as SWP with ``group_size=32`` learns) it times, in the s
 * ``stripeconv``  the op as models run it on a GPU: per shape the faster of the stripe kernels
   and cuDNN, chosen by timing once (stripeconv/backends/gpu_select.py)
 * ``cuda``      the CUDA C++ kernels (csrc/cuda, position-major forward that computes no pruned
-  stripe), when the extension was built with CUDA
+  stripe), when the extension was built with CUDA and a self-check in a child process (forward
+  and gradients against the dense conv, bf16 and fp32) passes on this GPU
 * ``reference`` the pure-PyTorch stripe implementation (stripeconv/backends/reference.py)
 * ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
   as the stripe conv, i.e. what filter/channel pruning would give at that density
@@ -42,6 +43,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -249,7 +251,7 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                 fl_f, fl_b = floors(real_density)
                 entry["floor_flops_ms"], entry["floor_bytes_ms"] = fl_f, fl_b
                 methods = [("triton", "triton", "never"), ("stripeconv", "triton", "auto")]
-                if backends._module("cuda").is_available()[0]:  # CUDA C++ kernels, when built
+                if args.cuda_kernels:  # CUDA C++ kernels, when built and verified
                     methods.append(("cuda", "cuda", "never"))
                 if not args.skip_reference:
                     methods.append(("reference", "reference", "never"))
@@ -397,6 +399,67 @@ def _from_json(paths: list, out: str) -> None:
     plot(results, out)
 
 
+def cuda_kernels_error(device: torch.device | str = "cuda") -> float:
+    """Worst relative error of the CUDA C++ kernels (the op pinned to ``cuda``) against the dense
+    conv in fp32, forward and grad input / weight / bias, in bf16 and fp32 on a few shapes."""
+    from stripeconv import backends, ops
+    from stripeconv.packing import pack_weight
+
+    backends.set_backend("cuda")
+    gen, worst = torch.Generator().manual_seed(0), 0.0
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            # aligned channels (16-byte loads), stride 2 with odd planes, 3 channels (element loads)
+            for b, c, n, hw, stride, density in ((4, 64, 96, 16, 1, 0.3), (2, 40, 64, 15, 2, 0.5),
+                                                 (2, 3, 32, 9, 1, 0.7)):
+                mask = torch.rand(n, 3, 3, generator=gen) < density
+                w = torch.randn(n, c, 3, 3, generator=gen).to(dtype).double() * mask[:, None]
+                x = torch.randn(b, c, hw, hw, generator=gen).to(dtype).double().requires_grad_(True)
+                bias = torch.randn(n, generator=gen).to(dtype).double().requires_grad_(True)
+                w.requires_grad_(True)
+                y_ref = F.conv2d(x, w, bias, stride, 1)
+                gy = torch.randn(y_ref.shape, generator=gen).to(dtype).double()
+                y_ref.backward(gy)
+                xs = x.detach().to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+                packed = pack_weight(w.detach(), mask).to(device, dtype).requires_grad_(True)
+                bs = bias.detach().to(device, dtype).requires_grad_(True)
+                y = ops.stripe_conv2d(xs, packed, bs, mask.to(device), (stride, stride), (1, 1, 1, 1), (1, 1), 1)
+                y.backward(gy.to(device, dtype))
+                for got, want in ((y, y_ref), (xs.grad, x.grad), (packed.grad, pack_weight(w.grad, mask)),
+                                  (bs.grad, bias.grad)):
+                    err = (got.detach().double().cpu() - want.detach()).abs().max().item()
+                    worst = max(worst, err / (want.abs().max().item() + 1e-12))
+    finally:
+        backends.set_backend(None)
+    return worst
+
+
+def verify_cuda_kernels(tolerance: float = 3e-2) -> tuple[bool, str]:
+    """Whether the CUDA C++ kernels are built and agree with the dense conv on this GPU.
+
+    Checked in a child process: a fault in a kernel would leave this process's CUDA context
+    unusable for every method timed after it.
+    """
+    from stripeconv.backends import cuda
+
+    ok, reason = cuda.is_available()
+    if not ok:
+        return False, reason
+    code = (f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import bench_gpu; print(bench_gpu.cuda_kernels_error())")
+    try:
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return False, "the self-check did not finish in 300 s"
+    lines = (run.stdout + run.stderr).strip().splitlines()
+    if run.returncode != 0:
+        return False, f"the self-check failed: {lines[-1] if lines else f'exit code {run.returncode}'}"
+    worst = float(lines[-1])
+    if not worst < tolerance:
+        return False, f"worst relative error {worst:.2e} against the dense conv (tolerance {tolerance:.0e})"
+    return True, f"worst relative error {worst:.2e} against the dense conv"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -460,6 +523,8 @@ def main(argv=None):
         layers = [("smoke.s1", 2, 16, 32, 6, 3, 1, 1), ("smoke.s2", 1, 8, 16, 7, 3, 2, 1)]
         args.densities = [1.0, 0.3]
     gen = torch.Generator().manual_seed(args.seed)
+    args.cuda_kernels, cuda_check = verify_cuda_kernels() if device.type == "cuda" else (False, "no CUDA device")
+    print(f"CUDA C++ kernels: {'timed' if args.cuda_kernels else 'not timed'} ({cuda_check})")
     print(f"device {dev_name} ({sms} SMs), dtype {args.dtype}, "
           f"peak {peaks[0] / 1e12:.0f} TFLOP/s, bandwidth {peaks[1] / 1e12:.2f} TB/s")
     print("speedup = dense median / method median (>1 is faster than cuDNN); auto = speedup of the op with "
@@ -476,6 +541,7 @@ def main(argv=None):
         "dtype": args.dtype, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
         "deterministic": tb._deterministic(), "args": {k: v for k, v in vars(args).items()},
+        "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
         "layers_done": [], "layers_skipped": [],
     }
     results = []

@@ -321,3 +321,26 @@ def test_tensor_cores_and_async_copies_where_expected(compiled_ops):
             wants_ldgsts = sixteen_bit and m.group(1) == "forward"
             assert ("LDGSTS" in fn) == wants_ldgsts, f"{m.group(1)}<{m.group(2)}>: LDGSTS present is {'LDGSTS' in fn}"
     assert checked == 12
+
+
+# ------------------------------------------------------------------------- benchmark self-check
+def _bench_gpu():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "bench", "bench_gpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_self_check_passes_on_the_kernels(cuda_kernels):
+    # bench_gpu times the CUDA kernels only after this check agrees with the dense conv.
+    assert _bench_gpu().cuda_kernels_error(cuda_kernels) < 3e-2
+
+
+def test_benchmark_self_check_catches_a_wrong_gradient(emulated_ops, monkeypatch):
+    monkeypatch.setattr(cuda_backend, "_NAMESPACE", "stripeconv_cuda_emu")
+    monkeypatch.setattr(cuda_backend, "_DEVICE_TYPE", "cpu")
+    right = cuda_backend.grad_weight
+    monkeypatch.setattr(cuda_backend, "grad_weight", lambda *args: right(*args) * 0.9)
+    assert _bench_gpu().cuda_kernels_error("cpu") > 0.05
