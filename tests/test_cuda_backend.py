@@ -146,21 +146,39 @@ def test_oracle_bf16_load_paths(cuda_kernels, in_ch, conv):
     _check(cuda_kernels, torch.bfloat16, in_ch, 24, (7, 6), 3, 0.4, channels_last=True, **conv)
 
 
-def test_misaligned_input_matches_aligned(emulated_ops):
-    # An input 2 bytes off a 16-byte boundary takes the element loads; the result is the same bits.
+def _misaligned(t):
+    """A copy of ``t`` (same strides) that starts 2 bytes past a 16-byte boundary."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype)
+    shifted = storage[1:].as_strided(t.shape, t.stride())
+    shifted.copy_(t)
+    assert shifted.data_ptr() % 16 != 0 and t.data_ptr() % 16 == 0
+    return shifted
+
+
+def test_misaligned_tensors_take_element_loads_with_the_same_result(emulated_ops):
+    # 16-byte copies need 16-byte aligned rows; a shifted tensor takes element loads instead, and
+    # every op gives the same bits either way.
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(24, 3, 3, generator=g) < 0.5
     weight = torch.randn(int(mask.sum()), 16, generator=g).to(torch.bfloat16)
     x = torch.randn(2, 16, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    storage = torch.empty(x.numel() + 1, dtype=torch.bfloat16)
-    shifted = storage[1:].as_strided(x.shape, x.stride())
-    shifted.copy_(x)
-    assert shifted.data_ptr() % 16 != 0 and x.data_ptr() % 16 == 0
-    args = (weight, None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)
-    aligned, misaligned = emulated_ops.forward(x, *args), emulated_ops.forward(shifted, *args)
-    assert torch.equal(aligned, misaligned)
-    expected = F.conv2d(x.double(), unpack_weight(weight.double(), mask), padding=1)
-    torch.testing.assert_close(aligned.double(), expected, atol=0.05, rtol=0.02)
+    dy = torch.randn(2, 24, 6, 6, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    ops = emulated_ops
+
+    y = ops.forward(x, weight, None, mask, *conv)
+    assert torch.equal(y, ops.forward(_misaligned(x), _misaligned(weight), None, mask, *conv))
+    dx = ops.grad_input(dy, weight, mask, list(x.shape), *conv)
+    assert torch.equal(dx, ops.grad_input(dy, _misaligned(weight), mask, list(x.shape), *conv))
+    dw = ops.grad_weight(dy, x, weight, mask, *conv)
+    assert torch.equal(dw, ops.grad_weight(dy, _misaligned(x), weight, mask, *conv))
+
+    w_dense = unpack_weight(weight.double(), mask)
+    torch.testing.assert_close(y.double(), F.conv2d(x.double(), w_dense, padding=1), atol=0.05, rtol=0.02)
+    torch.testing.assert_close(dx.double(), torch.nn.grad.conv2d_input(x.shape, w_dense, dy.double(), padding=1),
+                               atol=0.05, rtol=0.02)
+    dw_dense = torch.nn.grad.conv2d_weight(x.double(), w_dense.shape, dy.double(), padding=1)
+    torch.testing.assert_close(dw.double(), pack_weight(dw_dense, mask), atol=0.1, rtol=0.02)
 
 
 def _small_layer(device, dtype=torch.float32):
@@ -317,9 +335,8 @@ def test_tensor_cores_and_async_copies_where_expected(compiled_ops):
             sixteen_bit = m.group(2) in ("6__half", "13__nv_bfloat16")
             # fp32 stays IEEE on CUDA cores
             assert ("HMMA" in fn) == sixteen_bit, f"{m.group(1)}<{m.group(2)}>: HMMA present is {'HMMA' in fn}"
-            # the 16-bit forward loads its operands by asynchronous copies (cp.async)
-            wants_ldgsts = sixteen_bit and m.group(1) == "forward"
-            assert ("LDGSTS" in fn) == wants_ldgsts, f"{m.group(1)}<{m.group(2)}>: LDGSTS present is {'LDGSTS' in fn}"
+            # 16-bit kernels load their contiguous operands by asynchronous copies (cp.async)
+            assert ("LDGSTS" in fn) == sixteen_bit, f"{m.group(1)}<{m.group(2)}>: LDGSTS present is {'LDGSTS' in fn}"
     assert checked == 12
 
 

@@ -7,18 +7,20 @@
 //   row_filter[r]  filter of packed row r                                ([S])
 // The rows of position p and filters [f0, f1) are therefore the range [prefix[p][f0], prefix[p][f1]).
 //
-// Every kernel is a GEMM over shared-memory tiles in "NT" form, C[m][n] = sum_k A[m][k] * B[n][k],
-// computed by 4 warps on a 64 x 64 tile (each warp 32 x 32): wmma tensor cores for fp16/bf16
-// (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. The kernels differ in what they gather:
+// Every kernel is a GEMM over shared-memory tiles, C[m][n] = sum_k A[m][k] * B[n][k], computed by
+// 4 warps on a 64 x 64 tile (each warp 32 x 32): wmma tensor cores for fp16/bf16 (fp32
+// accumulation), CUDA-core FMAs for fp32 and fp64. A is held K-major; B K-major in the forward
+// and MN-major in the backward kernels, whichever matches its rows in global memory. Every kernel
+// runs its K steps as a software pipeline over two operand buffers (run_pipeline): the next
+// step's tiles load while the current one multiplies, the contiguous operands of 16-bit types
+// by 16-byte asynchronous copies (cp.async, zero-filled outside the input), the gathered ones
+// and those of other types by element loads. The kernels differ in what they gather:
 //
 // forward (position-major, zero wasted stripes at any mask): a block owns 64 output pixels and a
 //   block of nb filters whose fp32 outputs live in shared memory. For each position p it multiplies
 //   the shifted input rows by the packed rows of p in chunks of 64 (only the filters that keep p,
 //   so nothing is computed for pruned stripes; chunks are cut at 16-column granularity) and adds
 //   each chunk's columns into the accumulator of the chunk's filters. Borders: masked loads.
-//   The (position, chunk, channel step) sequence is one software pipeline over two operand
-//   buffers: with 16-bit types and 8-aligned channels the next step's tiles arrive by 16-byte
-//   asynchronous copies (cp.async, zero-filled outside the input) while the current one multiplies.
 // grad input (output-stationary over grad_input): a block owns 64 pixels of one stride phase and
 //   64 input channels and reduces over the packed rows of the positions whose taps land on that
 //   phase, gathering grad_output at the rows' filters. No work is spent on other phases.
@@ -33,6 +35,8 @@
 #include <mma.h>
 #endif
 #include <stdint.h>
+
+#include <type_traits>
 
 namespace stripeconv_cuda {
 
@@ -79,17 +83,26 @@ struct Num<__nv_bfloat16> {
   static __device__ __forceinline__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
 };
 
-// Leading dimension of the [64][kTileK] operand tiles: 16-bit rows padded by 8 elements keep
-// wmma's 32-byte alignment and spread the banks; 4- and 8-byte rows by one element.
-template <typename T>
-__host__ __device__ constexpr int operand_ld() {
-  return kTileK + (sizeof(T) == 2 ? 8 : 1);
-}
-
 __host__ __device__ constexpr int64_t align_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
+// How an operand tile in shared memory holds its 64 x kTileK block: K-major, t[mn][k] (A, and B
+// of the forward, whose rows are K-contiguous in global memory), or MN-major, t[k][mn] (B of the
+// backward kernels, whose global rows run along N). 16-bit rows are padded by 8 elements, which
+// keeps wmma's 32-byte and the asynchronous copies' 16-byte alignment and spreads the banks;
+// 4- and 8-byte rows by one element.
+enum class Major { kK, kMN };
+
+template <typename T, Major kMajor>
+struct OperandTile {
+  static_assert(kTileM == kTileN, "A and B tiles share one shape");
+  static constexpr int kLd = (kMajor == Major::kK ? kTileK : kTileN) + (sizeof(T) == 2 ? 8 : 1);
+  static constexpr int64_t kBytes = align_up(int64_t(kMajor == Major::kK ? kTileN : kTileK) * kLd * sizeof(T), 128);
+  // Offset of element (mn, k).
+  static __host__ __device__ constexpr int at(int mn, int k) { return kMajor == Major::kK ? mn * kLd + k : k * kLd + mn; }
+};
+
 // 16-byte copies global -> shared that bypass registers (cp.async): only 16-bit operand tiles have
-// 16-byte aligned rows (operand_ld), and the source must hold 8 aligned channels.
+// 16-byte aligned rows (OperandTile), and the source must hold 8 aligned channels.
 template <typename T>
 __host__ __device__ constexpr bool async_copyable() {
   return sizeof(T) == 2;
@@ -135,14 +148,17 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 #endif
 
 // The shared-memory tiles every kernel multiplies: the fp32 (fp64) staging tile [64][kStageLd]
-// the warps store their results to, and kBuffers pairs of operand tiles [64][ld] (more than one
-// when the next step's operands load while the current ones multiply); 128-byte aligned regions.
-template <typename T, int kBuffers = 1>
+// the warps store their results to, and kBuffers pairs of operand tiles A (K-major) and B
+// (kBMajor); two buffers when the next step's operands load while the current ones multiply
+// (run_pipeline). 128-byte aligned regions.
+template <typename T, int kBuffers, Major kBMajor>
 struct GemmTiles {
   using Acc = typename Num<T>::Acc;
+  using ATile = OperandTile<T, Major::kK>;
+  using BTile = OperandTile<T, kBMajor>;
   static constexpr int64_t kStageBytes = align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
-  static constexpr int64_t kOperandBytes = align_up(int64_t(kTileM) * operand_ld<T>() * sizeof(T), 128);
-  static constexpr int64_t kBytes = kStageBytes + 2 * kBuffers * kOperandBytes;
+  static constexpr int64_t kBufferBytes = ATile::kBytes + BTile::kBytes;
+  static constexpr int64_t kBytes = kStageBytes + kBuffers * kBufferBytes;
 
   Acc* stage;
   unsigned char* operands;
@@ -151,17 +167,17 @@ struct GemmTiles {
   __device__ static GemmTiles carve(unsigned char* p) {
     return {reinterpret_cast<Acc*>(p), p + kStageBytes, p + kBytes};
   }
-  __device__ T* a(int buffer = 0) const { return reinterpret_cast<T*>(operands + (2 * buffer) * kOperandBytes); }
-  __device__ T* b(int buffer = 0) const { return reinterpret_cast<T*>(operands + (2 * buffer + 1) * kOperandBytes); }
+  __device__ T* a(int buffer) const { return reinterpret_cast<T*>(operands + buffer * kBufferBytes); }
+  __device__ T* b(int buffer) const { return reinterpret_cast<T*>(operands + buffer * kBufferBytes + ATile::kBytes); }
 
-  // After the block has loaded a K step into buffer's a and b: each warp multiplies its 32 x 32
-  // block (the block tile has n_valid valid columns), then the buffer is free for the next loads.
+  // After the block has loaded a K step into the buffer: each warp multiplies its 32 x 32 block
+  // (the block tile has n_valid valid columns), then the buffer is free for the next loads.
   template <typename Tile>
-  __device__ void multiply(Tile& tile, int n_valid, int buffer = 0) const {
-    constexpr int ld = operand_ld<T>();
+  __device__ void multiply(Tile& tile, int n_valid, int buffer) const {
     const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
     __syncthreads();
-    tile.mma(a(buffer) + wm * 32 * ld, b(buffer) + wn * 32 * ld, ld, kTileK, n_valid - wn * 32);
+    tile.template mma<kBMajor>(a(buffer) + ATile::at(wm * 32, 0), b(buffer) + BTile::at(wn * 32, 0), kTileK,
+                               n_valid - wn * 32);
     __syncthreads();
   }
   // Each warp's results into its block of the staging tile, visible to the whole block.
@@ -173,9 +189,34 @@ struct GemmTiles {
   }
 };
 
+// Runs a block's K steps through two operand buffers: while step i is computed from one buffer,
+// the operands of step i + 1 load into the other (by asynchronous copies where load issues
+// them). Steps: a copyable cursor with done() and next(). load(step, buffer) fills the buffer;
+// compute(step, buffer) must begin with the barrier that publishes the buffer and end with one
+// after its last read of it (GemmTiles::multiply does both).
+template <typename Steps, typename Load, typename Compute>
+__device__ void run_pipeline(Steps step, Load&& load, Compute&& compute) {
+  Steps loading = step;
+  if (!loading.done()) {
+    load(loading, 0);
+    loading.next();
+  }
+  async_copy_commit();
+  for (int buffer = 0; !step.done(); step.next(), buffer ^= 1) {
+    if (!loading.done()) {  // the other buffer was freed by the barrier ending the last compute
+      load(loading, buffer ^ 1);
+      loading.next();
+    }
+    async_copy_commit();
+    async_copy_wait<1>();  // this thread's copies of `step` have landed; compute's barrier publishes them
+    compute(step, buffer);
+  }
+}
+
 // ------------------------------------------------------------------------- warp tile products
-// A warp's 32 x 32 block of C += A * B^T over kdim (a multiple of 16), A and B rows K-contiguous
-// in shared memory with leading dimension ld. Columns at or beyond n_valid need not be computed.
+// A warp's 32 x 32 block of C += A * B^T over kdim (a multiple of 16): a and b point at the
+// warp's block of a K-major A tile and of a kBMajor B tile (OperandTile). Columns at or beyond
+// n_valid need not be computed.
 
 // CUDA cores: each lane owns a 4 x 8 block (8 x 4 lanes).
 template <typename T>
@@ -189,15 +230,18 @@ struct WarpTile {
 #pragma unroll
       for (int j = 0; j < 8; ++j) c[i][j] = Acc(0);
   }
-  __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
+  template <Major kBMajor>
+  __device__ void mma(const T* a, const T* b, int kdim, int n_valid) {
+    using A = OperandTile<T, Major::kK>;
+    using B = OperandTile<T, kBMajor>;
     if (n_valid <= 0) return;
     const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
     for (int k = 0; k < kdim; ++k) {
       Acc av[4], bv[8];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) av[i] = Num<T>::to_acc(a[(r0 + i) * ld + k]);
+      for (int i = 0; i < 4; ++i) av[i] = Num<T>::to_acc(a[A::at(r0 + i, k)]);
 #pragma unroll
-      for (int j = 0; j < 8; ++j) bv[j] = Num<T>::to_acc(b[(c0 + j) * ld + k]);
+      for (int j = 0; j < 8; ++j) bv[j] = Num<T>::to_acc(b[B::at(c0 + j, k)]);
 #pragma unroll
       for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -213,7 +257,8 @@ struct WarpTile {
   }
 };
 
-// Tensor cores: 2 x 2 wmma 16x16x16 fragments, fp32 accumulators.
+// Tensor cores: 2 x 2 wmma 16x16x16 fragments, fp32 accumulators. A K-major B tile is a
+// col_major K x N matrix for wmma, an MN-major one row_major.
 template <typename T>
 struct WmmaWarpTile {
   using Acc = float;
@@ -225,19 +270,23 @@ struct WmmaWarpTile {
 #pragma unroll
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
   }
-  __device__ void mma(const T* a, const T* b, int ld, int kdim, int n_valid) {
+  template <Major kBMajor>
+  __device__ void mma(const T* a, const T* b, int kdim, int n_valid) {
     using namespace nvcuda;
+    using A = OperandTile<T, Major::kK>;
+    using B = OperandTile<T, kBMajor>;
+    using BLayout = typename std::conditional<kBMajor == Major::kK, wmma::col_major, wmma::row_major>::type;
     const int ncols = n_valid > 16 ? 2 : (n_valid > 0 ? 1 : 0);
     if (ncols == 0) return;
     for (int k = 0; k < kdim; k += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + i * 16 * ld + k, ld);
+      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + A::at(i * 16, k), A::kLd);
 #pragma unroll
       for (int j = 0; j < 2; ++j) {  // constant bounds keep the fragments in registers
         if (j >= ncols) break;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb;
-        wmma::load_matrix_sync(fb, b + j * 16 * ld + k, ld);
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
+        wmma::load_matrix_sync(fb, b + B::at(j * 16, k), B::kLd);
 #pragma unroll
         for (int i = 0; i < 2; ++i) wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
       }
@@ -349,12 +398,13 @@ struct PixelRows {
 
 // Loads one step's operands: a[m][k] = x at pixel m shifted to the step's position, channel
 // c0 + k of group g (zero outside the input and past Cg); b[n][k] = packed row r0 + n (zero past
-// the chunk). `vectorized`: 16-byte asynchronous copies (async_copyable T, Cg and C multiples of 8,
+// the chunk). `vectorized`: 16-byte asynchronous copies (async_copyable T, Cg a multiple of 8,
 // x and w 16-byte aligned); otherwise element loads through registers.
 template <typename T>
 __device__ void load_forward_step(const T* __restrict__ x, const T* __restrict__ w, const ConvShape& s, int g,
                                   const ForwardSteps& step, PixelRows px, T* a, T* b, bool vectorized) {
-  constexpr int ld = operand_ld<T>();
+  using A = OperandTile<T, Major::kK>;
+  using B = OperandTile<T, Major::kK>;
   const int tid = threadIdx.x, rows = step.rows(), c0 = step.c0;
   const int ih = (step.p / s.kw) * s.dh, iw = (step.p % s.kw) * s.dw;
   const T* xg = x + int64_t(g) * s.Cg;
@@ -364,12 +414,12 @@ __device__ void load_forward_step(const T* __restrict__ x, const T* __restrict__
       const int m = v / kVecsPerRow, k = (v % kVecsPerRow) * kVec, c = c0 + k;
       const int bi = px.b[m], h = px.h[m] + ih, wc = px.w[m] + iw;
       const bool inside = bi >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W;
-      async_copy_16<true>(a + m * ld + k, inside ? xg + ((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c : x, inside);
+      async_copy_16<true>(a + A::at(m, k), inside ? xg + ((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c : x, inside);
     }
     for (int v = tid; v < kTileN * kVecsPerRow; v += kThreads) {
       const int n = v / kVecsPerRow, k = (v % kVecsPerRow) * kVec, c = c0 + k;
       const bool kept = n < rows && c < s.Cg;
-      async_copy_16<false>(b + n * ld + k, kept ? w + int64_t(step.r0 + n) * s.Cg + c : w, kept);
+      async_copy_16<false>(b + B::at(n, k), kept ? w + int64_t(step.r0 + n) * s.Cg + c : w, kept);
     }
     return;
   }
@@ -378,19 +428,22 @@ __device__ void load_forward_step(const T* __restrict__ x, const T* __restrict__
     const int m = idx / kTileK, k = idx % kTileK, c = c0 + k;
     const int bi = px.b[m], h = px.h[m] + ih, wc = px.w[m] + iw;
     const bool inside = bi >= 0 && c < s.Cg && h >= 0 && h < s.H && wc >= 0 && wc < s.W;
-    a[m * ld + k] = inside ? xg[((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c] : zero;
+    a[A::at(m, k)] = inside ? xg[((int64_t(bi) * s.H + h) * s.W + wc) * s.C + c] : zero;
   }
   for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
     const int n = idx / kTileK, k = idx % kTileK, c = c0 + k;
-    b[n * ld + k] = (n < rows && c < s.Cg) ? w[int64_t(step.r0 + n) * s.Cg + c] : zero;
+    b[B::at(n, k)] = (n < rows && c < s.Cg) ? w[int64_t(step.r0 + n) * s.Cg + c] : zero;
   }
 }
 
-// Shared memory: acc [64][nb], the GEMM tiles with two operand buffers, pixel rows and chunk columns.
+template <typename T>
+using ForwardTiles = GemmTiles<T, 2, Major::kK>;
+
+// Shared memory: acc [64][nb], the GEMM tiles, pixel rows and chunk columns.
 template <typename T>
 __host__ __device__ constexpr int64_t forward_smem_bytes(int nb) {
   using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + GemmTiles<T, 2>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
+  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + ForwardTiles<T>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
 }
 
 template <typename T>
@@ -401,7 +454,7 @@ __global__ void __launch_bounds__(kThreads)
   using Acc = typename Num<T>::Acc;
   unsigned char* smem = dynamic_smem();
   Acc* acc = reinterpret_cast<Acc*>(smem);
-  const GemmTiles<T, 2> tiles = GemmTiles<T, 2>::carve(smem + align_up(int64_t(kTileM) * nb * sizeof(Acc), 128));
+  const ForwardTiles<T> tiles = ForwardTiles<T>::carve(smem + align_up(int64_t(kTileM) * nb * sizeof(Acc), 128));
   int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_h = row_b + kTileM;
   int* row_w = row_h + kTileM;
@@ -427,36 +480,28 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
 
-  // Software pipeline: `loading` runs one step ahead of `step`, into the other operand buffer.
-  ForwardSteps step(prefix, s, fg0, fg0 + fcount), loading = step;
-  if (!loading.done()) {
-    load_forward_step(x, w, s, g, loading, px, tiles.a(0), tiles.b(0), vectorized);
-    loading.next();
-  }
-  async_copy_commit();
   typename TileFor<T>::type tile;
-  for (int buffer = 0; !step.done(); step.next(), buffer ^= 1) {
-    if (!loading.done()) {  // the other buffer was released by the barrier ending the last multiply
-      load_forward_step(x, w, s, g, loading, px, tiles.a(buffer ^ 1), tiles.b(buffer ^ 1), vectorized);
-      loading.next();
-    }
-    async_copy_commit();
-    if (step.chunk_begins()) {
-      tile.zero();
-      for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < step.rows() ? row_filter[step.r0 + j] - fg0 : -1;
-    }
-    async_copy_wait<1>();  // this step's copies have landed; multiply's barrier publishes them
-    tiles.multiply(tile, step.rows(), buffer);
-    if (step.chunk_ends()) {
-      tiles.stage_results(tile);
-      // Each chunk row is a different filter, so no two threads add into the same column.
-      for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
-        const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
-        if (col >= 0) acc[m * nb + col] += tiles.stage[m * kStageLd + j];
-      }
-      __syncthreads();
-    }
-  }
+  run_pipeline(
+      ForwardSteps(prefix, s, fg0, fg0 + fcount),
+      [&](const ForwardSteps& step, int buffer) {
+        load_forward_step(x, w, s, g, step, px, tiles.a(buffer), tiles.b(buffer), vectorized);
+      },
+      [&](const ForwardSteps& step, int buffer) {
+        if (step.chunk_begins()) {  // chunk_col's last readers passed the barrier ending the last chunk
+          tile.zero();
+          for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < step.rows() ? row_filter[step.r0 + j] - fg0 : -1;
+        }
+        tiles.multiply(tile, step.rows(), buffer);
+        if (step.chunk_ends()) {
+          tiles.stage_results(tile);
+          // Each chunk row is a different filter, so no two threads add into the same column.
+          for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
+            const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
+            if (col >= 0) acc[m * nb + col] += tiles.stage[m * kStageLd + j];
+          }
+          __syncthreads();
+        }
+      });
 
   for (int idx = tid; idx < kTileM * fcount; idx += kThreads) {
     const int m = idx / fcount, n = idx % fcount;
@@ -468,35 +513,77 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------- grad input
+// The K steps of a grad input block of stride phase (a, cph) and group g: the positions whose
+// taps land on the phase, and the chunks of <= kTileK packed rows each keeps in the group.
+struct GradInputSteps {
+  const int* prefix;
+  int prefix_ld, f_begin, f_end, K, kw, dh, dw, sh, sw, top, left;
+  int p, r0, r_end, oh, ow;  // the rows [r0, r_end) of p; grad_output offset (oh, ow) of the phase
+
+  __device__ GradInputSteps(const int* prefix_, const ConvShape& s, int g, int a, int cph)
+      : prefix(prefix_), prefix_ld(s.N + 1), f_begin(g * s.Ng), f_end((g + 1) * s.Ng), K(s.kh * s.kw), kw(s.kw),
+        dh(s.dh), dw(s.dw), sh(s.sh), sw(s.sw), top(a + s.pt), left(cph + s.pl) {
+    seek(0);
+  }
+  __device__ bool done() const { return p >= K; }
+  __device__ void next() {
+    if ((r0 += kTileK) < r_end) return;
+    seek(p + 1);
+  }
+
+ private:
+  __device__ void seek(int from) {
+    for (p = from; p < K; ++p) {
+      // Input row a + sh * r receives output row (a + pt - i * dh) / sh + r when that divides.
+      const int th = top - (p / kw) * dh, tw = left - (p % kw) * dw;
+      if (((th % sh) + sh) % sh != 0 || ((tw % sw) + sw) % sw != 0) continue;
+      r0 = prefix[int64_t(p) * prefix_ld + f_begin];
+      r_end = prefix[int64_t(p) * prefix_ld + f_end];
+      if (r0 < r_end) {
+        oh = th / sh, ow = tw / sw;
+        return;
+      }
+    }
+  }
+};
+
 template <typename T>
-__host__ __device__ constexpr int64_t grad_input_smem_bytes() {
-  return GemmTiles<T>::kBytes + align_up(3 * kTileM * 4, 128);
+using BackwardTiles = GemmTiles<T, 2, Major::kMN>;
+
+// Blocks per SM the backward kernels budget registers for: 16-bit blocks take about 37 KB of
+// shared memory, so four fit (and ptxas, given that budget, does not spill to reach a lower count).
+template <typename T>
+__host__ __device__ constexpr int backward_blocks_per_sm() {
+  return sizeof(T) == 2 ? 4 : 1;
 }
 
-// grid: (pixel tiles of the largest phase, channel tiles, groups * sh * sw)
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__host__ __device__ constexpr int64_t grad_input_smem_bytes() {
+  return BackwardTiles<T>::kBytes + align_up(3 * kTileM * 4, 128);
+}
+
+// grid: (pixel tiles of the largest phase, channel tiles, groups * sh * sw). `vectorized`: the
+// packed weight rows arrive by 16-byte asynchronous copies (16-bit, Cg a multiple of 8, aligned).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
     grad_input_kernel(const T* __restrict__ dy, const T* __restrict__ w, const int* __restrict__ prefix,
-                      const int* __restrict__ row_filter, T* __restrict__ dx, ConvShape s) {
-  using Acc = typename Num<T>::Acc;
-  constexpr int ld = operand_ld<T>();
+                      const int* __restrict__ row_filter, T* __restrict__ dx, ConvShape s, bool vectorized) {
+  using A = OperandTile<T, Major::kK>;
+  using B = OperandTile<T, Major::kMN>;
   const int phases = s.sh * s.sw, phase = blockIdx.z % phases, g = blockIdx.z / phases;
   const int a = phase / s.sw, cph = phase % s.sw;
   const int hp = a < s.H ? (s.H - a + s.sh - 1) / s.sh : 0, wp = cph < s.W ? (s.W - cph + s.sw - 1) / s.sw : 0;
   const int m0 = blockIdx.x * kTileM;
   if (m0 >= s.B * hp * wp) return;  // uniform across the block: this phase has fewer pixels
 
-  const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
-  Acc* stage = tiles.stage;
-  T* a_tile = tiles.a();
-  T* b_tile = tiles.b();
+  const BackwardTiles<T> tiles = BackwardTiles<T>::carve(dynamic_smem());
   int* row_b = reinterpret_cast<int*>(tiles.end);
   int* row_r = row_b + kTileM;
   int* row_q = row_r + kTileM;
 
   const int tid = threadIdx.x;
-  const int c0 = blockIdx.y * kTileN, K = s.kh * s.kw, Mp = s.B * hp * wp;
-  const T zero = Num<T>::from_acc(Acc(0));
+  const int c0 = blockIdx.y * kTileN, Mp = s.B * hp * wp;
+  const T zero = Num<T>::from_acc(typename Num<T>::Acc(0));
   for (int m = tid; m < kTileM; m += kThreads) {
     const int pix = m0 + m;
     if (pix < Mp) {
@@ -511,28 +598,34 @@ __global__ void __launch_bounds__(kThreads)
 
   typename TileFor<T>::type tile;
   tile.zero();
-  for (int p = 0; p < K; ++p) {
-    // Input row a + sh * r receives output row (a + pt - i * dh) / sh + r when that divides.
-    const int th = a + s.pt - (p / s.kw) * s.dh, tw = cph + s.pl - (p % s.kw) * s.dw;
-    if (((th % s.sh) + s.sh) % s.sh != 0 || ((tw % s.sw) + s.sw) % s.sw != 0) continue;
-    const int oh = th / s.sh, ow = tw / s.sw;
-    const int r_begin = prefix[int64_t(p) * (s.N + 1) + g * s.Ng], r_end = prefix[int64_t(p) * (s.N + 1) + (g + 1) * s.Ng];
-    for (int r0 = r_begin; r0 < r_end; r0 += kTileK) {
-      for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
-        const int m = idx / kTileK, k = idx % kTileK;
-        T v = zero;
-        const int b = row_b[m], ho = row_r[m] + oh, wo = row_q[m] + ow;
-        if (b >= 0 && r0 + k < r_end && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo)
-          v = dy[((int64_t(b) * s.Ho + ho) * s.Wo + wo) * s.N + row_filter[r0 + k]];
-        a_tile[m * ld + k] = v;
-      }
-      for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
-        const int k = idx / kTileN, n = idx % kTileN, c = c0 + n;
-        b_tile[n * ld + k] = (r0 + k < r_end && c < s.Cg) ? w[int64_t(r0 + k) * s.Cg + c] : zero;
-      }
-      tiles.multiply(tile, s.Cg - c0);
-    }
-  }
+  run_pipeline(
+      GradInputSteps(prefix, s, g, a, cph),
+      [&](const GradInputSteps& step, int buffer) {
+        // a[m][k] = grad_output at pixel m of the phase shifted by (oh, ow), filter of row r0 + k
+        T* at = tiles.a(buffer);
+        for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+          const int m = idx / kTileK, k = idx % kTileK;
+          const int b = row_b[m], ho = row_r[m] + step.oh, wo = row_q[m] + step.ow;
+          const bool inside = b >= 0 && step.r0 + k < step.r_end && ho >= 0 && ho < s.Ho && wo >= 0 && wo < s.Wo;
+          at[A::at(m, k)] = inside ? dy[((int64_t(b) * s.Ho + ho) * s.Wo + wo) * s.N + row_filter[step.r0 + k]] : zero;
+        }
+        // b[k][n] = packed row r0 + k, channel c0 + n
+        T* bt = tiles.b(buffer);
+        if (async_copyable<T>() && vectorized) {
+          constexpr int kVec = 16 / sizeof(T), kVecsPerRow = kTileN / kVec;
+          for (int v = tid; v < kTileK * kVecsPerRow; v += kThreads) {
+            const int k = v / kVecsPerRow, n = (v % kVecsPerRow) * kVec;
+            const bool kept = step.r0 + k < step.r_end && c0 + n < s.Cg;
+            async_copy_16<false>(bt + B::at(n, k), kept ? w + int64_t(step.r0 + k) * s.Cg + c0 + n : w, kept);
+          }
+        } else {
+          for (int idx = tid; idx < kTileK * kTileN; idx += kThreads) {
+            const int k = idx / kTileN, n = idx % kTileN;
+            bt[B::at(n, k)] = (step.r0 + k < step.r_end && c0 + n < s.Cg) ? w[int64_t(step.r0 + k) * s.Cg + c0 + n] : zero;
+          }
+        }
+      },
+      [&](const GradInputSteps&, int buffer) { tiles.multiply(tile, s.Cg - c0, buffer); });
   tiles.stage_results(tile);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < kTileM * ccount; idx += kThreads) {
@@ -540,67 +633,86 @@ __global__ void __launch_bounds__(kThreads)
     if (row_b[m] < 0) continue;
     const int hi = a + row_r[m] * s.sh, wi = cph + row_q[m] * s.sw;
     dx[((int64_t(row_b[m]) * s.H + hi) * s.W + wi) * s.C + int64_t(g) * s.Cg + c0 + n] =
-        Num<T>::from_acc(stage[m * kStageLd + n]);
+        Num<T>::from_acc(tiles.stage[m * kStageLd + n]);
   }
 }
 
 // ------------------------------------------------------------------------------ grad weight
+// The K steps of a grad weight block: kTileK output pixels at a time over its split.
+struct PixelSteps {
+  int k0, k_end;
+  __device__ bool done() const { return k0 >= k_end; }
+  __device__ void next() { k0 += kTileK; }
+};
+
 template <typename T>
 __host__ __device__ constexpr int64_t grad_weight_smem_bytes() {
-  return GemmTiles<T>::kBytes;
+  return BackwardTiles<T>::kBytes;
 }
 
 // grid: (row tiles of the largest (position, group) range, K * groups, splits * channel tiles).
-// workspace [splits, S, Cg] in the accumulation type.
+// workspace [splits, S, Cg] in the accumulation type. `vectorized`: the input pixels arrive by
+// 16-byte asynchronous copies (16-bit, Cg a multiple of 8, aligned).
 template <typename T>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
     grad_weight_kernel(const T* __restrict__ dy, const T* __restrict__ x, const int* __restrict__ prefix,
                        const int* __restrict__ row_filter, typename Num<T>::Acc* __restrict__ workspace,
-                       ConvShape s, int splits, int pixels_per_split) {
-  using Acc = typename Num<T>::Acc;
-  constexpr int ld = operand_ld<T>();
+                       ConvShape s, int splits, int pixels_per_split, bool vectorized) {
+  using A = OperandTile<T, Major::kK>;
+  using B = OperandTile<T, Major::kMN>;
   const int K = s.kh * s.kw, p = blockIdx.y % K, g = blockIdx.y / K;
   const int r_begin = prefix[int64_t(p) * (s.N + 1) + g * s.Ng], r_end = prefix[int64_t(p) * (s.N + 1) + (g + 1) * s.Ng];
   const int r0 = r_begin + blockIdx.x * kTileM;
   if (r0 >= r_end) return;  // uniform: this (position, group) keeps fewer rows
 
-  const GemmTiles<T> tiles = GemmTiles<T>::carve(dynamic_smem());
-  Acc* stage = tiles.stage;
-  T* a_tile = tiles.a();
-  T* b_tile = tiles.b();
-
+  const BackwardTiles<T> tiles = BackwardTiles<T>::carve(dynamic_smem());
   const int tid = threadIdx.x;
   const int split = blockIdx.z % splits, c0 = (blockIdx.z / splits) * kTileN;
   const int M = s.B * s.Ho * s.Wo, k_begin = split * pixels_per_split;
   const int k_end = M - k_begin < pixels_per_split ? M : k_begin + pixels_per_split;
   const int rows = r_end - r0 < kTileM ? r_end - r0 : kTileM;
   const int ih = (p / s.kw) * s.dh - s.pt, iw = (p % s.kw) * s.dw - s.pl;
-  const T zero = Num<T>::from_acc(Acc(0));
+  const T* xg = x + int64_t(g) * s.Cg;
+  const T zero = Num<T>::from_acc(typename Num<T>::Acc(0));
 
   typename TileFor<T>::type tile;
   tile.zero();
-  for (int k0 = k_begin; k0 < k_end; k0 += kTileK) {
-    for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
-      const int k = idx / kTileM, m = idx % kTileM, pix = k0 + k;
-      a_tile[m * ld + k] = (m < rows && pix < k_end) ? dy[int64_t(pix) * s.N + row_filter[r0 + m]] : zero;
-    }
-    for (int idx = tid; idx < kTileN * kTileK; idx += kThreads) {
-      const int k = idx / kTileN, n = idx % kTileN, pix = k0 + k, c = c0 + n;
-      T v = zero;
-      if (pix < k_end && c < s.Cg) {
-        const int b = pix / (s.Ho * s.Wo), rem = pix % (s.Ho * s.Wo);
-        const int h = (rem / s.Wo) * s.sh + ih, wc = (rem % s.Wo) * s.sw + iw;
-        if (h >= 0 && h < s.H && wc >= 0 && wc < s.W) v = x[((int64_t(b) * s.H + h) * s.W + wc) * s.C + int64_t(g) * s.Cg + c];
-      }
-      b_tile[n * ld + k] = v;
-    }
-    tiles.multiply(tile, s.Cg - c0);
-  }
+  run_pipeline(
+      PixelSteps{k_begin, k_end},
+      [&](const PixelSteps& step, int buffer) {
+        // a[m][k] = grad_output at pixel k0 + k, filter of row r0 + m
+        T* at = tiles.a(buffer);
+        for (int idx = tid; idx < kTileM * kTileK; idx += kThreads) {
+          const int k = idx / kTileM, m = idx % kTileM, pix = step.k0 + k;
+          at[A::at(m, k)] = (m < rows && pix < k_end) ? dy[int64_t(pix) * s.N + row_filter[r0 + m]] : zero;
+        }
+        // b[k][n] = input at pixel k0 + k shifted to position p, channel c0 + n (zero outside)
+        T* bt = tiles.b(buffer);
+        const bool vector = async_copyable<T>() && vectorized;
+        const int per_row = vector ? kTileN * int(sizeof(T)) / 16 : kTileN;
+        for (int idx = tid; idx < kTileK * per_row; idx += kThreads) {
+          const int k = idx / per_row, n = (idx % per_row) * (vector ? 16 / int(sizeof(T)) : 1);
+          const int pix = step.k0 + k, c = c0 + n;
+          bool inside = pix < k_end && c < s.Cg;
+          int64_t offset = 0;
+          if (inside) {
+            const int b = pix / (s.Ho * s.Wo), rem = pix % (s.Ho * s.Wo);
+            const int h = (rem / s.Wo) * s.sh + ih, wc = (rem % s.Wo) * s.sw + iw;
+            inside = h >= 0 && h < s.H && wc >= 0 && wc < s.W;
+            offset = ((int64_t(b) * s.H + h) * s.W + wc) * s.C + c;
+          }
+          if (vector)
+            async_copy_16<true>(bt + B::at(n, k), inside ? xg + offset : x, inside);
+          else
+            bt[B::at(n, k)] = inside ? xg[offset] : zero;
+        }
+      },
+      [&](const PixelSteps&, int buffer) { tiles.multiply(tile, s.Cg - c0, buffer); });
   tiles.stage_results(tile);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < rows * ccount; idx += kThreads) {
     const int m = idx / ccount, n = idx % ccount;
-    workspace[(int64_t(split) * s.S + r0 + m) * s.Cg + c0 + n] = stage[m * kStageLd + n];
+    workspace[(int64_t(split) * s.S + r0 + m) * s.Cg + c0 + n] = tiles.stage[m * kStageLd + n];
   }
 }
 

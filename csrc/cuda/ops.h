@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <initializer_list>
 
 #ifndef STRIPECONV_CUDA_EMULATION
 #include <c10/cuda/CUDAException.h>
@@ -130,10 +131,13 @@ ConvShape make_shape(const char* op, at::IntArrayRef input_shape, const at::Tens
   return s;
 }
 
-// 16-byte loads of channel runs: every run of a group starts 16-byte aligned.
-bool vector_aligned(const ConvShape& s, const at::Tensor& x, const at::Tensor& w) {
-  const auto aligned = [](const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; };
-  return (s.Cg * x.element_size()) % 16 == 0 && aligned(x) && aligned(w);
+// Whether the kernels may copy the channel runs of `tensors` ([..., Cg] rows) in 16-byte pieces:
+// a 16-bit type, every run of a group 16-byte aligned.
+template <typename T>
+bool async_copies(const ConvShape& s, std::initializer_list<const at::Tensor*> tensors) {
+  bool ok = async_copyable<T>() && (s.Cg * sizeof(T)) % 16 == 0;
+  for (const at::Tensor* t : tensors) ok = ok && reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 == 0;
+  return ok;
 }
 
 struct RowIndex {
@@ -193,7 +197,7 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
     const dim3 grid(unsigned(ceil_div(int64_t(s.B) * s.Ho * s.Wo, kTileM)), unsigned(ceil_div(s.Ng, nb)), unsigned(s.groups));
     launch(forward_kernel<T>, grid, dim3(kThreads), forward_smem_bytes<T>(nb), ptr<T>(x), ptr<T>(w),
            b.defined() ? ptr<T>(b) : static_cast<const T*>(nullptr), ptr<int>(rows.prefix), ptr<int>(rows.row_filter),
-           mutable_ptr<T>(y), s, nb, async_copyable<T>() && vector_aligned(s, x, w));
+           mutable_ptr<T>(y), s, nb, async_copies<T>(s, {&x, &w}));
   });
   return y;
 }
@@ -222,7 +226,7 @@ at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight, c
   dispatch_dtype(grad_output.scalar_type(), "grad_input", [&](auto tag) {
     using T = typename decltype(tag)::type;
     launch(grad_input_kernel<T>, grid, dim3(kThreads), grad_input_smem_bytes<T>(), ptr<T>(dy), ptr<T>(w),
-           ptr<int>(rows.prefix), ptr<int>(rows.row_filter), mutable_ptr<T>(dx), s);
+           ptr<int>(rows.prefix), ptr<int>(rows.row_filter), mutable_ptr<T>(dx), s, async_copies<T>(s, {&w}));
   });
   return dx;
 }
@@ -263,7 +267,7 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, c
     at::Tensor workspace = at::empty({splits, s.S, s.Cg}, input.options().dtype(c10::CppTypeToScalarType<Acc>::value));
     launch(grad_weight_kernel<T>, grid, dim3(kThreads), grad_weight_smem_bytes<T>(), ptr<T>(dy), ptr<T>(x),
            ptr<int>(rows.prefix), ptr<int>(rows.row_filter), mutable_ptr<Acc>(workspace), s, int(splits),
-           int(pixels_per_split));
+           int(pixels_per_split), async_copies<T>(s, {&x}));
     const int64_t count = int64_t(s.S) * s.Cg;
     launch(reduce_splits_kernel<T>, dim3(unsigned(std::min<int64_t>(ceil_div(count, 256), 8 * int64_t(multiprocessor_count())))),
            dim3(256), 0, ptr<Acc>(workspace), mutable_ptr<T>(gw), count, int(splits));
