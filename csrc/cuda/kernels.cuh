@@ -686,12 +686,13 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
           const int k = idx / kTileM, m = idx % kTileM, pix = step.k0 + k;
           at[A::at(m, k)] = (m < rows && pix < k_end) ? dy[int64_t(pix) * s.N + row_filter[r0 + m]] : zero;
         }
-        // b[k][n] = input at pixel k0 + k shifted to position p, channel c0 + n (zero outside)
+        // b[k][n] = input at pixel k0 + k shifted to position p, channel c0 + n (zero outside),
+        // in 16-byte pieces (asynchronous copies) or single elements
         T* bt = tiles.b(buffer);
-        const bool vector = async_copyable<T>() && vectorized;
-        const int per_row = vector ? kTileN * int(sizeof(T)) / 16 : kTileN;
-        for (int idx = tid; idx < kTileK * per_row; idx += kThreads) {
-          const int k = idx / per_row, n = (idx % per_row) * (vector ? 16 / int(sizeof(T)) : 1);
+        const bool copies = async_copyable<T>() && vectorized;
+        const int piece = copies ? 16 / int(sizeof(T)) : 1, pieces_per_row = kTileN / piece;
+        for (int idx = tid; idx < kTileK * pieces_per_row; idx += kThreads) {
+          const int k = idx / pieces_per_row, n = (idx % pieces_per_row) * piece;
           const int pix = step.k0 + k, c = c0 + n;
           bool inside = pix < k_end && c < s.Cg;
           int64_t offset = 0;
@@ -701,7 +702,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
             inside = h >= 0 && h < s.H && wc >= 0 && wc < s.W;
             offset = ((int64_t(b) * s.H + h) * s.W + wc) * s.C + c;
           }
-          if (vector)
+          if (copies)
             async_copy_16<true>(bt + B::at(n, k), inside ? xg + offset : x, inside);
           else
             bt[B::at(n, k)] = inside ? xg[offset] : zero;
