@@ -1,7 +1,5 @@
 """``python -m stripeconv`` (and ``torchrun ... -m stripeconv``): the command line of :mod:`stripeconv.cli`."""
-import sys
-
-from .cli import main
+from .cli import run
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

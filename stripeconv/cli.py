@@ -905,5 +905,20 @@ def main(argv=None) -> int:
         return 130
 
 
+def run() -> None:
+    """The ``stripeconv`` command: :func:`main`, then the process ends with its exit code.
+
+    A process that joined a process group (under ``torchrun``) leaves through
+    :func:`stripeconv.distributed.exit_process`, so that gloo's worker threads cannot abort it
+    during interpreter shutdown.
+    """
+    from .distributed import exit_process, joined_process_group
+
+    code = main()
+    if joined_process_group():
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

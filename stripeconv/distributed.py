@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistContext", "init_from_env", "single_process", "wrap_model", "unwrap",
-           "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "cleanup"]
+           "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "cleanup",
+           "joined_process_group", "exit_process"]
+
+_joined_process_group = False  # set once this process has initialised a process group
 
 
 @dataclass
@@ -89,6 +94,8 @@ def init_from_env(device: Optional[str] = None, backend: Optional[str] = None) -
             torch.cuda.set_device(dev)
         dist.init_process_group(backend=backend)
         owns = True
+        global _joined_process_group
+        _joined_process_group = True
     return DistContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
                        backend=dist.get_backend(), owns_group=owns)
 
@@ -105,6 +112,30 @@ def cleanup(ctx: DistContext, barrier: bool = True) -> None:
             dist.barrier()
         dist.destroy_process_group()
         ctx.owns_group = False
+
+
+def joined_process_group() -> bool:
+    """Whether :func:`init_from_env` initialised a process group in this process (even if since left)."""
+    return _joined_process_group
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that has run collectives: flush its output, then leave without interpreter shutdown.
+
+    A gloo worker thread releases a collective's tensors just after the caller has seen the
+    collective complete, and releasing a tensor that Python has seen takes the GIL. When that
+    happens after interpreter shutdown has begun, the thread is stopped inside a C++
+    destructor and the whole process aborts (SIGABRT) after all its work is done; leaving the
+    process group does not stop these threads. Like :mod:`multiprocessing`'s child processes,
+    a distributed run therefore ends with :func:`os._exit` once its streams are flushed.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken pipe: nothing more can be written anyway
+            pass
+    os._exit(code)
 
 
 def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:

@@ -31,7 +31,7 @@ def _worker(rank, world, port, out_dir, result_dir):
     import stripeconv.engine as engine_mod
     from stripeconv import models, pruning
     from stripeconv.data.embedded import fashion_mnist_subset
-    from stripeconv.distributed import cleanup, digest, init_from_env
+    from stripeconv.distributed import cleanup, digest, init_from_env, joined_process_group
 
     ctx = init_from_env("cpu")
     if ctx.rank != 0:  # only rank 0 may write files
@@ -49,7 +49,7 @@ def _worker(rank, world, port, out_dir, result_dir):
     res = {"rank": ctx.rank, "world": ctx.world_size, "masks": digest(pruner.masks()),
            "weights": digest(model.state_dict()), "consistent": [r.get("masks_consistent") for r in hist],
            "samples": [r["samples"] for r in hist], "eval": [r["eval_accuracy"] for r in hist],
-           "log_enabled": eng.log.enabled}
+           "log_enabled": eng.log.enabled, "joined": joined_process_group()}
     Path(result_dir, f"rank{ctx.rank}.json").write_text(json.dumps(res))
     cleanup(ctx)
 
@@ -67,6 +67,7 @@ def test_ddp_two_processes_identical_state(tmp_path):
     assert r0["samples"] == [128, 128]  # the ranks' shards add up to the dataset
     assert r0["eval"] == r1["eval"]
     assert r0["log_enabled"] and not r1["log_enabled"]
+    assert r0["joined"] and r1["joined"]
     assert (out / "prune.ckpt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
@@ -88,3 +89,26 @@ def test_torchrun_cli_prune(tmp_path):
 
     model = load_pruned(out / "pruned")
     assert any(type(m).__name__ == "StripeConv2d" for m in model.modules())
+
+
+def test_exit_process_flushes_and_keeps_the_code():
+    """A distributed CLI run leaves through exit_process (no interpreter shutdown): buffered output
+    still arrives and the exit code is the command's; atexit handlers no longer run."""
+    code = ("import atexit, sys\n"
+            "from stripeconv.distributed import exit_process, joined_process_group\n"
+            "assert not joined_process_group()\n"
+            "atexit.register(print, 'atexit ran')\n"
+            "sys.stdout.write('out without newline'); sys.stderr.write('err without newline')\n"
+            "exit_process(3)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 3, p.stderr
+    assert p.stdout == "out without newline" and p.stderr == "err without newline"
+
+
+def test_single_process_cli_exits_normally(tmp_path):
+    """Without torchrun no process group is joined: ``python -m stripeconv`` ends by sys.exit with main's code."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "stripeconv", "prune", "--method", "NoSuchMethod"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "NoSuchMethod" in p.stderr
