@@ -31,7 +31,7 @@ def _worker(rank, world, port, out_dir, result_dir):
     import stripeconv.engine as engine_mod
     from stripeconv import models, pruning
     from stripeconv.data.embedded import fashion_mnist_subset
-    from stripeconv.distributed import cleanup, digest, init_from_env, joined_process_group
+    from stripeconv.distributed import cleanup, digest, exit_process, init_from_env, joined_process_group
 
     ctx = init_from_env("cpu")
     if ctx.rank != 0:  # only rank 0 may write files
@@ -52,6 +52,7 @@ def _worker(rank, world, port, out_dir, result_dir):
            "log_enabled": eng.log.enabled, "joined": joined_process_group()}
     Path(result_dir, f"rank{ctx.rank}.json").write_text(json.dumps(res))
     cleanup(ctx)
+    exit_process(0)  # spawned children otherwise end with interpreter shutdown, which gloo's threads can abort
 
 
 def test_ddp_two_processes_identical_state(tmp_path):
