@@ -65,11 +65,15 @@ def cuda_kernels(request, monkeypatch):
     stripeconv.set_backend(None)
 
 
-def _check(device, dtype, in_ch, out_ch, size, kernel_size, density, seed=0, channels_last=False, bias=True, **conv):
-    """StripeConv2d on ``device``/``dtype`` against the fp64 oracle on the same rounded values."""
+def _check(device, dtype, in_ch, out_ch, size, kernel_size, density, seed=0, channels_last=False, bias=True,
+           mask=None, **conv):
+    """StripeConv2d on ``device``/``dtype`` against the fp64 oracle on the same rounded values.
+
+    The mask is random with the given density unless ``mask`` is given."""
     g = torch.Generator().manual_seed(seed)
     conv64 = nn.Conv2d(in_ch, out_ch, kernel_size, bias=bias, **conv).double()
-    mask = torch.rand(out_ch, *conv64.kernel_size, generator=g) < density
+    if mask is None:
+        mask = torch.rand(out_ch, *conv64.kernel_size, generator=g) < density
     with torch.no_grad():
         conv64.weight.copy_(torch.randn(conv64.weight.shape, generator=g, dtype=torch.float64).to(dtype).double())
         conv64.weight.mul_(mask[:, None])
@@ -132,6 +136,41 @@ def test_oracle_geometry(cuda_kernels, in_ch, out_ch, size, kernel_size, density
 def test_oracle_many_pixels_fp16(cuda_kernels):
     # 2 x 12 x 12 = 288 output pixels: several pixel tiles and grad weight splits.
     _check(cuda_kernels, torch.float16, 16, 32, (12, 12), 3, 0.3, padding=1, bias=False)
+
+
+def _structured_mask(kind: str, out_ch: int, seed: int = 5) -> torch.Tensor:
+    """[out_ch, 3, 3] masks whose positions keep the same filters, or the same number of other ones."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "dense":
+        return torch.ones(out_ch, 3, 3, dtype=torch.bool)
+    if kind == "filter-pruned":  # a quarter of the filters pruned whole, the others dense
+        return (torch.rand(out_ch, generator=g) >= 0.25)[:, None, None].expand(out_ch, 3, 3).clone()
+    if kind == "equal-counts":  # every position keeps half the filters, a different half each
+        mask = torch.zeros(out_ch, 9, dtype=torch.bool)
+        for p in range(9):
+            mask[torch.randperm(out_ch, generator=g)[: out_ch // 2], p] = True
+        return mask.view(out_ch, 3, 3)
+    if kind == "runs":  # runs of positions keep one set, then one filter is swapped for another
+        kept = torch.randperm(out_ch, generator=g)[: out_ch // 2]
+        mask = torch.zeros(out_ch, 9, dtype=torch.bool)
+        for p in range(9):
+            if p in (3, 7):
+                out = kept[int(torch.randint(len(kept), (1,), generator=g))]
+                others = torch.tensor([f for f in range(out_ch) if f not in set(kept.tolist())])
+                kept = torch.cat([kept[kept != out], others[torch.randint(len(others), (1,), generator=g)]])
+            mask[kept, p] = True
+        return mask.view(out_ch, 3, 3)
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["dense", "filter-pruned", "equal-counts", "runs"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_oracle_chunks_of_the_same_filters(cuda_kernels, kind, groups):
+    # 160 filters over 2 x 16 x 16 pixels: the forward takes all of a group's filters in one block,
+    # so each position's rows span several 64-row chunk slots. Chunks that hold the same filters
+    # as the chunk before them sum in registers; all others must still reach the accumulator.
+    _check(cuda_kernels, torch.bfloat16, 16, 160, (16, 16), 3, None, mask=_structured_mask(kind, 160),
+           padding=1, groups=groups, channels_last=True)
 
 
 @pytest.mark.parametrize(

@@ -63,14 +63,20 @@ inline thread_local std::deque<std::vector<AsyncCopy>> tl_in_flight;
 class BlockBarrier {
  public:
   explicit BlockBarrier(int count) : count_(count) {}
-  void wait() {
+  // Returns whether every thread passed a true `predicate` (__syncthreads_and). The result of a
+  // generation cannot be overwritten before this thread has read it: the next generation needs
+  // this thread to arrive.
+  bool wait(bool predicate = true) {
     std::unique_lock<std::mutex> lock(mutex_);
     const long generation = generation_;
+    all_ = all_ && predicate;
     if (++arrived_ == count_) {
       arrived_ = 0;
+      result_ = all_;
+      all_ = true;
       ++generation_;
       cv_.notify_all();
-      return;
+      return result_;
     }
     if (!cv_.wait_for(lock, std::chrono::seconds(60), [&] { return generation_ != generation; })) {
       std::fprintf(stderr, "stripeconv CUDA emulation: __syncthreads not reached by every thread of block "
@@ -78,6 +84,7 @@ class BlockBarrier {
                    tl_block_idx.x, tl_block_idx.y, tl_block_idx.z);
       std::abort();
     }
+    return result_;
   }
 
  private:
@@ -85,6 +92,7 @@ class BlockBarrier {
   std::condition_variable cv_;
   int count_, arrived_ = 0;
   long generation_ = 0;
+  bool all_ = true, result_ = true;
 };
 
 inline BlockBarrier* g_barrier = nullptr;
@@ -136,6 +144,7 @@ using stripeconv_emu::dim3;
 #define gridDim (stripeconv_emu::g_grid_dim)
 
 inline void __syncthreads() { stripeconv_emu::g_barrier->wait(); }
+inline int __syncthreads_and(int predicate) { return stripeconv_emu::g_barrier->wait(predicate != 0); }
 
 // ------------------------------------------------------------------------------ async copies
 template <bool kCacheL1>

@@ -20,7 +20,9 @@
 //   block of nb filters whose fp32 outputs live in shared memory. For each position p it multiplies
 //   the shifted input rows by the packed rows of p in chunks of 64 (only the filters that keep p,
 //   so nothing is computed for pruned stripes; chunks are cut at 16-column granularity) and adds
-//   each chunk's columns into the accumulator of the chunk's filters. Borders: masked loads.
+//   each chunk's columns into the accumulator of the chunk's filters; consecutive chunks of the
+//   same filters (dense and filter-pruned blocks) sum in registers and are added once. Borders:
+//   masked loads.
 // grad input (output-stationary over grad_input): a block owns 64 pixels of one stride phase and
 //   64 input channels and reduces over the packed rows of the positions whose taps land on that
 //   phase, gathering grad_output at the rows' filters. No work is spent on other phases.
@@ -355,38 +357,65 @@ __global__ void build_rows_kernel(const unsigned char* __restrict__ mask, int N,
 }
 
 // ---------------------------------------------------------------------------------- forward
-// The forward's K steps in order: the positions, the chunks of <= kTileN packed rows each keeps
-// among the block's filters [f_begin, f_end), and the kTileK-channel steps of each chunk.
+// The forward's K steps in order. The kept rows of each position p among the block's filters
+// [f_begin, f_end) are cut into chunks of <= kTileN rows; chunk slot q of p holds its rows
+// [q * kTileN, (q + 1) * kTileN). The steps run slot by slot, and within a slot position by
+// position, each chunk in kTileK-channel steps. Slot-major order puts the chunks that can hold
+// the same filters next to each other: when the block's filters keep all their positions
+// (dense, or filter-pruned masks), slot q of every position holds the same filters.
 struct ForwardSteps {
   const int* prefix;
   int prefix_ld, f_begin, f_end, K, Cg;
-  int p, r0, r_end, c0;
+  int q, p, r0, r_end, c0;
+  bool finished;
 
   __device__ ForwardSteps(const int* prefix_, const ConvShape& s, int f_begin_, int f_end_)
-      : prefix(prefix_), prefix_ld(s.N + 1), f_begin(f_begin_), f_end(f_end_), K(s.kh * s.kw), Cg(s.Cg), c0(0) {
+      : prefix(prefix_), prefix_ld(s.N + 1), f_begin(f_begin_), f_end(f_end_), K(s.kh * s.kw), Cg(s.Cg), q(0),
+        c0(0), finished(false) {
     seek(0);
   }
-  __device__ bool done() const { return p >= K; }
+  __device__ bool done() const { return finished; }
   __device__ int rows() const { return r_end - r0 < kTileN ? r_end - r0 : kTileN; }
   __device__ bool chunk_begins() const { return c0 == 0; }
   __device__ bool chunk_ends() const { return c0 + kTileK >= Cg; }
   __device__ void next() {
     if ((c0 += kTileK) < Cg) return;
     c0 = 0;
-    if ((r0 += kTileN) < r_end) return;
     seek(p + 1);
   }
 
  private:
-  // The first position at or after `from` that some filter of the block keeps.
+  // The first chunk at or after (slot q, position from): a position with more than q * kTileN rows.
   __device__ void seek(int from) {
-    for (p = from; p < K; ++p) {
-      r0 = prefix[int64_t(p) * prefix_ld + f_begin];
-      r_end = prefix[int64_t(p) * prefix_ld + f_end];
-      if (r0 < r_end) return;
+    for (;; ++q, from = 0) {
+      for (p = from; p < K; ++p) {
+        const int begin = prefix[int64_t(p) * prefix_ld + f_begin], end = prefix[int64_t(p) * prefix_ld + f_end];
+        if (end - begin > q * kTileN) {
+          r0 = begin + q * kTileN;
+          r_end = end;
+          return;
+        }
+      }
+      if (from == 0) {  // no position has slot q, so none has a later one
+        finished = true;
+        return;
+      }
     }
   }
 };
+
+// Whether the chunk after `step` (which is at its chunk's last channel step) holds the same
+// filters in the same order, so that its products can add into the same warp tiles. A barrier:
+// every thread of the block must call it.
+__device__ __forceinline__ bool next_chunk_has_same_filters(const ForwardSteps& step, const int* __restrict__ row_filter) {
+  static_assert(kThreads >= kTileN, "one thread per chunk row");
+  ForwardSteps next = step;
+  next.next();
+  const int rows = step.rows();
+  if (next.done() || next.rows() != rows) return false;  // uniform across the block
+  const int j = threadIdx.x;
+  return __syncthreads_and(j >= rows || row_filter[next.r0 + j] == row_filter[step.r0 + j]) != 0;
+}
 
 // Pixel rows of a forward block: batch index (-1 past the last pixel) and the top-left input
 // coordinate of the pixel's receptive field.
@@ -481,18 +510,23 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   typename TileFor<T>::type tile;
+  bool tile_added = true;  // the warp tiles hold no products that the accumulator lacks
   run_pipeline(
       ForwardSteps(prefix, s, fg0, fg0 + fcount),
       [&](const ForwardSteps& step, int buffer) {
         load_forward_step(x, w, s, g, step, px, tiles.a(buffer), tiles.b(buffer), vectorized);
       },
       [&](const ForwardSteps& step, int buffer) {
-        if (step.chunk_begins()) {  // chunk_col's last readers passed the barrier ending the last chunk
+        if (step.chunk_begins() && tile_added) {  // chunk_col's last readers passed the barrier ending the last chunk
           tile.zero();
           for (int j = tid; j < kTileN; j += kThreads) chunk_col[j] = j < step.rows() ? row_filter[step.r0 + j] - fg0 : -1;
         }
         tiles.multiply(tile, step.rows(), buffer);
         if (step.chunk_ends()) {
+          // Chunks of the same filters (slot q of the positions of a dense or filter-pruned
+          // block) sum in the warp tiles: the accumulator is updated once for all of them.
+          tile_added = !next_chunk_has_same_filters(step, row_filter);
+          if (!tile_added) return;
           tiles.stage_results(tile);
           // Each chunk row is a different filter, so no two threads add into the same column.
           for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
