@@ -7,7 +7,8 @@ or ``STRIPECONV_BACKEND=cuda``; CUDA tensors run on ``triton`` by default.
 Its forward is position-major: for each kernel position the kernel multiplies the shifted
 input by the packed rows of only the filters that keep it and adds the result into a
 shared-memory accumulator of a block of filters, so it computes no pruned stripe whatever the
-mask (the Triton forward computes the union of a filter tile's positions). fp16/bf16 run on
+mask (the Triton forward computes the union of a filter tile's positions); consecutive chunks of
+the same filters (dense and filter-pruned blocks) sum in registers first. fp16/bf16 run on
 tensor cores (wmma, fp32 accumulation), fp32 and fp64 on CUDA cores (no TF32). Grad input
 splits stride phases, grad weight is split-K with a deterministic reduction. The kernels build
 their metadata from the mask on the device; the backend reads the mask on the host once per
