@@ -8,8 +8,8 @@
 // The rows of position p and filters [f0, f1) are therefore the range [prefix[p][f0], prefix[p][f1]).
 //
 // Every kernel is a GEMM over shared-memory tiles, C[m][n] = sum_k A[m][k] * B[n][k], computed by
-// 4 warps on a 64 x 64 tile (each warp 32 x 32): wmma tensor cores for fp16/bf16 (fp32
-// accumulation), CUDA-core FMAs for fp32 and fp64. A is held K-major; B K-major in the forward
+// 4 warps on a 64 x 64 tile (each warp 32 x 32, or 16 x 32 when at most 32 columns are valid):
+// wmma tensor cores for fp16/bf16 (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. A is held K-major; B K-major in the forward
 // and MN-major in the backward kernels, whichever matches its rows in global memory. Every kernel
 // runs its K steps as a software pipeline over two operand buffers (run_pipeline): the next
 // step's tiles load while the current one multiplies, the contiguous operands of 16-bit types
@@ -149,6 +149,20 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
+// The block of the 64 x 64 tile a warp computes: rows [row, row + rows) and the 32 columns from
+// col, or, for a tile of at most 32 valid columns and a warp tile that can split rows
+// (Tile::kSplitsRows), 16 rows and all columns, so that all four warps work on a narrow tile
+// (a chunk of few kept rows, or few channels) instead of two.
+struct WarpBlock {
+  int row, col, rows;
+};
+template <typename Tile>
+__device__ __forceinline__ WarpBlock warp_block(int n_valid) {
+  const int warp = threadIdx.x >> 5;
+  if (Tile::kSplitsRows && n_valid <= 32) return {warp * 16, 0, 16};
+  return {(warp >> 1) * 32, (warp & 1) * 32, 32};
+}
+
 // The shared-memory tiles every kernel multiplies: the fp32 (fp64) staging tile [64][kStageLd]
 // the warps store their results to, and kBuffers pairs of operand tiles A (K-major) and B
 // (kBMajor); two buffers when the next step's operands load while the current ones multiply
@@ -172,21 +186,22 @@ struct GemmTiles {
   __device__ T* a(int buffer) const { return reinterpret_cast<T*>(operands + buffer * kBufferBytes); }
   __device__ T* b(int buffer) const { return reinterpret_cast<T*>(operands + buffer * kBufferBytes + ATile::kBytes); }
 
-  // After the block has loaded a K step into the buffer: each warp multiplies its 32 x 32 block
-  // (the block tile has n_valid valid columns), then the buffer is free for the next loads.
+  // After the block has loaded a K step into the buffer: each warp multiplies its block of the
+  // tile (warp_block; the tile has n_valid valid columns), then the buffer is free for the next loads.
   template <typename Tile>
   __device__ void multiply(Tile& tile, int n_valid, int buffer) const {
-    const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+    const WarpBlock wb = warp_block<Tile>(n_valid);
     __syncthreads();
-    tile.template mma<kBMajor>(a(buffer) + ATile::at(wm * 32, 0), b(buffer) + BTile::at(wn * 32, 0), kTileK,
-                               n_valid - wn * 32);
+    tile.template mma<kBMajor>(a(buffer) + ATile::at(wb.row, 0), b(buffer) + BTile::at(wb.col, 0), kTileK,
+                               n_valid - wb.col, wb.rows);
     __syncthreads();
   }
-  // Each warp's results into its block of the staging tile, visible to the whole block.
+  // Each warp's results into its block of the staging tile, visible to the whole block. n_valid:
+  // as in the multiplications that produced them.
   template <typename Tile>
-  __device__ void stage_results(const Tile& tile) const {
-    const int warp = threadIdx.x >> 5;
-    tile.store(stage + (warp >> 1) * 32 * kStageLd + (warp & 1) * 32, kStageLd);
+  __device__ void stage_results(const Tile& tile, int n_valid) const {
+    const WarpBlock wb = warp_block<Tile>(n_valid);
+    tile.store(stage + wb.row * kStageLd + wb.col, kStageLd, wb.rows);
     __syncthreads();
   }
 };
@@ -216,14 +231,15 @@ __device__ void run_pipeline(Steps step, Load&& load, Compute&& compute) {
 }
 
 // ------------------------------------------------------------------------- warp tile products
-// A warp's 32 x 32 block of C += A * B^T over kdim (a multiple of 16): a and b point at the
-// warp's block of a K-major A tile and of a kBMajor B tile (OperandTile). Columns at or beyond
-// n_valid need not be computed.
+// A warp's block of C += A * B^T over kdim (a multiple of 16), `rows` (16 or 32) x 32: a and b
+// point at the warp's block of a K-major A tile and of a kBMajor B tile (OperandTile). Columns
+// at or beyond n_valid need not be computed. store() writes the same block.
 
 // CUDA cores: each lane owns a 4 x 8 block (8 x 4 lanes).
 template <typename T>
 struct WarpTile {
   using Acc = typename Num<T>::Acc;
+  static constexpr bool kSplitsRows = false;  // always 32 rows
   Acc c[4][8];
 
   __device__ void zero() {
@@ -233,7 +249,7 @@ struct WarpTile {
       for (int j = 0; j < 8; ++j) c[i][j] = Acc(0);
   }
   template <Major kBMajor>
-  __device__ void mma(const T* a, const T* b, int kdim, int n_valid) {
+  __device__ void mma(const T* a, const T* b, int kdim, int n_valid, int /*rows: 32*/) {
     using A = OperandTile<T, Major::kK>;
     using B = OperandTile<T, kBMajor>;
     if (n_valid <= 0) return;
@@ -250,7 +266,7 @@ struct WarpTile {
         for (int j = 0; j < 8; ++j) c[i][j] += av[i] * bv[j];
     }
   }
-  __device__ void store(Acc* out, int ldc) const {
+  __device__ void store(Acc* out, int ldc, int /*rows: 32*/) const {
     const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
@@ -259,11 +275,12 @@ struct WarpTile {
   }
 };
 
-// Tensor cores: 2 x 2 wmma 16x16x16 fragments, fp32 accumulators. A K-major B tile is a
+// Tensor cores: up to 2 x 2 wmma 16x16x16 fragments, fp32 accumulators. A K-major B tile is a
 // col_major K x N matrix for wmma, an MN-major one row_major.
 template <typename T>
 struct WmmaWarpTile {
   using Acc = float;
+  static constexpr bool kSplitsRows = true;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2][2];
 
   __device__ void zero() {
@@ -273,33 +290,42 @@ struct WmmaWarpTile {
       for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
   }
   template <Major kBMajor>
-  __device__ void mma(const T* a, const T* b, int kdim, int n_valid) {
+  __device__ void mma(const T* a, const T* b, int kdim, int n_valid, int rows) {
     using namespace nvcuda;
     using A = OperandTile<T, Major::kK>;
     using B = OperandTile<T, kBMajor>;
     using BLayout = typename std::conditional<kBMajor == Major::kK, wmma::col_major, wmma::row_major>::type;
-    const int ncols = n_valid > 16 ? 2 : (n_valid > 0 ? 1 : 0);
+    const int ncols = n_valid > 16 ? 2 : (n_valid > 0 ? 1 : 0), nrows = rows / 16;
     if (ncols == 0) return;
     for (int k = 0; k < kdim; k += 16) {
+      // Constant loop bounds with early exits keep the fragments in registers.
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], a + A::at(i * 16, k), A::kLd);
+      for (int i = 0; i < 2; ++i) {
+        if (i >= nrows) break;
+        wmma::load_matrix_sync(fa[i], a + A::at(i * 16, k), A::kLd);
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {  // constant bounds keep the fragments in registers
+      for (int j = 0; j < 2; ++j) {
         if (j >= ncols) break;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
         wmma::load_matrix_sync(fb, b + B::at(j * 16, k), B::kLd);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
+        for (int i = 0; i < 2; ++i) {
+          if (i >= nrows) break;
+          wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
+        }
       }
     }
   }
-  __device__ void store(float* out, int ldc) const {
+  __device__ void store(float* out, int ldc, int rows) const {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < 2; ++i) {
+      if (i >= rows / 16) break;
 #pragma unroll
       for (int j = 0; j < 2; ++j)
         nvcuda::wmma::store_matrix_sync(out + i * 16 * ldc + j * 16, c[i][j], ldc, nvcuda::wmma::mem_row_major);
+    }
   }
 };
 
@@ -527,7 +553,7 @@ __global__ void __launch_bounds__(kThreads)
           // block) sum in the warp tiles: the accumulator is updated once for all of them.
           tile_added = !next_chunk_has_same_filters(step, row_filter);
           if (!tile_added) return;
-          tiles.stage_results(tile);
+          tiles.stage_results(tile, step.rows());
           // Each chunk row is a different filter, so no two threads add into the same column.
           for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
             const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
@@ -660,7 +686,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
         }
       },
       [&](const GradInputSteps&, int buffer) { tiles.multiply(tile, s.Cg - c0, buffer); });
-  tiles.stage_results(tile);
+  tiles.stage_results(tile, s.Cg - c0);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < kTileM * ccount; idx += kThreads) {
     const int m = idx / ccount, n = idx % ccount;
@@ -743,7 +769,7 @@ __global__ void __launch_bounds__(kThreads, backward_blocks_per_sm<T>())
         }
       },
       [&](const PixelSteps&, int buffer) { tiles.multiply(tile, s.Cg - c0, buffer); });
-  tiles.stage_results(tile);
+  tiles.stage_results(tile, s.Cg - c0);
   const int ccount = s.Cg - c0 < kTileN ? s.Cg - c0 : kTileN;
   for (int idx = tid; idx < rows * ccount; idx += kThreads) {
     const int m = idx / ccount, n = idx % ccount;
