@@ -8,7 +8,7 @@
 // The rows of position p and filters [f0, f1) are therefore the range [prefix[p][f0], prefix[p][f1]).
 //
 // Every kernel is a GEMM over shared-memory tiles, C[m][n] = sum_k A[m][k] * B[n][k], computed by
-// 4 warps on a 64 x 64 tile (each warp 32 x 32, or 16 x 32 when at most 32 columns are valid):
+// 4 warps on a 64 x 64 tile (each warp 32 x 32, or 16 x 64 when at most 48 columns are valid):
 // wmma tensor cores for fp16/bf16 (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. A is held K-major; B K-major in the forward
 // and MN-major in the backward kernels, whichever matches its rows in global memory. Every kernel
 // runs its K steps as a software pipeline over two operand buffers (run_pipeline): the next
@@ -149,17 +149,20 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
-// The block of the 64 x 64 tile a warp computes: rows [row, row + rows) and the 32 columns from
-// col, or, for a tile of at most 32 valid columns and a warp tile that can split rows
-// (Tile::kSplitsRows), 16 rows and all columns, so that all four warps work on a narrow tile
-// (a chunk of few kept rows, or few channels) instead of two.
+// The block of the 64 x 64 tile a warp computes: 32 rows from `row` and the 32 columns from col
+// (2 x 2 warps), or, when the warp tile can split rows (Tile::kSplitsRows) and at most 48
+// columns are valid, 16 rows and all columns (4 x 1 warps). On a tile of n valid columns the
+// busiest warp then does ceil(n / 16) fragment products per 16-deep step instead of
+// 2 * min(2, ceil(min(n, 32) / 16)): a chunk of few kept filters costs in proportion to them,
+// and all four warps (and SM sub-partitions) work. Above 48 columns the 2 x 2 split does as
+// many products with fewer fragment loads.
 struct WarpBlock {
   int row, col, rows;
 };
 template <typename Tile>
 __device__ __forceinline__ WarpBlock warp_block(int n_valid) {
   const int warp = threadIdx.x >> 5;
-  if (Tile::kSplitsRows && n_valid <= 32) return {warp * 16, 0, 16};
+  if (Tile::kSplitsRows && n_valid <= 48) return {warp * 16, 0, 16};
   return {(warp >> 1) * 32, (warp & 1) * 32, 32};
 }
 
@@ -231,9 +234,9 @@ __device__ void run_pipeline(Steps step, Load&& load, Compute&& compute) {
 }
 
 // ------------------------------------------------------------------------- warp tile products
-// A warp's block of C += A * B^T over kdim (a multiple of 16), `rows` (16 or 32) x 32: a and b
-// point at the warp's block of a K-major A tile and of a kBMajor B tile (OperandTile). Columns
-// at or beyond n_valid need not be computed. store() writes the same block.
+// A warp's block of C += A * B^T over kdim (a multiple of 16), 32 x 32, or 16 x 64 when rows is
+// 16 (WarpBlock): a and b point at the warp's block of a K-major A tile and of a kBMajor B tile
+// (OperandTile). Columns at or beyond n_valid need not be computed. store() writes the same block.
 
 // CUDA cores: each lane owns a 4 x 8 block (8 x 4 lanes).
 template <typename T>
@@ -275,57 +278,65 @@ struct WarpTile {
   }
 };
 
-// Tensor cores: up to 2 x 2 wmma 16x16x16 fragments, fp32 accumulators. A K-major B tile is a
-// col_major K x N matrix for wmma, an MN-major one row_major.
+// Tensor cores: four wmma 16x16x16 fragments with fp32 accumulators, as a 32 x 32 block (2 x 2)
+// or a 16 x 64 one (1 x 4, rows == 16). A K-major B tile is a col_major K x N matrix for wmma,
+// an MN-major one row_major. The two shapes are separate code paths, so that every fragment
+// index is a compile-time constant and the fragments stay in registers.
 template <typename T>
 struct WmmaWarpTile {
   using Acc = float;
   static constexpr bool kSplitsRows = true;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2][2];
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[4];
 
   __device__ void zero() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(c[i][j], 0.0f);
+    for (int i = 0; i < 4; ++i) nvcuda::wmma::fill_fragment(c[i], 0.0f);
   }
   template <Major kBMajor>
   __device__ void mma(const T* a, const T* b, int kdim, int n_valid, int rows) {
+    const int ncols = n_valid > 0 ? (n_valid + 15) / 16 : 0;
+    if (rows == 16)
+      mma_shape<kBMajor, 1, 4>(a, b, kdim, ncols);
+    else
+      mma_shape<kBMajor, 2, 2>(a, b, kdim, ncols);
+  }
+  __device__ void store(float* out, int ldc, int rows) const {
+    if (rows == 16)
+      store_shape<1, 4>(out, ldc);
+    else
+      store_shape<2, 2>(out, ldc);
+  }
+
+ private:
+  // Fragment (i, j) of a kRows x kCols block is c[i * kCols + j]; columns from ncols on are skipped.
+  template <Major kBMajor, int kRows, int kCols>
+  __device__ void mma_shape(const T* a, const T* b, int kdim, int ncols) {
     using namespace nvcuda;
     using A = OperandTile<T, Major::kK>;
     using B = OperandTile<T, kBMajor>;
     using BLayout = typename std::conditional<kBMajor == Major::kK, wmma::col_major, wmma::row_major>::type;
-    const int ncols = n_valid > 16 ? 2 : (n_valid > 0 ? 1 : 0), nrows = rows / 16;
-    if (ncols == 0) return;
+    if (ncols <= 0) return;
     for (int k = 0; k < kdim; k += 16) {
-      // Constant loop bounds with early exits keep the fragments in registers.
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[kRows];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (i >= nrows) break;
-        wmma::load_matrix_sync(fa[i], a + A::at(i * 16, k), A::kLd);
-      }
+      for (int i = 0; i < kRows; ++i) wmma::load_matrix_sync(fa[i], a + A::at(i * 16, k), A::kLd);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
+      for (int j = 0; j < kCols; ++j) {
         if (j >= ncols) break;
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, BLayout> fb;
         wmma::load_matrix_sync(fb, b + B::at(j * 16, k), B::kLd);
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (i >= nrows) break;
-          wmma::mma_sync(c[i][j], fa[i], fb, c[i][j]);
-        }
+        for (int i = 0; i < kRows; ++i) wmma::mma_sync(c[i * kCols + j], fa[i], fb, c[i * kCols + j]);
       }
     }
   }
-  __device__ void store(float* out, int ldc, int rows) const {
+  template <int kRows, int kCols>
+  __device__ void store_shape(float* out, int ldc) const {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      if (i >= rows / 16) break;
+    for (int i = 0; i < kRows; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
-        nvcuda::wmma::store_matrix_sync(out + i * 16 * ldc + j * 16, c[i][j], ldc, nvcuda::wmma::mem_row_major);
-    }
+      for (int j = 0; j < kCols; ++j)
+        nvcuda::wmma::store_matrix_sync(out + i * 16 * ldc + j * 16, c[i * kCols + j], ldc, nvcuda::wmma::mem_row_major);
   }
 };
 
