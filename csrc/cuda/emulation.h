@@ -144,6 +144,15 @@ using stripeconv_emu::dim3;
 #define gridDim (stripeconv_emu::g_grid_dim)
 
 inline void __syncthreads() { stripeconv_emu::g_barrier->wait(); }
+
+// A kernel's own invariant, checked in the emulation only (kernels.cuh makes it a no-op on GPUs).
+#define STRIPECONV_EMU_CHECK(condition, what)                                   \
+  do {                                                                          \
+    if (!(condition)) {                                                         \
+      std::fprintf(stderr, "stripeconv CUDA emulation: %s\n", what);            \
+      std::abort();                                                             \
+    }                                                                           \
+  } while (0)
 inline int __syncthreads_and(int predicate) { return stripeconv_emu::g_barrier->wait(predicate != 0); }
 
 // ------------------------------------------------------------------------------ async copies
@@ -245,6 +254,7 @@ template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
   static constexpr int rows = std::is_same<Use, matrix_b>::value ? K : M;
   static constexpr int cols = std::is_same<Use, matrix_a>::value ? K : N;
+  static constexpr int num_elements = rows * cols / 32;  // a lane's share (accumulators)
   float v[rows * cols];  // the whole tile, row-major
 };
 
@@ -307,3 +317,11 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// Element i of this lane's share of an accumulator: a lane-dependent scatter of the tile (unlike
+// any hardware's), so that kernels must learn the layout rather than assume one.
+template <int M, int N, int K>
+float accumulator_element(const nvcuda::wmma::fragment<nvcuda::wmma::accumulator, M, N, K, float>& f, int i) {
+  const int lane = int(stripeconv_emu::lane_id());
+  return f.v[((i * 32 + (lane * 5 + i * 11) % 32) * 37) % (M * N)];
+}

@@ -20,9 +20,9 @@
 //   block of nb filters whose fp32 outputs live in shared memory. For each position p it multiplies
 //   the shifted input rows by the packed rows of p in chunks of 64 (only the filters that keep p,
 //   so nothing is computed for pruned stripes; chunks are cut at 16-column granularity) and adds
-//   each chunk's columns into the accumulator of the chunk's filters; consecutive chunks of the
-//   same filters (dense and filter-pruned blocks) sum in registers and are added once. Borders:
-//   masked loads.
+//   each chunk's columns into the accumulator of the chunk's filters, straight from the warps'
+//   registers; consecutive chunks of the same filters (dense and filter-pruned blocks) sum in
+//   registers and are added once. Borders: masked loads.
 // grad input (output-stationary over grad_input): a block owns 64 pixels of one stride phase and
 //   64 input channels and reduces over the packed rows of the positions whose taps land on that
 //   phase, gathering grad_output at the rows' filters. No work is spent on other phases.
@@ -39,6 +39,10 @@
 #include <stdint.h>
 
 #include <type_traits>
+
+#ifndef STRIPECONV_EMU_CHECK
+#define STRIPECONV_EMU_CHECK(condition, what) ((void)0)
+#endif
 
 namespace stripeconv_cuda {
 
@@ -170,12 +174,12 @@ __device__ __forceinline__ WarpBlock warp_block(int n_valid) {
 // the warps store their results to, and kBuffers pairs of operand tiles A (K-major) and B
 // (kBMajor); two buffers when the next step's operands load while the current ones multiply
 // (run_pipeline). 128-byte aligned regions.
-template <typename T, int kBuffers, Major kBMajor>
+template <typename T, int kBuffers, Major kBMajor, bool kStaged = true>
 struct GemmTiles {
   using Acc = typename Num<T>::Acc;
   using ATile = OperandTile<T, Major::kK>;
   using BTile = OperandTile<T, kBMajor>;
-  static constexpr int64_t kStageBytes = align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128);
+  static constexpr int64_t kStageBytes = kStaged ? align_up(int64_t(kTileM) * kStageLd * sizeof(Acc), 128) : 0;
   static constexpr int64_t kBufferBytes = ATile::kBytes + BTile::kBytes;
   static constexpr int64_t kBytes = kStageBytes + kBuffers * kBufferBytes;
 
@@ -203,9 +207,18 @@ struct GemmTiles {
   // as in the multiplications that produced them.
   template <typename Tile>
   __device__ void stage_results(const Tile& tile, int n_valid) const {
+    static_assert(kStaged, "these tiles have no staging tile");
     const WarpBlock wb = warp_block<Tile>(n_valid);
     tile.store(stage + wb.row * kStageLd + wb.col, kStageLd, wb.rows);
     __syncthreads();
+  }
+  // Calls f(row, col, value) for each result of the tile in a column below n_valid, straight
+  // from the registers of the warp that holds it (no staging tile, no barrier). n_valid: as in
+  // the multiplications that produced them.
+  template <typename Tile, typename F>
+  __device__ void for_each_result(const Tile& tile, int n_valid, F&& f) const {
+    const WarpBlock wb = warp_block<Tile>(n_valid);
+    tile.for_each(wb.rows, n_valid - wb.col, [&](int row, int col, Acc v) { f(wb.row + row, wb.col + col, v); });
   }
 };
 
@@ -234,6 +247,14 @@ __device__ void run_pipeline(Steps step, Load&& load, Compute&& compute) {
 }
 
 // ------------------------------------------------------------------------- warp tile products
+#ifndef STRIPECONV_CUDA_EMULATION
+// Element i of this lane's part of a wmma accumulator (the emulation maps lanes its own way).
+template <typename Fragment>
+__device__ __forceinline__ float accumulator_element(const Fragment& f, int i) {
+  return f.x[i];
+}
+#endif
+
 // A warp's block of C += A * B^T over kdim (a multiple of 16), 32 x 32, or 16 x 64 when rows is
 // 16 (WarpBlock): a and b point at the warp's block of a K-major A tile and of a kBMajor B tile
 // (OperandTile). Columns at or beyond n_valid need not be computed. store() writes the same block.
@@ -269,6 +290,16 @@ struct WarpTile {
         for (int j = 0; j < 8; ++j) c[i][j] += av[i] * bv[j];
     }
   }
+  __device__ void learn_layout(const float*) {}  // the lanes' elements are known: see mma
+  template <typename F>
+  __device__ void for_each(int /*rows: 32*/, int n_valid, F&& f) const {
+    const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (c0 + j < n_valid) f(r0 + i, c0 + j, c[i][j]);
+  }
   __device__ void store(Acc* out, int ldc, int /*rows: 32*/) const {
     const int lane = threadIdx.x & 31, r0 = (lane >> 2) * 4, c0 = (lane & 3) * 8;
 #pragma unroll
@@ -285,8 +316,35 @@ struct WarpTile {
 template <typename T>
 struct WmmaWarpTile {
   using Acc = float;
+  using AccFragment = nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float>;
   static constexpr bool kSplitsRows = true;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[4];
+  static constexpr int kElements = AccFragment::num_elements;
+  static_assert(kElements * 32 == 16 * 16, "each accumulator element is held by exactly one lane");
+  static_assert(kElements % 4 == 0, "element indices pack four to a word");
+  AccFragment c[4];
+  uint32_t element_index[kElements / 4];  // row * 16 + col of x[i], one byte each
+
+  // wmma leaves unspecified which element of a 16 x 16 accumulator a lane holds at x[i]; this
+  // learns it from a fragment loaded from `indices`: 256 floats 0..255, row-major, 32-byte aligned.
+  __device__ void learn_layout(const float* indices) {
+    AccFragment f;
+    nvcuda::wmma::load_matrix_sync(f, indices, 16, nvcuda::wmma::mem_row_major);
+#pragma unroll
+    for (int w = 0; w < kElements / 4; ++w) {
+      element_index[w] = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) element_index[w] |= uint32_t(accumulator_element(f, w * 4 + b)) << (8 * b);
+    }
+  }
+  // f(row, col, value) for this lane's elements of the warp's block (shape `rows`) in columns
+  // below n_valid. learn_layout must have run.
+  template <typename F>
+  __device__ void for_each(int rows, int n_valid, F&& f) const {
+    if (rows == 16)
+      for_each_shape<1, 4>(n_valid, f);
+    else
+      for_each_shape<2, 2>(n_valid, f);
+  }
 
   __device__ void zero() {
 #pragma unroll
@@ -329,6 +387,20 @@ struct WmmaWarpTile {
         for (int i = 0; i < kRows; ++i) wmma::mma_sync(c[i * kCols + j], fa[i], fb, c[i * kCols + j]);
       }
     }
+  }
+  template <int kRows, int kCols, typename F>
+  __device__ void for_each_shape(int n_valid, F& f) const {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < kCols; ++j) {
+        if (j * 16 >= n_valid) break;
+#pragma unroll
+        for (int e = 0; e < kElements; ++e) {
+          const int index = (element_index[e / 4] >> (8 * (e % 4))) & 255, col = j * 16 + (index & 15);
+          if (col < n_valid) f(i * 16 + (index >> 4), col, accumulator_element(c[i * kCols + j], e));
+        }
+      }
   }
   template <int kRows, int kCols>
   __device__ void store_shape(float* out, int ldc) const {
@@ -502,14 +574,17 @@ __device__ void load_forward_step(const T* __restrict__ x, const T* __restrict__
   }
 }
 
+// The forward adds the warps' results into its accumulator from their registers: no staging tile.
 template <typename T>
-using ForwardTiles = GemmTiles<T, 2, Major::kK>;
+using ForwardTiles = GemmTiles<T, 2, Major::kK, false>;
 
-// Shared memory: acc [64][nb], the GEMM tiles, pixel rows and chunk columns.
+// Shared memory: acc [64][nb], the GEMM tiles, pixel rows and chunk columns, and the 16 x 16
+// index tile the warps learn their accumulator layout from.
 template <typename T>
 __host__ __device__ constexpr int64_t forward_smem_bytes(int nb) {
   using Acc = typename Num<T>::Acc;
-  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + ForwardTiles<T>::kBytes + align_up((3 * kTileM + kTileN) * 4, 128);
+  return align_up(int64_t(kTileM) * nb * sizeof(Acc), 128) + ForwardTiles<T>::kBytes +
+         align_up((3 * kTileM + kTileN) * 4, 128) + 16 * 16 * 4;
 }
 
 template <typename T>
@@ -525,6 +600,7 @@ __global__ void __launch_bounds__(kThreads)
   int* row_h = row_b + kTileM;
   int* row_w = row_h + kTileM;
   int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the chunk
+  float* indices = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(row_b) + align_up((3 * kTileM + kTileN) * 4, 128));
   const PixelRows px{row_b, row_h, row_w};
 
   const int tid = threadIdx.x;
@@ -544,9 +620,11 @@ __global__ void __launch_bounds__(kThreads)
       row_b[m] = -1;
     }
   }
+  for (int e = tid; e < 16 * 16; e += kThreads) indices[e] = float(e);
   __syncthreads();
 
   typename TileFor<T>::type tile;
+  tile.learn_layout(indices);
   bool tile_added = true;  // the warp tiles hold no products that the accumulator lacks
   run_pipeline(
       ForwardSteps(prefix, s, fg0, fg0 + fcount),
@@ -564,13 +642,13 @@ __global__ void __launch_bounds__(kThreads)
           // block) sum in the warp tiles: the accumulator is updated once for all of them.
           tile_added = !next_chunk_has_same_filters(step, row_filter);
           if (!tile_added) return;
-          tiles.stage_results(tile, step.rows());
-          // Each chunk row is a different filter, so no two threads add into the same column.
-          for (int idx = tid; idx < kTileM * kTileN; idx += kThreads) {
-            const int m = idx / kTileN, j = idx % kTileN, col = chunk_col[j];
-            if (col >= 0) acc[m * nb + col] += tiles.stage[m * kStageLd + j];
-          }
-          __syncthreads();
+          // Each (pixel, chunk row) is held by one lane, and each chunk row is a different
+          // filter, so no two threads add into the same accumulator element.
+          tiles.for_each_result(tile, step.rows(), [&](int m, int j, Acc v) {
+            STRIPECONV_EMU_CHECK(j < step.rows() && chunk_col[j] >= 0, "forward: a result outside the chunk");
+            acc[m * nb + chunk_col[j]] += v;
+          });
+          __syncthreads();  // the next chunk rewrites chunk_col and adds into acc
         }
       });
 
