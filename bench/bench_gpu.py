@@ -409,10 +409,16 @@ def cuda_kernels_error(device: torch.device | str = "cuda") -> float:
     gen, worst = torch.Generator().manual_seed(0), 0.0
     try:
         for dtype in (torch.bfloat16, torch.float32):
-            # aligned channels (16-byte loads), stride 2 with odd planes, 3 channels (element loads)
+            # aligned channels (16-byte loads), stride 2 with odd planes, 3 channels (element loads),
+            # and masks whose positions keep the same filters (the forward sums those in registers):
+            # dense, and filters pruned whole (density "filters")
             for b, c, n, hw, stride, density in ((4, 64, 96, 16, 1, 0.3), (2, 40, 64, 15, 2, 0.5),
-                                                 (2, 3, 32, 9, 1, 0.7)):
-                mask = torch.rand(n, 3, 3, generator=gen) < density
+                                                 (2, 3, 32, 9, 1, 0.7), (2, 32, 80, 12, 1, 1.0),
+                                                 (2, 32, 80, 12, 1, "filters")):
+                if density == "filters":
+                    mask = (torch.rand(n, generator=gen) < 0.6)[:, None, None].expand(n, 3, 3).clone()
+                else:
+                    mask = torch.rand(n, 3, 3, generator=gen) < density
                 w = torch.randn(n, c, 3, 3, generator=gen).to(dtype).double() * mask[:, None]
                 x = torch.randn(b, c, hw, hw, generator=gen).to(dtype).double().requires_grad_(True)
                 bias = torch.randn(n, generator=gen).to(dtype).double().requires_grad_(True)
