@@ -18,6 +18,7 @@ import inspect
 import json
 import sys
 import textwrap
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -914,7 +915,13 @@ def run() -> None:
     """
     from .distributed import exit_process, joined_process_group
 
-    code = main()
+    try:
+        code = main()
+    except Exception:
+        if not joined_process_group():
+            raise
+        traceback.print_exc()  # then leave as on success: a failing rank must not abort instead
+        code = 1
     if joined_process_group():
         exit_process(code)
     sys.exit(code)

@@ -113,3 +113,18 @@ def test_single_process_cli_exits_normally(tmp_path):
     p = subprocess.run([sys.executable, "-m", "stripeconv", "prune", "--method", "NoSuchMethod"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "NoSuchMethod" in p.stderr
+
+
+def test_a_failing_rank_reports_its_error_and_exits_with_1():
+    """After joining a process group, an unexpected error still leaves through exit_process: its
+    traceback is printed and the exit code is 1 (not an abort during interpreter shutdown)."""
+    code = ("import stripeconv.cli as cli, stripeconv.distributed as d\n"
+            "d._joined_process_group = True\n"
+            "def fail():\n"
+            "    raise ZeroDivisionError('a rank failed')\n"
+            "cli.main = fail\n"
+            "cli.run()\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert "ZeroDivisionError: a rank failed" in p.stderr
