@@ -9,8 +9,9 @@
 //
 // Every kernel is a GEMM over shared-memory tiles, C[m][n] = sum_k A[m][k] * B[n][k], computed by
 // 4 warps on a 64 x 64 tile (each warp 32 x 32, or 16 x 64 when at most 48 columns are valid):
-// wmma tensor cores for fp16/bf16 (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. A is held K-major; B K-major in the forward
-// and MN-major in the backward kernels, whichever matches its rows in global memory. Every kernel
+// wmma tensor cores for fp16/bf16 (fp32 accumulation), CUDA-core FMAs for fp32 and fp64. A is
+// held K-major; B K-major in the forward and MN-major in the backward kernels, whichever
+// matches its rows in global memory. Every kernel
 // runs its K steps as a software pipeline over two operand buffers (run_pipeline): the next
 // step's tiles load while the current one multiplies, the contiguous operands of 16-bit types
 // by 16-byte asynchronous copies (cp.async, zero-filled outside the input), the gathered ones
@@ -46,7 +47,7 @@
 
 namespace stripeconv_cuda {
 
-constexpr int kThreads = 128;  // 4 warps as 2 x 2 warp tiles of 32 x 32
+constexpr int kThreads = 128;  // 4 warps: 2 x 2 warp blocks of 32 x 32, or 4 x 1 of 16 x 64 (WarpBlock)
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 32;
@@ -171,9 +172,10 @@ __device__ __forceinline__ WarpBlock warp_block(int n_valid) {
 }
 
 // The shared-memory tiles every kernel multiplies: the fp32 (fp64) staging tile [64][kStageLd]
-// the warps store their results to, and kBuffers pairs of operand tiles A (K-major) and B
-// (kBMajor); two buffers when the next step's operands load while the current ones multiply
-// (run_pipeline). 128-byte aligned regions.
+// the warps store their results to (kStaged; the forward adds its results from registers
+// instead), and kBuffers pairs of operand tiles A (K-major) and B (kBMajor); two buffers when
+// the next step's operands load while the current ones multiply (run_pipeline). 128-byte
+// aligned regions.
 template <typename T, int kBuffers, Major kBMajor, bool kStaged = true>
 struct GemmTiles {
   using Acc = typename Num<T>::Acc;
@@ -516,7 +518,8 @@ struct ForwardSteps {
 // Whether the chunk after `step` (which is at its chunk's last channel step) holds the same
 // filters in the same order, so that its products can add into the same warp tiles. A barrier:
 // every thread of the block must call it.
-__device__ __forceinline__ bool next_chunk_has_same_filters(const ForwardSteps& step, const int* __restrict__ row_filter) {
+__device__ __forceinline__ bool next_chunk_has_same_filters(const ForwardSteps& step,
+                                                            const int* __restrict__ row_filter) {
   static_assert(kThreads >= kTileN, "one thread per chunk row");
   ForwardSteps next = step;
   next.next();
@@ -600,7 +603,9 @@ __global__ void __launch_bounds__(kThreads)
   int* row_h = row_b + kTileM;
   int* row_w = row_h + kTileM;
   int* chunk_col = row_w + kTileM;  // accumulator column of each chunk row, -1 past the chunk
-  float* indices = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(row_b) + align_up((3 * kTileM + kTileN) * 4, 128));
+  // after the row arrays: the 16 x 16 tile of indices 0..255 (WmmaWarpTile::learn_layout)
+  const int64_t row_bytes = align_up((3 * kTileM + kTileN) * 4, 128);
+  float* indices = reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(row_b) + row_bytes);
   const PixelRows px{row_b, row_h, row_w};
 
   const int tid = threadIdx.x;
