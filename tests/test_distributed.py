@@ -92,39 +92,39 @@ def test_torchrun_cli_prune(tmp_path):
     assert any(type(m).__name__ == "StripeConv2d" for m in model.modules())
 
 
+def _python(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh process that imports this checkout of stripeconv."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
 def test_exit_process_flushes_and_keeps_the_code():
     """A distributed CLI run leaves through exit_process (no interpreter shutdown): buffered output
     still arrives and the exit code is the command's; atexit handlers no longer run."""
-    code = ("import atexit, sys\n"
-            "from stripeconv.distributed import exit_process, joined_process_group\n"
-            "assert not joined_process_group()\n"
-            "atexit.register(print, 'atexit ran')\n"
-            "sys.stdout.write('out without newline'); sys.stderr.write('err without newline')\n"
-            "exit_process(3)\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    p = _python("-c", "import atexit, sys\n"
+                      "from stripeconv.distributed import exit_process, joined_process_group\n"
+                      "assert not joined_process_group()\n"
+                      "atexit.register(print, 'atexit ran')\n"
+                      "sys.stdout.write('out without newline'); sys.stderr.write('err without newline')\n"
+                      "exit_process(3)\n")
     assert p.returncode == 3, p.stderr
     assert p.stdout == "out without newline" and p.stderr == "err without newline"
 
 
 def test_single_process_cli_exits_normally(tmp_path):
     """Without torchrun no process group is joined: ``python -m stripeconv`` ends by sys.exit with main's code."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-m", "stripeconv", "prune", "--method", "NoSuchMethod"], cwd=tmp_path,
-                       env=env, capture_output=True, text=True, timeout=120)
+    p = _python("-m", "stripeconv", "prune", "--method", "NoSuchMethod", cwd=tmp_path)
     assert p.returncode == 2 and "NoSuchMethod" in p.stderr
 
 
 def test_a_failing_rank_reports_its_error_and_exits_with_1():
     """After joining a process group, an unexpected error still leaves through exit_process: its
     traceback is printed and the exit code is 1 (not an abort during interpreter shutdown)."""
-    code = ("import stripeconv.cli as cli, stripeconv.distributed as d\n"
-            "d._joined_process_group = True\n"
-            "def fail():\n"
-            "    raise ZeroDivisionError('a rank failed')\n"
-            "cli.main = fail\n"
-            "cli.run()\n")
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    p = _python("-c", "import stripeconv.cli as cli, stripeconv.distributed as d\n"
+                      "d._joined_process_group = True\n"
+                      "def fail():\n"
+                      "    raise ZeroDivisionError('a rank failed')\n"
+                      "cli.main = fail\n"
+                      "cli.run()\n")
     assert p.returncode == 1, p.stderr
     assert "ZeroDivisionError: a rank failed" in p.stderr
