@@ -126,7 +126,7 @@ def exit_process(code: int) -> NoReturn:
     collective complete, and releasing a tensor that Python has seen takes the GIL. When that
     happens after interpreter shutdown has begun, the thread is stopped inside a C++
     destructor and the whole process aborts (SIGABRT) after all its work is done; leaving the
-    process group does not stop these threads. Like :mod:`multiprocessing`'s child processes,
+    process group does not stop these threads. Like :mod:`multiprocessing`'s forked children,
     a distributed run therefore ends with :func:`os._exit` once its streams are flushed.
     """
     logging.shutdown()
