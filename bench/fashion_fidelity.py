@@ -166,7 +166,7 @@ def main(argv=None):
                 if method not in ONE_SHOT:
                     kw["epochs"] = args.prune_epochs
                 steps = len(train_loader) * args.prune_epochs
-                if method in ("GReg1", "GReg2"):
+                if method in ("GReg1", "GReg2", "IncReg"):
                     kw["reg_steps"] = steps // 2  # regularise (+ stabilise) in about half the run, then fine-tune
                 elif method == "LBS":
                     kw["val_data"] = val_loader

@@ -23,8 +23,9 @@ Every method is a :class:`Pruner` with the same hooks, driven by :func:`fit` or 
 Methods: :class:`SWP` (stripe-wise pruning), :class:`L1Filter` / :class:`L1Stripe` (L1-norm
 pruning), :class:`SFP`, :class:`HFP`, :class:`GHFP`, :class:`ASFP`, :class:`SRFP`, :class:`ASRFP`
 (soft / hard / gradually hard / asymptotic / softer filter pruning; ``granularity="stripe"`` too),
-:class:`GReg1` / :class:`GReg2` (growing regularization), :class:`LBS` (balanced filter pruning at
-a preset loss variation) and :class:`DAIS` (differentiable annealing indicator search).
+:class:`GReg1` / :class:`GReg2` (growing regularization), :class:`IncReg` (incremental
+regularization: per-unit L2 factors raised by averaged rank), :class:`LBS` (balanced filter pruning
+at a preset loss variation) and :class:`DAIS` (differentiable annealing indicator search).
 Shared primitives are in :mod:`stripeconv.pruning.criteria`. Export and FLOPs targets need
 ``torch-pruning`` (the dependency graph).
 """
@@ -35,6 +36,7 @@ from .dais import DAIS
 from .ghfp import GHFP
 from .greg import GReg1, GReg2, stage_ratios
 from .hfp import HFP
+from .increg import IncReg
 from .l1 import L1Filter, L1Norm, L1Stripe
 from .lbs import LBS, BalancedFilterPruning, holdout_split
 from .sfp import SFP
@@ -42,8 +44,9 @@ from .srfp import ASRFP, SRFP
 from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
-           "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "LBS",
+           "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "LBS",
            "BalancedFilterPruning", "holdout_split", "DAIS", "METHODS"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
-           "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "LBS": LBS, "DAIS": DAIS}
+           "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,
+           "LBS": LBS, "DAIS": DAIS}

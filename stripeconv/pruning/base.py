@@ -116,6 +116,19 @@ class Pruner:
             self._graph = ChannelGraph(self.model, self.input_size)
         return self._graph
 
+    def leave_out_layers(self, skip_coupled: bool, ratios: Optional[dict] = None, drop_unratioed: bool = True) -> None:
+        """Stop pruning some convs: with ``skip_coupled``, those whose outputs a residual addition
+        ties to another conv's (unless ``ratios`` names them); with ``ratios`` and
+        ``drop_unratioed``, those it gives no positive ratio."""
+        from ._search import coupled_convs
+
+        coupled = coupled_convs(self.graph) if skip_coupled else set()
+        for name in list(self.convs):
+            named = ratios is not None and name in ratios
+            unratioed = drop_unratioed and ratios is not None and ratios.get(name, 0.0) <= 0.0
+            if (name in coupled and not named) or unratioed:
+                del self.convs[name], self._masks[name], self._frozen[name]
+
     @property
     def dense_flops(self) -> int:
         return self.graph.flops({})

@@ -134,13 +134,7 @@ class GReg1(Pruner):
         if skip_coupled is None:
             skip_coupled = granularity == "filter"
         _ = self.graph  # traced now (tracing needs autograd, the updates run under no_grad)
-        if skip_coupled:
-            coupled = coupled_convs(self.graph)
-            for name in [n for n in self.convs if n in coupled and not (ratios and n in ratios)]:
-                del self.convs[name], self._masks[name], self._frozen[name]
-        if ratios is not None:  # layers without a ratio are not pruned (nor regularised)
-            for name in [n for n in self.convs if ratios.get(n, 0.0) <= 0.0]:
-                del self.convs[name], self._masks[name], self._frozen[name]
+        self.leave_out_layers(skip_coupled, ratios)  # layers without a ratio are not regularised either
         if not self.convs:
             raise ValueError(f"{type(self).__name__}: no layer left to prune")
         self.delta, self.interval, self.ceiling = float(delta), int(interval), float(ceiling)

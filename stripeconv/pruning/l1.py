@@ -29,15 +29,7 @@ class L1Norm(Pruner):
         self.p = p
         if skip_coupled is None:
             skip_coupled = granularity == "filter"
-        if skip_coupled:
-            coupled = set()
-            for g in self.graph.groups:
-                if len(g.producers) > 1:
-                    coupled |= {name for name, _, _ in g.producers}
-            for name in [n for n in self.convs if n in coupled and not (ratios and n in ratios)]:
-                del self.convs[name]
-                del self._masks[name]
-                del self._frozen[name]
+        self.leave_out_layers(skip_coupled, ratios, drop_unratioed=False)
 
     def scores(self) -> dict:
         fn = C.filter_norms if self.granularity == "filter" else C.stripe_norms
