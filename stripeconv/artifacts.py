@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -22,10 +23,14 @@ from torch import nn
 from .checkpoint import save_checkpoint
 from .nn import StripeConv2d
 
-__all__ = ["save_pruned", "load_pruned", "read_description", "layer_specs", "build_layer"]
+__all__ = ["save_pruned", "load_pruned", "read_description", "layer_specs", "build_layer", "ArtifactError"]
 
 FORMAT_VERSION = 1
 PathLike = Union[str, os.PathLike]
+
+
+class ArtifactError(ValueError):
+    """A saved model that cannot be loaded as it is (corrupted, edited, or its two files disagree)."""
 
 
 def _conv_spec(module: Union[nn.Conv2d, StripeConv2d]) -> dict[str, Any]:
@@ -141,7 +146,23 @@ def read_description(path: PathLike) -> dict[str, Any]:
     if not meta.is_file():
         raise FileNotFoundError(f"no saved model description at {meta} (expected the .json written by save_pruned "
                                 "next to its .pt)")
-    return json.loads(meta.read_text())
+    try:
+        description = json.loads(meta.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{meta} is not valid JSON ({e}); it should be the description written by save_pruned") \
+            from e
+    if not isinstance(description, dict):
+        raise ArtifactError(f"{meta}: expected a JSON object, got {type(description).__name__}")
+    version = description.get("format", FORMAT_VERSION)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ArtifactError(f"{meta} has format {version!r}; this stripeconv reads format {FORMAT_VERSION} "
+                            "(upgrade stripeconv)")
+    for key, kind in (("arch", str), ("arch_kwargs", dict), ("layers", dict)):
+        if not isinstance(description.get(key), kind):
+            raise ArtifactError(f"{meta}: {key!r} is missing or not a {kind.__name__}")
+    if not isinstance(description.setdefault("extra", {}), dict):
+        raise ArtifactError(f"{meta}: 'extra' must be a JSON object")
+    return description
 
 
 def load_pruned(path: PathLike, map_location: Any = "cpu") -> nn.Module:
@@ -151,14 +172,40 @@ def load_pruned(path: PathLike, map_location: Any = "cpu") -> nn.Module:
     """
     path = _base(path)
     description = read_description(path)
-    model = _constructor(description["arch"])(**description["arch_kwargs"])
-    modules = dict(model.named_modules())
-    for name, spec in description["layers"].items():
-        if name not in modules:
-            raise ValueError(f"saved layer {name!r} does not exist in {description['arch']}")
-        parent, _, child = name.rpartition(".")
-        setattr(modules[parent] if parent else model, child, build_layer(spec))
-    state = torch.load(_with(path, ".pt"), map_location=map_location, weights_only=True)
-    model.load_state_dict(state)
+    meta, weights = _with(path, ".json"), _with(path, ".pt")
+    try:
+        model = _constructor(description["arch"])(**description["arch_kwargs"])
+        modules = dict(model.named_modules())
+        for name, spec in description["layers"].items():
+            if name not in modules:
+                raise ValueError(f"saved layer {name!r} does not exist in {description['arch']}")
+            parent, _, child = name.rpartition(".")
+            setattr(modules[parent] if parent else model, child, build_layer(spec))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise ArtifactError(f"{meta} does not describe a model stripeconv can build: {e}") from e
+    if not weights.is_file():
+        raise FileNotFoundError(f"no saved weights at {weights} (expected the .pt written by save_pruned next to "
+                                f"{meta.name})")
+    try:
+        state = torch.load(weights, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as e:
+        raise ArtifactError(f"{weights} is not a readable state dict (truncated or corrupted?): "
+                            f"{type(e).__name__}: {e}") from e
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, AttributeError) as e:
+        raise ArtifactError(f"the weights {weights} do not fit the architecture in {meta}: {e}") from e
+    _check_densities(model, description["layers"], weights, meta)
     model.eval()
     return model
+
+
+def _check_densities(model: nn.Module, layers: dict, weights: Path, meta: Path) -> None:
+    """Loading takes each layer's mask from the weights: a mask that disagrees with the description means the
+    two files come from different models."""
+    for name, module in model.named_modules():
+        spec = layers.get(name)
+        if isinstance(module, StripeConv2d) and isinstance(spec, dict) and spec.get("density") is not None:
+            if abs(round(module.density, 6) - float(spec["density"])) > 1e-6:
+                raise ArtifactError(f"{weights} and {meta} disagree: layer {name!r} keeps {module.density:.6f} of "
+                                    f"its stripes in the weights, {spec['density']} in the description")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import math
 import sys
 import textwrap
 import traceback
@@ -145,7 +146,10 @@ def build_model(name: str, num_classes: int, in_channels: int, width: Optional[f
     if width is not None:
         kw["width"] = width
     kw.update(model_kwargs or {})
-    return getattr(models, arch)(**kw), arch, kw
+    try:
+        return getattr(models, arch)(**kw), arch, kw
+    except TypeError as e:  # an argument the constructor does not take
+        raise CLIError(f"model {name!r}: {e}") from e
 
 
 # ======================================================================================== methods
@@ -256,38 +260,78 @@ def parse_target(text: Optional[str]) -> dict:
     """``flops=0.5`` / ``0.5`` (FLOPs reduction), ``ratio=0.3``, ``ratios=<json or file>`` -> pruner kwargs."""
     if text is None:
         return {}
+    text = str(text)  # a config file may give `target: 0.5`
     key, _, value = text.partition("=")
     if not _:
         key, value = "flops", text
     key = key.strip().lower()
-    if key in ("flops", "target_flops_reduction"):
-        return {"target_flops_reduction": float(value)}
-    if key == "ratio":
-        return {"ratio": float(value)}
+    if key in ("flops", "target_flops_reduction", "ratio"):
+        try:
+            number = float(value)
+        except ValueError:
+            raise CLIError(f"--target {text!r}: expected a number after '{key}=', e.g. {key}=0.5") from None
+        return {"ratio" if key == "ratio" else "target_flops_reduction": number}
     if key == "ratios":
         p = Path(value)
-        return {"ratios": _load_config(p) if p.is_file() else json.loads(value)}
+        if p.is_file():
+            return {"ratios": _check_ratios(_load_config(p), f"--target ratios={value}")}
+        try:
+            return {"ratios": _check_ratios(json.loads(value), "--target ratios=...")}
+        except json.JSONDecodeError as e:
+            raise CLIError(f"--target ratios=...: {value!r} is neither a file nor valid JSON ({e})") from None
     raise CLIError(f"--target: expected flops=F, ratio=R or ratios=JSON|FILE, got {text!r}")
+
+
+def _check_ratios(ratios: Any, where: str) -> Any:
+    """``ratios`` must map layer names to numbers; anything else fails deep inside a pruner."""
+    if ratios is None:
+        return None
+    if not isinstance(ratios, dict) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                               and not isinstance(v, bool) for k, v in ratios.items()):
+        raise CLIError(f"{where}: expected a mapping of layer name to ratio, e.g. {{\"features.3\": 0.5}}, "
+                       f"got {ratios!r}")
+    return ratios
 
 
 def _load_config(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"config file {path} not found")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        return json.loads(text)
     try:
-        import yaml
-    except ImportError:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{path} is not a text file ({e})") from None
+    if path.suffix.lower() == ".json":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError:
-            raise CLIError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use JSON") from None
-    cfg = yaml.safe_load(text) or {}
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}: invalid JSON: {e}") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            try:
+                cfg = json.loads(text)
+            except json.JSONDecodeError:
+                raise CLIError(f"{path}: YAML configs need PyYAML (pip install pyyaml), or use JSON") from None
+        else:
+            try:
+                cfg = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise CLIError(f"{path}: invalid YAML: {e}") from None
+    cfg = {} if cfg is None else cfg
     if not isinstance(cfg, dict):
-        raise CLIError(f"{path}: expected a mapping of hyperparameters")
+        raise CLIError(f"{path}: expected a mapping of hyperparameters, got a {type(cfg).__name__}")
     return cfg
+
+
+def _typed(value: Any, p: inspect.Parameter) -> Any:
+    """A config-file value checked like ``--set`` (YAML reads ``1e-5`` as a string, and no type is checked)."""
+    if isinstance(value, bool):
+        return coerce("true" if value else "false", p)
+    if isinstance(value, (int, float, str)):
+        return coerce(str(value), p)
+    return value  # lists, mappings, null
 
 
 def method_kwargs(cls, args, config: dict) -> dict:
@@ -295,17 +339,27 @@ def method_kwargs(cls, args, config: dict) -> dict:
     params = method_params(cls)
     kw: dict[str, Any] = {}
     nested = config.get("params")
-    if isinstance(nested, dict):  # `params: {alpha: ...}` or flat keys
-        kw.update(nested)
-    for k, v in config.items():
-        if k in params:
-            kw[k] = v
+    if nested is not None and not isinstance(nested, dict):
+        raise CLIError(f"{args.config}: 'params' must be a mapping of hyperparameters")
+    options = _option_dests(args)
+    unknown = [k for k in config if k not in params and k not in ("method", "target", "params", "set")
+               and _config_dest(k) not in options]
+    if unknown:  # a typo would otherwise be ignored without a word
+        raise CLIError(f"{args.config}: unknown keys {unknown}; {cls.__name__} takes: {', '.join(params)}; "
+                       "training options are the long options of `stripeconv prune` (epochs, lr, ...)")
+    for k, v in {**(nested or {}), **{k: v for k, v in config.items() if k in params}}.items():
+        try:
+            kw[k] = _typed(v, params[k]) if k in params else v
+        except CLIError as e:
+            raise CLIError(f"{args.config}: {e}") from None
     target = parse_target(args.target if args.target is not None else config.get("target"))
     if target:
         for k in ("target_flops_reduction", "ratio", "ratios"):
             kw.pop(k, None)
         kw.update(target)
     kw.update(parse_set(args.set, params))
+    if "ratios" in kw:
+        _check_ratios(kw["ratios"], "ratios")
     unknown = set(kw) - set(params)
     if unknown:
         raise CLIError(f"{cls.__name__} does not take {sorted(unknown)}; it takes: {', '.join(params)}")
@@ -363,6 +417,8 @@ def _result(msg: str, ctx=None) -> None:
 def _setup(args):
     from .distributed import init_from_env
 
+    _check_device(args.device)
+    _check_out_dir(args.out)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     ctx = init_from_env(args.device)
@@ -385,12 +441,43 @@ def _extra(spec: dict, meta: dict, **more) -> dict:
 def _apply_config_defaults(args, config: dict) -> None:
     """Training options in a config file apply unless given on the command line."""
     parser = args._parser
+    actions = {a.dest: a for a in parser._actions}
     for k, v in config.items():
-        dest = k.replace("-", "_")
-        if dest in ("method", "target", "params", "set"):
+        dest = _config_dest(k)
+        if dest in ("method", "target", "params", "set") or dest not in actions:
             continue
-        if hasattr(args, dest) and getattr(args, dest) == parser.get_default(dest):
-            setattr(args, dest, v)
+        if getattr(args, dest) == parser.get_default(dest):
+            setattr(args, dest, _option_value(actions[dest], k, v, args.config))
+
+
+def _config_dest(key: str) -> str:
+    dest = str(key).replace("-", "_")
+    return "from_" if dest == "from" else dest  # `from` is a keyword: its option stores into from_
+
+
+def _option_dests(args) -> set:
+    parser = getattr(args, "_parser", None)
+    return {a.dest for a in parser._actions if a.dest != "help"} if parser is not None else set()
+
+
+def _option_value(action: argparse.Action, key: str, value: Any, path) -> Any:
+    """A config value for a command-line option, checked as the command line would check it."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # --resume, --quiet, ...
+        if not isinstance(value, bool):
+            raise CLIError(f"{path}: {key}: expected true or false, got {value!r}")
+        return value
+    if action.type is not None:
+        if isinstance(value, (bool, list, dict)):
+            raise CLIError(f"{path}: {key}: expected a single value, got {value!r}")
+        try:
+            value = action.type(str(value))
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise CLIError(f"{path}: {key}: {e}") from None
+    if action.choices is not None and value not in action.choices:
+        raise CLIError(f"{path}: {key}: expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
 
 
 # ======================================================================================= commands
@@ -404,12 +491,12 @@ def cmd_train(args) -> int:
         spec = data_spec(args)
         train, test, meta = load_datasets(spec)
         model, arch, kw = build_model(args.model or DEFAULT_MODEL[spec["dataset"]], meta["num_classes"],
-                                      meta["input_size"][1], args.width, _literal(args.model_kwargs)
-                                      if args.model_kwargs else None)
+                                      meta["input_size"][1], args.width, _model_kwargs(args))
         model.to(ctx.device)
         _out(f"train {arch}({_short(kw)}) on {spec['dataset']}: {meta['train_size']} train / {meta['test_size']} "
              f"test images, {args.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}", args, ctx)
-        engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="train", **_engine_kwargs(args, ctx))
+        engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="train",
+                        meta=_run_meta(args, spec, model=arch, arch_kwargs=kw), **_engine_kwargs(args, ctx))
         engine.run()
         ev = evaluate_model(model, test, ctx.device, batch_size=args.eval_batch_size, ctx=ctx)
         if ctx.is_main:
@@ -423,6 +510,59 @@ def cmd_train(args) -> int:
     finally:
         cleanup(ctx, barrier=False)  # the success path met at the barrier above
     return 0
+
+
+def _model_kwargs(args) -> Optional[dict]:
+    if not args.model_kwargs:
+        return None
+    try:
+        kw = json.loads(args.model_kwargs)
+    except json.JSONDecodeError as e:
+        raise CLIError(f"--model-kwargs: invalid JSON ({e}); expected an object, e.g. '{{\"width\": 0.5}}'") from None
+    if not isinstance(kw, dict):
+        raise CLIError(f"--model-kwargs: expected a JSON object, got {args.model_kwargs!r}")
+    return kw
+
+
+def _check_device(name: Optional[str]) -> None:
+    """``--device`` checked up front: torch's own errors come late and as tracebacks."""
+    if name in (None, "auto"):
+        return
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device: expected cpu, cuda, cuda:N or auto, got {name!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_out_dir(out: Optional[str]) -> None:
+    if out and Path(out).exists() and not Path(out).is_dir():  # else found only after the first epoch
+        raise CLIError(f"--out {out} is a file; expected a folder for the checkpoint, log and saved model")
+
+
+def _check_fits(desc: dict, meta: dict, path, spec: dict) -> None:
+    """A saved model fed another dataset's images would fail in its first conv (or score a wrong accuracy)."""
+    extra = desc.get("extra", {})
+    saved_c = (extra.get("input_size") or [None, None])[1]
+    saved_n = extra.get("num_classes")
+    wrong_c = saved_c is not None and saved_c != meta["input_size"][1]
+    wrong_n = saved_n is not None and saved_n != meta["num_classes"]
+    if wrong_c or wrong_n:
+        raise CLIError(f"{path} takes {saved_c}-channel images and predicts {saved_n} classes, but "
+                       f"{spec['dataset']} has {meta['input_size'][1]} channels and {meta['num_classes']} classes; "
+                       "pass the --dataset it was trained on")
+
+
+def _run_meta(args, spec: dict, **more) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint (the engine compares them)."""
+    data = {k: spec.get(k) for k in ("dataset", "limit_train", "seed", "image_size")}
+    training = {k: getattr(args, k) for k in ("lr", "momentum", "weight_decay", "optimizer", "schedule", "batch_size",
+                                              "seed", "max_steps")}
+    return {"command": args.command, "data": data, "training": training, **more}
 
 
 def _short(kw: dict) -> str:
@@ -441,12 +581,18 @@ def cmd_prune(args) -> int:
         raise CLIError("prune needs --method NAME (or `method:` in --config); see `stripeconv methods`")
     method_name, cls = find_method(method)
     kwargs = method_kwargs(cls, args, config)
+    if args.from_:
+        given = [o for o, v in (("--model", args.model), ("--width", args.width), ("--model-kwargs", args.model_kwargs))
+                 if v is not None]
+        if given:  # they would be ignored: the saved model fixes the architecture
+            raise CLIError(f"{', '.join(given)} cannot be combined with --from (the saved model is the architecture)")
     ctx = _setup(args)
     try:
         if args.from_:
             desc = read_description(args.from_)
             spec = data_spec(args, desc.get("extra", {}).get("data"))
             train, test, meta = load_datasets(spec)
+            _check_fits(desc, meta, args.from_, spec)
             model = load_pruned(args.from_, map_location=ctx.device)
             arch, kw = desc["arch"], desc["arch_kwargs"]
             source = str(args.from_)
@@ -454,8 +600,7 @@ def cmd_prune(args) -> int:
             spec = data_spec(args)
             train, test, meta = load_datasets(spec)
             model, arch, kw = build_model(args.model or DEFAULT_MODEL[spec["dataset"]], meta["num_classes"],
-                                          meta["input_size"][1], args.width,
-                                          _literal(args.model_kwargs) if args.model_kwargs else None)
+                                          meta["input_size"][1], args.width, _model_kwargs(args))
             source = f"{arch} from scratch"
         model.to(ctx.device).train()
         train, runtime = _runtime_kwargs(cls, kwargs, train, args, ctx)
@@ -464,7 +609,8 @@ def cmd_prune(args) -> int:
         try:
             pruner = cls(model, input_size=tuple(meta["input_size"]), **kwargs, **runtime)
         except (TypeError, ValueError, KeyError) as e:
-            raise CLIError(f"{method_name}: {e}") from e
+            msg = str(e)  # pruners name themselves in their messages
+            raise CLIError(msg if msg.startswith(method_name) else f"{method_name}: {msg}") from e
         oneshot = is_oneshot(pruner)
         prune_data = None
         if oneshot:
@@ -475,7 +621,8 @@ def cmd_prune(args) -> int:
              f"{'one-shot + ' if oneshot else ''}{args.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}",
              args, ctx)
         engine = Engine(model, train, pruner=pruner, epochs=args.epochs, eval_data=test, phase="prune",
-                        prune_data=prune_data, meta={"method": method_name, "params": kwargs},
+                        prune_data=prune_data,
+                        meta=_run_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw),
                         **_engine_kwargs(args, ctx))
         engine.run()
         result = {}
@@ -493,6 +640,7 @@ def cmd_prune(args) -> int:
                       "accuracy_before": before["accuracy"] if before else None,
                       **{k: rep[k] for k in ("flops_dense", "flops", "flops_reduction", "params_dense", "params",
                                              "params_reduction", "stripe_density")}}
+            engine.log.truncate("export", 0)  # one export record per output folder, also after --resume
             engine.log.write(result)
             (out / "prune_report.json").write_text(json.dumps(result, indent=1))
             from .report import write_report
@@ -524,7 +672,10 @@ def _runtime_kwargs(cls, kwargs: dict, train, args, ctx):
     runtime: dict[str, Any] = {}
     if "val_data" in params or args.val_split:
         split = args.val_split or 0.1
-        train, held = holdout_split(train, split if split < 1 else int(split), seed=args.seed)
+        try:
+            train, held = holdout_split(train, split if split < 1 else int(split), seed=args.seed)
+        except ValueError as e:
+            raise CLIError(f"--val-split {split}: {e}") from e
         if "val_data" in params:
             runtime["val_data"] = DataLoader(held, batch_size=args.batch_size, shuffle=False)
         _out(f"held out {len(held)} training images for {cls.__name__}'s loss measurements (--val-split {split})",
@@ -558,12 +709,13 @@ def cmd_finetune(args) -> int:
         extra = desc.get("extra", {})
         spec = data_spec(args, extra.get("data"))
         train, test, meta = load_datasets(spec)
+        _check_fits(desc, meta, args.model_path, spec)
         model = load_pruned(args.model_path, map_location=ctx.device).train()
         before = evaluate_model(model, test, ctx.device, batch_size=args.eval_batch_size, ctx=ctx)
         _out(f"finetune {args.model_path} on {spec['dataset']}: {args.epochs} epochs, {ctx.world_size} process(es) "
              f"on {ctx.device}; accuracy before {before['accuracy']:.4f}", args, ctx)
         engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="finetune",
-                        **_engine_kwargs(args, ctx))
+                        meta=_run_meta(args, spec, arch=desc["arch"]), **_engine_kwargs(args, ctx))
         engine.run()
         after = evaluate_model(model, test, ctx.device, batch_size=args.eval_batch_size, ctx=ctx)
         if ctx.is_main:
@@ -586,12 +738,14 @@ def cmd_eval(args) -> int:
     from .artifacts import load_pruned, read_description
     from .engine import evaluate_model
 
+    _check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     desc = read_description(args.model_path)
     extra = desc.get("extra", {})
     spec = data_spec(args, extra.get("data"))
     _, test, meta = load_datasets(spec, train=False)
+    _check_fits(desc, meta, args.model_path, spec)
     device = torch.device(args.device) if args.device not in (None, "auto") else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pruned(args.model_path, map_location=device)
@@ -614,6 +768,9 @@ def cmd_bench(args) -> int:
     from .artifacts import _constructor, load_pruned, read_description
     from .report import best_of, dense_counterpart, environment, layer_latency, model_latency
 
+    _check_device(args.device)
+    if args.output and Path(args.output).is_dir():  # found only after all the timing
+        raise CLIError(f"--output {args.output} is a folder; expected a file name")
     if args.threads:
         torch.set_num_threads(args.threads)
     desc = read_description(args.model_path)
@@ -664,6 +821,7 @@ def cmd_bench(args) -> int:
                   f"{r['stripe_ms']:.3f} ms  {r['speedup']:.2f}x (1/density {r['ideal_speedup']:.2f}x, "
                   f"GPU tile eff. {r['gpu_tile_efficiency']:.2f})")
     if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(out, indent=1))
     return 0
 
@@ -671,6 +829,8 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _check_device(args.device)
+    _check_out_dir(args.out)
     run_demo(out=args.out, data=args.data, train_size=args.train_size, test_size=args.test_size,
              epochs=args.epochs, prune_epochs=args.prune_epochs, target=args.target, seed=args.seed,
              bench_batch=args.bench_batch, bench_threads=args.bench_threads or None, quiet=args.quiet,
@@ -695,9 +855,33 @@ EPILOG = """examples:
 """
 
 
+def _number(kind, check, expected: str):
+    """An argparse type: ``kind`` parsed and ``check``-ed, else a usage error naming what was expected."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in its messages
+    return parse
+
+
+_positive_int = _number(int, lambda v: v >= 1, "an integer >= 1")
+_nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _number(float, lambda v: 0 < v < math.inf, "a number > 0")
+_nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0")
+_fraction = _number(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
+_val_split = _number(float, lambda v: 0 < v < 1 or (1 <= v < math.inf and v == int(v)),
+                     "a fraction between 0 and 1 or a whole count >= 1")
+
+
 def _add_common(p, device: bool = True):
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or per-epoch lines (results only)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     if device:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (a GPU when there is one)")
 
@@ -711,27 +895,29 @@ def _add_data(p, default_dataset: Optional[str] = None):
     g.add_argument("--data", default=None, metavar="PATH",
                    help="dataset folder (fashion-mnist default: $STRIPECONV_FASHION_MNIST or "
                         "/usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`)")
-    g.add_argument("--limit-train", type=int, default=None, metavar="N",
+    g.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                    help="use a random subset of N training images")
-    g.add_argument("--limit-test", type=int, default=None, metavar="N", help="use a random subset of N test images")
+    g.add_argument("--limit-test", type=_positive_int, default=None, metavar="N",
+                   help="use a random subset of N test images")
     g.add_argument("--data-seed", type=int, default=None, help="seed of the --limit-* subsets (default 0)")
-    g.add_argument("--image-size", type=int, default=None, help="imagefolder: crop size (default 224)")
-    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g.add_argument("--image-size", type=_positive_int, default=None, help="imagefolder: crop size (default 224)")
+    g.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
 
 
 def _add_training(p, epochs: int, lr: float):
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs (default {epochs})")
-    g.add_argument("--batch-size", type=int, default=64, help="batch size per process (default 64)")
-    g.add_argument("--eval-batch-size", type=int, default=256)
-    g.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--epochs", type=_nonnegative_int, default=epochs, help=f"epochs (default {epochs})")
+    g.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (default 64)")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=256)
+    g.add_argument("--lr", type=_nonnegative_float, default=lr, help=f"learning rate (default {lr})")
+    g.add_argument("--momentum", type=_nonnegative_float, default=0.9)
+    g.add_argument("--weight-decay", type=_nonnegative_float, default=1e-4)
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     g.add_argument("--schedule", choices=("step", "cosine", "constant"), default="step",
                    help="step: LR x0.1 at 50%% and 75%% of the epochs (default); cosine; constant")
     g.add_argument("--seed", type=int, default=0, help="seed of weights init and of every epoch's data order")
-    g.add_argument("--max-steps", type=int, default=None, metavar="N", help="at most N batches per epoch (smoke tests)")
+    g.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
+                   help="at most N batches per epoch (smoke tests)")
     g.add_argument("--out", default=None, metavar="DIR", help="output folder: checkpoint, metrics.jsonl, saved model")
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (per-epoch lines stay)")
@@ -743,7 +929,7 @@ def _add_model(p):
                    help="a preset (cnn-small, cnn-tiny) or a stripeconv.models constructor (vgg16_bn, resnet20, "
                         "resnet56, resnet18, ...); default: cnn-small for Fashion-MNIST, resnet20 for CIFAR-10, "
                         "resnet56 for CIFAR-100, resnet18 for imagefolder")
-    g.add_argument("--width", type=float, default=None, help="channel multiplier of the model")
+    g.add_argument("--width", type=_positive_float, default=None, help="channel multiplier of the model")
     g.add_argument("--model-kwargs", default=None, metavar="JSON", help="extra constructor arguments, as JSON")
 
 
@@ -793,7 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file of hyperparameters")
     p.add_argument("--from", dest="from_", default=None, metavar="PATH",
                    help="start from a saved model (e.g. runs/base/model); its dataset is the default")
-    p.add_argument("--val-split", type=float, default=None, metavar="F",
+    p.add_argument("--val-split", type=_val_split, default=None, metavar="F",
                    help="fraction (or, if >= 1, count) of the training data held out as val_data for methods that "
                         "measure a loss on held-out data (LBS, DAIS; default 0.1 for them); never the test set")
     _add_model(p)
@@ -819,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when it was saved.", epilog="example: stripeconv eval runs/swp/pruned")
     p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
     _add_data(p)
-    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--eval-batch-size", type=_positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _add_common(p)
     p.set_defaults(func=cmd_eval, _parser=p)
@@ -831,11 +1017,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on random inputs rotated between calls, after warm-up.",
                        epilog="example: stripeconv bench runs/swp/pruned --batch-size 1 64 --layers")
     p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[1, 64], help="batch sizes to time")
-    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+    p.add_argument("--batch-size", type=_positive_int, nargs="+", default=[1, 64], help="batch sizes to time")
+    p.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
                    help="input shape (default: the one recorded with the model)")
-    p.add_argument("--repeats", type=int, default=30, help="timed calls per model and batch size")
-    p.add_argument("--min-time", type=float, default=0.0, help="keep timing each model for at least this many s")
+    p.add_argument("--repeats", type=_positive_int, default=30, help="timed calls per model and batch size")
+    p.add_argument("--min-time", type=_nonnegative_float, default=0.0,
+                   help="keep timing each model for at least this many s")
     p.add_argument("--layouts", nargs="+", choices=("nchw", "nhwc"), default=["nchw", "nhwc"],
                    help="memory formats to time each model in; the fastest of each model counts")
     p.add_argument("--channels-last", action="store_true", help="NHWC only (same as --layouts nhwc)")
@@ -852,13 +1039,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "matplotlib) into --out. A few minutes on 2 CPU cores.")
     p.add_argument("--out", default="stripeconv-demo", help="output folder")
     p.add_argument("--data", default=None, metavar="PATH", help="Fashion-MNIST folder (IDX files)")
-    p.add_argument("--train-size", type=int, default=None, help="training images (default 6000, or the 2000 shipped)")
-    p.add_argument("--test-size", type=int, default=None, help="test images (default 2000, or the 500 shipped)")
-    p.add_argument("--epochs", type=int, default=3, help="baseline training epochs")
-    p.add_argument("--prune-epochs", type=int, default=4, help="SWP epochs")
-    p.add_argument("--target", type=float, default=0.55, help="FLOPs reduction SWP aims for")
-    p.add_argument("--bench-batch", type=int, default=64, help="batch size of the latency measurement")
-    p.add_argument("--bench-threads", type=int, default=1,
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="training images (default 6000, or the 2000 shipped)")
+    p.add_argument("--test-size", type=_positive_int, default=None,
+                   help="test images (default 2000, or the 500 shipped)")
+    p.add_argument("--epochs", type=_nonnegative_int, default=3, help="baseline training epochs")
+    p.add_argument("--prune-epochs", type=_nonnegative_int, default=4, help="SWP epochs")
+    p.add_argument("--target", type=_fraction, default=0.55, help="FLOPs reduction SWP aims for")
+    p.add_argument("--bench-batch", type=_positive_int, default=64, help="batch size of the latency measurement")
+    p.add_argument("--bench-threads", type=_nonnegative_int, default=1,
                    help="CPU threads for the latency measurement (1 is stable on shared machines; 0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo from its checkpoints")
@@ -889,9 +1078,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if hasattr(args, "out") and args.out is None and hasattr(args, "out_default"):
         args.out = args.out_default
+    from .artifacts import ArtifactError
+    from .data import DatasetFormatError
+    from .engine import ResumeError
+
     try:
         return args.func(args) or 0
-    except CLIError as e:
+    except (CLIError, ArtifactError, DatasetFormatError, ResumeError) as e:  # the user's input, not a bug
         print(f"stripeconv {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # DatasetNotFoundError included: its message says where and how

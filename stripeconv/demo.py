@@ -220,7 +220,9 @@ def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_siz
         summary["files"].remove("report.png")
         written = write_report(out_dir, summary)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    MetricsLog(out_dir / "metrics.jsonl").write({
+    log = MetricsLog(out_dir / "metrics.jsonl")
+    log.truncate("demo", 0)  # a --resume of a finished demo replaces its record
+    log.write({
         "phase": "demo", "event": "done", "accuracy_before": before["accuracy"], "accuracy_after": after["accuracy"],
         "flops_reduction": rep["flops_reduction"], "params_reduction": rep["params_reduction"],
         "latency_dense_ms": lat["dense"]["median_ms"], "latency_stripe_ms": lat["stripe"]["median_ms"],

@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -55,9 +56,13 @@ from .distributed import (DistContext, all_equal, all_reduce_sum, broadcast_prun
                           wrap_model)
 
 __all__ = ["Engine", "fit", "MetricsLog", "is_oneshot", "make_optimizer", "make_scheduler", "stripe_density",
-           "evaluate_model", "epoch_loader"]
+           "evaluate_model", "epoch_loader", "ResumeError"]
 
 CHECKPOINT_FORMAT = 1
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot continue from: unreadable, or written by a different run."""
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -203,13 +208,33 @@ class MetricsLog:
         return out
 
     def truncate(self, phase: str, from_epoch: int) -> None:
-        """Drop the records of ``phase`` from epoch ``from_epoch`` on (they will be written again on resume)."""
+        """Drop the records of ``phase`` from epoch ``from_epoch`` on (they will be written again on resume).
+
+        ``from_epoch <= 0`` drops every record of ``phase`` (a run that starts over); records without an
+        ``epoch`` (written after the last epoch, such as a final "saved" event) are dropped too.
+        """
         if not self.enabled or not self.path.is_file():
             return
-        keep = [r for r in self.read() if not (r.get("phase") == phase and r.get("epoch", -1) >= from_epoch)]
+
+        def stale(r: dict) -> bool:
+            return r.get("phase") == phase and (from_epoch <= 0 or "epoch" not in r or r["epoch"] >= from_epoch)
+
+        keep = [r for r in self.read() if not stale(r)]
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list:
+    """``(key, a value, b value)`` for every differing entry, nested keys dotted."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append((f"{prefix}{k}", x, y))
+    return out
 
 
 def _jsonable(obj: Any) -> Any:
@@ -389,14 +414,30 @@ class Engine:
             save_checkpoint(self.checkpoint_path, self.state_dict(epoch))
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state``; :class:`ResumeError` when it was written by a run with other settings
+        (continuing would silently mix the two runs and match neither)."""
         if state.get("phase", self.phase) != self.phase:
-            raise ValueError(f"checkpoint is of phase {state.get('phase')!r}, this run is {self.phase!r}")
-        self.model.load_state_dict(state["model"])
-        if self.pruner is not None:
-            if state.get("pruner") is None:
-                raise ValueError("the checkpoint has no pruner state but this run prunes")
-            self.pruner.load_state_dict(state["pruner"])
-        self.optimizer.load_state_dict(state["optimizer"])
+            raise ResumeError(f"checkpoint is of phase {state.get('phase')!r}, this run is {self.phase!r}")
+        if "epochs" in state and int(state["epochs"]) != self.epochs:
+            # the LR schedule (and a pruner's) were laid out for the checkpoint's number of epochs
+            raise ResumeError(f"the checkpoint was written by a run of {state['epochs']} epochs, this run has "
+                              f"{self.epochs}; resume with the same number of epochs")
+        shared = set(state.get("meta") or {}) & set(self.meta)  # a checkpoint of an older version records less
+        saved_meta = _jsonable({k: state["meta"][k] for k in shared})
+        meta = _jsonable({k: self.meta[k] for k in shared})
+        if saved_meta != meta:
+            detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in _differences(saved_meta, meta))
+            raise ResumeError(f"the checkpoint was written by a run with other settings ({detail}); resume with the "
+                              "same settings")
+        if self.pruner is not None and state.get("pruner") is None:
+            raise ResumeError("the checkpoint has no pruner state but this run prunes")
+        try:
+            self.model.load_state_dict(state["model"])
+            if self.pruner is not None:
+                self.pruner.load_state_dict(state["pruner"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise ResumeError(f"the checkpoint does not fit this model or method ({e})") from e
         if self.scheduler is not None and state.get("scheduler") is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -415,8 +456,19 @@ class Engine:
             found = broadcast_object(found, self.ctx)
         if not found:
             self._print(f"[{self.phase}] no checkpoint at {path}: starting from scratch")
+            self.log.truncate(self.phase, 0)  # records of a run killed before its first checkpoint
             return False
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except (RuntimeError, EOFError, OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
+            raise ResumeError(f"cannot read the checkpoint {path} (truncated or corrupted: {type(e).__name__}: {e}); "
+                              "delete it to start over") from e
+        if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
+            raise ResumeError(f"{path} is not a checkpoint written by stripeconv's training engine")
+        try:
+            self.load_state_dict(state)
+        except ResumeError as e:
+            raise ResumeError(f"cannot resume from {path}: {e}") from e
         self.resumed_from = self.start_epoch
         self.log.truncate(self.phase, self.start_epoch)
         self._print(f"[{self.phase}] resumed from {path} after epoch {self.start_epoch}/{self.epochs}")

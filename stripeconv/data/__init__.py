@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
+import zlib
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,6 +27,7 @@ from torch.utils.data import TensorDataset
 __all__ = [
     "FASHION_MNIST_ROOT", "FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
     "read_idx", "fashion_mnist_arrays", "fashion_mnist", "cifar_arrays", "cifar", "DatasetNotFoundError",
+    "DatasetFormatError",
 ]
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -42,6 +45,14 @@ class DatasetNotFoundError(FileNotFoundError):
     """A dataset's files are not where we looked; the message says where and how to get them."""
 
 
+class DatasetFormatError(ValueError):
+    """A dataset file is there but malformed (truncated, wrong format, bad labels); the message names it."""
+
+
+class _UnreadableBatch(DatasetFormatError, pickle.UnpicklingError):
+    """A CIFAR batch that does not unpickle (also an ``UnpicklingError``, which callers may expect)."""
+
+
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -49,19 +60,26 @@ def read_idx(path: PathLike) -> np.ndarray:
     """Read one IDX file (gzipped or not) into a numpy array of its stored shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a cut or damaged download
+        raise DatasetFormatError(f"{path}: corrupted gzip file ({e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path} is not an IDX file (bad magic number)")
+        raise DatasetFormatError(f"{path} is not an IDX file (bad magic number)")
     code, ndim = data[2], data[3]
     if code not in _IDX_DTYPES:
-        raise ValueError(f"{path}: unknown IDX data type 0x{code:02x}")
+        raise DatasetFormatError(f"{path}: unknown IDX data type 0x{code:02x}")
+    offset = 4 + 4 * ndim
+    if ndim == 0:
+        raise DatasetFormatError(f"{path}: the IDX header declares no dimensions")
+    if len(data) < offset:
+        raise DatasetFormatError(f"{path}: truncated IDX header ({ndim} dimensions)")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[code])
-    offset = 4 + 4 * ndim
-    count = int(np.prod(shape)) if shape else 0
+    count = math.prod(shape)  # Python ints: np.prod wraps around on a garbage header
     if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f"{path}: truncated IDX file (expected {count} values of shape {shape})")
+        raise DatasetFormatError(f"{path}: truncated IDX file (expected {count} values of shape {shape})")
     return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -89,9 +107,25 @@ def fashion_mnist_arrays(root: Optional[PathLike] = None, train: bool = True) ->
             "https://github.com/zalandoresearch/fashion-mnist and pass root=<their folder>."
         )
     x, y = read_idx(images), read_idx(labels)
-    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f"inconsistent Fashion-MNIST files in {root}: images {x.shape}, labels {y.shape}")
+    if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise DatasetFormatError(f"{images}: expected uint8 images of shape [N, 28, 28], got {x.dtype} "
+                                 f"{list(x.shape)}")
+    if y.dtype.kind not in "iu" or y.ndim != 1 or len(x) != len(y):
+        raise DatasetFormatError(f"{labels}: expected {len(x)} integer labels, got {y.dtype} {list(y.shape)}")
+    _check_labels(y, len(FASHION_MNIST_CLASSES), labels)
     return x, y.astype(np.int64)
+
+
+def _check_labels(y: np.ndarray, num_classes: int, where) -> None:
+    """Out-of-range labels would only fail deep inside the loss, or not at all."""
+    if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DatasetFormatError(f"{where}: labels must be in [0, {num_classes}), got values from {int(y.min())} "
+                                 f"to {int(y.max())}")
+
+
+def _check_limit(limit: Optional[int]) -> None:
+    if limit is not None and limit < 0:  # a negative slice bound would keep all but the last -limit examples
+        raise ValueError(f"limit must be a non-negative integer or None, got {limit!r}")
 
 
 def fashion_mnist(
@@ -106,6 +140,7 @@ def fashion_mnist(
     ``normalize`` maps pixels to ``(x / 255 - mean) / std`` (else to [0, 1]); ``limit`` keeps a
     class-stratified random subset of that many examples (reproducible with ``seed``).
     """
+    _check_limit(limit)
     x, y = fashion_mnist_arrays(root, train)
     if limit is not None and limit < len(y):
         idx = _stratified(y, limit, seed)
@@ -147,7 +182,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _load_batch(path: Path) -> dict:
     with open(path, "rb") as f:
-        d = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+        raw = f.read()
+    try:
+        d = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise _UnreadableBatch(f"{path} is not a readable CIFAR batch (truncated or corrupted? {e})") from e
+    if not isinstance(d, dict):
+        raise DatasetFormatError(f"{path} is not a CIFAR batch (a pickled {type(d).__name__}, expected a dict)")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
 
 
@@ -178,9 +219,17 @@ def cifar_arrays(root: PathLike, train: bool = True, num_classes: int = 10) -> t
     for n in names:
         d = _load_batch(folder / n)
         if "data" not in d or key not in d:
-            raise ValueError(f"{folder / n} is not a CIFAR-{num_classes} batch (keys {sorted(d)})")
-        xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
+            raise DatasetFormatError(f"{folder / n} is not a CIFAR-{num_classes} batch (keys {sorted(map(str, d))})")
+        x, y = np.asarray(d["data"]), np.asarray(d[key])
+        # a silent cast would turn float or wider pixels into garbage
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise DatasetFormatError(f"{folder / n}: expected uint8 data of shape [N, 3072], got {x.dtype} "
+                                     f"{list(x.shape)}")
+        if y.dtype.kind not in "iu" or y.shape != (len(x),):
+            raise DatasetFormatError(f"{folder / n}: expected {len(x)} integer labels, got {y.dtype} {list(y.shape)}")
+        _check_labels(y, num_classes, folder / n)
+        xs.append(x.reshape(-1, 3, 32, 32))
+        ys.append(y.astype(np.int64))
     return np.concatenate(xs).transpose(0, 2, 3, 1), np.concatenate(ys)
 
 

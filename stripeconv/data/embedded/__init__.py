@@ -30,8 +30,9 @@ def fashion_mnist_subset_arrays(train: bool = True) -> tuple[np.ndarray, np.ndar
 
 def fashion_mnist_subset(train: bool = True, normalize: bool = True, limit: Optional[int] = None) -> TensorDataset:
     """The shipped subset as a ``TensorDataset`` of float ``[N, 1, 28, 28]`` images and int64 labels."""
-    from .. import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from .. import FASHION_MNIST_MEAN, FASHION_MNIST_STD, _check_limit
 
+    _check_limit(limit)
     x, y = fashion_mnist_subset_arrays(train)
     if limit is not None:
         x, y = x[:limit], y[:limit]
