@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Union
 
 import torch
@@ -17,6 +18,17 @@ __all__ = ["StripeConv2d", "convert"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _IntOr2 = Union[int, tuple[int, int]]
+
+
+def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
+    """``value`` as an (h, w) pair of ints >= ``minimum``, or a ValueError naming ``name``."""
+    try:
+        pair = tuple(operator.index(v) for v in _pair(value))
+    except TypeError:
+        pair = ()
+    if len(pair) != 2 or min(pair) < minimum:
+        raise ValueError(f"{name} must be an int or a pair of ints >= {minimum}, got {value!r}")
+    return pair
 
 
 class StripeConv2d(nn.Module):
@@ -70,9 +82,9 @@ class StripeConv2d(nn.Module):
             raise ValueError(f"padding_mode must be one of {_PADDING_MODES}, got {padding_mode!r}")
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = _pair(kernel_size)
-        self.stride = _pair(stride)
-        self.dilation = _pair(dilation)
+        self.kernel_size = _pair_of("kernel_size", kernel_size, 1)
+        self.stride = _pair_of("stride", stride, 1)
+        self.dilation = _pair_of("dilation", dilation, 1)
         self.groups = groups
         self.padding_mode = padding_mode
         if isinstance(padding, str):
@@ -82,17 +94,20 @@ class StripeConv2d(nn.Module):
                 raise ValueError("padding='same' is not supported for strided convolutions")
             self.padding: Union[str, tuple[int, int]] = padding
         else:
-            self.padding = _pair(padding)
+            self.padding = _pair_of("padding", padding, 0)
         self._pads = self._explicit_padding()  # (top, bottom, left, right)
 
         dense = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
         nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
         if stripe_mask is None:
-            stripe_mask = torch.ones(out_channels, *self.kernel_size, dtype=torch.bool, device=dense.device)
+            stripe_mask = torch.ones(out_channels, *self.kernel_size, dtype=torch.bool, device="cpu")
         check_stripe_mask(stripe_mask, out_channels, self.kernel_size)
-        stripe_mask = stripe_mask.to(dense.device)
-        self.register_buffer("stripe_mask", stripe_mask.clone())
-        self.packed_weight = nn.Parameter(pack_weight(dense, stripe_mask))
+        if dense.is_meta:  # no values to pack; the mask still decides the shape
+            packed = dense.new_empty(int(stripe_mask.sum()), in_channels // groups)
+        else:
+            packed = pack_weight(dense, stripe_mask.to(dense.device))
+        self.register_buffer("stripe_mask", stripe_mask.to(dense.device, copy=True))
+        self.packed_weight = nn.Parameter(packed)
         if bias:
             fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
@@ -317,8 +332,17 @@ class StripeConv2d(nn.Module):
                     f"stripes, so packed_weight must be [{kept}, {cg}], got {list(state_dict[weight_key].shape)}"
                 )
             with torch.no_grad():
-                self.stripe_mask = torch.empty_like(mask, device=self.stripe_mask.device)
-                self.packed_weight.data = self.packed_weight.new_empty(kept, cg)
+                mask = mask.to(self.stripe_mask.device)
+                old, old_mask = self.packed_weight, self.stripe_mask
+                if weight_key in state_dict or old.is_meta:
+                    data = old.new_empty(kept, cg)  # overwritten by the load below
+                elif old.shape[0] == int(old_mask.count_nonzero()):
+                    # No packed_weight (strict=False): stripes kept by both masks keep their weights.
+                    data = pack_weight(unpack_weight(old, old_mask), mask).contiguous()
+                else:  # e.g. after to_empty(), which leaves the mask uninitialised
+                    data = old.new_zeros(kept, cg)
+                self.packed_weight.data = data
+                self.stripe_mask = mask.clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
 

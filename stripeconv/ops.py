@@ -57,10 +57,11 @@ def check_output_size(input_hw, kernel_size, stride, padding, dilation) -> None:
         )
 
 
-def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding, dilation, groups) -> None:
-    """Validate the op's arguments with messages that say what was expected."""
-    if input.dim() != 4:
-        raise ValueError(f"stripe_conv2d expects a 4-D input [B, C, H, W], got {input.dim()}-D")
+def _check_geometry(op: str, input_shape: Sequence[int], weight: Tensor, stripe_mask: Tensor,
+                    stride, padding, dilation, groups) -> tuple[int, int, int, int]:
+    """Check the shapes of a call; returns the output shape [B, N, Ho, Wo]."""
+    if len(input_shape) != 4:
+        raise ValueError(f"{op} expects a 4-D input [B, C, H, W], got {len(input_shape)}-D")
     if stripe_mask.dtype != torch.bool or stripe_mask.dim() != 3:
         raise ValueError(
             f"stripe_mask must be a bool tensor [out_channels, kh, kw], got {stripe_mask.dtype} "
@@ -70,20 +71,65 @@ def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, pa
         raise ValueError("stride and dilation take 2 values, padding takes 4 (top, bottom, left, right)")
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or groups < 1:
         raise ValueError("stride, dilation and groups must be positive and padding non-negative")
+    b, c, h, w = input_shape
     n = stripe_mask.shape[0]
-    if n % groups or input.shape[1] % groups:
-        raise ValueError(f"channels ({input.shape[1]} in, {n} out) must be divisible by groups={groups}")
-    if weight.dim() != 2 or weight.shape[1] != input.shape[1] // groups:
+    if n % groups or c % groups:
+        raise ValueError(f"channels ({c} in, {n} out) must be divisible by groups={groups}")
+    if weight.dim() != 2 or weight.shape[1] != c // groups:
         raise ValueError(
-            f"packed weight must be [num_stripes, in_channels/groups] = [*, {input.shape[1] // groups}], "
+            f"packed weight must be [num_stripes, in_channels/groups] = [*, {c // groups}], "
             f"got {list(weight.shape)}"
         )
-    check_output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
+    check_output_size((h, w), stripe_mask.shape[1:], stride, padding, dilation)
+    return (b, n, *output_size((h, w), stripe_mask.shape[1:], stride, padding, dilation))
+
+
+def _check_like(op: str, reference: Tensor, **tensors: Optional[Tensor]) -> None:
+    """Each tensor given must be on ``reference``'s device and, except the mask, have its dtype."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        same_dtype = name == "stripe_mask" or t.dtype == reference.dtype
+        if t.device != reference.device or not same_dtype:
+            expected = f"on {reference.device}" if name == "stripe_mask" else f"{reference.dtype} on {reference.device}"
+            raise ValueError(f"{op}: {name} must be {expected} like the data, got {t.dtype} on {t.device}")
+
+
+def _check_grad_output(op: str, grad_output: Tensor, expected: Sequence[int]) -> None:
+    if list(grad_output.shape) != list(expected):
+        raise ValueError(f"{op}: grad_output must have shape {list(expected)}, got {list(grad_output.shape)}")
+
+
+def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding, dilation, groups,
+                  bias: Optional[Tensor] = None) -> None:
+    """Validate the op's arguments with messages that say what was expected."""
+    _check_geometry("stripe_conv2d", input.shape, weight, stripe_mask, stride, padding, dilation, groups)
     if weight.dtype != input.dtype or weight.device != input.device:
         raise ValueError(
             f"input ({input.dtype}, {input.device}) and weight ({weight.dtype}, {weight.device}) "
             "must have the same dtype and device"
         )
+    if bias is not None and list(bias.shape) != [stripe_mask.shape[0]]:
+        raise ValueError(f"bias must be [out_channels] = [{stripe_mask.shape[0]}], got {list(bias.shape)}")
+    _check_like("stripe_conv2d", input, bias=bias, stripe_mask=stripe_mask)
+
+
+def _check_grad_input_args(grad_output: Tensor, weight: Tensor, stripe_mask: Tensor, input_shape, stride, padding,
+                          dilation, groups) -> None:
+    """Validate the arguments of ``stripe_conv2d_grad_input``."""
+    op = "stripe_conv2d_grad_input"
+    out_shape = _check_geometry(op, input_shape, weight, stripe_mask, stride, padding, dilation, groups)
+    _check_grad_output(op, grad_output, out_shape)
+    _check_like(op, grad_output, weight=weight, stripe_mask=stripe_mask)
+
+
+def _check_grad_weight_args(grad_output: Tensor, input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding,
+                           dilation, groups) -> None:
+    """Validate the arguments of ``stripe_conv2d_grad_weight``."""
+    op = "stripe_conv2d_grad_weight"
+    out_shape = _check_geometry(op, input.shape, weight, stripe_mask, stride, padding, dilation, groups)
+    _check_grad_output(op, grad_output, out_shape)
+    _check_like(op, input, grad_output=grad_output, weight=weight, stripe_mask=stripe_mask)
 
 
 def output_memory_format(input: Tensor) -> torch.memory_format:
@@ -105,7 +151,7 @@ def stripe_conv2d(
     groups: int,
 ) -> Tensor:
     """Stripe-pruned conv2d (see the module docstring for the contract)."""
-    check_op_args(input, weight, stripe_mask, stride, padding, dilation, groups)
+    check_op_args(input, weight, stripe_mask, stride, padding, dilation, groups, bias)
     out = backends.resolve(input.device).forward(
         input, weight, bias, stripe_mask, list(stride), list(padding), list(dilation), groups
     )
@@ -115,6 +161,9 @@ def stripe_conv2d(
 @stripe_conv2d.register_fake
 def fake_forward(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
     """Output shape and memory format of the forward, without computing it."""
+    # Also serves calls with any argument on the meta device: unchecked, real data next to a meta mask
+    # would get this uninitialised tensor as its result.
+    check_op_args(input, weight, stripe_mask, stride, padding, dilation, groups, bias)
     ho, wo = output_size(input.shape[2:], stripe_mask.shape[1:], stride, padding, dilation)
     out = input.new_empty(input.shape[0], stripe_mask.shape[0], ho, wo)
     return out.contiguous(memory_format=output_memory_format(input))
@@ -132,6 +181,7 @@ def stripe_conv2d_grad_input(
     groups: int,
 ) -> Tensor:
     """Gradient of stripe_conv2d with respect to its input."""
+    _check_grad_input_args(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
     grad_input = backends.resolve(grad_output.device).grad_input(
         grad_output, weight, stripe_mask, list(input_shape), list(stride), list(padding), list(dilation), groups
     )
@@ -140,6 +190,7 @@ def stripe_conv2d_grad_input(
 
 @stripe_conv2d_grad_input.register_fake
 def fake_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+    _check_grad_input_args(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
     grad_input = grad_output.new_empty(list(input_shape))
     return grad_input.contiguous(memory_format=output_memory_format(grad_output))
 
@@ -156,6 +207,7 @@ def stripe_conv2d_grad_weight(
     groups: int,
 ) -> Tensor:
     """Gradient of stripe_conv2d with respect to its packed weight."""
+    _check_grad_weight_args(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
     return backends.resolve(input.device).grad_weight(
         grad_output, input, weight, stripe_mask, list(stride), list(padding), list(dilation), groups
     ).contiguous()
@@ -163,6 +215,7 @@ def stripe_conv2d_grad_weight(
 
 @stripe_conv2d_grad_weight.register_fake
 def fake_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+    _check_grad_weight_args(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -98,4 +99,12 @@ TORCH_LIBRARY_FRAGMENT(stripeconv_cpu, m) {
 
 TORCH_LIBRARY_IMPL(stripeconv_cpu, CPU, m) { m.impl("conv2d", &stripeconv_cpu::run_forward); }
 
-TORCH_LIBRARY_IMPL(stripeconv_cpu, Autograd, m) { m.impl("conv2d", &stripeconv_cpu::conv2d_autograd); }
+// The kernels themselves have no derivative: called with inputs that require grad (directly, or
+// by conv2d's backward under create_graph=True), their results raise when differentiated instead
+// of being silently treated as constants.
+TORCH_LIBRARY_IMPL(stripeconv_cpu, Autograd, m) {
+  m.impl("conv2d", &stripeconv_cpu::conv2d_autograd);
+  m.impl("forward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("grad_input", torch::autograd::autogradNotImplementedFallback());
+  m.impl("grad_weight", torch::autograd::autogradNotImplementedFallback());
+}

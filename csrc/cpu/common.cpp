@@ -111,8 +111,8 @@ Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor
 
 void check_float_dtype(const char* op, const char* what, const at::Tensor& t) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kBFloat16, op, ": ", what,
-              " must be float32, float64 or bfloat16, got ", s);
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || is_16bit(t), op, ": ", what,
+              " must be float16, float32, float64 or bfloat16, got ", s);
 }
 
 }  // namespace detail

@@ -95,6 +95,10 @@ std::string shape_str(at::IntArrayRef s);
 Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor& weight, const at::Tensor& mask,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups);
 void check_float_dtype(const char* op, const char* what, const at::Tensor& t);
+// bfloat16 and float16 run the float kernels on fp32 copies.
+inline bool is_16bit(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
 
 }  // namespace detail
 }  // namespace stripeconv_cpu

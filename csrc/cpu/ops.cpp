@@ -76,10 +76,11 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
                 ") must match input dtype (", input.scalar_type(), ")");
     TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ", bias->device());
   }
-  if (input.scalar_type() == at::kBFloat16) {
-    c10::optional<at::Tensor> bf;
-    if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat);
-    return forward_impl<float>(input.to(at::kFloat), weight.to(at::kFloat), bf, stripe_mask, g).to(at::kBFloat16);
+  if (is_16bit(input)) {  // computed in fp32, rounded once at the end
+    c10::optional<at::Tensor> b32;
+    if (bias.has_value() && bias->defined()) b32 = bias->to(at::kFloat);
+    return forward_impl<float>(input.to(at::kFloat), weight.to(at::kFloat), b32, stripe_mask, g)
+        .to(input.scalar_type());
   }
   auto stripe = [&]() {
     if (input.scalar_type() == at::kDouble) return forward_impl<double>(input, weight, bias, stripe_mask, g);
@@ -110,9 +111,9 @@ at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight, c
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
               shape_str(expect), " for input_shape ", shape_str(input_shape), ", got ",
               shape_str(grad_output.sizes()));
-  if (grad_output.scalar_type() == at::kBFloat16)
+  if (is_16bit(grad_output))
     return grad_input_impl<float>(grad_output.to(at::kFloat), weight.to(at::kFloat), stripe_mask, g)
-        .to(at::kBFloat16);
+        .to(grad_output.scalar_type());
   if (grad_output.scalar_type() == at::kDouble) return grad_input_impl<double>(grad_output, weight, stripe_mask, g);
   return grad_input_impl<float>(grad_output, weight, stripe_mask, g);
 }
@@ -134,10 +135,10 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, c
   const std::vector<int64_t> expect{g.B, g.N, g.Ho, g.Wo};
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
               shape_str(expect), ", got ", shape_str(grad_output.sizes()));
-  if (input.scalar_type() == at::kBFloat16)
+  if (is_16bit(input))
     return grad_weight_impl<float>(grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
                                    stripe_mask, g)
-        .to(at::kBFloat16);
+        .to(input.scalar_type());
   if (input.scalar_type() == at::kDouble) return grad_weight_impl<double>(grad_output, input, weight, stripe_mask, g);
   return grad_weight_impl<float>(grad_output, input, weight, stripe_mask, g);
 }

@@ -69,6 +69,13 @@ def _group_splits(filters: Tensor, out_per_group: int, r0: int, r1: int) -> Iter
             begin = k
 
 
+def _check_stripes(weight: Tensor, mask: Tensor) -> None:
+    # Rows are sliced per position, so a weight with extra rows would otherwise go unnoticed.
+    kept = int(mask.sum())
+    if weight.shape[0] != kept:
+        raise ValueError(f"packed weight has {weight.shape[0]} rows but stripe_mask keeps {kept} stripes")
+
+
 def _out_hw(in_hw, mask, stride, padding, dilation):
     from ..ops import output_size
 
@@ -85,6 +92,7 @@ def forward(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    _check_stripes(weight, mask)
     b, c, h, w = input.shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups
@@ -111,6 +119,7 @@ def grad_input(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    _check_stripes(weight, mask)
     b, c, h, w = input_shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups
@@ -134,6 +143,7 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    _check_stripes(weight, mask)
     b, c, h, w = input.shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups
