@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -34,12 +35,27 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
         raise
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error when it is missing."""
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", trusted: bool = False) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint`, with a clear error when it is missing.
+
+    Checkpoints hold only tensors and plain Python values, so they load with ``weights_only=True``:
+    a file planted in an output folder cannot run code. ``trusted=True`` also unpickles other
+    objects (such as earlier checkpoints, which stored NumPy's RNG state as an array).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, map_location=map_location, weights_only=False)
+    if trusted:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "global" not in str(e).lower():  # a damaged file, not an object outside the allowed set
+            raise
+        raise pickle.UnpicklingError(
+            f"{path} holds Python objects other than tensors and plain values, which are not loaded unless "
+            f"trusted (an older checkpoint format, or not written by stripeconv); if you trust the file, "
+            f"load it with load_checkpoint(path, trusted=True). Details: {str(e).splitlines()[0]}") from None
 
 
 def rng_state() -> dict[str, Any]:
@@ -50,7 +66,9 @@ def rng_state() -> dict[str, Any]:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        # the key array as a tensor: the checkpoint then loads with weights_only=True
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
     except ImportError:
         pass
     return state
@@ -65,4 +83,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+        np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
