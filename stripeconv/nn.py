@@ -31,6 +31,13 @@ def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
     return pair
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs convolutions in on ``device_type``, or None outside an autocast region."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 class StripeConv2d(nn.Module):
     r"""A 2-D convolution whose filters keep only some of their stripes.
 
@@ -256,7 +263,7 @@ class StripeConv2d(nn.Module):
         if channels != self.in_channels:
             raise ValueError(f"StripeConv2d expected input with {self.in_channels} channels, got {channels}")
         weight = self.packed_weight
-        if input.dtype != weight.dtype:
+        if input.dtype != weight.dtype and _autocast_dtype(input.device.type) is None:
             raise TypeError(f"input dtype {input.dtype} does not match the weight dtype {weight.dtype}")
         if input.device != weight.device:
             raise RuntimeError(f"input is on {input.device} but the weights are on {weight.device}")
@@ -273,9 +280,14 @@ class StripeConv2d(nn.Module):
             t, b, l, r = pads
             input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
             pads = (0, 0, 0, 0)
+        weight, bias = self.packed_weight, self.bias
+        amp = _autocast_dtype(input.device.type)
+        if amp is not None:  # like nn.Conv2d under torch.autocast: floating operands (not float64) in the amp dtype
+            input, weight, bias = (t.to(amp) if t is not None and t.is_floating_point() and t.dtype != torch.float64
+                                   else t for t in (input, weight, bias))
         eager_cpu = input.device.type == "cpu" and not torch.compiler.is_compiling() and backends.eager_cpu_module()
         conv = eager_cpu.eager_conv2d if eager_cpu else stripe_conv2d  # same kernels; the op's Python layers cost ~20 us
-        out = conv(input, self.packed_weight, self.bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
+        out = conv(input, weight, bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
         if self.constant_channel_weight is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
         return out.squeeze(0) if unbatched else out

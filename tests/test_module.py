@@ -182,6 +182,37 @@ def test_dtype_mismatch():
         layer(torch.randn(1, 4, 8, 8, dtype=torch.float64))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16])
+def test_autocast_runs_like_conv2d(device, amp):
+    """Under torch.autocast the layer computes in the autocast dtype from fp32 weights, as nn.Conv2d does,
+    and its fp32 parameters get fp32 gradients equal to the masked conv's."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, padding=1).to(device)
+    mask = (torch.rand(12, 3, 3) < 0.5).to(device)
+    layer = StripeConv2d.from_conv(conv, mask)
+    masked = nn.Conv2d(8, 12, 3, padding=1).to(device)
+    with torch.no_grad():
+        masked.weight.copy_(conv.weight * mask[:, None])
+        masked.bias.copy_(conv.bias)
+    x = torch.randn(2, 8, 9, 9, device=device)
+    with torch.autocast(device, dtype=amp):
+        y, want = layer(x.to(amp)), masked(x)  # the input may already be in the autocast dtype, or not
+        assert layer(x).dtype == want.dtype == y.dtype == amp
+    torch.testing.assert_close(y.float(), want.float(), atol=3e-2, rtol=3e-2)
+    g = torch.randn_like(y)
+    y.backward(g)
+    want.backward(g)
+    assert layer.packed_weight.grad.dtype == torch.float32 and layer.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(layer.packed_weight.grad, pack_weight(masked.weight.grad, mask), atol=0.2, rtol=3e-2)
+    torch.testing.assert_close(layer.bias.grad, masked.bias.grad, atol=0.2, rtol=3e-2)
+    with pytest.raises(TypeError, match="does not match the weight dtype"):  # outside autocast: no silent cast
+        layer(x.to(amp))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_mismatch():
     layer = StripeConv2d(4, 6, 3)
