@@ -179,9 +179,9 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
     t_cl, t_st2 = time_pair(dense_cl, stripe, args.repeats)
     nchw, cl = summary(t_nchw), summary(t_cl)
     if nchw["median_ms"] <= cl["median_ms"]:
-        best, t_dense, t_st, dense_fmt = nchw, t_nchw, t_st1, "nchw"
+        t_dense, t_st, dense_fmt = t_nchw, t_st1, "nchw"
     else:
-        best, t_dense, t_st, dense_fmt = cl, t_cl, t_st2, "channels_last"
+        t_dense, t_st, dense_fmt = t_cl, t_st2, "channels_last"
     ratios = [d / s for d, s in zip(t_dense, t_st)]
     row = {
         "layer": name,

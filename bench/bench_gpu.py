@@ -347,8 +347,8 @@ def summarize(results: list, method: str = "stripeconv") -> None:
     if not results:
         print("\nno results")
         return
-    print(f"\nsummary: geometric mean speedup vs cuDNN over layers (triton = kernels only, "
-          f"stripeconv = with the dense hand-over)")
+    print("\nsummary: geometric mean speedup vs cuDNN over layers (triton = kernels only, "
+          "stripeconv = with the dense hand-over)")
     keys = sorted({(r["mask"], r["target_density"], r["mode"]) for r in results}, key=lambda t: (t[2], t[0], -t[1]))
     for kind, d, mode in keys:
         sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)]

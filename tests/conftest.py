@@ -84,6 +84,65 @@ def fashion(train: bool = True, limit: int = 384):
         return fashion_mnist_subset(train=train, limit=limit)
 
 
+def fashion_batches(limit: int = 384, batch_size: int = 64, repeats: int = 4) -> list:
+    """A fixed sequence of shuffled real-image batches (24 with the defaults)."""
+    from torch.utils.data import DataLoader
+
+    dl = DataLoader(fashion(train=True, limit=limit), batch_size=batch_size, shuffle=True,
+                    generator=torch.Generator().manual_seed(0))
+    return [b for _ in range(repeats) for b in dl]
+
+
+def pruner_train_step(model: nn.Module, pruner, optimizer, x: torch.Tensor, y: torch.Tensor,
+                      after_step: bool = True) -> float:
+    """One training step driving the pruner's hooks, as ``pruning.fit`` does; returns the loss."""
+    import torch.nn.functional as F
+
+    loss = F.cross_entropy(model(x), y) + pruner.penalty()
+    optimizer.zero_grad()
+    loss.backward()
+    pruner.after_backward()
+    optimizer.step()
+    if after_step:
+        pruner.after_step()
+    return float(loss.detach())
+
+
+def resume_run(make_pruner, batches: list, n: int, k: int) -> tuple:
+    """Train ``tiny_vgg`` with ``make_pruner(model)`` over ``batches[:n]`` once uninterrupted and once
+    checkpointed after ``k`` steps and resumed in fresh objects; the weights must end identical.
+
+    Returns ``(uninterrupted, checkpointed, resumed, state)``: the three pruners and the checkpoint.
+    """
+    import copy
+
+    def make(state=None):
+        torch.manual_seed(0)
+        model = tiny_vgg()
+        if state is not None:
+            model.load_state_dict(state["model"])
+        pruner = make_pruner(model)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        if state is not None:
+            pruner.load_state_dict(state["pruner"])
+            optimizer.load_state_dict(state["opt"])
+        return model, pruner, optimizer
+
+    model, pr, opt = make()
+    for x, y in batches[:n]:
+        pruner_train_step(model, pr, opt, x, y)
+    model1, pr1, opt1 = make()
+    for x, y in batches[:k]:
+        pruner_train_step(model1, pr1, opt1, x, y)
+    state = copy.deepcopy({"model": model1.state_dict(), "pruner": pr1.state_dict(), "opt": opt1.state_dict()})
+    model2, pr2, opt2 = make(state)
+    for x, y in batches[k:n]:
+        pruner_train_step(model2, pr2, opt2, x, y)
+    for key, v in model.state_dict().items():
+        assert torch.equal(v, model2.state_dict()[key]), key
+    return pr, pr1, pr2, state
+
+
 def tiny_vgg() -> nn.Module:
     from stripeconv import models
 

@@ -1,36 +1,25 @@
 """GReg-1 / GReg-2 (growing regularization) on small real-data runs: the penalty grows as scheduled,
 the stop tests fire, the selected units are pruned, export == masked model, resume is exact."""
-import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 
 from stripeconv import pruning  # noqa: E402
 from stripeconv.pruning.greg import GReg1, GReg2, stage_ratios  # noqa: E402
 
-from conftest import FASHION_SIZE as SIZE, check_export, fashion, tiny_resnet, tiny_vgg
+from conftest import FASHION_SIZE as SIZE, check_export, fashion_batches, pruner_train_step, resume_run, tiny_resnet, tiny_vgg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def batches():
-    ds = fashion(train=True, limit=384)
-    dl = DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return [b for _ in range(4) for b in dl]  # a fixed sequence of 24 batches
+    return fashion_batches()
 
 
-def step(model, pr, opt, x, y):
-    loss = F.cross_entropy(model(x), y) + pr.penalty()
-    opt.zero_grad()
-    loss.backward()
-    pr.after_backward()
-    opt.step()
-    pr.after_step()
-    return float(loss.detach())
+step = pruner_train_step
 
 
 def test_greg1_penalty_grows_as_scheduled(batches):
@@ -150,32 +139,8 @@ def test_greg_resume_is_exact(cls, batches):
     kw = dict(ratio=0.5, granularity="stripe", delta=0.05, interval=2, ceiling=0.2, stabilize_steps=2,
               pick_delta=0.05, pick_ceiling=0.1)
 
-    def make(state=None):
-        torch.manual_seed(0)
-        model = tiny_vgg()
-        if state is not None:
-            model.load_state_dict(state["model"])
-        pr = cls(model, SIZE, **kw)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        if state is not None:
-            pr.load_state_dict(state["pruner"])
-            opt.load_state_dict(state["opt"])
-        return model, pr, opt
-
-    n, k = 20, 7
-    model, pr, opt = make()
-    for x, y in batches[:n]:
-        step(model, pr, opt, x, y)
-    model1, pr1, opt1 = make()
-    for x, y in batches[:k]:
-        step(model1, pr1, opt1, x, y)
-    state = copy.deepcopy({"model": model1.state_dict(), "pruner": pr1.state_dict(), "opt": opt1.state_dict()})
-    model2, pr2, opt2 = make(state)
-    for x, y in batches[k:n]:
-        step(model2, pr2, opt2, x, y)
+    pr, _, pr2, _ = resume_run(lambda model: cls(model, SIZE, **kw), batches, n=20, k=7)
     assert pr.phase == pr2.phase == "finetune"
-    for key, v in model.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[key]), key
     for name in pr.convs:
         assert torch.equal(pr.lambdas[name], pr2.lambdas[name])
         assert torch.equal(pr.masks()[name], pr2.masks()[name])

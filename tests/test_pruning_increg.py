@@ -1,40 +1,30 @@
 """IncReg (incremental regularization) on small real-data runs: the rank-based increment has the
 paper's shape, factors follow the averaged-rank update and never go negative, units are pruned at
 the ceiling up to each layer's quota, export == masked model, resume is exact."""
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from stripeconv import pruning
 from stripeconv.pruning.increg import IncReg, rank_increment, schedule_length
 
-from conftest import FASHION_SIZE as SIZE, check_export, fashion, tiny_resnet, tiny_vgg
+from conftest import FASHION_SIZE as SIZE, check_export, fashion_batches, pruner_train_step, resume_run, tiny_resnet, tiny_vgg
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def batches():
-    ds = fashion(train=True, limit=384)
-    dl = DataLoader(ds, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    return [b for _ in range(4) for b in dl]  # a fixed sequence of 24 batches
+    return fashion_batches()
+
+
+step = pruner_train_step
 
 
 def train_step(model, pr, opt, x, y):
-    loss = F.cross_entropy(model(x), y) + pr.penalty()
-    opt.zero_grad()
-    loss.backward()
-    pr.after_backward()
-    opt.step()
-
-
-def step(model, pr, opt, x, y):
-    train_step(model, pr, opt, x, y)
-    pr.after_step()
+    pruner_train_step(model, pr, opt, x, y, after_step=False)
 
 
 def units(pr, name):
@@ -198,36 +188,13 @@ def test_never_more_than_the_quota(batches):
 @pytest.mark.parametrize("kw", [dict(ratio=0.5, delta=0.5, ceiling=2.5),
                                 dict(ratio=0.5, scope="global", granularity="stripe", reg_steps=30)])
 def test_resume_is_exact(kw, batches):
-    def make(state=None):
-        torch.manual_seed(0)
-        model = tiny_vgg()
-        if state is not None:
-            model.load_state_dict(state["model"])
-        pr = IncReg(model, SIZE, **kw)  # built on the resumed weights: the state restores quotas and delta
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-        if state is not None:
-            pr.load_state_dict(state["pruner"])
-            opt.load_state_dict(state["opt"])
-        return model, pr, opt
-
-    n, k = 20, 9
-    model, pr, opt = make()
-    for x, y in batches[:n]:
-        step(model, pr, opt, x, y)
-    model1, pr1, opt1 = make()
-    for x, y in batches[:k]:
-        step(model1, pr1, opt1, x, y)
+    # built on the resumed weights: the state restores quotas and delta
+    pr, pr1, pr2, state = resume_run(lambda model: IncReg(model, SIZE, **kw), batches, n=20, k=9)
     assert pr1.phase == "reg" and sum(pr1.pruned_units().values()) > 0  # mid-regularisation, some pruned
-    state = copy.deepcopy({"model": model1.state_dict(), "pruner": pr1.state_dict(), "opt": opt1.state_dict()})
     torch.manual_seed(1)  # the state, not the weights a pruner is built on, decides quotas and delta
     other = IncReg(tiny_vgg(), SIZE, **kw)
     other.load_state_dict(state["pruner"])
     assert (other.quota, other.delta, other.interval) == (pr1.quota, pr1.delta, pr1.interval)
-    model2, pr2, opt2 = make(state)
-    for x, y in batches[k:n]:
-        step(model2, pr2, opt2, x, y)
-    for key, v in model.state_dict().items():
-        assert torch.equal(v, model2.state_dict()[key]), key
     for name in pr.convs:
         assert torch.equal(pr.lambdas[name], pr2.lambdas[name])
         assert torch.equal(pr.avg_rank[name], pr2.avg_rank[name])

@@ -14,7 +14,7 @@ from torch import nn
 
 import stripeconv
 from stripeconv import StripeConv2d
-from stripeconv.packing import pack_weight, unpack_weight
+from stripeconv.packing import pack_weight
 
 stripeconv.backends._module("cpu")  # registers torch.ops.stripeconv_cpu when the extension is built
 OP = torch.ops.stripeconv

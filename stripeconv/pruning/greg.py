@@ -38,7 +38,7 @@ from . import criteria as C
 from ._search import Progress, coupled_convs, mean_abs_units
 from .base import Pruner
 
-__all__ = ["GReg1", "GReg2", "stage_ratios"]
+__all__ = ["GReg1", "GReg2", "UnitRegularizer", "stage_ratios"]
 
 
 def stage_ratios(model: nn.Module, input_size, stages: dict, skip_coupled: bool = True) -> dict:
@@ -66,7 +66,37 @@ def stage_ratios(model: nn.Module, input_size, stages: dict, skip_coupled: bool 
     return out
 
 
-class GReg1(Pruner):
+class UnitRegularizer(Pruner):
+    """Pruners that push units (filters or stripes) to zero with per-unit L2 factors: units are
+    scored by mean ``|w|``, as the growing-regularization family's public code scores them."""
+
+    def scores(self) -> dict:
+        """Mean ``|w|`` of each unit (filter ``[out]`` or stripe ``[out, kh, kw]``), per layer."""
+        return {n: mean_abs_units(self.weight(n), self.granularity) for n in self.convs}
+
+    def _units(self, mask: Tensor) -> Tensor:
+        """Kept units of a stripe mask: ``[out]`` for filters, the mask itself for stripes."""
+        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
+
+    lambdas: dict  # layer -> factor per filter [out] or per stripe [out, kh, kw]
+
+    def _regularises(self, name: str) -> bool:
+        """Whether layer ``name``'s factors apply at this step (phase permitting)."""
+        return True
+
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """``grad += lambda * w`` per unit, before the optimizer step."""
+        if self.phase != "finetune":
+            for name, lam in self.lambdas.items():
+                w = self.convs[name].weight
+                if w.grad is not None and self._regularises(name):
+                    f = lam.to(w.device, w.dtype)
+                    w.grad.add_((f[:, None, None, None] if f.dim() == 1 else f[:, None]) * w)
+        super().after_backward()
+
+
+class GReg1(UnitRegularizer):
     """GReg-1 (Wang et al., ICLR 2021): L1-selected units, their L2 factor grown to ``ceiling``, then pruned.
 
     Targets (one of): ``ratio`` (per layer, as the paper, or over all units with
@@ -158,13 +188,6 @@ class GReg1(Pruner):
         self._progress = None
 
     # ----------------------------------------------------------------------------- helpers
-    def scores(self) -> dict:
-        """Mean ``|w|`` of each unit (filter ``[out]`` or stripe ``[out, kh, kw]``), per layer."""
-        return {n: mean_abs_units(self.weight(n), self.granularity) for n in self.convs}
-
-    def _units(self, mask: Tensor) -> Tensor:
-        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
-
     def _mag_ratio(self, name: str, score: Tensor, kept_units: Tensor) -> float:
         kept_units = kept_units.to(score.device)
         if bool(kept_units.all()):
@@ -197,15 +220,6 @@ class GReg1(Pruner):
         return self._progress
 
     # ------------------------------------------------------------------------------- hooks
-    @torch.no_grad()
-    def after_backward(self) -> None:
-        if self.phase != "finetune":
-            for name, lam in self.lambdas.items():
-                w = self.convs[name].weight
-                if w.grad is not None:
-                    w.grad.add_(lam.to(w.dtype)[:, None] * w)
-        super().after_backward()
-
     def after_step(self) -> None:
         self.steps += 1
         if self.phase in ("pick", "grow") and self.steps % self.interval == 0:

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from . import criteria as C
-from ._search import Progress, mean_abs_units
-from .base import Pruner
+from ._search import Progress
+from .greg import UnitRegularizer
 
 __all__ = ["IncReg", "rank_increment", "schedule_length"]
 
@@ -92,7 +92,7 @@ def schedule_length(n_units: int, quota: int, steps_to_ceiling: float, u: float 
     return t
 
 
-class IncReg(Pruner):
+class IncReg(UnitRegularizer):
     """IncReg (Wang et al., IJCNN 2019): per-unit L2 factors raised by averaged L1 rank until units reach ``ceiling``.
 
     Targets (one of): ``ratio`` (per layer, as the paper, or over all units with
@@ -182,14 +182,6 @@ class IncReg(Pruner):
         self._progress = None
 
     # ----------------------------------------------------------------------------- helpers
-    def scores(self) -> dict:
-        """Mean ``|w|`` of each unit (filter ``[out]`` or stripe ``[out, kh, kw]``), per layer."""
-        return {n: mean_abs_units(self.weight(n), self.granularity) for n in self.convs}
-
-    def _units(self, mask: Tensor) -> Tensor:
-        """Kept units of a stripe mask: ``[out]`` for filters, the mask itself for stripes."""
-        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
-
     def pruned_units(self) -> dict:
         """Number of units pruned so far, per layer."""
         return {n: int((~self._units(self._frozen[n])).sum()) for n in self.convs}
@@ -206,15 +198,8 @@ class IncReg(Pruner):
         return self._progress
 
     # ------------------------------------------------------------------------------- hooks
-    @torch.no_grad()
-    def after_backward(self) -> None:
-        if self.phase != "finetune":
-            for name, lam in self.lambdas.items():
-                w = self.convs[name].weight
-                if w.grad is not None and name not in self.finished:
-                    lam = lam.to(w.device, w.dtype)
-                    w.grad.add_((lam[:, None, None, None] if lam.dim() == 1 else lam[:, None]) * w)
-        super().after_backward()
+    def _regularises(self, name: str) -> bool:
+        return name not in self.finished  # a finished layer's kept units carry no factor, its pruned ones are 0
 
     def after_step(self) -> None:
         self.steps += 1
