@@ -95,6 +95,18 @@ class UnitRegularizer(Pruner):
                     w.grad.add_((f[:, None, None, None] if f.dim() == 1 else f[:, None]) * w)
         super().after_backward()
 
+    def _progress_text(self) -> str:
+        """Where the regularisation stands, for the cut-short warning."""
+        return ""
+
+    def end_epoch(self, epoch: int) -> None:
+        """With ``epochs`` given, a regularisation still running after the last epoch is cut short."""
+        super().end_epoch(epoch)
+        if self.epochs is not None and epoch + 1 >= self.epochs and self.phase != "finetune":
+            warnings.warn(f"{type(self).__name__}: the regularisation had not finished after the last epoch "
+                          f"({self._progress_text()}); pruning now", stacklevel=2)
+            self.prune()
+
 
 class GReg1(UnitRegularizer):
     """GReg-1 (Wang et al., ICLR 2021): L1-selected units, their L2 factor grown to ``ceiling``, then pruned.
@@ -228,12 +240,8 @@ class GReg1(UnitRegularizer):
             self._finish()
         self._enforce(self._frozen)
 
-    def end_epoch(self, epoch: int) -> None:
-        super().end_epoch(epoch)
-        if self.epochs is not None and epoch + 1 >= self.epochs and self.phase != "finetune":
-            warnings.warn(f"{type(self).__name__}: the regularisation had not finished after the last epoch "
-                          f"(phase {self.phase!r}); pruning now", stacklevel=2)
-            self.prune()
+    def _progress_text(self) -> str:
+        return f"phase {self.phase!r}"
 
     def prune(self, data=None) -> dict:
         """End the regularisation now: pick (GReg-2, if not yet), prune the selected units, fine-tune next."""

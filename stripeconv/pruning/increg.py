@@ -35,7 +35,6 @@ at ``j = 2 N_c``, falling further above.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -207,13 +206,8 @@ class IncReg(UnitRegularizer):
             self._update()
         self._enforce(self._frozen)
 
-    def end_epoch(self, epoch: int) -> None:
-        super().end_epoch(epoch)
-        if self.epochs is not None and epoch + 1 >= self.epochs and self.phase != "finetune":
-            warnings.warn(f"{type(self).__name__}: the regularisation had not finished after the last epoch "
-                          f"({sum(self.pruned_units().values())} of {sum(self.quota.values())} units pruned); "
-                          "pruning now", stacklevel=2)
-            self.prune()
+    def _progress_text(self) -> str:
+        return f"{sum(self.pruned_units().values())} of {sum(self.quota.values())} units pruned"
 
     @torch.no_grad()
     def prune(self, data=None) -> dict:
