@@ -108,6 +108,18 @@ def pruner_train_step(model: nn.Module, pruner, optimizer, x: torch.Tensor, y: t
     return float(loss.detach())
 
 
+def penalty_gradient(model: nn.Module, pruner, name: str, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """``(added, weight)``: what ``pruner.after_backward()`` adds to conv ``name``'s weight gradient."""
+    import torch.nn.functional as F
+
+    w = pruner.convs[name].weight
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    g = w.grad.clone()
+    pruner.after_backward()
+    return w.grad - g, w.detach()
+
+
 def resume_run(make_pruner, batches: list, n: int, k: int) -> tuple:
     """Train ``tiny_vgg`` with ``make_pruner(model)`` over ``batches[:n]`` once uninterrupted and once
     checkpointed after ``k`` steps and resumed in fresh objects; the weights must end identical.

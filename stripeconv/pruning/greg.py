@@ -80,6 +80,16 @@ class UnitRegularizer(Pruner):
 
     lambdas: dict  # layer -> factor per filter [out] or per stripe [out, kh, kw]
 
+    def _regularised_layers(self, skip_coupled: Optional[bool], ratios: Optional[dict]) -> None:
+        """Keep the convs to regularise: coupled ones left out by default for filters (not stripes),
+        and, with ``ratios``, those without a ratio."""
+        if skip_coupled is None:
+            skip_coupled = self.granularity == "filter"
+        _ = self.graph  # traced now (tracing needs autograd, the updates run under no_grad)
+        self.leave_out_layers(skip_coupled, ratios)
+        if not self.convs:
+            raise ValueError(f"{type(self).__name__}: no layer left to prune")
+
     def _regularises(self, name: str) -> bool:
         """Whether layer ``name``'s factors apply at this step (phase permitting)."""
         return True
@@ -173,12 +183,7 @@ class GReg1(UnitRegularizer):
             stabilize_steps = 5000
         if interval < 1 or stabilize_steps < 0 or delta <= 0 or ceiling <= 0:
             raise ValueError(f"{type(self).__name__}: need interval >= 1, stabilize_steps >= 0, delta > 0, ceiling > 0")
-        if skip_coupled is None:
-            skip_coupled = granularity == "filter"
-        _ = self.graph  # traced now (tracing needs autograd, the updates run under no_grad)
-        self.leave_out_layers(skip_coupled, ratios)  # layers without a ratio are not regularised either
-        if not self.convs:
-            raise ValueError(f"{type(self).__name__}: no layer left to prune")
+        self._regularised_layers(skip_coupled, ratios)
         self.delta, self.interval, self.ceiling = float(delta), int(interval), float(ceiling)
         self.mag_ratio_limit, self.stabilize_steps = float(mag_ratio_limit), int(stabilize_steps)
         self.pick_delta, self.pick_ceiling, self.recover = float(pick_delta), float(pick_ceiling), float(recover)

@@ -154,12 +154,7 @@ class IncReg(UnitRegularizer):
             raise ValueError(f"{type(self).__name__}: need interval >= 1, delta > 0, ceiling > 0, 0 < u < 1 and "
                              f"reg_steps >= 1 (or None); got interval={interval}, delta={delta}, ceiling={ceiling}, "
                              f"u={u}, reg_steps={reg_steps}")
-        if skip_coupled is None:
-            skip_coupled = granularity == "filter"
-        _ = self.graph  # traced now (tracing needs autograd, the updates run under no_grad)
-        self.leave_out_layers(skip_coupled, ratios)  # layers without a ratio are not regularised either
-        if not self.convs:
-            raise ValueError(f"{type(self).__name__}: no layer left to prune")
+        self._regularised_layers(skip_coupled, ratios)
         self.u, self.ceiling, self.verbose = float(u), float(ceiling), verbose
         scores = self.scores()
         selected = self.select(scores)
