@@ -28,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from . import _checks as check
 from . import criteria as C
 from .base import Pruner
 
@@ -68,6 +69,10 @@ class SoftFilterPrunerBase(Pruner):
             raise ValueError(f"schedule must be 'constant' or 'asymptotic', got {self.schedule!r}")
         if (self.schedule == "asymptotic" or self.mode in ("decay", "gradual")) and not epochs:
             raise ValueError(f"{type(self).__name__} needs epochs= (the length of its pruning schedule)")
+        owner = type(self).__name__
+        check.number(owner, "interval", interval, low=1, integer=True)
+        check.number(owner, "p", p, low=0.0, low_open=True)
+        check.number(owner, "alpha0", alpha0, low=0.0, high=1.0)
         self.interval, self.p, self.alpha0 = interval, p, alpha0
 
     # ----------------------------------------------------------------------- schedule

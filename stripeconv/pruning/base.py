@@ -27,6 +27,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import criteria as C
 
 __all__ = ["Pruner", "fit", "evaluate"]
@@ -80,14 +81,20 @@ class Pruner:
         zero_bn: bool = True,
         require_target: bool = True,
     ):
-        if granularity not in self.granularities:
-            raise ValueError(f"{type(self).__name__}: granularity must be one of {self.granularities}, got {granularity!r}")
+        owner = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+        check.input_size(owner, input_size)
+        check.choice(owner, "granularity", granularity, self.granularities)
+        check.choice(owner, "scope", scope or self.default_scope, ("layer", "global"))
         given = sum(v is not None for v in (ratio, ratios, target_flops_reduction))
         if given > 1 or (require_target and given == 0):
-            raise ValueError(f"{type(self).__name__}: give exactly one of ratio=, ratios= or target_flops_reduction=")
-        for v in ([ratio, target_flops_reduction] + list((ratios or {}).values())):
-            if v is not None and not 0.0 <= v < 1.0:
-                raise ValueError(f"{type(self).__name__}: ratios and targets must be in [0, 1), got {v}")
+            raise ValueError(f"{owner}: give exactly one of ratio=, ratios= or target_flops_reduction=")
+        check.number(owner, "ratio", ratio, low=0.0, high=1.0, high_open=True, optional=True)
+        check.number(owner, "target_flops_reduction", target_flops_reduction, low=0.0, high=1.0, high_open=True,
+                     optional=True)
+        check.ratio_map(owner, ratios)
+        check.number(owner, "epochs", epochs, low=1, integer=True, optional=True)
         self.model = model
         self.input_size = input_size if input_size is not None else _infer_input_size(model)
         self.ratio, self.ratios, self.target_flops_reduction = ratio, ratios, target_flops_reduction

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks as check
 from ._search import BatchCursor, Progress, gate_module_of
 from .base import Pruner
 
@@ -93,8 +94,16 @@ class DAIS(Pruner):
         super().__init__(model, input_size, target_flops_reduction=target_flops_reduction, **kw)
         if val_data is None:
             raise ValueError("DAIS needs val_data: a held-out split of the training data (never the test set)")
-        if search_steps < 1 or not 0 < t_end <= t0:
-            raise ValueError("DAIS: need search_steps >= 1 and 0 < t_end <= t0")
+        check.number("DAIS", "search_steps", search_steps, low=1, integer=True)
+        check.number("DAIS", "t0", t0, low=0.0, low_open=True)
+        check.number("DAIS", "t_end", t_end, low=0.0, high=t0, low_open=True)
+        check.number("DAIS", "alpha_init", alpha_init)
+        check.number("DAIS", "alpha_lr", alpha_lr, low=0.0, low_open=True)
+        for name, value in (("alpha_weight_decay", alpha_weight_decay), ("l1_weight", l1_weight),
+                            ("budget_weight", budget_weight), ("residual_weight", residual_weight),
+                            ("tolerance", tolerance)):
+            check.number("DAIS", name, value, low=0.0)
+        check.number("DAIS", "alpha_every", alpha_every, low=1, integer=True)
         self.search_steps, self.t0, self.t_end = int(search_steps), float(t0), float(t_end)
         self.l1_weight, self.budget_weight, self.residual_weight = l1_weight, budget_weight, residual_weight
         self.alpha_every, self.tolerance, self.correct = int(alpha_every), float(tolerance), bool(correct)

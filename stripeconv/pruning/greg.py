@@ -34,6 +34,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import criteria as C
 from ._search import Progress, coupled_convs, mean_abs_units
 from .base import Pruner
@@ -168,6 +169,14 @@ class GReg1(UnitRegularizer):
                  recover: float = -1e-4, reg_steps: Optional[int] = None, verbose: bool = False, **kw):
         super().__init__(model, input_size, ratio=ratio, ratios=ratios, target_flops_reduction=target_flops_reduction,
                          scope=scope, granularity=granularity, **kw)
+        owner = type(self).__name__
+        for name, value in (("delta", delta), ("ceiling", ceiling), ("mag_ratio_limit", mag_ratio_limit),
+                            ("pick_delta", pick_delta), ("pick_ceiling", pick_ceiling)):
+            check.number(owner, name, value, low=0.0, low_open=True)
+        check.number(owner, "recover", recover, high=0.0)
+        check.number(owner, "interval", interval, low=1, integer=True)
+        check.number(owner, "stabilize_steps", stabilize_steps, low=0, integer=True, optional=True)
+        check.number(owner, "reg_steps", reg_steps, low=1, integer=True, optional=True)
         if reg_steps is not None:  # fit the schedule into a budget of iterations
             interval = max(1, min(int(interval), int(reg_steps) // 20))  # at least ~20 updates
             updates = max(2, int(reg_steps) // interval)
@@ -181,8 +190,6 @@ class GReg1(UnitRegularizer):
                 stabilize_steps = max(1, int(reg_steps) // 10)
         if stabilize_steps is None:
             stabilize_steps = 5000
-        if interval < 1 or stabilize_steps < 0 or delta <= 0 or ceiling <= 0:
-            raise ValueError(f"{type(self).__name__}: need interval >= 1, stabilize_steps >= 0, delta > 0, ceiling > 0")
         self._regularised_layers(skip_coupled, ratios)
         self.delta, self.interval, self.ceiling = float(delta), int(interval), float(ceiling)
         self.mag_ratio_limit, self.stabilize_steps = float(mag_ratio_limit), int(stabilize_steps)

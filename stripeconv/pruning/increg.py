@@ -40,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import criteria as C
 from ._search import Progress
 from .greg import UnitRegularizer
@@ -149,11 +150,12 @@ class IncReg(UnitRegularizer):
                  reg_steps: Optional[int] = None, verbose: bool = False, **kw):
         super().__init__(model, input_size, ratio=ratio, ratios=ratios, target_flops_reduction=target_flops_reduction,
                          scope=scope, granularity=granularity, **kw)
-        bad_steps = reg_steps is not None and reg_steps < 1
-        if not (interval >= 1 and delta > 0 and ceiling > 0 and 0.0 < u < 1.0) or bad_steps:
-            raise ValueError(f"{type(self).__name__}: need interval >= 1, delta > 0, ceiling > 0, 0 < u < 1 and "
-                             f"reg_steps >= 1 (or None); got interval={interval}, delta={delta}, ceiling={ceiling}, "
-                             f"u={u}, reg_steps={reg_steps}")
+        owner = type(self).__name__
+        check.number(owner, "interval", interval, low=1, integer=True)
+        check.number(owner, "delta", delta, low=0.0, low_open=True)
+        check.number(owner, "ceiling", ceiling, low=0.0, low_open=True)
+        check.number(owner, "u", u, low=0.0, high=1.0, low_open=True, high_open=True)
+        check.number(owner, "reg_steps", reg_steps, low=1, integer=True, optional=True)
         self._regularised_layers(skip_coupled, ratios)
         self.u, self.ceiling, self.verbose = float(u), float(ceiling), verbose
         scores = self.scores()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from . import _checks as check
 from . import criteria as C
 from .base import Pruner
 
@@ -26,6 +27,7 @@ class L1Norm(Pruner):
                  p: int = 1, **kw):
         super().__init__(model, input_size, ratio=ratio, ratios=ratios, target_flops_reduction=target_flops_reduction,
                          scope=scope, granularity=granularity, **kw)
+        check.number(type(self).__name__, "p", p, low=0.0, low_open=True)
         self.p = p
         if skip_coupled is None:
             skip_coupled = granularity == "filter"

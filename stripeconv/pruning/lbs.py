@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _checks as check
 from . import criteria as C
 from ._search import Progress, gate_outputs
 from .base import Pruner
@@ -128,6 +129,11 @@ class LBS(Pruner):
                          require_target=delta is None, **kw)
         if val_data is None:
             raise ValueError("LBS needs val_data: a held-out split of the training data (never the test set)")
+        check.number("LBS", "delta", delta, low=0.0, optional=True)
+        check.number("LBS", "score_batches", score_batches, low=1, integer=True, optional=True)
+        check.number("LBS", "val_batches", val_batches, low=1, integer=True, optional=True)
+        check.number("LBS", "max_layer_rate", max_layer_rate, low=0.0, high=1.0, low_open=True, high_open=True)
+        check.number("LBS", "delta_iters", delta_iters, low=1, integer=True)
         self.val_data = val_data
         self.fixed_delta = delta
         self.score_batches, self.val_batches = score_batches, val_batches

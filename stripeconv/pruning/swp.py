@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from . import _checks as check
 from . import criteria as C
 from .base import Pruner
 
@@ -59,8 +60,10 @@ class SWP(Pruner):
         self.has_target = any(v is not None for v in (ratio, ratios, target_flops_reduction))
         if self.has_target and not epochs:
             raise ValueError("SWP with a target needs epochs= (the target is reached progressively during training)")
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        check.number("SWP", "alpha", alpha, low=0.0)
+        check.number("SWP", "threshold", threshold, low=0.0)
+        check.number("SWP", "group_size", group_size, low=1, integer=True)
+        check.number("SWP", "ramp", ramp, low=0.0, high=1.0, low_open=True)
         self.alpha, self.threshold, self.group_size, self.ramp = alpha, threshold, group_size, ramp
         _ = self.graph  # trace the plain model before it is parametrized
         self.skeletons: dict[str, nn.Parameter] = {}

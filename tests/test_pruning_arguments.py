@@ -1,0 +1,103 @@
+"""Every pruner rejects a wrongly typed or out-of-range argument at construction, with a message
+that names the argument, instead of failing (or silently misbehaving) later in training."""
+import math
+
+import pytest
+import torch
+
+from stripeconv import pruning
+
+from conftest import FASHION_SIZE as SIZE, tiny_vgg
+
+VAL = [(torch.randn(4, *SIZE[1:]), torch.zeros(4, dtype=torch.long))]
+
+# the smallest valid call of each method
+VALID = {
+    "SWP": {},
+    "L1Filter": dict(ratio=0.5),
+    "L1Stripe": dict(ratio=0.5),
+    "SFP": dict(ratio=0.5, epochs=2),
+    "HFP": dict(ratio=0.5, epochs=2),
+    "GHFP": dict(ratio=0.5, epochs=2),
+    "ASFP": dict(ratio=0.5, epochs=2),
+    "SRFP": dict(ratio=0.5, epochs=2),
+    "ASRFP": dict(ratio=0.5, epochs=2),
+    "GReg1": dict(ratio=0.5),
+    "GReg2": dict(ratio=0.5),
+    "IncReg": dict(ratio=0.5),
+    "LBS": dict(ratio=0.5, val_data=VAL),
+    "DAIS": dict(target_flops_reduction=0.5, val_data=VAL, search_steps=4),
+}
+
+# (methods, bad keyword arguments, exception, words the message must contain)
+BAD = [
+    (VALID, dict(input_size="1x1x28x28"), TypeError, "input_size must be the input shape"),
+    (VALID, dict(input_size=(1, 0, 28, 28)), TypeError, "input_size must be the input shape"),
+    (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio="0.5"), TypeError, "ratio must be a number in [0.0, 1.0)"),
+    (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio=math.nan), ValueError, "ratio must be a number"),
+    (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio=True), TypeError, "ratio must be a number"),
+    (["L1Filter", "SFP"], dict(ratio=None, ratios=[0.5]), TypeError, "ratios must be a dict from layer name"),
+    (["L1Filter", "SFP"], dict(ratio=None, ratios={"features.0": "half"}), TypeError, "ratios['features.0']"),
+    (["L1Filter", "SFP"], dict(ratio=None, ratios={0: 0.5}), TypeError, "ratios keys must be layer names"),
+    (["L1Filter", "DAIS"], dict(ratio=None, target_flops_reduction=1.5), ValueError, "target_flops_reduction"),
+    (["L1Filter", "SFP", "GReg1"], dict(scope="model"), ValueError, "scope must be one of ('layer', 'global')"),
+    (["SFP", "SWP", "IncReg"], dict(epochs=0), ValueError, "epochs must be an integer >= 1"),
+    (["SFP", "SWP"], dict(epochs=2.5), TypeError, "epochs must be an integer"),
+    (["SWP"], dict(alpha=-1e-5), ValueError, "alpha must be a number >= 0.0"),
+    (["SWP"], dict(threshold="0.05"), TypeError, "threshold must be a number"),
+    (["SWP"], dict(group_size=0), ValueError, "group_size must be an integer >= 1"),
+    (["SWP"], dict(group_size=2.0), TypeError, "group_size must be an integer"),
+    (["SWP"], dict(ramp=0.0), ValueError, "ramp must be a number in (0.0, 1.0]"),
+    (["L1Filter", "SFP"], dict(p=0), ValueError, "p must be a number > 0.0"),
+    (["SFP", "SRFP"], dict(interval=0), ValueError, "interval must be an integer >= 1"),
+    (["SRFP"], dict(alpha0=1.5), ValueError, "alpha0 must be a number in [0.0, 1.0]"),
+    (["GReg1", "GReg2", "IncReg"], dict(delta=0.0), ValueError, "delta must be a number > 0.0"),
+    (["GReg1", "GReg2", "IncReg"], dict(ceiling=-1.0), ValueError, "ceiling must be a number > 0.0"),
+    (["GReg1", "GReg2", "IncReg"], dict(interval=0), ValueError, "interval must be an integer >= 1"),
+    (["GReg1", "GReg2", "IncReg"], dict(reg_steps=0), ValueError, "reg_steps must be an integer >= 1"),
+    (["GReg1", "GReg2", "IncReg"], dict(reg_steps="100"), TypeError, "reg_steps must be an integer"),
+    (["GReg1", "GReg2"], dict(stabilize_steps=-1), ValueError, "stabilize_steps must be an integer >= 0"),
+    (["GReg2"], dict(recover=1e-4), ValueError, "recover must be a number <= 0.0"),
+    (["GReg1"], dict(mag_ratio_limit=0.0), ValueError, "mag_ratio_limit must be a number > 0.0"),
+    (["IncReg"], dict(u=1.0), ValueError, "u must be a number in (0.0, 1.0)"),
+    (["LBS"], dict(ratio=None, delta=-0.1), ValueError, "delta must be a number >= 0.0"),
+    (["LBS"], dict(score_batches=0), ValueError, "score_batches must be an integer >= 1"),
+    (["LBS"], dict(val_batches=1.5), TypeError, "val_batches must be an integer"),
+    (["LBS"], dict(max_layer_rate=1.0), ValueError, "max_layer_rate must be a number in (0.0, 1.0)"),
+    (["LBS"], dict(delta_iters=0), ValueError, "delta_iters must be an integer >= 1"),
+    (["DAIS"], dict(search_steps=0), ValueError, "search_steps must be an integer >= 1"),
+    (["DAIS"], dict(t0=1.0, t_end=2.0), ValueError, "t_end must be a number in (0.0, 1.0]"),
+    (["DAIS"], dict(alpha_lr=0), ValueError, "alpha_lr must be a number > 0.0"),
+    (["DAIS"], dict(l1_weight=-1.0), ValueError, "l1_weight must be a number >= 0.0"),
+    (["DAIS"], dict(alpha_every=0), ValueError, "alpha_every must be an integer >= 1"),
+]
+
+CASES = [pytest.param(method, bad, exc, words, id=f"{method}-{'-'.join(f'{k}={v!r}' for k, v in bad.items())}")
+         for methods, bad, exc, words in BAD for method in methods]
+
+
+@pytest.mark.parametrize("method", sorted(VALID))
+def test_valid_call_constructs(method):
+    pruning.METHODS[method](tiny_vgg(), SIZE, **VALID[method])
+
+
+@pytest.mark.parametrize("method,bad,exc,words", CASES)
+def test_bad_argument_is_named(method, bad, exc, words):
+    kwargs = {**VALID[method], **bad}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    input_size = kwargs.pop("input_size", SIZE)
+    with pytest.raises(exc) as info:
+        pruning.METHODS[method](tiny_vgg(), input_size, **kwargs)
+    assert method in str(info.value) and words in str(info.value)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="L1Filter: model must be an nn.Module, got dict"):
+        pruning.L1Filter({"weight": torch.zeros(1)}, SIZE, ratio=0.5)
+
+
+def test_numpy_and_tensor_sizes_still_accepted():
+    np = pytest.importorskip("numpy")
+    pr = pruning.L1Filter(tiny_vgg(), torch.Size(SIZE), ratio=np.float64(0.5))
+    pr.prune()
+    pruning.L1Filter(tiny_vgg(), torch.randn(SIZE), ratio=0.5).prune()
