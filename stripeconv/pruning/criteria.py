@@ -123,20 +123,22 @@ def _keep_floor(scores: Tensor, granularity_min: int = 1) -> int:
 
 
 def select_per_layer(scores: dict, ratios: Union[float, dict], min_keep: int = 1) -> dict[str, Tensor]:
-    """Prune the lowest ``ratio`` fraction of units in every layer (``ratios``: one or per layer)."""
+    """Prune the lowest ``ratio`` fraction of units in every layer (``ratios``: one or per layer).
+    Units scored ``inf`` (or NaN) are never pruned."""
     out = {}
     for name, s in scores.items():
         r = ratios.get(name, 0.0) if isinstance(ratios, dict) else ratios
         k = min(int(math.floor(r * s.numel() + 1e-9)), s.numel() - _keep_floor(s, min_keep))
-        out[name] = lowest_k(s, k)
+        out[name] = lowest_k(s, k, candidates=torch.isfinite(s))
     return out
 
 
 def select_global(scores: dict, k: int, min_keep: int = 1) -> dict[str, Tensor]:
-    """Prune the ``k`` lowest units over all layers together (each layer keeps ``min_keep``)."""
+    """Prune the ``k`` lowest units over all layers together (each layer keeps ``min_keep``).
+    Units scored ``inf`` (or NaN) are never pruned."""
     names = list(scores)
     flat = torch.cat([scores[n].reshape(-1).float().cpu() for n in names])
-    sel = lowest_k(flat, k)
+    sel = lowest_k(flat, k, candidates=torch.isfinite(flat))
     out, off = {}, 0
     for n in names:
         s = scores[n]
