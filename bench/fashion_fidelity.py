@@ -7,6 +7,7 @@ of the exported model vs the dense model.
 
 Full run (~30-40 min on 2 cores):  python bench/fashion_fidelity.py
 Smoke run (~1-2 min):              python bench/fashion_fidelity.py --quick
+Add or re-measure methods:         python bench/fashion_fidelity.py --methods OrthoReg --append
 """
 from __future__ import annotations
 
@@ -32,17 +33,22 @@ from stripeconv.profile import profile  # noqa: E402
 ONE_SHOT = {"L1Filter", "L1Stripe", "LBS"}
 
 
-def latency_ms(model, x, reps):
-    model.eval()
+def latency_ms(models, x, reps) -> list:
+    """Median forward time (ms) of each model, timed in turns (a, b, a, b, ...) so that a change of
+    machine speed during the run affects them alike."""
+    for m in models:
+        m.eval()
+    times = [[] for _ in models]
     with torch.no_grad():
         for _ in range(2):
-            model(x)
-        times = []
+            for m in models:
+                m(x)
         for _ in range(reps):
-            t = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+            for m, t in zip(models, times):
+                start = time.perf_counter()
+                m(x)
+                t.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def make_model(arch, width):
@@ -99,8 +105,82 @@ def gpu_tile_efficiency(model, x) -> float:
     return kept / computed if computed else 1.0
 
 
+SETTINGS = ("train_size", "test_size", "pretrain_epochs", "prune_epochs", "finetune_epochs", "width", "batch_size",
+            "lr", "latency_batch", "latency_reps", "threads", "seed")
+
+
+def previous_rows(path: Path, args) -> list:
+    """With ``--append``: the rows of an earlier run with the same settings (else an error)."""
+    if not args.append or not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    differ = [k for k in SETTINGS if old["meta"]["args"].get(k) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"--append: {path} was measured with other settings ({', '.join(differ)}); "
+                         "use the same ones or another --name")
+    return old["rows"]
+
+
+def merged_rows(previous: list, rows: list, archs: list) -> list:
+    """Earlier rows, replaced where this run measured the same arch, method and budget; ordered by
+    arch, budget and the order of ``pruning.METHODS``."""
+    key = lambda r: (r["arch"], r["method"], r["budget"])  # noqa: E731
+    new = {key(r) for r in rows}
+    every = [r for r in previous if key(r) not in new] + rows
+    arch_order = {a: i for i, a in enumerate(dict.fromkeys(archs + [r["arch"] for r in every]))}
+    method_order = {m: i for i, m in enumerate(pruning.METHODS)}
+    return sorted(every, key=lambda r: (arch_order[r["arch"]], r["budget"],
+                                        method_order.get(r["method"].partition(":")[0], len(method_order)), r["method"]))
+
+
+def table(rows: list, args) -> str:
+    lines = [f"# Fashion-MNIST pruning fidelity{' (quick)' if args.quick else ''}", "",
+             f"torch {torch.__version__}, stripeconv backends {stripeconv.available_backends()}, {args.threads} threads, "
+             f"train {args.train_size} / test {args.test_size}, pretrain {args.pretrain_epochs} + prune {args.prune_epochs} "
+             f"epochs, then {args.finetune_epochs} fine-tuning epoch(s) of the exported model, width {args.width}, "
+             f"seed {args.seed}; every training run shuffles with its own generator seeded {args.seed}, so a row "
+             f"does not depend on which other rows were measured in the same run. "
+             f"Pretraining: SGD at LR {args.lr}, cosine. 'dense, same epochs': the dense model trained "
+             f"further exactly like the pruned ones (prune and fine-tuning epochs, same LRs), the fair "
+             f"baseline for 'acc fine-tuned'. FLOPs = 2 x multiply-adds (convs + linear). Latency: "
+             f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}, the dense and the pruned "
+             f"model timed in turns (so 'dense ms' varies a little between rows). GPU tile eff.: kept / "
+             f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted).", "",
+             "| arch | method | budget | acc dense | dense, same epochs | acc at export | acc fine-tuned | FLOPs red. "
+             "| params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['method']} | {r['budget']:.0%} | {r['acc_dense']:.4f} | "
+                     f"{r['acc_dense_same_epochs']:.4f} | {r['acc_at_export']:.4f} | {r['acc_pruned']:.4f} | "
+                     f"{r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['latency_dense_ms']:.2f} | "
+                     f"{r['latency_ms']:.2f} | {r['speedup']:.2f} | {r['gpu_tile_efficiency']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def sgd(model, lr):
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+
+
+def cosine(optimizer, epochs):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1))
+
+
+def shuffled(dataset, batch_size, seed):
+    """A loader whose data order depends on the seed alone, so a run's result does not depend on
+    which runs came before it in the same process."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def train_like_pruned(model, loader_for, args):
+    """The training a pruned model gets after pretraining: prune epochs at half the LR (cosine),
+    then the fine-tuning epochs at a tenth. Applied to the dense model, it gives the baseline
+    with the same number of epochs."""
+    opt = sgd(model, args.lr * 0.5)
+    pruning.fit(model, None, loader_for(), args.prune_epochs, optimizer=opt, scheduler=cosine(opt, args.prune_epochs),
+                progress=False)
+    if args.finetune_epochs:
+        pruning.fit(model, None, loader_for(), args.finetune_epochs, optimizer=sgd(model, args.lr * 0.1),
+                    scheduler=None, progress=False)
 
 
 def main(argv=None):
@@ -118,10 +198,13 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="+", default=list(pruning.METHODS),
                     help="method names, optionally with options: SWP:group_size=8")
     ap.add_argument("--name", default="fashion_fidelity", help="stem of the output files")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into an existing <name>.json measured with the same settings (rows of the same "
+                         "arch, method and budget are replaced)")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--latency-batch", type=int, default=32)
-    ap.add_argument("--latency-reps", type=int, default=10)
+    ap.add_argument("--latency-reps", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None)
@@ -131,6 +214,10 @@ def main(argv=None):
         args.train_size, args.test_size, args.pretrain_epochs, args.prune_epochs = 512, 256, 1, 2
         args.finetune_epochs = 1
         args.width, args.latency_reps, args.latency_batch = 0.25, 3, 8
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name + ("_quick" if args.quick else "")
+    previous = previous_rows(out / f"{stem}.json", args)
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     torch.manual_seed(args.seed)
@@ -138,8 +225,10 @@ def main(argv=None):
     test = fashion_mnist(args.data_root, train=False, limit=args.test_size, seed=args.seed)
     # LBS and DAIS measure losses on held-out *training* data, never on the test set; nothing trains on it.
     train, held_out = pruning.holdout_split(full_train, 0.1, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, generator=g)
+    def loader_for():
+        return shuffled(train, args.batch_size, args.seed)
+
+    train_loader = loader_for()  # for its length
     val_loader = DataLoader(held_out, batch_size=args.batch_size)
     test_loader = DataLoader(test, batch_size=256)
     size = (1, 1, 28, 28)
@@ -149,12 +238,17 @@ def main(argv=None):
         torch.manual_seed(args.seed)
         base = make_model(arch, args.width)
         t0 = time.time()
-        pruning.fit(base, None, train_loader, args.pretrain_epochs, optimizer=sgd(base, args.lr),
-                    scheduler=None, progress=False)
+        opt = sgd(base, args.lr)
+        pruning.fit(base, None, loader_for(), args.pretrain_epochs, optimizer=opt,
+                    scheduler=cosine(opt, args.pretrain_epochs), progress=False)
         base_acc = pruning.evaluate(base, test_loader)["accuracy"]
+        longer = copy.deepcopy(base)
+        torch.manual_seed(args.seed)
+        train_like_pruned(longer, loader_for, args)
+        same_epochs_acc = pruning.evaluate(longer, test_loader)["accuracy"]
         dense_prof = profile(base, size)
-        dense_lat = latency_ms(base, xlat, args.latency_reps)
-        print(f"[{arch}] dense acc {base_acc:.4f}  {dense_prof.flops / 1e6:.2f} MFLOPs  {dense_prof.params} params  "
+        (dense_lat,) = latency_ms([base], xlat, args.latency_reps)
+        print(f"[{arch}] dense acc {base_acc:.4f} ({same_epochs_acc:.4f} trained as long as the pruned models)  {dense_prof.flops / 1e6:.2f} MFLOPs  {dense_prof.params} params  "
               f"{dense_lat:.2f} ms  (trained in {time.time() - t0:.0f}s)", flush=True)
         for budget in args.budgets:
             for spec in args.methods:
@@ -168,60 +262,44 @@ def main(argv=None):
                 steps = len(train_loader) * args.prune_epochs
                 if method in ("GReg1", "GReg2", "IncReg"):
                     kw["reg_steps"] = steps // 2  # regularise (+ stabilise) in about half the run, then fine-tune
-                elif method == "LBS":
+                elif method in ("LBS", "OrthoReg"):
                     kw["val_data"] = val_loader
                 elif method == "DAIS":
                     kw.update(val_data=val_loader, search_steps=steps // 2, alpha_lr=0.05)
                 pr = cls(model, size, **kw)
                 if method in ONE_SHOT:
-                    pr.prune(train_loader)  # L1 ignores the data; LBS scores filters on it
+                    pr.prune(loader_for())  # L1 ignores the data; LBS scores filters on it
                 opt = sgd(model, args.lr * 0.5)
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.prune_epochs)
-                pruning.fit(model, pr, train_loader, args.prune_epochs, optimizer=opt, scheduler=sched, progress=False)
+                pruning.fit(model, pr, loader_for(), args.prune_epochs, optimizer=opt,
+                            scheduler=cosine(opt, args.prune_epochs), progress=False)
                 ex = pr.export()
                 acc_at_export = pruning.evaluate(ex, test_loader)["accuracy"]
                 masked_acc = pruning.evaluate(pr.masked_model(), test_loader)["accuracy"]
                 if args.finetune_epochs:  # the exported StripeConv2d model trains like any other
                     ft_opt = sgd(ex, args.lr * 0.1)
-                    pruning.fit(ex, None, train_loader, args.finetune_epochs, optimizer=ft_opt, scheduler=None,
+                    pruning.fit(ex, None, loader_for(), args.finetune_epochs, optimizer=ft_opt, scheduler=None,
                                 progress=False)
                 acc = pruning.evaluate(ex, test_loader)["accuracy"]
                 p = profile(ex, size)
-                lat = latency_ms(ex, xlat, args.latency_reps)
+                row_dense_lat, lat = latency_ms([base, ex], xlat, args.latency_reps)
                 row = {
                     "arch": arch, "method": spec, "budget": budget, "gpu_tile_efficiency": gpu_tile_efficiency(ex, xlat),
-                    "acc_dense": base_acc, "acc_pruned": acc, "acc_at_export": acc_at_export, "acc_masked": masked_acc,
+                    "acc_dense": base_acc, "acc_dense_same_epochs": same_epochs_acc, "acc_pruned": acc, "acc_at_export": acc_at_export, "acc_masked": masked_acc,
                     "flops_dense": dense_prof.flops, "flops": p.flops, "flops_reduction": 1 - p.flops / dense_prof.flops,
                     "params_dense": dense_prof.params, "params": p.params,
                     "params_reduction": 1 - p.params / dense_prof.params,
-                    "latency_dense_ms": dense_lat, "latency_ms": lat, "speedup": dense_lat / lat,
+                    "latency_dense_ms": row_dense_lat, "latency_ms": lat, "speedup": row_dense_lat / lat,
                     "seconds": time.time() - t0,
                 }
                 rows.append(row)
                 print(f"  {spec:8s} budget {budget:.2f}: acc {acc:.4f} (at export {acc_at_export:.4f}, masked {masked_acc:.4f})  FLOPs -{row['flops_reduction']:.1%}"
                       f"  params -{row['params_reduction']:.1%}  {lat:.2f} ms (x{row['speedup']:.2f})  [{row['seconds']:.0f}s]",
                       flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name + ("_quick" if args.quick else "")
+    rows = merged_rows(previous, rows, args.archs)
     meta = {"args": vars(args), "torch": torch.__version__, "backends": stripeconv.available_backends(),
             "platform": platform.platform(), "threads": args.threads}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"# Fashion-MNIST pruning fidelity{' (quick)' if args.quick else ''}", "",
-             f"torch {torch.__version__}, stripeconv backends {meta['backends']}, {args.threads} threads, "
-             f"train {args.train_size} / test {args.test_size}, pretrain {args.pretrain_epochs} + prune {args.prune_epochs} "
-             f"epochs, then {args.finetune_epochs} fine-tuning epoch(s) of the exported model, width {args.width}, "
-             f"seed {args.seed}. FLOPs = 2 x multiply-adds (convs + linear). Latency: "
-             f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}. GPU tile eff.: kept / "
-             f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted).", "",
-             "| arch | method | budget | acc dense | acc at export | acc fine-tuned | FLOPs red. | params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['arch']} | {r['method']} | {r['budget']:.0%} | {r['acc_dense']:.4f} | {r['acc_at_export']:.4f} | "
-                     f"{r['acc_pruned']:.4f} | "
-                     f"{r['flops_reduction']:.1%} | {r['params_reduction']:.1%} | {r['latency_dense_ms']:.2f} | "
-                     f"{r['latency_ms']:.2f} | {r['speedup']:.2f} | {r['gpu_tile_efficiency']:.2f} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{stem}.md").write_text(table(rows, args))
     print(f"wrote {out / stem}.md and .json")
 
 
