@@ -55,7 +55,7 @@ def test_malformed_target_is_a_usage_error(target, expect, tmp_path, capsys):
 
 def test_out_of_range_target_names_the_method_once(tmp_path, capsys):
     err = _usage_error(["prune", "--method", "SWP", "--target", "flops=1.5", "--out", str(tmp_path), *TINY], capsys,
-                       "must be in [0, 1)")
+                       "target_flops_reduction must be a number in [0.0, 1.0), got 1.5")
     assert "SWP: SWP:" not in err
 
 
