@@ -3,8 +3,10 @@
     pytest bench/test_bench_cpu.py --benchmark-only
 
 Not collected by the normal test command (testpaths = tests/). Every layer is timed as dense
-F.conv2d (NCHW and channels_last), and as StripeConv2d on the cpu backend at each density,
-forward and forward+backward (``StripeConv2d`` in eager mode, as models run it); group names put the dense baseline next to the stripe rows.
+F.conv2d (NCHW and channels_last), as a channel-pruned dense conv with the same FLOPs (forward),
+and as StripeConv2d on the cpu backend at each density, forward and forward+backward
+(``StripeConv2d`` in eager mode, as models run it); group names put the dense baseline next to
+the stripe rows.
 """
 from __future__ import annotations
 
@@ -58,6 +60,20 @@ def test_stripe_forward(benchmark, layer, density):
     layer = make_layer(cin, cout, mask, packed, bias)
     with torch.no_grad():
         benchmark(layer, x)
+
+
+@pytest.mark.parametrize("density", [d for d in DENSITIES if d < 1.0])
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+def test_channel_pruned_forward(benchmark, layer, density):
+    """The dense conv that filter pruning to the same FLOPs leaves: round(density * out) filters."""
+    name, cin, cout, hw, batch = layer
+    x, w, bias, _, _ = make_case(cin, cout, hw, batch, 1.0)
+    kept = max(1, round(density * cout))
+    w, bias = w[:kept].contiguous(), bias[:kept].contiguous()
+    x = x.contiguous(memory_format=torch.channels_last)
+    benchmark.group = f"forward {name}"
+    benchmark.extra_info["density"] = density
+    benchmark(F.conv2d, x, w, bias, 1, 1)
 
 
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
