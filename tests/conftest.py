@@ -93,6 +93,12 @@ def fashion_batches(limit: int = 384, batch_size: int = 64, repeats: int = 4) ->
     return [b for _ in range(repeats) for b in dl]
 
 
+@pytest.fixture(scope="module")
+def batches():
+    """The default :func:`fashion_batches`, shared by a test module (modules may override it)."""
+    return fashion_batches()
+
+
 def pruner_train_step(model: nn.Module, pruner, optimizer, x: torch.Tensor, y: torch.Tensor,
                       after_step: bool = True) -> float:
     """One training step driving the pruner's hooks, as ``pruning.fit`` does; returns the loss."""

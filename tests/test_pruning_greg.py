@@ -8,15 +8,10 @@ import torch
 from stripeconv import pruning  # noqa: E402
 from stripeconv.pruning.greg import GReg1, GReg2, stage_ratios  # noqa: E402
 
-from conftest import (FASHION_SIZE as SIZE, check_export, fashion_batches, penalty_gradient, pruner_train_step,
+from conftest import (FASHION_SIZE as SIZE, check_export, penalty_gradient, pruner_train_step,
                       resume_run, tiny_resnet, tiny_vgg)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return fashion_batches()
 
 
 step = pruner_train_step

@@ -9,15 +9,10 @@ import torch
 from stripeconv import pruning
 from stripeconv.pruning.increg import IncReg, rank_increment, schedule_length
 
-from conftest import (FASHION_SIZE as SIZE, check_export, fashion_batches, penalty_gradient, pruner_train_step,
+from conftest import (FASHION_SIZE as SIZE, check_export, penalty_gradient, pruner_train_step,
                       resume_run, tiny_resnet, tiny_vgg)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def batches():
-    return fashion_batches()
 
 
 step = pruner_train_step

@@ -110,7 +110,7 @@ class SoftFilterPrunerBase(Pruner):
         scores = self.scores()
         if self.mode in ("hard", "gradual"):
             # frozen units stay pruned and count first towards the target
-            scores = {n: s.masked_fill(~self._units(n, self._frozen[n]), -1.0) for n, s in scores.items()}
+            scores = {n: s.masked_fill(~self._units(self._frozen[n]), -1.0) for n, s in scores.items()}
         masks = self.select(scores, base_masks=self._frozen if self.mode in ("hard", "gradual") else None,
                             **self._target_at(epoch))
         self._masks = masks
@@ -120,7 +120,7 @@ class SoftFilterPrunerBase(Pruner):
         elif self.mode == "gradual":
             share = self.hard_share(epoch)
             for n, m in masks.items():
-                pruned = ~self._units(n, m) & self._units(n, self._frozen[n])  # newly selected, not yet frozen
+                pruned = ~self._units(m) & self._units(self._frozen[n])  # newly selected, not yet frozen
                 k = int(math.floor(share * int(pruned.sum()) + 1e-9))
                 newly = C.lowest_k(scores[n], k, candidates=pruned)
                 self._frozen[n] = self._frozen[n] & C.units_to_stripes(
@@ -131,9 +131,6 @@ class SoftFilterPrunerBase(Pruner):
             self._scale(masks, 0.0)
         self._enforce(self._frozen)
 
-    def _units(self, name: str, mask: torch.Tensor) -> torch.Tensor:
-        """Kept units (filters or stripes) of a stripe mask."""
-        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
 
     @torch.no_grad()
     def _scale(self, masks: dict, factor: float) -> None:

@@ -147,6 +147,11 @@ class Pruner:
     def flops_reduction(self, masks: Optional[dict] = None) -> float:
         return 1.0 - self.flops(masks) / self.dense_flops
 
+    def _units(self, mask: Tensor) -> Tensor:
+        """Kept units of a stripe mask at this pruner's granularity: ``[out]`` for filters, the mask
+        itself for stripes."""
+        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
+
     def weight(self, name: str) -> Tensor:
         """The effective weight of a pruned conv (what the forward pass uses)."""
         return self.convs[name].weight

@@ -75,9 +75,6 @@ class UnitRegularizer(Pruner):
         """Mean ``|w|`` of each unit (filter ``[out]`` or stripe ``[out, kh, kw]``), per layer."""
         return {n: mean_abs_units(self.weight(n), self.granularity) for n in self.convs}
 
-    def _units(self, mask: Tensor) -> Tensor:
-        """Kept units of a stripe mask: ``[out]`` for filters, the mask itself for stripes."""
-        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
 
     lambdas: dict  # layer -> factor per filter [out] or per stripe [out, kh, kw]
 

@@ -213,8 +213,6 @@ class OrthoReg(Pruner):
         self._enforce(self._frozen)
         self.rounds_done = k
 
-    def _units(self, mask: Tensor) -> Tensor:
-        return mask.reshape(mask.shape[0], -1).any(1) if self.granularity == "filter" else mask
 
     def end_epoch(self, epoch: int) -> None:
         super().end_epoch(epoch)
