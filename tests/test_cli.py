@@ -126,7 +126,10 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
     assert all(0 < row["gpu_tile_efficiency"] <= 1 for row in res["layers"])
 
 
-@pytest.mark.parametrize("method,extra", [("L1Filter", []), ("PFP", ["--set", "samples=32"])])
+@pytest.mark.parametrize("method,extra", [
+    ("L1Filter", []), ("PFP", ["--set", "samples=32"]),
+    ("MetaPruning", ["--set", "meta_epochs=1", "--set", "population=4", "--set", "iterations=2", "--set",
+                     "recalib_batches=2"])])
 def test_oneshot_method_with_zero_epochs(tmp_path, capsys, method, extra):
     assert cli.main(["prune", "--model", "cnn-tiny", "--method", method, "--target", "ratio=0.5", "--epochs", "0",
                      "--out", str(tmp_path), "--quiet", *extra, *DATA]) == 0

@@ -27,7 +27,9 @@ pruning), :class:`SFP`, :class:`HFP`, :class:`GHFP`, :class:`ASFP`, :class:`SRFP
 regularization: per-unit L2 factors raised by averaged rank), :class:`OrthoReg` (orthonormality
 regularization, Fisher importance, pruning in rounds), :class:`PFP` (provable filter pruning:
 data sensitivities, one error bound for the network), :class:`LBS` (balanced filter pruning
-at a preset loss variation) and :class:`DAIS` (differentiable annealing indicator search).
+at a preset loss variation), :class:`DAIS` (differentiable annealing indicator search) and
+:class:`MetaPruning` (a PruningNet that generates the weights of any channel configuration, and
+an evolutionary search over configurations).
 Shared primitives are in :mod:`stripeconv.pruning.criteria`. Export and FLOPs targets need
 ``torch-pruning`` (the dependency graph).
 """
@@ -41,6 +43,7 @@ from .hfp import HFP
 from .increg import IncReg
 from .l1 import L1Filter, L1Norm, L1Stripe
 from .lbs import LBS, BalancedFilterPruning, holdout_split
+from .metapruning import MetaPruning
 from .orthoreg import OrthoReg
 from .pfp import PFP
 from .sfp import SFP
@@ -49,8 +52,8 @@ from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
            "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "OrthoReg", "PFP", "LBS",
-           "BalancedFilterPruning", "holdout_split", "DAIS", "METHODS"]
+           "BalancedFilterPruning", "holdout_split", "DAIS", "MetaPruning", "METHODS"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
            "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,
-           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS}
+           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "MetaPruning": MetaPruning}
