@@ -31,7 +31,9 @@ from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import fashion_mnist  # noqa: E402
 from stripeconv.profile import profile  # noqa: E402
 
-ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP"}
+ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning"}
+# MetaPruning's search, scaled to this benchmark (the public code: population 50, 20 iterations, 100 batches)
+METAPRUNING_SEARCH = {"population": 20, "parents": 5, "iterations": 10, "recalib_batches": 20}
 
 
 def latency_ms(models, x, reps) -> list:
@@ -270,9 +272,11 @@ def main(argv=None):
                     kw["val_data"] = val_loader
                 elif method == "DAIS":
                     kw.update(val_data=val_loader, search_steps=steps // 2, alpha_lr=0.05)
+                elif method == "MetaPruning":  # its PruningNet trains from scratch, as long as the dense model did
+                    kw = {"val_data": val_loader, "meta_epochs": args.pretrain_epochs, **METAPRUNING_SEARCH, **kw}
                 pr = cls(model, size, **kw)
                 if method in ONE_SHOT:
-                    pr.prune(loader_for())  # L1 ignores the data; LBS and PFP score filters on it
+                    pr.prune(loader_for())  # L1 ignores the data; LBS and PFP score filters on it, MetaPruning trains on it
                 opt = sgd(model, args.lr * 0.5)
                 pruning.fit(model, pr, loader_for(), args.prune_epochs, optimizer=opt,
                             scheduler=cosine(opt, args.prune_epochs), progress=False)

@@ -178,7 +178,7 @@ def test_mutation_and_crossover_operators():
 def test_prune_keeps_the_first_channels_and_the_searched_weights(data, val):
     torch.manual_seed(0)
     model = tiny_resnet()
-    pr = MetaPruning(model, SIZE, val_data=val, target_flops_reduction=0.4, **SMALL)
+    pr = MetaPruning(model, SIZE, val_data=val, target_flops_reduction=0.4, init="generated", **SMALL)
     masks = pr.prune(data)
     best = pr.top[0]
     assert pr.best == pr.keep_counts(best) and pr.best_error == pr.tested[best]
@@ -202,12 +202,19 @@ def test_prune_keeps_the_first_channels_and_the_searched_weights(data, val):
 
 def test_scratch_init_reinitialises_with_the_same_masks(data, val):
     torch.manual_seed(0)
-    generated = MetaPruning(tiny_vgg(), SIZE, val_data=val, target_flops_reduction=0.5, **SMALL)
+    generated = MetaPruning(tiny_vgg(), SIZE, val_data=val, target_flops_reduction=0.5, init="generated", **SMALL)
     generated.prune(data)
     torch.manual_seed(0)
     model = tiny_vgg()
-    scratch = MetaPruning(model, SIZE, val_data=val, target_flops_reduction=0.5, init="scratch", **SMALL)
+    scratch = MetaPruning(model, SIZE, val_data=val, target_flops_reduction=0.5, **SMALL)
+    assert scratch.init == "scratch"  # the paper trains the searched network from scratch
     scratch.prune(data)
+    torch.manual_seed(0)
+    again_model = tiny_vgg()
+    again = MetaPruning(again_model, SIZE, val_data=val, target_flops_reduction=0.5, **SMALL)
+    torch.manual_seed(123)  # the re-initialisation is seeded by the pruner's seed, not the global state
+    again.prune(data)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again_model.state_dict().values()))
     for n in generated.convs:
         assert torch.equal(generated.masks()[n], scratch.masks()[n])
     assert not torch.allclose(generated.model.features[4].weight, model.features[4].weight)
@@ -216,9 +223,9 @@ def test_scratch_init_reinitialises_with_the_same_masks(data, val):
                        torch.ones(int(scratch.masks()["features.4"].flatten(1).any(1).sum())))
 
 
-@pytest.mark.parametrize("stop", ["train", "search"])
-def test_resume_ends_with_the_same_masks_and_weights(data, val, stop):
-    kw = dict(val_data=val, target_flops_reduction=0.4, **SMALL)
+@pytest.mark.parametrize("stop,init", [("train", "generated"), ("search", "generated"), ("search", "scratch")])
+def test_resume_ends_with_the_same_masks_and_weights(data, val, stop, init):
+    kw = dict(val_data=val, target_flops_reduction=0.4, init=init, **SMALL)
     torch.manual_seed(0)
     straight_model = tiny_resnet()
     start = copy.deepcopy(straight_model.state_dict())

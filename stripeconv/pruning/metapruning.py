@@ -21,10 +21,12 @@ Channel counts are searched, not channels ranked:
    shifted with probability ``mutation_prob``), ``crossovers`` uniform crossovers of two parents,
    and random candidates for the rest.
 3. **Result.** The best candidate keeps the first ``max(1, int(size * scale))`` channels of each
-   unit; the others are pruned (masks held). With ``init="generated"`` (default) the model gets
-   the PruningNet's weights for that encoding (BN affine 1/0 with the recomputed statistics), so
-   it starts at the searched accuracy and is fine-tuned; ``init="scratch"`` re-initialises all
-   parameters, as in the paper, which trains the pruned network from scratch.
+   unit; the others are pruned (masks held). With ``init="scratch"`` (default) all parameters are
+   re-initialised (seeded by ``seed``) and the pruned network is trained from scratch, as in the
+   paper. ``init="generated"`` gives the model the PruningNet's weights for that encoding (BN
+   affine 1/0 with the recomputed statistics), so it starts at the searched accuracy; these
+   weights can train more slowly than fresh ones (on Fashion-MNIST, VGG at -50 % FLOPs after a
+   4-epoch PruningNet: 0.679 at the start, 0.711 after one epoch, against 0.760 from scratch).
 
 Generalisation to any graph: a *unit* is a channel group of the dependency graph (the output
 channels of one conv, or of the convs a residual addition ties), as in
@@ -39,7 +41,11 @@ population 50, 10 parents, 25 mutants (probability 0.1), 25 crossovers, 20 itera
 recalibration batches. Random candidates are drawn around the uniform scale that meets the
 target (``init_range=None``; the code draws scale indices in ``[0.4 n, 0.8 n)`` for its one
 target, ``init_range=(0.4, 0.8)``). The generators hold ``hidden`` times as many parameters as the
-generated convs.
+generated convs. Their output layer starts scaled so that the generated weights have the spread of
+``nn.Conv2d``'s own initialisation: with PyTorch's default ``Linear`` initialisation (the public
+code's) they are several times larger, and behind BatchNorm that divides the effective learning
+rate by the square of the factor (on Fashion-MNIST, 96 steps lowered the loss from 2.32 to 2.17
+instead of 1.96).
 
 Checkpoints: :meth:`MetaPruning.train_pruningnet` and :meth:`MetaPruning.search` can stop after
 ``max_steps`` / ``max_evals``; :meth:`state_dict` holds the PruningNet, its optimizer, the data
@@ -114,7 +120,7 @@ class MetaPruning(Pruner):
       ``mutation_prob`` (0.1), ``crossovers`` (half the population), ``iterations`` (20), ``tolerance`` (0.03), ``init_range`` (None: around
       the uniform scale meeting the target; or a pair of fractions of the scale list),
       ``recalib_batches`` (100), ``eval_batches`` (None: all of ``val_data``).
-    - ``init``: ``"generated"`` (the PruningNet's weights) or ``"scratch"`` (re-initialised).
+    - ``init``: ``"scratch"`` (re-initialised, seeded) or ``"generated"`` (the PruningNet's weights).
     - ``seed`` (encodings and search), ``verbose`` (progress), and the common arguments of
       :class:`~stripeconv.pruning.Pruner`. Only filters are pruned (``granularity="filter"``).
 
@@ -132,7 +138,7 @@ class MetaPruning(Pruner):
                  parents: int = 10, mutations: Optional[int] = None, mutation_prob: float = 0.1,
                  crossovers: Optional[int] = None,
                  iterations: int = 20, tolerance: float = 0.03, init_range: Optional[tuple] = None,
-                 recalib_batches: int = 100, eval_batches: Optional[int] = None, init: str = "generated",
+                 recalib_batches: int = 100, eval_batches: Optional[int] = None, init: str = "scratch",
                  seed: int = 0, verbose: bool = False, **kw):
         if kw.get("ratios") is not None:
             raise ValueError("MetaPruning searches the per-layer channel counts itself, ratios= is not accepted: give "
@@ -529,9 +535,11 @@ class MetaPruning(Pruner):
     @torch.no_grad()
     def _set_weights(self, encoding: tuple, data) -> None:
         if self.init == "scratch":
-            for m in self.model.modules():
-                if m is not self.model and hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.seed)
+                for m in self.model.modules():
+                    if m is not self.model and hasattr(m, "reset_parameters"):
+                        m.reset_parameters()
             return
         self.recalibrate(encoding, data)
         state = dict(self.meta.state_dict())
