@@ -36,6 +36,12 @@ ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning"}
 METAPRUNING_SEARCH = {"population": 20, "parents": 5, "iterations": 10, "recalib_batches": 20}
 
 
+def _search_text() -> str:
+    s = METAPRUNING_SEARCH
+    return (f"population {s['population']}, {s['parents']} parents, {s['iterations']} iterations, "
+            f"{s['recalib_batches']} BN recalibration batches")
+
+
 def latency_ms(models, x, reps) -> list:
     """Median forward time (ms) of each model, timed in turns (a, b, a, b, ...) so that a change of
     machine speed during the run affects them alike."""
@@ -151,7 +157,10 @@ def table(rows: list, args) -> str:
              f"FLOPs = 2 x multiply-adds (convs + linear). Latency: "
              f"median of {args.latency_reps} CPU forward passes, batch {args.latency_batch}, the dense and the pruned "
              f"model timed in turns (so 'dense ms' varies a little between rows). GPU tile eff.: kept / "
-             f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted).", "",
+             f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted). "
+             f"MetaPruning does not start from the pretrained model: its PruningNet trains from scratch for the "
+             f"{args.pretrain_epochs} pretraining epochs, a search ({_search_text()}) picks the widths, and the "
+             f"searched network is trained from scratch in the prune and fine-tuning epochs.", "",
              "| arch | method | budget | acc dense | dense, same epochs | acc at export | acc fine-tuned | FLOPs red. "
              "| params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

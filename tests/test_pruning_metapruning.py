@@ -2,6 +2,7 @@
 the evolutionary search (window, no repeats, operators, improvement), the final masks and
 weights, resume, errors and the CLI."""
 import copy
+import io
 import math
 
 import pytest
@@ -252,6 +253,15 @@ def test_resume_ends_with_the_same_masks_and_weights(data, val, stop, init):
         assert torch.equal(resumed.masks()[n], straight.masks()[n])
     for (k, a), b in zip(straight_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), k
+    done = resumed.state_dict()  # after pruning the checkpoint drops the PruningNet, and loads safely
+    assert "generators" not in done["extra"] and "generators" in state["extra"]
+    buf = io.BytesIO()
+    torch.save(done, buf)
+    buf.seek(0)
+    again = MetaPruning(tiny_resnet(), SIZE, **kw)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.phase == "done" and again.best == straight.best and again.tested == straight.tested
+    assert all(torch.equal(again.masks()[n], straight.masks()[n]) for n in straight.convs)
 
 
 def test_errors(data):

@@ -556,22 +556,26 @@ class MetaPruning(Pruner):
 
     # --------------------------------------------------------------------------- checkpoint
     def _extra_state(self) -> dict:
-        return {"phase": self.phase, "meta_steps": self.meta_steps,
-                "cursor": self.cursor.state() if self.cursor is not None else self._cursor_state,
-                "meta": copy.deepcopy(self.meta.state_dict()),
-                "generators": copy.deepcopy(self.generators.state_dict()),
-                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "rng": self.rng.get_state(),
-                "generation": list(self.generation), "iteration": self.iteration, "tested": dict(self.tested),
-                "top": list(self.top), "best": dict(self.best), "best_error": self.best_error}
+        state = {"phase": self.phase, "meta_steps": self.meta_steps,
+                 "cursor": self.cursor.state() if self.cursor is not None else self._cursor_state,
+                 "rng": self.rng.get_state(), "generation": list(self.generation), "iteration": self.iteration,
+                 "tested": dict(self.tested), "top": list(self.top), "best": dict(self.best),
+                 "best_error": self.best_error}
+        if self.phase != "done":  # once pruned, the PruningNet (hidden x the conv weights, twice) is not needed
+            state.update(meta=copy.deepcopy(self.meta.state_dict()),
+                         generators=copy.deepcopy(self.generators.state_dict()),
+                         optimizer=copy.deepcopy(self.optimizer.state_dict()))
+        return state
 
     def _load_extra_state(self, extra: dict) -> None:
         if not extra:
             return
         self.phase, self.meta_steps = extra["phase"], int(extra["meta_steps"])
         self._cursor_state, self.cursor = extra["cursor"], None
-        self.meta.load_state_dict(extra["meta"])
-        self.generators.load_state_dict(extra["generators"])
-        self.optimizer.load_state_dict(extra["optimizer"])
+        if "meta" in extra:
+            self.meta.load_state_dict(extra["meta"])
+            self.generators.load_state_dict(extra["generators"])
+            self.optimizer.load_state_dict(extra["optimizer"])
         self.rng.set_state(extra["rng"])
         self.generation = [tuple(c) for c in extra["generation"]]
         self.iteration = int(extra["iteration"])
