@@ -144,10 +144,10 @@ def test_smallest_eps_reaching_the_target_keeps_the_most_sensitive_channels(trai
     masks = pr.prune(data)
     assert pr.points_seen == 96 and pr.report()["samples"] == 96
     goal = next(iter(target.values()))
-    assert pr._metric(masks) >= goal - 1e-12
+    assert pr.target_metric(masks) >= goal - 1e-12
     # epsilon is the smallest that reaches the target: a slightly smaller one does not
     smaller = pr.masks_for(pr.keep_at(pr.eps * math.exp(-1e-8)))
-    assert pr._metric(smaller) < goal
+    assert pr.target_metric(smaller) < goal
     # the allocation is the PFP bound, unit by unit
     for u in pr.units:
         want = 1

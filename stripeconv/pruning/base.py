@@ -147,6 +147,14 @@ class Pruner:
     def flops_reduction(self, masks: Optional[dict] = None) -> float:
         return 1.0 - self.flops(masks) / self.dense_flops
 
+    def target_metric(self, masks: dict) -> float:
+        """What the target measures under ``masks``: the FLOPs reduction with
+        ``target_flops_reduction``, else the pruned fraction of all prunable filters."""
+        if self.target_flops_reduction is not None:
+            return self.flops_reduction(masks)
+        pruned = sum(int(C.dead_filters(m).sum()) for m in masks.values())
+        return pruned / sum(c.out_channels for c in self.convs.values())
+
     def _units(self, mask: Tensor) -> Tensor:
         """Kept units of a stripe mask at this pruner's granularity: ``[out]`` for filters, the mask
         itself for stripes."""

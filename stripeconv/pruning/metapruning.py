@@ -237,6 +237,7 @@ class MetaPruning(Pruner):
             n.replace(".", "/"): WeightGenerator(tuple(modules[n].weight.shape), modules[n].bias is not None,
                                                  self.hidden) for n in generated}).to(device)
         self.generated = generated
+        self._meta_convs = {n: modules[n] for n in generated}
         bn_names = {}
         for name in generated:
             bn = self._bn_of.get(name)  # the BN that normalises the conv's output
@@ -268,11 +269,10 @@ class MetaPruning(Pruner):
 
     def _channel_masks(self, encoding: tuple) -> tuple:
         """Per generated conv: 0/1 ``[out]`` and ``[in]`` masks (first channels of each unit kept)."""
-        kept = [max(1, int(u.size * self.scales[i])) for u, i in zip(self.units, encoding)]
-        modules = dict(self.meta.named_modules())
+        kept = list(self.keep_counts(encoding).values())
         out_masks, in_masks = {}, {}
         for name in self.generated:
-            conv = modules[name]
+            conv = self._meta_convs[name]
             om = torch.ones(conv.out_channels)
             for ui, idx, ridx in self._out_units.get(name, []):
                 om[idx] = (ridx < kept[ui]).float()
@@ -373,13 +373,7 @@ class MetaPruning(Pruner):
         """FLOPs reduction (or pruned filter fraction, with ``ratio``) of ``encoding``."""
         key = tuple(encoding)
         if key not in self._metric_cache:
-            masks = self.masks_for(key)
-            if self.target_flops_reduction is not None:
-                value = self.flops_reduction(masks)
-            else:
-                pruned = sum(int((~m.reshape(m.shape[0], -1).any(1)).sum()) for m in masks.values())
-                value = pruned / sum(c.out_channels for c in self.convs.values())
-            self._metric_cache[key] = value
+            self._metric_cache[key] = self.target_metric(self.masks_for(key))
         return self._metric_cache[key]
 
     def in_window(self, encoding: tuple) -> bool:
@@ -444,9 +438,9 @@ class MetaPruning(Pruner):
         return out
 
     @torch.no_grad()
-    def recalibrate(self, encoding: tuple, data) -> None:
+    def recalibrate(self, encoding: tuple, data) -> dict:
         """Recompute every BatchNorm's statistics of the PruningNet for ``encoding`` on the first
-        ``recalib_batches`` batches of ``data``."""
+        ``recalib_batches`` batches of ``data``; returns the generated weights of ``encoding``."""
         for bn in _bn_modules(self.meta):
             bn.reset_running_stats()
         device = next(self.generators.parameters()).device
@@ -457,14 +451,14 @@ class MetaPruning(Pruner):
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             torch.func.functional_call(self.meta, weights, (x.to(device),))
+        return weights
 
     @torch.no_grad()
     def evaluate_encoding(self, encoding: tuple, data) -> float:
         """Validation error of the pruned network ``encoding`` describes, with the generated weights
         and BN statistics recomputed on ``data``."""
-        self.recalibrate(encoding, data)
+        weights = self.recalibrate(encoding, data)
         device = next(self.generators.parameters()).device
-        weights = self.generated_weights(encoding)
         self.meta.eval()
         correct = total = 0
         for i, batch in enumerate(self.val_data):
@@ -541,9 +535,9 @@ class MetaPruning(Pruner):
                     if m is not self.model and hasattr(m, "reset_parameters"):
                         m.reset_parameters()
             return
-        self.recalibrate(encoding, data)
+        weights = self.recalibrate(encoding, data)
         state = dict(self.meta.state_dict())
-        state.update({k: v.detach() for k, v in self.generated_weights(encoding).items()})
+        state.update(weights)
         own = self.model.state_dict()
         for key, value in state.items():
             if key in own:

@@ -338,24 +338,18 @@ class PFP(Pruner):
                     masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
         return masks
 
-    def _metric(self, masks: dict) -> float:
-        if self.target_flops_reduction is not None:
-            return self.flops_reduction(masks)
-        pruned = sum(int((~m.reshape(m.shape[0], -1).any(1)).sum()) for m in masks.values())
-        return pruned / sum(c.out_channels for c in self.convs.values())
-
     def _search_eps(self) -> None:
         goal = self.target_flops_reduction if self.target_flops_reduction is not None else self.ratio
         self._shares = self._base = None
         self._ensure_shares()
         lo, hi = math.log(self.eps_range[0]), math.log(self.eps_range[1])
-        reaches = lambda log_eps: self._metric(self.masks_for(self.keep_at(math.exp(log_eps)))) >= goal - 1e-12  # noqa: E731
+        reaches = lambda log_eps: self.target_metric(self.masks_for(self.keep_at(math.exp(log_eps)))) >= goal - 1e-12  # noqa: E731
         bar = Progress(None, "PFP eps search", self.verbose, every=20)
         try:
             if reaches(lo):
                 hi = lo
             elif not reaches(hi):
-                most = self._metric(self.masks_for(self.keep_at(self.eps_range[1])))
+                most = self.target_metric(self.masks_for(self.keep_at(self.eps_range[1])))
                 warnings.warn(f"PFP: the target {goal} cannot be reached (at most {most:.4f}, at the largest eps "
                               f"{self.eps_range[1]:g}); pruning as much as allowed", stacklevel=3)
                 lo = hi
