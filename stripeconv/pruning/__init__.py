@@ -29,11 +29,13 @@ regularization, Fisher importance, pruning in rounds), :class:`PFP` (provable fi
 data sensitivities, one error bound for the network), :class:`LBS` (balanced filter pruning
 at a preset loss variation), :class:`DAIS` (differentiable annealing indicator search) and
 :class:`MetaPruning` (a PruningNet that generates the weights of any channel configuration, and
-an evolutionary search over configurations).
+an evolutionary search over configurations) and :class:`ACP` (channel counts from clustering similar
+feature maps, refined by a particle swarm search over briefly trained candidates).
 Shared primitives are in :mod:`stripeconv.pruning.criteria`. Export and FLOPs targets need
 ``torch-pruning`` (the dependency graph).
 """
 from . import criteria
+from .acp import ACP
 from .asfp import ASFP
 from .base import Pruner, evaluate, fit
 from .dais import DAIS
@@ -52,8 +54,9 @@ from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
            "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "OrthoReg", "PFP", "LBS",
-           "BalancedFilterPruning", "holdout_split", "DAIS", "MetaPruning", "METHODS"]
+           "BalancedFilterPruning", "holdout_split", "DAIS", "MetaPruning", "ACP", "METHODS"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
            "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,
-           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "MetaPruning": MetaPruning}
+           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "MetaPruning": MetaPruning,
+           "ACP": ACP}
