@@ -129,7 +129,8 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
 @pytest.mark.parametrize("method,extra", [
     ("L1Filter", []), ("PFP", ["--set", "samples=32"]),
     ("MetaPruning", ["--set", "meta_epochs=1", "--set", "population=4", "--set", "iterations=2", "--set",
-                     "recalib_batches=2"])])
+                     "recalib_batches=2"]),
+    ("ACP", ["--set", "particles=2", "--set", "cycles=1", "--set", "fitness_steps=2", "--set", "cluster_images=16"])])
 def test_oneshot_method_with_zero_epochs(tmp_path, capsys, method, extra):
     assert cli.main(["prune", "--model", "cnn-tiny", "--method", method, "--target", "ratio=0.5", "--epochs", "0",
                      "--out", str(tmp_path), "--quiet", *extra, *DATA]) == 0
