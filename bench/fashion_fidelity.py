@@ -31,15 +31,23 @@ from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import fashion_mnist  # noqa: E402
 from stripeconv.profile import profile  # noqa: E402
 
-ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning"}
+ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning", "ACP"}
 # MetaPruning's search, scaled to this benchmark (the public code: population 50, 20 iterations, 100 batches)
 METAPRUNING_SEARCH = {"population": 20, "parents": 5, "iterations": 10, "recalib_batches": 20}
+# ACP's swarm, scaled to this benchmark (the public code: 10 particles, 8 cycles, 3 epochs per candidate)
+ACP_SEARCH = {"particles": 5, "cycles": 3, "fitness_steps": 20}
 
 
 def _search_text() -> str:
     s = METAPRUNING_SEARCH
     return (f"population {s['population']}, {s['parents']} parents, {s['iterations']} iterations, "
             f"{s['recalib_batches']} BN recalibration batches")
+
+
+def _acp_text() -> str:
+    s = ACP_SEARCH
+    return (f"{s['particles']} particles, {s['cycles']} cycles, {s['fitness_steps']} training batches per "
+            f"candidate at the prune LR")
 
 
 def latency_ms(models, x, reps) -> list:
@@ -160,7 +168,9 @@ def table(rows: list, args) -> str:
              f"computed stripes of the GPU forward kernel's tile plan (best tile width, work-weighted). "
              f"MetaPruning does not start from the pretrained model: its PruningNet trains from scratch for the "
              f"{args.pretrain_epochs} pretraining epochs, a search ({_search_text()}) picks the widths, and the "
-             f"searched network is trained from scratch in the prune and fine-tuning epochs.", "",
+             f"searched network is trained from scratch in the prune and fine-tuning epochs. "
+             f"ACP's swarm is scaled down ({_acp_text()}); its best candidate then trains in the prune "
+             f"epochs like the other one-shot methods.", "",
              "| arch | method | budget | acc dense | dense, same epochs | acc at export | acc fine-tuned | FLOPs red. "
              "| params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -283,9 +293,14 @@ def main(argv=None):
                     kw.update(val_data=val_loader, search_steps=steps // 2, alpha_lr=0.05)
                 elif method == "MetaPruning":  # its PruningNet trains from scratch, as long as the dense model did
                     kw = {"val_data": val_loader, "meta_epochs": args.pretrain_epochs, **METAPRUNING_SEARCH, **kw}
+                elif method == "ACP":
+                    kw = {"val_data": val_loader, "lr": args.lr * 0.5, **ACP_SEARCH, **kw}
                 pr = cls(model, size, **kw)
                 if method in ONE_SHOT:
                     pr.prune(loader_for())  # L1 ignores the data; LBS and PFP score filters on it, MetaPruning trains on it
+                    if method == "ACP":
+                        print(f"  ACP clustering keeps {sum(pr.cluster_counts.values())} of {sum(pr.sizes)} channels; "
+                              f"best candidate {pr.best_accuracy:.4f} on val", flush=True)
                 opt = sgd(model, args.lr * 0.5)
                 pruning.fit(model, pr, loader_for(), args.prune_epochs, optimizer=opt,
                             scheduler=cosine(opt, args.prune_epochs), progress=False)
