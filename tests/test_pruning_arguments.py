@@ -29,6 +29,8 @@ VALID = {
     "PFP": dict(ratio=0.5),
     "LBS": dict(ratio=0.5, val_data=VAL),
     "DAIS": dict(target_flops_reduction=0.5, val_data=VAL, search_steps=4),
+    "MetaPruning": dict(ratio=0.5, val_data=VAL),
+    "ACP": dict(ratio=0.5, val_data=VAL),
 }
 
 # (methods, bad keyword arguments, exception, words the message must contain)
@@ -79,7 +81,16 @@ BAD = [
     (["PFP"], dict(eps_range=(0.0, 1.0)), ValueError, "eps_range must be a number > 0.0"),
     (["PFP"], dict(eps_range=5.0), TypeError, "eps_range must be a pair"),
     (["PFP"], dict(eps_iters=0), ValueError, "eps_iters must be an integer >= 1"),
-    (["PFP", "LBS"], dict(ratio=0.5, granularity="stripe"), ValueError, "filters only"),
+    (["PFP", "LBS", "MetaPruning", "ACP"], dict(ratio=0.5, granularity="stripe"), ValueError, "filters only"),
+    (["MetaPruning", "ACP"], dict(ratio=None, ratios={"features.0": 0.5}), ValueError, "ratios= is not accepted"),
+    (["ACP"], dict(particles=0), ValueError, "particles must be an integer >= 1"),
+    (["ACP"], dict(cycles=1.5), TypeError, "cycles must be an integer"),
+    (["ACP"], dict(eps=3.0), ValueError, "eps must be a number in [0.0, 2.0]"),
+    (["ACP"], dict(chi=0.0), ValueError, "chi must be a number in (0.0, 1.0]"),
+    (["ACP"], dict(max_vel=0.0), ValueError, "max_vel must be a number > 0.0"),
+    (["ACP"], dict(momentum=1.0), ValueError, "momentum must be a number in [0.0, 1.0)"),
+    (["ACP"], dict(fitness_steps=0), ValueError, "fitness_steps must be an integer >= 1"),
+    (["ACP"], dict(select="l2"), ValueError, "select must be one of ('l1', 'random')"),
     (["DAIS"], dict(search_steps=0), ValueError, "search_steps must be an integer >= 1"),
     (["DAIS"], dict(t0=1.0, t_end=2.0), ValueError, "t_end must be a number in (0.0, 1.0]"),
     (["DAIS"], dict(alpha_lr=0), ValueError, "alpha_lr must be a number > 0.0"),

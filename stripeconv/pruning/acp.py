@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from . import _checks as check
 from . import criteria as C
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
-from .base import Pruner, _dense_copy, _name_of
+from .base import Pruner, _dense_copy, _name_of, copy_matching
 
 __all__ = ["ACP", "dbscan_count"]
 
@@ -487,16 +487,10 @@ class ACP(Pruner):
         self.search(data)
         self.best = {u.name: c for u, c in zip(self.units, self.gbest)}
         self.best_accuracy = self.gbest_fit
-        self._masks = self.masks_for(self._gbest_roots)
-        self._frozen = {n: m.clone() for n, m in self._masks.items()}
-        with torch.no_grad():  # the best candidate's trained weights, as the public code keeps them
-            own = self.model.state_dict()
-            for key, value in self._gbest_state.items():
-                if key in own:
-                    own[key].copy_(value)
+        copy_matching(self.model, self._gbest_state)  # the weights the best candidate reached, as the code keeps them
+        self.hold(self.masks_for(self._gbest_roots))
         self._gbest_state = None
         self.phase = "done"
-        self._enforce(self._frozen)
         if self.verbose:
             note("ACP", f"best validation accuracy {self.best_accuracy:.4f} after {self.evaluations} candidates, "
                         f"reduction {self.metric(self.gbest):.3f}")

@@ -199,6 +199,12 @@ class Pruner:
         raise NotImplementedError(f"{type(self).__name__} prunes during training; drive it with fit() or the hooks")
 
     @torch.no_grad()
+    def hold(self, masks: dict) -> None:
+        """Prune to ``masks`` now and keep those stripes at zero from then on."""
+        self._masks = masks
+        self._frozen = {n: m.clone() for n, m in masks.items()}
+        self._enforce(self._frozen)
+
     def _enforce(self, masks: dict) -> None:
         for name, conv in self.convs.items():
             m = masks[name]
@@ -288,6 +294,15 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
         if m is module:
             return n
     raise KeyError(module)
+
+
+@torch.no_grad()
+def copy_matching(model: nn.Module, state: dict) -> None:
+    """Copy the entries of ``state`` whose keys ``model.state_dict()`` has into the model's tensors."""
+    own = model.state_dict()
+    for key, value in state.items():
+        if key in own:
+            own[key].copy_(value)
 
 
 def _dense_copy(model: nn.Module) -> nn.Module:

@@ -39,9 +39,7 @@ class L1Norm(Pruner):
 
     def prune(self, data=None) -> dict:
         """Prune now (``data`` is not used: the criterion is data-free); returns the masks."""
-        self._masks = self.select(self.scores())
-        self._frozen = {n: m.clone() for n, m in self._masks.items()}
-        self._enforce(self._frozen)
+        self.hold(self.select(self.scores()))
         return self.masks()
 
 

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
-from .base import Pruner, _dense_copy, _name_of
+from .base import Pruner, _dense_copy, _name_of, copy_matching
 
 __all__ = ["MetaPruning", "DEFAULT_SCALES", "WeightGenerator"]
 
@@ -516,11 +516,9 @@ class MetaPruning(Pruner):
         self.search(data)
         best = self.top[0]
         self.best, self.best_error = self.keep_counts(best), self.tested[best]
-        self._masks = self.masks_for(best)
-        self._frozen = {n: m.clone() for n, m in self._masks.items()}
         self._set_weights(best, data)
+        self.hold(self.masks_for(best))
         self.phase = "done"
-        self._enforce(self._frozen)
         if self.verbose:
             note("MetaPruning", f"best validation error {self.best_error:.4f} after {len(self.tested)} "
                                 f"evaluations, reduction {self.metric(best):.3f}")
@@ -538,10 +536,7 @@ class MetaPruning(Pruner):
         weights = self.recalibrate(encoding, data)
         state = dict(self.meta.state_dict())
         state.update(weights)
-        own = self.model.state_dict()
-        for key, value in state.items():
-            if key in own:
-                own[key].copy_(value)
+        copy_matching(self.model, state)
 
     def report(self, exported=None) -> dict:
         rep = super().report(exported)

@@ -208,9 +208,7 @@ class OrthoReg(Pruner):
             target = {"ratio": self.ratio * share}
         else:
             target = {"target_flops_reduction": self.target_flops_reduction * share}
-        self._masks = self.select(scores, base_masks=self._frozen, **target)
-        self._frozen = {n: m.clone() for n, m in self._masks.items()}
-        self._enforce(self._frozen)
+        self.hold(self.select(scores, base_masks=self._frozen, **target))
         self.rounds_done = k
 
 

@@ -374,10 +374,8 @@ class PFP(Pruner):
             return self.masks()
         self.score(data)
         self._search_eps()
-        self._masks = self.masks_for(self.unit_keep)
-        self._frozen = {n: m.clone() for n, m in self._masks.items()}
+        self.hold(self.masks_for(self.unit_keep))
         self.phase = "done"
-        self._enforce(self._frozen)
         if self.verbose:
             note("PFP", f"eps={self.eps:.4g}, flops reduction {self.flops_reduction():.3f}")
         return self.masks()
