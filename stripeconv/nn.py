@@ -105,7 +105,8 @@ class StripeConv2d(nn.Module):
         self._pads = self._explicit_padding()  # (top, bottom, left, right)
 
         dense = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
+        if dense.numel():  # zero channels: nothing to initialise (and no warning)
+            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
         if stripe_mask is None:
             stripe_mask = torch.ones(out_channels, *self.kernel_size, dtype=torch.bool, device="cpu")
         check_stripe_mask(stripe_mask, out_channels, self.kernel_size)

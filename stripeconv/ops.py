@@ -9,6 +9,11 @@ Three ops in the ``stripeconv`` namespace, with the same arguments for every bac
     Computes ``F.conv2d(input, unpack(weight) , bias, ...)`` as a sum of 1x1 convolutions over
     the kept positions, with borders handled by the index ranges, never by a padded copy.
     The output has the input's memory format (NCHW or channels_last).
+    A pruned stripe is absent rather than a zero weight: NaN or Inf in the input reaches every
+    output that a kept stripe computes from it, while an output that sees it only through pruned
+    stripes is unspecified (finite on the stripe paths, NaN = 0 * NaN on a dense hand-over).
+    Shapes ``F.conv2d`` refuses or mis-shapes (no input channel, no input pixel left after
+    padding, no output channel) give the defined answer: the bias everywhere, or an empty output.
 
 ``stripe_conv2d_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)``
     Gradient with respect to ``input`` (shape ``input_shape``).

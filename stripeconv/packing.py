@@ -56,5 +56,5 @@ def unpack_weight(packed: Tensor, mask: Tensor) -> Tensor:
 
 def position_offsets(mask: Tensor) -> Tensor:
     """Row offsets ``[kh * kw + 1]`` (int64): rows of position p are ``offsets[p]:offsets[p+1]``."""
-    counts = mask.reshape(mask.shape[0], -1).sum(0)
+    counts = mask.flatten(1).sum(0)  # flatten, not reshape(n, -1): n may be 0
     return torch.cat([counts.new_zeros(1), counts.cumsum(0)])

@@ -40,6 +40,28 @@ def masked_conv(conv: nn.Conv2d, mask: torch.Tensor) -> nn.Conv2d:
     return conv
 
 
+# (in_channels, out_channels, spatial size, padding) for which F.conv2d gives no usable answer: an
+# error, or a [B, 0, ...] output when there is no input channel. The op's answer is defined: every
+# output pixel equals its bias, or the output is empty.
+DEGENERATE_SHAPES = [(0, 6, (5, 4), 1), (4, 6, (0, 5), 2), (4, 6, (3, 0), (1, 2)), (4, 0, (5, 5), 1)]
+
+
+def check_degenerate_shape(device: torch.device, in_channels: int, out_channels: int, size, padding) -> None:
+    """A 3x3 StripeConv2d on a shape without input channel, input pixel or output channel: forward and grads."""
+    torch.manual_seed(0)
+    layer = stripeconv.StripeConv2d(in_channels, out_channels, 3, padding=padding).to(device)
+    x = torch.randn(2, in_channels, *size, device=device, requires_grad=True)
+    out = layer(x)
+    pad = (padding, padding) if isinstance(padding, int) else padding
+    assert out.shape == (2, out_channels, size[0] + 2 * pad[0] - 2, size[1] + 2 * pad[1] - 2)
+    torch.testing.assert_close(out, layer.bias.view(1, -1, 1, 1).expand_as(out).detach(), atol=0, rtol=0)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    torch.testing.assert_close(layer.bias.grad, grad_out.sum((0, 2, 3)))
+    assert layer.packed_weight.grad.shape == layer.packed_weight.shape and not layer.packed_weight.grad.any()
+    assert x.grad.shape == x.shape and not (out_channels == 0 and x.grad.any())
+
+
 def check_against_oracle(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, atol: float, rtol: float = 1e-4):
     """Compare StripeConv2d.from_conv(conv, mask) with the masked conv: output and every gradient."""
     oracle = masked_conv(conv, mask)

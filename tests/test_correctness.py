@@ -5,9 +5,11 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from conftest import check_against_oracle, random_mask
+import stripeconv
+from conftest import DEGENERATE_SHAPES, check_against_oracle, check_degenerate_shape, random_mask
 
 ATOL = {torch.float32: 2e-4, torch.float64: 1e-10}
 
@@ -177,3 +179,33 @@ def test_random_fuzz(backend, seed):
         run_case(**cfg)
     except AssertionError as err:
         raise AssertionError(f"fuzz config {cfg} failed: {err}") from err
+
+
+
+@pytest.mark.parametrize("in_channels,out_channels,size,padding", DEGENERATE_SHAPES)
+def test_degenerate_shapes(backend, in_channels, out_channels, size, padding):
+    check_degenerate_shape(torch.device("cpu"), in_channels, out_channels, size, padding)
+
+
+@pytest.mark.parametrize("density", [0.4, 1.0])
+@pytest.mark.parametrize("dense_policy", ["never", "always"])
+def test_non_finite_input_is_never_lost(backend, monkeypatch, density, dense_policy):
+    """NaN/Inf reach every output that a kept stripe computes from them; other outputs are exact.
+
+    Outputs that see a NaN pixel only through pruned stripes are unspecified (a pruned stripe is
+    absent on the stripe paths, a zero weight times NaN on the dense hand-over)."""
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", dense_policy)
+    gen = torch.Generator().manual_seed(3)
+    conv = nn.Conv2d(6, 8, 3, padding=1)
+    mask = random_mask(8, (3, 3), density, gen)
+    layer = stripeconv.StripeConv2d.from_conv(conv, mask)
+    x = torch.randn(2, 6, 7, 7, generator=gen)
+    x[0, 1, 3, 2], x[1, 4, 0, 6] = float("nan"), float("inf")
+    got = layer(x)
+    bad = (~x.isfinite()).any(1, keepdim=True).double()
+    reached = F.conv2d(bad, mask[:, None].double(), padding=1) > 0  # a kept stripe sees a bad pixel
+    assert reached.any() and (~reached).any()
+    assert not got[reached].isfinite().any()
+    expected = F.conv2d(x.nan_to_num(0.0, 0.0, 0.0), layer.weight.detach(), layer.bias.detach(), padding=1)
+    clean = ~F.conv2d(bad, torch.ones(8, 1, 3, 3, dtype=torch.float64), padding=1).bool()  # sees no bad pixel
+    torch.testing.assert_close(got[clean], expected[clean], atol=2e-4, rtol=1e-4)

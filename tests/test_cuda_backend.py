@@ -23,6 +23,7 @@ from torch import nn
 
 import stripeconv
 from stripeconv.backends import cuda as cuda_backend
+from conftest import DEGENERATE_SHAPES, check_degenerate_shape
 from stripeconv.packing import pack_weight, unpack_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +132,11 @@ def test_oracle_dtypes(cuda_kernels, dtype):
 def test_oracle_geometry(cuda_kernels, in_ch, out_ch, size, kernel_size, density, conv, channels_last):
     _check(cuda_kernels, torch.float32, in_ch, out_ch, size, kernel_size, density,
            channels_last=channels_last, **conv)
+
+
+@pytest.mark.parametrize("in_channels,out_channels,size,padding", DEGENERATE_SHAPES)
+def test_degenerate_shapes(cuda_kernels, in_channels, out_channels, size, padding):
+    check_degenerate_shape(cuda_kernels, in_channels, out_channels, size, padding)
 
 
 def test_oracle_many_pixels_fp16(cuda_kernels):

@@ -69,6 +69,9 @@ CASES = dict([
     _case("partial_tile", N=20),
     _case("batch0", B=0),
     _case("empty_output", H=2, W=2, k=(5, 5), padding=(0, 0, 0, 0)),
+    _case("no_input_channel", C=0),
+    _case("no_input_row", H=0, padding=(2, 1, 1, 1)),
+    _case("no_output_channel", N=0),
     _case("channels_last", channels_last=True, stride=(2, 2), H=8, W=8),
     _case("cin3", C=3, N=16),
     _case("block_n64", C=32, N=64, block_n=64, density=0.7),
@@ -114,8 +117,11 @@ def _reference(x, w_packed, bias, mask, c):
     (kh, kw), (dh, dw), (sh, sw) = mask.shape[1:], c["dilation"], c["stride"]
     ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
     wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    if ho <= 0 or wo <= 0:  # F.conv2d refuses an empty output; the op returns one
-        return xp.new_zeros(x.shape[0], mask.shape[0], max(ho, 0), max(wo, 0)) + 0 * (xp.sum() + w_packed.sum())
+    if min(ho, wo, x.shape[1], x.shape[2], x.shape[3], mask.shape[0]) <= 0:
+        # F.conv2d refuses these shapes (or, with no input channel, returns no output channel); the op's
+        # answer is defined: an empty output, or every output pixel equal to its bias.
+        out = xp.new_zeros(x.shape[0], mask.shape[0], max(ho, 0), max(wo, 0)) + 0 * (xp.sum() + w_packed.sum())
+        return out if bias is None else out + bias.view(1, -1, 1, 1)
     return F.conv2d(xp, unpack_weight(w_packed, mask), bias, c["stride"], 0, c["dilation"], c["groups"])
 
 
