@@ -63,6 +63,10 @@ class StripeConv2d(nn.Module):
     trained); the map is cached per input size.
     """
 
+    # TorchScript compiles forward only (see _scripted_forward); these stay Python.
+    __jit_unused_properties__ = ["weight", "num_stripes", "density"]
+    __jit_ignored_attributes__ = ["_constant_map_cache"]
+
     def __init__(
         self,
         in_channels: int,
@@ -123,7 +127,7 @@ class StripeConv2d(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.register_buffer("constant_channel_weight", None)
-        self._constant_map_cache: Optional[tuple[tuple, Tensor]] = None
+        self._constant_map_cache = None  # (key, map) for the last input size; see _constant_map
 
     # ----------------------------------------------------------------------------- geometry
     def _explicit_padding(self) -> tuple[int, int, int, int]:
@@ -271,6 +275,12 @@ class StripeConv2d(nn.Module):
         check_output_size(input.shape[-2:], self.kernel_size, self.stride, self._pads, self.dilation)
 
     def forward(self, input: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(input)
+        return self._eager_forward(input)
+
+    @torch.jit.unused
+    def _eager_forward(self, input: Tensor) -> Tensor:
         self._check_input(input)
         unbatched = input.dim() == 3
         if unbatched:
@@ -291,6 +301,29 @@ class StripeConv2d(nn.Module):
         out = conv(input, weight, bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
         if self.constant_channel_weight is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
+        return out.squeeze(0) if unbatched else out
+
+    def _scripted_forward(self, input: Tensor) -> Tensor:
+        """The forward in TorchScript's subset of Python: the op itself, without autocast or caches."""
+        if input.dim() != 3 and input.dim() != 4:
+            raise ValueError("StripeConv2d expects a 3-D (C, H, W) or 4-D (B, C, H, W) input")
+        if input.size(-3) != self.in_channels:
+            raise ValueError("StripeConv2d expected input with " + str(self.in_channels) + " channels, got "
+                             + str(input.size(-3)))
+        unbatched = input.dim() == 3
+        if unbatched:
+            input = input.unsqueeze(0)
+        t, b, l, r = self._pads
+        if self.padding_mode != "zeros" and (t > 0 or b > 0 or l > 0 or r > 0):
+            input = F.pad(input, [l, r, t, b], mode=self.padding_mode)
+            t, b, l, r = 0, 0, 0, 0
+        out = torch.ops.stripeconv.stripe_conv2d(input, self.packed_weight, self.bias, self.stripe_mask,
+                                                 self.stride, [t, b, l, r], self.dilation, self.groups)
+        constant = self.constant_channel_weight
+        if constant is not None:
+            ones = torch.ones(1, 1, input.size(-2), input.size(-1), device=constant.device, dtype=constant.dtype)
+            ones = F.pad(ones, [l, r, t, b])  # zeros in the explicit padding, as _constant_map
+            out = out + F.conv2d(ones, constant.unsqueeze(1), None, self.stride, 0, self.dilation)
         return out.squeeze(0) if unbatched else out
 
     def _constant_map(self, height: int, width: int, pads: tuple[int, int, int, int]) -> Tensor:
