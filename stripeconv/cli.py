@@ -962,9 +962,10 @@ def build_parser() -> argparse.ArgumentParser:
         Prune a model with a method of stripeconv.pruning.METHODS (list: `stripeconv methods`), export it
         (StripeConv2d layers, dead filters removed) and save <out>/pruned.pt + pruned.json.
 
-        Training-time methods (SWP, SFP, ...) prune during --epochs epochs; one-shot methods (L1Filter,
-        L1Stripe) prune once, then fine-tune --epochs epochs with the masks held. Start from a trained model
-        (--from DIR/model, as saved by `stripeconv train`) or from scratch (--model).
+        Training-time methods (SWP, SFP, GReg, DAIS, ...) prune during --epochs epochs; one-shot methods
+        (L1Filter, L1Stripe, PFP, LBS, MetaPruning, ACP) prune once, then fine-tune --epochs epochs with the
+        masks held. Start from a trained model (--from DIR/model, as saved by `stripeconv train`) or from
+        scratch (--model).
 
         Hyperparameters: --target (flops=F: remove fraction F of the FLOPs; ratio=R; ratios=JSON|FILE),
         --set key=value (any argument of the method, typed from its signature), or --config FILE (YAML/JSON:
