@@ -247,3 +247,43 @@ def _backward(ctx, grad_output):
 
 
 stripe_conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The gradient ops are linear in each argument and adjoint to the forward, so their own gradients
+# are the three ops again: derivatives of any order (e.g. gradient penalties) need nothing else.
+#   grad_input(gy, W)  = F_x(W)^T gy:  d/d gy <- forward(g, W);    d/d W <- grad_weight(gy, g)
+#   grad_weight(gy, x) = F_W(x)^T gy:  d/d gy <- forward(x, g);    d/d x <- grad_input(gy, g)
+def _setup_grad_input_context(ctx, inputs, output):
+    grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, weight, stripe_mask)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+
+
+def _grad_input_backward(ctx, grad):
+    grad_output, weight, stripe_mask = ctx.saved_tensors
+    d_grad_output = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad_output = stripe_conv2d(grad, weight, None, stripe_mask, *ctx.conv_args)
+    if ctx.needs_input_grad[1]:
+        d_weight = stripe_conv2d_grad_weight(grad_output, grad, weight, stripe_mask, *ctx.conv_args)
+    return d_grad_output, d_weight, None, None, None, None, None, None
+
+
+def _setup_grad_weight_context(ctx, inputs, output):
+    grad_output, input, weight, stripe_mask, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(grad_output, input, stripe_mask)
+    ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
+
+
+def _grad_weight_backward(ctx, grad):
+    grad_output, input, stripe_mask = ctx.saved_tensors
+    d_grad_output = d_input = None
+    if ctx.needs_input_grad[0]:
+        d_grad_output = stripe_conv2d(input, grad, None, stripe_mask, *ctx.conv_args)
+    if ctx.needs_input_grad[1]:
+        d_input = stripe_conv2d_grad_input(grad_output, grad, stripe_mask, list(input.shape), *ctx.conv_args)
+    return d_grad_output, d_input, None, None, None, None, None, None
+
+
+stripe_conv2d_grad_input.register_autograd(_grad_input_backward, setup_context=_setup_grad_input_context)
+stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context=_setup_grad_weight_context)

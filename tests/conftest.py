@@ -82,6 +82,34 @@ def check_against_oracle(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, a
         torch.testing.assert_close(layer.bias.grad, oracle.bias.grad, atol=atol, rtol=rtol)
 
 
+def check_double_backward(conv: nn.Conv2d, mask: torch.Tensor, x: torch.Tensor, atol: float, rtol: float = 1e-4):
+    """A gradient penalty through StripeConv2d against the same through the masked conv.
+
+    ``||d(sum y^2)/dx||^2 + ||d(sum y^2)/dW_kept||^2`` differentiated again: its value and its
+    gradients with respect to the input, the kept weights and the bias must agree. Both routes of
+    the second derivative are exercised (grad_input and grad_weight differentiated w.r.t. their
+    grad_output and their other argument)."""
+    oracle = masked_conv(conv, mask)
+    layer = stripeconv.StripeConv2d.from_conv(oracle, mask)
+    keep = mask[:, None].to(oracle.weight.dtype)
+
+    def penalty(module: nn.Module, weight: torch.Tensor, weight_mask):
+        xg = x.detach().clone().requires_grad_(True)
+        y = module(xg)
+        gx, gw = torch.autograd.grad(y.square().sum(), (xg, weight), create_graph=True)
+        loss = gx.square().sum() + (gw * weight_mask).square().sum()
+        loss.backward()
+        return loss.detach(), xg.grad
+
+    expected, x_grad_expected = penalty(oracle, oracle.weight, keep)
+    got, x_grad = penalty(layer, layer.packed_weight, 1.0)
+    torch.testing.assert_close(got, expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x_grad, x_grad_expected, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.packed_weight.grad, pack_weight(oracle.weight.grad, mask), atol=atol, rtol=rtol)
+    if conv.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, oracle.bias.grad, atol=atol, rtol=rtol)
+
+
 # ------------------------------------------------------------------------- pruning tests
 FASHION_SIZE = (1, 1, 28, 28)
 

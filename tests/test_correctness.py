@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import stripeconv
-from conftest import DEGENERATE_SHAPES, check_against_oracle, check_degenerate_shape, random_mask
+from conftest import (DEGENERATE_SHAPES, check_against_oracle, check_degenerate_shape, check_double_backward,
+                      random_mask)
 
 ATOL = {torch.float32: 2e-4, torch.float64: 1e-10}
 
@@ -209,3 +210,33 @@ def test_non_finite_input_is_never_lost(backend, monkeypatch, density, dense_pol
     expected = F.conv2d(x.nan_to_num(0.0, 0.0, 0.0), layer.weight.detach(), layer.bias.detach(), padding=1)
     clean = ~F.conv2d(bad, torch.ones(8, 1, 3, 3, dtype=torch.float64), padding=1).bool()  # sees no bad pixel
     torch.testing.assert_close(got[clean], expected[clean], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv_args", [
+    dict(padding=1),
+    dict(stride=2, padding=(1, 0), dilation=(1, 2)),
+    dict(padding="same", groups=2, bias=False),
+    dict(padding=1, padding_mode="reflect"),
+])
+def test_double_backward(backend, conv_args):
+    """Second derivatives (gradient penalties, create_graph=True) against the masked conv."""
+    gen = torch.Generator().manual_seed(7)
+    conv = nn.Conv2d(4, 6, 3, **conv_args).double()
+    x = torch.randn(2, 4, 7, 6, generator=gen, dtype=torch.float64)
+    check_double_backward(conv, random_mask(6, (3, 3), 0.5, gen), x, atol=1e-9)
+
+
+def test_gradgradcheck_of_the_op(backend):
+    """Finite differences of the gradients of each op, with asymmetric padding the module cannot express."""
+    from stripeconv.ops import stripe_conv2d
+
+    gen = torch.Generator().manual_seed(8)
+    mask = random_mask(4, (3, 2), 0.5, gen)
+    w = torch.randn(int(mask.sum()), 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def conv(x, w, b):
+        return stripe_conv2d(x, w, b, mask, [2, 1], [1, 0, 2, 1], [1, 2], 1)
+
+    assert torch.autograd.gradgradcheck(conv, (x, w, b))

@@ -23,7 +23,7 @@ from torch import nn
 
 import stripeconv
 from stripeconv.backends import cuda as cuda_backend
-from conftest import DEGENERATE_SHAPES, check_degenerate_shape
+from conftest import DEGENERATE_SHAPES, check_degenerate_shape, check_double_backward
 from stripeconv.packing import pack_weight, unpack_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +137,14 @@ def test_oracle_geometry(cuda_kernels, in_ch, out_ch, size, kernel_size, density
 @pytest.mark.parametrize("in_channels,out_channels,size,padding", DEGENERATE_SHAPES)
 def test_degenerate_shapes(cuda_kernels, in_channels, out_channels, size, padding):
     check_degenerate_shape(cuda_kernels, in_channels, out_channels, size, padding)
+
+
+def test_double_backward(cuda_kernels):
+    gen = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, dilation=(1, 2)).double().to(cuda_kernels)
+    mask = (torch.rand(16, 3, 3, generator=gen) < 0.5).to(cuda_kernels)
+    x = torch.randn(2, 8, 7, 9, generator=gen, dtype=torch.float64).to(cuda_kernels)
+    check_double_backward(conv, mask, x, atol=1e-9)
 
 
 def test_oracle_many_pixels_fp16(cuda_kernels):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, deterministic=False, gpu_only=False, mask_update=False,
-            dense="never")
+            dense="never", double_backward=False)
 
 
 def _case(name, **kw):
@@ -83,6 +83,7 @@ CASES = dict([
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
     _case("via_op_autograd", via_op=True, channels_last=True),
+    _case("double_backward", double_backward=True, dtype="float64", C=4, N=6, H=6, W=5, stride=(2, 1)),
     # The dense cuDNN hand-over (STRIPECONV_GPU_DENSE=always): F.conv2d on the scattered weight.
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
     _case("dense_handover_groups_s2", dense="always", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8),
@@ -140,6 +141,28 @@ def _close(name, got, want, dtype_name):
     return ""
 
 
+def _double_backward_case(c, device, gen) -> str:
+    """A gradient penalty through the triton backend against the masked conv (see conftest)."""
+    from conftest import check_double_backward
+    from stripeconv import backends
+
+    kh, kw = c["k"]
+    pt, pb, pl, pr = c["padding"]
+    assert pt == pb and pl == pr, "nn.Conv2d takes symmetric padding"
+    conv = torch.nn.Conv2d(c["C"], c["N"], (kh, kw), c["stride"], (pt, pl), c["dilation"], c["groups"], c["bias"],
+                           dtype=getattr(torch, c["dtype"]), device=device)
+    mask = (torch.rand(c["N"], kh, kw, generator=gen) < c["density"]).to(device)
+    x = torch.randn(c["B"], c["C"], c["H"], c["W"], generator=gen, dtype=conv.weight.dtype).to(device)
+    backends.set_backend("triton")
+    try:
+        check_double_backward(conv, mask, x, atol=TOL[c["dtype"]][0])
+    except AssertionError as exc:
+        return f"double backward: {exc}"
+    finally:
+        backends.set_backend(None)
+    return ""
+
+
 def run_case(name: str, device: str) -> str:
     """Run one case; returns '' on success or a description of the mismatch."""
     from stripeconv.backends import triton_backend as tb
@@ -147,6 +170,8 @@ def run_case(name: str, device: str) -> str:
 
     c = CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
+    if c["double_backward"]:
+        return _double_backward_case(c, device, gen)
     mask, dense, x64, bias64, dtype = _make(c, device, gen)
     mask_cpu = mask.cpu()
     w64 = pack_weight(dense, mask_cpu).contiguous()
