@@ -8,6 +8,7 @@ backends.
 from . import data, models, ops, pruning
 from .backends import available_backends, get_backend, set_backend
 from .export import export
+from .fusion import fuse_batchnorm
 from .nn import StripeConv2d, convert
 from .packing import pack_weight, unpack_weight
 from .profile import profile
@@ -25,6 +26,7 @@ __all__ = [
     "ops",
     "profile",
     "export",
+    "fuse_batchnorm",
     "models",
     "data",
     "pruning",

@@ -792,6 +792,10 @@ def cmd_bench(args) -> int:
     torch.manual_seed(0)
     unpruned = _constructor(desc["arch"])(**desc["arch_kwargs"]).to(device).eval()
     models = {"dense": unpruned, "masked_dense": dense_counterpart(model), "stripe": model}
+    if args.fuse_bn:  # every model alike: BatchNorm folded into the conv before it
+        from .fusion import fuse_batchnorm
+
+        models = {n: fuse_batchnorm(m.eval(), inplace=True) for n, m in models.items()}
     env = environment(device)
     layouts = ["nhwc"] if args.channels_last else args.layouts
     results = []
@@ -806,12 +810,13 @@ def cmd_bench(args) -> int:
         results.append(row)
     layers = layer_latency(model, (args.batch_size[-1], *chw), device, repeats=args.repeats, layouts=layouts) \
         if args.layers else []
-    out = {"path": str(args.model_path), "environment": env, "input_chw": chw, "results": results, "layers": layers}
+    out = {"path": str(args.model_path), "environment": env, "input_chw": chw, "fuse_bn": args.fuse_bn,
+           "results": results, "layers": layers}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
         print(f"{args.model_path} on {device} ({env['threads']} threads, load {env.get('loadavg_1m', '?')}), "
-              f"median ms, fastest of layouts {'/'.join(layouts)}:")
+              f"median ms, fastest of layouts {'/'.join(layouts)}{', BatchNorm folded' if args.fuse_bn else ''}:")
         print(f"{'batch':>6} {'dense':>14} {'dense shapes':>14} {'stripe':>14} {'speedup':>8}")
         c = lambda r, n: f"{r[n + '_ms']:.3f} {r[n + '_layout'].upper()}"  # noqa: E731
         for r in results:
@@ -1031,6 +1036,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory formats to time each model in; the fastest of each model counts")
     p.add_argument("--channels-last", action="store_true", help="NHWC only (same as --layouts nhwc)")
     p.add_argument("--layers", action="store_true", help="also time every StripeConv2d layer alone")
+    p.add_argument("--fuse-bn", action="store_true",
+                   help="fold eval-mode BatchNorm into the conv before it (stripeconv.fuse_batchnorm) in every "
+                        "model timed, as for deployment")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON result to FILE")
     _add_common(p)

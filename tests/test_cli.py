@@ -124,6 +124,9 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["results"][0]["batch"] == 2 and res["results"][0]["stripe_ms"] > 0 and res["layers"]
     assert all(0 < row["gpu_tile_efficiency"] <= 1 for row in res["layers"])
+    assert cli.main(["bench", str(pr / "pruned"), "--batch-size", "2", "--repeats", "2", "--fuse-bn", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["fuse_bn"] is True and res["results"][0]["stripe_ms"] > 0
 
 
 @pytest.mark.parametrize("method,extra", [
