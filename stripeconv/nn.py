@@ -38,6 +38,9 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
+
+
 class StripeConv2d(nn.Module):
     r"""A 2-D convolution whose filters keep only some of their stripes.
 
@@ -296,8 +299,11 @@ class StripeConv2d(nn.Module):
         if amp is not None:  # like nn.Conv2d under torch.autocast: floating operands (not float64) in the amp dtype
             input, weight, bias = (t.to(amp) if t is not None and t.is_floating_point() and t.dtype != torch.float64
                                    else t for t in (input, weight, bias))
-        eager_cpu = input.device.type == "cpu" and not torch.compiler.is_compiling() and backends.eager_cpu_module()
-        conv = eager_cpu.eager_conv2d if eager_cpu else stripe_conv2d  # same kernels; the op's Python layers cost ~20 us
+        # Eager CPU calls skip the op's Python layers (~20 us a call) for the same kernels, except under
+        # torch.func transforms, which the op serves through its vmap rules.
+        eager_cpu = (input.device.type == "cpu" and not torch.compiler.is_compiling()
+                     and not _functorch_active() and backends.eager_cpu_module())
+        conv = eager_cpu.eager_conv2d if eager_cpu else stripe_conv2d
         out = conv(input, weight, bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
         if self.constant_channel_weight is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)

@@ -287,3 +287,37 @@ def _grad_weight_backward(ctx, grad):
 
 stripe_conv2d_grad_input.register_autograd(_grad_input_backward, setup_context=_setup_grad_input_context)
 stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context=_setup_grad_weight_context)
+
+
+# ----------------------------------------------------------------------------- torch.func.vmap
+# Only the input batched (vmap over a batch of batches): the vmapped dimension is folded into the
+# batch, one call. Anything else (ensembles of weights or masks): one call per vmapped index.
+# torch.func.grad cannot go through custom ops with registered autograd (pytorch/pytorch#168393);
+# torch.autograd.grad(..., is_grads_batched=True) works.
+def _batched(a, d) -> bool:
+    return isinstance(a, Tensor) and d is not None
+
+
+def _vmap_loop(op, batch_size: int, in_dims, args):
+    outs = []
+    for i in range(batch_size):
+        outs.append(op(*(a.select(d, i) if _batched(a, d) else a for a, d in zip(args, in_dims))))
+    return torch.stack(outs), 0
+
+
+def _only_first_batched(in_dims, args) -> bool:
+    return [_batched(a, d) for a, d in zip(args, in_dims)] == [True] + [False] * (len(args) - 1)
+
+
+def _forward_vmap(info, in_dims, input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+    args = (input, weight, bias, stripe_mask, stride, padding, dilation, groups)
+    if not _only_first_batched(in_dims, args):
+        return _vmap_loop(stripe_conv2d, info.batch_size, in_dims, args)
+    x = input.movedim(in_dims[0], 0)
+    out = stripe_conv2d(x.flatten(0, 1), weight, bias, stripe_mask, stride, padding, dilation, groups)
+    return out.unflatten(0, x.shape[:2]), 0
+
+
+if hasattr(stripe_conv2d, "register_vmap"):  # torch >= 2.4
+    stripe_conv2d.register_vmap(_forward_vmap)
+
