@@ -38,6 +38,14 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type)
 
 
+def _constant_response(weight: Tensor, height: int, width: int, pads: list[int], stride: list[int],
+                       dilation: list[int]) -> Tensor:
+    """``[1, out, Ho, Wo]`` response of ``weight`` [out, kh, kw] to a channel of ones, zero in ``pads``."""
+    ones = torch.ones(1, 1, height, width, device=weight.device, dtype=weight.dtype)
+    ones = F.pad(ones, [pads[2], pads[3], pads[0], pads[1]])
+    return F.conv2d(ones, weight.unsqueeze(1), None, stride, 0, dilation)
+
+
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
 
 
@@ -327,9 +335,8 @@ class StripeConv2d(nn.Module):
                                                  self.stride, [t, b, l, r], self.dilation, self.groups)
         constant = self.constant_channel_weight
         if constant is not None:
-            ones = torch.ones(1, 1, input.size(-2), input.size(-1), device=constant.device, dtype=constant.dtype)
-            ones = F.pad(ones, [l, r, t, b])  # zeros in the explicit padding, as _constant_map
-            out = out + F.conv2d(ones, constant.unsqueeze(1), None, self.stride, 0, self.dilation)
+            out = out + _constant_response(constant, input.size(-2), input.size(-1), [t, b, l, r], self.stride,
+                                           self.dilation)
         return out.squeeze(0) if unbatched else out
 
     def _constant_map(self, height: int, width: int, pads: tuple[int, int, int, int]) -> Tensor:
@@ -339,9 +346,7 @@ class StripeConv2d(nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling and self._constant_map_cache is not None and self._constant_map_cache[0] == key:
             return self._constant_map_cache[1]
-        t, b, l, r = pads
-        ones = F.pad(torch.ones(1, 1, height, width, device=k.device, dtype=k.dtype), (l, r, t, b))
-        value = F.conv2d(ones, k.unsqueeze(1), None, self.stride, 0, self.dilation)
+        value = _constant_response(k, height, width, list(pads), list(self.stride), list(self.dilation))
         if not compiling:
             self._constant_map_cache = (key, value)
         return value
