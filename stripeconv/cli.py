@@ -659,8 +659,8 @@ def cmd_prune(args) -> int:
 
 
 def _runtime_kwargs(cls, kwargs: dict, train, args, ctx):
-    """Arguments the CLI supplies itself: ``val_data`` (a held-out split of the training data, for LBS and
-    DAIS: ``--val-split``), ``search_steps`` (DAIS: half of the training steps unless set) and ``verbose``
+    """Arguments the CLI supplies itself: ``val_data`` (a held-out split of the training data, for LBS, DAIS and
+    DSA: ``--val-split``), ``search_steps`` (DAIS, DSA: half of the training steps unless set) and ``verbose``
     (progress, unless ``--quiet``).
     Returns the (possibly reduced) training set and those arguments; other missing required ones are errors."""
     import math
@@ -990,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a saved model (e.g. runs/base/model); its dataset is the default")
     p.add_argument("--val-split", type=_val_split, default=None, metavar="F",
                    help="fraction (or, if >= 1, count) of the training data held out as val_data for methods that "
-                        "measure a loss on held-out data (LBS, DAIS; default 0.1 for them); never the test set")
+                        "measure a loss on held-out data (LBS, DAIS, DSA, ...; default 0.1 for them); never the test set")
     _add_model(p)
     _add_data(p)
     _add_training(p, epochs=10, lr=0.01)

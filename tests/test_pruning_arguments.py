@@ -29,6 +29,7 @@ VALID = {
     "PFP": dict(ratio=0.5),
     "LBS": dict(ratio=0.5, val_data=VAL),
     "DAIS": dict(target_flops_reduction=0.5, val_data=VAL, search_steps=4),
+    "DSA": dict(target_flops_reduction=0.5, val_data=VAL, search_steps=4),
     "MetaPruning": dict(ratio=0.5, val_data=VAL),
     "ACP": dict(ratio=0.5, val_data=VAL),
 }
@@ -43,7 +44,7 @@ BAD = [
     (["L1Filter", "SFP"], dict(ratio=None, ratios=[0.5]), TypeError, "ratios must be a dict from layer name"),
     (["L1Filter", "SFP"], dict(ratio=None, ratios={"features.0": "half"}), TypeError, "ratios['features.0']"),
     (["L1Filter", "SFP"], dict(ratio=None, ratios={0: 0.5}), TypeError, "ratios keys must be layer names"),
-    (["L1Filter", "DAIS"], dict(ratio=None, target_flops_reduction=1.5), ValueError, "target_flops_reduction"),
+    (["L1Filter", "DAIS", "DSA"], dict(ratio=None, target_flops_reduction=1.5), ValueError, "target_flops_reduction"),
     (["L1Filter", "SFP", "GReg1"], dict(scope="model"), ValueError, "scope must be one of ('layer', 'global')"),
     (["SFP", "SWP", "IncReg"], dict(epochs=0), ValueError, "epochs must be an integer >= 1"),
     (["SFP", "SWP"], dict(epochs=2.5), TypeError, "epochs must be an integer"),
@@ -91,11 +92,18 @@ BAD = [
     (["ACP"], dict(momentum=1.0), ValueError, "momentum must be a number in [0.0, 1.0)"),
     (["ACP"], dict(fitness_steps=0), ValueError, "fitness_steps must be an integer >= 1"),
     (["ACP"], dict(select="l2"), ValueError, "select must be one of ('l1', 'random')"),
-    (["DAIS"], dict(search_steps=0), ValueError, "search_steps must be an integer >= 1"),
+    (["DAIS", "DSA"], dict(search_steps=0), ValueError, "search_steps must be an integer >= 1"),
     (["DAIS"], dict(t0=1.0, t_end=2.0), ValueError, "t_end must be a number in (0.0, 1.0]"),
-    (["DAIS"], dict(alpha_lr=0), ValueError, "alpha_lr must be a number > 0.0"),
+    (["DAIS", "DSA"], dict(alpha_lr=0), ValueError, "alpha_lr must be a number > 0.0"),
     (["DAIS"], dict(l1_weight=-1.0), ValueError, "l1_weight must be a number >= 0.0"),
-    (["DAIS"], dict(alpha_every=0), ValueError, "alpha_every must be an integer >= 1"),
+    (["DAIS", "DSA"], dict(alpha_every=0), ValueError, "alpha_every must be an integer >= 1"),
+    (["DSA"], dict(beta2=0.0), ValueError, "beta2 must be a number > 0.0"),
+    (["DSA"], dict(floor=1.0), ValueError, "floor must be a number in [0.0, 1.0)"),
+    (["DSA"], dict(keep_init=1.5), ValueError, "keep_init must be a number in [0.01, 1.0]"),
+    (["DSA"], dict(rho=-1.0), ValueError, "rho must be a number > 0.0"),
+    (["DSA"], dict(admm_every=0), ValueError, "admm_every must be an integer >= 1"),
+    (["DSA"], dict(tolerance=1.0), ValueError, "tolerance must be a number in [0.0, 1.0)"),
+    (["DSA"], dict(granularity="stripe"), ValueError, "channels only"),
 ]
 
 CASES = [pytest.param(method, bad, exc, words, id=f"{method}-{'-'.join(f'{k}={v!r}' for k, v in bad.items())}")

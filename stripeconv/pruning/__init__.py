@@ -27,7 +27,9 @@ pruning), :class:`SFP`, :class:`HFP`, :class:`GHFP`, :class:`ASFP`, :class:`SRFP
 regularization: per-unit L2 factors raised by averaged rank), :class:`OrthoReg` (orthonormality
 regularization, Fisher importance, pruning in rounds), :class:`PFP` (provable filter pruning:
 data sensitivities, one error bound for the network), :class:`LBS` (balanced filter pruning
-at a preset loss variation), :class:`DAIS` (differentiable annealing indicator search) and
+at a preset loss variation), :class:`DAIS` (differentiable annealing indicator search),
+:class:`DSA` (differentiable sparsity allocation: per-layer keep ratios learned by gradient
+descent under a FLOPs budget),
 :class:`MetaPruning` (a PruningNet that generates the weights of any channel configuration, and
 an evolutionary search over configurations) and :class:`ACP` (channel counts from clustering similar
 feature maps, refined by a particle swarm search over briefly trained candidates).
@@ -39,6 +41,7 @@ from .acp import ACP
 from .asfp import ASFP
 from .base import Pruner, evaluate, fit
 from .dais import DAIS
+from .dsa import DSA
 from .ghfp import GHFP
 from .greg import GReg1, GReg2, stage_ratios
 from .hfp import HFP
@@ -54,9 +57,9 @@ from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
            "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "OrthoReg", "PFP", "LBS",
-           "BalancedFilterPruning", "holdout_split", "DAIS", "MetaPruning", "ACP", "METHODS"]
+           "BalancedFilterPruning", "holdout_split", "DAIS", "DSA", "MetaPruning", "ACP", "METHODS"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
            "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,
-           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "MetaPruning": MetaPruning,
+           "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "DSA": DSA, "MetaPruning": MetaPruning,
            "ACP": ACP}

@@ -1,5 +1,6 @@
-"""Private helpers shared by GReg, LBS, DAIS and PFP: progress reporting, unit scores, residual
-coupling, prunable channel groups, checkpointable batch cursors and per-channel output gates."""
+"""Private helpers shared by GReg, LBS, DAIS, DSA and PFP: progress reporting, unit scores, residual
+coupling, prunable channel groups, checkpointable batch cursors, per-channel output gates and the
+differentiable FLOPs count."""
 from __future__ import annotations
 
 import sys
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit", "channel_units", "BatchCursor", "replay",
-           "gate_outputs", "gate_module_of"]
+           "gate_outputs", "gate_module_of", "ExpectedFlops", "batchnorm_statistics_kept"]
 
 
 class Progress:
@@ -236,3 +237,61 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     if state and "torch" in state:
         torch.set_rng_state(state["torch"])
+
+
+class ExpectedFlops:
+    """Differentiable FLOPs (batch 1, :func:`stripeconv.profile`'s convention) of a model whose
+    channels are kept with given probabilities.
+
+    Each conv costs ``2 * H * W * kh * kw * E[out] * E[in]`` and each linear layer
+    ``2 * E[in] * out``: ``E[out]`` is the conv's expected number of kept filters and ``E[in]`` the
+    expected number of live input channels, read through the dependency graph from one
+    ``[size]`` alive probability per channel group (``None``: the group is always alive). Kept
+    output and input channels are treated as independent, which is exact for 0/1 probabilities.
+    """
+
+    def __init__(self, graph):
+        self.layers = []  # (name, spatial, kernel area, consumer entries, n_in, fixed n_in or None, n_out)
+        for name, m in graph.modules.items():
+            if name not in graph.spatial:
+                continue
+            entries = graph.consumer_of.get(name, [])
+            if isinstance(m, nn.Conv2d):
+                fixed_in = m.in_channels // m.groups if m.groups > 1 else None
+                self.layers.append((name, graph.spatial[name], m.kernel_size[0] * m.kernel_size[1], entries,
+                                    m.in_channels, fixed_in, m.out_channels))
+            elif isinstance(m, nn.Linear):
+                self.layers.append((name, graph.spatial[name], 1, entries, m.in_features, None, m.out_features))
+
+    def __call__(self, out_counts: dict, alive: list, device: torch.device) -> Tensor:
+        """``out_counts``: conv name -> expected kept filters (0-d tensor; absent: all kept);
+        ``alive``: per graph group, ``[size]`` probabilities or ``None``."""
+        total = torch.zeros((), device=device)
+        for name, spatial, area, entries, n_in, fixed_in, n_out in self.layers:
+            if fixed_in is not None:
+                cin = torch.tensor(float(fixed_in), device=device)
+            else:
+                covered = 0
+                cin = torch.zeros((), device=device)
+                for gi, idx, ridx in entries:
+                    covered += len(idx)
+                    p = alive[gi]
+                    cin = cin + (float(len(idx)) if p is None else p[ridx.to(p.device)].sum().to(device))
+                cin = cin + float(n_in - covered)
+            out = out_counts[name] if name in out_counts else torch.tensor(float(n_out), device=device)
+            total = total + 2.0 * spatial * area * out * cin
+        return total
+
+
+@contextmanager
+def batchnorm_statistics_kept(model: nn.Module):
+    """Run forward passes (e.g. a search step on held-out data) without moving any BatchNorm's
+    running statistics: they are restored on exit."""
+    saved = [(b, b.detach().clone()) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)

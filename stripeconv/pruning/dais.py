@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks as check
-from ._search import BatchCursor, Progress, gate_module_of
+from ._search import BatchCursor, ExpectedFlops, Progress, batchnorm_statistics_kept, gate_module_of
 from .base import Pruner
 
 __all__ = ["DAIS"]
@@ -123,7 +123,7 @@ class DAIS(Pruner):
         self.cursor = BatchCursor(val_data)
         self._train_alpha = False
         self._budget = (1.0 - target_flops_reduction) * self.dense_flops
-        self._flops_plan = self._plan_flops()
+        self._expected_flops = ExpectedFlops(self.graph)
         self._groups = self._coupled_groups()
         self._hooks = []
         self._attach()
@@ -155,23 +155,6 @@ class DAIS(Pruner):
         self._hooks = []
 
     # ----------------------------------------------------------------------- expected FLOPs
-    def _plan_flops(self) -> list:
-        """Per counted layer: (kind, name, spatial, per-unit factor, consumer entries, n_in)."""
-        g = self.graph
-        plan = []
-        for name, m in g.modules.items():
-            if name not in g.spatial:
-                continue
-            if isinstance(m, nn.Conv2d):
-                n_in = m.in_channels
-                k = m.kernel_size[0] * m.kernel_size[1]
-                fixed_in = m.in_channels // m.groups if m.groups > 1 else None
-                plan.append(("conv", name, g.spatial[name], k, g.consumer_of.get(name, []), n_in, fixed_in, m.out_channels))
-            elif isinstance(m, nn.Linear):
-                plan.append(("linear", name, g.spatial[name], 1, g.consumer_of.get(name, []), m.in_features, None,
-                             m.out_features))
-        return plan
-
     def _coupled_groups(self) -> list:
         out = []
         for gi, grp in enumerate(self.graph.groups):
@@ -197,23 +180,8 @@ class DAIS(Pruner):
     def expected_flops(self, ind: Optional[dict] = None) -> Tensor:
         """Differentiable FLOPs (batch 1, profile's convention) with indicators as keep probabilities."""
         ind = ind if ind is not None else self.indicators(detach=False)
-        probs = self._alive_probs(ind)
         dev = next(iter(ind.values())).device if ind else torch.device("cpu")
-        total = torch.zeros((), device=dev)
-        for kind, name, sp, k, entries, n_in, fixed_in, n_out in self._flops_plan:
-            if fixed_in is not None:
-                cin = torch.tensor(float(fixed_in), device=dev)
-            else:
-                covered = 0
-                cin = torch.zeros((), device=dev)
-                for gi, idx, ridx in entries:
-                    covered += len(idx)
-                    p = probs[gi]
-                    cin = cin + (float(len(idx)) if p is None else p[ridx.to(dev)].sum())
-                cin = cin + float(n_in - covered)
-            out = ind[name].sum() if name in ind else torch.tensor(float(n_out), device=dev)
-            total = total + 2.0 * sp * k * out * cin
-        return total
+        return self._expected_flops({n: v.sum() for n, v in ind.items()}, self._alive_probs(ind), dev)
 
     def residual_consistency(self, ind: dict) -> Tensor:
         """Mean variance of the indicators of residual-coupled producers of the same channels."""
@@ -261,11 +229,9 @@ class DAIS(Pruner):
         x, y = self.cursor.next()
         device = next(self.model.parameters()).device
         x, y = x.to(device), y.to(device)
-        bufs = [(b, b.detach().clone()) for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                for b in m.buffers()]
         self._train_alpha = True
-        try:
-            with torch.enable_grad():
+        try:  # the indicator step must not move BN statistics
+            with torch.enable_grad(), batchnorm_statistics_kept(self.model):
                 out = self.model(x)
                 ind = self.indicators(detach=False)
                 loss = self.loss_fn(out, y) + self.regularizer(ind)
@@ -273,9 +239,6 @@ class DAIS(Pruner):
                 grads = torch.autograd.grad(loss, params)
         finally:
             self._train_alpha = False
-            with torch.no_grad():  # the indicator step must not move BN statistics
-                for b, saved in bufs:
-                    b.copy_(saved)
         for p, g in zip(params, grads):
             p.grad = g
         self.alpha_optimizer.step()
