@@ -201,3 +201,13 @@ def test_demo_quick_falls_back_to_the_shipped_subset(tmp_path, capsys, monkeypat
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "summary.json").is_file()
     assert cli.main(["eval", str(tmp_path / "pruned"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == s["accuracy_after"]
+
+
+def test_budget_search_method_gets_val_split_and_search_steps(tmp_path, capsys):
+    """DSA needs val_data and search_steps: the CLI holds out training data and sets half the steps."""
+    assert cli.main(["prune", "--model", "cnn-tiny", "--method", "DSA", "--target", "flops=0.4", "--epochs", "2",
+                     "--out", str(tmp_path), *DATA]) == 0
+    out = capsys.readouterr().out
+    assert "held out" in out and "search_steps=" in out
+    report = json.loads((tmp_path / "prune_report.json").read_text())
+    assert 0.39 <= report["flops_reduction"] <= 0.45

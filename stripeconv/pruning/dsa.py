@@ -341,9 +341,9 @@ class DSA(Pruner):
         self.alpha_steps += 1
         if self.alpha_steps % self.admm_every == 0:  # ADMM: slack, then scaled dual, at the new keep ratios
             with torch.no_grad():
-                g = float(self.budget_violation())
-            self.slack = max(0.0, -g - self.dual)
-            self.dual += g + self.slack
+                violation = float(self.budget_violation())
+            self.slack = max(0.0, -violation - self.dual)
+            self.dual += violation + self.slack
         if self.verbose:
             if self._progress is None:
                 self._progress = Progress(self.search_steps, "DSA search", True, initial=self.steps - 1)
