@@ -170,7 +170,8 @@ def table(rows: list, args) -> str:
              f"{args.pretrain_epochs} pretraining epochs, a search ({_search_text()}) picks the widths, and the "
              f"searched network is trained from scratch in the prune and fine-tuning epochs. "
              f"ACP's swarm is scaled down ({_acp_text()}); its best candidate then trains in the prune "
-             f"epochs like the other one-shot methods.", "",
+             f"epochs like the other one-shot methods. DAIS and DSA search in the first half of the prune steps "
+             f"(on the held-out 10 % of the training data) and fine-tune with the channels fixed in the second.", "",
              "| arch | method | budget | acc dense | dense, same epochs | acc at export | acc fine-tuned | FLOPs red. "
              "| params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -248,7 +249,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     full_train = fashion_mnist(args.data_root, train=True, limit=args.train_size, seed=args.seed)
     test = fashion_mnist(args.data_root, train=False, limit=args.test_size, seed=args.seed)
-    # LBS and DAIS measure losses on held-out *training* data, never on the test set; nothing trains on it.
+    # LBS, DAIS and DSA measure losses on held-out *training* data, never on the test set; nothing trains on it.
     train, held_out = pruning.holdout_split(full_train, 0.1, seed=args.seed)
     def loader_for():
         return shuffled(train, args.batch_size, args.seed)
@@ -291,6 +292,8 @@ def main(argv=None):
                     kw["val_data"] = val_loader
                 elif method == "DAIS":
                     kw.update(val_data=val_loader, search_steps=steps // 2, alpha_lr=0.05)
+                elif method == "DSA":
+                    kw.update(val_data=val_loader, search_steps=steps // 2)
                 elif method == "MetaPruning":  # its PruningNet trains from scratch, as long as the dense model did
                     kw = {"val_data": val_loader, "meta_epochs": args.pretrain_epochs, **METAPRUNING_SEARCH, **kw}
                 elif method == "ACP":

@@ -68,11 +68,12 @@ def test_implicit_gradient_matches_finite_differences(beta2):
     torch.testing.assert_close(g_sum, valid.sum(1).double())
 
 
-def test_search_meets_budget_with_a_learned_allocation(data):
+@pytest.mark.parametrize("precondition", [True, False])
+def test_search_meets_budget_with_a_learned_allocation(data, precondition):
     train_dl, val_dl = data
     torch.manual_seed(0)
     model = tiny_resnet()
-    pr = DSA(model, SIZE, val_data=val_dl, target_flops_reduction=0.5, search_steps=100)
+    pr = DSA(model, SIZE, val_data=val_dl, target_flops_reduction=0.5, search_steps=100, precondition=precondition)
     assert len(pr.units) == 6  # residual-tied convs share one unit (DSA's topological groups)
     expected, evaluated = [], []
     step = pr._alpha_step

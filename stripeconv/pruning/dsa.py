@@ -24,9 +24,13 @@ FLOPs budget ``E[FLOPs](a) <= (1 - target) * dense``. ``E[FLOPs]`` counts each c
 ``a``, and the constraint is handled by ADMM with a slack variable: each step minimises
 ``task loss + rho / 2 * (g(a) + s + u)^2`` with ``g = E[FLOPs] / dense - (1 - target)``, and
 every ``admm_every`` steps ``s = max(0, -g - u)`` and ``u += g + s``. The gradient of ``g``
-weighs each unit by the FLOPs it controls and the task loss by how much its channels matter, so
-the allocation is not uniform. Plain SGD, not Adam, is used for the keep ratios on purpose: a
-per-coordinate normalisation would move every unit at the same speed and erase that difference.
+weighs each unit by the FLOPs it controls, which on a short search lets the units that control
+the most FLOPs (a residual stage, whose channels every block reads) collapse before the task
+loss can hold them; by default the step is therefore preconditioned by each unit's FLOPs
+sensitivity (``precondition``), which leaves the optimum unchanged (the ratio of the task and
+budget gradients is what the KKT conditions equalise) and lets the task loss per FLOP decide the
+allocation. Plain SGD, not Adam, is used for the keep ratios on purpose: a per-coordinate
+normalisation would move every unit at the same speed whatever its gradient.
 
 At step ``search_steps`` each unit keeps its ``round(a_u * size)`` most important channels. If
 that misses the budget by more than ``tolerance`` (relative), all keep ratios are scaled by the
@@ -36,8 +40,8 @@ land in ``[(1 - tolerance) * budget, budget]`` and the learned allocation keeps 
 training goes on as fine-tuning.
 
 The public code holds the pruning process but not the training loop, so the budget optimiser's
-form and constants (ADMM with a slack, ``rho``, ``admm_every``, SGD for the keep ratios) are this
-implementation's; ``beta2 = 1``, ``floor = 0.01`` and the initial keep ratio 0.993
+form and constants (ADMM with a slack, ``rho``, ``admm_every``, preconditioned SGD for the keep
+ratios) are this implementation's; ``beta2 = 1``, ``floor = 0.01`` and the initial keep ratio 0.993
 (``sigmoid(5)``) are the code's. DSA can prune from scratch: nothing here requires a pretrained
 model.
 """
@@ -128,6 +132,11 @@ class DSA(Pruner):
     - ``alpha_lr`` (0.02): SGD step of the keep ratios; ``rho`` (10.0): ADMM penalty of the budget
       constraint; ``admm_every`` (20): keep-ratio steps per ADMM slack/dual update;
       ``alpha_every`` (1): weight steps per keep-ratio step.
+    - ``precondition`` (True): divide each unit's step by its FLOPs sensitivity ``dE[FLOPs]/da_u``
+      (normalised to mean 1), so the budget moves every keep ratio at one speed and the
+      allocation follows the task loss per FLOP; False takes the plain gradient, where the units
+      that control the most FLOPs (a whole residual stage) shrink fastest, and on short searches
+      can collapse.
     - ``tolerance`` (0.02): how far below the budget the final FLOPs may land before the keep
       ratios are rescaled; ``correct`` (True): rescale (False: keep the rounded allocation).
     - ``loss_fn`` (cross entropy): the task loss of the keep-ratio step.
@@ -145,7 +154,8 @@ class DSA(Pruner):
     def __init__(self, model: nn.Module, input_size=None, *, val_data, target_flops_reduction: float,
                  search_steps: int, beta2: float = 1.0, floor: float = 0.01, keep_init: float = 0.993,
                  alpha_lr: float = 0.02, rho: float = 10.0, admm_every: int = 20, alpha_every: int = 1,
-                 tolerance: float = 0.02, correct: bool = True, loss_fn: Optional[Callable] = None, seed: int = 0,
+                 precondition: bool = True, tolerance: float = 0.02, correct: bool = True,
+                 loss_fn: Optional[Callable] = None, seed: int = 0,
                  verbose: bool = False, **kw):
         owner = "DSA"
         if kw.get("ratio") is not None or kw.get("ratios") is not None:
@@ -168,6 +178,7 @@ class DSA(Pruner):
         self.search_steps, self.beta2, self.floor = int(search_steps), float(beta2), float(floor)
         self.rho, self.admm_every, self.alpha_every = float(rho), int(admm_every), int(alpha_every)
         self.tolerance, self.correct = float(tolerance), bool(correct)
+        self.precondition = bool(precondition)
         self.loss_fn = loss_fn or F.cross_entropy
         self.verbose = verbose
         self.units: list[ChannelUnit] = channel_units(self)
@@ -192,7 +203,6 @@ class DSA(Pruner):
         self.correction: Optional[dict] = None
         self.cursor = BatchCursor(val_data)
         self._train_alpha = False
-        self._unit_masks: Optional[Tensor] = None  # [U, C] masks of the running forward pass
         self._probs: Optional[Tensor] = None  # [U, C] keep probabilities of the running keep-ratio step
         self._factors_now: dict = {}  # conv -> [out] gate of the running forward pass
         self._hooks: list = []
@@ -329,7 +339,11 @@ class DSA(Pruner):
                 task = self.loss_fn(self.model(x), y)
                 g = self.budget_violation(self._probs)
                 loss = task + 0.5 * self.rho * (g + self.slack + self.dual) ** 2
-                (grad,) = torch.autograd.grad(loss, [self.keep])
+                (grad,) = torch.autograd.grad(loss, [self.keep], retain_graph=self.precondition)
+                if self.precondition:
+                    (share,) = torch.autograd.grad(g, [self.keep])  # each unit's FLOPs sensitivity
+                    share = share.clamp_min(1e-3 * float(share.abs().max()) + 1e-12)
+                    grad = grad * (share.mean() / share)
         finally:
             self._train_alpha = False
             self._probs = None
