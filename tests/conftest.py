@@ -176,8 +176,8 @@ def penalty_gradient(model: nn.Module, pruner, name: str, x: torch.Tensor, y: to
     return w.grad - g, w.detach()
 
 
-def resume_run(make_pruner, batches: list, n: int, k: int) -> tuple:
-    """Train ``tiny_vgg`` with ``make_pruner(model)`` over ``batches[:n]`` once uninterrupted and once
+def resume_run(make_pruner, batches: list, n: int, k: int, model_fn=None) -> tuple:
+    """Train ``model_fn()`` (default ``tiny_vgg``) with ``make_pruner(model)`` over ``batches[:n]`` once uninterrupted and once
     checkpointed after ``k`` steps and resumed in fresh objects; the weights must end identical.
 
     Returns ``(uninterrupted, checkpointed, resumed, state)``: the three pruners and the checkpoint.
@@ -186,7 +186,7 @@ def resume_run(make_pruner, batches: list, n: int, k: int) -> tuple:
 
     def make(state=None):
         torch.manual_seed(0)
-        model = tiny_vgg()
+        model = (model_fn or tiny_vgg)()
         if state is not None:
             model.load_state_dict(state["model"])
         pruner = make_pruner(model)

@@ -1,10 +1,7 @@
 """DAIS on a small real-data run: the indicators binarise as T anneals, the FLOPs budget is met
 within 2 %, the differentiable FLOPs agree with the graph count, export == masked model, resume is exact."""
-import copy
-
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 
@@ -12,7 +9,7 @@ from stripeconv import pruning  # noqa: E402
 from stripeconv.pruning.dais import DAIS  # noqa: E402
 from stripeconv.pruning.lbs import holdout_split  # noqa: E402
 
-from conftest import FASHION_SIZE as SIZE, fashion, tiny_resnet
+from conftest import FASHION_SIZE as SIZE, fashion, resume_run, tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -94,41 +91,14 @@ def test_dais_expected_flops_and_folding(data):
 def test_dais_resume_is_exact(data):
     train_dl, val_dl = data
     batches = [b for _, b in zip(range(14), iter(train_dl))]
-    kw = dict(val_data=val_dl, target_flops_reduction=0.5, search_steps=10, alpha_lr=0.1)
 
-    def make(state=None):
-        torch.manual_seed(0)
-        model = tiny_resnet()
-        if state is not None:
-            model.load_state_dict(state["model"])
-        pr = DAIS(model, SIZE, **kw)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        if state is not None:
-            pr.load_state_dict(state["pruner"])
-            opt.load_state_dict(state["opt"])
-        return model, pr, opt
+    def make(model):
+        return DAIS(model, SIZE, val_data=val_dl, target_flops_reduction=0.5, search_steps=10, alpha_lr=0.1)
 
-    def run(model, pr, opt, bs):
-        for x, y in bs:
-            loss = F.cross_entropy(model(x), y) + pr.penalty()
-            opt.zero_grad()
-            loss.backward()
-            pr.after_backward()
-            opt.step()
-            pr.after_step()
-
-    model, pr, opt = make()
-    run(model, pr, opt, batches)
     for k in (3, 12):  # inside the search (alphas, Adam state, T, val position) and in fine-tuning
-        m1, p1, o1 = make()
-        run(m1, p1, o1, batches[:k])
-        state = copy.deepcopy({"model": m1.state_dict(), "pruner": p1.state_dict(), "opt": o1.state_dict()})
-        m2, p2, o2 = make(state)
-        assert p2.temperature == p1.temperature and p2.cursor.state()["pos"] == p1.cursor.state()["pos"]
-        run(m2, p2, o2, batches[k:])
-        for key, v in model.state_dict().items():
-            assert torch.equal(v, m2.state_dict()[key]), (k, key)
+        pr, pr1, pr2, _ = resume_run(make, batches, 14, k, model_fn=tiny_resnet)
+        assert pr2.temperature == pr.temperature
         for n in pr.alphas:
-            assert torch.equal(pr.alphas[n], p2.alphas[n])
-            assert torch.equal(pr.masks()[n], p2.masks()[n])
-        assert pr.correction == p2.correction
+            assert torch.equal(pr.alphas[n], pr2.alphas[n])
+            assert torch.equal(pr.masks()[n], pr2.masks()[n])
+        assert pr.correction == pr2.correction

@@ -1,8 +1,6 @@
 """DSA: the keep probabilities meet their keep ratio and their implicit gradient matches finite
 differences; the expected FLOPs equal the graph count for 0/1 masks; a search on real data meets
 the budget with a non-uniform allocation; export == masked model; resume is exact."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +10,7 @@ from stripeconv import pruning
 from stripeconv.pruning.dsa import DSA, keep_probabilities
 from stripeconv.pruning.lbs import holdout_split
 
-from conftest import FASHION_SIZE as SIZE, fashion, tiny_resnet
+from conftest import FASHION_SIZE as SIZE, fashion, resume_run, tiny_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,44 +162,16 @@ def test_task_loss_reaches_the_keep_ratios(data):
 def test_resume_is_exact(data):
     train_dl, val_dl = data
     batches = [b for _, b in zip(range(16), iter(train_dl))]
-    kw = dict(val_data=val_dl, target_flops_reduction=0.5, search_steps=10, admm_every=3)
 
-    def make(state=None):
-        torch.manual_seed(0)
-        model = tiny_resnet()
-        if state is not None:
-            model.load_state_dict(state["model"])
-        pr = DSA(model, SIZE, **kw)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        if state is not None:
-            pr.load_state_dict(state["pruner"])
-            opt.load_state_dict(state["opt"])
-        return model, pr, opt
+    def make(model):
+        return DSA(model, SIZE, val_data=val_dl, target_flops_reduction=0.5, search_steps=10, admm_every=3)
 
-    def run(model, pr, opt, bs):
-        for x, y in bs:
-            loss = F.cross_entropy(model(x), y) + pr.penalty()
-            opt.zero_grad()
-            loss.backward()
-            pr.after_backward()
-            opt.step()
-            pr.after_step()
-
-    model, pr, opt = make()
-    run(model, pr, opt, batches)
     for k in (4, 13):  # inside the search (keep ratios, dual, sampler, val position) and in fine-tuning
-        m1, p1, o1 = make()
-        run(m1, p1, o1, batches[:k])
-        state = copy.deepcopy({"model": m1.state_dict(), "pruner": p1.state_dict(), "opt": o1.state_dict()})
-        m2, p2, o2 = make(state)
-        assert p2.dual == p1.dual and p2.phase == p1.phase
-        run(m2, p2, o2, batches[k:])
-        for key, v in model.state_dict().items():
-            assert torch.equal(v, m2.state_dict()[key]), (k, key)
-        assert torch.equal(pr.keep, p2.keep)
+        pr, pr1, pr2, _ = resume_run(make, batches, 16, k, model_fn=tiny_resnet)
+        assert pr2.phase == pr.phase and pr2.dual == pr.dual and torch.equal(pr.keep, pr2.keep)
         for n in pr.convs:
-            assert torch.equal(pr.masks()[n], p2.masks()[n])
-        assert pr.correction == p2.correction and pr.allocation == p2.allocation
+            assert torch.equal(pr.masks()[n], pr2.masks()[n])
+        assert pr.correction == pr2.correction and pr.allocation == pr2.allocation
 
 
 def test_registered_and_budget_only():

@@ -32,7 +32,6 @@ the hooks holding the masks.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -41,12 +40,12 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from ._search import BatchCursor, ExpectedFlops, Progress, batchnorm_statistics_kept, gate_module_of
-from .base import Pruner
+from ._phased import SearchThenFinetune
 
 __all__ = ["DAIS"]
 
 
-class DAIS(Pruner):
+class DAIS(SearchThenFinetune):
     """Differentiable Annealing Indicator Search (Guan et al., arXiv 2011.02166): channel pruning to a FLOPs budget.
 
     Arguments:
@@ -208,27 +207,11 @@ class DAIS(Pruner):
         return reg
 
     # ------------------------------------------------------------------------------ hooks
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.phase == "search":
-            if self.steps % self.alpha_every == 0:
-                self._alpha_step()
-            self.temperature = self.t0 * (self.t_end / self.t0) ** min(1.0, self.steps / self.search_steps)
-            if self.steps >= self.search_steps:
-                self._finalize()
-        self._enforce(self._frozen)
-
-    def end_epoch(self, epoch: int) -> None:
-        super().end_epoch(epoch)
-        if self.epochs is not None and epoch + 1 >= self.epochs and self.phase == "search":
-            warnings.warn(f"DAIS: the search had not finished after the last epoch (step {self.steps} of "
-                          f"{self.search_steps}); binarising now", stacklevel=2)
-            self._finalize()
+    def _after_search_step(self) -> None:
+        self.temperature = self.t0 * (self.t_end / self.t0) ** min(1.0, self.steps / self.search_steps)
 
     def _alpha_step(self) -> None:
-        x, y = self.cursor.next()
-        device = next(self.model.parameters()).device
-        x, y = x.to(device), y.to(device)
+        x, y = self._val_batch()
         self._train_alpha = True
         try:  # the indicator step must not move BN statistics
             with torch.enable_grad(), batchnorm_statistics_kept(self.model):
@@ -321,16 +304,6 @@ class DAIS(Pruner):
             p.log(f"search done: flops reduction {self.flops_reduction():.4f} (target {self.target_flops_reduction}); "
                   f"correction {self.correction}")
             p.close()
-
-    def prune(self, data=None) -> dict:
-        """End the search now: binarise, correct to the budget, fold; fine-tune next. Returns the masks."""
-        if self.phase == "search":
-            self._finalize()
-        return self.masks()
-
-    @property
-    def done(self) -> bool:
-        return self.phase == "finetune"
 
     def binarization(self) -> float:
         """Fraction of indicators within 0.01 of 0 or 1 at the current temperature."""

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from . import _checks as check
 from ._search import (BatchCursor, ChannelUnit, ExpectedFlops, Progress, batchnorm_statistics_kept, channel_units,
                       gate_module_of)
-from .base import Pruner
+from ._phased import SearchThenFinetune
 
 __all__ = ["DSA", "keep_probabilities"]
 
@@ -113,7 +113,7 @@ def keep_probabilities(keep: Tensor, importance: Tensor, valid: Tensor, beta2: f
     return _KeepProbabilities.apply(keep, log_w, valid, float(beta2), float(floor))
 
 
-class DSA(Pruner):
+class DSA(SearchThenFinetune):
     """Differentiable Sparsity Allocation (Ning et al., ECCV 2020): per-layer keep ratios learned by
     gradient descent under a FLOPs budget, through a differentiable channel pruning process.
 
@@ -313,26 +313,8 @@ class DSA(Pruner):
         return self.expected_flops(probs) / self.dense_flops - self._budget / self.dense_flops
 
     # ---------------------------------------------------------------------------------- hooks
-    def after_step(self) -> None:
-        self.steps += 1
-        if self.phase == "search":
-            if self.steps % self.alpha_every == 0:
-                self._alpha_step()
-            if self.steps >= self.search_steps:
-                self._finalize()
-        self._enforce(self._frozen)
-
-    def end_epoch(self, epoch: int) -> None:
-        super().end_epoch(epoch)
-        if self.epochs is not None and epoch + 1 >= self.epochs and self.phase == "search":
-            warnings.warn(f"DSA: the search had not finished after the last epoch (step {self.steps} of "
-                          f"{self.search_steps}); fixing the channels now", stacklevel=2)
-            self._finalize()
-
     def _alpha_step(self) -> None:
-        x, y = self.cursor.next()
-        device = next(self.model.parameters()).device
-        x, y = x.to(device), y.to(device)
+        x, y = self._val_batch()
         self._train_alpha = True
         try:  # the keep-ratio step must not move BN statistics
             with torch.enable_grad(), batchnorm_statistics_kept(self.model):
@@ -435,17 +417,6 @@ class DSA(Pruner):
             if not added:
                 break
         return counts, lo
-
-    def prune(self, data=None) -> dict:
-        """End the search now: fix each unit's most important channels to its keep ratio (rescaled to
-        the budget); fine-tune next. Returns the masks."""
-        if self.phase == "search":
-            self._finalize()
-        return self.masks()
-
-    @property
-    def done(self) -> bool:
-        return self.phase == "finetune"
 
     def report(self, exported=None) -> dict:
         rep = super().report(exported)
