@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit", "channel_units", "BatchCursor", "replay",
-           "gate_outputs", "gate_module_of", "ExpectedFlops", "batchnorm_statistics_kept"]
+           "gate_outputs", "gate_module_of", "ExpectedFlops",
+           "batchnorm_statistics_kept"]
 
 
 class Progress:

@@ -236,14 +236,21 @@ class DSA(SearchThenFinetune):
         return torch.minimum(torch.clamp(torch.round(keep * sizes), min=1), sizes).long()
 
     @torch.no_grad()
-    def deterministic_masks(self, counts: Optional[Tensor] = None) -> Tensor:
-        """``[U, C]`` 0/1: each unit keeps its ``counts`` (default :meth:`keep_counts`) most important channels."""
-        counts = self.keep_counts() if counts is None else counts
-        score = torch.where(self._valid, self.importance(), torch.full(self._valid.shape, -1.0, device=counts.device))
+    def importance_ranks(self) -> Tensor:
+        """``[U, C]`` each channel's rank in its unit by :meth:`importance` (0 = most important)."""
+        score = torch.where(self._valid, self.importance(), torch.full(self._valid.shape, -1.0,
+                                                                       device=self._valid.device))
         order = torch.argsort(score, dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+        return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
                                                 .expand_as(order).contiguous())
-        return ((rank < counts[:, None]) & self._valid).float()
+
+    @torch.no_grad()
+    def deterministic_masks(self, counts: Optional[Tensor] = None, ranks: Optional[Tensor] = None) -> Tensor:
+        """``[U, C]`` 0/1: each unit keeps its ``counts`` (default :meth:`keep_counts`) most important
+        channels (``ranks``: :meth:`importance_ranks`, when already computed)."""
+        counts = self.keep_counts() if counts is None else counts
+        ranks = self.importance_ranks() if ranks is None else ranks
+        return ((ranks < counts[:, None]) & self._valid).float()
 
     def _sample(self, probs: Tensor) -> Tensor:
         noise = torch.rand(probs.shape, generator=self.generator).to(probs.device)
@@ -356,16 +363,24 @@ class DSA(SearchThenFinetune):
     @torch.no_grad()
     def _finalize(self) -> None:
         keep = self.keep_ratios().detach()
+        ranks = self.importance_ranks()  # the weights do not move while the budget is fitted
+        flops_cache: dict = {}
+
+        def flops_of(counts: Tensor) -> int:
+            key = tuple(counts.tolist())
+            if key not in flops_cache:
+                flops_cache[key] = self.flops(self.unit_keeps_to_masks(self.deterministic_masks(counts, ranks)))
+            return flops_cache[key]
+
         counts = self.keep_counts(keep)
-        before = self.flops(self._counts_to_masks(counts))
+        before = flops_of(counts)
+        scale = 1.0
         if self.correct:
-            counts, scale = self._fit_budget(keep, counts)
-        else:
-            scale = 1.0
-        masks = self._counts_to_masks(counts)
-        after = self.flops(masks)
+            counts, scale = self._fit_budget(keep, counts, flops_of)
+        masks = self.unit_keeps_to_masks(self.deterministic_masks(counts, ranks))
         self.allocation = {u.name: int(counts[i]) / u.size for i, u in enumerate(self.units)}
-        self.correction = {"flops_before": before / self.dense_flops, "flops_after": after / self.dense_flops,
+        self.correction = {"flops_before": before / self.dense_flops,
+                           "flops_after": flops_of(counts) / self.dense_flops,
                            "budget": self._budget / self.dense_flops, "scale": scale,
                            "applied": not torch.equal(counts, self.keep_counts(keep))}
         self.phase = "finetune"
@@ -377,30 +392,27 @@ class DSA(SearchThenFinetune):
                   f"correction {self.correction}")
             p.close()
 
-    def _counts_to_masks(self, counts: Tensor) -> dict:
-        return self.unit_keeps_to_masks(self.deterministic_masks(counts))
-
-    def _fit_budget(self, keep: Tensor, counts: Tensor) -> tuple:
+    def _fit_budget(self, keep: Tensor, counts: Tensor, flops_of: Callable[[Tensor], int]) -> tuple:
         """Bring the FLOPs into ``[(1 - tolerance) * budget, budget]``: scale every keep ratio by
         the largest factor that fits (bisection), then add single channels, the units furthest
         below their scaled ratio first, while they fit. Returns ``(counts, scale)``."""
         budget, low = self._budget, (1.0 - self.tolerance) * self._budget
-        flops = self.flops(self._counts_to_masks(counts))
-        if low <= flops <= budget:
+        if low <= flops_of(counts) <= budget:
             return counts, 1.0
+
         def counts_at(c: float) -> Tensor:
             return self.keep_counts((keep * c).clamp(max=1.0))
         lo, hi = 0.0, float(1.0 / keep.min().clamp_min(1e-6))  # at lo one channel per unit, at hi every unit whole
-        if self.flops(self._counts_to_masks(counts_at(lo))) > budget:
+        if flops_of(counts_at(lo)) > budget:
             warnings.warn("DSA: even one channel per unit exceeds the FLOPs budget; keeping one", stacklevel=4)
             return counts_at(lo), 0.0
-        if self.flops(self._counts_to_masks(counts_at(hi))) <= budget:
+        if flops_of(counts_at(hi)) <= budget:
             return counts_at(hi), hi
         for _ in range(40):  # the largest factor whose FLOPs fit
             mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if self.flops(self._counts_to_masks(counts_at(mid))) <= budget else (lo, mid)
+            lo, hi = (mid, hi) if flops_of(counts_at(mid)) <= budget else (lo, mid)
         counts = counts_at(lo)
-        flops = self.flops(self._counts_to_masks(counts))
+        flops = flops_of(counts)
         sizes = self._valid.sum(1)
         while flops < low:
             deficit = (keep * lo).clamp(max=1.0) * sizes - counts
@@ -410,7 +422,7 @@ class DSA(SearchThenFinetune):
                     continue
                 trial = counts.clone()
                 trial[ui] += 1
-                f = self.flops(self._counts_to_masks(trial))
+                f = flops_of(trial)
                 if f <= budget:
                     counts, flops, added = trial, f, True
                     break
