@@ -7,7 +7,9 @@ reads them, joins the process group (``gloo`` on CPU, ``nccl`` on GPU) and retur
 else changes.
 
 Pruner state stays identical on every rank: gradients are averaged by DDP before the pruner's
-``after_backward`` sees them, so weight-based decisions are the same everywhere; on top of that
+``after_backward`` sees them, so weight-based decisions are the same everywhere; the search
+variables of DAIS and DSA, which live outside the model, have their held-out gradients averaged
+by :func:`average_gradients` (each rank may hold its own part of ``val_data``); on top of that
 :func:`broadcast_pruner_state` makes rank 0's masks, schedules and method state authoritative
 after every pruning decision (one-shot ``prune(data)`` reads each rank's data), and
 :func:`digest` / :func:`all_equal` check it. Only rank 0 writes files (``ctx.is_main``).
@@ -20,14 +22,15 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional
+from typing import Any, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 __all__ = ["DistContext", "init_from_env", "single_process", "wrap_model", "unwrap",
-           "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "cleanup",
+           "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "average_gradients",
+           "cleanup",
            "joined_process_group", "exit_process"]
 
 _joined_process_group = False  # set once this process has initialised a process group
@@ -219,3 +222,20 @@ def all_reduce_sum(values: list, ctx: DistContext) -> list:
     t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.backend == "nccl" else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def average_gradients(grads: Sequence[torch.Tensor]) -> list:
+    """The mean of each gradient over all ranks of the running process group (one all-reduce).
+
+    For parameters that live outside the DDP-wrapped model (a pruner's search variables): DDP
+    averages only the model's gradients, so without this each rank would step on its own data
+    and the ranks' search variables would drift apart. Without a process group of several
+    ranks the gradients come back unchanged.
+    """
+    grads = list(grads)
+    if not grads or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return grads
+    flat = torch.cat([g.detach().reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]

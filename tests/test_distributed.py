@@ -72,6 +72,55 @@ def test_ddp_two_processes_identical_state(tmp_path):
     assert (out / "prune.ckpt").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def _search_worker(rank, world, port, result_dir):
+    """DAIS and DSA under DDP, each rank with its own held-out batches: the search variables
+    (outside the DDP model) must still take the same steps on every rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.nn.functional as F
+
+    from stripeconv import models, pruning
+    from stripeconv.data.embedded import fashion_mnist_subset
+    from stripeconv.distributed import cleanup, digest, exit_process, init_from_env, wrap_model
+
+    ctx = init_from_env("cpu")
+    x, y = fashion_mnist_subset(train=True)[:256]
+    own = slice(128 + 64 * rank, 128 + 64 * (rank + 1))  # held-out batches differ between the ranks
+    val = [(x[own][i:i + 16], y[own][i:i + 16]) for i in range(0, 64, 16)]
+    res = {}
+    for method, extra in (("DAIS", {"alpha_lr": 0.05}), ("DSA", {"alpha_lr": 0.5, "admm_every": 2})):
+        torch.manual_seed(0)
+        model = models.vgg(cfg=[8, "M", 8, "M", 16], in_channels=1)
+        pruner = getattr(pruning, method)(model, (1, 1, 28, 28), val_data=val, target_flops_reduction=0.5,
+                                          search_steps=100, **extra)
+        start = digest(pruner.state_dict())
+        ddp = wrap_model(model, ctx)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(6):
+            i = 16 * (2 * step + rank)
+            F.cross_entropy(ddp(x[i:i + 16]), y[i:i + 16]).backward()
+            opt.step()
+            opt.zero_grad()
+            pruner.after_step()
+        state = pruner.state_dict()
+        res[method] = {"search": digest(state), "moved": digest(state) != start, "weights": digest(dict(model.named_parameters()))}
+    Path(result_dir, f"rank{ctx.rank}.json").write_text(json.dumps(res))
+    cleanup(ctx)
+    exit_process(0)
+
+
+def test_ddp_search_variables_step_together(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_search_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2))
+    for method in ("DAIS", "DSA"):
+        assert r0[method]["moved"] and r1[method]["moved"], method
+        assert r0[method]["weights"] == r1[method]["weights"], method
+        assert r0[method]["search"] == r1[method]["search"], method
+
+
 def test_torchrun_cli_prune(tmp_path):
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from . import _checks as check
 from ._search import BatchCursor, ExpectedFlops, Progress, batchnorm_statistics_kept, gate_module_of
 from ._phased import SearchThenFinetune
@@ -222,7 +223,7 @@ class DAIS(SearchThenFinetune):
                 grads = torch.autograd.grad(loss, params)
         finally:
             self._train_alpha = False
-        for p, g in zip(params, grads):
+        for p, g in zip(params, distributed.average_gradients(grads)):  # one step on every rank
             p.grad = g
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)

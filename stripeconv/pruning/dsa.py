@@ -54,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
 from . import _checks as check
 from ._search import (BatchCursor, ChannelUnit, ExpectedFlops, Progress, batchnorm_statistics_kept, channel_units,
                       gate_module_of)
@@ -336,7 +337,7 @@ class DSA(SearchThenFinetune):
         finally:
             self._train_alpha = False
             self._probs = None
-        self.keep.grad = grad
+        (self.keep.grad,) = distributed.average_gradients([grad])  # one step on every rank
         self.alpha_optimizer.step()
         self.alpha_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
