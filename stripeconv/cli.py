@@ -17,6 +17,7 @@ import argparse
 import inspect
 import json
 import math
+import os
 import sys
 import textwrap
 import traceback
@@ -1122,6 +1123,9 @@ def run() -> None:
 
     try:
         code = main()
+    except BrokenPipeError:  # the reader went away (`stripeconv methods | head`): stop quietly, like a Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the final flush cannot fail again
+        code = 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
     except Exception:
         if not joined_process_group():
             raise

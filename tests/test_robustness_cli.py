@@ -3,10 +3,14 @@ no traceback) instead of a crash or a silently wrong run; --resume refuses check
 log holds one record per event after re-runs."""
 import gzip
 import json
+import os
 import pickle
 import re
 import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -379,3 +383,18 @@ def test_metrics_log_has_one_record_per_event_after_reruns(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r.get("event", r.get("epoch"))) for r in log] == \
         [("prune", "oneshot_prune"), ("prune", 0), ("export", "saved"), ("train", 0), ("train", "saved")]
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
+    """``stripeconv methods | head -1``: when the reader has gone, the command stops with 141 (as if
+    killed by SIGPIPE) and no traceback, instead of a BrokenPipeError."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line is written
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    try:
+        p = subprocess.run([sys.executable, "-m", "stripeconv", "methods"], stdout=write_end, stderr=subprocess.PIPE,
+                           cwd=tmp_path, env=env, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert p.returncode == 141, p.stderr
+    assert "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
