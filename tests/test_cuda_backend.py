@@ -295,6 +295,18 @@ def test_unsupported_dtype_is_named(emulated_ops):
                              mask, [1, 1], [0, 0, 0, 0], [1, 1], 1)
 
 
+def test_input_smaller_than_the_kernel_is_refused(emulated_ops):
+    """The raw kernels refuse it too (the op checks first). With stride 2 the numerator is -1 and a
+    truncating division would give one output row."""
+    mask = torch.ones(4, 3, 3, dtype=torch.bool)
+    w, x = torch.randn(36, 2), torch.randn(1, 2, 2, 5)
+    for stride in ([1, 1], [2, 2]):
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            emulated_ops.forward(x, w, None, mask, stride, [0, 0, 0, 0], [1, 1], 1)
+        with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+            emulated_ops.grad_weight(torch.randn(1, 4, 1, 2), x, w, mask, stride, [0, 0, 0, 0], [1, 1], 1)
+
+
 def test_kernels_reject_wrong_device(emulated_ops):
     # Registered for CPU tensors only: a meta tensor has no kernel to run.
     mask = torch.ones(2, 1, 1, dtype=torch.bool)

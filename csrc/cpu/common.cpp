@@ -102,8 +102,11 @@ Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor
   TORCH_CHECK(weight.size(0) == g.S, op, ": packed weight has ", weight.size(0),
               " rows but stripe_mask keeps ", g.S, " stripes");
   const int64_t hnum = g.H + g.pt + g.pb - g.dh * (g.kh - 1) - 1, wnum = g.W + g.pl + g.pr - g.dw * (g.kw - 1) - 1;
-  g.Ho = hnum < 0 ? 0 : hnum / g.sh + 1;
-  g.Wo = wnum < 0 ? 0 : wnum / g.sw + 1;
+  TORCH_CHECK_VALUE(hnum >= 0 && wnum >= 0, op, ": input of spatial size [", g.H, ", ", g.W, "] with padding ",
+                    shape_str(padding), " is smaller than the dilated kernel [", g.kh, ", ", g.kw, "] (dilation ",
+                    shape_str(dilation), "): no output pixel");
+  g.Ho = hnum / g.sh + 1;
+  g.Wo = wnum / g.sw + 1;
   g.Hpm = ceil_div(g.H, g.sh);
   g.Wpm = ceil_div(g.W, g.sw);
   return g;

@@ -117,10 +117,12 @@ ConvShape make_shape(const char* op, at::IntArrayRef input_shape, const at::Tens
   s.dh = int(dilation[0]), s.dw = int(dilation[1]);
   TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && *std::min_element(padding.begin(), padding.end()) >= 0,
               "stripeconv_cuda.", op, ": stride and dilation must be positive and padding non-negative");
-  const int64_t ho = (input_shape[2] + padding[0] + padding[1] - s.dh * (s.kh - 1) - 1) / s.sh + 1;
-  const int64_t wo = (input_shape[3] + padding[2] + padding[3] - s.dw * (s.kw - 1) - 1) / s.sw + 1;
-  TORCH_CHECK(ho >= 1 && wo >= 1, "stripeconv_cuda.", op, ": the padded input ", input_shape,
-              " is smaller than the dilated kernel");
+  // The numerators are checked before dividing: C++ division truncates towards zero, so -1 / 2 + 1 == 1.
+  const int64_t hnum = input_shape[2] + padding[0] + padding[1] - s.dh * (s.kh - 1) - 1;
+  const int64_t wnum = input_shape[3] + padding[2] + padding[3] - s.dw * (s.kw - 1) - 1;
+  TORCH_CHECK_VALUE(hnum >= 0 && wnum >= 0, "stripeconv_cuda.", op, ": the padded input ", input_shape,
+                    " is smaller than the dilated kernel");
+  const int64_t ho = hnum / s.sh + 1, wo = wnum / s.sw + 1;
   s.Ho = int(ho), s.Wo = int(wo);
   s.groups = int(groups), s.Cg = s.C / s.groups, s.Ng = s.N / s.groups;
   s.S = int(weight.size(0));
