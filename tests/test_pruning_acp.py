@@ -291,6 +291,27 @@ def test_candidate_training_is_seeded(data, val):
     assert runs[0][0] == runs[1][0] and all(torch.equal(runs[0][1][k], runs[1][1][k]) for k in runs[0][1])
 
 
+@pytest.mark.parametrize("make", [tiny_vgg, tiny_resnet], ids=["vgg", "resnet"])
+def test_candidates_train_as_smaller_networks_with_the_same_result(make, data, val):
+    """shrink_candidates trains the network without its pruned channels: the same accuracy and, at
+    every weight that reads a kept channel, the same trained weights as the masked full-size one."""
+    torch.manual_seed(0)
+    model = make()
+    results = {}
+    for shrink in (True, False):
+        pr = ACP(model, SIZE, val_data=val, shrink_candidates=shrink, **SMALL)
+        roots = pr.kept_roots([max(1, s // 2) for s in pr.sizes])
+        results[shrink] = pr.train_candidate(roots, data)
+    assert results[True][0] == pytest.approx(results[False][0], abs=1.0 / 64)  # at most one image apart
+    outputs = []
+    for shrink in (True, False):
+        net = copy.deepcopy(model)
+        net.load_state_dict(results[shrink][1])
+        with torch.no_grad():
+            outputs.append(net.eval()(val[0][0]))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------- fitness
 def test_candidates_keep_the_highest_l1_filters_and_hold_pruned_ones_at_zero(pretrained_vgg, data, val):
     before = copy.deepcopy(pretrained_vgg.state_dict())

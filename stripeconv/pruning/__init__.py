@@ -33,7 +33,9 @@ descent under a FLOPs budget),
 :class:`MetaPruning` (a PruningNet that generates the weights of any channel configuration, and
 an evolutionary search over configurations) and :class:`ACP` (channel counts from clustering similar
 feature maps, refined by a particle swarm search over briefly trained candidates).
-Shared primitives are in :mod:`stripeconv.pruning.criteria`. Export and FLOPs targets need
+Shared primitives are in :mod:`stripeconv.pruning.criteria`; :func:`shrink` gives the physically
+smaller network that a masked model computes, to train, and puts its values back (ACP trains its
+candidates that way). Export and FLOPs targets need
 ``torch-pruning`` (the dependency graph).
 """
 from . import criteria
@@ -52,12 +54,14 @@ from .metapruning import MetaPruning
 from .orthoreg import OrthoReg
 from .pfp import PFP
 from .sfp import SFP
+from .shrink import Shrunk, shrink
 from .srfp import ASRFP, SRFP
 from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
            "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "OrthoReg", "PFP", "LBS",
-           "BalancedFilterPruning", "holdout_split", "DAIS", "DSA", "MetaPruning", "ACP", "METHODS"]
+           "BalancedFilterPruning", "holdout_split", "DAIS", "DSA", "MetaPruning", "ACP", "METHODS",
+           "shrink", "Shrunk"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
            "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,

@@ -59,6 +59,7 @@ from . import _checks as check
 from . import criteria as C
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
 from .base import Pruner, _dense_copy, _name_of, copy_matching
+from .shrink import shrink
 
 __all__ = ["ACP", "dbscan_count"]
 
@@ -114,7 +115,10 @@ class ACP(Pruner):
       ``step`` (the code's ``r``, 2.0), ``c1`` / ``c2`` (2.0), ``chi`` (0.729).
     - fitness: ``fitness_epochs`` (3 passes over ``data``) or ``fitness_steps`` (batches, overrides),
       ``lr`` (0.1), ``momentum`` (0.9), ``weight_decay`` (1e-4), ``eval_batches`` (None: all of
-      ``val_data``); ``select``: ``"l1"`` (highest filter L1 norms) or ``"random"`` channels kept.
+      ``val_data``); ``select``: ``"l1"`` (highest filter L1 norms) or ``"random"`` channels kept;
+      ``shrink_candidates`` (True): train each candidate as the smaller network without its pruned
+      channels (:func:`~stripeconv.pruning.shrink.shrink`), which computes what the full-size
+      network with masked weights computes (False) at the smaller network's cost.
     - ``seed`` (swarm, channel draws, candidate training), ``verbose`` (progress), and the common
       arguments of :class:`~stripeconv.pruning.Pruner`. Only filters are pruned.
 
@@ -132,7 +136,7 @@ class ACP(Pruner):
                  step: float = 2.0, c1: float = 2.0, c2: float = 2.0, chi: float = 0.729, tolerance: float = 0.03,
                  fitness_epochs: int = 3, fitness_steps: Optional[int] = None, lr: float = 0.1,
                  momentum: float = 0.9, weight_decay: float = 1e-4, eval_batches: Optional[int] = None,
-                 select: str = "l1", seed: int = 0, verbose: bool = False, **kw):
+                 select: str = "l1", shrink_candidates: bool = True, seed: int = 0, verbose: bool = False, **kw):
         owner = "ACP"
         if kw.get("ratios") is not None:
             raise ValueError("ACP searches the per-layer channel counts itself, ratios= is not accepted: give "
@@ -165,6 +169,7 @@ class ACP(Pruner):
         self.fitness_epochs, self.fitness_steps, self.lr = fitness_epochs, fitness_steps, lr
         self.momentum, self.weight_decay, self.eval_batches = momentum, weight_decay, eval_batches
         self.select, self.seed, self.verbose = select, seed, verbose
+        self.shrink_candidates = bool(shrink_candidates)
         self.units: list[ChannelUnit] = channel_units(self)
         if not self.units:
             raise ValueError(f"{owner}: no prunable unit (every channel group has a producer that is not prunable)")
@@ -353,17 +358,26 @@ class ACP(Pruner):
         """A copy of the pretrained model keeping ``roots``, trained for the fitness steps with the
         pruned channels held at zero; returns ``(validation accuracy, its state_dict)``."""
         model = _dense_copy(self.model)
-        names = dict(model.named_modules())
-        convs = {n: names[n] for n in self.convs}
-        bn_of = {n: names[_name_of(self.model, bn)] for n, bn in self._bn_of.items()}
         masks = self.masks_for(roots)
+        bn_names = {n: _name_of(self.model, bn) for n, bn in self._bn_of.items()}
 
         @torch.no_grad()
         def enforce():
             for name, conv in convs.items():
                 conv.weight.mul_(masks[name].to(conv.weight.device, conv.weight.dtype)[:, None])
             C.zero_dead_bn(convs, masks, bn_of)
+
+        def bind(net: nn.Module) -> tuple:
+            names = dict(net.named_modules())
+            return {n: names[n] for n in self.convs}, {n: names[b] for n, b in bn_names.items()}
+        convs, bn_of = bind(model)
         enforce()
+        shrunk = None
+        if self.shrink_candidates:  # the same training on the network without its pruned channels
+            full_state = model.state_dict()
+            shrunk = shrink(model, masks, self.input_size)
+            model, masks = shrunk.model, shrunk.masks
+            convs, bn_of = bind(model)
         if self.cursor is None or self.cursor.data is not data:
             self.cursor = BatchCursor(data)
             if self._cursor_state is not None:
@@ -388,7 +402,7 @@ class ACP(Pruner):
                 opt.step()
                 enforce()
         self._cursor_state = self.cursor.state()
-        return self._accuracy(model, device), model.state_dict()
+        return self._accuracy(model, device), (shrunk.expand(full_state) if shrunk else model.state_dict())
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, device) -> float:
