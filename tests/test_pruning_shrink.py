@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stripeconv.pruning import criteria as C
-from stripeconv.pruning.shrink import shrink
+from stripeconv.pruning import shrink
 
 from conftest import FASHION_SIZE as SIZE, tiny_resnet, tiny_vgg
 

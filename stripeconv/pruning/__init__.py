@@ -54,7 +54,7 @@ from .metapruning import MetaPruning
 from .orthoreg import OrthoReg
 from .pfp import PFP
 from .sfp import SFP
-from .shrink import Shrunk, shrink
+from ._shrink import Shrunk, shrink
 from .srfp import ASRFP, SRFP
 from .swp import SWP, FilterSkeleton
 

@@ -59,7 +59,7 @@ from . import _checks as check
 from . import criteria as C
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
 from .base import Pruner, _dense_copy, _name_of, copy_matching
-from .shrink import shrink
+from ._shrink import shrink
 
 __all__ = ["ACP", "dbscan_count"]
 
@@ -117,7 +117,7 @@ class ACP(Pruner):
       ``lr`` (0.1), ``momentum`` (0.9), ``weight_decay`` (1e-4), ``eval_batches`` (None: all of
       ``val_data``); ``select``: ``"l1"`` (highest filter L1 norms) or ``"random"`` channels kept;
       ``shrink_candidates`` (True): train each candidate as the smaller network without its pruned
-      channels (:func:`~stripeconv.pruning.shrink.shrink`), which computes what the full-size
+      channels (:func:`~stripeconv.pruning.shrink`), which computes what the full-size
       network with masked weights computes (False) at the smaller network's cost.
     - ``seed`` (swarm, channel draws, candidate training), ``verbose`` (progress), and the common
       arguments of :class:`~stripeconv.pruning.Pruner`. Only filters are pruned.
