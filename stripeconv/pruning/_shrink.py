@@ -87,7 +87,7 @@ def shrink(model: nn.Module, masks: dict, input_size, device: Optional[torch.dev
         graph.DG.get_pruning_group(g.root, handler, ridx).prune()
 
     full = dict(model.state_dict())
-    small = copy.deepcopy(index_model)
+    small = index_model  # now of the smaller shapes: give it the model's values
     index = {}
     tensors = dict(small.named_parameters())
     tensors.update(dict(small.named_buffers()))
