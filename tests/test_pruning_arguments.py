@@ -82,6 +82,8 @@ BAD = [
     (["PFP"], dict(eps_range=(0.0, 1.0)), ValueError, "eps_range must be a number > 0.0"),
     (["PFP"], dict(eps_range=5.0), TypeError, "eps_range must be a pair"),
     (["PFP"], dict(eps_iters=0), ValueError, "eps_iters must be an integer >= 1"),
+    (["PFP"], dict(sampling="top"), ValueError, "sampling must be one of ('deterministic', 'random')"),
+    (["PFP"], dict(seed=-1), ValueError, "seed must be an integer >= 0"),
     (["PFP", "LBS", "MetaPruning", "ACP"], dict(ratio=0.5, granularity="stripe"), ValueError, "filters only"),
     (["MetaPruning", "ACP"], dict(ratio=None, ratios={"features.0": 0.5}), ValueError, "ratios= is not accepted"),
     (["ACP"], dict(particles=0), ValueError, "particles must be an integer >= 1"),

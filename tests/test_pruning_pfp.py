@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from stripeconv import cli, pruning
-from stripeconv.pruning.pfp import (PFP, conv_input_sensitivity, expected_unique, linear_input_sensitivity,
-                                    sample_complexity)
+from stripeconv.pruning.pfp import (PFP, conv_input_sensitivity, draws_for_unique, expected_unique,
+                                    linear_input_sensitivity, sample_channels, sample_complexity)
 
 from conftest import FASHION_SIZE as SIZE, check_export, fashion, tiny_resnet, tiny_vgg
 
@@ -169,6 +169,76 @@ def test_smallest_eps_reaching_the_target_keeps_the_most_sensitive_channels(trai
         if dropped:
             assert min(float(score[i]) for i in kept_roots) >= max(float(score[i]) for i in dropped)
     check_export(pr, next(iter(data))[0][:8])
+
+
+def test_draws_reach_the_allocation_and_reweighting_is_unbiased():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04, 0.0], dtype=torch.float64)
+    for k in (1, 2.5, 4, 6):
+        m = draws_for_unique(p, k)
+        assert expected_unique(p, m) >= k - 1e-9 and (m == 1 or expected_unique(p, m - 1) < k)
+    assert draws_for_unique(p, 9) == draws_for_unique(p, 6)  # capped at the channels with p > 0
+    assert draws_for_unique(p, 0) == 0
+    runs = [sample_channels(p, 4, g) for _ in range(4000)]
+    m = runs[0][1]
+    counts = torch.stack([c for c, _ in runs]).double()
+    assert all(mm == m for _, mm in runs) and bool((counts.sum(1) == m).all()) and not bool(counts[:, -1].any())
+    kept = (counts > 0).sum(1).double()
+    assert float(kept.mean()) == pytest.approx(expected_unique(p, m), abs=0.05)  # the allocation, on average
+    gamma = counts[:, :-1] / (m * p[:-1])
+    torch.testing.assert_close(gamma.mean(0), torch.ones(6, dtype=torch.float64), atol=0.06, rtol=0)
+
+
+@pytest.mark.parametrize("make", [tiny_vgg, tiny_resnet])
+def test_random_sampling_keeps_the_draws_and_reweights_every_consumer(trained, data, make):
+    data = [next(iter(data))]  # the same 64 points for every pruner below
+    model = fresh(trained, make)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pr = PFP(model, SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=3)
+    masks = pr.prune(data)
+    assert pr.draws, "nothing was sampled"
+    expected = {n: w.clone() for n, w in before.items()}
+    for u in pr.units:
+        if u.name not in pr.draws:
+            continue
+        counts, m = pr.draws[u.name]
+        p = pr.sensitivity(u).clamp(min=0) * pr._alive[u.group]
+        q = p / p.sum()
+        assert int(counts.sum()) == m and pr.unit_keep[u.name] == int((counts > 0).sum())
+        for name, idx, ridx in u.members:  # the drawn channels are the kept filters
+            alive = masks[name].flatten(1).any(1)[idx]
+            assert torch.equal(alive, counts[ridx] > 0), (u.name, name)
+        for name, idx, ridx in pr.graph.groups[u.group].consumers:
+            w = expected[f"{name}.weight"]
+            keep = counts[ridx] > 0
+            gamma = (counts[ridx].double() / (m * q[ridx]))[keep].float()
+            w[:, idx[keep]] *= gamma.view((1, -1) + (1,) * (w.dim() - 2))
+    bn_conv = {[k for k, mod in model.named_modules() if mod is bn][0]: conv for conv, bn in pr._bn_of.items()}
+    for name, p in model.named_parameters():  # reweighted consumers, pruned stripes and dead filters' BN at zero
+        module, _, kind = name.rpartition(".")
+        want = expected[name]
+        if module in masks:
+            alive = masks[module].flatten(1).any(1)
+            want = want * (masks[module][:, None] if kind == "weight" else alive)
+        elif module in bn_conv:
+            want = want * masks[bn_conv[module]].flatten(1).any(1)
+        torch.testing.assert_close(p.detach(), want.to(p.dtype), msg=name)
+    check_export(pr, data[0][0][:8])
+    again = PFP(fresh(trained, make), SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(again.prune(data).values(), masks.values()))  # seeded
+    restored = PFP(fresh(trained, make), SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=3)
+    restored.load_state_dict(pr.state_dict())
+    assert all(torch.equal(restored.draws[k][0], c) and restored.draws[k][1] == m for k, (c, m) in pr.draws.items())
+
+
+def test_random_sampling_reaches_the_target_on_average(trained, data):
+    data = [next(iter(data))]
+    reached = []
+    for seed in range(4):
+        pr = PFP(fresh(trained, tiny_vgg), SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=seed)
+        reached.append(pr.target_metric(pr.prune(data)))
+    assert len(set(reached)) > 1  # the draws differ between seeds
+    assert sum(reached) / len(reached) == pytest.approx(0.5, abs=0.1)
 
 
 def test_sensitivity_of_residual_units_uses_every_consumer(trained, data):

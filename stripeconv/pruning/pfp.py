@@ -19,9 +19,14 @@ One shot, then fine-tune:
 3. **Search over ε.** One ``ε`` for the whole network: a bisection on ``log ε`` finds the smallest
    ``ε`` whose allocation reaches the requested ``ratio`` (fraction of the prunable filters) or
    ``target_flops_reduction``.
-4. **Selection.** Each channel group keeps its highest-sensitivity channels (the deterministic
-   PFP of the public code: top channels instead of sampling, no reweighting), the filters of the
-   rest are pruned (masks held, BN of dead filters zeroed) and the model is fine-tuned.
+4. **Selection.** ``sampling="deterministic"`` (default): each channel group keeps its
+   highest-sensitivity channels (the public code's PFP: top channels instead of sampling, no
+   reweighting). ``sampling="random"`` (the public code's PFPNetRand, the paper's algorithm):
+   ``m'`` channels are drawn with replacement from ``p``, with ``m'`` the smallest number of draws
+   whose expected count of distinct channels reaches the allocation; the channels drawn are kept
+   and each consumer's weights of channel ``j`` are multiplied by ``count_j / (m' p_j)``, so that
+   the consumer's output is an unbiased estimate of the unpruned one. The filters of the rest are
+   pruned (masks held, BN of dead filters zeroed) and the model is fine-tuned.
 
 Generalisation to residual networks: a *unit* is a channel group of the dependency graph (the
 output channels of one conv, or of the convs a residual addition ties, as in
@@ -29,6 +34,12 @@ output channels of one conv, or of the convs a residual addition ties, as in
 allocations, and ranks its channels by the largest of their probabilities ``p_j`` (which a
 consumer reading several units, after a concatenation, takes within each unit). On a plain
 chain (VGG) every unit has one consumer and this is PFP exactly.
+
+With ``sampling="random"`` the number of channels kept is itself random (its mean is the
+allocation), so the reduction reached varies around the target; ``report()`` gives the one reached.
+A unit read by several consumers is drawn once from its channel scores (normalised) and every
+consumer is reweighted with those draws: every reader of a channel is scaled alike, which scales
+the channel itself (residual additions included).
 
 Channels with sensitivity 0 (no contribution to any consumer output on the data: dead ReLUs,
 zero weights) are always pruned, so the reduction can exceed the target. Channels pruned
@@ -55,7 +66,8 @@ from . import _checks as check
 from ._search import ChannelUnit, Progress, channel_units, note, replay
 from .base import Pruner
 
-__all__ = ["PFP", "conv_input_sensitivity", "linear_input_sensitivity", "sample_complexity", "expected_unique"]
+__all__ = ["PFP", "conv_input_sensitivity", "linear_input_sensitivity", "sample_complexity", "expected_unique",
+           "draws_for_unique", "sample_channels"]
 
 _EPS = torch.finfo(torch.float32).eps
 
@@ -151,8 +163,40 @@ def expected_unique(p: Tensor, m: float) -> float:
     return float(-torch.expm1(m * torch.log1p(-p.clamp(max=1.0))).sum())
 
 
+def draws_for_unique(p: Tensor, k: float) -> int:
+    """The fewest draws ``m`` from ``p`` whose expected number of distinct outcomes reaches ``k``
+    (capped at the number of outcomes with ``p > 0``)."""
+    k = min(float(k), float(int((p > 0).sum())))
+    if k <= 0:
+        return 0
+    hi = max(1, math.ceil(k))
+    while expected_unique(p, hi) < k - 1e-9:
+        hi *= 2
+    lo = hi // 2 if hi > 1 else 0  # expected_unique(lo) < k <= expected_unique(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if expected_unique(p, mid) >= k - 1e-9:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def sample_channels(p: Tensor, k: float, generator: Optional[torch.Generator] = None) -> tuple:
+    """PFP's importance sampling: ``m = draws_for_unique(p, k)`` draws with replacement from ``p``.
+    Returns ``(counts [len(p)], m)``; the channels with ``counts > 0`` are kept, and
+    ``counts / (m p)`` (0 where ``p = 0``) are their unbiased reweighting factors."""
+    p = p.double().clamp(min=0.0)
+    m = draws_for_unique(p, k)
+    counts = torch.zeros(len(p), dtype=torch.long)
+    if m > 0:
+        draws = torch.multinomial(p / p.sum(), m, replacement=True, generator=generator)
+        counts = torch.bincount(draws, minlength=len(p))
+    return counts, m
+
+
 class PFP(Pruner):
-    """Provable filter pruning, deterministic (Liebenwein et al., ICLR 2020, arXiv 1911.07412).
+    """Provable filter pruning (Liebenwein et al., ICLR 2020, arXiv 1911.07412).
 
     Arguments:
 
@@ -162,6 +206,8 @@ class PFP(Pruner):
       points of the ``data`` given to :meth:`prune`: training data).
     - ``delta_failure`` (1e-16) and ``c_constant`` (3): the failure probability and constant of
       the sample-complexity bound, as in the public code.
+    - ``sampling``: ``"deterministic"`` (top channels, default) or ``"random"`` (importance
+      sampling with reweighting, drawn with a generator seeded by ``seed``, default 0).
     - ``eps_range`` ((1e-12, 1e12)) and ``eps_iters`` (200): bracket and bisection steps of the
       search over ``ε`` (on ``log ε``).
     - ``max_elements``: size bound of the intermediate chunks of the sensitivity computation
@@ -170,7 +216,8 @@ class PFP(Pruner):
       Only filters are pruned (``granularity="filter"``).
 
     After :meth:`prune`: ``eps`` (the relative error bound used), ``unit_rates`` (unit -> pruned
-    fraction), ``sensitivity(unit)`` (the channel scores), ``units``.
+    fraction), ``sensitivity(unit)`` (the channel scores), ``units``; with random sampling also
+    ``draws`` (unit -> ``(counts, m)``).
     """
 
     granularities = ("filter",)
@@ -178,7 +225,8 @@ class PFP(Pruner):
     def __init__(self, model: nn.Module, input_size=None, *, ratio: Optional[float] = None,
                  target_flops_reduction: Optional[float] = None, samples: int = 256, delta_failure: float = 1e-16,
                  c_constant: float = 3.0, eps_range: tuple = (1e-12, 1e12), eps_iters: int = 200,
-                 max_elements: Optional[int] = None, verbose: bool = False, **kw):
+                 max_elements: Optional[int] = None, sampling: str = "deterministic", seed: int = 0,
+                 verbose: bool = False, **kw):
         if kw.get("ratios") is not None:
             raise ValueError("PFP allocates the per-layer rates itself: give ratio= (global) or "
                              "target_flops_reduction=")
@@ -190,6 +238,8 @@ class PFP(Pruner):
         check.number("PFP", "c_constant", c_constant, low=0.0, low_open=True)
         check.number("PFP", "eps_iters", eps_iters, low=1, integer=True)
         check.number("PFP", "max_elements", max_elements, low=1, integer=True, optional=True)
+        check.choice("PFP", "sampling", sampling, ("deterministic", "random"))
+        check.number("PFP", "seed", seed, low=0, integer=True)
         if not (isinstance(eps_range, (tuple, list)) and len(eps_range) == 2):
             raise TypeError(f"PFP: eps_range must be a pair (low, high), got {eps_range!r}")
         for value in eps_range:
@@ -198,7 +248,8 @@ class PFP(Pruner):
             raise ValueError(f"PFP: eps_range must have low < high, got {eps_range!r}")
         self.samples, self.delta_failure, self.c_constant = samples, delta_failure, c_constant
         self.eps_range, self.eps_iters, self.max_elements = tuple(eps_range), eps_iters, max_elements
-        self.verbose = verbose
+        self.sampling, self.seed, self.verbose = sampling, int(seed), verbose
+        self.draws: dict = {}
         self.units: list[ChannelUnit] = channel_units(self)
         if not self.units:
             raise ValueError("PFP: no prunable unit (every channel group has a producer that is not prunable)")
@@ -327,12 +378,17 @@ class PFP(Pruner):
         return keep
 
     def masks_for(self, keep: dict) -> dict:
-        """Stripe masks keeping the ``keep[unit]`` highest-sensitivity alive channels of each unit
-        (earlier pruned stripes stay pruned)."""
+        """Stripe masks keeping, of each unit, the ``keep[unit]`` highest-sensitivity alive channels
+        (an int) or the given root indices (a tensor); earlier pruned stripes stay pruned."""
         self._ensure_shares()
         masks = {n: m.clone() for n, m in self._base.items()}
         for u in self.units:
-            pruned = self._order[u.name][keep[u.name]:]
+            if isinstance(keep[u.name], Tensor):
+                pruned = torch.ones(u.size, dtype=torch.bool)
+                pruned[keep[u.name]] = False
+                pruned = pruned.nonzero().flatten()
+            else:
+                pruned = self._order[u.name][keep[u.name]:]
             if len(pruned):
                 for name, f in u.factors(self.convs, pruned).items():
                     masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
@@ -374,11 +430,42 @@ class PFP(Pruner):
             return self.masks()
         self.score(data)
         self._search_eps()
-        self.hold(self.masks_for(self.unit_keep))
+        if self.sampling == "random":
+            self.hold(self.masks_for(self._sample_and_reweight()))
+        else:
+            self.hold(self.masks_for(self.unit_keep))
         self.phase = "done"
         if self.verbose:
             note("PFP", f"eps={self.eps:.4g}, flops reduction {self.flops_reduction():.3f}")
         return self.masks()
+
+    @torch.no_grad()
+    def _sample_and_reweight(self) -> dict:
+        """Draw each unit's channels (``sampling="random"``), reweight their consumers; returns
+        unit name -> kept root indices and sets ``draws`` and ``unit_keep``."""
+        generator = torch.Generator().manual_seed(self.seed)
+        kept = {}
+        for u in self.units:
+            alive = self._alive[u.group]
+            n_alive = int(alive.sum())
+            if self.unit_keep[u.name] >= n_alive:  # nothing to prune: no draw, no reweighting
+                kept[u.name] = alive.nonzero().flatten()
+                continue
+            p = self._scores[u.name].clamp(min=0.0) * alive
+            if not bool(p.any()):  # no consumer measured them: every alive channel alike
+                p = alive.double()
+            counts, m = sample_channels(p, self.unit_keep[u.name], generator)
+            self.draws[u.name] = (counts, m)
+            kept[u.name] = counts.nonzero().flatten()
+            gamma = counts.double() / (m * (p / p.sum())).clamp(min=1e-300)
+            for name, idx, ridx in self.graph.groups[u.group].consumers:
+                w = self.graph.modules[name].weight
+                g = gamma[ridx].to(w.device, w.dtype)
+                shape = (1, -1) + (1,) * (w.dim() - 2)
+                keep = counts[ridx] > 0  # pruned channels: their weights no longer matter
+                w[:, idx[keep].to(w.device)] *= g[keep.to(g.device)].view(shape)
+            self.unit_keep[u.name] = len(kept[u.name])
+        return kept
 
     @property
     def unit_rates(self) -> dict:
@@ -393,7 +480,8 @@ class PFP(Pruner):
     def _extra_state(self) -> dict:
         return {"phase": self.phase, "points_seen": self.points_seen, "batches_scored": self.batches_scored,
                 "sens": {k: (None if v is None else v.clone()) for k, v in self.sens.items()},
-                "score_generator": self._score_gen_state, "eps": self.eps, "unit_keep": dict(self.unit_keep)}
+                "score_generator": self._score_gen_state, "eps": self.eps, "unit_keep": dict(self.unit_keep),
+                "draws": {k: (c.clone(), m) for k, (c, m) in self.draws.items()}}
 
     def _load_extra_state(self, extra: dict) -> None:
         if not extra:
@@ -403,4 +491,5 @@ class PFP(Pruner):
         self.sens = {k: (None if v is None else v.double()) for k, v in extra["sens"].items()}
         self._score_gen_state = extra.get("score_generator")
         self.eps, self.unit_keep = extra["eps"], dict(extra["unit_keep"])
+        self.draws = {k: (c.clone(), int(m)) for k, (c, m) in extra.get("draws", {}).items()}
         self._shares = self._scores = self._base = None
