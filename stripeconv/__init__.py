@@ -7,6 +7,7 @@ backends.
 """
 from . import data, models, ops, pruning
 from .backends import available_backends, get_backend, set_backend
+from .decompose import export_onnx
 from .export import export
 from .fusion import fuse_batchnorm
 from .nn import StripeConv2d, convert
@@ -27,6 +28,7 @@ __all__ = [
     "profile",
     "export",
     "fuse_batchnorm",
+    "export_onnx",
     "models",
     "data",
     "pruning",

@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import logging
 import math
 import os
 import sys
 import textwrap
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -738,6 +740,55 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_onnx(args) -> int:
+    from .artifacts import load_pruned, read_description
+    from .decompose import export_onnx
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise CLIError(f"--output {out} is a folder; expected a file name such as model.onnx")
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise CLIError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
+    desc = read_description(args.model_path)
+    chw = args.input_size or list(desc.get("extra", {}).get("input_size", [None]))[1:]
+    if not chw:
+        raise CLIError("the saved model does not record its input size: pass --input-size C H W")
+    model = load_pruned(args.model_path, map_location="cpu").eval()
+    if args.fuse_bn:
+        from .fusion import fuse_batchnorm
+
+        model = fuse_batchnorm(model, inplace=True)
+    x = torch.randn(2, *chw)
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if args.dynamic_batch else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # torch's exporter warns about its own internals (pytree deprecations, torchvision ops it
+    # cannot register without torchvision): nothing the user can act on here
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            export_onnx(model, (x,), out, dynamic_shapes=dynamic, verbose=False)
+    finally:
+        registry_log.setLevel(level)
+    line = f"wrote {out} (input [{'batch' if args.dynamic_batch else 2}, {', '.join(map(str, chw))}])"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        _result(line + "; install onnxruntime to check it against the model")
+        return 0
+    session = ort.InferenceSession(str(out))
+    with torch.no_grad():
+        want = model(x)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    err = float((torch.from_numpy(got) - want).abs().max())
+    _result(line + f"; onnxruntime vs the model on random input: max abs difference {err:.2e}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .artifacts import load_pruned, read_description
     from .engine import evaluate_model
@@ -1044,6 +1095,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON result to FILE")
     _add_common(p)
     p.set_defaults(func=cmd_bench, _parser=p)
+
+    p = sub.add_parser("onnx", help="write a saved pruned model as ONNX", formatter_class=fmt,
+                       description="Export a saved model (stripeconv.artifacts) to ONNX with stripeconv.export_onnx: "
+                                   "each StripeConv2d becomes a dense conv on its masked weight (removed filters and "
+                                   "channels stay removed). With onnxruntime installed, the file is run once and "
+                                   "compared with the model.",
+                       epilog="example: stripeconv onnx runs/swp/pruned --output runs/swp/model.onnx --fuse-bn")
+    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input shape (default: the one recorded with the model)")
+    p.add_argument("--fixed-batch", dest="dynamic_batch", action="store_false",
+                   help="a batch of 2 fixed in the graph (default: the batch dimension is dynamic)")
+    p.add_argument("--fuse-bn", action="store_true", help="fold eval-mode BatchNorm into the conv before it first")
+    p.set_defaults(func=cmd_onnx, _parser=p)
 
     p = sub.add_parser("demo", help="end-to-end demo: train, SWP-prune, export, measure, report", formatter_class=fmt,
                        description="Train a small CNN on Fashion-MNIST (the installed dataset, else the subset "

@@ -342,13 +342,16 @@ class StripeConv2d(nn.Module):
     def _constant_map(self, height: int, width: int, pads: tuple[int, int, int, int]) -> Tensor:
         """``[1, out, Ho, Wo]`` response to a channel of ones, zero in the explicit ``pads``."""
         k = self.constant_channel_weight
+        # Only real tensors are cached: under torch.compile and torch.export the buffer is a fake or
+        # functional tensor (no data pointer), and the map must be part of the traced graph.
+        cacheable = type(k) is torch.Tensor and not torch.compiler.is_compiling()
+        if not cacheable:
+            return _constant_response(k, height, width, list(pads), list(self.stride), list(self.dilation))
         key = (height, width, pads, k.device, k.dtype, k.data_ptr(), k._version)
-        compiling = torch.compiler.is_compiling()
-        if not compiling and self._constant_map_cache is not None and self._constant_map_cache[0] == key:
+        if self._constant_map_cache is not None and self._constant_map_cache[0] == key:
             return self._constant_map_cache[1]
         value = _constant_response(k, height, width, list(pads), list(self.stride), list(self.dilation))
-        if not compiling:
-            self._constant_map_cache = (key, value)
+        self._constant_map_cache = (key, value)
         return value
 
     def extra_repr(self) -> str:

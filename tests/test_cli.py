@@ -19,7 +19,7 @@ from stripeconv.pruning import METHODS, SWP  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "256", "--limit-test", "128", "--device", "cpu",
         "--no-progress"]
-COMMANDS = ["train", "prune", "finetune", "eval", "bench", "demo", "methods"]
+COMMANDS = ["train", "prune", "finetune", "eval", "bench", "onnx", "demo", "methods"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -127,6 +127,16 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
     assert cli.main(["bench", str(pr / "pruned"), "--batch-size", "2", "--repeats", "2", "--fuse-bn", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["fuse_bn"] is True and res["results"][0]["stripe_ms"] > 0
+
+    # ONNX: written, and (with onnxruntime) checked against the model by the command itself
+    assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path), "--fuse-bn"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript")  # the rest has passed by now
+    pytest.importorskip("onnxruntime", reason="the command checks the file with onnxruntime")
+    assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path / "m.onnx"), "--fuse-bn"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert (tmp_path / "m.onnx").stat().st_size > 0 and "input [batch, 1, 28, 28]" in line
+    assert float(line.rsplit(" ", 1)[1]) < 1e-4, line
 
 
 @pytest.mark.parametrize("method,extra", [

@@ -1,0 +1,67 @@
+"""The stripe op in standard ATen ops, for exporters and runtimes that cannot carry a custom op.
+
+A graph from :func:`torch.export.export` keeps ``stripeconv::stripe_conv2d`` as one node, which
+is what ``torch.compile`` and AOTInductor want (the stripe kernels run). ONNX, and any other
+target without the op, needs it spelled in ATen: :func:`decompositions` maps the op to a dense
+``conv2d`` on the unpacked, masked weight, with static shapes only (no ``nonzero``), so the
+graph stays exportable with dynamic batch and image sizes. What such a target runs is a dense
+conv: it keeps the speed of removed filters and channels (the layer is smaller), not the speed
+of pruned single stripes.
+
+:func:`export_onnx` is ``torch.onnx.export`` of the decomposed program.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["stripe_conv2d_dense", "decompositions", "export_onnx"]
+
+
+def _dense_weight(packed: Tensor, stripe_mask: Tensor) -> Tensor:
+    """``[N, C/g, kh, kw]`` weight from the packed rows, zeros at pruned stripes, by a gather of
+    fixed size (each stripe reads its row, pruned ones an appended zero row)."""
+    n, kh, kw = stripe_mask.shape
+    kept = stripe_mask.permute(1, 2, 0).reshape(-1)  # position-major, as the packed rows
+    rows = torch.where(kept, torch.cumsum(kept.to(torch.int64), 0) - 1, packed.shape[0])
+    padded = torch.cat([packed, packed.new_zeros(1, packed.shape[1])])
+    dense = padded.index_select(0, rows).view(kh, kw, n, packed.shape[1])
+    return dense.permute(2, 3, 0, 1)
+
+
+def stripe_conv2d_dense(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor,
+                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
+                        groups: int) -> Tensor:
+    """``stripe_conv2d`` as a dense ``conv2d`` (the same arguments; ``padding`` is top, bottom, left,
+    right)."""
+    pt, pb, pl, pr = padding
+    dense = _dense_weight(weight, stripe_mask).to(input.dtype)
+    if pt == pb and pl == pr:
+        return F.conv2d(input, dense, bias, list(stride), [pt, pl], list(dilation), groups)
+    return F.conv2d(F.pad(input, [pl, pr, pt, pb]), dense, bias, list(stride), 0, list(dilation), groups)
+
+
+def decompositions() -> dict:
+    """``{stripeconv::stripe_conv2d: stripe_conv2d_dense}``, for
+    :meth:`torch.export.ExportedProgram.run_decompositions`."""
+    from . import ops  # noqa: F401  (registers the op)
+
+    return {torch.ops.stripeconv.stripe_conv2d.default: stripe_conv2d_dense}
+
+
+def export_onnx(model: nn.Module, args: tuple, f=None, *, dynamic_shapes=None, **kwargs):
+    """Export a model with :class:`~stripeconv.StripeConv2d` layers to ONNX (needs ``onnx`` and
+    ``onnxscript``): :func:`torch.export.export` (eval mode), the stripe op decomposed by
+    :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it.
+    Returns its ``ONNXProgram``."""
+    was_training = model.training
+    model.eval()
+    try:
+        program = torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes)
+    finally:
+        model.train(was_training)
+    program = program.run_decompositions(decompositions())
+    return torch.onnx.export(program, f=f, dynamo=True, **kwargs)
