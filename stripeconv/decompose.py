@@ -12,6 +12,7 @@ of pruned single stripes.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Sequence
 
 import torch
@@ -57,6 +58,9 @@ def export_onnx(model: nn.Module, args: tuple, f=None, *, dynamic_shapes=None, *
     ``onnxscript``): :func:`torch.export.export` (eval mode), the stripe op decomposed by
     :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it.
     Returns its ``ONNXProgram``."""
+    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+        raise RuntimeError(f"export_onnx needs the torch.export-based ONNX exporter (torch >= 2.5); this is "
+                           f"torch {torch.__version__}")
     was_training = model.training
     model.eval()
     try:
