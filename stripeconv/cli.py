@@ -752,9 +752,7 @@ def cmd_onnx(args) -> int:
     except ImportError:
         raise CLIError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
     desc = read_description(args.model_path)
-    chw = args.input_size or list(desc.get("extra", {}).get("input_size", [None]))[1:]
-    if not chw:
-        raise CLIError("the saved model does not record its input size: pass --input-size C H W")
+    chw = _input_chw(desc, args)
     model = load_pruned(args.model_path, map_location="cpu").eval()
     if args.fuse_bn:
         from .fusion import fuse_batchnorm
@@ -829,15 +827,7 @@ def cmd_bench(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     desc = read_description(args.model_path)
-    extra = desc.get("extra", {})
-    if "input_size" in extra:
-        chw = list(extra["input_size"])[1:]
-    elif args.input_size:
-        chw = args.input_size
-    else:
-        raise CLIError("the saved model does not record its input size: pass --input-size C H W")
-    if args.input_size:
-        chw = args.input_size
+    chw = _input_chw(desc, args)
     device = torch.device(args.device) if args.device not in (None, "auto") else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_pruned(args.model_path, map_location=device)
@@ -937,6 +927,25 @@ _nonnegative_float = _number(float, lambda v: 0 <= v < math.inf, "a number >= 0"
 _fraction = _number(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 _val_split = _number(float, lambda v: 0 < v < 1 or (1 <= v < math.inf and v == int(v)),
                      "a fraction between 0 and 1 or a whole count >= 1")
+
+
+def _add_saved_model(p):
+    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+
+
+def _add_input_size(p):
+    p.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="input shape (default: the one recorded with the model)")
+
+
+def _input_chw(desc: dict, args) -> list:
+    """``[C, H, W]``: ``--input-size``, else the input size recorded with the saved model."""
+    if args.input_size:
+        return list(args.input_size)
+    recorded = desc.get("extra", {}).get("input_size")
+    if not recorded:
+        raise CLIError("the saved model does not record its input size: pass --input-size C H W")
+    return list(recorded)[1:]
 
 
 def _add_common(p, device: bool = True):
@@ -1054,7 +1063,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "their kept stripes) and save <out>/finetuned.pt + finetuned.json. The dataset "
                                    "defaults to the one the model was pruned on.",
                        epilog="example: stripeconv finetune runs/l1/pruned --epochs 5 --lr 0.01 --out runs/l1-ft")
-    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+    _add_saved_model(p)
     _add_data(p)
     _add_training(p, epochs=5, lr=0.01)
     _add_common(p)
@@ -1064,7 +1073,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Evaluate a saved model (stripeconv.artifacts) on the test split of the dataset "
                                    "it was trained on (or --dataset/--data), and compare with the accuracy recorded "
                                    "when it was saved.", epilog="example: stripeconv eval runs/swp/pruned")
-    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+    _add_saved_model(p)
     _add_data(p)
     p.add_argument("--eval-batch-size", type=_positive_int, default=256)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -1077,10 +1086,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "nn.Conv2d) and the pruned shapes run as dense nn.Conv2d. Timings are interleaved, "
                                    "on random inputs rotated between calls, after warm-up.",
                        epilog="example: stripeconv bench runs/swp/pruned --batch-size 1 64 --layers")
-    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+    _add_saved_model(p)
     p.add_argument("--batch-size", type=_positive_int, nargs="+", default=[1, 64], help="batch sizes to time")
-    p.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input shape (default: the one recorded with the model)")
+    _add_input_size(p)
     p.add_argument("--repeats", type=_positive_int, default=30, help="timed calls per model and batch size")
     p.add_argument("--min-time", type=_nonnegative_float, default=0.0,
                    help="keep timing each model for at least this many s")
@@ -1102,10 +1110,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "channels stay removed). With onnxruntime installed, the file is run once and "
                                    "compared with the model.",
                        epilog="example: stripeconv onnx runs/swp/pruned --output runs/swp/model.onnx --fuse-bn")
-    p.add_argument("model_path", metavar="MODEL", help="saved model: path without suffix, or its .pt/.json")
+    _add_saved_model(p)
     p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
-    p.add_argument("--input-size", type=_positive_int, nargs=3, default=None, metavar=("C", "H", "W"),
-                   help="input shape (default: the one recorded with the model)")
+    _add_input_size(p)
     p.add_argument("--fixed-batch", dest="dynamic_batch", action="store_false",
                    help="a batch of 2 fixed in the graph (default: the batch dimension is dynamic)")
     p.add_argument("--fuse-bn", action="store_true", help="fold eval-mode BatchNorm into the conv before it first")
