@@ -8,14 +8,14 @@ from torch import nn
 import stripeconv
 from stripeconv.packing import pack_weight
 
-CPU_BACKENDS = [name for name in ("reference", "cpu") if name in stripeconv.available_backends()]
+CPU_BACKENDS = [name for name in ("reference", "dense", "cpu") if name in stripeconv.available_backends()]
 
 
 def pytest_report_header(config):
     return f"stripeconv backends available: {', '.join(stripeconv.available_backends())}"
 
 
-@pytest.fixture(params=["reference", "cpu"])
+@pytest.fixture(params=["reference", "dense", "cpu"])
 def backend(request):
     """Run a test once per CPU backend; the compiled one skips visibly when it is not built."""
     name = request.param

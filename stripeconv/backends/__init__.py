@@ -5,8 +5,9 @@ A backend is a module with ``NAME``, ``is_available() -> (bool, reason)``,
 ``grad_weight`` with the arguments of :mod:`stripeconv.ops`.
 
 By default the fastest available backend for the input's device is used: ``cpu`` (the compiled
-C++ kernels) for CPU tensors, ``triton`` (then ``cuda``) for CUDA tensors, ``reference`` when
-nothing compiled is there. The ``cuda`` kernels are opt-in until benchmarks show them faster. :func:`set_backend` or the environment variable
+C++ kernels) for CPU tensors, ``triton`` (then ``cuda``) for CUDA tensors, and ``dense`` (the
+framework's conv on the masked weight) where no stripe kernel runs: other devices, or nothing
+compiled. ``reference`` is the readable statement of the math and the test oracle. The ``cuda`` kernels are opt-in until benchmarks show them faster. :func:`set_backend` or the environment variable
 ``STRIPECONV_BACKEND`` pins one.
 """
 from __future__ import annotations
@@ -20,14 +21,15 @@ import torch
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve", "eager_cpu_module"]
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+BACKENDS = ("reference", "dense", "cpu", "triton", "cuda")
 _MODULES = {
     "reference": "reference",
+    "dense": "dense",
     "cpu": "cpu",
     "triton": "triton_backend",
     "cuda": "cuda",
 }
-_DEFAULT_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+_DEFAULT_ORDER = {"cpu": ("cpu", "dense"), "cuda": ("triton", "cuda", "dense")}
 
 _loaded: dict[str, ModuleType] = {}
 _selected: Optional[str] = None
@@ -91,7 +93,7 @@ def resolve(device: torch.device) -> ModuleType:
                 f"move the data or call stripeconv.set_backend(None)"
             )
         return module
-    for name in _DEFAULT_ORDER.get(device.type, ("reference",)):
+    for name in _DEFAULT_ORDER.get(device.type, ("dense",)):
         module = _module(name)
         if module.is_available()[0] and module.supports(device):
             return module
