@@ -44,8 +44,18 @@ def _tol(dtype):
     return {torch.float32: 2e-3, torch.bfloat16: 6e-2, torch.float16: 1e-2}[dtype]
 
 
+@pytest.fixture(params=["default", "dense"])
+def pinned_backend(request):
+    """The device's default backend, then the dense fallback pinned."""
+    import stripeconv
+
+    stripeconv.set_backend(None if request.param == "default" else request.param)
+    yield request.param
+    stripeconv.set_backend(None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_backward_against_oracle(device, dtype):
+def test_forward_backward_against_oracle(device, dtype, pinned_backend):
     layer = _layer(device, dtype)
     x = _input(device, dtype).requires_grad_()
     y = layer(x)
