@@ -190,8 +190,8 @@ def test_draws_reach_the_allocation_and_reweighting_is_unbiased():
 
 
 @pytest.mark.parametrize("make", [tiny_vgg, tiny_resnet])
-def test_random_sampling_keeps_the_draws_and_reweights_every_consumer(trained, data, make):
-    data = [next(iter(data))]  # the same 64 points for every pruner below
+def test_random_sampling_keeps_the_draws_and_reweights_every_consumer(trained, make):
+    data = list(DataLoader(fashion(train=True, limit=64), batch_size=64))  # the same points for every pruner
     model = fresh(trained, make)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     pr = PFP(model, SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=3)
@@ -231,8 +231,8 @@ def test_random_sampling_keeps_the_draws_and_reweights_every_consumer(trained, d
     assert all(torch.equal(restored.draws[k][0], c) and restored.draws[k][1] == m for k, (c, m) in pr.draws.items())
 
 
-def test_random_sampling_reaches_the_target_on_average(trained, data):
-    data = [next(iter(data))]
+def test_random_sampling_reaches_the_target_on_average(trained):
+    data = list(DataLoader(fashion(train=True, limit=64), batch_size=64))
     reached = []
     for seed in range(4):
         pr = PFP(fresh(trained, tiny_vgg), SIZE, target_flops_reduction=0.5, samples=64, sampling="random", seed=seed)
