@@ -82,3 +82,20 @@ def test_export_onnx_restores_training_mode():
     net = _pruned_net().train()
     export_onnx(net, (torch.randn(2, 3, 12, 12),))
     assert net.training
+
+
+@pytest.mark.parametrize("options", [dict(padding=1, padding_mode="reflect"), dict(padding="same", dilation=2),
+                                     dict(padding=(0, 2), stride=2, groups=2),
+                                     dict(padding=1, padding_mode="circular", bias=False)],
+                         ids=["reflect", "same-dilated", "strided-grouped", "circular-no-bias"])
+def test_onnx_layer_options(options):
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
+    ort = pytest.importorskip("onnxruntime", reason="the ONNX check runs the model in onnxruntime")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, **options)
+    layer = stripeconv.StripeConv2d.from_conv(conv, random_mask(6, (3, 3), 0.5, torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 4, 11, 9)
+    program = export_onnx(layer, (x,))
+    session = ort.InferenceSession(program.model_proto.SerializeToString())
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), layer.eval()(x).detach(), atol=1e-5, rtol=1e-5)
