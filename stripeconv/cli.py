@@ -784,6 +784,10 @@ def cmd_onnx(args) -> int:
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     err = float((torch.from_numpy(got) - want).abs().max())
     _result(line + f"; onnxruntime vs the model on random input: max abs difference {err:.2e}")
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):  # NaN fails too
+        print(f"stripeconv onnx: error: the ONNX model disagrees with the saved model (max abs difference {err:.2e})",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -86,7 +86,7 @@ def test_config_file(tmp_path):
     assert cli.method_kwargs(SWP, args, cli._load_config(js)) == {"alpha": 3e-5, "epochs": 10}
 
 
-def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
+def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys, monkeypatch):
     base, pr, ft = tmp_path / "base", tmp_path / "swp", tmp_path / "ft"
     assert cli.main(["train", "--model", "cnn-tiny", "--epochs", "1", "--lr", "0.05", "--out", str(base), *DATA]) == 0
     assert (base / "model.pt").is_file() and (base / "train.ckpt").is_file()
@@ -137,6 +137,23 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys):
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert (tmp_path / "m.onnx").stat().st_size > 0 and "input [batch, 1, 28, 28]" in line
     assert float(line.rsplit(" ", 1)[1]) < 1e-4, line
+    import onnxruntime
+
+    real_session = onnxruntime.InferenceSession
+
+    class Disagreeing:  # a runtime whose outputs are off by one: the command must fail
+        def __init__(self, path):
+            self._session = real_session(path)
+
+        def get_inputs(self):
+            return self._session.get_inputs()
+
+        def run(self, names, feeds):
+            return [out + 1.0 for out in self._session.run(names, feeds)]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Disagreeing)
+    assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path / "m2.onnx")]) == 1
+    assert "disagrees with the saved model" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method,extra", [
