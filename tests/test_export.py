@@ -12,6 +12,8 @@ from stripeconv.export import apply_masks, export
 from stripeconv.nn import StripeConv2d
 from stripeconv.profile import profile
 
+from conftest import tiny_vgg
+
 
 def _randomize_bn(model, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -242,3 +244,12 @@ def test_input_model_untouched_and_errors():
         export(model, {"nope": masks["features.0"]}, input_size=(1, 1, 8, 8))
     with pytest.raises(ValueError, match="shape"):
         export(model, {"features.0": masks["features.0"][:2]}, input_size=(1, 1, 8, 8))
+
+
+def test_export_refuses_an_input_size_without_the_batch():
+    model = tiny_vgg()
+    masks = {n: torch.ones(m.out_channels, *m.kernel_size, dtype=torch.bool)
+             for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    masks["features.0"][0] = False  # a dead filter: removing it needs the input shape
+    with pytest.raises(ValueError, match=r"with the batch that is \(1, 1, 28, 28\)"):
+        export(model, masks, input_size=(1, 28, 28))

@@ -38,6 +38,7 @@ VALID = {
 BAD = [
     (VALID, dict(input_size="1x1x28x28"), TypeError, "input_size must be the input shape"),
     (VALID, dict(input_size=(1, 0, 28, 28)), TypeError, "input_size must be the input shape"),
+    (VALID, dict(input_size=(1, 28, 28)), ValueError, "with the batch that is (1, 1, 28, 28)"),
     (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio="0.5"), TypeError, "ratio must be a number in [0.0, 1.0)"),
     (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio=math.nan), ValueError, "ratio must be a number"),
     (["L1Filter", "SFP", "GReg1", "IncReg"], dict(ratio=True), TypeError, "ratio must be a number"),

@@ -64,3 +64,7 @@ def input_size(owner: str, value: Any) -> None:
             and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in value)):
         raise TypeError(f"{owner}: input_size must be the input shape with the batch, e.g. (1, 3, 32, 32), "
                         f"or an example tensor; got {value!r}")
+    if len(value) != 4:
+        hint = f"; with the batch that is {(1, *value)}" if len(value) == 3 else ""
+        raise ValueError(f"{owner}: input_size must be (batch, channels, height, width), e.g. (1, 3, 32, 32), "
+                         f"got {tuple(value)}{hint}")

@@ -44,10 +44,14 @@ def example_input(model: nn.Module, input_size) -> Tensor:
             "this needs the model's input shape: pass input_size=(1, C, H, W) (batch included) "
             "or an example tensor"
         )
+    shape = tuple(input_size)
+    if len(shape) != 4:
+        hint = f"; with the batch that is {(1, *shape)}" if len(shape) == 3 else ""
+        raise ValueError(f"input_size must be (batch, channels, height, width), e.g. (1, 3, 32, 32), got {shape}{hint}")
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32
-    return torch.randn(tuple(input_size), device=device, dtype=dtype)
+    return torch.randn(shape, device=device, dtype=dtype)
 
 
 @dataclass
