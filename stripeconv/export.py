@@ -9,7 +9,8 @@ its stripe mask), with:
   the BN entries after them and the input channels (or flattened input features) of the layers
   that read them. Channels tied by residual additions are one group (found by torch-pruning's
   ``DependencyGraph``): a channel is removed only when it is dead in *every* conv that produces
-  it. Groups that touch a grouped/depthwise conv, GroupNorm or LayerNorm are left whole (warned).
+  it. A depthwise conv on the way loses the filters of removed channels. Groups that touch a
+  grouped conv that mixes channels, GroupNorm or LayerNorm are left whole (warned).
 - the value a removed channel still carried (a dead filter outputs its bias; BN turns that into
   ``beta - mean * gamma / sqrt(var + eps)``, then the activation, residual sums, pooling... act on
   it) folded into the bias of each consuming conv / linear layer. The value is *measured* at the
@@ -171,6 +172,12 @@ def _remove_dead(new: nn.Module, masks: dict, input_size, fold: str, tol: float)
                     dead[r] = False
                 values[k] = c
             folds.append((name, cidx, cr, values))
+        varying = int((~roots_alive[gi] & ~dead).sum())
+        if varying:
+            warnings.warn(f"export: {varying} dead channel(s) of {g.root_name} stay: what they carry to their "
+                          "consumers is not one constant (the BN shift of a dead filter through a zero-padded "
+                          "depthwise conv varies at the borders); zeroing the BN of dead filters (zero_bn=True) "
+                          "lets export remove them", stacklevel=3)
         if bool(dead.all()):  # never remove a whole layer: keep one channel (it carries its constant)
             dead[0] = False
         if bool(dead.any()):

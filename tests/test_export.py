@@ -217,16 +217,56 @@ def test_zero_bn_masks_remove_everything_dead_vgg():
     torch.testing.assert_close(ex2(x), ex(x))
 
 
-def test_depthwise_group_left_whole():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU(),
-                          nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+def _depthwise_block(groups: int = 8, stem_bias: bool = False) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=stem_bias), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1, groups=groups), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+
+def test_depthwise_conv_loses_the_filters_of_removed_channels():
+    model = _depthwise_block()
+    masks = {"0": torch.ones(8, 3, 3, dtype=torch.bool), "6": torch.ones(4, 1, 1, dtype=torch.bool)}
+    masks["0"][[1, 4, 6]] = False
+    masks["6"][1] = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex = export(model, masks, input_size=(1, 3, 8, 8))
+    # a dead filter carries 0, the depthwise conv turns it into its bias, BN into a constant that
+    # the 1x1 conv takes into its bias: the channel goes from all three layers
+    assert ex[0].out_channels == 5 and ex[1].num_features == 5
+    assert (ex[3].in_channels, ex[3].out_channels, ex[3].groups) == (5, 5, 5) and ex[4].num_features == 5
+    assert ex[6].in_channels == 5 and ex[6].out_channels == 3 and ex[9].in_features == 3
+    kept = [0, 2, 3, 5, 7]
+    torch.testing.assert_close(ex[3].weight, model[3].weight[kept])
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+    assert profile(ex, (1, 3, 8, 8)).flops < profile(_masked(model, {"6": masks["6"]}), (1, 3, 8, 8)).flops
+
+
+def test_constant_through_a_zero_padded_depthwise_conv_stays():
+    # a dead filter with a positive bias carries a constant; the depthwise conv's zero padding
+    # makes it vary at the borders, so no bias can stand in for it and the channel is kept
+    model = _depthwise_block(stem_bias=True)
+    with torch.no_grad():
+        model[0].bias.fill_(0.5)
+        model[3].weight.fill_(0.1)  # 0.45 inside, 0.2 to 0.3 at the borders
+        model[3].bias.zero_()
+    masks = {"0": torch.ones(8, 3, 3, dtype=torch.bool)}
+    masks["0"][[1, 4]] = False
+    ex = export(model, masks, input_size=(1, 3, 8, 8))
+    assert ex[0].out_channels == 8 and ex[3].groups == 8
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_conv_group_left_whole():
+    model = _depthwise_block(groups=2)
     masks = {"0": torch.ones(8, 3, 3, dtype=torch.bool), "6": torch.ones(4, 1, 1, dtype=torch.bool)}
     masks["0"][:3] = False
     masks["6"][1] = False
-    with pytest.warns(UserWarning, match="depthwise"):
+    with pytest.warns(UserWarning, match="grouped conv"):
         ex = export(model, masks, input_size=(1, 3, 8, 8))
-    assert ex[0].out_channels == 8 and isinstance(ex[3], nn.Conv2d) and ex[3].groups == 8
+    assert ex[0].out_channels == 8 and isinstance(ex[3], nn.Conv2d) and ex[3].groups == 2
     assert ex[6].out_channels == 3 and ex[9].in_features == 3
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(ex(x), _masked(model, masks)(x), atol=1e-5, rtol=1e-5)

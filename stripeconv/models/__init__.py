@@ -11,6 +11,10 @@ CIFAR-style networks (3x3 stem, for 32x32 or 28x28 inputs):
   identity) is not offered: its channel padding is a functional op that dependency graphs (and so
   :func:`stripeconv.export`) cannot map channel by channel, while a projection is an ordinary conv.
 
+- :func:`mobilenet_v2` - MobileNetV2 (Sandler et al. 2018) for CIFAR: inverted residual blocks
+  (1x1 expansion, 3x3 depthwise, linear 1x1 projection), stride-1 stem and first stages. Pruning
+  removes the expanded channels of a block together with their depthwise filters.
+
 ImageNet-style networks (7x7 stem + max pool), module names as in torchvision so its state dicts
 load: :func:`resnet18`, :func:`resnet50` / :class:`ResNet`.
 
@@ -29,6 +33,7 @@ __all__ = [
     "VGG", "vgg", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
     "CifarResNet", "resnet_cifar", "resnet8", "resnet20", "resnet56", "resnet110",
     "ResNet", "resnet18", "resnet34", "resnet50", "BasicBlock", "Bottleneck",
+    "MobileNetV2", "InvertedResidual", "mobilenet_v2",
 ]
 
 VGG_CFGS = {
@@ -235,6 +240,64 @@ def resnet34(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) 
 
 def resnet50(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width)
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    """``expand`` (1x1, absent at expansion 1) -> ``depthwise`` (3x3) -> ``project`` (1x1, linear),
+    plus the input when the shape is kept."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int, expansion: int):
+        super().__init__()
+        hidden = inplanes * expansion
+        self.expand = _conv_bn(inplanes, hidden, 1) if expansion != 1 else None
+        self.depthwise = _conv_bn(hidden, hidden, 3, stride, groups=hidden)
+        self.project = _conv_bn(hidden, planes, 1, act=False)
+        self.residual = stride == 1 and inplanes == planes
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.expand(x) if self.expand is not None else x
+        out = self.project(self.depthwise(out))
+        return x + out if self.residual else out
+
+
+# (expansion, channels, blocks, stride) per stage; CIFAR strides: 32x32 -> 32, 16, 8, 4
+MOBILENET_V2_CFG = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                    (6, 320, 1, 1)]
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 for small images: 3x3 stem of stride 1, inverted residual ``features``, 1x1 head conv."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                 cfg: Sequence[tuple] = MOBILENET_V2_CFG, head_channels: int = 1280):
+        super().__init__()
+        planes = _w(32, width)
+        self.stem = _conv_bn(in_channels, planes, 3)
+        blocks = []
+        for expansion, channels, n, stride in cfg:
+            for i in range(n):
+                blocks.append(InvertedResidual(planes, _w(channels, width), stride if i == 0 else 1, expansion))
+                planes = _w(channels, width)
+        self.features = nn.Sequential(*blocks)
+        last = _w(head_channels, max(1.0, width))  # the head is not narrowed below its default
+        self.head = _conv_bn(planes, last, 1)
+        self.classifier = nn.Linear(last, num_classes)
+        _init(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.features(self.stem(x)))
+        return self.classifier(x.mean((2, 3)))
+
+
+def mobilenet_v2(num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                 cfg: Optional[Sequence[tuple]] = None, head_channels: int = 1280) -> MobileNetV2:
+    """CIFAR MobileNetV2; ``cfg`` overrides the stages as ``(expansion, channels, blocks, stride)``."""
+    return MobileNetV2(num_classes, in_channels, width, MOBILENET_V2_CFG if cfg is None else cfg, head_channels)
 
 
 def _init(model: nn.Module) -> None:

@@ -365,19 +365,22 @@ class ACP(Pruner):
         def enforce():
             for name, conv in convs.items():
                 conv.weight.mul_(masks[name].to(conv.weight.device, conv.weight.dtype)[:, None])
-            C.zero_dead_bn(convs, masks, bn_of)
+            C.zero_dead_bn(*dead_bn_targets(), bn_of)
 
         def bind(net: nn.Module) -> tuple:
             names = dict(net.named_modules())
-            return {n: names[n] for n in self.convs}, {n: names[b] for n, b in bn_names.items()}
-        convs, bn_of = bind(model)
-        enforce()
+            return {n: names[n] for n in self.convs}, {n: names[b] for n, b in bn_names.items()}, names
+
+        def dead_bn_targets() -> tuple:  # the shrunk copy has no dead channel to pass through a depthwise conv
+            return (convs, masks) if shrunk else self.with_passthrough(convs, masks, modules)
         shrunk = None
+        convs, bn_of, modules = bind(model)
+        enforce()
         if self.shrink_candidates:  # the same training on the network without its pruned channels
             full_state = model.state_dict()
             shrunk = shrink(model, masks, self.input_size)
             model, masks = shrunk.model, shrunk.masks
-            convs, bn_of = bind(model)
+            convs, bn_of, modules = bind(model)
         if self.cursor is None or self.cursor.data is not data:
             self.cursor = BatchCursor(data)
             if self._cursor_state is not None:
@@ -398,7 +401,7 @@ class ACP(Pruner):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 C.mask_grads(convs, masks)
-                C.zero_dead_bn(convs, masks, bn_of, grads=True)
+                C.zero_dead_bn(*dead_bn_targets(), bn_of, grads=True)
                 opt.step()
                 enforce()
         self._cursor_state = self.cursor.state()

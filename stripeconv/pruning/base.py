@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from . import _checks as check
 from . import criteria as C
+from .graph import is_depthwise
 
 __all__ = ["Pruner", "fit", "evaluate"]
 
@@ -46,7 +47,8 @@ class Pruner:
 
     Common arguments: ``input_size`` (input shape with batch, e.g. ``(1, 3, 32, 32)``, or an example
     tensor: needed for the dependency graph and FLOPs), which layers to prune (``layers``
-    names, ``skip_first``, ``skip_1x1``, ``exclude``; grouped/depthwise convs are always left out),
+    names, ``skip_first``, ``skip_1x1``, ``exclude``; grouped/depthwise convs are always left out,
+    and a depthwise conv loses the filters of the channels its producer loses),
     and one target: ``ratios`` (name -> fraction of units), ``ratio`` (one fraction: per layer
     with ``scope="layer"``, of all units together with ``scope="global"``) or
     ``target_flops_reduction`` (fraction of the model's FLOPs, as :func:`stripeconv.profile`
@@ -103,6 +105,10 @@ class Pruner:
         self.epochs = epochs
         self.zero_bn = zero_bn
         self.convs = C.prunable_convs(model, layers, skip_first, skip_1x1, exclude)
+        if not self.convs:
+            raise ValueError(f"{owner}: no conv to prune (layers={layers!r}, skip_first={skip_first}, "
+                             f"skip_1x1={skip_1x1}, exclude={list(exclude)!r}; grouped and depthwise convs are "
+                             "never pruned themselves)")
         if ratios:
             unknown = set(ratios) - set(self.convs)
             if unknown:
@@ -113,6 +119,8 @@ class Pruner:
         self.steps = 0
         self._graph = None
         self._bn_of = C.conv_bn_pairs(model, self.input_size)
+        self._has_depthwise = any(is_depthwise(m) for m in model.modules())
+        self._through_cache: tuple = (None, {})
 
     # -------------------------------------------------------------------------- structure
     @property
@@ -120,7 +128,8 @@ class Pruner:
         """The model's :class:`~stripeconv.pruning.graph.ChannelGraph` (built on first use)."""
         if self._graph is None:
             from .graph import ChannelGraph
-            self._graph = ChannelGraph(self.model, self.input_size)
+            with torch.enable_grad():  # the tracer follows autograd; hooks may run under no_grad
+                self._graph = ChannelGraph(self.model, self.input_size)
         return self._graph
 
     def leave_out_layers(self, skip_coupled: bool, ratios: Optional[dict] = None, drop_unratioed: bool = True) -> None:
@@ -183,7 +192,7 @@ class Pruner:
         """Gradient edits: pruned (frozen) stripes get no gradient."""
         C.mask_grads(self.convs, self._frozen)
         if self.zero_bn:
-            C.zero_dead_bn(self.convs, self._frozen, self._bn_of, grads=True)
+            C.zero_dead_bn(*self.with_passthrough(self.convs, self._frozen), self._bn_of, grads=True)
 
     def after_step(self) -> None:
         """After ``optimizer.step()``: keep frozen stripes (and dead BN) at zero."""
@@ -211,7 +220,33 @@ class Pruner:
             if not bool(m.all()):
                 self._zero_weights(name, m)
         if self.zero_bn:
-            C.zero_dead_bn(self.convs, masks, self._bn_of)
+            C.zero_dead_bn(*self.with_passthrough(self.convs, masks), self._bn_of)
+
+    def with_passthrough(self, convs: dict, masks: dict, modules: Optional[dict] = None) -> tuple[dict, dict]:
+        """``(convs, masks)`` plus the depthwise convs that dead channels pass through, each with a
+        mask that prunes the filters of those channels, so that :func:`~.criteria.zero_dead_bn`
+        zeroes their BN too and a dead channel carries exactly 0 past them. ``modules``: name ->
+        module of the model the convs belong to (a copy of :attr:`model`; default: the model)."""
+        dead = self._dead_passthrough(masks)
+        if not dead:
+            return convs, masks
+        modules = modules if modules is not None else dict(self.model.named_modules())
+        convs = {**convs, **{n: modules[n] for n in dead}}
+        masks = {**masks, **{n: (~d)[:, None, None].expand(-1, *modules[n].kernel_size).clone()
+                             for n, d in dead.items()}}
+        return convs, masks
+
+    def _dead_passthrough(self, masks: dict) -> dict[str, Tensor]:
+        """Depthwise conv name -> ``[out]`` bool: its channels that are dead upstream (cached per masks)."""
+        if not self._has_depthwise or not masks:
+            return {}
+        key = (tuple(masks), torch.cat([m.reshape(-1).cpu() for m in masks.values()]) if masks else None)
+        cached_key, cached = self._through_cache
+        if cached_key is None or cached_key[0] != key[0] or not torch.equal(cached_key[1], key[1]):
+            alive = self.graph.alive_passthrough(masks)
+            cached = {n: ~a for n, a in alive.items() if not bool(a.all())}
+            self._through_cache = (key, cached)
+        return cached
 
     @torch.no_grad()
     def _zero_weights(self, name: str, mask: Tensor) -> None:
@@ -232,7 +267,7 @@ class Pruner:
         C.apply_masks(model, self._masks)
         if self.zero_bn:
             bn_of = {n: names[_name_of(self.model, bn)] for n, bn in self._bn_of.items()}
-            C.zero_dead_bn(convs, self._masks, bn_of)
+            C.zero_dead_bn(*self.with_passthrough(convs, self._masks, names), bn_of)
         return model
 
     def export(self, fold: str = "exact") -> nn.Module:

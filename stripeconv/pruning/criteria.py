@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .._tracing import forward_with_hooks
 from ..export import apply_masks  # noqa: F401  (re-exported: zero pruned stripes in place)
+from .graph import is_depthwise
 
 __all__ = [
     "prunable_convs", "stripe_norms", "filter_norms", "channel_norms", "position_norms",
@@ -45,8 +46,10 @@ def prunable_convs(
 ) -> dict[str, nn.Conv2d]:
     """The ``nn.Conv2d`` layers a method may prune, by name, in model order.
 
-    Grouped and depthwise convs are skipped (with a warning): a stripe mask would be valid for
-    them but the methods' criteria and the channel removal do not handle their coupling.
+    Grouped and depthwise convs are skipped: a stripe mask would be valid for them but the
+    methods' criteria do not handle their coupling. A depthwise conv (one filter per channel)
+    follows the conv that produces its input: its filters go with the channels pruned there.
+    Other grouped convs are warned about, and the channels they read are never removed.
     ``skip_first`` skips the first conv (the stem), ``skip_1x1`` skips 1x1 convs (e.g. ResNet
     projection shortcuts, where a stripe is a whole filter); ``layers`` restricts to the given names.
     """
@@ -62,11 +65,13 @@ def prunable_convs(
         if name in exclude or (skip_first and is_first) or (skip_1x1 and m.kernel_size == (1, 1)):
             continue
         if m.groups > 1:
-            skipped.append(name)
+            if not is_depthwise(m):
+                skipped.append(name)
             continue
         out[name] = m
     if skipped and warn:
-        warnings.warn(f"pruning: grouped/depthwise convs left unpruned: {', '.join(skipped)}", stacklevel=3)
+        warnings.warn(f"pruning: grouped convs left unpruned, with the channels they read: {', '.join(skipped)}",
+                      stacklevel=3)
     if wanted is not None:
         missing = wanted - {n for n, _ in model.named_modules()}
         if missing:

@@ -4,7 +4,9 @@ A *group* is a set of channels that must be removed together: the output channel
 more convs (several when residual additions tie them), the BN/elementwise layers on the way and
 the input channels (or flattened input features) of the layers that consume them. A channel of a
 group is *dead* when every producing conv is masked and keeps no stripe of that filter; only
-dead channels can be removed (:func:`stripeconv.export`). This module reads that structure once
+dead channels can be removed (:func:`stripeconv.export`). A depthwise conv (one filter per input
+channel) is channel-wise like BN: it *passes* its group's channels through and loses the filters
+of dead ones (MobileNet-style ``1x1 -> depthwise -> 1x1`` blocks prune their hidden channels). This module reads that structure once
 and answers "which input channels of each consumer are still alive" for any masks, which is what
 FLOPs targets need (removing a filter also removes work in the next layer).
 """
@@ -22,6 +24,12 @@ from .._tracing import forward_with_hooks
 __all__ = ["ChannelGraph", "Group", "require_torch_pruning", "example_input"]
 
 _BLOCKING = (nn.GroupNorm, nn.LayerNorm)  # mix channels: removing one changes the others
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """A conv with one filter per input channel (``groups == in_channels == out_channels``)."""
+    return (isinstance(module, nn.Conv2d) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
 
 
 def require_torch_pruning():
@@ -65,6 +73,8 @@ class Group:
     producers: list = field(default_factory=list)
     # (module name, index tensor in that module's in dim, root index tensor)
     consumers: list = field(default_factory=list)
+    # depthwise convs the channels pass through: (module name, index in its out dim, root index)
+    passthrough: list = field(default_factory=list)
     blocked: Optional[str] = None  # why this group cannot be pruned, or None
 
 
@@ -91,6 +101,7 @@ class ChannelGraph:
         self.modules = dict(model.named_modules())
         self.groups: list[Group] = []
         self.consumer_of: dict[str, list] = {}  # consumer name -> [(group index, idx, root)]
+        self.passthrough_of: dict[str, list] = {}  # depthwise conv name -> [(group index, idx, root)]
         self._read_groups()
         self.spatial = self._spatial_sizes(x)
 
@@ -106,16 +117,27 @@ class ChannelGraph:
                 ridx = torch.as_tensor(list(item.root_idxs), dtype=torch.long)
                 name = self.names.get(module)
                 is_out = DG.is_out_channel_pruning_fn(handler)
+                if is_depthwise(module):
+                    if is_out:  # torch-pruning lists a depthwise conv once, by its output channels
+                        grp.passthrough.append((name, idx, ridx))
+                    continue
                 if isinstance(module, nn.Conv2d) and module.groups > 1:
-                    grp.blocked = f"{name} is a grouped/depthwise conv (groups={module.groups})"
+                    grp.blocked = f"{name} is a grouped conv (groups={module.groups}) that mixes channels"
                 elif isinstance(module, _BLOCKING):
                     grp.blocked = f"{name} is a {type(module).__name__}, which mixes channels"
                 if isinstance(module, (nn.Conv2d, nn.Linear)):
                     (grp.producers if is_out else grp.consumers).append((name, idx, ridx))
+            if grp.passthrough:
+                if not grp.producers and grp.blocked is None:
+                    grp.blocked = f"no conv produces the channels that {grp.passthrough[0][0]} reads"
+                if grp.producers and self.names.get(root) == grp.passthrough[0][0]:
+                    grp.root_name = grp.producers[0][0]  # name the group after a conv that decides it
             gi = len(self.groups)
             self.groups.append(grp)
             for name, idx, ridx in grp.consumers:
                 self.consumer_of.setdefault(name, []).append((gi, idx, ridx))
+            for name, idx, ridx in grp.passthrough:
+                self.passthrough_of.setdefault(name, []).append((gi, idx, ridx))
 
     def _spatial_sizes(self, x: Tensor) -> dict:
         sizes, handles = {}, []
@@ -159,9 +181,22 @@ class ChannelGraph:
             res[name] = alive
         return res
 
+    def alive_passthrough(self, masks: dict, alive_roots: Optional[list] = None) -> dict[str, Tensor]:
+        """Depthwise conv name -> bool ``[out_channels]``: the channel passing through is alive."""
+        roots = alive_roots if alive_roots is not None else self.alive_roots(masks)
+        res = {}
+        for name, entries in self.passthrough_of.items():
+            alive = torch.ones(self.modules[name].out_channels, dtype=torch.bool)
+            for gi, idx, ridx in entries:
+                alive[idx] = roots[gi][ridx]
+            res[name] = alive
+        return res
+
     def flops(self, masks: dict) -> int:
         """FLOPs (profile's convention, batch 1) of the model once dead channels are removed."""
-        alive_in = self.alive_inputs(masks)
+        roots = self.alive_roots(masks)
+        alive_in = self.alive_inputs(masks, roots)
+        alive_through = self.alive_passthrough(masks, roots)
         total = 0
         for name, m in self.modules.items():
             if name not in self.spatial:
@@ -170,7 +205,11 @@ class ChannelGraph:
                 cin = int(alive_in[name].sum()) if name in alive_in else m.in_channels
                 cin = cin // m.groups if m.groups > 1 else cin
                 mask = masks.get(name)
-                kept = int(mask.sum()) if mask is not None else m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                if mask is None:
+                    mask = torch.ones(m.out_channels, *m.kernel_size, dtype=torch.bool)
+                if name in alive_through:  # the filters of dead channels go with them
+                    mask = mask[alive_through[name]]
+                kept = int(mask.sum())
                 total += 2 * self.spatial[name] * kept * cin
             elif isinstance(m, nn.Linear):
                 fin = int(alive_in[name].sum()) if name in alive_in else m.in_features
