@@ -12,6 +12,8 @@ from stripeconv.profile import profile
     (models.resnet8, dict(in_channels=1), (2, 1, 28, 28)),
     (models.resnet18, dict(width=0.125, in_channels=1), (2, 1, 28, 28)),
     (models.resnet50, dict(width=0.125), (2, 3, 64, 64)),
+    (models.mobilenet_v2, dict(width=0.25), (2, 3, 32, 32)),
+    (models.mobilenet_v2, dict(width=0.25, in_channels=1), (2, 1, 28, 28)),
 ])
 def test_shapes(ctor, kw, size):
     m = ctor(num_classes=7, **kw).eval()
@@ -30,6 +32,10 @@ def test_reference_counts():
     r56 = profile(models.resnet56(), (1, 3, 32, 32))
     assert 125e6 < r56.macs < 127e6
     assert sum(p.numel() for p in models.resnet110().parameters()) > 1.7e6
+    # MobileNetV2 has torchvision's layers (3,504,872 parameters with 1000 classes); only strides differ
+    assert sum(p.numel() for p in models.mobilenet_v2(num_classes=1000).parameters()) == 3_504_872
+    blocks = models.mobilenet_v2().features
+    assert len(blocks) == 17 and sum(b.residual for b in blocks) == 10
 
 
 def test_bad_depth():
