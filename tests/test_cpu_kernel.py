@@ -297,6 +297,19 @@ def test_dense_dispatch_near_density_one(policy, monkeypatch):
         y = ops.forward(x, w, bias, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1)  # auto: dense for channels_last
         torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
         assert y.is_contiguous(memory_format=torch.channels_last) == cl
+    # a 1x1 conv keeping every filter hands its packed rows over as the dense weight (no copy):
+    # plain and grouped, NCHW and channels_last, and a non-contiguous packed weight
+    for groups, cl, transposed in ((1, True, False), (4, True, False), (1, False, False), (2, True, True)):
+        mask = torch.ones(24, 1, 1, dtype=torch.bool)
+        w = torch.randn(16 // groups, 24).t() if transposed else torch.randn(24, 16 // groups)
+        x = torch.randn(2, 16, 5, 7)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        bias = torch.randn(24)
+        ref = _dense(x, w, mask, bias, (1, 1), (0, 0, 0, 0), (1, 1), groups)
+        y = ops.forward(x, w, bias, mask, [1, 1], [0, 0, 0, 0], [1, 1], groups)
+        torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+        assert y.is_contiguous(memory_format=torch.channels_last) == cl
     # asymmetric padding never goes to the dense conv, whatever the policy
     x, w, mask, bias = _make(dict(b=1, c=4, n=4, h=6, w=6, k=(3, 3), density=1.0), torch.float32)
     y = ops.forward(x, w, bias, mask, [1, 1], [0, 2, 1, 1], [1, 1], 1)
