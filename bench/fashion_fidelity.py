@@ -68,9 +68,14 @@ def latency_ms(models, x, reps) -> list:
     return [statistics.median(t) for t in times]
 
 
+ARCHS = ("vgg", "resnet20", "mobilenet_v2")
+
+
 def make_model(arch, width):
     if arch == "vgg":
         return models.vgg(cfg=[32, 32, "M", 64, 64, "M", 128, 128, "M"], in_channels=1, width=width)
+    if arch == "mobilenet_v2":
+        return models.mobilenet_v2(in_channels=1, width=width)
     return models.resnet20(in_channels=1, width=width)
 
 
@@ -220,7 +225,7 @@ def main(argv=None):
                     help="epochs of fine-tuning the exported StripeConv2d model after pruning (every method alike)")
     ap.add_argument("--width", type=float, default=0.5)
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
-    ap.add_argument("--archs", nargs="+", default=["vgg", "resnet20"])
+    ap.add_argument("--archs", nargs="+", choices=ARCHS, default=["vgg", "resnet20"])
     ap.add_argument("--methods", nargs="+", default=list(pruning.METHODS),
                     help="method names, optionally with options: SWP:group_size=8")
     ap.add_argument("--name", default="fashion_fidelity", help="stem of the output files")

@@ -620,17 +620,29 @@ def cmd_prune(args) -> int:
             from torch.utils.data import DataLoader
 
             prune_data = DataLoader(train, batch_size=args.batch_size, shuffle=False)
+        # after a one-shot method the epochs train the exported network: it computes what the masked
+        # model computes, without the dead channels and pruned stripes that the full-size one carries
+        retrain = oneshot and args.epochs > 0 and not args.train_full_size
         _out(f"prune {source} with {method_name}({_short(kwargs)}) on {spec['dataset']}: "
-             f"{'one-shot + ' if oneshot else ''}{args.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}",
+             f"{'one-shot + ' if oneshot else ''}{args.epochs} epochs"
+             f"{' of the exported network' if retrain else ''}, {ctx.world_size} process(es) on {ctx.device}",
              args, ctx)
-        engine = Engine(model, train, pruner=pruner, epochs=args.epochs, eval_data=test, phase="prune",
-                        prune_data=prune_data,
-                        meta=_run_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw),
-                        **_engine_kwargs(args, ctx))
+        run_meta = _run_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw)
+        engine = Engine(model, train, pruner=pruner, epochs=0 if retrain else args.epochs, eval_data=test,
+                        phase="prune", prune_data=prune_data, meta=run_meta, **_engine_kwargs(args, ctx))
         engine.run()
+        history, files = list(engine.history), ["prune.ckpt"]
+        exported = None
+        if retrain:  # every rank: the masks are the same everywhere after the one-shot step
+            exported = pruner.export().to(ctx.device).train()
+            retrain_engine = Engine(exported, train, epochs=args.epochs, eval_data=test, phase="retrain",
+                                    meta=run_meta, **_engine_kwargs(args, ctx))
+            retrain_engine.run()
+            history += retrain_engine.history
+            files.append("retrain.ckpt")
         result = {}
         if ctx.is_main:
-            exported = pruner.export()
+            exported = (exported if exported is not None else pruner.export()).eval()
             after = evaluate_model(exported, test, ctx.device, batch_size=args.eval_batch_size)
             rep = pruner.report(exported)
             out = Path(args.out)
@@ -649,8 +661,8 @@ def cmd_prune(args) -> int:
             from .report import write_report
             write_report(out, {"title": f"{method_name} on {spec['dataset']}", "prune_report": rep,
                                "accuracy_before": before["accuracy"] if before else None,
-                               "accuracy_after": after["accuracy"], "history": engine.history,
-                               "files": ["pruned.pt", "pruned.json", "metrics.jsonl", "prune.ckpt"]}, plot=False)
+                               "accuracy_after": after["accuracy"], "history": history,
+                               "files": ["pruned.pt", "pruned.json", "metrics.jsonl", *files]}, plot=False)
             b = f"accuracy {before['accuracy']:.4f} -> {after['accuracy']:.4f}" if before \
                 else f"accuracy {after['accuracy']:.4f}"
             _result(f"{method_name}: {b}, FLOPs -{rep['flops_reduction']:.1%}, params -{rep['params_reduction']:.1%}; "
@@ -1033,8 +1045,9 @@ def build_parser() -> argparse.ArgumentParser:
         (StripeConv2d layers, dead filters removed) and save <out>/pruned.pt + pruned.json.
 
         Training-time methods (SWP, SFP, GReg, DAIS, ...) prune during --epochs epochs; one-shot methods
-        (L1Filter, L1Stripe, PFP, LBS, MetaPruning, ACP) prune once, then fine-tune --epochs epochs with the
-        masks held. Start from a trained model (--from DIR/model, as saved by `stripeconv train`) or from
+        (L1Filter, L1Stripe, PFP, LBS, MetaPruning, ACP) prune once, export, then train the exported network
+        (no dead channel, no pruned stripe computed) for --epochs epochs (--train-full-size: the full-size
+        model with the masks held, as before export). Start from a trained model (--from DIR/model, as saved by `stripeconv train`) or from
         scratch (--model).
 
         Hyperparameters: --target (flops=F: remove fraction F of the FLOPs; ratio=R; ratios=JSON|FILE),
@@ -1053,6 +1066,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file of hyperparameters")
     p.add_argument("--from", dest="from_", default=None, metavar="PATH",
                    help="start from a saved model (e.g. runs/base/model); its dataset is the default")
+    p.add_argument("--train-full-size", action="store_true",
+                   help="one-shot methods: train the --epochs on the full-size model with its pruned stripes held at "
+                        "zero, instead of on the exported (smaller) network")
     p.add_argument("--val-split", type=_val_split, default=None, metavar="F",
                    help="fraction (or, if >= 1, count) of the training data held out as val_data for methods that "
                         "measure a loss on held-out data (LBS, DAIS, DSA, ...; default 0.1 for them); never the test set")

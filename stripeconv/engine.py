@@ -529,7 +529,8 @@ class Engine:
             if self.pruner is not None and self.oneshot and not self.oneshot_done:
                 self.run_oneshot()
             return self.history
-        self.run_oneshot()
+        if self.run_oneshot() is not None:  # a search (ACP, MetaPruning) is not redone after a kill in epoch 1
+            self.save(self.start_epoch - 1)
         net = wrap_model(self.model, self.ctx)
         for epoch in range(self.start_epoch, self.epochs):
             record = self._train_epoch(net, epoch)

@@ -169,6 +169,35 @@ def test_oneshot_method_with_zero_epochs(tmp_path, capsys, method, extra):
     assert log[0]["flops_reduction"] > 0
 
 
+def test_oneshot_epochs_train_the_exported_network(tmp_path, capsys):
+    """After a one-shot method, `prune --epochs N` trains the exported network: exactly what `prune --epochs 0`
+    followed by `finetune --epochs N` computes, with both phases checkpointed."""
+    base, direct, zero, ft = (tmp_path / n for n in ("base", "direct", "zero", "ft"))
+    assert cli.main(["train", "--model", "cnn-tiny", "--epochs", "1", "--lr", "0.05", "--out", str(base), "--quiet",
+                     *DATA]) == 0
+    train = ["--lr", "0.02", "--batch-size", "32", "--quiet", "--no-progress"]
+    prune = ["prune", "--from", str(base / "model"), "--method", "L1Filter", "--target", "ratio=0.5"]
+    assert cli.main([*prune, "--epochs", "2", "--out", str(direct), *train]) == 0
+    assert (direct / "prune.ckpt").is_file() and (direct / "retrain.ckpt").is_file()
+    log = [json.loads(line) for line in (direct / "metrics.jsonl").read_text().splitlines()]
+    assert [(r.get("phase"), r.get("event", r.get("epoch"))) for r in log] == [
+        ("prune", "oneshot_prune"), ("retrain", 0), ("retrain", 1), ("export", "saved")]
+    assert cli.main([*prune, "--epochs", "0", "--out", str(zero), *train]) == 0
+    assert cli.main(["finetune", str(zero / "pruned"), "--epochs", "2", "--out", str(ft), *train]) == 0
+    a = torch.load(direct / "pruned.pt", weights_only=True)
+    b = torch.load(ft / "finetuned.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_description(direct / "pruned")["extra"]["accuracy"] == read_description(ft / "finetuned")["extra"][
+        "accuracy"]
+    # --train-full-size: the epochs train the masked full-size model, as the training-time methods do
+    full = tmp_path / "full"
+    assert cli.main([*prune, "--epochs", "2", "--train-full-size", "--out", str(full), *train]) == 0
+    assert not (full / "retrain.ckpt").exists()
+    log = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("phase") for r in log if "train_loss" in r] == ["prune", "prune"]
+    capsys.readouterr()
+
+
 def test_clear_errors(tmp_path, capsys):
     assert cli.main(["train", "--dataset", "fashion-mnist", "--data", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path)]) == 2
@@ -190,25 +219,28 @@ def test_clear_errors(tmp_path, capsys):
         assert "torchvision" in capsys.readouterr().err
 
 
-def _prune_cmd(out, epochs=3):
-    return [sys.executable, "-m", "stripeconv", "prune", "--model", "cnn-tiny", "--method", "GHFP", "--target",
+def _prune_cmd(out, method="GHFP", epochs=3):
+    return [sys.executable, "-m", "stripeconv", "prune", "--model", "cnn-tiny", "--method", method, "--target",
             "ratio=0.4", "--epochs", str(epochs), "--lr", "0.05", "--out", str(out), "--threads", "1", *DATA]
 
 
-def test_killed_process_resumes_to_the_same_result(tmp_path):
-    """SIGKILL a real `stripeconv prune` after its first checkpoint, resume it: same saved model as a straight run."""
+@pytest.mark.parametrize("method,checkpoint", [("GHFP", "prune.ckpt"), ("L1Filter", "retrain.ckpt")])
+def test_killed_process_resumes_to_the_same_result(tmp_path, method, checkpoint):
+    """SIGKILL a real `stripeconv prune` after its first training checkpoint (of the exported network after a
+    one-shot method), resume it: same saved model as a straight run."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_prune_cmd(straight), env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.Popen(_prune_cmd(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(_prune_cmd(straight, method), env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.Popen(_prune_cmd(killed, method), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed / "prune.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+    while not (killed / checkpoint).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "pruned.pt").exists()
-    subprocess.run(_prune_cmd(killed) + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(_prune_cmd(killed, method) + ["--resume"], env=env, check=True, capture_output=True, timeout=300)
     a = torch.load(straight / "pruned.pt", weights_only=True)
     b = torch.load(killed / "pruned.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -176,3 +176,43 @@ def test_recalibrate_batchnorm_reestimates_running_statistics():
     torch.testing.assert_close(bn.running_var, per_batch_var.mean(0), atol=1e-5, rtol=1e-5)
     assert bn.momentum == 0.1 and not model.training and not bn.training
 
+
+
+def test_a_kill_in_the_first_epoch_keeps_the_one_shot_result(data, tmp_path):
+    """A one-shot search (ACP, MetaPruning: minutes to hours) is checkpointed before epoch 1 starts."""
+    train, test = data
+    calls = {"prune": 0, "loss": 0}
+
+    class Counting(pruning.L1Filter):
+        def prune(self, data=None):
+            calls["prune"] += 1
+            return super().prune(data)
+
+    def crash_in_epoch_one(out, y):
+        calls["loss"] += 1
+        if calls["loss"] == 2:
+            raise Stop
+        return torch.nn.functional.cross_entropy(out, y)
+
+    def run(resume, loss_fn=None):
+        model = _model()
+        pruner = Counting(model, input_size=SIZE, ratio=0.4)
+        engine = Engine(model, train, pruner=pruner, epochs=2, eval_data=test, batch_size=32, lr=0.05,
+                        out_dir=tmp_path, phase="prune", resume=resume, loss_fn=loss_fn, progress=False,
+                        quiet=True, seed=7)
+        engine.run()
+        return model, pruner
+
+    with pytest.raises(Stop):
+        run(resume=False, loss_fn=crash_in_epoch_one)
+    ck = load_checkpoint(tmp_path / "prune.ckpt")
+    assert calls["prune"] == 1 and ck["epoch"] == 0 and ck["oneshot_done"]
+    resumed = run(resume=True)
+    assert calls["prune"] == 1  # not pruned again
+    calls["prune"] = 0
+    straight_dir = tmp_path / "straight"
+    model = _model()
+    pruner = Counting(model, input_size=SIZE, ratio=0.4)
+    Engine(model, train, pruner=pruner, epochs=2, eval_data=test, batch_size=32, lr=0.05, out_dir=straight_dir,
+           phase="prune", progress=False, quiet=True, seed=7).run()
+    _assert_same((model, pruner), resumed)

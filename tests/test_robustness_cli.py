@@ -382,7 +382,7 @@ def test_metrics_log_has_one_record_per_event_after_reruns(tmp_path):
     assert cli.main([*train, "--resume"]) == 0
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(r["phase"], r.get("event", r.get("epoch"))) for r in log] == \
-        [("prune", "oneshot_prune"), ("prune", 0), ("export", "saved"), ("train", 0), ("train", "saved")]
+        [("prune", "oneshot_prune"), ("retrain", 0), ("export", "saved"), ("train", 0), ("train", "saved")]
 
 
 def test_a_closed_output_pipe_ends_the_command_quietly(tmp_path):
