@@ -145,11 +145,11 @@ def previous_rows(path: Path, args) -> list:
 
 def merged_rows(previous: list, rows: list, archs: list) -> list:
     """Earlier rows, replaced where this run measured the same arch, method and budget; ordered by
-    arch, budget and the order of ``pruning.METHODS``."""
+    arch (as in ``ARCHS``), budget and the order of ``pruning.METHODS``."""
     key = lambda r: (r["arch"], r["method"], r["budget"])  # noqa: E731
     new = {key(r) for r in rows}
     every = [r for r in previous if key(r) not in new] + rows
-    arch_order = {a: i for i, a in enumerate(dict.fromkeys(archs + [r["arch"] for r in every]))}
+    arch_order = {a: i for i, a in enumerate(dict.fromkeys([*ARCHS, *archs, *(r["arch"] for r in every)]))}
     method_order = {m: i for i, m in enumerate(pruning.METHODS)}
     return sorted(every, key=lambda r: (arch_order[r["arch"]], r["budget"],
                                         method_order.get(r["method"].partition(":")[0], len(method_order)), r["method"]))
