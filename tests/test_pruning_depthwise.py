@@ -178,3 +178,51 @@ def test_every_method_prunes_through_depthwise_convs(method):
     removed = {n for n in depthwise_names(model) if dict(ex.named_modules())[n].out_channels
                < dict(model.named_modules())[n].out_channels}
     assert small < dense and removed, f"{method} removed no depthwise filter"
+
+
+class SqueezeExcite(nn.Module):
+    """An inverted residual block whose depthwise output is gated per channel by a squeeze-excitation
+    branch (MobileNetV3, EfficientNet): the gate's last conv produces the same channels as the expansion."""
+
+    def __init__(self, channels: int = 8, hidden: int = 32):
+        super().__init__()
+        self.expand = nn.Sequential(nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU())
+        self.depthwise = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                       nn.BatchNorm2d(hidden), nn.ReLU())
+        self.squeeze, self.excite = nn.Conv2d(hidden, 8, 1), nn.Conv2d(8, hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        y = self.depthwise(self.expand(x))
+        gate = torch.sigmoid(self.excite(torch.relu(self.squeeze(y.mean((2, 3), keepdim=True)))))
+        return x + self.project(y * gate)
+
+
+def se_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), SqueezeExcite(), SqueezeExcite(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+@pytest.mark.parametrize("method", ["PFP", "DAIS"])
+def test_squeeze_excitation_gates_prune_with_their_channels(method):
+    """The gate's conv and the expansion produce one group (tied by the product), which passes the
+    depthwise conv: group-aware methods remove its channels from all of them."""
+    model = se_net()
+    graph = ChannelGraph(model, SIZE)
+    (group,) = [g for g in graph.groups if g.passthrough and g.passthrough[0][0] == "3.depthwise.0"]
+    assert sorted(p[0] for p in group.producers) == ["3.excite", "3.expand.0"] and group.blocked is None
+    data = batches()
+    kw = dict(val_data=data, search_steps=4) if method == "DAIS" else {}
+    pr = pruning.METHODS[method](model, SIZE, target_flops_reduction=0.4, **kw)
+    if is_oneshot(pr):
+        pr.prune(data)
+    pruning.fit(model, pr, data, 2, progress=False)
+    ex = pr.export()
+    x = torch.randn(4, *SIZE[1:])
+    torch.testing.assert_close(ex(x), pr.masked_model().eval()(x), atol=1e-5, rtol=1e-5)
+    assert profile(ex, SIZE).flops == pr.flops() and pr.flops_reduction() > 0.35
+    width = {name: dict(ex.named_modules())[f"{name}.depthwise.0"].out_channels for name in ("3", "4")}
+    assert min(width.values()) < 32
+    for name, w in width.items():  # the gate produces exactly the channels that remain
+        assert dict(ex.named_modules())[f"{name}.excite"].out_channels == w
