@@ -198,6 +198,20 @@ def test_oneshot_epochs_train_the_exported_network(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_mobilenet_prunes_its_depthwise_blocks_from_the_command_line(tmp_path, capsys):
+    kwargs = json.dumps({"cfg": [[1, 8, 1, 1], [4, 8, 2, 2]], "head_channels": 16})
+    assert cli.main(["prune", "--model", "mobilenet_v2", "--model-kwargs", kwargs, "--method", "L1Filter", "--target",
+                     "flops=0.4", "--epochs", "1", "--out", str(tmp_path), "--quiet", *DATA]) == 0
+    desc = read_description(tmp_path / "pruned")
+    assert desc["arch"] == "mobilenet_v2" and desc["extra"]["flops_reduction"] > 0.39
+    model = load_pruned(tmp_path / "pruned")
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(widths) == 3 and min(widths) < 32  # the expanded blocks lost depthwise filters
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "pruned"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == desc["extra"]["accuracy"]
+
+
 def test_clear_errors(tmp_path, capsys):
     assert cli.main(["train", "--dataset", "fashion-mnist", "--data", str(tmp_path / "nowhere"), "--out",
                      str(tmp_path)]) == 2
