@@ -240,7 +240,7 @@ class Pruner:
         """Depthwise conv name -> ``[out]`` bool: its channels that are dead upstream (cached per masks)."""
         if not self._has_depthwise or not masks:
             return {}
-        key = (tuple(masks), torch.cat([m.reshape(-1).cpu() for m in masks.values()]) if masks else None)
+        key = (tuple(masks), torch.cat([m.reshape(-1).cpu() for m in masks.values()]))
         cached_key, cached = self._through_cache
         if cached_key is None or cached_key[0] != key[0] or not torch.equal(cached_key[1], key[1]):
             alive = self.graph.alive_passthrough(masks)

@@ -6,9 +6,10 @@ the input channels (or flattened input features) of the layers that consume them
 group is *dead* when every producing conv is masked and keeps no stripe of that filter; only
 dead channels can be removed (:func:`stripeconv.export`). A depthwise conv (one filter per input
 channel) is channel-wise like BN: it *passes* its group's channels through and loses the filters
-of dead ones (MobileNet-style ``1x1 -> depthwise -> 1x1`` blocks prune their hidden channels). This module reads that structure once
-and answers "which input channels of each consumer are still alive" for any masks, which is what
-FLOPs targets need (removing a filter also removes work in the next layer).
+of dead ones (MobileNet-style ``1x1 -> depthwise -> 1x1`` blocks prune their hidden channels).
+This module reads that structure once and answers "which input channels of each consumer are
+still alive" for any masks, which is what FLOPs targets need (removing a filter also removes work
+in the next layer).
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ class ChannelGraph:
             if grp.passthrough:
                 if not grp.producers and grp.blocked is None:
                     grp.blocked = f"no conv produces the channels that {grp.passthrough[0][0]} reads"
-                if grp.producers and self.names.get(root) == grp.passthrough[0][0]:
+                if grp.producers and self.names.get(root) in {name for name, _, _ in grp.passthrough}:
                     grp.root_name = grp.producers[0][0]  # name the group after a conv that decides it
             gi = len(self.groups)
             self.groups.append(grp)
