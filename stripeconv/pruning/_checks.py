@@ -10,6 +10,8 @@ from typing import Any, Optional
 
 import torch
 
+from .graph import check_four_dims
+
 
 def number(owner: str, name: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
            low_open: bool = False, high_open: bool = False, integer: bool = False, optional: bool = False) -> None:
@@ -64,7 +66,4 @@ def input_size(owner: str, value: Any) -> None:
             and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d > 0 for d in value)):
         raise TypeError(f"{owner}: input_size must be the input shape with the batch, e.g. (1, 3, 32, 32), "
                         f"or an example tensor; got {value!r}")
-    if len(value) != 4:
-        hint = f"; with the batch that is {(1, *value)}" if len(value) == 3 else ""
-        raise ValueError(f"{owner}: input_size must be (batch, channels, height, width), e.g. (1, 3, 32, 32), "
-                         f"got {tuple(value)}{hint}")
+    check_four_dims(tuple(value), owner)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from . import _checks as check
 from . import criteria as C
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
-from .base import Pruner, _dense_copy, _name_of, copy_matching
+from .base import Pruner, _dense_copy, copy_matching
 from ._shrink import shrink
 
 __all__ = ["ACP", "dbscan_count"]
@@ -359,20 +359,22 @@ class ACP(Pruner):
         pruned channels held at zero; returns ``(validation accuracy, its state_dict)``."""
         model = _dense_copy(self.model)
         masks = self.masks_for(roots)
-        bn_names = {n: _name_of(self.model, bn) for n, bn in self._bn_of.items()}
 
         @torch.no_grad()
         def enforce():
             for name, conv in convs.items():
                 conv.weight.mul_(masks[name].to(conv.weight.device, conv.weight.dtype)[:, None])
-            C.zero_dead_bn(*dead_bn_targets(), bn_of)
+            zero_dead_bn()
+
+        def zero_dead_bn(grads: bool = False) -> None:
+            if shrunk:  # no dead channel left to pass through a depthwise conv
+                C.zero_dead_bn(convs, masks, bn_of, grads=grads)
+            else:
+                self.zero_dead_bn(masks, grads=grads, modules=modules)
 
         def bind(net: nn.Module) -> tuple:
             names = dict(net.named_modules())
-            return {n: names[n] for n in self.convs}, {n: names[b] for n, b in bn_names.items()}, names
-
-        def dead_bn_targets() -> tuple:  # the shrunk copy has no dead channel to pass through a depthwise conv
-            return (convs, masks) if shrunk else self.with_passthrough(convs, masks, modules)
+            return {n: names[n] for n in self.convs}, {n: names[b] for n, b in self._bn_names.items()}, names
         shrunk = None
         convs, bn_of, modules = bind(model)
         enforce()
@@ -401,7 +403,7 @@ class ACP(Pruner):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 C.mask_grads(convs, masks)
-                C.zero_dead_bn(*dead_bn_targets(), bn_of, grads=True)
+                zero_dead_bn(grads=True)
                 opt.step()
                 enforce()
         self._cursor_state = self.cursor.state()

@@ -119,6 +119,8 @@ class Pruner:
         self.steps = 0
         self._graph = None
         self._bn_of = C.conv_bn_pairs(model, self.input_size)
+        names = {m: n for n, m in model.named_modules()}
+        self._bn_names = {n: names[bn] for n, bn in self._bn_of.items()}  # to find them in copies of the model
         self._has_depthwise = any(is_depthwise(m) for m in model.modules())
         self._through_cache: tuple = (None, {})
 
@@ -192,7 +194,7 @@ class Pruner:
         """Gradient edits: pruned (frozen) stripes get no gradient."""
         C.mask_grads(self.convs, self._frozen)
         if self.zero_bn:
-            C.zero_dead_bn(*self.with_passthrough(self.convs, self._frozen), self._bn_of, grads=True)
+            self.zero_dead_bn(self._frozen, grads=True)
 
     def after_step(self) -> None:
         """After ``optimizer.step()``: keep frozen stripes (and dead BN) at zero."""
@@ -220,21 +222,23 @@ class Pruner:
             if not bool(m.all()):
                 self._zero_weights(name, m)
         if self.zero_bn:
-            C.zero_dead_bn(*self.with_passthrough(self.convs, masks), self._bn_of)
+            self.zero_dead_bn(masks)
 
-    def with_passthrough(self, convs: dict, masks: dict, modules: Optional[dict] = None) -> tuple[dict, dict]:
-        """``(convs, masks)`` plus the depthwise convs that dead channels pass through, each with a
-        mask that prunes the filters of those channels, so that :func:`~.criteria.zero_dead_bn`
-        zeroes their BN too and a dead channel carries exactly 0 past them. ``modules``: name ->
-        module of the model the convs belong to (a copy of :attr:`model`; default: the model)."""
+    def zero_dead_bn(self, masks: dict, grads: bool = False, modules: Optional[dict] = None) -> None:
+        """:func:`~.criteria.zero_dead_bn` for the pruned convs under ``masks`` and for the depthwise
+        convs that their dead channels pass through, so that a dead channel carries exactly 0 past
+        those too. ``modules``: name -> module of a copy of :attr:`model` to act on instead."""
+        if modules is None:
+            convs, bn_of, modules = self.convs, self._bn_of, self.graph.modules if self._has_depthwise else {}
+        else:
+            convs = {n: modules[n] for n in self.convs}
+            bn_of = {n: modules[b] for n, b in self._bn_names.items()}
         dead = self._dead_passthrough(masks)
-        if not dead:
-            return convs, masks
-        modules = modules if modules is not None else dict(self.model.named_modules())
-        convs = {**convs, **{n: modules[n] for n in dead}}
-        masks = {**masks, **{n: (~d)[:, None, None].expand(-1, *modules[n].kernel_size).clone()
-                             for n, d in dead.items()}}
-        return convs, masks
+        if dead:
+            convs = {**convs, **{n: modules[n] for n in dead}}
+            masks = {**masks, **{n: (~d)[:, None, None].expand(-1, *modules[n].kernel_size).clone()
+                                 for n, d in dead.items()}}
+        C.zero_dead_bn(convs, masks, bn_of, grads=grads)
 
     def _dead_passthrough(self, masks: dict) -> dict[str, Tensor]:
         """Depthwise conv name -> ``[out]`` bool: its channels that are dead upstream (cached per masks)."""
@@ -262,12 +266,9 @@ class Pruner:
         """A copy of the model as pruned: masks applied, dead filters' BN zeroed (if ``zero_bn``),
         method-specific parameters folded. :meth:`export` computes the same function."""
         model = _dense_copy(self.model)
-        names = dict(model.named_modules())
-        convs = {n: names[n] for n in self.convs}
         C.apply_masks(model, self._masks)
         if self.zero_bn:
-            bn_of = {n: names[_name_of(self.model, bn)] for n, bn in self._bn_of.items()}
-            C.zero_dead_bn(*self.with_passthrough(convs, self._masks, names), bn_of)
+            self.zero_dead_bn(self._masks, modules=dict(model.named_modules()))
         return model
 
     def export(self, fold: str = "exact") -> nn.Module:

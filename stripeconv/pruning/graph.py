@@ -33,6 +33,15 @@ def is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+def check_four_dims(shape: tuple, owner: str = "") -> None:
+    """Raise ``ValueError`` unless ``shape`` is ``(batch, channels, height, width)``; a shape that
+    lacks only the batch is named with it."""
+    if len(shape) != 4:
+        hint = f"; with the batch that is {(1, *shape)}" if len(shape) == 3 else ""
+        raise ValueError(f"{owner + ': ' if owner else ''}input_size must be (batch, channels, height, width), "
+                         f"e.g. (1, 3, 32, 32), got {shape}{hint}")
+
+
 def require_torch_pruning():
     try:
         import torch_pruning as tp  # noqa: F401
@@ -54,9 +63,7 @@ def example_input(model: nn.Module, input_size) -> Tensor:
             "or an example tensor"
         )
     shape = tuple(input_size)
-    if len(shape) != 4:
-        hint = f"; with the batch that is {(1, *shape)}" if len(shape) == 3 else ""
-        raise ValueError(f"input_size must be (batch, channels, height, width), e.g. (1, 3, 32, 32), got {shape}{hint}")
+    check_four_dims(shape)
     p = next(iter(model.parameters()), None)
     device = p.device if p is not None else torch.device("cpu")
     dtype = p.dtype if p is not None and p.is_floating_point() else torch.float32

@@ -125,7 +125,7 @@ class SWP(Pruner):
             if w.grad is not None:
                 w.grad.mul_(self._masks[name].to(w.grad.dtype)[:, None])
         if self.zero_bn:
-            C.zero_dead_bn(*self.with_passthrough(self.convs, self._masks), self._bn_of, grads=True)
+            self.zero_dead_bn(self._masks, grads=True)
 
     @torch.no_grad()
     def after_step(self) -> None:
