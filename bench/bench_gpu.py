@@ -21,7 +21,9 @@ share one such pattern, as SWP with ``group_size=32`` learns) it times, in the s
 * ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
   as the stripe conv, i.e. what filter/channel pruning would give at that density
 
-forward only and forward + backward (autograd through the op: grad input, grad weight, bias).
+forward only and forward + backward (grad input, grad weight, bias), each called as StripeConv2d
+calls it in eager mode (``stripeconv.backends.eager_conv2d``: the backend's kernels under one
+autograd.Function, without the custom op's Python layers).
 Timings: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions) on random data
 (never zeros) with input buffers rotated so that one input is not reused from cache; median and
 inter-quartile range are reported. The table prints the speedup over dense next to the ideal
@@ -261,7 +263,8 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                     try:
                         def op_fn():
                             x = x_rot.next()
-                            y = ops.stripe_conv2d(x, packed, bias, mask, (s, s), (p, p, p, p), (1, 1), 1)
+                            conv = backends.eager_conv2d(x) or ops.stripe_conv2d  # as StripeConv2d calls it
+                            y = conv(x, packed, bias, mask, (s, s), (p, p, p, p), (1, 1), 1)
                             if backward:
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y

@@ -46,9 +46,6 @@ def _constant_response(weight: Tensor, height: int, width: int, pads: list[int],
     return F.conv2d(ones, weight.unsqueeze(1), None, stride, 0, dilation)
 
 
-_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
-
-
 class StripeConv2d(nn.Module):
     r"""A 2-D convolution whose filters keep only some of their stripes.
 
@@ -307,11 +304,7 @@ class StripeConv2d(nn.Module):
         if amp is not None:  # like nn.Conv2d under torch.autocast: floating operands (not float64) in the amp dtype
             input, weight, bias = (t.to(amp) if t is not None and t.is_floating_point() and t.dtype != torch.float64
                                    else t for t in (input, weight, bias))
-        # Eager CPU calls skip the op's Python layers (~20 us a call) for the same kernels, except under
-        # torch.func transforms, which the op serves through its vmap rules.
-        eager_cpu = (input.device.type == "cpu" and not torch.compiler.is_compiling()
-                     and not _functorch_active() and backends.eager_cpu_module())
-        conv = eager_cpu.eager_conv2d if eager_cpu else stripe_conv2d
+        conv = backends.eager_conv2d(input) or stripe_conv2d  # the same kernels without the op's Python layers
         out = conv(input, weight, bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
         if self.constant_channel_weight is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)

@@ -144,6 +144,27 @@ def output_memory_format(input: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+# The backend calls of the three ops, with the layouts the contract promises. The ops check their
+# arguments first; stripeconv.backends.eager calls these after its own checks.
+def run_forward(backend, input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor, stride,
+                padding, dilation, groups: int) -> Tensor:
+    out = backend.forward(input, weight, bias, stripe_mask, list(stride), list(padding), list(dilation), groups)
+    return out.contiguous(memory_format=output_memory_format(input))
+
+
+def run_grad_input(backend, grad_output: Tensor, weight: Tensor, stripe_mask: Tensor, input_shape, stride, padding,
+                   dilation, groups: int) -> Tensor:
+    grad_input = backend.grad_input(grad_output, weight, stripe_mask, list(input_shape), list(stride), list(padding),
+                                    list(dilation), groups)
+    return grad_input.contiguous(memory_format=output_memory_format(grad_output))
+
+
+def run_grad_weight(backend, grad_output: Tensor, input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding,
+                    dilation, groups: int) -> Tensor:
+    return backend.grad_weight(grad_output, input, weight, stripe_mask, list(stride), list(padding), list(dilation),
+                               groups).contiguous()
+
+
 @torch.library.custom_op("stripeconv::stripe_conv2d", mutates_args=())
 def stripe_conv2d(
     input: Tensor,
@@ -157,10 +178,8 @@ def stripe_conv2d(
 ) -> Tensor:
     """Stripe-pruned conv2d (see the module docstring for the contract)."""
     check_op_args(input, weight, stripe_mask, stride, padding, dilation, groups, bias)
-    out = backends.resolve(input.device).forward(
-        input, weight, bias, stripe_mask, list(stride), list(padding), list(dilation), groups
-    )
-    return out.contiguous(memory_format=output_memory_format(input))
+    return run_forward(backends.resolve(input.device), input, weight, bias, stripe_mask, stride, padding, dilation,
+                       groups)
 
 
 @stripe_conv2d.register_fake
@@ -187,10 +206,8 @@ def stripe_conv2d_grad_input(
 ) -> Tensor:
     """Gradient of stripe_conv2d with respect to its input."""
     _check_grad_input_args(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
-    grad_input = backends.resolve(grad_output.device).grad_input(
-        grad_output, weight, stripe_mask, list(input_shape), list(stride), list(padding), list(dilation), groups
-    )
-    return grad_input.contiguous(memory_format=output_memory_format(grad_output))
+    return run_grad_input(backends.resolve(grad_output.device), grad_output, weight, stripe_mask, input_shape, stride,
+                          padding, dilation, groups)
 
 
 @stripe_conv2d_grad_input.register_fake
@@ -213,9 +230,8 @@ def stripe_conv2d_grad_weight(
 ) -> Tensor:
     """Gradient of stripe_conv2d with respect to its packed weight."""
     _check_grad_weight_args(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
-    return backends.resolve(input.device).grad_weight(
-        grad_output, input, weight, stripe_mask, list(stride), list(padding), list(dilation), groups
-    ).contiguous()
+    return run_grad_weight(backends.resolve(input.device), grad_output, input, weight, stripe_mask, stride, padding,
+                           dilation, groups)
 
 
 @stripe_conv2d_grad_weight.register_fake
@@ -224,29 +240,34 @@ def fake_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, d
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
-def _setup_context(ctx, inputs, output):
+def setup_conv2d_context(ctx, inputs, output):
+    """Save what :func:`conv2d_gradients` reads."""
     input, weight, bias, stripe_mask, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(input, weight, stripe_mask)
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad_output):
+def conv2d_gradients(ctx, grad_output: Tensor, grad_input_fn=None, grad_weight_fn=None) -> tuple:
+    """The forward's gradients for the ``needs_input_grad`` of ``ctx`` (saved: input, weight, stripe_mask;
+    ``conv_args``, ``has_bias``), by default through the differentiable gradient ops."""
     input, weight, stripe_mask = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conv_args
     grad_input = grad_weight = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_input = stripe_conv2d_grad_input(
+        grad_input = (grad_input_fn or stripe_conv2d_grad_input)(
             grad_output, weight, stripe_mask, list(input.shape), stride, padding, dilation, groups
         )
     if ctx.needs_input_grad[1]:
-        grad_weight = stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
+        grad_weight = (grad_weight_fn or stripe_conv2d_grad_weight)(
+            grad_output, input, weight, stripe_mask, stride, padding, dilation, groups
+        )
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_bias = grad_output.sum((0, 2, 3))
     return grad_input, grad_weight, grad_bias, None, None, None, None, None
 
 
-stripe_conv2d.register_autograd(_backward, setup_context=_setup_context)
+stripe_conv2d.register_autograd(conv2d_gradients, setup_context=setup_conv2d_context)
 
 
 # The gradient ops are linear in each argument and adjoint to the forward, so their own gradients

@@ -1,7 +1,9 @@
 """StripeConv2d's API: construction, conversion, packed storage, state_dict, bad input."""
 from __future__ import annotations
 
+import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -304,8 +306,8 @@ def test_eager_cpu_path_equals_the_op(channels_last, bias, monkeypatch):
         x = x.contiguous(memory_format=torch.channels_last)
 
     calls = []
-    cpu = backends.eager_cpu_module()
-    assert cpu is not None
+    cpu = backends.resolve(torch.device("cpu"))
+    assert cpu.NAME == "cpu" and backends.eager_conv2d(x) is cpu.eager_conv2d
     monkeypatch.setattr(cpu, "eager_conv2d", lambda *a: calls.append(1) or torch.ops.stripeconv_cpu.conv2d(*a))
 
     def run(module_forward):
@@ -348,12 +350,106 @@ def test_eager_cpu_path_gradcheck_and_fake_tensors():
         assert out.shape == (2, 4, 5, 5) and out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("name", ["reference", "dense"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eager_python_backend_path_equals_the_op(name, channels_last, monkeypatch):
+    """Eager calls on a Python backend run one autograd.Function around the backend, no custom op:
+    the op's values, layouts and first- and second-order gradients, bit for bit."""
+    from stripeconv import nn as sc_nn, ops
+
+    stripeconv.set_backend(name)
+    try:
+        torch.manual_seed(0)
+        layer = StripeConv2d(4, 6, 3, stride=(2, 1), padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.5).double()
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        x = torch.randn(2, 4, 7, 9, dtype=torch.double).contiguous(memory_format=fmt)
+        params = [layer.packed_weight, layer.bias]
+
+        def run(forward, create_graph):
+            xi = x.detach().clone().requires_grad_(True)
+            out = forward(xi)
+            gy = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+            grads = torch.autograd.grad(out, [xi] + params, gy.contiguous(memory_format=fmt), create_graph=create_graph)
+            if create_graph:  # a gradient penalty: second-order terms through the gradient ops
+                grads = grads + torch.autograd.grad(sum(g.square().sum() for g in grads), [xi] + params,
+                                                    materialize_grads=True)
+            return out, grads
+
+        def op(xi):
+            return ops.stripe_conv2d(xi, layer.packed_weight, layer.bias, layer.stripe_mask, layer.stride,
+                                     layer._pads, layer.dilation, layer.groups)
+
+        for create_graph in (False, True):
+            want_out, want_grads = run(op, create_graph)
+            with monkeypatch.context() as m:
+                def refuse(*args):
+                    raise AssertionError("the eager path called a stripe_conv2d custom op")
+                m.setattr(sc_nn, "stripe_conv2d", refuse)
+                if not create_graph:
+                    m.setattr(ops, "stripe_conv2d_grad_input", refuse)
+                    m.setattr(ops, "stripe_conv2d_grad_weight", refuse)
+                out, grads = run(layer, create_graph)
+            torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+            assert out.is_contiguous(memory_format=fmt) and grads[0].is_contiguous(memory_format=fmt)
+            assert len(grads) == len(want_grads)
+            for a, b in zip(grads, want_grads):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+        oracle = F.conv2d(x, layer.weight, layer.bias, layer.stride, 1)
+        torch.testing.assert_close(out, oracle)
+    finally:
+        stripeconv.set_backend(None)
+
+
+def test_eager_python_backend_path_leaves_fake_meta_and_traced_calls_to_the_op(monkeypatch):
+    """Fake tensors, meta tensors and jit tracing need the custom op (its fake kernel, its graph node)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from stripeconv import backends
+
+    stripeconv.set_backend("dense")
+    try:
+        layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3) < 0.6)
+        x = torch.randn(2, 3, 5, 5)
+        assert backends.eager_conv2d(x) is not None
+        assert backends.eager_conv2d(x.to("meta")) is None
+        assert copy.deepcopy(layer).to("meta")(x.to("meta")).shape == (2, 4, 5, 5)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = mode.from_tensor(x)
+            assert backends.eager_conv2d(fake) is None
+            assert layer(fake).shape == (2, 4, 5, 5)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on Python-side shape checks
+            traced = torch.jit.trace(layer, x)
+        assert "stripeconv::stripe_conv2d" in str(traced.graph)
+        torch.testing.assert_close(traced(x), layer(x))
+    finally:
+        stripeconv.set_backend(None)
+
+
+@pytest.mark.parametrize("name", ["cpu", "dense"])
+def test_forward_mode_ad_is_refused_not_dropped(name):
+    """No forward-mode formula: a dual input raises, with or without grad mode, instead of losing its tangent."""
+    from torch.autograd import forward_ad
+
+    stripeconv.set_backend(name)
+    try:
+        layer = StripeConv2d(3, 4, 3, padding=1)
+        x = torch.randn(1, 3, 5, 5)
+        for grad_mode in (True, False):
+            with torch.set_grad_enabled(grad_mode), forward_ad.dual_level():
+                dual = forward_ad.make_dual(x, torch.randn_like(x))
+                with pytest.raises((NotImplementedError, RuntimeError), match="jvp"):
+                    layer(dual)
+    finally:
+        stripeconv.set_backend(None)
+
+
 def test_pinned_reference_backend_skips_the_eager_cpu_path(monkeypatch):
     from stripeconv import backends
 
     stripeconv.set_backend("reference")
     try:
-        assert backends.eager_cpu_module() is None
+        assert backends.eager_conv2d(torch.randn(1)) is not backends._module("cpu").eager_conv2d
         calls = []
         ref = backends._module("reference")
         orig = ref.forward

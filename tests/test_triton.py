@@ -11,6 +11,7 @@ Shapes are tiny: the interpreter executes every program instance in Python.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
-            empty_filters=0, via_op=False, deterministic=False, gpu_only=False, mask_update=False,
+            empty_filters=0, via_op=False, via_module=False, deterministic=False, gpu_only=False, mask_update=False,
             dense="never", double_backward=False)
 
 
@@ -83,6 +84,9 @@ CASES = dict([
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
     _case("via_op_autograd", via_op=True, channels_last=True),
+    # StripeConv2d's eager path: one autograd.Function around the triton backend, no custom op.
+    _case("via_module", via_module=True, channels_last=True, stride=(2, 2), H=8, W=8),
+    _case("via_module_groups", via_module=True, C=8, N=12, groups=2, bias=False),
     _case("double_backward", double_backward=True, dtype="float64", C=4, N=6, H=6, W=5, stride=(2, 1)),
     # The dense cuDNN hand-over (STRIPECONV_GPU_DENSE=always): F.conv2d on the scattered weight.
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -163,6 +167,40 @@ def _double_backward_case(c, device, gen) -> str:
     return ""
 
 
+def _module_of(c, mask, w, bias):
+    """A StripeConv2d with the case's geometry (symmetric padding), mask and weights."""
+    from stripeconv import StripeConv2d
+
+    pt, pb, pl, pr = c["padding"]
+    assert pt == pb and pl == pr, "StripeConv2d takes symmetric padding"
+    layer = StripeConv2d(c["C"], c["N"], c["k"], c["stride"], (pt, pl), c["dilation"], c["groups"],
+                         bias=bias is not None, stripe_mask=mask, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        layer.packed_weight.copy_(w)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+@contextlib.contextmanager
+def _without_custom_ops():
+    """Any call of the stripe_conv2d custom ops (the module's fallback, the gradient ops) fails."""
+    from stripeconv import nn as sc_nn, ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path called a stripe_conv2d custom op")
+
+    names = [(sc_nn, "stripe_conv2d"), (ops, "stripe_conv2d_grad_input"), (ops, "stripe_conv2d_grad_weight")]
+    saved = [getattr(m, n) for m, n in names]
+    for m, n in names:
+        setattr(m, n, refuse)
+    try:
+        yield
+    finally:
+        for (m, n), v in zip(names, saved):
+            setattr(m, n, v)
+
+
 def run_case(name: str, device: str) -> str:
     """Run one case; returns '' on success or a description of the mismatch."""
     from stripeconv.backends import triton_backend as tb
@@ -197,18 +235,25 @@ def run_case(name: str, device: str) -> str:
         ref.backward(gy.double().cpu())
         args = (c["stride"], c["padding"], c["dilation"], c["groups"])
         errors = []
-        if c["via_op"]:
+        if c["via_op"] or c["via_module"]:
             from stripeconv import backends, ops
 
             backends.set_backend("triton")
             try:
                 xg = x.detach().requires_grad_()
-                wg = w.detach().requires_grad_()
-                bg = bias.detach().requires_grad_() if bias is not None else None
-                y = ops.stripe_conv2d(xg, wg, bg, mask, *args)
+                if c["via_module"]:
+                    layer = _module_of(c, mask, w, bias)
+                    wg, bg = layer.packed_weight, layer.bias
+                    with _without_custom_ops():
+                        y = layer(xg)
+                        y.backward(gy)
+                else:
+                    wg = w.detach().requires_grad_()
+                    bg = bias.detach().requires_grad_() if bias is not None else None
+                    y = ops.stripe_conv2d(xg, wg, bg, mask, *args)
+                    y.backward(gy)
                 if c["channels_last"] and not y.is_contiguous(memory_format=torch.channels_last):
                     errors.append("output is not channels_last for a channels_last input")
-                y.backward(gy)
                 gx, gw = xg.grad, wg.grad
                 if bg is not None:
                     errors.append(_close("grad_bias", bg.grad, gy64.sum((0, 2, 3)), c["dtype"]))

@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <vector>
 
 namespace stripeconv_cpu {
@@ -160,9 +161,24 @@ class GradWeightFunction : public torch::autograd::Function<GradWeightFunction> 
   }
 };
 
+// Whether a call has anything for autograd to do: a gradient to record, or a tangent (which the
+// Function refuses, as it has no forward-mode formula).
+bool needs_autograd(std::initializer_list<const at::Tensor*> tensors) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined())) return true;
+  return false;
+}
+
 at::Tensor conv2d_autograd(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                            const at::Tensor& mask, at::IntArrayRef stride, at::IntArrayRef padding,
                            at::IntArrayRef dilation, int64_t groups) {
+  const at::Tensor no_bias;
+  if (!needs_autograd({&input, &weight, bias.has_value() ? &*bias : &no_bias})) {
+    // Inference: the kernel alone, without an autograd node's bookkeeping (a few us of a small layer's call).
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return run_forward(input, weight, bias, mask, stride, padding, dilation, groups);
+  }
   return StripeConv2dFunction::apply(input, weight, bias, mask, stride.vec(), padding.vec(), dilation.vec(), groups);
 }
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-__all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve", "eager_cpu_module"]
+__all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve", "eager_conv2d"]
 
 BACKENDS = ("reference", "dense", "cpu", "triton", "cuda")
 _MODULES = {
@@ -29,9 +29,13 @@ _MODULES = {
     "triton": "triton_backend",
     "cuda": "cuda",
 }
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
+_dispatch_modes_active = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # FakeTensorMode, ...
 _DEFAULT_ORDER = {"cpu": ("cpu", "dense"), "cuda": ("triton", "cuda", "dense")}
 
 _loaded: dict[str, ModuleType] = {}
+_eager_conv2d: dict[str, Callable] = {}
+_default: dict[str, ModuleType] = {}  # device type -> the backend chosen for it
 _selected: Optional[str] = None
 
 
@@ -72,15 +76,29 @@ def get_backend() -> Optional[str]:
     return _selected
 
 
-def eager_cpu_module() -> Optional[ModuleType]:
-    """The ``cpu`` backend when it runs CPU calls (chosen by default or pinned), else ``None``.
+def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
+    """What a module runs an eager ``stripe_conv2d`` call on ``input`` with, or None to call the op.
 
-    Modules call its ``eager_conv2d`` directly in eager mode: the same kernels as the op.
+    The same kernels, gradients and layouts as the op, without its Python dispatch layers: the
+    ``cpu`` backend's ``eager_conv2d`` (its forward with C++ autograd), or one autograd.Function
+    around any other backend (:mod:`.eager`). None where only the op works: under torch.compile
+    and torch.func transforms and, for the Python backends, under tracing, dispatch modes (fake
+    tensors), for meta tensors and tensor subclasses.
     """
-    if _selected not in (None, "cpu"):
+    if torch.compiler.is_compiling() or _functorch_active():
         return None
-    module = _loaded.get("cpu") or _module("cpu")
-    return module if module.is_available()[0] else None
+    module = resolve(input.device)
+    own = getattr(module, "eager_conv2d", None)
+    if own is not None:
+        return own
+    if torch.jit.is_tracing() or type(input) is not torch.Tensor or input.is_meta or _dispatch_modes_active():
+        return None
+    conv2d = _eager_conv2d.get(module.NAME)
+    if conv2d is None:
+        from .eager import conv2d_for  # imports the ops, which import this module
+
+        conv2d = _eager_conv2d[module.NAME] = conv2d_for(module)
+    return conv2d
 
 
 def resolve(device: torch.device) -> ModuleType:
@@ -93,11 +111,15 @@ def resolve(device: torch.device) -> ModuleType:
                 f"move the data or call stripeconv.set_backend(None)"
             )
         return module
-    for name in _DEFAULT_ORDER.get(device.type, ("dense",)):
-        module = _module(name)
-        if module.is_available()[0] and module.supports(device):
-            return module
-    raise RuntimeError(f"no stripeconv backend supports {device.type} tensors")
+    module = _default.get(device.type)
+    if module is None:
+        for name in _DEFAULT_ORDER.get(device.type, ("dense",)):
+            if _module(name).is_available()[0] and _module(name).supports(device):
+                module = _default[device.type] = _module(name)  # what is built and importable stays so
+                break
+        else:
+            raise RuntimeError(f"no stripeconv backend supports {device.type} tensors")
+    return module
 
 
 if os.environ.get("STRIPECONV_BACKEND"):
