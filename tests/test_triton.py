@@ -472,6 +472,33 @@ def test_plan_cache_follows_mask_version():
     assert p2 is not p1 and p2.kept == int(mask.sum())
 
 
+def test_forward_plans_follow_mask_version_and_tile_widths():
+    """The per-call lookup of the forward's candidate plans is tile_widths' plans, rebuilt for a new mask."""
+    from stripeconv.backends import triton_backend as tb
+
+    mask = torch.rand(96, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.3
+    plans = tb._forward_plans(mask, 1, mask.device)
+    assert [p.block_n for p in plans] == tb.tile_widths(mask) and len(plans) > 1
+    assert all(p is tb.forward_plan(mask, 1, p.block_n) for p in plans)
+    assert tb._forward_plans(mask, 1, mask.device) is plans
+    mask[:] = True
+    plans = tb._forward_plans(mask, 1, mask.device)
+    assert [p.kept for p in plans] == [96 * 9] * len(plans)
+
+
+def test_int64_indexing_only_where_offsets_need_it():
+    """Offsets past int32 (big or strided tensors; meta tensors cost no memory) take the int64 kernels."""
+    from stripeconv.backends import triton_backend as tb
+
+    small = torch.randn(2, 3, 4, 5)
+    assert not tb._needs_int64(small, small.contiguous(memory_format=torch.channels_last), torch.empty(0))
+    assert not tb._needs_int64(torch.zeros(1).expand(2**31 + 1))  # stride 0: one element
+    assert not tb._needs_int64(torch.empty(2**31 - 1, device="meta"))  # last offset 2**31 - 2
+    assert tb._needs_int64(small, torch.empty(2**31, device="meta"))
+    assert tb._needs_int64(torch.empty(2**16, 2**16, device="meta").t())  # transposed: not dense
+    assert tb._needs_int64(torch.empty(4, 2**30, device="meta")[::2])  # 2 rows, 2**31 apart
+
+
 # ---- compile for GPUs without a GPU (catches GPU-only compile errors on CPU-only CI) ---------
 
 def _aot():

@@ -53,7 +53,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -398,20 +398,26 @@ _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
              "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
 
 
-def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
-    key = (kind, *_mask_key(mask), groups, block, str(device), conv)
+def _memo(key: tuple, mask: Tensor, build: Callable[[], Any]) -> Any:
+    """``build()`` once per ``key`` (which includes ``_mask_key(mask)``), least recently used out."""
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit[1]
-    mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
-    plan = _BUILDERS[kind](mask_cpu, groups, block, conv, device)
+    value = build()
     with _cache_lock:
-        _cache[key] = (mask, plan)  # holding the mask keeps its data_ptr from being recycled
+        _cache[key] = (mask, value)  # holding the mask keeps its data_ptr from being recycled
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
-    return plan
+    return value
+
+
+def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
+    def build():
+        mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
+        return _BUILDERS[kind](mask_cpu, groups, block, conv, device)
+    return _memo((kind, *_mask_key(mask), groups, block, str(device), conv), mask, build)
 
 
 def clear_cache() -> None:
@@ -494,8 +500,15 @@ def _check_kernels():
 
 def _needs_int64(*tensors: Tensor) -> bool:
     """Whether element offsets into any of ``tensors`` can exceed int32."""
-    return any(t.numel() > 0 and sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride())) >= 2**31 - 1
-               for t in tensors)
+    return any(_max_offset(t) >= 2**31 - 1 for t in tensors)
+
+
+def _max_offset(t: Tensor) -> int:
+    if t.numel() == 0:
+        return 0
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t.numel() - 1  # dense: the offsets are 0 .. numel - 1
+    return sum((d - 1) * abs(s) for d, s in zip(t.shape, t.stride()))
 
 
 def _conv_ints(stride, padding, dilation):
@@ -529,6 +542,12 @@ def tile_widths(mask: Tensor, groups: int = 1, device=None) -> list[int]:
     if default == 64 and ng >= 128 and computed(128) <= 1.05 * computed(64):
         widths.append(128)
     return widths
+
+
+def _forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
+    """The plans of :func:`tile_widths`, in its order: one cache lookup a call instead of one a width."""
+    key = ("fwd_widths", *_mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
+    return _memo(key, mask, lambda: [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)])
 
 
 def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
@@ -609,8 +628,8 @@ def forward(
         return _like_input((b, n, ho, wo), input)
     device = input.device
     candidates, counts = {}, []
-    for bn in tile_widths(mask, groups, device):
-        plan = forward_plan(mask, groups, bn, device)
+    for plan in _forward_plans(mask, groups, device):
+        bn = plan.block_n
         counts.append((bn, plan.kept, plan.computed))
         candidates[f"stripe{bn}"] = functools.partial(
             _forward_stripe, k, input, weight, bias, plan, stride, padding, dilation, (ho, wo))
