@@ -67,6 +67,10 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
     for r in results:
         for method in ("dense", "chanprune", "triton", "stripeconv", "reference"):
             assert r[method]["median_ms"] > 0, (method, r)
+        eager_latency = r["batch"] == 1 and r["mode"] == "fwd"  # smoke.s2 has batch 1
+        for method in ("dense", "chanprune", "triton", "stripeconv"):
+            assert ("host_ms" in r[method]) == eager_latency and r[method].get("host_ms", 1) > 0, (method, r)
+        assert "host_ms" not in r["reference"]
         assert 0 < r["tile_efficiency"] <= 1
         assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
     assert "summary: geometric mean speedup" in out
@@ -110,9 +114,11 @@ def test_target_check(capsys):
         row("b1.r50.layer4", 0.5, "fwd", 1.0, 1.1),   # batch 1 slower than cuDNN: missed
         row("r50.layer3", 0.5, "fwd+bwd", 1.0, 0.8),  # 1.25x < 1.4x: missed
     ]
-    assert bench._target(results[3]) is None and bench._target(results[4]) is None
+    results[5]["dense"]["host_ms"], results[5]["stripeconv"]["host_ms"] = 0.05, 0.04  # eager: 1.25x, met
+    assert bench._targets(results[3]) == [] and bench._targets(results[4]) == []
     bench.summarize(results)
     out = capsys.readouterr().out
-    counts = dict(re.findall(r"^\s+(\S+ >= \S+)\s+(\d+ / \d+)", out, flags=re.M))
+    counts = dict(re.findall(r"^\s+(\S+(?: eager)? >= \S+)\s+(\d+ / \d+)", out, flags=re.M))
     assert counts == {"d=1 >= 0.95x": "1 / 1", "fwd >= 0.85/d": "1 / 2", "batch-1 >= 1.0x": "0 / 1",
-                      "fwd+bwd >= 0.7/d": "0 / 1"}, out
+                      "batch-1 eager >= 1.0x": "1 / 1", "fwd+bwd >= 0.7/d": "0 / 1"}, out
+    assert "batch 1 with host work, stripeconv: b1.r50.layer4 1.25x (50 us dense)" in out
