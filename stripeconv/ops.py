@@ -23,7 +23,9 @@ Three ops in the ``stripeconv`` namespace, with the same arguments for every bac
 
 The gradient of ``bias`` is ``grad_output.sum((0, 2, 3))`` and is part of the autograd formula.
 Each op hands its work to the backend chosen by :mod:`stripeconv.backends` for the input's
-device; fake (meta) kernels make them traceable by ``torch.compile``.
+device; fake (meta) kernels make them traceable by ``torch.compile``. ``StripeConv2d`` in eager
+mode reaches the same backend calls and gradient formula without the ops' Python layers
+(:func:`stripeconv.backends.eager_conv2d`).
 """
 from __future__ import annotations
 
