@@ -1,6 +1,8 @@
 """Shared helpers: the oracle (nn.Conv2d on masked weights) and backend parametrisation."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -44,6 +46,28 @@ def masked_conv(conv: nn.Conv2d, mask: torch.Tensor) -> nn.Conv2d:
 # error, or a [B, 0, ...] output when there is no input channel. The op's answer is defined: every
 # output pixel equals its bias, or the output is empty.
 DEGENERATE_SHAPES = [(0, 6, (5, 4), 1), (4, 6, (0, 5), 2), (4, 6, (3, 0), (1, 2)), (4, 0, (5, 5), 1)]
+
+
+@contextlib.contextmanager
+def custom_ops_refused(gradient_ops: bool = True):
+    """Every call of the stripe_conv2d custom op fails (StripeConv2d's fallback; with ``gradient_ops``
+    the gradient ops too): what runs inside must take the eager path."""
+    from stripeconv import nn as sc_nn, ops
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the eager path called a stripe_conv2d custom op")
+
+    names = [(sc_nn, "stripe_conv2d")]
+    if gradient_ops:
+        names += [(ops, "stripe_conv2d_grad_input"), (ops, "stripe_conv2d_grad_weight")]
+    saved = [getattr(m, n) for m, n in names]
+    for m, n in names:
+        setattr(m, n, refuse)
+    try:
+        yield
+    finally:
+        for (m, n), v in zip(names, saved):
+            setattr(m, n, v)
 
 
 def check_degenerate_shape(device: torch.device, in_channels: int, out_channels: int, size, padding) -> None:

@@ -11,7 +11,6 @@ Shapes are tiny: the interpreter executes every program instance in Python.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -182,25 +181,6 @@ def _module_of(c, mask, w, bias):
     return layer
 
 
-@contextlib.contextmanager
-def _without_custom_ops():
-    """Any call of the stripe_conv2d custom ops (the module's fallback, the gradient ops) fails."""
-    from stripeconv import nn as sc_nn, ops
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the eager path called a stripe_conv2d custom op")
-
-    names = [(sc_nn, "stripe_conv2d"), (ops, "stripe_conv2d_grad_input"), (ops, "stripe_conv2d_grad_weight")]
-    saved = [getattr(m, n) for m, n in names]
-    for m, n in names:
-        setattr(m, n, refuse)
-    try:
-        yield
-    finally:
-        for (m, n), v in zip(names, saved):
-            setattr(m, n, v)
-
-
 def run_case(name: str, device: str) -> str:
     """Run one case; returns '' on success or a description of the mismatch."""
     from stripeconv.backends import triton_backend as tb
@@ -242,9 +222,11 @@ def run_case(name: str, device: str) -> str:
             try:
                 xg = x.detach().requires_grad_()
                 if c["via_module"]:
+                    from conftest import custom_ops_refused
+
                     layer = _module_of(c, mask, w, bias)
                     wg, bg = layer.packed_weight, layer.bias
-                    with _without_custom_ops():
+                    with custom_ops_refused():
                         y = layer(xg)
                         y.backward(gy)
                 else:
