@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["stripe_conv2d_dense", "decompositions", "export_onnx"]
+__all__ = ["dense_weight", "stripe_conv2d_dense", "decompositions", "export_onnx"]
 
 
-def _dense_weight(packed: Tensor, stripe_mask: Tensor) -> Tensor:
+def dense_weight(packed: Tensor, stripe_mask: Tensor) -> Tensor:
     """``[N, C/g, kh, kw]`` weight from the packed rows, zeros at pruned stripes, by a gather of
     fixed size (each stripe reads its row, pruned ones an appended zero row)."""
     n, kh, kw = stripe_mask.shape
@@ -39,7 +39,7 @@ def stripe_conv2d_dense(input: Tensor, weight: Tensor, bias: Optional[Tensor], s
     """``stripe_conv2d`` as a dense ``conv2d`` (the same arguments; ``padding`` is top, bottom, left,
     right)."""
     pt, pb, pl, pr = padding
-    dense = _dense_weight(weight, stripe_mask).to(input.dtype)
+    dense = dense_weight(weight, stripe_mask).to(input.dtype)
     if pt == pb and pl == pr:
         return F.conv2d(input, dense, bias, list(stride), [pt, pl], list(dilation), groups)
     return F.conv2d(F.pad(input, [pl, pr, pt, pb]), dense, bias, list(stride), 0, list(dilation), groups)

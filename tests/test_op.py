@@ -77,3 +77,32 @@ def test_torch_compile_inductor(backend):
     torch.testing.assert_close(out, layer(x))
     out.sum().backward()
     assert x.grad is not None and layer.packed_weight.grad.shape == layer.packed_weight.shape
+
+
+@pytest.mark.parametrize("name", ["dense", "reference"])
+def test_mask_is_read_on_the_host_once_per_mask_version(name, monkeypatch):
+    """The kept count and row index come from the mask once (a host read syncs a device); an in-place
+    change of the mask is seen, and a weight that no longer matches it is refused."""
+    from stripeconv.backends import _masks, _module
+
+    backend = _module(name)
+    real_memo, builds = _masks.memo, []
+    monkeypatch.setattr(_masks, "memo", lambda key, m, build: real_memo(key, m, lambda: builds.append(key[0]) or build()))
+    torch.manual_seed(0)
+    mask = torch.rand(6, 3, 3) < 0.5
+    dense_weight = torch.randn(6, 4, 3, 3) * mask[:, None]
+    w = pack_weight(dense_weight, mask)
+    x, conv = torch.randn(2, 4, 7, 7), ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    for _ in range(3):
+        y = backend.forward(x, w, None, mask, *conv)
+        gx = backend.grad_input(torch.ones_like(y), w, mask, list(x.shape), *conv)
+        gw = backend.grad_weight(torch.ones_like(y), x, w, mask, *conv)
+    assert builds.count("kept") == 1 and builds.count("rows") <= 1, builds
+    ref = torch.nn.functional.conv2d(x.requires_grad_(), dense_weight.requires_grad_(), None, 1, 1)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, pack_weight(dense_weight.grad, mask))
+    mask[0, 0, 0] = not bool(mask[0, 0, 0])  # in place: the same tensor, a new version
+    with pytest.raises(ValueError, match=r"packed weight has \d+ rows but stripe_mask keeps \d+ stripes"):
+        backend.forward(x, w, None, mask, *conv)

@@ -16,11 +16,9 @@ mask (to check it against the packed weight), so steady-state calls can be graph
 """
 from __future__ import annotations
 
-import collections
-import threading
-
 import torch
-from torch import Tensor
+
+from ._masks import check_rows
 
 NAME = "cuda"
 
@@ -28,9 +26,6 @@ NAME = "cuda"
 # emulation of the same kernels (tests/cuda_emulation).
 _NAMESPACE = "stripeconv_cuda"
 _DEVICE_TYPE = "cuda"
-
-_checked: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_checked_lock = threading.Lock()
 
 
 def _ops():
@@ -54,31 +49,16 @@ def supports(device: torch.device) -> bool:
     return device.type == _DEVICE_TYPE
 
 
-def _check_stripes(weight: Tensor, mask: Tensor) -> None:
-    """The packed weight has one row per kept stripe (read from the mask once per mask)."""
-    key = (mask.data_ptr(), mask._version, tuple(mask.shape), str(mask.device))
-    with _checked_lock:
-        hit = _checked.get(key)
-    if hit is None:
-        hit = (mask, int(mask.sum()))  # holding the mask keeps its data_ptr from being recycled
-        with _checked_lock:
-            _checked[key] = hit
-            while len(_checked) > 512:
-                _checked.popitem(last=False)
-    if weight.shape[0] != hit[1]:
-        raise ValueError(f"packed weight has {weight.shape[0]} rows but stripe_mask keeps {hit[1]} stripes")
-
-
 def forward(input, weight, bias, mask, stride, padding, dilation, groups):
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # read from the mask once per mask
     return _ops().forward(input, weight, bias, mask, stride, padding, dilation, groups)
 
 
 def grad_input(grad_output, weight, mask, input_shape, stride, padding, dilation, groups):
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # read from the mask once per mask
     return _ops().grad_input(grad_output, weight, mask, input_shape, stride, padding, dilation, groups)
 
 
 def grad_weight(grad_output, input, weight, mask, stride, padding, dilation, groups):
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # read from the mask once per mask
     return _ops().grad_weight(grad_output, input, weight, mask, stride, padding, dilation, groups)

@@ -4,6 +4,9 @@ It computes pruned stripes as zeros, so it is never faster than the unpruned lay
 slower: the fallback for devices without stripe kernels (Apple MPS, Intel XPU, a CUDA machine
 without triton or the CUDA extension), where the per-position loop of ``reference`` would cost
 more than the dense conv it replaces. Gradients come from the framework's convolution backward.
+The packed rows reach the dense weight, and the dense weight gradient the packed rows, by
+gathers of fixed size; the mask is read on the host once per mask, so a call does not
+synchronise the device.
 """
 from __future__ import annotations
 
@@ -12,8 +15,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..decompose import stripe_conv2d_dense
-from ..packing import unpack_weight
+from ..decompose import dense_weight, stripe_conv2d_dense
+from ._masks import check_rows, kept_rows
 
 NAME = "dense"
 
@@ -24,12 +27,6 @@ def is_available() -> tuple[bool, str]:
 
 def supports(device: torch.device) -> bool:
     return True
-
-
-def _check_stripes(weight: Tensor, mask: Tensor) -> None:
-    kept = int(mask.sum())
-    if weight.shape[0] != kept:
-        raise ValueError(f"packed weight has {weight.shape[0]} rows but stripe_mask keeps {kept} stripes")
 
 
 def _empty(shape: Sequence[int]) -> bool:
@@ -47,7 +44,7 @@ def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
             padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     from ..ops import output_size
 
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)
     b, c, h, w = input.shape
     n = mask.shape[0]
     if _empty((b, c, h, w, n, weight.shape[0])):
@@ -59,20 +56,20 @@ def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
 
 def grad_input(grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)
     b, c, h, w = input_shape
     if _empty((*input_shape, *grad_output.shape, weight.shape[0])):
         return grad_output.new_zeros(b, c, h, w)
     pt, pb, pl, pr = padding
     padded = (b, c, h + pt + pb, w + pl + pr)
-    dense = unpack_weight(weight, mask).to(grad_output.dtype)
+    dense = dense_weight(weight, mask).to(grad_output.dtype)
     grad = torch.nn.grad.conv2d_input(padded, dense, grad_output, list(stride), 0, list(dilation), groups)
     return grad[:, :, pt:pt + h, pl:pl + w]
 
 
 def grad_weight(grad_output: Tensor, input: Tensor, weight: Tensor, mask: Tensor, stride: Sequence[int],
                 padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)
     if _empty((*input.shape, *grad_output.shape, weight.shape[0])):
         return torch.zeros_like(weight)
     n, kh, kw = mask.shape
@@ -80,4 +77,4 @@ def grad_weight(grad_output: Tensor, input: Tensor, weight: Tensor, mask: Tensor
     shape = (n, input.shape[1] // groups, kh, kw)
     dense = torch.nn.grad.conv2d_weight(x, shape, grad_output, list(stride), 0, list(dilation), groups)
     # the kept stripes in packed order: position-major, filter second
-    return dense.permute(2, 3, 0, 1)[mask.permute(1, 2, 0)].to(weight.dtype)
+    return dense.permute(2, 3, 0, 1).reshape(-1, shape[1]).index_select(0, kept_rows(mask)).to(weight.dtype)

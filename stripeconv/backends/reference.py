@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ..packing import position_offsets
+from ._masks import check_rows
 
 NAME = "reference"
 
@@ -69,13 +70,6 @@ def _group_splits(filters: Tensor, out_per_group: int, r0: int, r1: int) -> Iter
             begin = k
 
 
-def _check_stripes(weight: Tensor, mask: Tensor) -> None:
-    # Rows are sliced per position, so a weight with extra rows would otherwise go unnoticed.
-    kept = int(mask.sum())
-    if weight.shape[0] != kept:
-        raise ValueError(f"packed weight has {weight.shape[0]} rows but stripe_mask keeps {kept} stripes")
-
-
 def _out_hw(in_hw, mask, stride, padding, dilation):
     from ..ops import output_size
 
@@ -92,7 +86,7 @@ def forward(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # rows are sliced per position: extra rows would go unnoticed
     b, c, h, w = input.shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups
@@ -119,7 +113,7 @@ def grad_input(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # rows are sliced per position: extra rows would go unnoticed
     b, c, h, w = input_shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups
@@ -143,7 +137,7 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    _check_stripes(weight, mask)
+    check_rows(weight, mask)  # rows are sliced per position: extra rows would go unnoticed
     b, c, h, w = input.shape
     n = mask.shape[0]
     cg, ng = c // groups, n // groups

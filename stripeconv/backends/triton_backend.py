@@ -24,8 +24,8 @@ once per call (the kernels' vector loads need contiguous channels); results keep
 memory format.
 
 All metadata depends only on the mask (and groups, block sizes, conv geometry). It is cached
-keyed on the mask's ``(data_ptr, _version, shape, device)``; the entry holds a reference to the mask so its
-storage cannot be recycled for another mask while cached. Building it reads the mask on the
+per mask (:mod:`._masks`: keyed on its ``(data_ptr, _version, shape, device)``, holding a
+reference so that its storage cannot be recycled for another mask while cached). Building it reads the mask on the
 host once (a device sync); afterwards a call does no host sync (no ``.item()``, no
 ``nonzero``), which keeps the steady state usable under CUDA graph capture. Triton autotunes on
 the first launch of a new (shape, density bucket) key and the dense/stripe choice times its
@@ -44,16 +44,14 @@ core path; depthwise and small groups use an outer-product path (correct, not tu
 """
 from __future__ import annotations
 
-import collections
 import functools
 import importlib
 import importlib.util
 import math
 import os
 import sys
-import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -62,6 +60,7 @@ from torch import Tensor
 
 from ..ops import output_memory_format
 from . import gpu_select
+from ._masks import clear, mask_key, memo
 
 NAME = "triton"
 
@@ -371,15 +370,6 @@ def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, d
     )
 
 
-_CACHE_SIZE = 512
-_cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def _mask_key(mask: Tensor) -> tuple:
-    return (mask.data_ptr(), mask._version, tuple(mask.shape), str(mask.device))
-
-
 @dataclass
 class DensePlan:
     scatter: Tensor       # [N * kh * kw] int64 packed row of each (filter, position), S = pruned
@@ -398,32 +388,16 @@ _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
              "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
 
 
-def _memo(key: tuple, mask: Tensor, build: Callable[[], Any]) -> Any:
-    """``build()`` once per ``key`` (which includes ``_mask_key(mask)``), least recently used out."""
-    with _cache_lock:
-        hit = _cache.get(key)
-        if hit is not None:
-            _cache.move_to_end(key)
-            return hit[1]
-    value = build()
-    with _cache_lock:
-        _cache[key] = (mask, value)  # holding the mask keeps its data_ptr from being recycled
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return value
-
-
 def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
     def build():
         mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
         return _BUILDERS[kind](mask_cpu, groups, block, conv, device)
-    return _memo((kind, *_mask_key(mask), groups, block, str(device), conv), mask, build)
+    return memo((kind, *mask_key(mask), groups, block, str(device), conv), mask, build)
 
 
 def clear_cache() -> None:
     """Drop all cached mask metadata."""
-    with _cache_lock:
-        _cache.clear()
+    clear()
 
 
 def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None, device=None) -> ForwardPlan:
@@ -546,8 +520,8 @@ def tile_widths(mask: Tensor, groups: int = 1, device=None) -> list[int]:
 
 def _forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
     """The plans of :func:`tile_widths`, in its order: one cache lookup a call instead of one a width."""
-    key = ("fwd_widths", *_mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
-    return _memo(key, mask, lambda: [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)])
+    key = ("fwd_widths", *mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
+    return memo(key, mask, lambda: [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)])
 
 
 def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
