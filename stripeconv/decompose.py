@@ -19,15 +19,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["dense_weight", "stripe_conv2d_dense", "decompositions", "export_onnx"]
+__all__ = ["scatter_rows", "dense_weight", "stripe_conv2d_dense", "decompositions", "export_onnx"]
 
 
-def dense_weight(packed: Tensor, stripe_mask: Tensor) -> Tensor:
+def scatter_rows(stripe_mask: Tensor) -> Tensor:
+    """Packed row of every stripe in position-major order (the order of the packed rows), and
+    ``num_stripes`` (an appended zero row) where the stripe is pruned; static shapes only."""
+    kept = stripe_mask.permute(1, 2, 0).reshape(-1)
+    counts = torch.cumsum(kept.to(torch.int64), 0)
+    return torch.where(kept, counts - 1, counts[-1:] if kept.numel() else counts)
+
+
+def dense_weight(packed: Tensor, stripe_mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     """``[N, C/g, kh, kw]`` weight from the packed rows, zeros at pruned stripes, by a gather of
-    fixed size (each stripe reads its row, pruned ones an appended zero row)."""
+    fixed size through ``rows`` (default :func:`scatter_rows`; callers may pass it cached)."""
     n, kh, kw = stripe_mask.shape
-    kept = stripe_mask.permute(1, 2, 0).reshape(-1)  # position-major, as the packed rows
-    rows = torch.where(kept, torch.cumsum(kept.to(torch.int64), 0) - 1, packed.shape[0])
+    rows = scatter_rows(stripe_mask) if rows is None else rows
     padded = torch.cat([packed, packed.new_zeros(1, packed.shape[1])])
     dense = padded.index_select(0, rows).view(kh, kw, n, packed.shape[1])
     return dense.permute(2, 3, 0, 1)
@@ -35,11 +42,11 @@ def dense_weight(packed: Tensor, stripe_mask: Tensor) -> Tensor:
 
 def stripe_conv2d_dense(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor,
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
-                        groups: int) -> Tensor:
+                        groups: int, rows: Optional[Tensor] = None) -> Tensor:
     """``stripe_conv2d`` as a dense ``conv2d`` (the same arguments; ``padding`` is top, bottom, left,
-    right)."""
+    right; ``rows`` as for :func:`dense_weight`)."""
     pt, pb, pl, pr = padding
-    dense = dense_weight(weight, stripe_mask).to(input.dtype)
+    dense = dense_weight(weight, stripe_mask, rows).to(input.dtype)
     if pt == pb and pl == pr:
         return F.conv2d(input, dense, bias, list(stride), [pt, pl], list(dilation), groups)
     return F.conv2d(F.pad(input, [pl, pr, pt, pb]), dense, bias, list(stride), 0, list(dilation), groups)

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 from torch import Tensor
 
+from ..decompose import scatter_rows
+
 _SIZE = 512
 _cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _lock = threading.Lock()
@@ -46,6 +48,11 @@ def kept_stripes(mask: Tensor) -> int:
 def kept_rows(mask: Tensor) -> Tensor:
     """Index of each packed row in the position-major ``[kh * kw * N]`` flattening of the stripes."""
     return memo(("rows", *mask_key(mask)), mask, lambda: mask.permute(1, 2, 0).reshape(-1).nonzero().squeeze(1))
+
+
+def scatter_index(mask: Tensor) -> Tensor:
+    """:func:`stripeconv.decompose.scatter_rows` of ``mask``, built once per mask."""
+    return memo(("scatter", *mask_key(mask)), mask, lambda: scatter_rows(mask))
 
 
 def check_rows(weight: Tensor, mask: Tensor) -> None:

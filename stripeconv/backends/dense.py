@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..decompose import dense_weight, stripe_conv2d_dense
-from ._masks import check_rows, kept_rows
+from ._masks import check_rows, kept_rows, scatter_index
 
 NAME = "dense"
 
@@ -51,7 +51,7 @@ def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
         ho, wo = output_size((h, w), mask.shape[1:], stride, padding, dilation)
         out = input.new_zeros(b, n, ho, wo)
         return out + bias.view(1, n, 1, 1) if bias is not None else out
-    return stripe_conv2d_dense(input, weight, bias, mask, stride, padding, dilation, groups)
+    return stripe_conv2d_dense(input, weight, bias, mask, stride, padding, dilation, groups, scatter_index(mask))
 
 
 def grad_input(grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int], stride: Sequence[int],
@@ -62,7 +62,7 @@ def grad_input(grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape: S
         return grad_output.new_zeros(b, c, h, w)
     pt, pb, pl, pr = padding
     padded = (b, c, h + pt + pb, w + pl + pr)
-    dense = dense_weight(weight, mask).to(grad_output.dtype)
+    dense = dense_weight(weight, mask, scatter_index(mask)).to(grad_output.dtype)
     grad = torch.nn.grad.conv2d_input(padded, dense, grad_output, list(stride), 0, list(dilation), groups)
     return grad[:, :, pt:pt + h, pl:pl + w]
 
