@@ -1,6 +1,6 @@
 """Triton kernels of the stripe_conv2d op (forward, grad input, grad weight).
 
-The host side (tile metadata, weight slabs, launch parameters) lives in
+The host side (tile metadata, launch parameters) lives in
 ``stripeconv.backends.triton_backend``; this module holds only the ``@triton.jit`` kernels and
 their autotuning configurations. Every kernel addresses tensors through explicit element
 strides, so NCHW and NHWC (channels_last) work alike; NHWC is the fast layout because the
@@ -13,9 +13,11 @@ Three kernels:
     output tile. Filters are permuted into tiles of BLOCK_N; tile ``t`` reduces over the
     positions its filters keep (``tile_pos[t, :tile_npos[t]]``, the union) times the input
     channels of its group, in a single flattened loop (so the software pipeliner sees one loop).
-    Weights come from a dense slab ``[T, UMAX, BLOCK_N, CG]`` with zeros where a filter of the
-    tile does not keep a position of the union. Borders are masked loads. Bias is added in the
-    epilogue and the store scatters the tile's columns back to the original channels.
+    Weights are read straight from the packed ``[S, CG]`` rows: ``w_rows[t, u, col]`` is the
+    packed row of column ``col``'s filter at the union's position ``u``, -1 where that filter
+    does not keep it (a masked load that reads zeros), so no per-call weight copy is made.
+    Borders are masked loads. Bias is added in the epilogue and the store scatters the tile's
+    columns back to the original channels.
 
 ``stripe_dgrad_kernel``
     Grad input, output-stationary on dx: [BLOCK_M input pixels, BLOCK_N input channels] per
@@ -76,7 +78,7 @@ _TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(tr
 @triton.jit
 def stripe_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
-    tile_pos_ptr, tile_npos_ptr, tile_ch_ptr, tile_grp_ptr,
+    tile_pos_ptr, tile_npos_ptr, tile_ch_ptr, tile_grp_ptr, w_rows_ptr,
     B, H, W, Ho, Wo, CG, T, UMAX,
     sxb, sxc, sxh, sxw,
     sob, soc, soh, sow,
@@ -88,7 +90,7 @@ def stripe_fwd_kernel(
 ):
     pid = tl.program_id(0)
     # Tile index varies fastest: programs that run together share the same pixel block of x
-    # (reused through L2); the per-tile weight slabs are small and stay cached.
+    # (reused through L2); the packed weight rows are small and stay cached.
     t = pid % T
     pid_m = pid // T
     npos = tl.load(tile_npos_ptr + t)
@@ -107,7 +109,7 @@ def stripe_fwd_kernel(
     w_base = wo * SW - PL
     x_row = b * sxb + g * CG * sxc
     offs_n = tl.arange(0, BLOCK_N)
-    w_tile = w_ptr + t.to(tl.int64) * UMAX * BLOCK_N * CG
+    rows_tile = w_rows_ptr + t * UMAX * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
 
     if USE_DOT:
@@ -124,14 +126,18 @@ def stripe_fwd_kernel(
             ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             ck = c0 + offs_k
             x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
-            w_off = (u * BLOCK_N + offs_n)[None, :] * CG + ck[:, None]
+            rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
+            kept = rows >= 0
+            if INT64_INDEX:
+                rows = rows.to(tl.int64)
+            w_off = rows[None, :] * CG + ck[:, None]
             if EVEN_K:
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
-                wt = tl.load(w_tile + w_off)
+                wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
             else:
                 k_ok = ck < CG
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_tile + w_off, mask=k_ok[:, None], other=0.0)
+                wt = tl.load(w_ptr + w_off, mask=kept[None, :] & k_ok[:, None], other=0.0)
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for it in range(0, npos * CG):
@@ -144,7 +150,10 @@ def stripe_fwd_kernel(
             wi = w_base + j * DW
             ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             xv = tl.load(x_ptr + x_row + hi * sxh + wi * sxw + c * sxc, mask=ok, other=0.0).to(ACC_DTYPE)
-            wv = tl.load(w_tile + (u * BLOCK_N + offs_n) * CG + c).to(ACC_DTYPE)
+            rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
+            if INT64_INDEX:
+                rows = rows.to(tl.int64)
+            wv = tl.load(w_ptr + rows * CG + c, mask=rows >= 0, other=0.0).to(ACC_DTYPE)
             acc += xv[:, None] * wv[None, :]
 
     ch = tl.load(tile_ch_ptr + t * BLOCK_N + offs_n)  # original channel, -1 for padding columns

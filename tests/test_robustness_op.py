@@ -121,6 +121,37 @@ def test_raw_cpu_kernels_refuse_to_be_differentiated():
         y.sum().backward()
 
 
+@pytest.mark.parametrize("storage", ["transposed", "sliced"])
+def test_packed_weight_in_any_storage(backend, storage):
+    """The op reads a packed weight by its strides: column-major or sliced storage gives the
+    masked conv's output and gradients (float64, stride 2 so grad input runs its phases)."""
+    torch.manual_seed(0)
+    mask = torch.rand(12, 3, 3) < 0.5
+    conv = nn.Conv2d(8, 12, 3, stride=2, padding=1, dtype=torch.float64)
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, None])
+    rows = pack_weight(conv.weight.detach(), mask)
+    if storage == "transposed":
+        weight = rows.t().contiguous().t()
+    else:
+        weight = torch.zeros(rows.shape[0], 2 * rows.shape[1], dtype=rows.dtype)[:, ::2]
+        weight.copy_(rows)
+    assert not weight.is_contiguous()
+    weight.requires_grad_()
+    bias = conv.bias.detach().clone().requires_grad_()
+    x = torch.randn(2, 8, 9, 9, dtype=torch.float64, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y = OP.stripe_conv2d(x, weight, bias, mask, [2, 2], [1, 1, 1, 1], [1, 1], 1)
+    expected = conv(xr)
+    torch.testing.assert_close(y, expected)
+    gy = torch.randn_like(expected)
+    y.backward(gy)
+    expected.backward(gy)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(weight.grad, pack_weight(conv.weight.grad, mask))
+    torch.testing.assert_close(bias.grad, conv.bias.grad)
+
+
 def test_only_bias_requires_grad(backend):
     """With a frozen weight and input, backward still fills the bias gradient (and nothing else)."""
     layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3) < 0.5)

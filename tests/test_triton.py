@@ -37,7 +37,7 @@ import torch.nn.functional as F
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, deterministic=False, gpu_only=False, mask_update=False,
-            dense="never", double_backward=False)
+            dense="never", double_backward=False, weight_transposed=False)
 
 
 def _case(name, **kw):
@@ -82,6 +82,8 @@ CASES = dict([
     _case("fp64", dtype="float64"),
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
+    # Packed rows stored column-major (a view of a transposed tensor): the kernels address rows as row * CG.
+    _case("weight_transposed", weight_transposed=True, stride=(2, 2), H=8, W=8),
     _case("via_op_autograd", via_op=True, channels_last=True),
     # StripeConv2d's eager path: one autograd.Function around the triton backend, no custom op.
     _case("via_module", via_module=True, channels_last=True, stride=(2, 2), H=8, W=8),
@@ -203,6 +205,8 @@ def run_case(name: str, device: str) -> str:
         if c["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         w = w64.to(device, dtype)
+        if c["weight_transposed"]:
+            w = w.t().contiguous().t()
         bias = bias64.to(device, dtype) if bias64 is not None else None
         # The oracle sees exactly the (rounded) values the kernels see.
         xr, wr = x.double().cpu().requires_grad_(), w.double().cpu().requires_grad_()
@@ -398,7 +402,7 @@ def test_availability_reason():
     assert tb.supports(torch.device("cuda")) or True
 
 
-def test_plan_permutation_and_gather():
+def test_plan_permutation_and_weight_rows():
     from stripeconv.packing import pack_weight, unpack_weight
 
     gen = torch.Generator().manual_seed(0)
@@ -408,10 +412,13 @@ def test_plan_permutation_and_gather():
     plan = _plan(mask, 1, 16)
     ch = plan.tile_ch.flatten()
     assert sorted(ch[ch >= 0].tolist()) == list(range(n))
-    # Rebuild the dense weight from the slabs: equals the masked weight.
+    # Rebuild the dense weight through the row table as the kernel reads it: equals the masked weight.
     dense = torch.randn(n, c, 3, 3, generator=gen)
     packed = pack_weight(dense, mask)
-    slab = torch.cat([packed, packed.new_zeros(1, c)])[plan.gather].view(plan.num_tiles, plan.umax, 16, c)
+    rows = plan.w_rows.long().view(plan.num_tiles, plan.umax, 16)
+    padding_columns = (plan.tile_ch.long() < 0)[:, None, :].expand_as(rows)
+    assert (rows[padding_columns] == -1).all()
+    slab = torch.where((rows >= 0)[..., None], packed[rows.clamp(min=0)], 0.0)
     rebuilt = torch.zeros(n, c, 9)
     for t in range(plan.num_tiles):
         for u in range(int(plan.tile_npos[t])):

@@ -1,14 +1,14 @@
 """Triton GPU backend of the stripe_conv2d op (kernels in :mod:`stripeconv.kernels.stripe_conv`).
 
-Host side of the kernels: the mask-derived metadata, the per-call weight slabs and the launches.
+Host side of the kernels: the mask-derived metadata and the launches.
 
 Forward metadata (see DESIGN.md section 3): filters are permuted into tiles of ``BLOCK_N`` filters
 of one group, chosen so that the union of the positions kept by a tile's filters is small
 (filters are clustered by their position bit pattern: greedy growth of the union, or a sort by
 pattern, whichever computes fewer stripes), and tiles are sorted by work (heavy tiles first).
-Every call gathers the packed ``[S, C/g]`` rows into dense ``[T, U, BLOCK_N, C/g]`` slabs with
-zeros where a filter does not keep a position of its tile's union (one ``index_select``: the
-weights change during training, the gather indices do not). *Tile efficiency* = kept stripes /
+The kernel reads the packed ``[S, C/g]`` rows in place through a ``[T, U, BLOCK_N]`` table of
+row indices (-1 where a filter does not keep a position of its tile's union: a masked load of
+zeros), so a call copies no weights. *Tile efficiency* = kept stripes /
 stripes computed (``sum_t |union_t| * BLOCK_N``); :func:`tile_efficiency` reports it for one
 width, :func:`best_tile_efficiency` for the best of the widths :func:`tile_widths` offers.
 
@@ -221,7 +221,7 @@ class ForwardPlan:
     tile_npos: Tensor     # [T] int32
     tile_ch: Tensor       # [T, BLOCK_N] int32 original channel of each column, -1 = padding
     tile_grp: Tensor      # [T] int32 group of each tile
-    gather: Tensor        # [T * UMAX * BLOCK_N] int64 packed row (S = the zero row)
+    w_rows: Tensor        # [T * UMAX * BLOCK_N] int32 packed row of each (tile, union position, column), -1 = zero
     kept: int
     computed: int
     density: float
@@ -286,7 +286,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
     tile_npos = np.zeros(num_tiles, dtype=np.int32)
     tile_ch = np.full((num_tiles, block_n), -1, dtype=np.int32)
     tile_grp = np.zeros(num_tiles, dtype=np.int32)
-    gather = np.full((num_tiles, umax, block_n), s, dtype=np.int64)
+    w_rows = np.full((num_tiles, umax, block_n), -1, dtype=np.int32)
     computed = 0
     for t, k in enumerate(order):
         g, filters = tiles[k]
@@ -297,7 +297,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
         tile_grp[t] = g
         if len(u):
             r = rid[np.ix_(u, filters)]  # [U, F]
-            gather[t, :len(u), :len(filters)] = np.where(r >= 0, r, s)
+            w_rows[t, :len(u), :len(filters)] = r
         computed += len(u) * block_n
 
     def dev(a):
@@ -305,7 +305,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
 
     return ForwardPlan(
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
-        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), gather=dev(gather.reshape(-1)), kept=s,
+        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw),
     )
 
@@ -544,22 +544,20 @@ def _forward_stripe(k, input, weight, bias, plan: ForwardPlan, stride, padding, 
     bn = plan.block_n
     use_dot = bn >= 16
     block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
-    # Dense slabs [T, U, BLOCK_N, CG] gathered from the packed rows (zero row appended).
-    w_pad = torch.cat([weight, weight.new_zeros(1, cg)]) if weight.shape[0] else weight.new_zeros(1, cg)
-    slab = w_pad.index_select(0, plan.gather)
+    weight = weight.contiguous()  # the kernel addresses packed rows as row * CG
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else out  # unused pointer when HAS_BIAS is False
     precision, acc = _precision(input.dtype)
     grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
     k.stripe_fwd_kernel[grid](
-        x, slab, bias_arg, out,
-        plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp,
+        x, weight, bias_arg, out,
+        plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows,
         b, h, w, ho, wo, cg, plan.num_tiles, plan.umax,
         *x.stride(), *out.stride(),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=has_bias, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, slab),
+        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, weight),
         BLOCK_N=bn, BLOCK_K=block_k,
     )
     return out
@@ -677,6 +675,7 @@ def _grad_input_stripe(k, grad_output, weight, mask, input_shape, stride, paddin
     precision, acc = _precision(grad_output.dtype)
     grid = lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw)  # noqa: E731
     dy = _nhwc(grad_output)
+    weight = weight.contiguous()  # the kernel addresses packed rows as row * CG
     k.stripe_dgrad_kernel[grid](
         dy, weight, dx,
         plan.chunk_off, plan.chunk_r0, plan.chunk_r1, plan.chunk_dh, plan.chunk_dw, plan.filt,
