@@ -535,6 +535,25 @@ def _check_variants(aot, label, call, arch):
     return variants
 
 
+def test_forward_reads_the_packed_weight_in_place():
+    """The forward launch gets the caller's packed rows (no per-call weight copy) and the plan's row table."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+    from stripeconv.packing import pack_weight
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(48, 3, 3, generator=gen) < 0.4
+    packed = pack_weight(torch.randn(48, 32, 3, 3, generator=gen), mask).to(torch.bfloat16)
+    x = torch.randn(2, 32, 8, 8, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    for weight in (packed, packed.t().contiguous().t()):
+        (launch,) = aot.capture_launches(lambda: tb.forward(x, weight, None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1))
+        w_arg, rows_arg = launch.args[1], launch.args[8]
+        assert torch.equal(w_arg, packed) and w_arg.is_contiguous()
+        assert (w_arg.data_ptr() == weight.data_ptr()) == weight.is_contiguous()
+        plan = tb._forward_plans(mask, 1, x.device)[0]
+        assert rows_arg is plan.w_rows and rows_arg.dtype == torch.int32
+
+
 def test_compiles_for_hopper():
     aot = _aot()
     launched = set()
