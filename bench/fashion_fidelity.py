@@ -176,7 +176,11 @@ def table(rows: list, args) -> str:
              f"searched network is trained from scratch in the prune and fine-tuning epochs. "
              f"ACP's swarm is scaled down ({_acp_text()}); its best candidate then trains in the prune "
              f"epochs like the other one-shot methods. DAIS and DSA search in the first half of the prune steps "
-             f"(on the held-out 10 % of the training data) and fine-tune with the channels fixed in the second.", "",
+             f"(on the held-out 10 % of the training data) and fine-tune with the channels fixed in the second. "
+             f"SFP and ASFP collapse at export under this short schedule: the filters they zero regrow to a few "
+             f"percent of the kept filters' output, the BatchNorm after each scales them back to full strength, "
+             f"and the final zeroing removes channels the network still uses "
+             f"(bench/soft_pruning_diagnosis.py, results in soft_pruning_diagnosis.md).", "",
              "| arch | method | budget | acc dense | dense, same epochs | acc at export | acc fine-tuned | FLOPs red. "
              "| params red. | dense ms | pruned ms | speedup | GPU tile eff. |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
