@@ -37,7 +37,7 @@ import torch.nn.functional as F
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, deterministic=False, gpu_only=False, mask_update=False,
-            dense="never", double_backward=False, weight_transposed=False)
+            dense="never", double_backward=False, weight_transposed=False, int64=False)
 
 
 def _case(name, **kw):
@@ -84,6 +84,10 @@ CASES = dict([
     _case("mask_update", mask_update=True),
     # Packed rows stored column-major (a view of a transposed tensor): the kernels address rows as row * CG.
     _case("weight_transposed", weight_transposed=True, stride=(2, 2), H=8, W=8),
+    # The int64-offset kernels (taken for tensors of 2**31 elements or more), forced on small tensors.
+    _case("int64_offsets", int64=True, stride=(2, 2), H=8, W=9, C=16, N=20, channels_last=True),
+    _case("int64_offsets_cin3", int64=True, C=3, N=16),
+    _case("int64_offsets_depthwise", int64=True, C=8, N=8, groups=8),
     _case("via_op_autograd", via_op=True, channels_last=True),
     # StripeConv2d's eager path: one autograd.Function around the triton backend, no custom op.
     _case("via_module", via_module=True, channels_last=True, stride=(2, 2), H=8, W=8),
@@ -200,6 +204,9 @@ def run_case(name: str, device: str) -> str:
     os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
     os.environ["STRIPECONV_GPU_DENSE"] = c["dense"]
     os.environ["STRIPECONV_DETERMINISTIC"] = "1" if c["deterministic"] else "0"
+    needs_int64 = tb._needs_int64
+    if c["int64"]:
+        tb._needs_int64 = lambda *tensors: True
     try:
         x = x64.to(device, dtype)
         if c["channels_last"]:
@@ -277,6 +284,7 @@ def run_case(name: str, device: str) -> str:
                 errors.append(f"{what} dtype {t.dtype} != {dtype}")
         return "; ".join(e for e in errors if e)
     finally:
+        tb._needs_int64 = needs_int64
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -564,6 +572,22 @@ def test_compiles_for_hopper():
     for kernel in ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"):
         assert {use_dot for k, use_dot, _ in launched if k == kernel} == {True, False}, launched
     assert {atomic for k, _, atomic in launched if k == "stripe_wgrad_kernel"} == {True, False}, launched
+
+
+def test_compiles_int64_offsets_for_hopper(monkeypatch):
+    """The int64-offset variants (tensors of 2**31 elements or more) compile too, on both paths."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.setattr(tb, "_needs_int64", lambda *tensors: True)
+    calls = aot.layer_calls(64, 64, 8, stride=2, density=0.5, dtype=torch.bfloat16)
+    calls += aot.layer_calls(16, 16, 8, density=0.5, groups=16, dtype=torch.bfloat16)
+    compiled = set()
+    for label, call in calls:
+        for v in _check_variants(aot, label, call, 90):
+            assert v.constexprs["INT64_INDEX"] is True, (label, v.row())
+            compiled.add((v.kernel, bool(v.constexprs.get("USE_DOT"))))
+    assert len(compiled) == 6, compiled  # three kernels, tensor-core and scalar paths
 
 
 def test_compiles_for_ampere():
