@@ -63,6 +63,7 @@ CASES = dict([
     _case("depthwise_s2_mult2", C=8, N=16, groups=8, stride=(2, 2), H=8, W=8),
     _case("no_bias", bias=False),
     _case("density0", density=0.0),
+    _case("density0_nhwc_no_bias", density=0.0, channels_last=True, bias=False, stride=(2, 2), H=8, W=8),
     _case("density1", density=1.0),
     _case("density01", density=0.1, N=48),
     _case("empty_filters", empty_filters=9, N=40),

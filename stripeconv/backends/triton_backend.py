@@ -539,6 +539,8 @@ def _forward_stripe(k, input, weight, bias, plan: ForwardPlan, stride, padding, 
     cg = weight.shape[1]
     ho, wo = out_hw
     out = _like_input((b, n, ho, wo), input)
+    if plan.kept == 0:  # every stripe pruned: the output is the bias (and the launch has no rows to read)
+        return out.zero_() if bias is None else out.copy_(bias.view(1, n, 1, 1).expand_as(out))
     m = b * ho * wo
     x = _nhwc(input)
     bn = plan.block_n
@@ -656,7 +658,7 @@ def _grad_input_stripe(k, grad_output, weight, mask, input_shape, stride, paddin
     dx = _like_input((b, c, h, w), grad_output)
     if dx.numel() == 0:
         return dx
-    if grad_output.numel() == 0:
+    if grad_output.numel() == 0 or weight.shape[0] == 0:
         return dx.zero_()
     result = dx
     if not dx.is_contiguous(memory_format=torch.channels_last):
