@@ -62,32 +62,34 @@ def main(argv=None) -> dict:
     end_epoch = pr.end_epoch
 
     def measured_end_epoch(epoch: int) -> None:
-        if epoch + 1 == args.prune_epochs:
-            report["acc_before_final_zeroing"] = pruning.evaluate(model, test)["accuracy"]
-            masks = pr.select(pr.scores(), **pr._target_at(epoch))
-            outputs, hooks = {}, []
-            for name in pr.convs:  # VGG features: each conv is followed by its BatchNorm
-                parent, index = name.rsplit(".", 1)
-                for key in (name, f"{parent}.{int(index) + 1}"):
-                    hooks.append(modules[key].register_forward_hook(
-                        lambda m, i, o, key=key: outputs.__setitem__(key, o.detach())))
-            model.eval()
-            with torch.no_grad():
-                model(next(iter(ff.shuffled(train, 256, args.seed)))[0])
-            for h in hooks:
-                h.remove()
-            for name, mask in masks.items():
-                zeroed = ~mask.any(dim=(1, 2))
-                parent, index = name.rsplit(".", 1)
-                norms = pr.convs[name].weight.detach().flatten(1).norm(dim=1)
-                conv_out, bn_out = outputs[name], outputs[f"{parent}.{int(index) + 1}"]
-                report["layers"].append({
-                    "conv": name, "zeroed": int(zeroed.sum()), "filters": len(zeroed),
-                    "norm_ratio": float(norms[zeroed].mean() / norms[~zeroed].mean()),
-                    "conv_std_ratio": _channel_std(conv_out, zeroed) / _channel_std(conv_out, ~zeroed),
-                    "bn_std_ratio": _channel_std(bn_out, zeroed) / _channel_std(bn_out, ~zeroed),
-                })
+        if epoch + 1 < args.prune_epochs:
+            return end_epoch(epoch)
+        # Measure every channel now, then let the pruner make its last (hard) selection.
+        report["acc_before_final_zeroing"] = pruning.evaluate(model, test)["accuracy"]
+        norms = {name: conv.weight.detach().flatten(1).norm(dim=1) for name, conv in pr.convs.items()}
+        outputs, hooks = {}, []
+        for name in pr.convs:  # VGG features: each conv is followed by its BatchNorm
+            parent, index = name.rsplit(".", 1)
+            for key in (name, f"{parent}.{int(index) + 1}"):
+                hooks.append(modules[key].register_forward_hook(
+                    lambda m, i, o, key=key: outputs.__setitem__(key, o.detach())))
+        model.eval()
+        with torch.no_grad():
+            model(next(iter(ff.shuffled(train, 256, args.seed)))[0])
+        for h in hooks:
+            h.remove()
+        model.train()
         end_epoch(epoch)
+        for name, mask in pr.masks().items():
+            zeroed = ~mask.any(dim=(1, 2))
+            parent, index = name.rsplit(".", 1)
+            conv_out, bn_out = outputs[name], outputs[f"{parent}.{int(index) + 1}"]
+            report["layers"].append({
+                "conv": name, "zeroed": int(zeroed.sum()), "filters": len(zeroed),
+                "norm_ratio": float(norms[name][zeroed].mean() / norms[name][~zeroed].mean()),
+                "conv_std_ratio": _channel_std(conv_out, zeroed) / _channel_std(conv_out, ~zeroed),
+                "bn_std_ratio": _channel_std(bn_out, zeroed) / _channel_std(bn_out, ~zeroed),
+            })
 
     pr.end_epoch = measured_end_epoch
     opt = ff.sgd(model, 0.025)
