@@ -11,7 +11,8 @@ share one such pattern, as SWP with ``group_size=32`` learns) it times, in the s
 
 * ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
 * ``triton``    this project's Triton kernels (the op pinned to the triton backend with
-  ``STRIPECONV_GPU_DENSE=never``: the stripe kernels always run)
+  ``STRIPECONV_GPU_DENSE=never``: the stripe kernels always run, at the tile width
+  that times fastest)
 * ``stripeconv``  the op as models run it on a GPU: per shape the faster of the stripe kernels
   and cuDNN, chosen by timing once (stripeconv/backends/gpu_select.py)
 * ``cuda``      the CUDA C++ kernels (csrc/cuda, position-major forward that computes no pruned

@@ -55,8 +55,6 @@ def test_dense_wins_when_faster(monkeypatch):
 
 def test_overrides(monkeypatch):
     calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
-    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
-    assert gpu_select.choose(("o",), _candidates(), CUDA) == "stripe64"
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "always")
     assert gpu_select.choose(("o",), _candidates(), CUDA) == "dense"
     # No dense candidate (asymmetric padding, say): "always" falls back to the stripe kernel.
@@ -65,6 +63,33 @@ def test_overrides(monkeypatch):
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "sometimes")
     with pytest.raises(ValueError, match="STRIPECONV_GPU_DENSE must be one of auto, never, always"):
         gpu_select.choose(("o",), _candidates(), CUDA)
+
+
+def test_never_times_only_the_stripe_kernels(monkeypatch):
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    assert gpu_select.choice(("o",), _candidates(), CUDA) == ("stripe32", True)
+    assert sorted(calls) == ["stripe32", "stripe64"]
+    assert gpu_select.choose(("o",), {"stripe64": lambda: 0, "dense": lambda: 0}, CUDA) == "stripe64"
+    assert len(calls) == 2
+    # Decisions are kept per mode: "auto" times the same key again, dense included.
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "auto")
+    assert gpu_select.choose(("o",), _candidates(), CUDA) == "dense"
+    assert sorted((d["mode"], d["choice"]) for d in gpu_select.decisions()) == [("auto", "dense"),
+                                                                                 ("never", "stripe32")]
+
+
+def test_settled_and_generation(monkeypatch):
+    _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert gpu_select.choice(("g",), _candidates(), CUDA) == ("stripe64", False)  # undecided while capturing
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert gpu_select.choice(("g",), _candidates(), CUDA) == ("dense", True)
+    assert gpu_select.choice(("g",), _candidates(), torch.device("cpu")) == ("dense", True)  # decided key
+    assert gpu_select.choice(("h",), _candidates(), torch.device("cpu")) == ("stripe64", True)
+    before = gpu_select.generation()
+    gpu_select.clear()
+    assert gpu_select.generation() != before and gpu_select.decisions() == []
 
 
 def test_no_timing_off_gpu_or_while_capturing(monkeypatch):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, deterministic=False, gpu_only=False, mask_update=False,
-            dense="never", double_backward=False, weight_transposed=False, int64=False)
+            dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False)
 
 
 def _case(name, **kw):
@@ -83,6 +83,9 @@ CASES = dict([
     _case("fp64", dtype="float64"),
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
+    # The checked forward reuses the launch that a first call of the same shape settled (other data).
+    _case("settled_call", warm_call=True, stride=(2, 2), H=8, W=8),
+    _case("settled_call_nhwc_groups", warm_call=True, channels_last=True, C=32, N=32, groups=2, bias=False),
     # Packed rows stored column-major (a view of a transposed tensor): the kernels address rows as row * CG.
     _case("weight_transposed", weight_transposed=True, stride=(2, 2), H=8, W=8),
     # The int64-offset kernels (taken for tensors of 2**31 elements or more), forced on small tensors.
@@ -254,7 +257,16 @@ def run_case(name: str, device: str) -> str:
             finally:
                 backends.set_backend(None)
         else:
+            if c["warm_call"]:
+                before = len(tb._forward_calls)
+                tb.forward(torch.randn(x.shape, generator=gen).to(device, dtype).contiguous(
+                    memory_format=torch.channels_last if c["channels_last"] else torch.contiguous_format),
+                    torch.randn(w.shape, generator=gen).to(device, dtype), bias, mask, *args)
+                if len(tb._forward_calls) != before + 1:
+                    errors.append("the first call did not settle its launch")
             y = tb.forward(x, w, bias, mask, *args)
+            if c["warm_call"] and len(tb._forward_calls) != before + 1:
+                errors.append("the second call of the same shape did not reuse the settled launch")
             if c["channels_last"] and y.numel() and not y.is_contiguous(memory_format=torch.channels_last):
                 errors.append("output is not channels_last for a channels_last input")
             if c["mask_update"]:
@@ -561,6 +573,62 @@ def test_forward_reads_the_packed_weight_in_place():
         assert (w_arg.data_ptr() == weight.data_ptr()) == weight.is_contiguous()
         plan = tb._forward_plans(mask, 1, x.device)[0]
         assert rows_arg is plan.w_rows and rows_arg.dtype == torch.int32
+
+
+def test_settled_forward_calls(monkeypatch):
+    """A call shaped like an earlier one reuses its settled launch with the new tensors; whatever the
+    launch depends on besides the tensors' values (mask contents, bias or not, the dense/stripe
+    decisions, tile width, TF32) makes a new one."""
+    aot = _aot()
+    from stripeconv.backends import gpu_select
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N", raising=False)
+    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
+    tb.clear_cache()
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.rand(48, 3, 3, generator=gen) < 0.4
+    geometry = ([2, 2], [1, 1, 1, 1], [1, 1], 1)
+
+    def call(x, bias=None, weight=None):
+        weight = torch.randn(int(mask.sum()), 32, generator=gen) if weight is None else weight
+        (launch,) = aot.capture_launches(lambda: tb.forward(x, weight, bias, mask, *geometry))
+        return launch
+
+    nchw = lambda: torch.randn(2, 32, 8, 8, generator=gen)  # noqa: E731
+    first, second = call(nchw()), call(nchw())
+    assert len(tb._forward_calls) == 1
+    assert all(a is b for a, b in zip(first.args[4:9], second.args[4:9]))  # the plan's tables
+    assert first.args[9:] == second.args[9:] and first.kwargs == second.kwargs
+    x, weight = nchw(), torch.randn(int(mask.sum()), 32, generator=gen)
+    launch = call(x, weight=weight)
+    assert len(tb._forward_calls) == 1
+    assert torch.equal(launch.args[0], x) and launch.args[0].is_contiguous(memory_format=torch.channels_last)
+    assert launch.args[1] is weight and launch.args[8] is first.args[8]
+
+    def grows(make):
+        before = len(tb._forward_calls)
+        launch = make()
+        assert len(tb._forward_calls) == before + 1
+        return launch
+
+    assert grows(lambda: call(nchw(), bias=torch.randn(48))).kwargs["HAS_BIAS"]
+    assert grows(lambda: call(nchw().contiguous(memory_format=torch.channels_last))).args[0].stride()[1] == 1
+    grows(lambda: call(torch.randn(3, 32, 8, 8, generator=gen)))
+    gpu_select.clear()
+    grows(lambda: call(nchw()))
+    monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", "16")
+    assert grows(lambda: call(nchw())).kwargs["BLOCK_N"] == 16
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    grows(lambda: call(nchw()))
+    monkeypatch.undo()
+    old_rows = tb._forward_plans(mask, 1, mask.device)[0].w_rows
+    with torch.no_grad():
+        mask[:4] = True  # same tensor, new contents: a new plan
+    launch = grows(lambda: call(nchw()))
+    assert launch.args[8] is not old_rows and torch.equal(launch.args[8], tb._forward_plans(mask, 1, "cpu")[0].w_rows)
+    tb.clear_cache()
+    assert not tb._forward_calls
 
 
 def test_compiles_for_hopper():

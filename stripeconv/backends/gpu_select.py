@@ -13,9 +13,9 @@ into a dense weight (and gather the dense grad weight back) through cached index
 host sync, so a cached decision is usable under CUDA graph capture. While a stream is being
 captured, an undecided key takes the stripe kernels without timing.
 
-``STRIPECONV_GPU_DENSE`` overrides the choice: ``auto`` (default), ``never`` (always the
-stripe kernels; the benchmarks time the kernels this way) or ``always`` (dense wherever it
-applies; tests use it to check the dense path).
+``STRIPECONV_GPU_DENSE`` overrides the choice: ``auto`` (default), ``never`` (the fastest of the
+stripe kernels, never dense; the benchmarks time the kernels this way) or ``always`` (dense
+wherever it applies; tests use it to check the dense path). Decisions are kept per mode.
 """
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["mode", "choose", "decisions", "clear"]
+__all__ = ["mode", "choose", "choice", "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
-_decisions: dict[tuple, str] = {}
+_decisions: dict[tuple, str] = {}  # (mode, key) -> name
 _times: dict[tuple, dict[str, float]] = {}
+_generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
 
 
@@ -60,34 +61,50 @@ def choose(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
 
     Candidates named ``dense`` are the dense conv; the rest are stripe-kernel variants.
     """
-    names = list(candidates)
+    return choice(key, candidates, device)[0]
+
+
+def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> tuple[str, bool]:
+    """:func:`choose`, and whether the answer is settled: every later call of ``key`` in this mode
+    gets it until :func:`clear` (False only for an undecided key while a CUDA stream is captured)."""
     m = mode()
-    if m == "never" or len(names) == 1:
-        return next((n for n in names if n != "dense"), names[0])
     if m == "always" and "dense" in candidates:
-        return "dense"
+        return "dense", True
+    pool = [name for name in candidates if name != "dense"] if m == "never" else list(candidates)
+    if len(pool) == 1:
+        return pool[0], True
     with _lock:
-        hit = _decisions.get(key)
+        hit = _decisions.get((m, key))
     if hit is not None:
-        return hit
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return names[0]
-    times = {name: _time_ms(fn) for name, fn in candidates.items()}
+        return hit, True
+    if device.type != "cuda":
+        return pool[0], True
+    if torch.cuda.is_current_stream_capturing():
+        return pool[0], False
+    times = {name: _time_ms(candidates[name]) for name in pool}
     best = min(times, key=times.get)
     with _lock:
-        _decisions[key] = best
-        _times[key] = times
-    return best
+        _decisions[(m, key)] = best
+        _times[(m, key)] = times
+    return best, True
+
+
+def generation() -> int:
+    """Changes whenever :func:`clear` forgets the decisions."""
+    return _generation
 
 
 def decisions() -> list[dict]:
-    """Every timed decision so far: the key, the candidates' median times (ms) and the choice."""
+    """Every timed decision so far: the key, the mode, the candidates' median times (ms) and the choice."""
     with _lock:
-        return [{"key": key, "times_ms": dict(_times[key]), "choice": choice} for key, choice in _decisions.items()]
+        return [{"key": key, "mode": m, "times_ms": dict(_times[(m, key)]), "choice": name}
+                for (m, key), name in _decisions.items()]
 
 
 def clear() -> None:
     """Forget every decision (the next call of each key times again)."""
+    global _generation
     with _lock:
         _decisions.clear()
         _times.clear()
+        _generation += 1

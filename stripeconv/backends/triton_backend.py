@@ -14,7 +14,9 @@ width, :func:`best_tile_efficiency` for the best of the widths :func:`tile_width
 
 Which runs: on CUDA every call picks, per shape, the fastest of the stripe kernels at each
 offered tile width and cuDNN's dense conv on the scattered weight, timed once per key by
-:mod:`stripeconv.backends.gpu_select` (``STRIPECONV_GPU_DENSE`` overrides).
+:mod:`stripeconv.backends.gpu_select` (``STRIPECONV_GPU_DENSE`` overrides). Once that choice is
+settled, a forward call shaped like an earlier one (same shapes, strides, dtype, mask version,
+bias or not) skips it all: the launch arguments are cached per call signature.
 
 Backward metadata: the filter of each packed row; for grad input, per (output phase, group) the
 chunks of packed rows of the positions whose taps line up with that phase (this depends on
@@ -51,7 +53,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -396,8 +398,9 @@ def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tupl
 
 
 def clear_cache() -> None:
-    """Drop all cached mask metadata."""
+    """Drop all cached mask metadata and settled forward calls."""
     clear()
+    _forward_calls.clear()
 
 
 def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None, device=None) -> ForwardPlan:
@@ -533,36 +536,50 @@ def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
     return int(mask.sum()) / computed
 
 
-def _forward_stripe(k, input, weight, bias, plan: ForwardPlan, stride, padding, dilation, out_hw) -> Tensor:
+def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                     dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
+    bias or not): all launch arguments but the tensors are worked out here, once."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
-    cg = weight.shape[1]
     ho, wo = out_hw
-    out = _like_input((b, n, ho, wo), input)
-    if plan.kept == 0:  # every stripe pruned: the output is the bias (and the launch has no rows to read)
-        return out.zero_() if bias is None else out.copy_(bias.view(1, n, 1, 1).expand_as(out))
+    out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
+
+    if plan.kept == 0:  # every stripe pruned: the output is the bias (and a launch would have no rows to read)
+        def bias_only(input, weight, bias):
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+            return out.zero_() if bias is None else out.copy_(bias.view(1, n, 1, 1).expand_as(out))
+        return bias_only
+
+    cg = weight.shape[1]
     m = b * ho * wo
-    x = _nhwc(input)
     bn = plan.block_n
     use_dot = bn >= 16
     block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
-    weight = weight.contiguous()  # the kernel addresses packed rows as row * CG
-    has_bias = bias is not None
-    bias_arg = bias.contiguous() if has_bias else out  # unused pointer when HAS_BIAS is False
+    copy_input = not input.is_contiguous(memory_format=torch.channels_last)
+    # Strides of the tensors the kernel will see (meta tensors: no memory).
+    x = torch.empty(input.shape, device="meta", memory_format=torch.channels_last) if copy_input else input
+    out = torch.empty(out_shape, device="meta", memory_format=out_format)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
+    scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = _precision(input.dtype)
-    grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
-    k.stripe_fwd_kernel[grid](
-        x, weight, bias_arg, out,
-        plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows,
-        b, h, w, ho, wo, cg, plan.num_tiles, plan.umax,
-        *x.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
+    constants = dict(
         **_keys(m, c, n, plan.density, kh, kw, stride),
-        HAS_BIAS=has_bias, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, weight),
+        HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, weight.new_empty(weight.shape, device="meta")),
         BLOCK_N=bn, BLOCK_K=block_k,
     )
-    return out
+    grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
+
+    def launch(input, weight, bias):
+        x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        _kernels.stripe_fwd_kernel[grid](x, weight.contiguous(), out if bias is None else bias.contiguous(), out,
+                                         *tables, *scalars, **constants)
+        return out
+    return launch
 
 
 def _symmetric(padding) -> bool:
@@ -583,6 +600,30 @@ def _select_key(op: str, *tensors: Tensor, extra: tuple = ()) -> tuple:
                   for t in tensors], *extra)
 
 
+def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device) -> Callable:
+    """cuDNN's dense conv on the packed rows scattered into a dense weight."""
+    def launch(input, weight, bias):
+        return F.conv2d(input, _dense_weight(weight, mask, device), bias, stride, (padding[0], padding[2]), dilation,
+                        groups)
+    return launch
+
+
+# Settled forward calls: what a call with this key runs, worked out once (launch arguments, tile
+# plan, the stripe/dense choice). A batch-1 layer's kernels take ~10 us, so the host work of a
+# call matters. Each entry holds its mask, whose data_ptr is in the key, so that no other mask
+# can take that address while the entry exists.
+_FORWARD_CALLS_SIZE = 512
+_forward_calls: dict[tuple, tuple[Tensor, Callable]] = {}
+
+
+def _forward_call_key(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, stride, padding, dilation,
+                      groups: int) -> tuple:
+    return (input.shape, input.stride(), input.dtype, input.device, weight.shape, bias is None,
+            mask.data_ptr(), mask._version, mask.shape, tuple(stride), tuple(padding), tuple(dilation), groups,
+            gpu_select.mode(), gpu_select.generation(), os.environ.get("STRIPECONV_TRITON_BLOCK_N"),
+            torch.backends.cuda.matmul.allow_tf32)
+
+
 def forward(
     input: Tensor,
     weight: Tensor,
@@ -593,7 +634,11 @@ def forward(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    k = _check_kernels()
+    key = _forward_call_key(input, weight, bias, mask, stride, padding, dilation, groups)
+    settled = _forward_calls.get(key)
+    if settled is not None:
+        return settled[1](input, weight, bias)
+    _check_kernels()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
     b, c, h, w = input.shape
     n, kh, kw = mask.shape
@@ -601,18 +646,22 @@ def forward(
     if b * n * ho * wo == 0:
         return _like_input((b, n, ho, wo), input)
     device = input.device
-    candidates, counts = {}, []
+    launchers, counts = {}, []
     for plan in _forward_plans(mask, groups, device):
-        bn = plan.block_n
-        counts.append((bn, plan.kept, plan.computed))
-        candidates[f"stripe{bn}"] = functools.partial(
-            _forward_stripe, k, input, weight, bias, plan, stride, padding, dilation, (ho, wo))
+        counts.append((plan.block_n, plan.kept, plan.computed))
+        launchers[f"stripe{plan.block_n}"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
+                                                              (ho, wo))
     if _symmetric(padding):
-        candidates["dense"] = lambda: F.conv2d(input, _dense_weight(weight, mask, device), bias, stride,
-                                               (padding[0], padding[2]), dilation, groups)
-    key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
-                                                    tuple(dilation), groups, tuple(counts)))
-    return candidates[gpu_select.choose(key, candidates, device)]()
+        launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
+    select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
+                                                           tuple(dilation), groups, tuple(counts)))
+    candidates = {name: functools.partial(launch, input, weight, bias) for name, launch in launchers.items()}
+    name, is_settled = gpu_select.choice(select_key, candidates, device)
+    if is_settled:
+        if len(_forward_calls) >= _FORWARD_CALLS_SIZE:
+            _forward_calls.clear()
+        _forward_calls[key] = (mask, launchers[name])
+    return launchers[name](input, weight, bias)
 
 
 def triton_cdiv(a: int, b: int) -> int:
