@@ -258,14 +258,14 @@ def run_case(name: str, device: str) -> str:
                 backends.set_backend(None)
         else:
             if c["warm_call"]:
-                before = len(tb._forward_calls)
+                before = len(tb._settled)
                 tb.forward(torch.randn(x.shape, generator=gen).to(device, dtype).contiguous(
                     memory_format=torch.channels_last if c["channels_last"] else torch.contiguous_format),
                     torch.randn(w.shape, generator=gen).to(device, dtype), bias, mask, *args)
-                if len(tb._forward_calls) != before + 1:
+                if len(tb._settled) != before + 1:
                     errors.append("the first call did not settle its launch")
             y = tb.forward(x, w, bias, mask, *args)
-            if c["warm_call"] and len(tb._forward_calls) != before + 1:
+            if c["warm_call"] and len(tb._settled) != before + 1:
                 errors.append("the second call of the same shape did not reuse the settled launch")
             if c["channels_last"] and y.numel() and not y.is_contiguous(memory_format=torch.channels_last):
                 errors.append("output is not channels_last for a channels_last input")
@@ -283,8 +283,18 @@ def run_case(name: str, device: str) -> str:
                 ref = _reference(xr, wr, br, mask_cpu, c)
                 ref.backward(gy.double().cpu())
                 y = tb.forward(x, w, bias, mask, *args)
+            if c["warm_call"]:  # the checked gradients reuse the launches these calls settle
+                other = lambda t: torch.randn(t.shape, generator=gen).to(device, dtype).as_strided(  # noqa: E731
+                    t.shape, t.stride())  # same strides, other values
+                before = len(tb._settled)
+                tb.grad_input(other(gy), other(w), mask, list(x.shape), *args)
+                tb.grad_weight(other(gy), other(x), other(w), mask, *args)
+                if len(tb._settled) != before + 2:
+                    errors.append("the first gradient calls did not settle their launches")
             gx = tb.grad_input(gy, w, mask, list(x.shape), *args)
             gw = tb.grad_weight(gy, x, w, mask, *args)
+            if c["warm_call"] and len(tb._settled) != before + 2:
+                errors.append("the gradient calls of the same shapes did not reuse the settled launches")
             if c["deterministic"]:
                 gw2 = tb.grad_weight(gy, x, w, mask, *args)
                 if not torch.equal(gw, gw2):
@@ -597,19 +607,19 @@ def test_settled_forward_calls(monkeypatch):
 
     nchw = lambda: torch.randn(2, 32, 8, 8, generator=gen)  # noqa: E731
     first, second = call(nchw()), call(nchw())
-    assert len(tb._forward_calls) == 1
+    assert len(tb._settled) == 1
     assert all(a is b for a, b in zip(first.args[4:9], second.args[4:9]))  # the plan's tables
     assert first.args[9:] == second.args[9:] and first.kwargs == second.kwargs
     x, weight = nchw(), torch.randn(int(mask.sum()), 32, generator=gen)
     launch = call(x, weight=weight)
-    assert len(tb._forward_calls) == 1
+    assert len(tb._settled) == 1
     assert torch.equal(launch.args[0], x) and launch.args[0].is_contiguous(memory_format=torch.channels_last)
     assert launch.args[1] is weight and launch.args[8] is first.args[8]
 
     def grows(make):
-        before = len(tb._forward_calls)
+        before = len(tb._settled)
         launch = make()
-        assert len(tb._forward_calls) == before + 1
+        assert len(tb._settled) == before + 1
         return launch
 
     assert grows(lambda: call(nchw(), bias=torch.randn(48))).kwargs["HAS_BIAS"]
@@ -628,7 +638,40 @@ def test_settled_forward_calls(monkeypatch):
     launch = grows(lambda: call(nchw()))
     assert launch.args[8] is not old_rows and torch.equal(launch.args[8], tb._forward_plans(mask, 1, "cpu")[0].w_rows)
     tb.clear_cache()
-    assert not tb._forward_calls
+    assert not tb._settled
+
+
+def test_settled_gradient_calls(monkeypatch):
+    """Grad input and grad weight reuse their settled launches too; deterministic mode makes its own."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.delenv("STRIPECONV_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
+    tb.clear_cache()
+    gen = torch.Generator().manual_seed(2)
+    mask = torch.rand(32, 3, 3, generator=gen) < 0.5
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    rows = int(mask.sum())
+    nhwc = lambda *shape: torch.randn(*shape, generator=gen).contiguous(memory_format=torch.channels_last)  # noqa: E731
+
+    def launches(n_calls):
+        calls = []
+        for _ in range(n_calls):
+            gy, x, w = nhwc(4, 32, 16, 16), nhwc(4, 16, 16, 16), torch.randn(rows, 16, generator=gen)
+            calls += aot.capture_launches(lambda: (tb.grad_input(gy, w, mask, list(x.shape), *geometry),
+                                                   tb.grad_weight(gy, x, w, mask, *geometry)))
+            assert calls[-2].args[0] is gy and calls[-2].args[1] is w and calls[-1].args[1] is x
+        return calls
+
+    first_dgrad, first_wgrad, dgrad, wgrad = launches(2)
+    assert len(tb._settled) == 2
+    assert dgrad.kwargs == first_dgrad.kwargs and wgrad.kwargs == first_wgrad.kwargs and wgrad.kwargs["ATOMIC"]
+    assert all(a is b for a, b in zip(dgrad.args[3:9], first_dgrad.args[3:9]))  # the plan's tables
+    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
+    _, wgrad = launches(1)
+    assert len(tb._settled) == 3 and not wgrad.kwargs["ATOMIC"]
+    tb.clear_cache()
 
 
 def test_compiles_for_hopper():

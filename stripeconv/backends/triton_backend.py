@@ -15,8 +15,8 @@ width, :func:`best_tile_efficiency` for the best of the widths :func:`tile_width
 Which runs: on CUDA every call picks, per shape, the fastest of the stripe kernels at each
 offered tile width and cuDNN's dense conv on the scattered weight, timed once per key by
 :mod:`stripeconv.backends.gpu_select` (``STRIPECONV_GPU_DENSE`` overrides). Once that choice is
-settled, a forward call shaped like an earlier one (same shapes, strides, dtype, mask version,
-bias or not) skips it all: the launch arguments are cached per call signature.
+settled, a call shaped like an earlier one (same op, shapes, strides, dtypes, mask version, conv
+geometry, bias or not) skips all of this: it reuses the launch worked out for the first one.
 
 Backward metadata: the filter of each packed row; for grad input, per (output phase, group) the
 chunks of packed rows of the positions whose taps line up with that phase (this depends on
@@ -398,9 +398,9 @@ def _cached(kind: str, mask: Tensor, groups: int, block: int, device, conv: tupl
 
 
 def clear_cache() -> None:
-    """Drop all cached mask metadata and settled forward calls."""
+    """Drop all cached mask metadata and settled calls."""
     clear()
-    _forward_calls.clear()
+    _settled.clear()
 
 
 def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None, device=None) -> ForwardPlan:
@@ -567,7 +567,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
     constants = dict(
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, weight.new_empty(weight.shape, device="meta")),
+        EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")),
         BLOCK_N=bn, BLOCK_K=block_k,
     )
     grid = lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,)  # noqa: E731
@@ -608,20 +608,29 @@ def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device
     return launch
 
 
-# Settled forward calls: what a call with this key runs, worked out once (launch arguments, tile
-# plan, the stripe/dense choice). A batch-1 layer's kernels take ~10 us, so the host work of a
-# call matters. Each entry holds its mask, whose data_ptr is in the key, so that no other mask
-# can take that address while the entry exists.
-_FORWARD_CALLS_SIZE = 512
-_forward_calls: dict[tuple, tuple[Tensor, Callable]] = {}
+# Settled calls: per call signature (op, shapes, strides, dtypes, mask version, conv geometry and
+# the settings the choice depends on), what the call runs, worked out once: tile plan, stripe /
+# dense choice and every launch argument but the tensors. A batch-1 layer's kernels take ~10 us,
+# so the host work of a call matters. Each entry holds its mask, whose data_ptr is in the key, so
+# that no other mask can take that address while the entry exists.
+_SETTLED_SIZE = 1024
+_settled: dict[tuple, tuple[Tensor, Callable]] = {}
 
 
-def _forward_call_key(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, stride, padding, dilation,
-                      groups: int) -> tuple:
-    return (input.shape, input.stride(), input.dtype, input.device, weight.shape, bias is None,
-            mask.data_ptr(), mask._version, mask.shape, tuple(stride), tuple(padding), tuple(dilation), groups,
-            gpu_select.mode(), gpu_select.generation(), os.environ.get("STRIPECONV_TRITON_BLOCK_N"),
-            torch.backends.cuda.matmul.allow_tf32)
+def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
+    return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
+            mask.shape, *extra, gpu_select.mode(), gpu_select.generation(), torch.backends.cuda.matmul.allow_tf32)
+
+
+def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device):
+    """Run the launcher :mod:`.gpu_select` picks for ``select_key``; remember it for ``key`` once settled."""
+    candidates = {name: functools.partial(launch, *args) for name, launch in launchers.items()}
+    name, settled = gpu_select.choice(select_key, candidates, device)
+    if settled:
+        if len(_settled) >= _SETTLED_SIZE:
+            _settled.clear()
+        _settled[key] = (mask, launchers[name])
+    return launchers[name](*args)
 
 
 def forward(
@@ -634,8 +643,9 @@ def forward(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    key = _forward_call_key(input, weight, bias, mask, stride, padding, dilation, groups)
-    settled = _forward_calls.get(key)
+    key = _call_key("fwd", mask, (input,), (weight.shape, bias is None, tuple(stride), tuple(padding),
+                                            tuple(dilation), groups, os.environ.get("STRIPECONV_TRITON_BLOCK_N")))
+    settled = _settled.get(key)
     if settled is not None:
         return settled[1](input, weight, bias)
     _check_kernels()
@@ -655,13 +665,7 @@ def forward(
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
                                                            tuple(dilation), groups, tuple(counts)))
-    candidates = {name: functools.partial(launch, input, weight, bias) for name, launch in launchers.items()}
-    name, is_settled = gpu_select.choice(select_key, candidates, device)
-    if is_settled:
-        if len(_forward_calls) >= _FORWARD_CALLS_SIZE:
-            _forward_calls.clear()
-        _forward_calls[key] = (mask, launchers[name])
-    return launchers[name](input, weight, bias)
+    return _run_chosen(key, mask, launchers, select_key, (input, weight, bias), device)
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -670,6 +674,11 @@ def triton_cdiv(a: int, b: int) -> int:
 
 def _use_dot_backward(cg: int, ng: int) -> bool:
     return cg >= 16 and ng >= 16
+
+
+def _meta_like(t: Tensor, copy_to_nhwc: bool) -> Tensor:
+    """What a launch will see of ``t``: ``t`` itself, or (meta, no memory) its channels_last copy."""
+    return torch.empty(t.shape, device="meta", memory_format=torch.channels_last) if copy_to_nhwc else t
 
 
 def grad_input(
@@ -682,37 +691,41 @@ def grad_input(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    k = _check_kernels()
+    key = _call_key("dgrad", mask, (grad_output,), (weight.shape, tuple(input_shape), tuple(stride), tuple(padding),
+                                                   tuple(dilation), groups))
+    settled = _settled.get(key)
+    if settled is not None:
+        return settled[1](grad_output, weight)
+    _check_kernels()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
     input_shape = [int(v) for v in input_shape]
-    candidates = {"stripe": functools.partial(_grad_input_stripe, k, grad_output, weight, mask, input_shape,
-                                              stride, padding, dilation, groups)}
+    device = grad_output.device
+    launchers = {"stripe": _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding, dilation,
+                                                groups)}
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
-        def dense():
-            w_dense = _dense_weight(weight, mask, grad_output.device)
+        def dense(grad_output, weight):
+            w_dense = _dense_weight(weight, mask, device)
             dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
                                             dilation, groups)
             return dx.contiguous(memory_format=output_memory_format(grad_output))
-        candidates["dense"] = dense
-    key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
-                                                           tuple(dilation), groups))
-    return candidates[gpu_select.choose(key, candidates, grad_output.device)]()
+        launchers["dense"] = dense
+    select_key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
+                                                                  tuple(dilation), groups))
+    return _run_chosen(key, mask, launchers, select_key, (grad_output, weight), device)
 
 
-def _grad_input_stripe(k, grad_output, weight, mask, input_shape, stride, padding, dilation, groups) -> Tensor:
+def _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding, dilation, groups) -> Callable:
+    """Grad input by the stripe kernel for every call shaped like this one: ``launch(grad_output, weight)``."""
     b, c, h, w = input_shape
     n, kh, kw = mask.shape
     cg, ng = c // groups, n // groups
     ho, wo = grad_output.shape[2:]
-    dx = _like_input((b, c, h, w), grad_output)
-    if dx.numel() == 0:
-        return dx
-    if grad_output.numel() == 0 or weight.shape[0] == 0:
-        return dx.zero_()
-    result = dx
-    if not dx.is_contiguous(memory_format=torch.channels_last):
-        # Computed in NHWC and copied once: strided NCHW stores of the gathered tiles spill.
-        dx = torch.empty((b, c, h, w), dtype=dx.dtype, device=dx.device, memory_format=torch.channels_last)
+    dx_shape, dx_format = (b, c, h, w), output_memory_format(grad_output)
+    if math.prod(dx_shape) == 0 or grad_output.numel() == 0 or weight.shape[0] == 0:
+        def no_work(grad_output, weight):
+            dx = torch.empty(dx_shape, dtype=grad_output.dtype, device=grad_output.device, memory_format=dx_format)
+            return dx.zero_() if dx.numel() else dx
+        return no_work
     use_dot = _use_dot_backward(cg, ng)
     block_n = max(16, min(64, _next_pow2(cg))) if use_dot else min(16, _next_pow2(cg))
     block_k = 32 if use_dot else 1
@@ -723,24 +736,28 @@ def _grad_input_stripe(k, grad_output, weight, mask, input_shape, stride, paddin
     ncb = triton_cdiv(cg, block_n)
     sh, sw = stride
     mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
+    copy_dy = not grad_output.is_contiguous(memory_format=torch.channels_last)
+    dy = _meta_like(grad_output, copy_dy)
+    # Computed in NHWC (strided NCHW stores of the gathered tiles spill) and copied once if needed.
+    dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
+    tables = (plan.chunk_off, plan.chunk_r0, plan.chunk_r1, plan.chunk_dh, plan.chunk_dw, plan.filt)
+    scalars = (b, h, w, ho, wo, cg, groups, ncb, *dy.stride(), *dx.stride(), sh, sw)
     precision, acc = _precision(grad_output.dtype)
-    grid = lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw)  # noqa: E731
-    dy = _nhwc(grad_output)
-    weight = weight.contiguous()  # the kernel addresses packed rows as row * CG
-    k.stripe_dgrad_kernel[grid](
-        dy, weight, dx,
-        plan.chunk_off, plan.chunk_r0, plan.chunk_r1, plan.chunk_dh, plan.chunk_dw, plan.filt,
-        b, h, w, ho, wo, cg, groups, ncb,
-        *dy.stride(), *dx.stride(),
-        sh, sw,
+    constants = dict(
         **_keys(b * h * w, c, n, plan.density, kh, kw, stride),
         USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=_needs_int64(dy, weight, dx),
+        INT64_INDEX=_needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
         BLOCK_N=block_n, BLOCK_K=block_k,
     )
-    if result is not dx:
-        result.copy_(dx)
-    return result
+    grid = lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw)  # noqa: E731
+
+    def launch(grad_output, weight):
+        dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
+        dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
+        # The kernel addresses packed rows as row * CG.
+        _kernels.stripe_dgrad_kernel[grid](dy, weight.contiguous(), dx, *tables, *scalars, **constants)
+        return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
+    return launch
 
 
 def grad_weight(
@@ -753,24 +770,34 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    k = _check_kernels()
+    deterministic = _deterministic()
+    key = _call_key("wgrad", mask, (grad_output, input), (weight.shape, weight.dtype, tuple(stride), tuple(padding),
+                                                          tuple(dilation), groups, deterministic))
+    settled = _settled.get(key)
+    if settled is not None:
+        return settled[1](grad_output, input, weight)
+    _check_kernels()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
-    candidates = {"stripe": functools.partial(_grad_weight_stripe, k, grad_output, input, weight, mask,
-                                              stride, padding, dilation, groups)}
+    device = input.device
+    launchers = {"stripe": _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
+                                                 deterministic)}
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
-        def dense():
-            n, kh, kw = mask.shape
+        n, kh, kw = mask.shape
+
+        def dense(grad_output, input, weight):
             dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
                                              (padding[0], padding[2]), dilation, groups)
-            gather = _cached("dense", mask, 1, 0, input.device).gather
+            gather = _cached("dense", mask, 1, 0, device).gather
             return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
-        candidates["dense"] = dense
-    key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding),
-                                                                 tuple(dilation), groups, _deterministic()))
-    return candidates[gpu_select.choose(key, candidates, input.device)]()
+        launchers["dense"] = dense
+    select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding),
+                                                                         tuple(dilation), groups, deterministic))
+    return _run_chosen(key, mask, launchers, select_key, (grad_output, input, weight), device)
 
 
-def _grad_weight_stripe(k, grad_output, input, weight, mask, stride, padding, dilation, groups) -> Tensor:
+def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
+                          deterministic: bool) -> Callable:
+    """Grad weight by the stripe kernel for every call shaped like this one: ``launch(grad_output, input, weight)``."""
     b, c, h, w = input.shape
     n, kh, kw = mask.shape
     cg, ng = c // groups, n // groups
@@ -778,7 +805,7 @@ def _grad_weight_stripe(k, grad_output, input, weight, mask, stride, padding, di
     s = weight.shape[0]
     m = b * ho * wo
     if s == 0 or cg == 0 or m == 0:
-        return torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        return lambda grad_output, input, weight: torch.zeros_like(weight, memory_format=torch.contiguous_format)
     use_dot = _use_dot_backward(cg, ng)
     block_r = 64 if use_dot else min(4, _next_pow2(ng))
     plan = _cached("wgrad", mask, groups, block_r, input.device)
@@ -789,29 +816,33 @@ def _grad_weight_stripe(k, grad_output, input, weight, mask, stride, padding, di
     # Split-K over pixels so that the grid fills the GPU (>= ~4 programs per SM).
     target = 4 * _num_sms(input.device)
     split = max(1, min(triton_cdiv(target, max(1, tiles)), triton_cdiv(m, 512)))
-    deterministic = _deterministic()
     if deterministic:  # bound the partial buffers to ~256 MiB
         split = max(1, min(split, (256 << 20) // max(1, s * cg * 4)))
     chunk = triton_cdiv(triton_cdiv(m, split), 256) * 256
     split = triton_cdiv(m, chunk)
     atomic = split > 1 and not deterministic
-    if atomic or split == 1:
-        buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
-    else:
-        buf = torch.empty((split, s, cg), dtype=acc_torch, device=weight.device)
+    # Atomics add into one zeroed buffer; otherwise each split writes its own slice, summed below.
+    buf_shape, zeroed = ((s, cg), True) if atomic or split == 1 else ((split, s, cg), False)
+    copy_dy = not grad_output.is_contiguous(memory_format=torch.channels_last)
+    copy_x = not input.is_contiguous(memory_format=torch.channels_last)
+    dy, x = _meta_like(grad_output, copy_dy), _meta_like(input, copy_x)
+    tables = (plan.blk_pos, plan.blk_r0, plan.blk_r1, plan.blk_grp, plan.filt)
+    scalars = (b, h, w, ho, wo, cg, ncb, chunk, s * cg, *dy.stride(), *x.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = _precision(input.dtype)
-    dy, x = _nhwc(grad_output), _nhwc(input)
-    k.stripe_wgrad_kernel[(tiles, split)](
-        dy, x, buf,
-        plan.blk_pos, plan.blk_r0, plan.blk_r1, plan.blk_grp, plan.filt,
-        b, h, w, ho, wo, cg, ncb, chunk, s * cg,
-        *dy.stride(), *x.stride(),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw,
+    constants = dict(
         **_keys(m, c, n, plan.density, kh, kw, stride),
         ATOMIC=atomic, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=_needs_int64(dy, x, buf),
+        INT64_INDEX=_needs_int64(dy, x, torch.empty(buf_shape, device="meta")),
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
-    if buf.dim() == 3:
-        buf = buf.sum(0)
-    return buf.to(weight.dtype)
+
+    def launch(grad_output, input, weight):
+        dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
+        x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
+        buf = (torch.zeros if zeroed else torch.empty)(buf_shape, dtype=acc_torch, device=weight.device)
+        _kernels.stripe_wgrad_kernel[(tiles, split)](dy, x, buf, *tables, *scalars, **constants)
+        if buf.dim() == 3:
+            buf = buf.sum(0)
+        return buf.to(weight.dtype)
+    return launch
