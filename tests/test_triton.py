@@ -585,17 +585,26 @@ def test_forward_reads_the_packed_weight_in_place():
         assert rows_arg is plan.w_rows and rows_arg.dtype == torch.int32
 
 
-def test_settled_forward_calls(monkeypatch):
+@pytest.fixture
+def settled_calls(monkeypatch):
+    """(aot, triton backend) with no settled calls and the settings that change launches unset."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    for name in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE", "STRIPECONV_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)
+    tb.clear_cache()
+    yield aot, tb
+    tb.clear_cache()
+
+
+def test_settled_forward_calls(settled_calls, monkeypatch):
     """A call shaped like an earlier one reuses its settled launch with the new tensors; whatever the
     launch depends on besides the tensors' values (mask contents, bias or not, the dense/stripe
     decisions, tile width, TF32) makes a new one."""
-    aot = _aot()
+    aot, tb = settled_calls
     from stripeconv.backends import gpu_select
-    from stripeconv.backends import triton_backend as tb
 
-    monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N", raising=False)
-    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
-    tb.clear_cache()
     gen = torch.Generator().manual_seed(1)
     mask = torch.rand(48, 3, 3, generator=gen) < 0.4
     geometry = ([2, 2], [1, 1, 1, 1], [1, 1], 1)
@@ -641,14 +650,9 @@ def test_settled_forward_calls(monkeypatch):
     assert not tb._settled
 
 
-def test_settled_gradient_calls(monkeypatch):
+def test_settled_gradient_calls(settled_calls, monkeypatch):
     """Grad input and grad weight reuse their settled launches too; deterministic mode makes its own."""
-    aot = _aot()
-    from stripeconv.backends import triton_backend as tb
-
-    monkeypatch.delenv("STRIPECONV_DETERMINISTIC", raising=False)
-    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
-    tb.clear_cache()
+    aot, tb = settled_calls
     gen = torch.Generator().manual_seed(2)
     mask = torch.rand(32, 3, 3, generator=gen) < 0.5
     geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
@@ -671,7 +675,6 @@ def test_settled_gradient_calls(monkeypatch):
     monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
     _, wgrad = launches(1)
     assert len(tb._settled) == 3 and not wgrad.kwargs["ATOMIC"]
-    tb.clear_cache()
 
 
 def test_compiles_for_hopper():
