@@ -1,0 +1,97 @@
+"""Host work of one Triton-backend call, without a GPU.
+
+Runs the backend's host side on CPU tensors with every JIT launch replaced by a no-op, so what
+is timed is the Python between the caller and the kernel launch: call-signature lookup, argument
+preparation, the autotuner (given the four configurations it has on a GPU, its choice already
+made) and the launcher wrapper. The kernels' own launch cost on a GPU (driver, argument
+packing) comes on top and is not measured here.
+
+    python bench/host_overhead.py                       # settled calls, as a model's steady state runs them
+    python bench/host_overhead.py --through-autotuner   # every launch through the autotuner's key lookup
+
+Prints the minimum and median over ``--repeats`` runs of ``--calls`` calls, in microseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels load without a GPU
+
+import torch  # noqa: E402
+
+KERNELS = ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel")
+GPU_CONFIGS = 4  # autotuning configurations per kernel on a GPU (kernels/stripe_conv.py)
+
+
+def _no_launches(kernels) -> None:
+    """JIT launches do nothing; the autotuners hold as many configurations as on a GPU and
+    'benchmark' them without running anything (all equal: the first wins)."""
+    for name in KERNELS:
+        tuner = getattr(kernels, name)
+        tuner.fn.run = lambda *args, **kwargs: None
+        tuner.configs = (tuner.configs * GPU_CONFIGS)[:GPU_CONFIGS]
+        tuner._bench = lambda *args, config=None, **kwargs: [1.0, 1.0, 1.0]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--through-autotuner", action="store_true",
+                    help="launch every call through the autotuner instead of the configuration it settled on")
+    ap.add_argument("--channels", type=int, default=64)
+    ap.add_argument("--size", type=int, default=8, help="input height and width")
+    ap.add_argument("--density", type=float, default=0.5)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+
+    from stripeconv.backends import triton_backend as tb
+
+    kernels = tb._load_kernels()
+    if kernels is None:
+        sys.exit(f"the triton backend cannot load its kernels: {tb._import_error}")
+    _no_launches(kernels)
+    if args.through_autotuner:
+        tb._TunedLaunch.__call__ = lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, **self.constants)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    c, hw = args.channels, args.size
+    mask = torch.rand(c, 3, 3, generator=gen) < args.density
+    weight = torch.randn(int(mask.sum()), c, generator=gen)
+
+    def nhwc(batch):
+        return torch.randn(batch, c, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
+    x1, x, gy = nhwc(1), nhwc(32), nhwc(32)
+    geometry = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    calls = {
+        "forward, batch 1": lambda: tb.forward(x1, weight, None, mask, *geometry),
+        "grad input, batch 32": lambda: tb.grad_input(gy, weight, mask, list(x.shape), *geometry),
+        "grad weight, batch 32": lambda: tb.grad_weight(gy, x, weight, mask, *geometry),
+    }
+    results = {"layer": f"{c}->{c} 3x3 at {hw}x{hw}, density {args.density}",
+               "launch": "through the autotuner" if args.through_autotuner else "settled", "us": {}}
+    print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op)")
+    for name, call in calls.items():
+        for _ in range(max(10, args.calls // 10)):
+            call()
+        runs = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(args.calls):
+                call()
+            runs.append((time.perf_counter() - start) / args.calls * 1e6)
+        results["us"][name] = {"min": min(runs), "median": statistics.median(runs)}
+        print(f"  {name:<24} min {min(runs):6.1f} us   median {statistics.median(runs):6.1f} us")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

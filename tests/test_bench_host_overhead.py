@@ -1,0 +1,29 @@
+"""bench/host_overhead.py runs (in a child process: it switches on Triton's interpreter before importing triton)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("through_autotuner", [False, True])
+def test_host_overhead_script(tmp_path, through_autotuner):
+    pytest.importorskip("triton")
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--calls", "5", "--repeats", "2",
+           "--json", str(out)] + (["--through-autotuner"] if through_autotuner else [])
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("STRIPECONV_BACKEND", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    if "cannot load its kernels" in proc.stderr + proc.stdout:
+        pytest.skip(proc.stderr.strip())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["launch"] == ("through the autotuner" if through_autotuner else "settled")
+    assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32"}
+    assert all(0 < v["min"] <= v["median"] for v in results["us"].values())
