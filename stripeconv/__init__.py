@@ -14,7 +14,11 @@ from .nn import StripeConv2d, convert
 from .packing import pack_weight, unpack_weight
 from .profile import profile
 
+from .backends import _apply_environment
+
 __version__ = "0.1.0"
+
+_apply_environment()  # STRIPECONV_BACKEND, once every backend's imports can complete
 
 __all__ = [
     "StripeConv2d",

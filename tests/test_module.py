@@ -271,17 +271,33 @@ def test_backend_selection():
     assert stripeconv.get_backend() is None
 
 
-def test_backend_env_var():
+def _import_with_backend(name: str):
+    import os
     import subprocess
     import sys
 
     code = "import stripeconv; print(stripeconv.get_backend())"
-    env = {**__import__("os").environ, "STRIPECONV_BACKEND": "reference"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "reference"
-    env["STRIPECONV_BACKEND"] = "nope"
-    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    env = {**os.environ, "STRIPECONV_BACKEND": name}
+    env.pop("TRITON_INTERPRET", None)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("name", ["reference", "dense", "cpu"])
+def test_backend_env_var(name):
+    out = _import_with_backend(name)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == name
+
+
+def test_backend_env_var_refused_with_reason():
+    bad = _import_with_backend("nope")
     assert bad.returncode != 0 and "unknown stripeconv backend 'nope'" in bad.stderr
+    # A backend that cannot run here says why (not an import error); on a GPU machine it is pinned.
+    triton = _import_with_backend("triton")
+    if torch.cuda.is_available() and triton.returncode == 0:
+        assert triton.stdout.strip() == "triton"
+    else:
+        assert triton.returncode != 0 and "stripeconv backend 'triton' is not available" in triton.stderr, triton.stderr
 
 
 def test_compiled_cpu_backend_is_built():

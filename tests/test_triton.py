@@ -662,9 +662,13 @@ def test_settled_forward_calls(settled_calls, monkeypatch):
     grows(lambda: call(nchw()))
     monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", "16")
     assert grows(lambda: call(nchw())).kwargs["BLOCK_N"] == 16
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    grows(lambda: call(nchw()))
-    monkeypatch.undo()
+    monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N")
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # a torch flag, not an attribute monkeypatch can restore
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = not tf32
+        grows(lambda: call(nchw()))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     old_rows = tb._forward_plans(mask, 1, mask.device)[0].w_rows
     with torch.no_grad():
         mask[:4] = True  # same tensor, new contents: a new plan

@@ -124,5 +124,8 @@ def resolve(device: torch.device) -> ModuleType:
     return module
 
 
-if os.environ.get("STRIPECONV_BACKEND"):
-    set_backend(os.environ["STRIPECONV_BACKEND"])
+def _apply_environment() -> None:
+    """Pin the backend ``STRIPECONV_BACKEND`` names. Called once the package is imported: checking
+    that a backend can run imports it, and the backends import :mod:`stripeconv.ops`."""
+    if os.environ.get("STRIPECONV_BACKEND"):
+        set_backend(os.environ["STRIPECONV_BACKEND"])
