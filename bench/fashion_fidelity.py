@@ -6,7 +6,7 @@ FLOPs and params reduction of the exported model (stripeconv.profile), and measu
 of the exported model vs the dense model.
 
 Full run (~30-40 min on 2 cores):  python bench/fashion_fidelity.py
-Smoke run (~1-2 min):              python bench/fashion_fidelity.py --quick
+Smoke run (~3 min):                python bench/fashion_fidelity.py --quick
 Add or re-measure methods:         python bench/fashion_fidelity.py --methods OrthoReg --append
 """
 from __future__ import annotations

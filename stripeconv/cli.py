@@ -350,7 +350,10 @@ def method_kwargs(cls, args, config: dict) -> dict:
     if unknown:  # a typo would otherwise be ignored without a word
         raise CLIError(f"{args.config}: unknown keys {unknown}; {cls.__name__} takes: {', '.join(params)}; "
                        "training options are the long options of `stripeconv prune` (epochs, lr, ...)")
-    for k, v in {**(nested or {}), **{k: v for k, v in config.items() if k in params}}.items():
+    # A top-level `epochs` is the training option (the command line wins over it); the pruner's
+    # schedule follows the epochs trained, below, unless `params:` or --set give it its own.
+    top = {k: v for k, v in config.items() if k in params and k != "epochs"}
+    for k, v in {**(nested or {}), **top}.items():
         try:
             kw[k] = _typed(v, params[k]) if k in params else v
         except CLIError as e:
@@ -907,7 +910,7 @@ def cmd_demo(args) -> int:
 
 # ========================================================================================= parser
 EPILOG = """examples:
-  stripeconv demo                                        # 2-3 minutes on a laptop CPU
+  stripeconv demo                                        # about a minute on 2 CPU cores
   stripeconv train --dataset fashion-mnist --epochs 10 --out runs/base
   stripeconv prune --from runs/base/model --method SWP --target flops=0.5 --epochs 10 --out runs/swp
   stripeconv prune --from runs/base/model --method L1Filter --target ratio=0.3 --epochs 5 --out runs/l1
@@ -1142,7 +1145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN on Fashion-MNIST (the installed dataset, else the subset "
                                    "shipped with stripeconv), prune it with SWP, export it to StripeConv2d, measure "
                                    "dense vs stripe latency on this device and write report.md (+ report.png with "
-                                   "matplotlib) into --out. A few minutes on 2 CPU cores.")
+                                   "matplotlib) into --out. About a minute on 2 CPU cores.")
     p.add_argument("--out", default="stripeconv-demo", help="output folder")
     p.add_argument("--data", default=None, metavar="PATH", help="Fashion-MNIST folder (IDX files)")
     p.add_argument("--train-size", type=_positive_int, default=None,

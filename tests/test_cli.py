@@ -79,7 +79,8 @@ def test_config_file(tmp_path):
     assert kw == {"alpha": 2e-5, "epochs": 3, "target_flops_reduction": 0.4, "threshold": 0.01}
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg), "--epochs", "5"])
     cli._apply_config_defaults(args, config)
-    assert args.epochs == 5  # the command line wins
+    assert args.epochs == 5  # the command line wins, for the pruner's schedule too
+    assert cli.method_kwargs(SWP, args, config)["epochs"] == 5
     js = tmp_path / "swp.json"
     js.write_text(json.dumps({"method": "SWP", "params": {"alpha": 3e-5}}))
     args = cli.build_parser().parse_args(["prune", "--config", str(js)])

@@ -104,7 +104,7 @@ def fashion_mnist_arrays(root: Optional[PathLike] = None, train: bool = True) ->
             f"Fashion-MNIST {split} files not found in {root} (looked for {split}-images-idx3-ubyte[.gz] and "
             f"{split}-labels-idx1-ubyte[.gz]). Install them with `apt-get install dataset-fashion-mnist` "
             f"(Debian/Ubuntu; files go to {FASHION_MNIST_ROOT}) or download the four files from "
-            "https://github.com/zalandoresearch/fashion-mnist and pass root=<their folder>."
+            "https://github.com/zalandoresearch/fashion-mnist and pass root=<their folder> (--data on the command line)."
         )
     x, y = read_idx(images), read_idx(labels)
     if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (28, 28):
@@ -213,7 +213,8 @@ def cifar_arrays(root: PathLike, train: bool = True, num_classes: int = 10) -> t
     if missing:
         raise DatasetNotFoundError(
             f"CIFAR-{num_classes} files {missing} not found in {folder}. Download the 'python version' archive "
-            f"from https://www.cs.toronto.edu/~kriz/cifar.html, extract it and pass root=<folder containing {sub}>."
+            f"from https://www.cs.toronto.edu/~kriz/cifar.html, extract it and pass root=<folder containing {sub}> "
+            "(--data on the command line)."
         )
     xs, ys = [], []
     for n in names:
