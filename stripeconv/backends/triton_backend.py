@@ -446,13 +446,6 @@ def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=output_memory_format(ref))
 
 
-def _nhwc(t: Tensor) -> Tensor:
-    """``t`` in channels_last. The kernels read NHWC tiles (channels contiguous, vector loads);
-    strided NCHW gathers cost more registers than they are worth, so NCHW operands are copied
-    once. Outputs keep the caller's memory format (the stores take any strides)."""
-    return t if t.is_contiguous(memory_format=torch.channels_last) else t.contiguous(memory_format=torch.channels_last)
-
-
 def _deterministic() -> bool:
     return os.environ.get("STRIPECONV_DETERMINISTIC", "0") not in ("", "0") or torch.are_deterministic_algorithms_enabled()
 
@@ -585,8 +578,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
     use_dot = bn >= 16
     block_k = max(16, min(64, _next_pow2(cg))) if use_dot else 1
     copy_input = not input.is_contiguous(memory_format=torch.channels_last)
-    # Strides of the tensors the kernel will see (meta tensors: no memory).
-    x = torch.empty(input.shape, device="meta", memory_format=torch.channels_last) if copy_input else input
+    x = _meta_like(input, copy_input)
     out = torch.empty(out_shape, device="meta", memory_format=out_format)
     tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
     scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
@@ -705,7 +697,11 @@ def _use_dot_backward(cg: int, ng: int) -> bool:
 
 
 def _meta_like(t: Tensor, copy_to_nhwc: bool) -> Tensor:
-    """What a launch will see of ``t``: ``t`` itself, or (meta, no memory) its channels_last copy."""
+    """What a launch will see of ``t``: ``t`` itself, or (meta, no memory) its channels_last copy.
+
+    The kernels read NHWC tiles (channels contiguous, vector loads); strided NCHW gathers cost more
+    registers than they are worth, so NCHW operands are copied once per call. Outputs keep the
+    caller's memory format."""
     return torch.empty(t.shape, device="meta", memory_format=torch.channels_last) if copy_to_nhwc else t
 
 
