@@ -5,7 +5,7 @@
 through one op (``torch.ops.stripeconv.stripe_conv2d``) with compiled CPU, Triton and CUDA
 backends.
 """
-from . import data, models, ops, pruning
+from . import backends, data, models, ops, pruning
 from .backends import available_backends, get_backend, set_backend
 from .decompose import export_onnx
 from .export import export
@@ -14,11 +14,9 @@ from .nn import StripeConv2d, convert
 from .packing import pack_weight, unpack_weight
 from .profile import profile
 
-from .backends import _apply_environment
-
 __version__ = "0.1.0"
 
-_apply_environment()  # STRIPECONV_BACKEND, once every backend's imports can complete
+backends._apply_environment()  # STRIPECONV_BACKEND, once every backend's imports can complete
 
 __all__ = [
     "StripeConv2d",
