@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common.h"
+#include "layout.h"
 #include "microkernels.h"
 
 namespace stripeconv_cpu {
@@ -139,70 +140,91 @@ inline void call_acc_list(const Kernels<T>& ker, const ListItem<T>& it, int64_t 
   ker.acc_list[it.r][nv - h](in + h * kLanes, it.roff, ldm + h, it.moff, it.w, it.woff, it.wsr, it.K, op2, stm + h);
 }
 
+// The flat path's per-call tables: lane masks and the items of every split cut into groups whose
+// weights fit in L2 (~192 KB). A thread runs one group over all of its chunks before the next, so
+// large weights stream from L3 once per thread and group rather than once per chunk; the order of
+// the sum of each output element (positions in order) does not change.
+struct FlatSchedule {
+  std::vector<mask_t> st, ld;
+  std::vector<std::vector<size_t>> groups;
+  int64_t ngroups = 1, npix = 0, nvec = 0, nchunk = 0;
+};
+
+template <typename T>
+FlatSchedule flat_schedule(const AccEngine<T>& e) {
+  FlatSchedule f;
+  build_flat_masks(e.hout, e.wout, e.po, e.pos, f.st, f.ld);
+  f.npix = e.hout * e.po;
+  f.nvec = ceil_div(f.npix, kLanes);
+  f.nchunk = ceil_div(f.nvec, kMaxV);
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  f.groups.resize(nsplit);
+  for (int64_t s = 0; s < nsplit; ++s) {
+    f.groups[s].push_back(0);
+    int64_t bytes = 0;
+    for (size_t i = 0; i < e.split_items[s].size(); ++i) {
+      const int64_t wb = e.split_items[s][i].r * e.split_items[s][i].K * static_cast<int64_t>(sizeof(T));
+      if (bytes > 0 && bytes + wb > kGroupBytes) {
+        f.groups[s].push_back(i);
+        bytes = 0;
+      }
+      bytes += wb;
+    }
+    f.groups[s].push_back(e.split_items[s].size());
+    f.ngroups = std::max<int64_t>(f.ngroups, static_cast<int64_t>(f.groups[s].size()) - 1);
+  }
+  return f;
+}
+
+// Flat-path tasks [t0, t1) (task t: image t / (nsplit * nchunk), then chunk, then split) on the
+// images at `in` and `out` (strides e.in_bs, e.out_bs).
+template <typename T>
+void run_flat_tasks(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule& f, const T* in, T* out,
+                    int64_t t0, int64_t t1) {
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  for (int64_t gi = 0; gi < f.ngroups; ++gi) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t s = t % nsplit, ch = (t / nsplit) % f.nchunk, b = t / (nsplit * f.nchunk);
+      const int64_t f0 = ch * kChunk, len = std::min<int64_t>(kChunk, f.npix - f0);
+      const int64_t nv = std::min<int64_t>(kMaxV, f.nvec - ch * kMaxV);
+      T* ob = out + b * e.out_bs + f0;
+      if (gi == 0)
+        for (int64_t c = e.split_range[s].first; c < e.split_range[s].second; ++c)
+          init_out(ob + c * e.out_cs, len, e.bias, c);
+      const mask_t* stm = f.st.data() + ch * kMaxV;
+      const T* ib = in + b * e.in_bs + f0;
+      if (gi + 1 >= static_cast<int64_t>(f.groups[s].size())) continue;
+      for (size_t i = f.groups[s][gi]; i < f.groups[s][gi + 1]; ++i) {
+        const Item<T>& it = e.split_items[s][i];
+        const EnginePos& q = e.pos[it.pos];
+        const mask_t* ldm = f.ld.data() + it.pos * f.nvec + ch * kMaxV;
+        bool any = false;
+        for (int64_t v = 0; v < nv; ++v) any = any || ldm[v] != 0;
+        if (!any) continue;
+        T* op[kMaxR];
+        for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
+        call_acc(ker, it, nv, ib + q.in_off + q.rq * e.pi + q.cq, op, ldm, stm);
+      }
+      if (gi == 0 && static_cast<int64_t>(e.split_list_items.size()) > s) {
+        for (const ListItem<T>& it : e.split_list_items[s]) {
+          T* op[kMaxR];
+          for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
+          call_acc_list(ker, it, nv, ib, op, f.ld.data() + ch * kMaxV, stm);
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
   const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
   if (e.B == 0 || e.hout == 0 || e.wout == 0 || nsplit == 0) return;
   if (e.po == e.pi) {
     // Flat path.
-    std::vector<mask_t> st, ld;
-    build_flat_masks(e.hout, e.wout, e.po, e.pos, st, ld);
-    const int64_t npix = e.hout * e.po, nvec = ceil_div(npix, kLanes), nchunk = ceil_div(nvec, kMaxV);
-    const int64_t ntask = e.B * nchunk * nsplit;
-    // Items are cut into groups whose weights fit in L2 (~192 KB); a thread runs one group over
-    // all of its chunks before the next, so large weights stream from L3 once per thread and
-    // group rather than once per chunk. The order of the sum of each output element (positions
-    // in order) does not change.
-    std::vector<std::vector<size_t>> groups(nsplit);
-    int64_t ngroups = 1;
-    for (int64_t s = 0; s < nsplit; ++s) {
-      groups[s].push_back(0);
-      int64_t bytes = 0;
-      for (size_t i = 0; i < e.split_items[s].size(); ++i) {
-        const int64_t wb = e.split_items[s][i].r * e.split_items[s][i].K * static_cast<int64_t>(sizeof(T));
-        if (bytes > 0 && bytes + wb > kGroupBytes) {
-          groups[s].push_back(i);
-          bytes = 0;
-        }
-        bytes += wb;
-      }
-      groups[s].push_back(e.split_items[s].size());
-      ngroups = std::max<int64_t>(ngroups, static_cast<int64_t>(groups[s].size()) - 1);
-    }
-    at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
-     for (int64_t gi = 0; gi < ngroups; ++gi) {
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t s = t % nsplit, ch = (t / nsplit) % nchunk, b = t / (nsplit * nchunk);
-        const int64_t f0 = ch * kChunk, len = std::min<int64_t>(kChunk, npix - f0);
-        const int64_t nv = std::min<int64_t>(kMaxV, nvec - ch * kMaxV);
-        T* ob = e.out + b * e.out_bs + f0;
-        if (gi == 0)
-          for (int64_t c = e.split_range[s].first; c < e.split_range[s].second; ++c)
-            init_out(ob + c * e.out_cs, len, e.bias, c);
-        const mask_t* stm = st.data() + ch * kMaxV;
-        const T* ib = e.in + b * e.in_bs + f0;
-        if (gi + 1 >= static_cast<int64_t>(groups[s].size())) continue;
-        for (size_t i = groups[s][gi]; i < groups[s][gi + 1]; ++i) {
-          const Item<T>& it = e.split_items[s][i];
-          const EnginePos& q = e.pos[it.pos];
-          const mask_t* ldm = ld.data() + it.pos * nvec + ch * kMaxV;
-          bool any = false;
-          for (int64_t v = 0; v < nv; ++v) any = any || ldm[v] != 0;
-          if (!any) continue;
-          T* op[kMaxR];
-          for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
-          call_acc(ker, it, nv, ib + q.in_off + q.rq * e.pi + q.cq, op, ldm, stm);
-        }
-        if (gi == 0 && static_cast<int64_t>(e.split_list_items.size()) > s) {
-          for (const ListItem<T>& it : e.split_list_items[s]) {
-            T* op[kMaxR];
-            for (int r = 0; r < it.r; ++r) op[r] = ob + it.outc[r] * e.out_cs;
-            call_acc_list(ker, it, nv, ib, op, ld.data() + ch * kMaxV, stm);
-          }
-        }
-      }
-     }
-    });
+    const FlatSchedule f = flat_schedule(e);
+    at::parallel_for(0, e.B * f.nchunk * nsplit, 1,
+                     [&](int64_t t0, int64_t t1) { run_flat_tasks(e, ker, f, e.in, e.out, t0, t1); });
   } else {
     // Row path: exact valid segment of every output row and position.
     const int64_t ntask = e.B * e.hout * nsplit;
@@ -230,6 +252,39 @@ void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
       }
     });
   }
+}
+
+// The flat path on channels_last tensors, one image per task: a task transposes its image into an
+// NCHW buffer of its thread, runs the engine on it and transposes the result into place, so the
+// layout change stays in the thread's cache instead of two passes over both whole tensors in
+// memory. Needs the flat path (e.po == e.pi) with unit-stride output planes (e.out_cs == hout *
+// po) and whole images per thread (images_fill_threads); never more scratch than whole-tensor
+// copies. `in_cl` / `out_cl`: [B, in_channels, ...] / [B, out_channels, ...] in channels_last.
+template <typename T>
+void run_acc_engine_channels_last(const AccEngine<T>& e, const Kernels<T>& ker, const at::Tensor& in_cl,
+                                  int64_t in_channels, const at::Tensor& out_cl, int64_t out_channels) {
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  TORCH_INTERNAL_ASSERT(e.po == e.pi && e.out_cs == e.hout * e.po && nsplit > 0);
+  const FlatSchedule f = flat_schedule(e);
+  const int64_t in_plane = e.in_bs / in_channels, per_thread = e.in_bs + e.out_bs;
+  at::Tensor buf = scratch({at::get_num_threads() * per_thread}, in_cl.options());
+  const T* src = in_cl.data_ptr<T>();
+  T* dst = out_cl.data_ptr<T>();
+  at::parallel_for(0, e.B, 1, [&](int64_t b0, int64_t b1) {
+    T* in_img = buf.data_ptr<T>() + at::get_thread_num() * per_thread;
+    T* out_img = in_img + e.in_bs;
+    for (int64_t b = b0; b < b1; ++b) {  // nested parallel_for calls run inline here
+      transpose_batched<T>(src + b * e.in_bs, in_img, 1, in_plane, in_channels);
+      run_flat_tasks(e, ker, f, in_img, out_img, 0, f.nchunk * nsplit);
+      transpose_batched<T>(out_img, dst + b * e.out_bs, 1, out_channels, e.out_cs);
+    }
+  });
+}
+
+// Whether whole images per thread balance the threads: at least one each and <= 20% idle.
+inline bool images_fill_threads(int64_t images) {
+  const int64_t threads = static_cast<int64_t>(at::get_num_threads());
+  return images >= threads && 5 * images >= 4 * threads * ceil_div(images, threads);
 }
 
 // Number of output-channel splits: enough tasks to keep every thread busy when the batch and

@@ -19,13 +19,17 @@ namespace detail {
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& mask, const Geometry& g) {
-  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options());
+  // The output is in the input's memory format, as the op contract says. channels_last input
+  // with stride-1 flat planes runs the engine image by image on copies transposed in cache
+  // (run_acc_engine_channels_last); any other channels_last input is transposed as a whole.
+  const bool channels_last = is_channels_last(input);
+  const bool per_image = channels_last && !g.strided() && g.Wo == g.W && images_fill_threads(g.B);
+  const auto y_format = per_image ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(y_format));
   if (y.numel() == 0) return y;
-  if (is_channels_last(input)) {  // output in the input's memory format, as the op contract says
-    at::Tensor out = forward_impl<T>(to_nchw<T>(input), weight, bias, mask, g);
-    return to_channels_last<T>(out);
-  }
-  at::Tensor x = input.contiguous();
+  if (channels_last && !per_image)
+    return to_channels_last<T>(forward_impl<T>(to_nchw<T>(input), weight, bias, mask, g));
+  at::Tensor x = per_image ? input : input.contiguous();
   at::Tensor w = weight.contiguous();
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->contiguous();
@@ -74,7 +78,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       e.po == e.pi ? g.B * ceil_div(ceil_div(g.Ho * g.Wo, kLanes), kMaxV) : g.B * g.Ho;
   const double rows_per_item =
       e.pos.empty() ? 0.0 : static_cast<double>(g.S) / static_cast<double>(e.pos.size() * g.G);
-  const int64_t nsplit = choose_splits(base_tasks, g.N, rows_per_item);
+  const int64_t nsplit = per_image ? 1 : choose_splits(base_tasks, g.N, rows_per_item);
   const T* wp = w.data_ptr<T>();
   for (int64_t s = 0; s < nsplit; ++s) {
     const int64_t n0 = g.N * s / nsplit, n1 = g.N * (s + 1) / nsplit;
@@ -109,7 +113,10 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     }
     e.split_items.push_back(std::move(items));
   }
-  run_acc_engine(e, ker);
+  if (per_image)
+    run_acc_engine_channels_last(e, ker, x, g.C, y, g.N);
+  else
+    run_acc_engine(e, ker);
   return y;
 }
 

@@ -19,12 +19,17 @@ namespace detail {
 template <typename T>
 at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& mask,
                            const Geometry& g) {
-  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options());
+  // grad_input is in grad_output's memory format; channels_last runs image by image on copies
+  // transposed in cache where the planes allow it (see forward_impl).
+  const bool channels_last = is_channels_last(grad_output);
+  const bool per_image = channels_last && !g.strided() && g.W == g.Wo && images_fill_threads(g.B);
+  const auto gx_format = per_image ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(gx_format));
   if (gx.numel() == 0) return gx;
   if (g.Ho == 0 || g.Wo == 0 || g.S == 0) return gx.zero_();
-  if (is_channels_last(grad_output))
+  if (channels_last && !per_image)
     return to_channels_last<T>(grad_input_impl<T>(to_nchw<T>(grad_output), weight, mask, g));
-  at::Tensor gy = grad_output.contiguous();
+  at::Tensor gy = per_image ? grad_output : grad_output.contiguous();
   at::Tensor w = weight.contiguous();
   const StripeLists L = build_lists(mask, g);
   const Kernels<T>& ker = kernels<T>(force_generic());
@@ -50,6 +55,12 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
   }
   phase_size = g.B * g.C * out_cs;
 
+  auto run = [&](const AccEngine<T>& e) {
+    if (per_image)
+      run_acc_engine_channels_last(e, ker, gy, g.N, gx, g.C);
+    else
+      run_acc_engine(e, ker);
+  };
   for (int64_t ph = 0; ph < g.sh * g.sw; ++ph) {
     const int64_t pa = ph / g.sw, pb = ph % g.sw;
     AccEngine<T> e;
@@ -77,7 +88,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     }
     const int64_t base_tasks =
         e.po == e.pi ? g.B * ceil_div(ceil_div(e.hout * e.po, kLanes), kMaxV) : g.B * e.hout;
-    const int64_t nsplit = choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
+    const int64_t nsplit = per_image ? 1 : choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
     // Multi-position lists pay a mask and offset load per reduction step; they win when a
     // position keeps few filters per group (short reductions), per-position items otherwise.
     int64_t live_rows = 0;
@@ -126,7 +137,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
         }
         e.split_list_items.push_back(std::move(items));
       }
-      run_acc_engine(e, ker);
+      run(e);
       continue;
     }
     for (int64_t s = 0; s < nsplit; ++s) {
@@ -155,7 +166,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
       }
       e.split_items.push_back(std::move(items));
     }
-    run_acc_engine(e, ker);
+    run(e);
   }
 
   if (g.strided()) {
