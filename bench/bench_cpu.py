@@ -9,6 +9,8 @@ For each layer and stripe density it times, in fp32 on random data with a random
   * the pure-PyTorch reference backend (few repeats: it is slow);
   * a channel-pruned dense conv with the same FLOPs (``round(density * out)`` filters, in the
     faster dense layout): what filter/channel pruning to this density would run instead;
+  * both once more on channels_last input ("cl x": stripe over dense, each reading and writing
+    channels_last tensors, as in a channels_last network);
   * optionally (--backward) forward+backward of both, through autograd.
 The stripe op and the dense baseline are timed back to back in every repeat, so both see the
 same load when other processes share the machine; the speedup is the median of the per-repeat
@@ -173,8 +175,14 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
         with torch.no_grad():
             return layer(x)
 
+    def stripe_cl():
+        with torch.no_grad():
+            return layer(xcl)
+
     # correctness guard: a benchmark of a wrong kernel is worthless
-    torch.testing.assert_close(stripe(), F.conv2d(x, w * mask[:, None], bias, 1, 1), atol=1e-3, rtol=1e-3)
+    expect = F.conv2d(x, w * mask[:, None], bias, 1, 1)
+    torch.testing.assert_close(stripe(), expect, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(stripe_cl(), expect, atol=1e-3, rtol=1e-3)
 
     busy = wait_for_quiet(args.quiet_wait)
     t_nchw, t_st1 = time_pair(dense_nchw, stripe, args.repeats)
@@ -197,6 +205,8 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
         return F.conv2d(x_best, w_ch, b_ch, 1, 1)
 
     t_dense_ch, t_ch = time_pair(dense_best, channel_pruned, args.repeats)
+    # a channels_last network: both convs read and write channels_last tensors
+    t_cl3, t_st_cl = time_pair(dense_cl, stripe_cl, args.repeats)
     row = {
         "layer": name,
         "cin": cin,
@@ -216,6 +226,8 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
         "channel_pruned_filters": kept_filters,
         "channel_pruned": summary(t_ch),
         "speedup_channel_pruned": statistics.median(d / c for d, c in zip(t_dense_ch, t_ch)),
+        "stripe_cpu_channels_last": summary(t_st_cl),
+        "speedup_channels_last": statistics.median(d / s for d, s in zip(t_cl3, t_st_cl)),
         "ideal": 1.0 / max(density, 1e-9),
         "target": target(batch, density),
     }
@@ -268,7 +280,7 @@ def main(argv=None):
     info = machine_info()
     print(f"# {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}, {info['date']}")
     header = (f"{'layer':<20} {'dens':>4} {'nchw ms':>8} {'cl ms':>8} {'stripe ms':>13} {'ref ms':>8} "
-              f"{'speedup':>7} {'(min)':>6} {'chan x':>6} {'1/dens':>6} {'target':>6} ok")
+              f"{'speedup':>7} {'(min)':>6} {'cl x':>6} {'chan x':>6} {'1/dens':>6} {'target':>6} ok")
     if args.backward:
         header += f" {'dense f+b':>10} {'stripe f+b':>11} {'f+b x':>6}"
     print(header)
@@ -282,7 +294,7 @@ def main(argv=None):
             line = (f"{name:<20} {density:>4.2f} {r['dense_nchw']['median_ms']:>8.3f} "
                     f"{r['dense_channels_last']['median_ms']:>8.3f} "
                     f"{st['median_ms']:>7.3f}±{st['iqr_ms']:<5.3f} {ref} {r['speedup']:>7.2f} {r['speedup_min']:>6.2f} "
-                    f"{r['speedup_channel_pruned']:>6.2f} {r['ideal']:>6.2f} {r['target']:>6.2f} {'yes' if r['meets_target'] else 'NO'}")
+                    f"{r['speedup_channels_last']:>6.2f} {r['speedup_channel_pruned']:>6.2f} {r['ideal']:>6.2f} {r['target']:>6.2f} {'yes' if r['meets_target'] else 'NO'}")
             if args.backward:
                 line += (f" {r['dense_fwd_bwd']['median_ms']:>10.3f} {r['stripe_fwd_bwd']['median_ms']:>11.3f} "
                          f"{r['speedup_fwd_bwd']:>6.2f}")
