@@ -164,7 +164,7 @@ def test_ops_match_dense(case, dtype, isa):
     _check_case(case, dtype)
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+@pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def threads(request):
     before = torch.get_num_threads()
     torch.set_num_threads(request.param)
@@ -176,8 +176,8 @@ def threads(request):
 def test_channels_last_matches_nchw_exactly(case, threads, isa):
     """channels_last tensors take their own route through the engine: image by image on copies
     transposed in cache where the planes are stride-1 flat ones and every thread gets whole
-    images (one thread, or a batch that fills both), whole-tensor transposes otherwise (batch 1
-    on two threads, strided or row-path geometries). Each output element is summed in the same
+    images (one thread; batch 2 on two threads; batch 3 on three), whole-tensor transposes
+    otherwise (fewer images than threads, strided or row-path geometries). Each output element is summed in the same
     order either way, so the results equal the NCHW ones bit for bit (and the oracle)."""
     s, p, d, groups = list(case["s"]), list(case["p"]), list(case["d"]), case.get("groups", 1)
     x, w, mask, bias = _make(case, torch.float32)

@@ -267,11 +267,14 @@ void run_acc_engine_channels_last(const AccEngine<T>& e, const Kernels<T>& ker, 
   TORCH_INTERNAL_ASSERT(e.po == e.pi && e.out_cs == e.hout * e.po && nsplit > 0);
   const FlatSchedule f = flat_schedule(e);
   const int64_t in_plane = e.in_bs / in_channels, per_thread = e.in_bs + e.out_bs;
-  at::Tensor buf = scratch({at::get_num_threads() * per_thread}, in_cl.options());
+  const int64_t threads = at::get_num_threads();
+  at::Tensor buf = scratch({threads * per_thread}, in_cl.options());
   const T* src = in_cl.data_ptr<T>();
   T* dst = out_cl.data_ptr<T>();
   at::parallel_for(0, e.B, 1, [&](int64_t b0, int64_t b1) {
-    T* in_img = buf.data_ptr<T>() + at::get_thread_num() * per_thread;
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
+    T* in_img = buf.data_ptr<T>() + tid * per_thread;
     T* out_img = in_img + e.in_bs;
     for (int64_t b = b0; b < b1; ++b) {  // nested parallel_for calls run inline here
       transpose_batched<T>(src + b * e.in_bs, in_img, 1, in_plane, in_channels);

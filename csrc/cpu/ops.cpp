@@ -15,7 +15,9 @@
 //   grad weight  gW[row(n,p), c] = sum_o gy[n, o] * x[c, o + shift_p]
 // (S_p: the filters that keep position p, restricted to one group.)
 //
-// Layout: NCHW (channels_last tensors are transposed in and out). Forward and grad input run on
+// Layout: NCHW. channels_last tensors are transposed in and out: image by image in the thread's
+// cache where whole images per thread allow it (run_acc_engine_channels_last), else as whole
+// tensors; grad weight reads x in channels_last. Forward and grad input run on
 // one engine ("acc", see run_acc_engine): the output plane is cut into chunks of up to 128
 // pixels, and for each chunk, each position and each block of up to 6 output channels a
 // micro-kernel keeps an accumulator tile of up to 24 vector registers (6 x 64 or 3 x 128 pixels)
