@@ -254,32 +254,48 @@ void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
   }
 }
 
+// Channel pitch (in elements) of the per-image NCHW buffers of run_acc_engine_channels_last: at
+// least `plane`, a whole number of cache lines, and an odd number of them. The micro-kernels read
+// one line of every input channel in turn (and write one of every output channel); planes a
+// multiple of 4 KB apart (32x32 fp32) would all map to one L1 set and evict each other.
+template <typename T>
+int64_t cache_pitch(int64_t plane) {
+  constexpr int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
+  int64_t lines = ceil_div(plane, per_line);
+  if (lines % 2 == 0) ++lines;
+  return lines * per_line;
+}
+
 // The flat path on channels_last tensors, one image per task: a task transposes its image into an
 // NCHW buffer of its thread, runs the engine on it and transposes the result into place, so the
 // layout change stays in the thread's cache instead of two passes over both whole tensors in
-// memory. Needs the flat path (e.po == e.pi) with unit-stride output planes (e.out_cs == hout *
-// po) and whole images per thread (images_fill_threads); never more scratch than whole-tensor
-// copies. `in_cl` / `out_cl`: [B, in_channels, ...] / [B, out_channels, ...] in channels_last.
+// memory. The engine's strides (e.in_bs, e.out_bs, e.out_cs, and the channel offsets of its items)
+// describe the buffers: channel planes cache_pitch apart. Needs the flat path (e.po == e.pi) and
+// whole images per thread (images_fill_threads); scratch: about what whole-tensor copies take.
+// `in_cl` / `out_cl`: [B, in_channels, ...] / [B, out_channels, ...], channels_last.
 template <typename T>
 void run_acc_engine_channels_last(const AccEngine<T>& e, const Kernels<T>& ker, const at::Tensor& in_cl,
                                   int64_t in_channels, const at::Tensor& out_cl, int64_t out_channels) {
   const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
-  TORCH_INTERNAL_ASSERT(e.po == e.pi && e.out_cs == e.hout * e.po && nsplit > 0);
+  const int64_t in_plane = in_cl.size(2) * in_cl.size(3), out_plane = e.hout * e.po;
+  const int64_t in_pitch = e.in_bs / in_channels;
+  TORCH_INTERNAL_ASSERT(e.po == e.pi && e.out_cs >= out_plane && in_pitch >= in_plane && nsplit > 0);
+  TORCH_INTERNAL_ASSERT(out_cl.size(2) * out_cl.size(3) == out_plane && out_cl.size(1) == out_channels);
   const FlatSchedule f = flat_schedule(e);
-  const int64_t in_plane = e.in_bs / in_channels, per_thread = e.in_bs + e.out_bs;
-  const int64_t threads = at::get_num_threads();
+  const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
   at::Tensor buf = scratch({threads * per_thread}, in_cl.options());
   const T* src = in_cl.data_ptr<T>();
   T* dst = out_cl.data_ptr<T>();
+  const int64_t src_bs = in_cl.stride(0), dst_bs = out_cl.stride(0);
   at::parallel_for(0, e.B, 1, [&](int64_t b0, int64_t b1) {
     const int64_t tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
     T* in_img = buf.data_ptr<T>() + tid * per_thread;
     T* out_img = in_img + e.in_bs;
-    for (int64_t b = b0; b < b1; ++b) {  // nested parallel_for calls run inline here
-      transpose_batched<T>(src + b * e.in_bs, in_img, 1, in_plane, in_channels);
+    for (int64_t b = b0; b < b1; ++b) {
+      transpose_matrix<T>(src + b * src_bs, in_channels, in_img, in_pitch, in_plane, in_channels);
       run_flat_tasks(e, ker, f, in_img, out_img, 0, f.nchunk * nsplit);
-      transpose_batched<T>(out_img, dst + b * e.out_bs, 1, out_channels, e.out_cs);
+      transpose_matrix<T>(out_img, e.out_cs, dst + b * dst_bs, out_channels, out_channels, out_plane);
     }
   });
 }

@@ -39,8 +39,9 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   at::Tensor phases;
   AccEngine<T> e;
   e.out = y.data_ptr<T>();
-  e.out_bs = g.N * g.Ho * g.Wo;
-  e.out_cs = g.Ho * g.Wo;
+  // per image: channel planes of the thread's buffers, cache_pitch apart
+  e.out_cs = per_image ? cache_pitch<T>(g.Ho * g.Wo) : g.Ho * g.Wo;
+  e.out_bs = g.N * e.out_cs;
   e.hout = g.Ho;
   e.wout = g.Wo;
   e.po = g.Wo;
@@ -54,7 +55,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     e.pi = g.Wpm;
   } else {
     e.in = x.data_ptr<T>();
-    in_cs = g.H * g.W;
+    in_cs = per_image ? cache_pitch<T>(g.H * g.W) : g.H * g.W;
     e.pi = g.W;
   }
   e.in_bs = g.C * in_cs;

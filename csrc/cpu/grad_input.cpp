@@ -35,7 +35,8 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
   const Kernels<T>& ker = kernels<T>(force_generic());
   const T* wp = w.data_ptr<T>();
   const int64_t P = g.P();
-  const int64_t gy_cs = g.Ho * g.Wo;
+  // per image: channel planes of the thread's buffers, cache_pitch apart
+  const int64_t gy_cs = per_image ? cache_pitch<T>(g.Ho * g.Wo) : g.Ho * g.Wo;
 
   std::vector<int64_t> roff_rows(g.S);  // gy channel offset of every packed row
   for (int64_t row = 0; row < g.S; ++row) roff_rows[row] = L.filters[row] * gy_cs;
@@ -50,7 +51,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     po = g.Wpm;
   } else {
     out_base = gx.data_ptr<T>();
-    out_cs = g.H * g.W;
+    out_cs = per_image ? cache_pitch<T>(g.H * g.W) : g.H * g.W;
     po = g.W;
   }
   phase_size = g.B * g.C * out_cs;

@@ -38,32 +38,45 @@ at::Tensor split_phases(const at::Tensor& x, const Geometry& g) {
 // ------------------------------------------------------------------------------------------
 // Layout changes. ATen's generic permute copy is slow for these shapes (NCHW -> channels_last
 // of a 16x64x32x32 fp32 tensor: 2.8 ms on one Zen 4 core, 28x a plain copy), so the ops
-// transpose with a blocked 16x16 kernel: dst[b][s][r] = src[b][r][s].
+// transpose with a blocked 16x16 kernel.
+
+// Rows r0 .. r0 + rn (rn <= 16) of an R x S matrix into columns of its transpose:
+// dst[s * ldd + r] = src[r * lds + s].
 template <typename T>
-void transpose_batched(const T* src, T* dst, int64_t B, int64_t R, int64_t S) {
+void transpose_rows(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t r0, int64_t rn, int64_t S) {
   constexpr int64_t kT = 16;
-  const int64_t rb = ceil_div(R, kT);
 #ifdef STRIPECONV_X86
   const bool simd = std::is_same<T, float>::value && cpu_has_avx512() && !force_generic();
 #endif
+  for (int64_t s0 = 0; s0 < S; s0 += kT) {
+    const int64_t sn = std::min(kT, S - s0);
+#ifdef STRIPECONV_X86
+    if constexpr (std::is_same<T, float>::value) {
+      if (simd && rn == kT && sn == kT) {
+        transpose16x16_avx512(src + r0 * lds + s0, lds, dst + s0 * ldd + r0, ldd);
+        continue;
+      }
+    }
+#endif
+    for (int64_t s = 0; s < sn; ++s)
+      for (int64_t r = 0; r < rn; ++r) dst[(s0 + s) * ldd + r0 + r] = src[(r0 + r) * lds + s0 + s];
+  }
+}
+
+// One R x S matrix, in this thread: dst[s * ldd + r] = src[r * lds + s].
+template <typename T>
+void transpose_matrix(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t R, int64_t S) {
+  for (int64_t r0 = 0; r0 < R; r0 += 16) transpose_rows(src, lds, dst, ldd, r0, std::min<int64_t>(16, R - r0), S);
+}
+
+// B dense R x S matrices, in parallel: dst[b][s][r] = src[b][r][s].
+template <typename T>
+void transpose_batched(const T* src, T* dst, int64_t B, int64_t R, int64_t S) {
+  const int64_t rb = ceil_div(R, 16);
   at::parallel_for(0, B * rb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / rb, r0 = (t % rb) * kT, rn = std::min(kT, R - r0);
-      const T* sb = src + b * R * S;
-      T* db = dst + b * R * S;
-      for (int64_t s0 = 0; s0 < S; s0 += kT) {
-        const int64_t sn = std::min(kT, S - s0);
-#ifdef STRIPECONV_X86
-        if constexpr (std::is_same<T, float>::value) {
-          if (simd && rn == kT && sn == kT) {
-            transpose16x16_avx512(sb + r0 * S + s0, S, db + s0 * R + r0, R);
-            continue;
-          }
-        }
-#endif
-        for (int64_t s = 0; s < sn; ++s)
-          for (int64_t r = 0; r < rn; ++r) db[(s0 + s) * R + r0 + r] = sb[(r0 + r) * S + s0 + s];
-      }
+      const int64_t b = t / rb, r0 = (t % rb) * 16;
+      transpose_rows(src + b * R * S, S, dst + b * R * S, R, r0, std::min<int64_t>(16, R - r0), S);
     }
   });
 }
