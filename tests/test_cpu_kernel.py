@@ -172,22 +172,23 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-def test_channels_last_matches_nchw_exactly(case, threads, isa):
+def test_channels_last_matches_nchw_exactly(case, dtype, threads, isa):
     """channels_last tensors take their own route through the engine: image by image on copies
     transposed in cache where the planes are stride-1 flat ones and every thread gets whole
     images (one thread; batch 2 on two threads; batch 3 on three), whole-tensor transposes
     otherwise (fewer images than threads, strided or row-path geometries). Each output element is summed in the same
     order either way, so the results equal the NCHW ones bit for bit (and the oracle)."""
     s, p, d, groups = list(case["s"]), list(case["p"]), list(case["d"]), case.get("groups", 1)
-    x, w, mask, bias = _make(case, torch.float32)
+    x, w, mask, bias = _make(case, dtype)
     xcl = x.contiguous(memory_format=torch.channels_last)
     y = ops.forward(x, w, bias, mask, s, p, d, groups)
     ycl = ops.forward(xcl, w, bias, mask, s, p, d, groups)
     assert ycl.is_contiguous(memory_format=torch.channels_last) or ycl.numel() == 0
     assert torch.equal(ycl, y)
-    torch.testing.assert_close(ycl, _dense(x, w, mask, bias, s, p, d, groups), **TOL[torch.float32])
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ycl, _dense(x, w, mask, bias, s, p, d, groups), **TOL[dtype])
+    gy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
     gycl = gy.contiguous(memory_format=torch.channels_last)
     gx = ops.grad_input(gy, w, mask, list(x.shape), s, p, d, groups)
     gxcl = ops.grad_input(gycl, w, mask, list(x.shape), s, p, d, groups)
@@ -195,7 +196,7 @@ def test_channels_last_matches_nchw_exactly(case, threads, isa):
     assert torch.equal(gxcl, gx)
     xr = x.clone().requires_grad_()
     _dense(xr, w, mask, None, s, p, d, groups).backward(gy)
-    torch.testing.assert_close(gxcl, xr.grad, **TOL[torch.float32])
+    torch.testing.assert_close(gxcl, xr.grad, **TOL[dtype])
 
 
 def test_bfloat16_accumulates_in_fp32():
