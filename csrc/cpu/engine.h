@@ -58,6 +58,9 @@ struct AccEngine {
   const T* in = nullptr;
   int64_t in_bs = 0, pi = 0;
   int64_t B = 0;
+  // Staged runs only (run_acc_engine_staged): images side by side in one flat plane of each
+  // channel; B counts these stacks, and hout, pos, the masks are those of one image.
+  int64_t stack = 1;
   const T* bias = nullptr;  // [out channels] or null (zero init)
   std::vector<EnginePos> pos;
   std::vector<std::pair<int64_t, int64_t>> split_range;  // output channels each split initialises
@@ -73,11 +76,12 @@ inline bool position_touches_output(const EnginePos& q, int64_t hout, int64_t wo
   return h0 < h1 && w0 < w1;
 }
 
-// Lane masks of the flat path: st[v] = lanes inside the output image, ld[p][v] = lanes whose
-// input at position p lies inside the input image.
+// Lane masks of the flat path over `images` planes side by side: st[v] = lanes inside an output
+// image, ld[p][v] = lanes whose input at position p lies inside the same input image (so a
+// shift never reads a neighbouring image).
 inline void build_flat_masks(int64_t hout, int64_t wout, int64_t po, const std::vector<EnginePos>& pos,
-                      std::vector<mask_t>& st, std::vector<mask_t>& ld) {
-  const int64_t npix = hout * po, nvec = ceil_div(npix, kLanes);
+                             int64_t images, std::vector<mask_t>& st, std::vector<mask_t>& ld) {
+  const int64_t plane = hout * po, npix = images * plane, nvec = ceil_div(npix, kLanes);
   st.assign(nvec, 0);
   ld.assign(pos.size() * nvec, 0);
   for (int64_t f = 0; f < npix; ++f)
@@ -85,15 +89,16 @@ inline void build_flat_masks(int64_t hout, int64_t wout, int64_t po, const std::
   for (size_t p = 0; p < pos.size(); ++p) {
     const EnginePos& q = pos[p];
     mask_t* m = ld.data() + p * nvec;
-    for (int64_t ho = 0; ho < hout; ++ho) {
-      const int64_t hi = ho + q.rq;
-      if (hi < 0 || hi >= q.hin) continue;
-      const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
-      for (int64_t wo = w0; wo < w1; ++wo) {
-        const int64_t f = ho * po + wo;
-        m[f / kLanes] |= mask_t(1u << (f % kLanes));
+    for (int64_t j = 0; j < images; ++j)
+      for (int64_t ho = 0; ho < hout; ++ho) {
+        const int64_t hi = ho + q.rq;
+        if (hi < 0 || hi >= q.hin) continue;
+        const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
+        for (int64_t wo = w0; wo < w1; ++wo) {
+          const int64_t f = j * plane + ho * po + wo;
+          m[f / kLanes] |= mask_t(1u << (f % kLanes));
+        }
       }
-    }
   }
 }
 
@@ -153,8 +158,8 @@ struct FlatSchedule {
 template <typename T>
 FlatSchedule flat_schedule(const AccEngine<T>& e) {
   FlatSchedule f;
-  build_flat_masks(e.hout, e.wout, e.po, e.pos, f.st, f.ld);
-  f.npix = e.hout * e.po;
+  build_flat_masks(e.hout, e.wout, e.po, e.pos, e.stack, f.st, f.ld);
+  f.npix = e.stack * e.hout * e.po;
   f.nvec = ceil_div(f.npix, kLanes);
   f.nchunk = ceil_div(f.nvec, kMaxV);
   const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
@@ -219,6 +224,7 @@ void run_flat_tasks(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSche
 template <typename T>
 void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
   const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  TORCH_INTERNAL_ASSERT(e.stack == 1, "stacked planes need run_acc_engine_staged");
   if (e.B == 0 || e.hout == 0 || e.wout == 0 || nsplit == 0) return;
   if (e.po == e.pi) {
     // Flat path.
@@ -254,10 +260,10 @@ void run_acc_engine(const AccEngine<T>& e, const Kernels<T>& ker) {
   }
 }
 
-// Channel pitch (in elements) of the per-image NCHW buffers of run_acc_engine_channels_last: at
-// least `plane`, a whole number of cache lines, and an odd number of them. The micro-kernels read
-// one line of every input channel in turn (and write one of every output channel); planes a
-// multiple of 4 KB apart (32x32 fp32) would all map to one L1 set and evict each other.
+// Channel pitch (in elements) of the NCHW buffers of run_acc_engine_staged: at least `plane`, a
+// whole number of cache lines, and an odd number of them. The micro-kernels read one line of
+// every input channel in turn (and write one of every output channel); planes a multiple of
+// 4 KB apart (32x32 fp32) would all map to one L1 set and evict each other.
 template <typename T>
 int64_t cache_pitch(int64_t plane) {
   constexpr int64_t per_line = 64 / static_cast<int64_t>(sizeof(T));
@@ -266,44 +272,115 @@ int64_t cache_pitch(int64_t plane) {
   return lines * per_line;
 }
 
-// The flat path on channels_last tensors, one image per task: a task transposes its image into an
-// NCHW buffer of its thread, runs the engine on it and transposes the result into place, so the
-// layout change stays in the thread's cache instead of two passes over both whole tensors in
-// memory. The engine's strides (e.in_bs, e.out_bs, e.out_cs, and the channel offsets of its items)
-// describe the buffers: channel planes cache_pitch apart. Needs the flat path (e.po == e.pi) and
-// whole images per thread (images_fill_threads); scratch: about what whole-tensor copies take.
-// `in_cl` / `out_cl`: [B, in_channels, ...] / [B, out_channels, ...], channels_last.
-template <typename T>
-void run_acc_engine_channels_last(const AccEngine<T>& e, const Kernels<T>& ker, const at::Tensor& in_cl,
-                                  int64_t in_channels, const at::Tensor& out_cl, int64_t out_channels) {
-  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
-  const int64_t in_plane = in_cl.size(2) * in_cl.size(3), out_plane = e.hout * e.po;
-  const int64_t in_pitch = e.in_bs / in_channels;
-  TORCH_INTERNAL_ASSERT(e.po == e.pi && e.out_cs >= out_plane && in_pitch >= in_plane && nsplit > 0);
-  TORCH_INTERNAL_ASSERT(out_cl.size(2) * out_cl.size(3) == out_plane && out_cl.size(1) == out_channels);
-  const FlatSchedule f = flat_schedule(e);
-  const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
-  at::Tensor buf = scratch({threads * per_thread}, in_cl.options());
-  const T* src = in_cl.data_ptr<T>();
-  T* dst = out_cl.data_ptr<T>();
-  const int64_t src_bs = in_cl.stride(0), dst_bs = out_cl.stride(0);
-  at::parallel_for(0, e.B, 1, [&](int64_t b0, int64_t b1) {
-    const int64_t tid = at::get_thread_num();
-    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
-    T* in_img = buf.data_ptr<T>() + tid * per_thread;
-    T* out_img = in_img + e.in_bs;
-    for (int64_t b = b0; b < b1; ++b) {
-      transpose_matrix<T>(src + b * src_bs, in_channels, in_img, in_pitch, in_plane, in_channels);
-      run_flat_tasks(e, ker, f, in_img, out_img, 0, f.nchunk * nsplit);
-      transpose_matrix<T>(out_img, e.out_cs, dst + b * dst_bs, out_channels, out_channels, out_plane);
-    }
-  });
-}
-
-// Whether whole images per thread balance the threads: at least one each and <= 20% idle.
+// Whether whole images (or stacks of them) per thread balance the threads: at least one each and
+// <= 20% idle.
 inline bool images_fill_threads(int64_t images) {
   const int64_t threads = static_cast<int64_t>(at::get_num_threads());
   return images >= threads && 5 * images >= 4 * threads * ceil_div(images, threads);
+}
+
+// Images per stack of a staged run: small planes side by side fill the micro-kernel's 128-pixel
+// chunks (a 2x2 plane alone uses 4 of 16 lanes, a 4x4 one a single vector per call), in a number
+// that divides the batch and leaves every thread whole stacks. 1: no stacking, also where one
+// plane already gives calls of >= 4 vectors with >= 80 % of their lanes used (stacking 8x8
+// planes only added the copies: 256->256 b64 ran ~15 % slower).
+inline int64_t choose_stack(int64_t images, int64_t plane) {
+  const int64_t vectors = ceil_div(plane, kLanes);
+  if (vectors >= 4 && 5 * plane >= 4 * vectors * kLanes) return 1;
+  const int64_t most = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, plane));
+  for (int64_t k = std::min(most, images); k > 1; --k)
+    if (images % k == 0 && images_fill_threads(images / k)) return k;
+  return 1;
+}
+
+// Images per stack when a call runs staged (run_acc_engine_staged), 0 when it runs on the whole
+// tensors. Only stride-1 flat planes qualify; channels_last tensors stage whenever whole images
+// fill the threads, NCHW ones when small planes stack (input and output planes of one size).
+inline int64_t staged_stack(bool channels_last, bool flat_stride1, bool same_planes, int64_t images, int64_t plane) {
+  if (!flat_stride1) return 0;
+  const int64_t k = same_planes ? choose_stack(images, plane) : 1;
+  if (k > 1) return k;
+  return channels_last && images_fill_threads(images) ? 1 : 0;
+}
+
+// The flat path run stack by stack (e.B stacks of e.stack images) on NCHW buffers: images are
+// copied into the buffers side by side (channels_last ones transposed), the engine runs on them
+// and the result is copied into place. When the weights fit one L2 group, a task stages one stack
+// in its thread's buffers, so for channels_last tensors the layout change stays in cache instead
+// of two passes over both whole tensors in memory. Larger weights would then stream from L3 once
+// per stack: every stack is staged first, and each thread streams each weight group once over all
+// of its stacks, as run_acc_engine does. Stacking small planes fills the vector lanes. The
+// engine's strides (e.in_bs, e.out_bs, e.out_cs and the channel offsets of its items) describe
+// the buffers: channel planes cache_pitch apart. Needs the flat path (e.po == e.pi), and input
+// and output planes of one size when stacking. `in` / `out`: [images, in_channels, ...] /
+// [images, out_channels, ...], both channels_last or both contiguous NCHW.
+template <typename T>
+void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const at::Tensor& in, int64_t in_channels,
+                           const at::Tensor& out, int64_t out_channels) {
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  const int64_t in_plane = in.size(2) * in.size(3), out_plane = e.hout * e.po, k = e.stack;
+  const int64_t in_pitch = e.in_bs / in_channels;
+  const bool cl = is_channels_last(in);
+  TORCH_INTERNAL_ASSERT(e.po == e.pi && nsplit > 0 && in.size(0) == e.B * k && out.size(0) == e.B * k);
+  TORCH_INTERNAL_ASSERT(e.out_cs >= k * out_plane && in_pitch >= k * in_plane && (k == 1 || in_plane == out_plane));
+  TORCH_INTERNAL_ASSERT(out.size(2) * out.size(3) == out_plane && out.size(1) == out_channels);
+  TORCH_INTERNAL_ASSERT(cl ? is_channels_last(out) : (in.is_contiguous() && out.is_contiguous()));
+  const T* src = in.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  const int64_t src_bs = in.stride(0), dst_bs = out.stride(0);
+  auto stage_in = [&](int64_t s, T* in_buf) {
+    for (int64_t j = 0; j < k; ++j) {
+      const T* img = src + (s * k + j) * src_bs;
+      if (cl) {
+        transpose_matrix<T>(img, in_channels, in_buf + j * in_plane, in_pitch, in_plane, in_channels);
+      } else {
+        for (int64_t c = 0; c < in_channels; ++c)
+          std::copy(img + c * in_plane, img + (c + 1) * in_plane, in_buf + c * in_pitch + j * in_plane);
+      }
+    }
+  };
+  auto stage_out = [&](int64_t s, const T* out_buf) {
+    for (int64_t j = 0; j < k; ++j) {
+      T* img = dst + (s * k + j) * dst_bs;
+      if (cl) {
+        transpose_matrix<T>(out_buf + j * out_plane, e.out_cs, img, out_channels, out_channels, out_plane);
+      } else {
+        for (int64_t c = 0; c < out_channels; ++c) {
+          const T* o = out_buf + c * e.out_cs + j * out_plane;
+          std::copy(o, o + out_plane, img + c * out_plane);
+        }
+      }
+    }
+  };
+  const FlatSchedule f = flat_schedule(e);
+  const int64_t tasks_per_stack = f.nchunk * nsplit;
+  if (f.ngroups > 1) {
+    at::Tensor buf = scratch({e.B * (e.in_bs + e.out_bs)}, in.options());
+    T* in_all = buf.data_ptr<T>();
+    T* out_all = in_all + e.B * e.in_bs;
+    at::parallel_for(0, e.B, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) stage_in(s, in_all + s * e.in_bs);
+    });
+    at::parallel_for(0, e.B * tasks_per_stack, 1,
+                     [&](int64_t t0, int64_t t1) { run_flat_tasks(e, ker, f, in_all, out_all, t0, t1); });
+    at::parallel_for(0, e.B, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t s = s0; s < s1; ++s) stage_out(s, out_all + s * e.out_bs);
+    });
+    return;
+  }
+  const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
+  at::Tensor buf = scratch({threads * per_thread}, in.options());
+  at::parallel_for(0, e.B, 1, [&](int64_t s0, int64_t s1) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
+    T* in_buf = buf.data_ptr<T>() + tid * per_thread;
+    T* out_buf = in_buf + e.in_bs;
+    for (int64_t s = s0; s < s1; ++s) {
+      stage_in(s, in_buf);
+      run_flat_tasks(e, ker, f, in_buf, out_buf, 0, tasks_per_stack);
+      stage_out(s, out_buf);
+    }
+  });
 }
 
 // Number of output-channel splits: enough tasks to keep every thread busy when the batch and

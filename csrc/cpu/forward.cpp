@@ -19,17 +19,20 @@ namespace detail {
 template <typename T>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& mask, const Geometry& g) {
-  // The output is in the input's memory format, as the op contract says. channels_last input
-  // with stride-1 flat planes runs the engine image by image on copies transposed in cache
-  // (run_acc_engine_channels_last); any other channels_last input is transposed as a whole.
+  // The output is in the input's memory format, as the op contract says. Stride-1 flat planes
+  // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache,
+  // small planes side by side; any other channels_last input is transposed as a whole.
   const bool channels_last = is_channels_last(input);
-  const bool per_image = channels_last && !g.strided() && g.Wo == g.W && images_fill_threads(g.B);
-  const auto y_format = per_image ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(y_format));
+  const int64_t stack = staged_stack(channels_last, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W);
+  const bool staged = stack > 0;
+  const bool y_cl = channels_last && staged;
+  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo},
+                           input.options().memory_format(y_cl ? at::MemoryFormat::ChannelsLast
+                                                              : at::MemoryFormat::Contiguous));
   if (y.numel() == 0) return y;
-  if (channels_last && !per_image)
+  if (channels_last && !staged)
     return to_channels_last<T>(forward_impl<T>(to_nchw<T>(input), weight, bias, mask, g));
-  at::Tensor x = per_image ? input : input.contiguous();
+  at::Tensor x = channels_last ? input : input.contiguous();
   at::Tensor w = weight.contiguous();
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->contiguous();
@@ -39,13 +42,14 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   at::Tensor phases;
   AccEngine<T> e;
   e.out = y.data_ptr<T>();
-  // per image: channel planes of the thread's buffers, cache_pitch apart
-  e.out_cs = per_image ? cache_pitch<T>(g.Ho * g.Wo) : g.Ho * g.Wo;
+  // staged: channel planes of the thread's buffers (a stack of images each), cache_pitch apart
+  e.out_cs = staged ? cache_pitch<T>(stack * g.Ho * g.Wo) : g.Ho * g.Wo;
   e.out_bs = g.N * e.out_cs;
   e.hout = g.Ho;
   e.wout = g.Wo;
   e.po = g.Wo;
-  e.B = g.B;
+  e.B = staged ? g.B / stack : g.B;
+  e.stack = staged ? stack : 1;
   e.bias = bias_c.defined() ? bias_c.data_ptr<T>() : nullptr;
   int64_t in_cs;
   if (g.strided()) {
@@ -55,7 +59,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     e.pi = g.Wpm;
   } else {
     e.in = x.data_ptr<T>();
-    in_cs = per_image ? cache_pitch<T>(g.H * g.W) : g.H * g.W;
+    in_cs = staged ? cache_pitch<T>(stack * g.H * g.W) : g.H * g.W;
     e.pi = g.W;
   }
   e.in_bs = g.C * in_cs;
@@ -79,7 +83,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       e.po == e.pi ? g.B * ceil_div(ceil_div(g.Ho * g.Wo, kLanes), kMaxV) : g.B * g.Ho;
   const double rows_per_item =
       e.pos.empty() ? 0.0 : static_cast<double>(g.S) / static_cast<double>(e.pos.size() * g.G);
-  const int64_t nsplit = per_image ? 1 : choose_splits(base_tasks, g.N, rows_per_item);
+  const int64_t nsplit = staged ? 1 : choose_splits(base_tasks, g.N, rows_per_item);
   const T* wp = w.data_ptr<T>();
   for (int64_t s = 0; s < nsplit; ++s) {
     const int64_t n0 = g.N * s / nsplit, n1 = g.N * (s + 1) / nsplit;
@@ -114,8 +118,8 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     }
     e.split_items.push_back(std::move(items));
   }
-  if (per_image)
-    run_acc_engine_channels_last(e, ker, x, g.C, y, g.N);
+  if (staged)
+    run_acc_engine_staged(e, ker, x, g.C, y, g.N);
   else
     run_acc_engine(e, ker);
   return y;

@@ -19,24 +19,27 @@ namespace detail {
 template <typename T>
 at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& mask,
                            const Geometry& g) {
-  // grad_input is in grad_output's memory format; channels_last runs image by image on copies
-  // transposed in cache where the planes allow it (see forward_impl).
+  // grad_input is in grad_output's memory format; stride-1 flat planes may run staged, like the
+  // forward (see forward_impl).
   const bool channels_last = is_channels_last(grad_output);
-  const bool per_image = channels_last && !g.strided() && g.W == g.Wo && images_fill_threads(g.B);
-  const auto gx_format = per_image ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(gx_format));
+  const int64_t stack = staged_stack(channels_last, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W);
+  const bool staged = stack > 0;
+  const bool gx_cl = channels_last && staged;
+  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W},
+                            grad_output.options().memory_format(gx_cl ? at::MemoryFormat::ChannelsLast
+                                                                      : at::MemoryFormat::Contiguous));
   if (gx.numel() == 0) return gx;
   if (g.Ho == 0 || g.Wo == 0 || g.S == 0) return gx.zero_();
-  if (channels_last && !per_image)
+  if (channels_last && !staged)
     return to_channels_last<T>(grad_input_impl<T>(to_nchw<T>(grad_output), weight, mask, g));
-  at::Tensor gy = per_image ? grad_output : grad_output.contiguous();
+  at::Tensor gy = channels_last ? grad_output : grad_output.contiguous();
   at::Tensor w = weight.contiguous();
   const StripeLists L = build_lists(mask, g);
   const Kernels<T>& ker = kernels<T>(force_generic());
   const T* wp = w.data_ptr<T>();
   const int64_t P = g.P();
-  // per image: channel planes of the thread's buffers, cache_pitch apart
-  const int64_t gy_cs = per_image ? cache_pitch<T>(g.Ho * g.Wo) : g.Ho * g.Wo;
+  // staged: channel planes of the thread's buffers (a stack of images each), cache_pitch apart
+  const int64_t gy_cs = staged ? cache_pitch<T>(stack * g.Ho * g.Wo) : g.Ho * g.Wo;
 
   std::vector<int64_t> roff_rows(g.S);  // gy channel offset of every packed row
   for (int64_t row = 0; row < g.S; ++row) roff_rows[row] = L.filters[row] * gy_cs;
@@ -51,14 +54,14 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     po = g.Wpm;
   } else {
     out_base = gx.data_ptr<T>();
-    out_cs = per_image ? cache_pitch<T>(g.H * g.W) : g.H * g.W;
+    out_cs = staged ? cache_pitch<T>(stack * g.H * g.W) : g.H * g.W;
     po = g.W;
   }
   phase_size = g.B * g.C * out_cs;
 
   auto run = [&](const AccEngine<T>& e) {
-    if (per_image)
-      run_acc_engine_channels_last(e, ker, gy, g.N, gx, g.C);
+    if (staged)
+      run_acc_engine_staged(e, ker, gy, g.N, gx, g.C);
     else
       run_acc_engine(e, ker);
   };
@@ -74,7 +77,8 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     e.in = gy.data_ptr<T>();
     e.in_bs = g.N * gy_cs;
     e.pi = g.Wo;
-    e.B = g.B;
+    e.B = staged ? g.B / stack : g.B;
+    e.stack = staged ? stack : 1;
     if (e.hout == 0 || e.wout == 0) continue;
     std::vector<int> pos_index(P, -1);
     for (int64_t p = 0; p < P; ++p) {
@@ -89,7 +93,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     }
     const int64_t base_tasks =
         e.po == e.pi ? g.B * ceil_div(ceil_div(e.hout * e.po, kLanes), kMaxV) : g.B * e.hout;
-    const int64_t nsplit = per_image ? 1 : choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
+    const int64_t nsplit = staged ? 1 : choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
     // Multi-position lists pay a mask and offset load per reduction step; they win when a
     // position keeps few filters per group (short reductions), per-position items otherwise.
     int64_t live_rows = 0;
@@ -100,7 +104,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
       // Flat path: one reduction over all (position, filter) pairs of a group per channel
       // block, so the output read-modify-write is amortised over all positions even when
       // each position keeps few filters.
-      const int64_t nvec = ceil_div(e.hout * e.po, kLanes);
+      const int64_t nvec = ceil_div(e.stack * e.hout * e.po, kLanes);  // as in flat_schedule
       std::vector<std::vector<int64_t>> roff(g.G), moff(g.G), woff(g.G);
       for (int64_t p = 0; p < P; ++p) {
         if (pos_index[p] < 0) continue;

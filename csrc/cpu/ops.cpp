@@ -16,8 +16,9 @@
 // (S_p: the filters that keep position p, restricted to one group.)
 //
 // Layout: NCHW. channels_last tensors are transposed in and out: image by image in the thread's
-// cache where whole images per thread allow it (run_acc_engine_channels_last), else as whole
-// tensors; grad weight reads x in channels_last. Forward and grad input run on
+// cache where whole images per thread allow it, else as whole tensors; small planes (2x2, 4x4)
+// run several images side by side to fill the vector lanes (run_acc_engine_staged). Grad weight
+// reads x in channels_last. Forward and grad input run on
 // one engine ("acc", see run_acc_engine): the output plane is cut into chunks of up to 128
 // pixels, and for each chunk, each position and each block of up to 6 output channels a
 // micro-kernel keeps an accumulator tile of up to 24 vector registers (6 x 64 or 3 x 128 pixels)
