@@ -1,0 +1,119 @@
+"""Whole-network CPU latency: a CIFAR network with random stripe masks against the dense network.
+
+Every 3x3 conv but the stem becomes a ``StripeConv2d`` keeping a random ``--density`` of its
+stripes (torch.manual_seed); the dense network has the same weights. Both run in eval mode under
+no_grad, on NCHW and on channels_last input (the module converted with ``.to(memory_format=...)``),
+the four cases in turn within every repeat so they see the same load. Prints, per layout, the
+median and min latency and the speedup of the stripe network over the faster dense layout.
+
+    python bench/bench_cpu_network.py --model vgg16_bn --density 0.5 --batch 64 --threads 2
+    python bench/bench_cpu_network.py --model resnet56 --json bench/results/cpu_network.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import stripeconv  # noqa: E402
+from bench_cpu import machine_info, summary  # noqa: E402
+from stripeconv import models  # noqa: E402
+from stripeconv.nn import convert  # noqa: E402
+
+MODELS = ("vgg16_bn", "vgg11_bn", "resnet20", "resnet56", "resnet8")
+
+
+def build(name: str, density: float, width: float = 1.0):
+    """(dense, stripe) copies of the CIFAR network ``name`` with random masks on its 3x3 convs."""
+    torch.manual_seed(0)
+    dense = getattr(models, name)(num_classes=10, width=width).eval()
+    masks = {n: torch.rand(m.out_channels, 3, 3) < density for n, m in dense.named_modules()
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3) and m.in_channels > 3}
+    return dense, convert(copy.deepcopy(dense), masks).eval(), masks
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="vgg16_bn")
+    parser.add_argument("--density", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the network")
+    parser.add_argument("--json", metavar="PATH", help="write raw results and machine info to PATH")
+    args = parser.parse_args(argv)
+    if not 0.0 < args.density <= 1.0:
+        parser.error(f"--density must be in (0, 1], got {args.density}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ok, reason = stripeconv.backends._module("cpu").is_available()
+    if not ok:
+        sys.exit(f"the cpu backend is not available: {reason}")
+    previous = stripeconv.get_backend()
+    stripeconv.set_backend("cpu")
+    try:
+        dense, stripe, masks = build(args.model, args.density, args.width)
+        x = torch.randn(args.batch, 3, 32, 32)
+        cl = torch.channels_last
+        cases = {
+            "dense_nchw": (dense, x),
+            "stripe_nchw": (stripe, x),
+            "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl), x.contiguous(memory_format=cl)),
+            "stripe_channels_last": (copy.deepcopy(stripe).to(memory_format=cl), x.contiguous(memory_format=cl)),
+        }
+        times = {k: [] for k in cases}
+        with torch.no_grad():
+            torch.testing.assert_close(stripe(x), dense_masked(dense, masks)(x), atol=1e-3, rtol=1e-3)
+            for net, inp in cases.values():
+                net(inp)
+            for _ in range(args.repeats):
+                for k, (net, inp) in cases.items():
+                    t = time.perf_counter()
+                    net(inp)
+                    times[k].append(time.perf_counter() - t)
+    finally:
+        stripeconv.set_backend(previous)
+    res = {k: summary(v) for k, v in times.items()}
+    best_dense = min(res["dense_nchw"]["median_ms"], res["dense_channels_last"]["median_ms"])
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    out = {"machine": machine_info(), "args": vars(args), "stripe_layers": len(masks),
+           "kept_stripes": kept, "stripes": total, "timings": res, "raw_s": times,
+           "speedup_nchw": best_dense / res["stripe_nchw"]["median_ms"],
+           "speedup_channels_last": best_dense / res["stripe_channels_last"]["median_ms"]}
+    m = out["machine"]
+    print(f"# {args.model}, {len(masks)} stripe layers, density {kept / total:.3f}, batch {args.batch}, "
+          f"{m['torch_threads']} threads, {m['cpu']}, torch {m['torch']}, {m['date']}")
+    for k, r in res.items():
+        print(f"{k:<22} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}")
+    print(f"speedup over the faster dense layout: NCHW {out['speedup_nchw']:.2f}x, "
+          f"channels_last {out['speedup_channels_last']:.2f}x (1/density {total / max(kept, 1):.2f}x)")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"# wrote {args.json}")
+    return out
+
+
+def dense_masked(dense: torch.nn.Module, masks: dict) -> torch.nn.Module:
+    """The dense network with the pruned stripes zeroed: the stripe network's oracle."""
+    net = copy.deepcopy(dense)
+    mods = dict(net.named_modules())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            mods[name].weight.mul_(mask[:, None].to(mods[name].weight.dtype))
+    return net
+
+
+if __name__ == "__main__":
+    main()
