@@ -293,14 +293,27 @@ inline int64_t choose_stack(int64_t images, int64_t plane) {
   return 1;
 }
 
-// Images per stack when a call runs staged (run_acc_engine_staged), 0 when it runs on the whole
-// tensors. Only stride-1 flat planes qualify; channels_last tensors stage whenever whole images
+// How a call runs: staged (run_acc_engine_staged, `stack` images per stack) or on the whole
+// tensors (stack 0). Only stride-1 flat planes stage; channels_last tensors whenever whole images
 // fill the threads, NCHW ones when small planes stack (input and output planes of one size).
-inline int64_t staged_stack(bool channels_last, bool flat_stride1, bool same_planes, int64_t images, int64_t plane) {
-  if (!flat_stride1) return 0;
-  const int64_t k = same_planes ? choose_stack(images, plane) : 1;
-  if (k > 1) return k;
-  return channels_last && images_fill_threads(images) ? 1 : 0;
+struct Staging {
+  bool channels_last = false;
+  int64_t stack = 0;
+  bool staged() const { return stack > 0; }
+  // The result's memory format: the input's, which a staged run writes directly.
+  at::MemoryFormat output_format() const {
+    return channels_last && staged() ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  }
+};
+
+inline Staging plan_staging(const at::Tensor& in, bool flat_stride1, bool same_planes, int64_t images,
+                            int64_t plane) {
+  Staging s;
+  s.channels_last = is_channels_last(in);
+  if (!flat_stride1) return s;
+  s.stack = same_planes ? choose_stack(images, plane) : 1;
+  if (s.stack == 1 && !(s.channels_last && images_fill_threads(images))) s.stack = 0;
+  return s;
 }
 
 // The flat path run stack by stack (e.B stacks of e.stack images) on NCHW buffers: images are

@@ -22,17 +22,14 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   // The output is in the input's memory format, as the op contract says. Stride-1 flat planes
   // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache,
   // small planes side by side; any other channels_last input is transposed as a whole.
-  const bool channels_last = is_channels_last(input);
-  const int64_t stack = staged_stack(channels_last, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W);
-  const bool staged = stack > 0;
-  const bool y_cl = channels_last && staged;
-  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo},
-                           input.options().memory_format(y_cl ? at::MemoryFormat::ChannelsLast
-                                                              : at::MemoryFormat::Contiguous));
+  const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W);
+  const bool staged = st.staged();
+  const int64_t stack = st.stack;
+  at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(st.output_format()));
   if (y.numel() == 0) return y;
-  if (channels_last && !staged)
+  if (st.channels_last && !staged)
     return to_channels_last<T>(forward_impl<T>(to_nchw<T>(input), weight, bias, mask, g));
-  at::Tensor x = channels_last ? input : input.contiguous();
+  at::Tensor x = st.channels_last ? input : input.contiguous();
   at::Tensor w = weight.contiguous();
   at::Tensor bias_c;
   if (bias.has_value() && bias->defined()) bias_c = bias->contiguous();

@@ -21,18 +21,15 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
                            const Geometry& g) {
   // grad_input is in grad_output's memory format; stride-1 flat planes may run staged, like the
   // forward (see forward_impl).
-  const bool channels_last = is_channels_last(grad_output);
-  const int64_t stack = staged_stack(channels_last, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W);
-  const bool staged = stack > 0;
-  const bool gx_cl = channels_last && staged;
-  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W},
-                            grad_output.options().memory_format(gx_cl ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous));
+  const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W);
+  const bool staged = st.staged();
+  const int64_t stack = st.stack;
+  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(st.output_format()));
   if (gx.numel() == 0) return gx;
   if (g.Ho == 0 || g.Wo == 0 || g.S == 0) return gx.zero_();
-  if (channels_last && !staged)
+  if (st.channels_last && !staged)
     return to_channels_last<T>(grad_input_impl<T>(to_nchw<T>(grad_output), weight, mask, g));
-  at::Tensor gy = channels_last ? grad_output : grad_output.contiguous();
+  at::Tensor gy = st.channels_last ? grad_output : grad_output.contiguous();
   at::Tensor w = weight.contiguous();
   const StripeLists L = build_lists(mask, g);
   const Kernels<T>& ker = kernels<T>(force_generic());
