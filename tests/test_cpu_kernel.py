@@ -12,6 +12,7 @@ Both micro-kernel families run: the AVX-512 one (when the CPU has it) and the po
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -258,6 +259,36 @@ def test_staged_weights_over_l2(hw, batch, threads, isa):
         torch.testing.assert_close(gx, xr.grad, atol=1e-3, rtol=1e-4)
         outs.append((y, gx))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+def test_random_small_geometries_both_layouts():
+    """Random 'same' convs with small planes, batches, channel counts (1 included), groups and
+    thread counts, fp64, NCHW and channels_last, against the oracle: the staged routes (stacks,
+    channels_last images, tensors whose two layouts coincide) and the whole-tensor ones."""
+    rng = random.Random(0)
+    before = torch.get_num_threads()
+    try:
+        for _ in range(120):
+            torch.set_num_threads(rng.choice([1, 2, 3]))
+            b = rng.choice([1, 2, 3, 4, 6, 8, 12, 16, 30, 64, 5])
+            groups = rng.choice([1, 1, 2])
+            c, n = groups * rng.randint(1, 6), groups * rng.randint(1, 7)
+            k = rng.choice([(3, 3), (1, 1), (3, 1), (5, 3)])
+            case = dict(b=b, c=c, n=n, h=rng.choice([1, 2, 3, 4, 5, 7]), w=rng.choice([1, 2, 3, 4, 6, 8]), k=k,
+                        groups=groups, density=rng.random(), bias=rng.random() < 0.5)
+            s, p, d = [1, 1], [k[0] // 2, k[0] // 2, k[1] // 2, k[1] // 2], [1, 1]
+            x, w, mask, bias = _make(case, torch.float64, seed=rng.randrange(1 << 30))
+            ref = _dense(x, w, mask, bias, s, p, d, groups)
+            gy = torch.randn(ref.shape, dtype=torch.float64)
+            xr = x.clone().requires_grad_()
+            _dense(xr, w, mask, None, s, p, d, groups).backward(gy)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                y = ops.forward(x.contiguous(memory_format=fmt), w, bias, mask, s, p, d, groups)
+                gx = ops.grad_input(gy.contiguous(memory_format=fmt), w, mask, list(x.shape), s, p, d, groups)
+                torch.testing.assert_close(y, ref, **TOL[torch.float64], msg=lambda m: f"{case} {fmt}: {m}")
+                torch.testing.assert_close(gx, xr.grad, **TOL[torch.float64], msg=lambda m: f"{case} {fmt}: {m}")
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_bfloat16_accumulates_in_fp32():

@@ -337,7 +337,9 @@ void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const a
   TORCH_INTERNAL_ASSERT(e.po == e.pi && nsplit > 0 && in.size(0) == e.B * k && out.size(0) == e.B * k);
   TORCH_INTERNAL_ASSERT(e.out_cs >= k * out_plane && in_pitch >= k * in_plane && (k == 1 || in_plane == out_plane));
   TORCH_INTERNAL_ASSERT(out.size(2) * out.size(3) == out_plane && out.size(1) == out_channels);
-  TORCH_INTERNAL_ASSERT(cl ? is_channels_last(out) : (in.is_contiguous() && out.is_contiguous()));
+  // (is_channels_last is false for tensors whose two layouts coincide, e.g. one output channel)
+  const auto format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_INTERNAL_ASSERT(in.is_contiguous(format) && out.is_contiguous(format));
   const T* src = in.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t src_bs = in.stride(0), dst_bs = out.stride(0);
