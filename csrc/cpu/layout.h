@@ -40,13 +40,21 @@ at::Tensor split_phases(const at::Tensor& x, const Geometry& g) {
 // of a 16x64x32x32 fp32 tensor: 2.8 ms on one Zen 4 core, 28x a plain copy), so the ops
 // transpose with a blocked 16x16 kernel.
 
+// Whether the transposes may use the AVX-512 16x16 kernel (read once per matrix or batch: the
+// ISA override is an environment lookup).
+template <typename T>
+bool simd_transpose() {
+  return std::is_same<T, float>::value && cpu_has_avx512() && !force_generic();
+}
+
 // Rows r0 .. r0 + rn (rn <= 16) of an R x S matrix into columns of its transpose:
 // dst[s * ldd + r] = src[r * lds + s].
 template <typename T>
-void transpose_rows(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t r0, int64_t rn, int64_t S) {
+void transpose_rows(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t r0, int64_t rn, int64_t S,
+                    bool simd) {
   constexpr int64_t kT = 16;
-#ifdef STRIPECONV_X86
-  const bool simd = std::is_same<T, float>::value && cpu_has_avx512() && !force_generic();
+#ifndef STRIPECONV_X86
+  (void)simd;
 #endif
   for (int64_t s0 = 0; s0 < S; s0 += kT) {
     const int64_t sn = std::min(kT, S - s0);
@@ -66,17 +74,20 @@ void transpose_rows(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t r0, 
 // One R x S matrix, in this thread: dst[s * ldd + r] = src[r * lds + s].
 template <typename T>
 void transpose_matrix(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t R, int64_t S) {
-  for (int64_t r0 = 0; r0 < R; r0 += 16) transpose_rows(src, lds, dst, ldd, r0, std::min<int64_t>(16, R - r0), S);
+  const bool simd = simd_transpose<T>();
+  for (int64_t r0 = 0; r0 < R; r0 += 16)
+    transpose_rows(src, lds, dst, ldd, r0, std::min<int64_t>(16, R - r0), S, simd);
 }
 
 // B dense R x S matrices, in parallel: dst[b][s][r] = src[b][r][s].
 template <typename T>
 void transpose_batched(const T* src, T* dst, int64_t B, int64_t R, int64_t S) {
   const int64_t rb = ceil_div(R, 16);
+  const bool simd = simd_transpose<T>();
   at::parallel_for(0, B * rb, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / rb, r0 = (t % rb) * 16;
-      transpose_rows(src + b * R * S, S, dst + b * R * S, R, r0, std::min<int64_t>(16, R - r0), S);
+      transpose_rows(src + b * R * S, S, dst + b * R * S, R, r0, std::min<int64_t>(16, R - r0), S, simd);
     }
   });
 }
