@@ -11,6 +11,7 @@ Both micro-kernel families run: the AVX-512 one (when the CPU has it) and the po
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 
@@ -165,12 +166,20 @@ def test_ops_match_dense(case, dtype, isa):
     _check_case(case, dtype)
 
 
+@contextlib.contextmanager
+def num_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(params=[1, 2, 3], ids=["1thread", "2threads", "3threads"])
 def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
+    with num_threads(request.param) as n:
+        yield n
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
@@ -266,10 +275,8 @@ def test_random_small_geometries_both_layouts():
     thread counts, fp64, NCHW and channels_last, against the oracle: the staged routes (stacks,
     channels_last images, tensors whose two layouts coincide) and the whole-tensor ones."""
     rng = random.Random(0)
-    before = torch.get_num_threads()
-    try:
-        for _ in range(120):
-            torch.set_num_threads(rng.choice([1, 2, 3]))
+    for _ in range(120):
+        with num_threads(rng.choice([1, 2, 3])):
             b = rng.choice([1, 2, 3, 4, 6, 8, 12, 16, 30, 64, 5])
             groups = rng.choice([1, 1, 2])
             c, n = groups * rng.randint(1, 6), groups * rng.randint(1, 7)
@@ -287,8 +294,6 @@ def test_random_small_geometries_both_layouts():
                 gx = ops.grad_input(gy.contiguous(memory_format=fmt), w, mask, list(x.shape), s, p, d, groups)
                 torch.testing.assert_close(y, ref, **TOL[torch.float64], msg=lambda m: f"{case} {fmt}: {m}")
                 torch.testing.assert_close(gx, xr.grad, **TOL[torch.float64], msg=lambda m: f"{case} {fmt}: {m}")
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_bfloat16_accumulates_in_fp32():
@@ -354,12 +359,8 @@ def test_deterministic_across_runs_and_threads():
         )
 
     first = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with num_threads(1):
         single = run()
-    finally:
-        torch.set_num_threads(threads)
     for a, b, c in zip(first, run(), single):
         assert torch.equal(a, b) and torch.equal(a, c)
 
