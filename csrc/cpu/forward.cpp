@@ -22,7 +22,8 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   // The output is in the input's memory format, as the op contract says. Stride-1 flat planes
   // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache,
   // small planes side by side; any other channels_last input is transposed as a whole.
-  const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W);
+  const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W, g.C + g.N,
+                                  weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
   at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(st.output_format()));
@@ -60,6 +61,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     e.pi = g.W;
   }
   e.in_bs = g.C * in_cs;
+  e.in_plane = g.strided() ? in_cs : e.stack * g.H * g.W;  // staged: the stack's images, not the padding
   const int64_t phase_size = g.B * g.C * in_cs;
 
   std::vector<int64_t> roff(g.C);

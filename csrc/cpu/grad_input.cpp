@@ -21,7 +21,8 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
                            const Geometry& g) {
   // grad_input is in grad_output's memory format; stride-1 flat planes may run staged, like the
   // forward (see forward_impl).
-  const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W);
+  const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W, g.C + g.N,
+                                  weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
   at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(st.output_format()));
@@ -76,6 +77,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     e.pi = g.Wo;
     e.B = staged ? g.B / stack : g.B;
     e.stack = staged ? stack : 1;
+    e.in_plane = e.stack * g.Ho * g.Wo;  // staged: the stack's images, not the padding
     if (e.hout == 0 || e.wout == 0) continue;
     std::vector<int> pos_index(P, -1);
     for (int64_t p = 0; p < P; ++p) {

@@ -17,8 +17,9 @@
 //
 // Layout: NCHW. channels_last tensors are transposed in and out: image by image in the thread's
 // cache where whole images per thread allow it, else as whole tensors; small planes (2x2, 4x4)
-// run several images side by side to fill the vector lanes (run_acc_engine_staged). Grad weight
-// reads x in channels_last. Forward and grad input run on
+// run several images side by side to fill the vector lanes (run_acc_engine_staged); NCHW planes
+// whose size aliases in L1 (32x32 fp32) are copied image by image into the same padded buffers.
+// Grad weight reads x in channels_last. Forward and grad input run on
 // one engine ("acc", see run_acc_engine): the output plane is cut into chunks of up to 128
 // pixels, and for each chunk, each position and each block of up to 6 output channels a
 // micro-kernel keeps an accumulator tile of up to 24 vector registers (6 x 64 or 3 x 128 pixels)
@@ -33,7 +34,9 @@
 //    plane is treated as one flat array; the input of output pixel f at position p is
 //    f + rq * pitch + cq (a constant shift), so a chunk reads contiguous inputs;
 //    lanes whose column wraps or whose row falls outside the image are masked on the load
-//    (masked loads never touch memory for masked lanes). Also fast for small widths (8x8).
+//    (masked loads never touch memory for masked lanes), or, where every lane of the chunk
+//    reads inside the channel plane, loaded and dropped at the store (masked loads cost an FMA
+//    port slot). Also fast for small widths (8x8).
 //  * row path (any other geometry): each output row is processed as the exact valid segment
 //    of every position.
 // Stride > 1: the input is split once per call into stride_h * stride_w phase planes (a plain,
