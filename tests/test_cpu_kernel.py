@@ -192,7 +192,8 @@ def test_channels_last_matches_nchw_exactly(case, dtype, threads, isa):
     transposed in cache where the planes are stride-1 flat ones and every thread gets whole
     images (one thread; batch 2 on two threads; batch 3 on three), whole-tensor transposes
     otherwise (fewer images than threads, strided or row-path geometries). Each output element is summed in the same
-    order either way, so the results equal the NCHW ones bit for bit (and the oracle)."""
+    order either way, so the results equal the NCHW ones bit for bit (and the oracle). Grad weight
+    reads a channels_last grad_output in place: the same sums, also bit for bit."""
     s, p, d, groups = list(case["s"]), list(case["p"]), list(case["d"]), case.get("groups", 1)
     x, w, mask, bias = _make(case, dtype)
     xcl = x.contiguous(memory_format=torch.channels_last)
@@ -208,8 +209,14 @@ def test_channels_last_matches_nchw_exactly(case, dtype, threads, isa):
     assert gxcl.is_contiguous(memory_format=torch.channels_last) or gxcl.numel() == 0
     assert torch.equal(gxcl, gx)
     xr = x.clone().requires_grad_()
-    _dense(xr, w, mask, None, s, p, d, groups).backward(gy)
+    wr = w.clone().requires_grad_()
+    _dense(xr, wr, mask, None, s, p, d, groups).backward(gy)
     torch.testing.assert_close(gxcl, xr.grad, **TOL[dtype])
+    # grad weight reads a channels_last gy in place (pixel stride), x in either layout
+    gw = ops.grad_weight(gy, x, w, mask, s, p, d, groups)
+    for gy_, x_ in ((gycl, xcl), (gycl, x), (gy, xcl)):
+        assert torch.equal(ops.grad_weight(gy_, x_, w, mask, s, p, d, groups), gw)
+    torch.testing.assert_close(gw, wr.grad, **TOL[dtype])
 
 
 SMALL_PLANES = [
@@ -271,6 +278,24 @@ def test_staged_weights_over_l2(hw, batch, threads, isa):
         torch.testing.assert_close(gx, xr.grad, atol=1e-3, rtol=1e-4)
         outs.append((y, gx))
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("n", [40, 300], ids=["gy_in_place", "gy_transposed"])
+def test_grad_weight_channels_last_grad_output(n, threads, isa):
+    """A channels_last grad_output is read in place by grad weight while a pixel tile of it stays
+    small (few output channels), and transposed to NCHW otherwise; both equal the NCHW result
+    bit for bit and match the oracle."""
+    case = dict(b=3, c=20, n=n, h=5, w=6, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1))
+    args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    x, w, mask, _ = _make(case, torch.float32)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    out = _dense(xr, wr, mask, None, *args)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(gy)
+    gw = ops.grad_weight(gy, x, w, mask, *args)
+    gw_cl = ops.grad_weight(gy.contiguous(memory_format=torch.channels_last), x, w, mask, *args)
+    assert torch.equal(gw_cl, gw)
+    torch.testing.assert_close(gw_cl, wr.grad, **TOL[torch.float32])
 
 
 def test_random_small_geometries_both_layouts():

@@ -28,7 +28,18 @@ at::Tensor grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& inp
                             const at::Tensor& mask, const Geometry& g) {
   at::Tensor gw = at::zeros({g.S, g.Cg}, weight.options().memory_format(at::MemoryFormat::Contiguous));
   if (gw.numel() == 0 || g.B == 0 || g.Ho == 0 || g.Wo == 0) return gw;
-  at::Tensor gy = is_channels_last(grad_output) ? to_nchw<T>(grad_output) : grad_output.contiguous();
+  // Pixel tiles: whole images when they are small, else bands of rows of one image.
+  // A task reads a slice of at most 64 channels of the tile.
+  const int64_t slice = std::min<int64_t>(std::max<int64_t>(g.Cg, 16), kGwV * kLanes) * int64_t(sizeof(T));
+  const int64_t tile_px = std::max<int64_t>(g.Wo, (192 * 1024) / slice);
+  // A channels_last gy is read in place (pixel stride N) when a pixel tile of it stays small:
+  // each task then walks whole pixel lines of gy, not its rows' contiguous runs. Against the
+  // transpose to NCHW (b64, 2 threads, noisy host): 16 channels 1.14-1.33x, 64 channels
+  // 0.86-1.23x (1.14x, 1.23x in two of three runs), 128 (d0.3) 1.13x; 256 channels (786 KB per
+  // tile) 0.83-0.90x, so those are still transposed.
+  constexpr int64_t kGyTileBytes = 512 * 1024;
+  const bool gy_cl = is_channels_last(grad_output) && tile_px * g.N * int64_t(sizeof(T)) <= kGyTileBytes;
+  at::Tensor gy = gy_cl ? grad_output : grad_output.contiguous();
   const StripeLists L = build_lists(mask, g);
   const Kernels<T>& ker = kernels<T>(force_generic());
 
@@ -37,13 +48,9 @@ at::Tensor grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& inp
   const int64_t pitch = g.strided() ? g.Wpm : g.W;               // pixels per input row
   const int64_t plane = g.strided() ? g.Hpm * g.Wpm : g.H * g.W;  // pixels per input image
   const int64_t x_bs = plane * g.C, phase_size = g.B * x_bs;
-  const int64_t gy_cs = g.Ho * g.Wo, gy_bs = g.N * gy_cs;
+  const int64_t gy_cs = gy_cl ? 1 : g.Ho * g.Wo, gy_ps = gy_cl ? g.N : 1, gy_bs = g.N * g.Ho * g.Wo;
   const T* gyp = gy.data_ptr<T>();
 
-  // Pixel tiles: whole images when they are small, else bands of rows of one image.
-  // A task reads a slice of at most 64 channels of the tile.
-  const int64_t slice = std::min<int64_t>(std::max<int64_t>(g.Cg, 16), kGwV * kLanes) * int64_t(sizeof(T));
-  const int64_t tile_px = std::max<int64_t>(g.Wo, (192 * 1024) / slice);
   int64_t imgs_per_tile = 1, rows_per_tile = g.Ho;
   if (g.Ho * g.Wo <= tile_px) {
     imgs_per_tile = std::max<int64_t>(1, tile_px / (g.Ho * g.Wo));
@@ -133,8 +140,8 @@ at::Tensor grad_weight_impl(const at::Tensor& grad_output, const at::Tensor& inp
               cm[v] = rem >= kLanes ? mask_t(0xFFFF) : (rem <= 0 ? mask_t(0) : mask_t((1u << rem) - 1));
             }
             const T* xb = in + pos[tk.pos].x_base + b0 * x_bs + tk.grp * g.Cg + tk.c0;
-            ker.gw[tk.r][tk.v](gyr, gy_bs, xb, x_bs, g.C, segs.data(), static_cast<int64_t>(segs.size()), nb, cm,
-                               part.data() + (t - tb) * kPart);
+            ker.gw[tk.r][tk.v](gyr, gy_bs, gy_ps, xb, x_bs, g.C, segs.data(), static_cast<int64_t>(segs.size()), nb,
+                               cm, part.data() + (t - tb) * kPart);
           }
         }
       }

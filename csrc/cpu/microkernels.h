@@ -13,9 +13,11 @@
 //   channels, k = the filters that keep the position.
 //
 // gw<R, V>: grad weight as an outer-product GEMM over pixels, input in NHWC (channels last):
-//     part[r][l] += sum_{images b, segments s, pixels f} gy[r][b*gy_bs + s.gy + f] * x[b*x_bs + (s.x + f)*ldx + l]
+//     part[r][l] += sum_{images b, segments s, pixels f}
+//                     gy[r][b*gy_bs + (s.gy + f)*gy_ps] * x[b*x_bs + (s.x + f)*ldx + l]
 //   for R filters and V*16 channels (channel lanes gated by cm[v]); the accumulators stay in
-//   registers over the pixel loop and `part` is read and written once per call.
+//   registers over the pixel loop and `part` is read and written once per call. gy_ps: the
+//   pixel stride of gy (1 for NCHW, the channel count for channels_last).
 #pragma once
 
 #include <cstdint>
@@ -54,8 +56,8 @@ using AccListFn = void (*)(const T* in, const int64_t* roff, const mask_t* ld, c
                            const int64_t* woff, int64_t wsr, int64_t K, T* const* out, const mask_t* st);
 
 template <typename T>
-using GwFn = void (*)(const T* const* gy, int64_t gy_bs, const T* x, int64_t x_bs, int64_t ldx, const Seg* seg,
-                     int64_t nseg, int64_t nb, const mask_t* cm, T* part);
+using GwFn = void (*)(const T* const* gy, int64_t gy_bs, int64_t gy_ps, const T* x, int64_t x_bs, int64_t ldx,
+                     const Seg* seg, int64_t nseg, int64_t nb, const mask_t* cm, T* part);
 
 // ------------------------------------------------------------------------------------------
 // Portable versions.
@@ -119,8 +121,8 @@ void acc_list_generic(const T* in, const int64_t* roff, const mask_t* ld, const 
 }
 
 template <typename T, int R, int V>
-void gw_generic(const T* const* gy, int64_t gy_bs, const T* x, int64_t x_bs, int64_t ldx, const Seg* seg,
-                int64_t nseg, int64_t nb, const mask_t* cm, T* part) {
+void gw_generic(const T* const* gy, int64_t gy_bs, int64_t gy_ps, const T* x, int64_t x_bs, int64_t ldx,
+                const Seg* seg, int64_t nseg, int64_t nb, const mask_t* cm, T* part) {
   constexpr int L = V * kLanes;
   T acc[R][L];
   bool lane[L];
@@ -134,7 +136,7 @@ void gw_generic(const T* const* gy, int64_t gy_bs, const T* x, int64_t x_bs, int
         const T* xp = x + b * x_bs + (seg[s].x + f) * ldx;
         for (int l = 0; l < L; ++l) xv[l] = lane[l] ? xp[l] : T(0);
         for (int r = 0; r < R; ++r) {
-          const T gv = gy[r][b * gy_bs + seg[s].gy + f];
+          const T gv = gy[r][b * gy_bs + (seg[s].gy + f) * gy_ps];
           for (int l = 0; l < L; ++l) acc[r][l] += gv * xv[l];
         }
       }
@@ -242,8 +244,9 @@ STRIPECONV_AVX512 void acc_list_avx512(const float* in, const int64_t* roff, con
 }
 
 template <int R, int V>
-STRIPECONV_AVX512 void gw_avx512(const float* const* gy, int64_t gy_bs, const float* x, int64_t x_bs, int64_t ldx,
-                                 const Seg* seg, int64_t nseg, int64_t nb, const mask_t* cm, float* part) {
+STRIPECONV_AVX512 void gw_avx512(const float* const* gy, int64_t gy_bs, int64_t gy_ps, const float* x, int64_t x_bs,
+                                 int64_t ldx, const Seg* seg, int64_t nseg, int64_t nb, const mask_t* cm,
+                                 float* part) {
   __m512 acc[R][V];
   __mmask16 m[V];
 #pragma GCC unroll 8
@@ -256,16 +259,16 @@ STRIPECONV_AVX512 void gw_avx512(const float* const* gy, int64_t gy_bs, const fl
     for (int64_t s = 0; s < nseg; ++s) {
       const float* g[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) g[r] = gy[r] + b * gy_bs + seg[s].gy;
+      for (int r = 0; r < R; ++r) g[r] = gy[r] + b * gy_bs + seg[s].gy * gy_ps;
       const float* xp = x + b * x_bs + seg[s].x * ldx;
       const int64_t len = seg[s].len;
-      for (int64_t f = 0; f < len; ++f, xp += ldx) {
+      for (int64_t f = 0, gf = 0; f < len; ++f, gf += gy_ps, xp += ldx) {
         __m512 xv[V];
 #pragma GCC unroll 8
         for (int v = 0; v < V; ++v) xv[v] = _mm512_maskz_loadu_ps(m[v], xp + v * kLanes);
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
-          const __m512 gb = _mm512_set1_ps(g[r][f]);
+          const __m512 gb = _mm512_set1_ps(g[r][gf]);
 #pragma GCC unroll 8
           for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(gb, xv[v], acc[r][v]);
         }

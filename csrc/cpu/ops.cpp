@@ -19,8 +19,8 @@
 // cache where whole images per thread allow it, else as whole tensors; small planes (2x2, 4x4)
 // run several images side by side to fill the vector lanes (run_acc_engine_staged); NCHW planes
 // whose size aliases in L1 (32x32 fp32) are copied image by image into the same padded buffers.
-// Grad weight reads x in channels_last. Forward and grad input run on
-// one engine ("acc", see run_acc_engine): the output plane is cut into chunks of up to 128
+// Grad weight reads x in channels_last and grad_output in place in either layout. Forward and
+// grad input run on one engine ("acc", see run_acc_engine): the output plane is cut into chunks of up to 128
 // pixels, and for each chunk, each position and each block of up to 6 output channels a
 // micro-kernel keeps an accumulator tile of up to 24 vector registers (6 x 64 or 3 x 128 pixels)
 // through the whole reduction (vectorised over pixels, weights broadcast, read in place from the
