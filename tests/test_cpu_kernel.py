@@ -116,9 +116,10 @@ CASES = [
          path="flat"),
     dict(id="full_density", b=2, c=5, n=7, h=9, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), density=1.0,
          path="flat"),
-    # 4 KB planes (fp32; 8 KB fp64): NCHW images are staged in padded buffers, see nchw_planes_alias
-    dict(id="s1_32x32_aliasing_planes", b=2, c=6, n=10, h=32, w=32, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1),
-         path="flat"),
+    # 4 KB planes (fp32; 8 KB fp64) and enough work per channel: NCHW images are staged in padded
+    # buffers, see nchw_planes_alias
+    dict(id="s1_32x32_aliasing_planes", b=2, c=16, n=24, h=32, w=32, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1),
+         d=(1, 1), density=0.7, path="flat"),
     dict(id="empty_batch", b=0, c=5, n=7, h=9, w=7, k=(3, 3), s=(1, 1), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
 ]
 

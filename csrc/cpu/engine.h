@@ -338,12 +338,15 @@ struct Staging {
 // A chunk reads the same few lines of every channel plane; planes a multiple of 1 KB apart put
 // them into a quarter of the L1 sets or fewer, and from 4 KB up (32x32, 48x48, 64x64 fp32) they
 // evict each other (channel pitch 4 KB: an L1-resident 6x4 tile at 71 % of peak, odd lines 97 %).
-// Copying then pays (64->64 32x32 b16, 48x48 b8, 64x64 b4, d0.5: 3-14 % faster) as long as the
-// image's buffers stay in L2 and the weights fit one group; 16x16 planes and 112x112 ones (6 MB
-// of buffers) ran as fast or faster in place. Measured on the 2 MB-L2 Xeon.
-inline bool nchw_planes_alias(int64_t plane_bytes, int64_t image_bytes, int64_t weight_bytes) {
+// Copying then pays (64->64 32x32 b16, 48x48 b8, 64x64 b4, d0.5: 3-14 % faster; 16->16 32x32
+// b64: d1 11 %, d0.5 3 %) as long as the image's buffers stay in L2, the weights fit one group
+// and there are >= 32 kept multiply-adds per pixel for each channel copied (16->16 at d0.3, 22 of
+// them, ran 10 % slower copied). 16x16 planes and 112x112 ones (6 MB of buffers) ran as fast or
+// faster in place. Measured on the 2 MB-L2 Xeon. `macs`: kept multiply-adds per output pixel.
+inline bool nchw_planes_alias(int64_t plane_bytes, int64_t channels, int64_t macs, int64_t weight_bytes) {
   constexpr int64_t kImageBytes = 2 * 1024 * 1024;
-  return plane_bytes >= 4096 && plane_bytes % 1024 == 0 && image_bytes <= kImageBytes && weight_bytes <= kGroupBytes;
+  return plane_bytes >= 4096 && plane_bytes % 1024 == 0 && plane_bytes * channels <= kImageBytes &&
+         weight_bytes <= kGroupBytes && macs >= 32 * channels;
 }
 
 // `channels`: input plus output channels of one image; `weight_bytes`: the packed weight.
@@ -354,7 +357,8 @@ inline Staging plan_staging(const at::Tensor& in, bool flat_stride1, bool same_p
   if (!flat_stride1) return s;
   s.stack = same_planes ? choose_stack(images, plane) : 1;
   const int64_t bytes = plane * static_cast<int64_t>(in.element_size());
-  const bool restage = s.channels_last || nchw_planes_alias(bytes, bytes * channels, weight_bytes);
+  const int64_t macs = weight_bytes / static_cast<int64_t>(in.element_size());  // kept stripes x Cg
+  const bool restage = s.channels_last || nchw_planes_alias(bytes, channels, macs, weight_bytes);
   if (s.stack == 1 && !(restage && images_fill_threads(images))) s.stack = 0;
   return s;
 }
