@@ -1048,10 +1048,10 @@ def build_parser() -> argparse.ArgumentParser:
         (StripeConv2d layers, dead filters removed) and save <out>/pruned.pt + pruned.json.
 
         Training-time methods (SWP, SFP, GReg, DAIS, ...) prune during --epochs epochs; one-shot methods
-        (L1Filter, L1Stripe, PFP, LBS, MetaPruning, ACP) prune once, export, then train the exported network
-        (no dead channel, no pruned stripe computed) for --epochs epochs (--train-full-size: the full-size
-        model with the masks held). Start from a trained model (--from DIR/model, as saved by
-        `stripeconv train`) or from scratch (--model).
+        (L1Filter, L1Stripe, PFP, LBS, MetaPruning, ACP, CPMC, FunctionalityPruning) prune once, export,
+        then train the exported network (no dead channel, no pruned stripe computed) for --epochs epochs
+        (--train-full-size: the full-size model with the masks held). Start from a trained model
+        (--from DIR/model, as saved by `stripeconv train`) or from scratch (--model).
 
         Hyperparameters: --target (flops=F: remove fraction F of the FLOPs; ratio=R; ratios=JSON|FILE),
         --set key=value (any argument of the method, typed from its signature), or --config FILE (YAML/JSON:

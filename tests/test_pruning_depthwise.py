@@ -150,6 +150,8 @@ RUNS = {
     "MetaPruning": dict(target_flops_reduction=0.4, meta_epochs=1, population=4, parents=2, iterations=1,
                         recalib_batches=1, **SEARCH),
     "ACP": dict(ratio=0.5, particles=2, cycles=1, fitness_steps=1, cluster_images=16, lr=0.05, **SEARCH),
+    "CPMC": dict(ratio=0.5),
+    "FunctionalityPruning": dict(ratio=0.5, samples=16),
 }
 
 

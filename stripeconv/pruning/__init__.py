@@ -32,7 +32,11 @@ at a preset loss variation), :class:`DAIS` (differentiable annealing indicator s
 descent under a FLOPs budget),
 :class:`MetaPruning` (a PruningNet that generates the weights of any channel configuration, and
 an evolutionary search over configurations) and :class:`ACP` (channel counts from clustering similar
-feature maps, refined by a particle swarm search over briefly trained candidates).
+feature maps, refined by a particle swarm search over briefly trained candidates), :class:`CPMC`
+(channels ranked globally by the weights that go with them, their own filters and the next
+layers' columns that read them, and by the FLOPs and parameters they cost) and
+:class:`FunctionalityPruning` (filters with repeated functionality clustered, one representative
+of each cluster kept).
 Shared primitives are in :mod:`stripeconv.pruning.criteria`; :func:`shrink` gives the physically
 smaller network that a masked model computes, to train, and puts its values back (ACP trains its
 candidates that way). Export and FLOPs targets need
@@ -41,9 +45,11 @@ candidates that way). Export and FLOPs targets need
 from . import criteria
 from .acp import ACP
 from .asfp import ASFP
+from .cpmc import CPMC
 from .base import Pruner, evaluate, fit
 from .dais import DAIS
 from .dsa import DSA
+from .functionality import FunctionalityPruning
 from .ghfp import GHFP
 from .greg import GReg1, GReg2, stage_ratios
 from .hfp import HFP
@@ -60,10 +66,11 @@ from .swp import SWP, FilterSkeleton
 
 __all__ = ["Pruner", "fit", "evaluate", "criteria", "SWP", "FilterSkeleton", "L1Norm", "L1Filter", "L1Stripe",
            "SFP", "HFP", "GHFP", "ASFP", "SRFP", "ASRFP", "GReg1", "GReg2", "stage_ratios", "IncReg", "OrthoReg", "PFP", "LBS",
-           "BalancedFilterPruning", "holdout_split", "DAIS", "DSA", "MetaPruning", "ACP", "METHODS",
+           "BalancedFilterPruning", "holdout_split", "DAIS", "DSA", "MetaPruning", "ACP", "CPMC",
+           "FunctionalityPruning", "METHODS",
            "shrink", "Shrunk"]
 
 METHODS = {"SWP": SWP, "L1Filter": L1Filter, "L1Stripe": L1Stripe, "SFP": SFP, "HFP": HFP, "GHFP": GHFP,
            "ASFP": ASFP, "SRFP": SRFP, "ASRFP": ASRFP, "GReg1": GReg1, "GReg2": GReg2, "IncReg": IncReg,
            "OrthoReg": OrthoReg, "PFP": PFP, "LBS": LBS, "DAIS": DAIS, "DSA": DSA, "MetaPruning": MetaPruning,
-           "ACP": ACP}
+           "ACP": ACP, "CPMC": CPMC, "FunctionalityPruning": FunctionalityPruning}
