@@ -31,7 +31,7 @@ from stripeconv import models, pruning  # noqa: E402
 from stripeconv.data import fashion_mnist  # noqa: E402
 from stripeconv.profile import profile  # noqa: E402
 
-ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning", "ACP"}
+ONE_SHOT = {"L1Filter", "L1Stripe", "LBS", "PFP", "MetaPruning", "ACP", "CPMC", "FunctionalityPruning"}
 # MetaPruning's search, scaled to this benchmark (the public code: population 50, 20 iterations, 100 batches)
 METAPRUNING_SEARCH = {"population": 20, "parents": 5, "iterations": 10, "recalib_batches": 20}
 # ACP's swarm, scaled to this benchmark (the public code: 10 particles, 8 cycles, 3 epochs per candidate)

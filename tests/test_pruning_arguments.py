@@ -119,6 +119,7 @@ BAD = [
     (["CPMC"], dict(p=3), ValueError, "p must be 1 (L1 norm) or 2"),
     (["CPMC"], dict(normalization="max"), ValueError, "normalization must be one of ('layer', 'global')"),
     (["CPMC"], dict(log_costs="yes"), TypeError, "log_costs must be True or False"),
+    (["CPMC"], dict(max_layer_rate=0.0), ValueError, "max_layer_rate must be a number in (0.0, 1.0]"),
     (["FunctionalityPruning"], dict(similarity=0.9), ValueError, "give either similarity= or a target"),
     (["FunctionalityPruning"], dict(ratio=None, similarity=1.5), ValueError,
      "similarity must be a number in [-1.0, 1.0]"),

@@ -220,9 +220,13 @@ def test_residual_groups_stay_tied_and_export_exactly(target):
 
 
 def lowest_channels(pr: CPMC, scores: dict, k: int) -> set:
-    """The ``k`` lowest-scored (unit, root) pairs, each unit's best channel excluded."""
-    flat = [(float(s[r]), u.name, r) for u in pr.units for s in [scores[u.name]]
-            for r in range(u.size) if r != int(torch.argmax(s))]
+    """The ``k`` lowest-scored (unit, root) pairs, each unit's best channel excluded and at most
+    ``floor(max_layer_rate * size)`` of a unit."""
+    flat = []
+    for u in pr.units:
+        s = scores[u.name]
+        own = sorted((float(s[r]), u.name, r) for r in range(u.size) if r != int(torch.argmax(s)))
+        flat += own[:int(math.floor(pr.max_layer_rate * u.size + 1e-9))]
     return {(n, r) for _, n, r in sorted(flat)[:k]}
 
 
@@ -364,3 +368,21 @@ def test_ratios_naming_a_conv_that_cannot_be_pruned_is_refused():
     assert [u.name for u in pr.units] == ["stem"]
     with pytest.raises(ValueError, match="CPMC: no prunable channel group"):
         CPMC(Tied(), SIZE, ratio=0.5, layers=["a"])
+
+
+@pytest.mark.parametrize("cap", [0.25, 0.9])
+def test_global_ranking_takes_at_most_max_layer_rate_of_a_group(cap):
+    """Within a layer the cost terms are nearly constant, so they rank whole layers: a cap keeps
+    the costliest group from losing all but one channel first."""
+    torch.manual_seed(3)
+    pr = CPMC(tiny_vgg(), SIZE, ratio=0.2 if cap < 0.5 else 0.6, max_layer_rate=cap)
+    scores = pr.importance()
+    masks = pr.prune()
+    for u in pr.units:
+        assert pr.unit_rates[u.name] <= cap + 1e-9, (u.name, pr.unit_rates[u.name])
+    total = sum(c.out_channels for c in pr.convs.values())
+    k = sum(int((~m.any((1, 2))).sum()) for m in masks.values())
+    dead = {(u.name, int(r)) for u in pr.units for n, idx, ridx in u.members for r in ridx[~masks[n].any((1, 2))[idx]]}
+    assert dead == lowest_channels(pr, scores, k) and k >= (0.2 if cap < 0.5 else 0.6) * total
+    if cap < 0.5:  # the cap binds: some group sits exactly at it
+        assert max(pr.unit_rates.values()) == pytest.approx(max(math.floor(cap * u.size) / u.size for u in pr.units))

@@ -49,14 +49,17 @@ count, so a model pruned before is measured as it now is):
   weights are large and when removing it saves little; a channel that costs much is cheaper to
   give up (COP's regularisation terms). ``alpha = beta = gamma = 1`` by default.
 
-**Selection.** ``scope="global"`` (default, the paper's global ranking): the channels of all
-groups are sorted by ``I`` and the lowest are pruned; with ``ratio`` (the fraction of the prunable
-filters to remove) or ``target_flops_reduction`` the smallest number of lowest channels that
-reaches the target is found by bisection. ``scope="layer"`` (``ratio`` per group) and ``ratios=``
-(conv name -> fraction; a group tied by a residual addition takes the largest ratio given to its
-convs) rank within each group instead. Every group keeps at least one channel, channels dead
-before stay dead, and the filters of the pruned channels are masked (BN of dead filters zeroed)
-so that :meth:`~stripeconv.pruning.Pruner.export` removes them and their consumers' columns.
+**Selection.** ``scope="global"`` (default, the paper's global ranking): the channels of all groups
+are sorted by ``I`` and the lowest are pruned, at most ``max_layer_rate`` (0.9) of any one group
+(within a layer the cost terms are nearly constant, so they order whole layers: uncapped, the
+costliest group would lose all but one channel before another lost any); with ``ratio`` (the
+fraction of the prunable filters to remove) or ``target_flops_reduction`` the smallest number of
+lowest channels that reaches the target is found by bisection. ``scope="layer"`` (``ratio`` per
+group) and ``ratios=`` (conv name -> fraction; a group tied by a residual addition takes the largest
+ratio given to its convs) rank within each group instead. Every group keeps at least one channel,
+channels dead before stay dead, and the filters of the pruned channels are masked (BN of dead
+filters zeroed) so that :meth:`~stripeconv.pruning.Pruner.export` removes them and their consumers'
+columns.
 
 Generalisation: a group tied by residual additions is scored once, its dependent weights being
 the union over all its producers and consumers, and pruned as one (the same indices in every
@@ -99,6 +102,9 @@ class CPMC(Pruner):
       channel's group (``"layer"``) or in the network (``"global"``); the costs always by the
       largest in the network.
     - ``log_costs`` (True): FLOPs and parameters enter as ``log2(1 + x)`` before normalisation.
+    - ``max_layer_rate`` (0.9): the global ranking removes at most this fraction of a group's
+      channels (the cost terms are nearly constant within a layer, so without a cap the costliest
+      layer can lose all but one channel before any other loses one).
     - the common arguments of :class:`~stripeconv.pruning.Pruner` (``layers``, ``skip_first``,
       ``exclude`` ...). Only filters (whole channels) are pruned (``granularity="filter"``).
 
@@ -112,7 +118,8 @@ class CPMC(Pruner):
     def __init__(self, model: nn.Module, input_size=None, *, ratio: Optional[float] = None,
                  ratios: Optional[dict] = None, target_flops_reduction: Optional[float] = None,
                  scope: Optional[str] = None, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                 p: int = 1, normalization: str = "layer", log_costs: bool = True, **kw):
+                 p: int = 1, normalization: str = "layer", log_costs: bool = True, max_layer_rate: float = 0.9,
+                 **kw):
         if kw.get("granularity", "filter") != "filter":
             raise ValueError(f"{_OWNER} prunes channels only (granularity='filter'): its criteria measure whole "
                              f"feature maps, not stripes; got granularity={kw['granularity']!r}")
@@ -125,10 +132,12 @@ class CPMC(Pruner):
         if isinstance(p, bool) or p not in (1, 2):
             raise ValueError(f"{_OWNER}: p must be 1 (L1 norm) or 2 (L2 norm), got {p!r}")
         check.choice(_OWNER, "normalization", normalization, ("layer", "global"))
+        check.number(_OWNER, "max_layer_rate", max_layer_rate, low=0.0, high=1.0, low_open=True)
         if not isinstance(log_costs, bool):
             raise TypeError(f"{_OWNER}: log_costs must be True or False, got {log_costs!r}")
         self.alpha, self.beta, self.gamma = float(alpha), float(beta), float(gamma)
         self.p, self.normalization, self.log_costs = int(p), normalization, log_costs
+        self.max_layer_rate = float(max_layer_rate)
         self.units: list[ChannelUnit] = channel_units(self)
         if not self.units:
             raise ValueError(f"{_OWNER}: no prunable channel group (every group has a producer that is not prunable)")
@@ -240,13 +249,15 @@ class CPMC(Pruner):
         return masks
 
     def _global_order(self, scores: dict) -> list:
-        """``(unit name, root)`` pairs, least important first; each unit's best channel is left out
-        (it is never pruned). Ties go to model order, then channel index."""
+        """``(unit name, root)`` pairs, least important first: each unit's lowest
+        ``floor(max_layer_rate * size)`` channels, never its best one. Ties go to model order, then
+        channel index."""
         entries = []
         for ui, u in enumerate(self.units):
             s = scores[u.name]
             best = int(torch.argmax(s))
-            entries += [(float(s[r]), ui, r) for r in range(u.size) if r != best]
+            cap = min(u.size - 1, int(math.floor(self.max_layer_rate * u.size + 1e-9)))
+            entries += sorted((float(s[r]), ui, r) for r in range(u.size) if r != best)[:cap]
         entries.sort()
         return [(self.units[ui].name, r) for _, ui, r in entries]
 
