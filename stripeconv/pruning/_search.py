@@ -1,18 +1,19 @@
-"""Private helpers shared by GReg, LBS, DAIS, DSA and PFP: progress reporting, unit scores, residual
-coupling, prunable channel groups, checkpointable batch cursors, per-channel output gates and the
-differentiable FLOPs count."""
+"""Private helpers shared by the pruning methods (GReg, LBS, DAIS, DSA, PFP, CPMC, FunctionalityPruning,
+...): progress reporting, unit scores, residual coupling, prunable channel groups, checkpointable
+batch cursors and sample passes, per-channel output gates and the differentiable FLOPs count."""
 from __future__ import annotations
 
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit", "channel_units", "BatchCursor", "replay",
+           "sample_pass",
            "gate_outputs", "gate_module_of", "ExpectedFlops",
            "batchnorm_statistics_kept"]
 
@@ -146,6 +147,49 @@ def replay(data: Iterable, saved_state: Optional[Tensor], skip: int) -> tuple:
             if i >= skip:
                 yield i, batch
     return saved_state, batches()
+
+
+def sample_pass(pruner, data: Iterable, hooks: list, desc: str, max_batches: Optional[int],
+                after_forward: Optional[Callable[[], None]] = None) -> bool:
+    """Feed the first ``pruner.samples`` points of ``data`` (batches ``(x, ...)`` or ``x``) through
+    ``pruner.model`` in eval mode without gradients, with ``hooks`` (``(module, forward hook)``
+    pairs) attached, calling ``after_forward()`` after each batch.
+
+    Resumable: continues after ``pruner.batches_scored`` batches with the shuffle state saved in
+    ``pruner._score_gen_state`` and stops after ``max_batches`` new batches; ``points_seen`` and
+    ``batches_scored`` count what went in. Returns True once every sample is in or ``data`` ran out.
+    """
+    device = next(pruner.model.parameters()).device
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    pruner._score_gen_state, batches = replay(data, pruner._score_gen_state if pruner.batches_scored else None,
+                                              pruner.batches_scored)
+    bar = Progress(pruner.samples, desc, pruner.verbose, initial=pruner.points_seen)
+    was = pruner.model.training
+    pruner.model.eval()
+    done = 0
+    try:
+        with torch.no_grad():
+            for _, batch in batches:
+                if pruner.points_seen >= pruner.samples or (max_batches is not None and done >= max_batches):
+                    break
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                x = x[: pruner.samples - pruner.points_seen].to(device)
+                pruner.model(x)
+                if after_forward is not None:
+                    after_forward()
+                pruner.points_seen += len(x)
+                pruner.batches_scored += 1
+                done += 1
+                bar.update(len(x))
+    finally:
+        for h in handles:
+            h.remove()
+        pruner.model.train(was)
+        bar.close()
+    complete = pruner.points_seen >= pruner.samples or max_batches is None or done < max_batches
+    if complete and pruner.points_seen == 0:
+        raise ValueError(f"{type(pruner).__name__}: data yielded no batch")
+    return complete
 
 
 class BatchCursor:

@@ -81,6 +81,7 @@ that loads it and calls :meth:`prune` finishes with exactly the same masks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -89,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks as check
-from ._search import ChannelUnit, Progress, channel_units, note, replay
+from ._search import ChannelUnit, Progress, channel_units, note, sample_pass
 from .base import Pruner
 
 __all__ = ["FunctionalityPruning", "Moments", "correlation", "agglomerate", "cluster_labels", "representatives"]
@@ -333,38 +334,11 @@ class FunctionalityPruning(Pruner):
         if data is None:
             raise ValueError(f"{_OWNER}.prune needs data: training batches (x, y) whose responses describe the "
                              "filters (or representation='activation_max')")
-        device = next(self.model.parameters()).device
-        handles = []
-        for name in self._members:
-            def hook(mod, inp, out, name=name):
-                self.moments[name].update(out.transpose(0, 1).reshape(out.shape[1], -1))
-            handles.append(self._response_module(name).register_forward_hook(hook))
-        self._score_gen_state, batches = replay(data, self._score_gen_state if self.batches_scored else None,
-                                                self.batches_scored)
-        bar = Progress(self.samples, f"{_OWNER} responses", self.verbose, initial=self.points_seen)
-        was = self.model.training
-        self.model.eval()
-        done = 0
-        try:
-            with torch.no_grad():
-                for _, batch in batches:
-                    if self.points_seen >= self.samples or (max_batches is not None and done >= max_batches):
-                        break
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    x = x[: self.samples - self.points_seen].to(device)
-                    self.model(x)
-                    self.points_seen += len(x)
-                    self.batches_scored += 1
-                    done += 1
-                    bar.update(len(x))
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was)
-            bar.close()
-        if self.points_seen >= self.samples or max_batches is None or done < max_batches:
-            if self.points_seen == 0:
-                raise ValueError(f"{_OWNER}: data yielded no batch")
+        def accumulate(mod, inp, out, name):
+            self.moments[name].update(out.transpose(0, 1).reshape(out.shape[1], -1))
+
+        hooks = [(self._response_module(name), functools.partial(accumulate, name=name)) for name in self._members]
+        if sample_pass(self, data, hooks, f"{_OWNER} responses", max_batches):
             self.phase = "cluster"
             return True
         return False

@@ -54,6 +54,7 @@ that loads it and calls :meth:`prune` finishes with exactly the same masks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _checks as check
-from ._search import ChannelUnit, Progress, channel_units, note, replay
+from ._search import ChannelUnit, Progress, channel_units, note, sample_pass
 from .base import Pruner
 
 __all__ = ["PFP", "conv_input_sensitivity", "linear_input_sensitivity", "sample_complexity", "expected_unique",
@@ -273,49 +274,22 @@ class PFP(Pruner):
             return True
         if data is None:
             raise ValueError("PFP.prune needs data: training batches (x, y) for the sensitivities")
-        device = next(self.model.parameters()).device
         modules = self.graph.modules
         current: dict = {}
-        handles = []
-        for name in self.consumers:
-            def hook(m, inp, out, name=name):
-                current[name] = inp[0]
-            handles.append(modules[name].register_forward_hook(hook))
-        self._score_gen_state, batches = replay(data, self._score_gen_state if self.batches_scored else None,
-                                                self.batches_scored)
-        bar = Progress(self.samples, "PFP sensitivity", self.verbose, initial=self.points_seen)
-        was = self.model.training
-        self.model.eval()
-        done = 0
-        try:
-            with torch.no_grad():
-                for _, batch in batches:
-                    if self.points_seen >= self.samples or (max_batches is not None and done >= max_batches):
-                        break
-                    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-                    x = x[: self.samples - self.points_seen].to(device)
-                    current.clear()
-                    self.model(x)
-                    for name in self.consumers:
-                        m = modules[name]
-                        fn = conv_input_sensitivity if isinstance(m, nn.Conv2d) else linear_input_sensitivity
-                        s = fn(m, current[name], self.max_elements).cpu().double()
-                        self.sens[name] = s if self.sens[name] is None else torch.maximum(self.sens[name], s)
-                    self.points_seen += len(x)
-                    self.batches_scored += 1
-                    done += 1
-                    bar.update(len(x))
-        finally:
-            for h in handles:
-                h.remove()
-            self.model.train(was)
-            bar.close()
-        if self.points_seen >= self.samples:
-            self.phase = "search"
-            return True
-        if max_batches is None or done < max_batches:  # data ran out first
-            if self.points_seen == 0:
-                raise ValueError("PFP: data yielded no batch")
+
+        def capture(m, inp, out, name):
+            current[name] = inp[0]
+
+        def accumulate() -> None:
+            for name in self.consumers:
+                m = modules[name]
+                fn = conv_input_sensitivity if isinstance(m, nn.Conv2d) else linear_input_sensitivity
+                s = fn(m, current[name], self.max_elements).cpu().double()
+                self.sens[name] = s if self.sens[name] is None else torch.maximum(self.sens[name], s)
+            current.clear()
+
+        hooks = [(modules[name], functools.partial(capture, name=name)) for name in self.consumers]
+        if sample_pass(self, data, hooks, "PFP sensitivity", max_batches, accumulate):
             self.phase = "search"
             return True
         return False
