@@ -51,6 +51,55 @@ def test_agglomerate_ties_labels_and_two_groups():
         agglomerate(line_distances([0.0, 1.0]), "ward")
 
 
+def brute_force_merges(distance: torch.Tensor, linkage: str) -> list:
+    """The same clustering by a search of the whole matrix at every merge (first minimum)."""
+    d = 0.5 * (distance.double() + distance.double().T)
+    n = d.shape[0]
+    d.fill_diagonal_(math.inf)
+    sizes, merges, last = torch.ones(n, dtype=torch.float64), [], -math.inf
+    for _ in range(n - 1):
+        a, b = sorted(divmod(int(torch.argmin(d)), n))
+        last = max(float(d[a, b]), last)
+        merges.append((last, a, b))
+        if linkage == "single":
+            row = torch.minimum(d[a], d[b])
+        elif linkage == "complete":
+            row = torch.maximum(d[a], d[b])
+        else:
+            row = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])
+        sizes[a] += sizes[b]
+        d[a], d[:, a] = row, row
+        d[b], d[:, b] = math.inf, math.inf
+        d[a, a] = math.inf
+    return merges
+
+
+@pytest.mark.parametrize("linkage", ["average", "complete", "single"])
+def test_agglomerate_equals_a_search_of_the_whole_matrix(linkage):
+    """The nearest-neighbour bookkeeping gives exactly the merges (order, pairs, heights) of the
+    plain search, also with many tied distances."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 5, 8, 17, 40):
+        for ties in (True, False):
+            p = torch.randn(n, 3, generator=g, dtype=torch.float64)
+            d = torch.cdist(p, p)
+            if ties:
+                d = torch.randint(0, 4, (n, n), generator=g).double()
+            assert agglomerate(d, linkage) == brute_force_merges(d, linkage), (n, ties)
+
+
+def test_single_linkage_tie_after_a_merge_goes_to_the_lower_column():
+    """Merging 1 and 3 (single linkage) brings group {1, 3} to distance 1 from item 0, tied with
+    item 2: the next merge is (0, 1), the first minimum of the matrix, not 0's old neighbour 2."""
+    d = torch.tensor([[0.0, 2.0, 1.0, 1.0],
+                      [2.0, 0.0, 5.0, 0.5],
+                      [1.0, 5.0, 0.0, 5.0],
+                      [1.0, 0.5, 5.0, 0.0]])
+    merges = agglomerate(d, "single")
+    assert [(a, b) for _, a, b in merges] == [(1, 3), (0, 1), (0, 2)]
+    assert merges == brute_force_merges(d, "single")
+
+
 def test_representative_is_the_medoid_or_the_strongest():
     labels = torch.tensor([0, 0, 0, 3, 4, 4])
     sim = torch.eye(6, dtype=torch.float64)

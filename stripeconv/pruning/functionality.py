@@ -181,13 +181,15 @@ def agglomerate(distance: Tensor, linkage: str = "average") -> list:
     d = 0.5 * (d + d.T)
     d.fill_diagonal_(math.inf)
     sizes = torch.ones(n, dtype=torch.float64)
+    # Each row's nearest neighbour (the first column at its minimum), kept exact after every merge,
+    # so a merge costs O(n) instead of a search of the whole matrix; the first row at the smallest
+    # row minimum gives the same pair, ties included, as the first minimum of the whole matrix.
+    nn_dist, nn_idx = d.min(1) if n > 1 else (d.new_empty(0), torch.empty(0, dtype=torch.long))
     merges = []
     last = -math.inf
     for _ in range(n - 1):
-        flat = int(torch.argmin(d))
-        a, b = divmod(flat, n)
-        if a > b:
-            a, b = b, a
+        a = int(torch.argmin(nn_dist))
+        b = int(nn_idx[a])  # > a: row b holds the same minimum at column a
         height = max(float(d[a, b]), last)  # guard the order against rounding
         last = height
         merges.append((height, a, b))
@@ -201,6 +203,17 @@ def agglomerate(distance: Tensor, linkage: str = "average") -> list:
         d[a], d[:, a] = row, row
         d[b], d[:, b] = math.inf, math.inf
         d[a, a] = math.inf
+        nn_dist[b] = math.inf
+        # rows whose neighbour was a or b (or row a itself) are searched again; any other row keeps
+        # its neighbour unless the new column a beats it
+        stale = (nn_idx == a) | (nn_idx == b)
+        stale[a], stale[b] = True, False
+        rows = stale.nonzero().flatten()
+        nn_dist[rows], nn_idx[rows] = d[rows].min(1)
+        col = d[:, a]
+        better = (col < nn_dist) | ((col == nn_dist) & (nn_idx > a))
+        better[b] = False
+        nn_dist[better], nn_idx[better] = col[better], a
     return merges
 
 
