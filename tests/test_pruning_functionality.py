@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 from stripeconv import pruning
 from stripeconv.engine import is_oneshot
 from stripeconv.pruning.functionality import (FunctionalityPruning, Moments, agglomerate, cluster_labels, correlation,
-                                              representatives)
+                                              merge_rows, representatives)
 
 from conftest import FASHION_SIZE as SIZE, check_export, fashion, tiny_resnet, tiny_vgg
 
@@ -52,7 +52,8 @@ def test_agglomerate_ties_labels_and_two_groups():
 
 
 def brute_force_merges(distance: torch.Tensor, linkage: str) -> list:
-    """The same clustering by a search of the whole matrix at every merge (first minimum)."""
+    """The same clustering by a search of the whole matrix at every merge (first minimum), with
+    the same distance update."""
     d = 0.5 * (distance.double() + distance.double().T)
     n = d.shape[0]
     d.fill_diagonal_(math.inf)
@@ -61,16 +62,7 @@ def brute_force_merges(distance: torch.Tensor, linkage: str) -> list:
         a, b = sorted(divmod(int(torch.argmin(d)), n))
         last = max(float(d[a, b]), last)
         merges.append((last, a, b))
-        if linkage == "single":
-            row = torch.minimum(d[a], d[b])
-        elif linkage == "complete":
-            row = torch.maximum(d[a], d[b])
-        else:
-            row = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])
-        sizes[a] += sizes[b]
-        d[a], d[:, a] = row, row
-        d[b], d[:, b] = math.inf, math.inf
-        d[a, a] = math.inf
+        merge_rows(d, sizes, a, b, linkage)  # the update itself is checked by hand above
     return merges
 
 

@@ -93,7 +93,8 @@ from . import _checks as check
 from ._search import ChannelUnit, Progress, channel_units, note, sample_pass
 from .base import Pruner
 
-__all__ = ["FunctionalityPruning", "Moments", "correlation", "agglomerate", "cluster_labels", "representatives"]
+__all__ = ["FunctionalityPruning", "Moments", "correlation", "agglomerate", "merge_rows", "cluster_labels",
+           "representatives"]
 
 _OWNER = "FunctionalityPruning"
 _CONSTANT = 1e-9  # variance below this fraction of the second moment: a constant response
@@ -193,16 +194,7 @@ def agglomerate(distance: Tensor, linkage: str = "average") -> list:
         height = max(float(d[a, b]), last)  # guard the order against rounding
         last = height
         merges.append((height, a, b))
-        if linkage == "single":
-            row = torch.minimum(d[a], d[b])
-        elif linkage == "complete":
-            row = torch.maximum(d[a], d[b])
-        else:
-            row = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])
-        sizes[a] += sizes[b]
-        d[a], d[:, a] = row, row
-        d[b], d[:, b] = math.inf, math.inf
-        d[a, a] = math.inf
+        merge_rows(d, sizes, a, b, linkage)
         nn_dist[b] = math.inf
         # rows whose neighbour was a or b (or row a itself) are searched again; any other row keeps
         # its neighbour unless the new column a beats it
@@ -215,6 +207,22 @@ def agglomerate(distance: Tensor, linkage: str = "average") -> list:
         better[b] = False
         nn_dist[better], nn_idx[better] = col[better], a
     return merges
+
+
+def merge_rows(d: Tensor, sizes: Tensor, a: int, b: int, linkage: str) -> None:
+    """Join group ``b`` into group ``a`` in place: row and column ``a`` of the distance matrix ``d``
+    get the Lance-Williams distances of ``linkage`` to the union, ``b``'s become infinite, and
+    ``sizes`` (members per group) is updated."""
+    if linkage == "single":
+        row = torch.minimum(d[a], d[b])
+    elif linkage == "complete":
+        row = torch.maximum(d[a], d[b])
+    else:
+        row = (sizes[a] * d[a] + sizes[b] * d[b]) / (sizes[a] + sizes[b])
+    sizes[a] += sizes[b]
+    d[a], d[:, a] = row, row
+    d[b], d[:, b] = math.inf, math.inf
+    d[a, a] = math.inf
 
 
 def cluster_labels(n: int, merges: list, m: int) -> Tensor:
