@@ -113,6 +113,11 @@ class ChannelUnit:
             out[name] = f
         return out
 
+    def remove(self, masks: dict, convs: dict, pruned_roots: Tensor) -> None:
+        """Clear, in place, the stripe masks of the member filters of ``pruned_roots``."""
+        for name, f in self.factors(convs, pruned_roots).items():
+            masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+
 
 def channel_units(pruner) -> list:
     """The channel groups of ``pruner.graph`` whose producers are all prunable convs of ``pruner``

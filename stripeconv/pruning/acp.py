@@ -280,8 +280,7 @@ class ACP(Pruner):
             pruned = torch.ones(u.size, dtype=torch.bool)
             pruned[keep] = False
             if bool(pruned.any()):
-                for name, f in u.factors(self.convs, pruned.nonzero().flatten()).items():
-                    masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+                u.remove(masks, self.convs, pruned.nonzero().flatten())
         return masks
 
     def metric(self, counts) -> float:

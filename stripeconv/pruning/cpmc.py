@@ -244,8 +244,7 @@ class CPMC(Pruner):
             sel = pruned.get(u.name)
             if sel is None or not bool(sel.any()):
                 continue
-            for name, f in u.factors(self.convs, sel.nonzero().flatten()).items():
-                masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+            u.remove(masks, self.convs, sel.nonzero().flatten())
         return masks
 
     def _global_order(self, scores: dict) -> list:

@@ -499,8 +499,7 @@ class FunctionalityPruning(Pruner):
         for i, (u, m) in enumerate(zip(self.units, counts)):
             pruned = self._pruned_roots(i, int(m))
             if len(pruned):
-                for name, f in u.factors(self.convs, pruned).items():
-                    masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+                u.remove(masks, self.convs, pruned)
         return masks
 
     # --------------------------------------------------------------------------------- budget

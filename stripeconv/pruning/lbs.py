@@ -192,8 +192,7 @@ class LBS(Pruner):
             k = unit_k.get(u.name, 0)
             if not k:
                 continue
-            for name, f in self._factors(u, k).items():
-                masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+            u.remove(masks, self.convs, self._pruned_roots(u, k))
         return masks
 
     # ------------------------------------------------------------------------------- scoring

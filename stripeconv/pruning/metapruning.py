@@ -365,8 +365,7 @@ class MetaPruning(Pruner):
         masks = {n: m.clone() for n, m in self._frozen.items()}
         for u, keep in zip(self.units, self.keep_counts(encoding).values()):
             if keep < u.size:
-                for name, f in u.factors(self.convs, torch.arange(keep, u.size)).items():
-                    masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+                u.remove(masks, self.convs, torch.arange(keep, u.size))
         return masks
 
     def metric(self, encoding: tuple) -> float:

@@ -364,8 +364,7 @@ class PFP(Pruner):
             else:
                 pruned = self._order[u.name][keep[u.name]:]
             if len(pruned):
-                for name, f in u.factors(self.convs, pruned).items():
-                    masks[name] &= (f > 0).to(masks[name].device)[:, None, None]
+                u.remove(masks, self.convs, pruned)
         return masks
 
     def _search_eps(self) -> None:
