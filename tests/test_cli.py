@@ -72,19 +72,19 @@ def test_config_file(tmp_path):
     cfg = tmp_path / "swp.yaml"
     cfg.write_text("method: SWP\ntarget: flops=0.4\nalpha: 2.0e-5\nepochs: 3\nlr: 0.003\n")
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg), "--set", "threshold=0.01"])
-    config = cli._load_config(cfg)
-    cli._apply_config_defaults(args, config)
+    config = cli.load_config(cfg)
+    cli.methods.apply_config_defaults(args, config)
     assert args.epochs == 3 and args.lr == 0.003
     kw = cli.method_kwargs(SWP, args, config)
     assert kw == {"alpha": 2e-5, "epochs": 3, "target_flops_reduction": 0.4, "threshold": 0.01}
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg), "--epochs", "5"])
-    cli._apply_config_defaults(args, config)
+    cli.methods.apply_config_defaults(args, config)
     assert args.epochs == 5  # the command line wins, for the pruner's schedule too
     assert cli.method_kwargs(SWP, args, config)["epochs"] == 5
     js = tmp_path / "swp.json"
     js.write_text(json.dumps({"method": "SWP", "params": {"alpha": 3e-5}}))
     args = cli.build_parser().parse_args(["prune", "--config", str(js)])
-    assert cli.method_kwargs(SWP, args, cli._load_config(js)) == {"alpha": 3e-5, "epochs": 10}
+    assert cli.method_kwargs(SWP, args, cli.load_config(js)) == {"alpha": 3e-5, "epochs": 10}
 
 
 def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys, monkeypatch):

@@ -125,8 +125,8 @@ def test_config_values_are_typed_and_from_is_honoured(tmp_path):
     cfg = tmp_path / "swp.yaml"
     cfg.write_text("method: SWP\nalpha: 1e-4\ntarget: 0.3\nfrom: runs/base/model\n")
     args = cli.build_parser().parse_args(["prune", "--config", str(cfg)])
-    config = cli._load_config(cfg)
-    cli._apply_config_defaults(args, config)
+    config = cli.load_config(cfg)
+    cli.methods.apply_config_defaults(args, config)
     assert args.from_ == "runs/base/model"
     kw = cli.method_kwargs(SWP, args, config)
     assert kw["alpha"] == 1e-4 and isinstance(kw["alpha"], float) and kw["target_flops_reduction"] == 0.3

@@ -1,0 +1,167 @@
+"""The commands that use a saved model as it is: ``eval``, ``bench`` and ``onnx``."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from .common import CLIError, check_device, say_result
+from .data import check_fits, data_spec, load_datasets
+
+
+def cmd_onnx(args) -> int:
+    from ..artifacts import load_pruned, read_description
+    from ..decompose import export_onnx
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise CLIError(f"--output {out} is a folder; expected a file name such as model.onnx")
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise CLIError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
+    desc = read_description(args.model_path)
+    chw = _input_chw(desc, args)
+    model = load_pruned(args.model_path, map_location="cpu").eval()
+    if args.fuse_bn:
+        from ..fusion import fuse_batchnorm
+
+        model = fuse_batchnorm(model, inplace=True)
+    x = torch.randn(2, *chw)
+    dynamic = ({0: torch.export.Dim("batch", min=1)},) if args.dynamic_batch else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # torch's exporter warns about its own internals (pytree deprecations, torchvision ops it
+    # cannot register without torchvision): nothing the user can act on here
+    registry_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registry_log.level
+    registry_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            export_onnx(model, (x,), out, dynamic_shapes=dynamic, verbose=False)
+    finally:
+        registry_log.setLevel(level)
+    line = f"wrote {out} (input [{'batch' if args.dynamic_batch else 2}, {', '.join(map(str, chw))}])"
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        say_result(line + "; install onnxruntime to check it against the model")
+        return 0
+    session = ort.InferenceSession(str(out))
+    with torch.no_grad():
+        want = model(x)
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    err = float((torch.from_numpy(got) - want).abs().max())
+    say_result(line + f"; onnxruntime vs the model on random input: max abs difference {err:.2e}")
+    if not err <= 1e-4 * max(1.0, float(want.abs().max())):  # NaN fails too
+        print(f"stripeconv onnx: error: the ONNX model disagrees with the saved model (max abs difference {err:.2e})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ..artifacts import load_pruned, read_description
+    from ..engine import evaluate_model
+
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    desc = read_description(args.model_path)
+    extra = desc.get("extra", {})
+    spec = data_spec(args, extra.get("data"))
+    _, test, meta = load_datasets(spec, train=False)
+    check_fits(desc, meta, args.model_path, spec)
+    device = _device(args.device)
+    model = load_pruned(args.model_path, map_location=device)
+    ev = evaluate_model(model, test, device, batch_size=args.eval_batch_size)
+    saved = extra.get("accuracy")
+    res = {"path": str(args.model_path), "dataset": spec["dataset"], "samples": ev["samples"],
+           "accuracy": ev["accuracy"], "loss": ev["loss"], "saved_accuracy": saved}
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        line = f"{args.model_path}: accuracy {ev['accuracy']:.4f} (loss {ev['loss']:.4f}) on {ev['samples']} " \
+               f"{spec['dataset']} test images"
+        if saved is not None:
+            line += f"; recorded at save time: {saved:.4f}" + (" (match)" if abs(saved - ev["accuracy"]) < 1e-9 else "")
+        print(line)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ..artifacts import _constructor, load_pruned, read_description
+    from ..report import best_of, dense_counterpart, environment, layer_latency, model_latency
+
+    check_device(args.device)
+    if args.output and Path(args.output).is_dir():  # found only after all the timing
+        raise CLIError(f"--output {args.output} is a folder; expected a file name")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    desc = read_description(args.model_path)
+    chw = _input_chw(desc, args)
+    device = _device(args.device)
+    model = load_pruned(args.model_path, map_location=device)
+    torch.manual_seed(0)
+    unpruned = _constructor(desc["arch"])(**desc["arch_kwargs"]).to(device).eval()
+    models = {"dense": unpruned, "masked_dense": dense_counterpart(model), "stripe": model}
+    if args.fuse_bn:  # every model alike: BatchNorm folded into the conv before it
+        from ..fusion import fuse_batchnorm
+
+        models = {n: fuse_batchnorm(m.eval(), inplace=True) for n, m in models.items()}
+    env = environment(device)
+    layouts = ["nhwc"] if args.channels_last else args.layouts
+    results = []
+    for b in args.batch_size:
+        lat = model_latency(models, (b, *chw), device, repeats=args.repeats, min_time_s=args.min_time, layouts=layouts)
+        best = {n: best_of(lat, n) for n in models}
+        row = {"batch": b, "timings": lat,
+               **{f"{n}_ms": r["median_ms"] for n, (k, r) in best.items()},
+               **{f"{n}_layout": (k.partition("@")[2] or "nchw") for n, (k, r) in best.items()},
+               "speedup": best["dense"][1]["median_ms"] / best["stripe"][1]["median_ms"],
+               "speedup_vs_masked_dense": best["masked_dense"][1]["median_ms"] / best["stripe"][1]["median_ms"]}
+        results.append(row)
+    layers = layer_latency(model, (args.batch_size[-1], *chw), device, repeats=args.repeats, layouts=layouts) \
+        if args.layers else []
+    out = {"path": str(args.model_path), "environment": env, "input_chw": chw, "fuse_bn": args.fuse_bn,
+           "results": results, "layers": layers}
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(f"{args.model_path} on {device} ({env['threads']} threads, load {env.get('loadavg_1m', '?')}), "
+              f"median ms, fastest of layouts {'/'.join(layouts)}{', BatchNorm folded' if args.fuse_bn else ''}:")
+        print(f"{'batch':>6} {'dense':>14} {'dense shapes':>14} {'stripe':>14} {'speedup':>8}")
+        c = lambda r, n: f"{r[n + '_ms']:.3f} {r[n + '_layout'].upper()}"  # noqa: E731
+        for r in results:
+            print(f"{r['batch']:>6} {c(r, 'dense'):>14} {c(r, 'masked_dense'):>14} {c(r, 'stripe'):>14} "
+                  f"{r['speedup']:>7.2f}x")
+        print("dense: the unpruned network; dense shapes: the pruned network's shapes as dense nn.Conv2d; "
+              "speedup = dense / stripe")
+        for r in layers:
+            print(f"  {r['layer']:<24} density {r['density']:.3f}  dense {r['dense_ms']:.3f} ms  stripe "
+                  f"{r['stripe_ms']:.3f} ms  {r['speedup']:.2f}x (1/density {r['ideal_speedup']:.2f}x, "
+                  f"GPU tile eff. {r['gpu_tile_efficiency']:.2f})")
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def _device(name) -> torch.device:
+    """``--device``: the named device, or with ``auto`` a GPU when there is one."""
+    return torch.device(name) if name not in (None, "auto") else \
+        torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _input_chw(desc: dict, args) -> list:
+    """``[C, H, W]``: ``--input-size``, else the input size recorded with the saved model."""
+    if args.input_size:
+        return list(args.input_size)
+    recorded = desc.get("extra", {}).get("input_size")
+    if not recorded:
+        raise CLIError("the saved model does not record its input size: pass --input-size C H W")
+    return list(recorded)[1:]
