@@ -203,7 +203,7 @@ class Rotating:
 
 def run_layer(layer, args, dtype, device, peaks, gen, results):
     from stripeconv import backends, ops
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
     from stripeconv.packing import pack_weight
 
     name, b, c, n, hw, k, s, p = layer
@@ -265,8 +265,8 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
             mask = make_mask(n, k, density, kind, gen).to(device)
             real_density = mask.float().mean().item()
             packed = pack_weight(w_dense.detach(), mask).contiguous().requires_grad_(True)
-            widths = tb.tile_widths(mask, 1, device) if mask.any() else []
-            eff_by_width = {w: tb.tile_efficiency(mask, w) for w in widths}
+            widths = tp.tile_widths(mask, 1, device) if mask.any() else []
+            eff_by_width = {w: tp.tile_efficiency(mask, w) for w in widths}
             eff = max(eff_by_width.values(), default=1.0)
             for mode, backward in modes:
                 entry = {"layer": name, "batch": b, "C": c, "N": n, "H": hw, "k": k, "stride": s, "pad": p,

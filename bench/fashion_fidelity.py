@@ -100,7 +100,7 @@ def gpu_tile_efficiency(model, x) -> float:
     """Kept / computed stripes of the GPU forward kernel over the model's StripeConv2d layers,
     weighted by each layer's output pixels times input channels per group (its work per stripe),
     with the tile width the GPU dispatch would consider best (fewest computed stripes)."""
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
     kept = computed = 0.0
     hooks = []
@@ -112,7 +112,7 @@ def gpu_tile_efficiency(model, x) -> float:
             return
         work = output.shape[-2] * output.shape[-1] * layer.in_channels // layer.groups
         kept += int(mask.sum()) * work
-        computed += int(mask.sum()) / tb.best_tile_efficiency(mask, layer.groups) * work
+        computed += int(mask.sum()) / tp.best_tile_efficiency(mask, layer.groups) * work
 
     for module in model.modules():
         if isinstance(module, stripeconv.StripeConv2d):

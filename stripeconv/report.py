@@ -21,7 +21,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .backends import triton_backend
+from .backends import triton_plans
 from .nn import StripeConv2d
 
 __all__ = ["measure", "measure_interleaved", "best_of", "LAYOUTS", "dense_counterpart", "model_latency",
@@ -203,7 +203,7 @@ def layer_latency(model: nn.Module, input_shape, device: Union[str, torch.device
             "input_shape": list(shape), "density": layer.density, "stripes": layer.num_stripes,
             "dense_ms": d["median_ms"], "stripe_ms": st["median_ms"], "speedup": d["median_ms"] / st["median_ms"],
             "ideal_speedup": 1.0 / layer.density if layer.density else float("inf"),
-            "gpu_tile_efficiency": triton_backend.best_tile_efficiency(layer.stripe_mask.cpu(), layer.groups),
+            "gpu_tile_efficiency": triton_plans.best_tile_efficiency(layer.stripe_mask.cpu(), layer.groups),
             "dense_layout": dk.partition("@")[2] or "nchw", "stripe_layout": sk.partition("@")[2] or "nchw",
         })
     return rows

@@ -102,30 +102,30 @@ def test_no_timing_off_gpu_or_while_capturing(monkeypatch):
 
 def test_block_width_candidates():
     pytest.importorskip("numpy")
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
     gen = torch.Generator().manual_seed(0)
     dense = torch.ones(256, 3, 3, dtype=torch.bool)
-    assert tb.tile_widths(dense, 1, "cpu") == [64, 128]  # dense: wider tiles waste nothing
+    assert tp.tile_widths(dense, 1, "cpu") == [64, 128]  # dense: wider tiles waste nothing
     random = torch.rand(256, 3, 3, generator=gen) < 0.3
-    widths = tb.tile_widths(random, 1, "cpu")
+    widths = tp.tile_widths(random, 1, "cpu")
     assert 32 in widths and 128 not in widths  # random: narrower tiles compute fewer stripes
-    assert tb.forward_plan(random, 1, 32).computed < 0.9 * tb.forward_plan(random, 1, 64).computed
-    assert tb.tile_widths(torch.ones(32, 3, 3, dtype=torch.bool), 1, "cpu") == [32]  # narrow layer
+    assert tp.forward_plan(random, 1, 32).computed < 0.9 * tp.forward_plan(random, 1, 64).computed
+    assert tp.tile_widths(torch.ones(32, 3, 3, dtype=torch.bool), 1, "cpu") == [32]  # narrow layer
     # 45 filters: one 64-wide tile pads to 64 columns, three 16-wide tiles to 48.
-    assert tb.tile_widths(torch.ones(45, 3, 3, dtype=torch.bool), 1, "cpu") == [64, 16]
-    assert tb.tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool), 16) == pytest.approx(45 / 48)
+    assert tp.tile_widths(torch.ones(45, 3, 3, dtype=torch.bool), 1, "cpu") == [64, 16]
+    assert tp.tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool), 16) == pytest.approx(45 / 48)
 
 
 def test_best_tile_efficiency():
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
     gen = torch.Generator().manual_seed(3)
     patterns = torch.rand(8, 3, 3, generator=gen) < 0.4
     patterns[:, 1, 1] = True
     grouped = patterns.repeat_interleave(32, 0)  # 256 filters, one pattern per 32
-    assert tb.best_tile_efficiency(grouped) == pytest.approx(1.0)
-    assert tb.best_tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool)) == pytest.approx(45 / 48)
-    assert tb.best_tile_efficiency(torch.zeros(64, 3, 3, dtype=torch.bool)) == 1.0
+    assert tp.best_tile_efficiency(grouped) == pytest.approx(1.0)
+    assert tp.best_tile_efficiency(torch.ones(45, 3, 3, dtype=torch.bool)) == pytest.approx(45 / 48)
+    assert tp.best_tile_efficiency(torch.zeros(64, 3, 3, dtype=torch.bool)) == 1.0
     random = torch.rand(256, 3, 3, generator=gen) < 0.3
-    assert tb.best_tile_efficiency(random) == max(tb.tile_efficiency(random, w) for w in tb.tile_widths(random))
+    assert tp.best_tile_efficiency(random) == max(tp.tile_efficiency(random, w) for w in tp.tile_widths(random))

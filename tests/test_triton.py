@@ -438,9 +438,9 @@ def test_cuda(name):
 # ---- metadata (host only: no kernels run) -------------------------------------------------
 
 def _plan(mask, groups=1, block_n=16):
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
-    return tb.forward_plan(mask, groups, block_n)
+    return tp.forward_plan(mask, groups, block_n)
 
 
 def test_availability_reason():
@@ -491,20 +491,20 @@ def test_plan_permutation_and_weight_rows():
 
 
 def test_tile_efficiency():
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
     # Grouped stripes: the same positions across groups of 16 filters (shuffled) -> fully efficient.
     gen = torch.Generator().manual_seed(1)
     patterns = torch.rand(4, 3, 3, generator=gen) < 0.5
     patterns[:, 1, 1] = True
     mask = patterns.repeat_interleave(16, 0)[torch.randperm(64, generator=gen)]
-    assert tb.tile_efficiency(mask, block_n=16) == pytest.approx(1.0)
+    assert tp.tile_efficiency(mask, block_n=16) == pytest.approx(1.0)
     # Random masks: efficiency in (density, 1]; dense mask: 1; empty mask: 1 by convention.
     rnd = torch.rand(256, 3, 3, generator=gen) < 0.3
-    eff = tb.tile_efficiency(rnd, block_n=16)
+    eff = tp.tile_efficiency(rnd, block_n=16)
     assert 0.3 * 0.9 < eff <= 1.0
-    assert tb.tile_efficiency(torch.ones(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
-    assert tb.tile_efficiency(torch.zeros(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
+    assert tp.tile_efficiency(torch.ones(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
+    assert tp.tile_efficiency(torch.zeros(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
 
 
 def test_plan_cache_follows_mask_version():
@@ -518,15 +518,15 @@ def test_plan_cache_follows_mask_version():
 
 def test_forward_plans_follow_mask_version_and_tile_widths():
     """The per-call lookup of the forward's candidate plans is tile_widths' plans, rebuilt for a new mask."""
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import triton_plans as tp
 
     mask = torch.rand(96, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.3
-    plans = tb._forward_plans(mask, 1, mask.device)
-    assert [p.block_n for p in plans] == tb.tile_widths(mask) and len(plans) > 1
-    assert all(p is tb.forward_plan(mask, 1, p.block_n) for p in plans)
-    assert tb._forward_plans(mask, 1, mask.device) is plans
+    plans = tp.forward_plans(mask, 1, mask.device)
+    assert [p.block_n for p in plans] == tp.tile_widths(mask) and len(plans) > 1
+    assert all(p is tp.forward_plan(mask, 1, p.block_n) for p in plans)
+    assert tp.forward_plans(mask, 1, mask.device) is plans
     mask[:] = True
-    plans = tb._forward_plans(mask, 1, mask.device)
+    plans = tp.forward_plans(mask, 1, mask.device)
     assert [p.kept for p in plans] == [96 * 9] * len(plans)
 
 
@@ -605,7 +605,7 @@ def test_forward_reads_the_packed_weight_in_place():
         w_arg, rows_arg = launch.args[1], launch.args[8]
         assert torch.equal(w_arg, packed) and w_arg.is_contiguous()
         assert (w_arg.data_ptr() == weight.data_ptr()) == weight.is_contiguous()
-        plan = tb._forward_plans(mask, 1, x.device)[0]
+        plan = tb.forward_plans(mask, 1, x.device)[0]
         assert rows_arg is plan.w_rows and rows_arg.dtype == torch.int32
 
 
@@ -669,11 +669,11 @@ def test_settled_forward_calls(settled_calls, monkeypatch):
         grows(lambda: call(nchw()))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    old_rows = tb._forward_plans(mask, 1, mask.device)[0].w_rows
+    old_rows = tb.forward_plans(mask, 1, mask.device)[0].w_rows
     with torch.no_grad():
         mask[:4] = True  # same tensor, new contents: a new plan
     launch = grows(lambda: call(nchw()))
-    assert launch.args[8] is not old_rows and torch.equal(launch.args[8], tb._forward_plans(mask, 1, "cpu")[0].w_rows)
+    assert launch.args[8] is not old_rows and torch.equal(launch.args[8], tb.forward_plans(mask, 1, "cpu")[0].w_rows)
     tb.clear_cache()
     assert not tb._settled
 

@@ -1,0 +1,350 @@
+"""Mask-derived metadata of the Triton backend's kernels (:mod:`.triton_backend` launches them).
+
+Host code only (torch and numpy, no triton), so that tools which only need tile efficiency
+(reports, benchmarks) run without triton or a GPU.
+
+Forward: filters are permuted into tiles of ``BLOCK_N`` filters of one group, chosen so that the
+union of the positions kept by a tile's filters is small (filters are clustered by their position
+bit pattern: greedy growth of the union, or a sort by pattern, whichever computes fewer stripes),
+and tiles are sorted by work (heavy tiles first). The kernel reads the packed ``[S, C/g]`` rows in
+place through a ``[T, U, BLOCK_N]`` table of row indices (-1 where a filter does not keep a
+position of its tile's union: a masked load of zeros), so a call copies no weights. *Tile
+efficiency* = kept stripes / stripes computed (``sum_t |union_t| * BLOCK_N``);
+:func:`tile_efficiency` reports it for one width, :func:`best_tile_efficiency` for the best of the
+widths :func:`tile_widths` offers.
+
+Backward: the filter of each packed row; for grad input, per (output phase, group) the chunks of
+packed rows of the positions whose taps line up with that phase (this depends on stride, padding
+and dilation too); for grad weight, row blocks of one (position, group). Grad input and grad
+weight spend no work on pruned stripes.
+
+All metadata depends only on the mask (and groups, block sizes, conv geometry). It is cached per
+mask (:mod:`._masks`: keyed on its ``(data_ptr, _version, shape, device)``, holding a reference so
+that its storage cannot be recycled for another mask while cached). Building it reads the mask on
+the host once (a device sync); a cached lookup does not sync.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._masks import clear, mask_key, memo
+
+__all__ = [
+    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "DensePlan", "default_block_n", "forward_plan",
+    "tile_efficiency", "tile_widths", "best_tile_efficiency", "clear_cache",
+]
+
+
+def next_pow2(x: int) -> int:
+    """The smallest power of two >= ``x`` (1 for ``x <= 1``)."""
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def default_block_n(out_per_group: int) -> int:
+    """Filters per forward tile: 64 (wgmma-sized) for wide layers, smaller for narrow ones."""
+    env = os.environ.get("STRIPECONV_TRITON_BLOCK_N")
+    if env:
+        return int(env)
+    if out_per_group >= 16:
+        return min(64, next_pow2(out_per_group))
+    return max(2, next_pow2(out_per_group))
+
+
+def _tiles_greedy(pat: np.ndarray, block_n: int) -> list[list[int]]:
+    """Greedy clustering: seed with the heaviest free filter, add the filters that grow the
+    union least (all zero-growth filters at once)."""
+    nf, npos = pat.shape
+    cnt = pat.sum(1)
+    free = np.ones(nf, dtype=bool)
+    tiles = []
+    while free.any():
+        idx = np.nonzero(free)[0]
+        seed = idx[np.argmax(cnt[idx])]
+        union = pat[seed].copy()
+        members = [int(seed)]
+        free[seed] = False
+        while len(members) < block_n and free.any():
+            idx = np.nonzero(free)[0]
+            grow = (pat[idx] & ~union).sum(1)
+            zero = idx[grow == 0]
+            if len(zero):
+                take = zero[np.argsort(-cnt[zero], kind="stable")][: block_n - len(members)]
+            else:
+                score = grow * (npos + 1) - cnt[idx]  # least growth, then most kept stripes
+                take = idx[[int(np.argmin(score))]]
+            members.extend(int(k) for k in take)
+            free[take] = False
+            union |= pat[take].any(0)
+        tiles.append(members)
+    return tiles
+
+
+def _tiles_sorted(pat: np.ndarray, block_n: int) -> list[list[int]]:
+    """Sort filters by bit pattern (most frequently kept position = most significant bit)."""
+    nf, npos = pat.shape
+    order = np.argsort(-pat.sum(0), kind="stable")
+    keys = [tuple(row) for row in pat[:, order].astype(np.int8)]
+    ranked = sorted(range(nf), key=lambda k: keys[k], reverse=True)
+    return [ranked[s:s + block_n] for s in range(0, nf, block_n)]
+
+
+def _computed(pat: np.ndarray, tiles: list[list[int]], block_n: int) -> int:
+    return sum(int(pat[t].any(0).sum()) * block_n for t in tiles)
+
+
+@dataclass
+class ForwardPlan:
+    """Filter tiles of the forward kernel for one mask, groups and tile width (index tensors on the device)."""
+
+    block_n: int
+    num_tiles: int
+    umax: int
+    tile_pos: Tensor      # [T, UMAX] int32 positions of each tile's union (padded with 0)
+    tile_npos: Tensor     # [T] int32
+    tile_ch: Tensor       # [T, BLOCK_N] int32 original channel of each column, -1 = padding
+    tile_grp: Tensor      # [T] int32 group of each tile
+    w_rows: Tensor        # [T * UMAX * BLOCK_N] int32 packed row of each (tile, union position, column), -1 = zero
+    kept: int
+    computed: int
+    density: float
+    mask_shape: tuple
+
+    @property
+    def efficiency(self) -> float:
+        return self.kept / self.computed if self.computed else 1.0
+
+
+@dataclass
+class GradInputPlan:
+    """Packed-row chunks of the grad input kernel, per (output phase, group)."""
+
+    filt: Tensor          # [S] int32 filter of each packed row
+    chunk_off: Tensor     # [PHASES * G + 1] int32: chunks of (phase, group) k are off[k]..off[k+1]
+    chunk_r0: Tensor      # [NC] int32 packed rows r0..r1 of one position and group
+    chunk_r1: Tensor
+    chunk_dh: Tensor      # [NC] int32 dy row/column read, relative to the phase pixel
+    chunk_dw: Tensor
+    density: float
+
+
+@dataclass
+class GradWeightPlan:
+    """Packed-row blocks of the grad weight kernel, one (position, group) each."""
+
+    filt: Tensor          # [S] int32 filter of each packed row
+    block_r: int
+    blk_pos: Tensor       # [NB] int32 blocks of packed rows of one (position, group)
+    blk_r0: Tensor
+    blk_r1: Tensor
+    blk_grp: Tensor
+    num_blocks: int
+    density: float
+
+
+def _row_ids(mask_cpu: Tensor) -> np.ndarray:
+    """[P, N] packed row index of every stripe (position-major), -1 where pruned."""
+    n, kh, kw = mask_cpu.shape
+    pm = mask_cpu.permute(1, 2, 0).reshape(kh * kw, n).numpy()
+    rid = np.cumsum(pm.reshape(-1)).reshape(pm.shape) - 1
+    return np.where(pm, rid, -1)
+
+
+def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> ForwardPlan:
+    n, kh, kw = mask_cpu.shape
+    npos = kh * kw
+    ng = n // groups
+    pat_all = mask_cpu.reshape(n, npos).numpy().astype(bool)
+    rid = _row_ids(mask_cpu)
+    s = int(pat_all.sum())
+    tiles = []  # (group, [filters])
+    for g in range(groups):
+        pat = pat_all[g * ng:(g + 1) * ng]
+        cand = [_tiles_sorted(pat, block_n)]
+        if ng > block_n:
+            cand.append(_tiles_greedy(pat, block_n))
+        best = min(cand, key=lambda tl_: _computed(pat, tl_, block_n))
+        tiles.extend((g, [g * ng + k for k in sorted(t)]) for t in best)
+    unions = [np.nonzero(pat_all[f].any(0))[0] for _, f in tiles]
+    order = sorted(range(len(tiles)), key=lambda k: -len(unions[k]))  # heavy tiles first
+    num_tiles = len(tiles)
+    umax = max([1] + [len(u) for u in unions])
+    tile_pos = np.zeros((num_tiles, umax), dtype=np.int32)
+    tile_npos = np.zeros(num_tiles, dtype=np.int32)
+    tile_ch = np.full((num_tiles, block_n), -1, dtype=np.int32)
+    tile_grp = np.zeros(num_tiles, dtype=np.int32)
+    w_rows = np.full((num_tiles, umax, block_n), -1, dtype=np.int32)
+    computed = 0
+    for t, k in enumerate(order):
+        g, filters = tiles[k]
+        u = unions[k]
+        tile_pos[t, :len(u)] = u
+        tile_npos[t] = len(u)
+        tile_ch[t, :len(filters)] = filters
+        tile_grp[t] = g
+        if len(u):
+            r = rid[np.ix_(u, filters)]  # [U, F]
+            w_rows[t, :len(u), :len(filters)] = r
+        computed += len(u) * block_n
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return ForwardPlan(
+        block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
+        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
+        computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw),
+    )
+
+
+def _segments(mask_cpu: Tensor, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(filter of each packed row, [P, G + 1] row offsets of each (position, group))."""
+    n, kh, kw = mask_cpu.shape
+    npos = kh * kw
+    pm = mask_cpu.permute(1, 2, 0).reshape(npos, n).numpy().astype(bool)  # [P, N]
+    filt = np.nonzero(pm)[1].astype(np.int32)  # row-major over (p, n): the packed order
+    per_group = pm.reshape(npos, groups, n // groups).sum(2)  # [P, G]
+    starts = np.concatenate([[0], np.cumsum(pm.sum(1))])[:-1]
+    seg = np.zeros((npos, groups + 1), dtype=np.int64)
+    seg[:, 0] = starts
+    seg[:, 1:] = starts[:, None] + np.cumsum(per_group, 1)
+    return filt, seg
+
+
+def _dev(a: np.ndarray, device, dtype=np.int32) -> Tensor:
+    a = np.asarray(a, dtype=dtype).reshape(-1)
+    return torch.from_numpy(np.ascontiguousarray(a if len(a) else np.zeros(1, dtype))).to(device)
+
+
+def _build_grad_input(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> GradInputPlan:
+    (sh, sw), (pt, pl), (dh, dw) = conv
+    n, kh, kw = mask_cpu.shape
+    filt, seg = _segments(mask_cpu, groups)
+    chunks, offsets = [], [0]
+    for rh in range(sh):
+        for rw in range(sw):
+            # Taps of position (i, j) line up with this phase iff (rh + pt - i*dh) % sh == 0 (and
+            # likewise for w); then they read dy at (hp + oh, wp + ow) for every phase pixel.
+            for g in range(groups):
+                for p in range(kh * kw):
+                    i, j = divmod(p, kw)
+                    th, tw = rh + pt - i * dh, rw + pl - j * dw
+                    if th % sh or tw % sw:
+                        continue
+                    a, b = int(seg[p, g]), int(seg[p, g + 1])
+                    chunks.extend((r0, min(b, r0 + block), th // sh, tw // sw) for r0 in range(a, b, block))
+                offsets.append(len(chunks))
+    ch = np.array(chunks, dtype=np.int64).reshape(-1, 4)
+    return GradInputPlan(
+        filt=_dev(filt, device), chunk_off=_dev(offsets, device), chunk_r0=_dev(ch[:, 0], device),
+        chunk_r1=_dev(ch[:, 1], device), chunk_dh=_dev(ch[:, 2], device), chunk_dw=_dev(ch[:, 3], device),
+        density=len(filt) / max(1, mask_cpu.numel()),
+    )
+
+
+def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> GradWeightPlan:
+    filt, seg = _segments(mask_cpu, groups)
+    blocks = []
+    for p in range(seg.shape[0]):
+        for g in range(groups):
+            a, b = int(seg[p, g]), int(seg[p, g + 1])
+            blocks.extend((p, r0, min(b, r0 + block), g) for r0 in range(a, b, block))
+    blk = np.array(blocks, dtype=np.int64).reshape(-1, 4)
+    return GradWeightPlan(
+        filt=_dev(filt, device), block_r=block, blk_pos=_dev(blk[:, 0], device), blk_r0=_dev(blk[:, 1], device),
+        blk_r1=_dev(blk[:, 2], device), blk_grp=_dev(blk[:, 3], device), num_blocks=len(blk),
+        density=len(filt) / max(1, mask_cpu.numel()),
+    )
+
+
+@dataclass
+class DensePlan:
+    """Index maps between the packed rows and a dense weight (the dense conv's weight and gradient)."""
+
+    scatter: Tensor       # [N * kh * kw] int64 packed row of each (filter, position), S = pruned
+    gather: Tensor        # [S] int64 (filter, position) of each packed row
+
+
+def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> DensePlan:
+    n, kh, kw = mask_cpu.shape
+    rid = _row_ids(mask_cpu).T.reshape(-1)  # [N * P]: (filter, position) order
+    s = int(mask_cpu.sum())
+    return DensePlan(scatter=_dev(np.where(rid >= 0, rid, s), device, np.int64),
+                     gather=_dev(np.argsort(np.where(rid >= 0, rid, s), kind="stable")[:s], device, np.int64))
+
+
+_BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
+             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
+
+
+def cached_plan(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
+    """The ``kind`` plan (``fwd``, ``dgrad``, ``wgrad``, ``dense``) of ``mask``, built on its first request."""
+    def build():
+        mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
+        return _BUILDERS[kind](mask_cpu, groups, block, conv, device)
+    return memo((kind, *mask_key(mask), groups, block, str(device), conv), mask, build)
+
+
+def clear_cache() -> None:
+    """Drop all cached mask metadata (the cache is shared with the other backends).
+
+    :func:`stripeconv.backends.triton_backend.clear_cache` also drops the backend's settled calls."""
+    clear()
+
+
+def forward_plan(mask: Tensor, groups: int = 1, block_n: Optional[int] = None,
+                 device: Optional[Union[str, torch.device]] = None) -> ForwardPlan:
+    """The (cached) forward tile plan of ``mask`` (index tensors on ``device``, default the mask's)."""
+    ng = mask.shape[0] // groups
+    return cached_plan("fwd", mask, groups, block_n or default_block_n(ng), device or mask.device)
+
+
+def tile_efficiency(mask: Tensor, block_n: Optional[int] = None, groups: int = 1) -> float:
+    """Kept stripes / stripes computed by the forward kernel for ``mask`` (1.0 = no waste)."""
+    return forward_plan(mask, groups, block_n).efficiency
+
+
+def tile_widths(mask: Tensor, groups: int = 1, device: Optional[Union[str, torch.device]] = None) -> list[int]:
+    """Filter-tile widths worth timing for ``mask``, the default first (64 for wide layers).
+
+    Half and quarter widths (not below 16, the smallest tensor-core tile) join when each computes
+    at least 10 % fewer stripes than the widths before it: random masks, whose tiles' position
+    unions shrink with the tile, and channel counts that a wide tile pads (45 filters in one
+    64-wide tile compute 64 columns, in three 16-wide tiles 48). 128 joins for dense-ish masks
+    when it computes at most 5 % more than 64: wider wgmma tiles reuse each input tile more.
+    """
+    ng = mask.shape[0] // groups
+    device = device or mask.device
+    default = default_block_n(ng)
+    if os.environ.get("STRIPECONV_TRITON_BLOCK_N") or default < 16:
+        return [default]
+    computed = lambda w: forward_plan(mask, groups, w, device).computed  # noqa: E731
+    widths, best = [default], computed(default)
+    for w in (default // 2, default // 4):
+        if w >= 16 and computed(w) < 0.9 * best:
+            widths.append(w)
+            best = computed(w)
+    if default == 64 and ng >= 128 and computed(128) <= 1.05 * computed(64):
+        widths.append(128)
+    return widths
+
+
+def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
+    """The plans of :func:`tile_widths`, in its order: one cache lookup a call instead of one a width."""
+    key = ("fwd_widths", *mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
+    return memo(key, mask, lambda: [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)])
+
+
+def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
+    """Kept / computed stripes of the forward kernel at the tile width that computes the fewest
+    (1.0 = no waste). Host-only: needs neither triton nor a GPU."""
+    if not bool(mask.any()):
+        return 1.0
+    computed = min(forward_plan(mask, groups, w).computed for w in tile_widths(mask, groups))
+    return int(mask.sum()) / computed
+
