@@ -471,3 +471,44 @@ def test_dense_dispatch_near_density_one(policy, monkeypatch):
     x, w, mask, bias = _make(dict(b=1, c=4, n=4, h=6, w=6, k=(3, 3), density=1.0), torch.float32)
     y = ops.forward(x, w, bias, mask, [1, 1], [0, 2, 1, 1], [1, 1], 1)
     torch.testing.assert_close(y, _dense(x, w, mask, bias, (1, 1), (0, 2, 1, 1), (1, 1), 1), atol=2e-4, rtol=1e-4)
+
+
+def _ran_dense_conv(call) -> bool:
+    """Whether ``call`` ran at::convolution (the dense hand-over) rather than the stripe kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        call()
+    return any(e.name == "aten::convolution" for e in prof.events())
+
+
+@pytest.mark.parametrize("b, c, hw, channels_last, dense", [
+    (4, 64, 32, True, True),     # large plane, 151 M multiply-adds: torch's channels_last conv is faster
+    (1, 64, 56, True, True),
+    (64, 64, 4, True, False),    # a 4x4 plane: torch's channels_last conv leaves oneDNN
+    (1, 64, 8, True, False),     # 64 output pixels: too little work to repay unpacking the weight
+    (2, 16, 32, True, False),    # 2048 pixels but 9 M multiply-adds
+    (16, 32, 8, False, True),    # NCHW: small plane, batch >= 8
+    (4, 64, 32, False, False),   # NCHW: the stripe kernel
+])
+def test_dense_handover_rule(b, c, hw, channels_last, dense, monkeypatch):
+    """At density >= 0.9 the automatic policy picks the dense conv only for the shapes where it measured faster
+    (kDenseDensity and prefers_dense_* in csrc/cpu/dense.h); ``never`` and ``always`` override it."""
+    torch.manual_seed(0)
+    mask = torch.ones(c, 3, 3, dtype=torch.bool)
+    mask[0, 0, 0] = False  # density just below 1
+    w = pack_weight(torch.randn(c, c, 3, 3), mask)
+    x = torch.randn(b, c, hw, hw)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    ref = _dense(x, w, mask, None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    for policy, want in (("auto", dense), ("never", False), ("always", True)):
+        monkeypatch.setenv("STRIPECONV_CPU_DENSE", policy)
+        out = []
+        assert _ran_dense_conv(lambda: out.append(ops.forward(x, w, None, mask, *conv))) == want, policy
+        torch.testing.assert_close(out[0], ref, atol=2e-4, rtol=1e-4)
+    mask[:, 1, 1] = False  # density 8/9 < 0.9: the stripe kernel whatever the shape
+    w = pack_weight(torch.randn(c, c, 3, 3), mask)
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "auto")
+    assert not _ran_dense_conv(lambda: ops.forward(x, w, None, mask, *conv))

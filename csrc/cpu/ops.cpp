@@ -96,7 +96,8 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   const bool dense_ok = g.pt == g.pb && g.pl == g.pr && g.B > 0 && g.Ho > 0 && g.Wo > 0 && g.Cg > 0 &&
                         static_cast<double>(g.S) >= kDenseDensity * static_cast<double>(g.N * g.P());
   if (policy == DensePolicy::kNever || !dense_ok) return stripe();
-  if (policy == DensePolicy::kAlways || is_channels_last(input) || prefers_dense_nchw(g))
+  const bool dense_faster = is_channels_last(input) ? prefers_dense_channels_last(g) : prefers_dense_nchw(g);
+  if (policy == DensePolicy::kAlways || dense_faster)
     return dense_forward(input, weight, bias, stripe_mask, g);
   return stripe();
 }
