@@ -512,3 +512,67 @@ def test_dense_handover_rule(b, c, hw, channels_last, dense, monkeypatch):
     w = pack_weight(torch.randn(c, c, 3, 3), mask)
     monkeypatch.setenv("STRIPECONV_CPU_DENSE", "auto")
     assert not _ran_dense_conv(lambda: ops.forward(x, w, None, mask, *conv))
+
+
+def test_dense_handover_reuses_unpacked_weight_only_while_unchanged(monkeypatch):
+    """The hand-over keeps the unpacked weight between calls: every change to the packed weight or
+    the mask (in place, through ``.data``, in a new tensor at a recycled address) must reach the
+    output, and inference tensors (no version counter) must still work."""
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "always")
+    torch.manual_seed(0)
+    conv = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    mask = torch.rand(12, 3, 3) < 0.95
+    w = pack_weight(torch.randn(12, 8, 3, 3), mask)
+    x = torch.randn(2, 8, 7, 7)
+
+    def check():
+        torch.testing.assert_close(ops.forward(x, w, None, mask, *conv),
+                                   _dense(x, w, mask, None, (1, 1), (1, 1, 1, 1), (1, 1), 1), atol=2e-4, rtol=1e-4)
+
+    check()
+    check()  # the cached weight
+    w.mul_(-0.5)  # in place (an optimizer step)
+    check()
+    with torch.no_grad():
+        w[3] = torch.randn(8)
+    check()
+    w.data = torch.randn(w.shape)  # a new storage behind the same tensor
+    check()
+    drop, add = tuple(mask.nonzero()[0]), tuple((~mask).nonzero()[0])
+    mask[drop], mask[add] = False, True  # in place: the same stripe count, other stripes
+    check()
+    for _ in range(3):  # fresh tensors each time, so addresses may be recycled
+        mask = torch.rand(12, 3, 3) < 0.95
+        w = pack_weight(torch.randn(12, 8, 3, 3), mask)
+        check()
+    with torch.inference_mode():
+        mask, w = mask.clone(), w.clone()
+        check()
+        w.mul_(2)
+        check()
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE_CACHE_MB", "0")
+    check()
+
+
+def test_dense_handover_trains_like_the_oracle(monkeypatch):
+    """SGD steps through the hand-over forward (the cached unpacked weight is rewritten every
+    step) follow SGD steps through F.conv2d on the masked weight."""
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "always")
+    from stripeconv import StripeConv2d
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    mask = torch.rand(16, 3, 3) < 0.95
+    layer = StripeConv2d.from_conv(conv, mask)
+    ref_w = (conv.weight.detach() * mask[:, None]).clone().requires_grad_()
+    ref_b = conv.bias.detach().clone().requires_grad_()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    ref_opt = torch.optim.SGD([ref_w, ref_b], lr=0.1)
+    for step in range(4):
+        x = torch.randn(4, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+        y, ref = layer(x), F.conv2d(x, ref_w * mask[:, None], ref_b, padding=1)
+        torch.testing.assert_close(y, ref, atol=2e-4, rtol=1e-4)
+        for o, out in ((opt, y), (ref_opt, ref)):
+            o.zero_grad()
+            out.square().mean().backward()
+            o.step()

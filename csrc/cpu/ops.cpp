@@ -93,7 +93,9 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
     return forward_impl<float>(input, weight, bias, stripe_mask, g);
   };
   const DensePolicy policy = dense_policy();
-  const bool dense_ok = g.pt == g.pb && g.pl == g.pr && g.B > 0 && g.Ho > 0 && g.Wo > 0 && g.Cg > 0 &&
+  // at::conv2d takes symmetric padding only and refuses empty planes and empty weights
+  const bool nonempty = g.B > 0 && g.H > 0 && g.W > 0 && g.Ho > 0 && g.Wo > 0 && g.Cg > 0 && g.N > 0;
+  const bool dense_ok = g.pt == g.pb && g.pl == g.pr && nonempty &&
                         static_cast<double>(g.S) >= kDenseDensity * static_cast<double>(g.N * g.P());
   if (policy == DensePolicy::kNever || !dense_ok) return stripe();
   const bool dense_faster = is_channels_last(input) ? prefers_dense_channels_last(g) : prefers_dense_nchw(g);
