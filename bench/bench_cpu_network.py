@@ -8,6 +8,11 @@ median and min latency and the speedup of the stripe network over the faster den
 
     python bench/bench_cpu_network.py --model vgg16_bn --density 0.5 --batch 64 --threads 2
     python bench/bench_cpu_network.py --model resnet56 --json bench/results/cpu_network.json
+    python bench/bench_cpu_network.py --density 1 --batch 1 --dense-policies never always
+
+``--dense-policies`` also times the stripe network with ``STRIPECONV_CPU_DENSE`` (the CPU
+forward's dense hand-over near density 1) set to each policy given, interleaved with the rest;
+their rows are ``stripe_<layout>@<policy>``. The other rows run under the environment's setting.
 """
 from __future__ import annotations
 
@@ -50,6 +55,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the network")
     parser.add_argument("--json", metavar="PATH", help="write raw results and machine info to PATH")
+    parser.add_argument("--dense-policies", nargs="+", choices=("auto", "never", "always"), default=[],
+                        help="also time the stripe network with STRIPECONV_CPU_DENSE set to each of these")
     args = parser.parse_args(argv)
     if not 0.0 < args.density <= 1.0:
         parser.error(f"--density must be in (0, 1], got {args.density}")
@@ -58,30 +65,35 @@ def main(argv=None) -> dict:
     ok, reason = stripeconv.backends._module("cpu").is_available()
     if not ok:
         sys.exit(f"the cpu backend is not available: {reason}")
-    previous = stripeconv.get_backend()
+    previous, saved_policy = stripeconv.get_backend(), os.environ.get("STRIPECONV_CPU_DENSE")
     stripeconv.set_backend("cpu")
     try:
         dense, stripe, masks = build(args.model, args.density, args.width)
         x = torch.randn(args.batch, 3, 32, 32)
         cl = torch.channels_last
-        cases = {
-            "dense_nchw": (dense, x),
-            "stripe_nchw": (stripe, x),
-            "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl), x.contiguous(memory_format=cl)),
-            "stripe_channels_last": (copy.deepcopy(stripe).to(memory_format=cl), x.contiguous(memory_format=cl)),
+        stripe_cl = copy.deepcopy(stripe).to(memory_format=cl)
+        cases = {  # name: (network, input, STRIPECONV_CPU_DENSE; None: the environment's setting)
+            "dense_nchw": (dense, x, None),
+            "stripe_nchw": (stripe, x, None),
+            "dense_channels_last": (copy.deepcopy(dense).to(memory_format=cl), x.contiguous(memory_format=cl), None),
+            "stripe_channels_last": (stripe_cl, x.contiguous(memory_format=cl), None),
         }
+        for policy in args.dense_policies:
+            cases[f"stripe_nchw@{policy}"] = (stripe, x, policy)
+            cases[f"stripe_channels_last@{policy}"] = (stripe_cl, x.contiguous(memory_format=cl), policy)
         times = {k: [] for k in cases}
         with torch.no_grad():
             torch.testing.assert_close(stripe(x), dense_masked(dense, masks)(x), atol=1e-3, rtol=1e-3)
-            for net, inp in cases.values():
-                net(inp)
-            for _ in range(args.repeats):
-                for k, (net, inp) in cases.items():
+            for _ in range(args.repeats + 1):  # the first round warms up
+                for k, (net, inp, policy) in cases.items():
+                    _set_policy(policy if policy is not None else saved_policy)
                     t = time.perf_counter()
                     net(inp)
                     times[k].append(time.perf_counter() - t)
+            times = {k: v[1:] for k, v in times.items()}
     finally:
         stripeconv.set_backend(previous)
+        _set_policy(saved_policy)
     res = {k: summary(v) for k, v in times.items()}
     best_dense = min(res["dense_nchw"]["median_ms"], res["dense_channels_last"]["median_ms"])
     kept = sum(int(m.sum()) for m in masks.values())
@@ -94,7 +106,7 @@ def main(argv=None) -> dict:
     print(f"# {args.model}, {len(masks)} stripe layers, density {kept / total:.3f}, batch {args.batch}, "
           f"{m['torch_threads']} threads, {m['cpu']}, torch {m['torch']}, {m['date']}")
     for k, r in res.items():
-        print(f"{k:<22} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}")
+        print(f"{k:<29} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}")
     print(f"speedup over the faster dense layout: NCHW {out['speedup_nchw']:.2f}x, "
           f"channels_last {out['speedup_channels_last']:.2f}x (1/density {total / max(kept, 1):.2f}x)")
     if args.json:
@@ -103,6 +115,13 @@ def main(argv=None) -> dict:
             json.dump(out, f, indent=1)
         print(f"# wrote {args.json}")
     return out
+
+
+def _set_policy(policy) -> None:
+    if policy is None:
+        os.environ.pop("STRIPECONV_CPU_DENSE", None)
+    else:
+        os.environ["STRIPECONV_CPU_DENSE"] = policy
 
 
 def dense_masked(dense: torch.nn.Module, masks: dict) -> torch.nn.Module:

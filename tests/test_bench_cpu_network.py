@@ -29,6 +29,15 @@ def test_network_bench_runs_and_writes_json(tmp_path, capsys):
     assert "speedup over the faster dense layout" in capsys.readouterr().out
 
 
+def test_network_bench_times_dense_policies(tmp_path, monkeypatch):
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "never")
+    res = bench_cpu_network.main(["--model", "resnet8", "--width", "0.5", "--batch", "2", "--repeats", "2",
+                                  "--density", "1", "--dense-policies", "always", "auto"])
+    for k in ("stripe_nchw", "stripe_nchw@always", "stripe_channels_last@auto", "stripe_channels_last@always"):
+        assert len(res["raw_s"][k]) == 2 and res["timings"][k]["median_ms"] > 0
+    assert os.environ["STRIPECONV_CPU_DENSE"] == "never"  # the environment's setting, restored
+
+
 def test_network_bench_refuses_bad_density():
     with pytest.raises(SystemExit):
         bench_cpu_network.main(["--density", "0"])
