@@ -20,8 +20,9 @@ namespace detail {
 // so NCHW input takes the stripe kernel, except when the output plane is small (<= 64 pixels)
 // and the batch is not (>= 8): there the stripe engine has a single 64-pixel chunk per image
 // and oneDNN's NCHW path is faster (2 threads: 256->256 8x8 b16 0.85x -> 0.92x of the best
-// oneDNN time), while at batch 1 unpacking the weights dominates (512->512 7x7 b1: 0.85x
-// stripe vs 0.55x dense).
+// oneDNN time), while at batch 1 unpacking the weights, which every training step pays (the
+// unpacked weight is kept only while weight and mask are unchanged), dominates (512->512 7x7
+// b1: 0.85x stripe vs 0.55x dense).
 //
 // channels_last input (2-core Xeon, AVX-512, density 1, 2 threads, stripe kernel vs hand-over):
 // torch's channels_last conv is fast on large planes and slow on small ones (it reorders the
