@@ -552,6 +552,13 @@ def test_dense_handover_reuses_unpacked_weight_only_while_unchanged(monkeypatch)
         check()
     monkeypatch.setenv("STRIPECONV_CPU_DENSE_CACHE_MB", "0")
     check()
+    # a 1 MB budget holds two of these 0.4 MB weights: cycling through four evicts on every call
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE_CACHE_MB", "1")
+    layers = [(m, pack_weight(torch.randn(96, 128, 3, 3), m)) for m in (torch.rand(96, 3, 3) < 0.95 for _ in range(4))]
+    x = torch.randn(1, 128, 5, 5)
+    for _ in range(2):
+        for mask, w in layers:
+            check()
 
 
 def test_dense_handover_trains_like_the_oracle(monkeypatch):
