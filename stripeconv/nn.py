@@ -17,6 +17,8 @@ from .packing import check_stripe_mask, pack_weight, unpack_weight
 __all__ = ["StripeConv2d", "convert"]
 
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+# One cheap call answers "no autocast anywhere", the common case (the per-device query costs ~1 us).
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _IntOr2 = Union[int, tuple[int, int]]
 
 
@@ -33,6 +35,8 @@ def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The dtype autocast runs convolutions in on ``device_type``, or None outside an autocast region."""
+    if not _any_autocast_enabled():
+        return None
     if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
@@ -73,7 +77,7 @@ class StripeConv2d(nn.Module):
 
     # TorchScript compiles forward only (see _scripted_forward); these stay Python.
     __jit_unused_properties__ = ["weight", "num_stripes", "density"]
-    __jit_ignored_attributes__ = ["_constant_map_cache"]
+    __jit_ignored_attributes__ = ["_constant_map_cache", "_accepted_input"]
 
     def __init__(
         self,
@@ -136,6 +140,7 @@ class StripeConv2d(nn.Module):
             self.register_parameter("bias", None)
         self.register_buffer("constant_channel_weight", None)
         self._constant_map_cache = None  # (key, map) for the last input size; see _constant_map
+        self._accepted_input = None  # see _check_input
 
     # ----------------------------------------------------------------------------- geometry
     def _explicit_padding(self) -> tuple[int, int, int, int]:
@@ -264,9 +269,29 @@ class StripeConv2d(nn.Module):
         return conv
 
     # ------------------------------------------------------------------------------ forward
-    def _check_input(self, input: Tensor) -> None:
+    def _tensors(self) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+        """``packed_weight``, ``bias``, ``stripe_mask``, ``constant_channel_weight``.
+
+        Read from the parameter and buffer dicts: ``nn.Module.__getattr__`` costs about 0.7 us per
+        name, a sizeable part of a small layer's call. A parametrized tensor (``torch.nn.utils.
+        parametrize``) leaves its dict for a property, which the attribute lookup then reaches.
+        """
+        params, buffers = self._parameters, self._buffers
+        try:
+            return params["packed_weight"], params["bias"], buffers["stripe_mask"], buffers["constant_channel_weight"]
+        except KeyError:
+            return self.packed_weight, self.bias, self.stripe_mask, self.constant_channel_weight
+
+    def _check_input(self, input: Tensor, weight: Tensor) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"StripeConv2d expects a Tensor input, got {type(input).__name__}")
+        # Eager calls with the shape, dtype and device last accepted pass at once (the layer's geometry
+        # is fixed at construction). A dtype other than the weight's depends on autocast: checked each
+        # call. Compiled graphs check at trace time and read no memo (it would become a guard).
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling else (input.shape, input.dtype, input.device, weight.dtype, weight.device)
+        if key is not None and key == getattr(self, "_accepted_input", None):
+            return
         if input.dim() not in (3, 4):
             raise ValueError(
                 f"StripeConv2d expects a 3-D (C, H, W) or 4-D (B, C, H, W) input, got {input.dim()}-D "
@@ -275,12 +300,13 @@ class StripeConv2d(nn.Module):
         channels = input.shape[-3]
         if channels != self.in_channels:
             raise ValueError(f"StripeConv2d expected input with {self.in_channels} channels, got {channels}")
-        weight = self.packed_weight
         if input.dtype != weight.dtype and _autocast_dtype(input.device.type) is None:
             raise TypeError(f"input dtype {input.dtype} does not match the weight dtype {weight.dtype}")
         if input.device != weight.device:
             raise RuntimeError(f"input is on {input.device} but the weights are on {weight.device}")
         check_output_size(input.shape[-2:], self.kernel_size, self.stride, self._pads, self.dilation)
+        if key is not None and input.dtype == weight.dtype:
+            self._accepted_input = key
 
     def forward(self, input: Tensor) -> Tensor:
         if torch.jit.is_scripting():
@@ -289,7 +315,8 @@ class StripeConv2d(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        self._check_input(input)
+        weight, bias, mask, constant = self._tensors()
+        self._check_input(input, weight)
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)
@@ -299,14 +326,13 @@ class StripeConv2d(nn.Module):
             t, b, l, r = pads
             input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
             pads = (0, 0, 0, 0)
-        weight, bias = self.packed_weight, self.bias
         amp = _autocast_dtype(input.device.type)
         if amp is not None:  # like nn.Conv2d under torch.autocast: floating operands (not float64) in the amp dtype
             input, weight, bias = (t.to(amp) if t is not None and t.is_floating_point() and t.dtype != torch.float64
                                    else t for t in (input, weight, bias))
         conv = backends.eager_conv2d(input) or stripe_conv2d  # the same kernels without the op's Python layers
-        out = conv(input, weight, bias, self.stripe_mask, self.stride, pads, self.dilation, self.groups)
-        if self.constant_channel_weight is not None:
+        out = conv(input, weight, bias, mask, self.stride, pads, self.dilation, self.groups)
+        if constant is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
         return out.squeeze(0) if unbatched else out
 

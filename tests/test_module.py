@@ -215,6 +215,65 @@ def test_autocast_runs_like_conv2d(device, amp):
         layer(x.to(amp))
 
 
+def test_checks_still_refuse_bad_input_after_good_input_passed():
+    """The layer skips checks for inputs like the last one accepted; anything else is checked anew."""
+    layer = StripeConv2d(4, 6, 3, padding=1)
+    good = torch.randn(2, 4, 5, 5)
+    layer(good)
+    layer(good)
+    with pytest.raises(ValueError, match="expected input with 4 channels, got 3"):
+        layer(torch.randn(2, 3, 5, 5))
+    with pytest.raises(ValueError, match="3-D .* or 4-D"):
+        layer(torch.randn(1, 2, 4, 5, 5))
+    with pytest.raises(TypeError, match="does not match the weight dtype"):
+        layer(good.double())
+    layer.double()  # the weight's dtype is part of what was accepted
+    with pytest.raises(TypeError, match="does not match the weight dtype"):
+        layer(good)
+    layer(good.double())
+    with pytest.raises(RuntimeError, match="weights are on cpu"):
+        layer(good.double().to("meta"))
+    small = StripeConv2d(4, 6, 3)
+    small(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError):  # output size 0 for a 2x2 input without padding
+        small(torch.randn(1, 4, 2, 2))
+    small(torch.randn(1, 4, 3, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # another dtype is accepted under autocast only ...
+        small(torch.randn(1, 4, 3, 3, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="does not match the weight dtype"):  # ... and is not remembered
+        small(torch.randn(1, 4, 3, 3, dtype=torch.bfloat16))
+
+
+def test_parametrized_weight_reaches_the_kernel():
+    """A parametrization moves packed_weight out of the parameter dict; the forward must use its value."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.manual_seed(0)
+    layer = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.5)
+    x = torch.randn(2, 4, 6, 6)
+    want = F.conv2d(x, 2 * layer.weight, layer.bias, padding=1)
+    parametrize.register_parametrization(layer, "packed_weight", Doubled())
+    torch.testing.assert_close(layer(x), want)
+    layer(x).sum().backward()
+    assert layer.parametrizations.packed_weight.original.grad is not None
+
+
+def test_compiled_forward_does_not_recompile_when_eager_calls_change_the_input_shape():
+    torch._dynamo.reset()
+    layer = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.5)
+    x, other = torch.randn(2, 4, 6, 6), torch.randn(1, 4, 7, 7)
+    layer(x)  # eager: remembers x's shape
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+    layer(other)  # eager again, with another shape
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        torch.testing.assert_close(compiled(x), layer(x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_device_mismatch():
     layer = StripeConv2d(4, 6, 3)
