@@ -287,9 +287,9 @@ class StripeConv2d(nn.Module):
             raise TypeError(f"StripeConv2d expects a Tensor input, got {type(input).__name__}")
         # Eager calls with the shape, dtype and device last accepted pass at once (the layer's geometry
         # is fixed at construction). A dtype other than the weight's depends on autocast: checked each
-        # call. Compiled graphs check at trace time and read no memo (it would become a guard).
-        compiling = torch.compiler.is_compiling()
-        key = None if compiling else (input.shape, input.dtype, input.device, weight.dtype, weight.device)
+        # call. Compiled and traced graphs check at trace time and read no memo (it would become a guard).
+        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        key = None if tracing else (input.shape, input.dtype, input.device, weight.dtype, weight.device)
         if key is not None and key == getattr(self, "_accepted_input", None):
             return
         if input.dim() not in (3, 4):
