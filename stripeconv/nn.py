@@ -57,6 +57,11 @@ class StripeConv2d(nn.Module):
     bool buffer ``stripe_mask`` ``[out_channels, kh, kw]`` says which stripes are kept; the
     layer computes exactly ``F.conv2d(x, weight * stripe_mask[:, None], bias, ...)`` as a sum
     of 1x1 convolutions over the kept positions, so its cost falls with the stripes pruned.
+    With a NaN or Inf in the input, which outputs turn non-finite depends on the backend: the CPU
+    kernels read no pruned stripe, so only outputs whose kept stripes read it; ``F.conv2d`` on the
+    masked weight, like the ``dense`` backend and the dense hand-overs, multiplies it by the zero
+    weight (NaN); the Triton kernels fall in between (a tile computes every position any of its
+    filters keeps).
 
     The arguments mean what they mean for :class:`torch.nn.Conv2d`. Only kept stripes are
     stored and trained: the parameter ``packed_weight`` is ``[num_stripes, in_channels //

@@ -110,6 +110,24 @@ def test_batch_zero(backend):
     run_case(batch=0)
 
 
+def test_non_finite_input_reaches_only_what_reads_it(backend, monkeypatch):
+    """A NaN reaches an output through a kept stripe that reads it. The stripe kernels read no pruned
+    stripe; the dense backend, like F.conv2d on the masked weight, multiplies it by zero (NaN too)."""
+    monkeypatch.setenv("STRIPECONV_CPU_DENSE", "never")
+    torch.manual_seed(0)
+    layer = stripeconv.StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.5)
+    x = torch.randn(2, 4, 7, 7)
+    x[0, 1, 3, 3] = float("nan")
+    x[1, 2, 0, 6] = float("inf")
+    bad = (~x.isfinite()).float()
+    reads = layer.stripe_mask if backend != "dense" else torch.ones_like(layer.stripe_mask)
+    reading = F.conv2d(bad, reads[:, None].expand(-1, 4, -1, -1).float(), padding=1) > 0
+    with torch.no_grad():
+        out = layer(x)
+    assert reading.any() and not reading.all()
+    assert torch.equal(~out.isfinite(), reading)
+
+
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
 def test_memory_layouts(backend, layout):
     run_case(layout=layout)
