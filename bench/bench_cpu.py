@@ -20,6 +20,8 @@ is judged on the median ratio. --quiet-wait waits for other processes to go idle
 
     python bench/bench_cpu.py                     # the three target layers, forward
     python bench/bench_cpu.py --backward --json bench/results/cpu.json
+    python bench/bench_cpu.py --layer 16,32,14,64 --layer 64,64,7,64   # your own 3x3 layers
+    python bench/bench_cpu.py --batches 1 8 64    # every layer at each of these batch sizes
 """
 from __future__ import annotations
 
@@ -50,6 +52,28 @@ LAYERS = [
     ("128->128 16x16 b1", 128, 128, 16, 1),
 ]
 DENSITIES = [1.0, 0.5, 0.3, 0.1]
+
+
+def layer_name(cin: int, cout: int, hw: int, batch: int) -> str:
+    return f"{cin}->{cout} {hw}x{hw} b{batch}"
+
+
+def parse_layer(text: str) -> tuple:
+    """``"CIN,COUT,HW,BATCH"`` -> a LAYERS entry (a 3x3, stride-1, padding-1 conv on HW x HW planes)."""
+    try:
+        cin, cout, hw, batch = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CIN,COUT,HW,BATCH (four integers), got {text!r}") from None
+    if min(cin, cout, hw, batch) < 1:
+        raise argparse.ArgumentTypeError(f"CIN,COUT,HW,BATCH must be positive, got {text!r}")
+    return (layer_name(cin, cout, hw, batch), cin, cout, hw, batch)
+
+
+def layers_to_run(layers, batches) -> list:
+    """``layers`` (LAYERS entries), each at every batch size of ``batches`` when given."""
+    if not batches:
+        return list(layers)
+    return [(layer_name(cin, cout, hw, b), cin, cout, hw, b) for _, cin, cout, hw, _ in layers for b in batches]
 
 
 def target(batch: int, density: float) -> float:
@@ -263,6 +287,10 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--ref-repeats", type=int, default=3)
     parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    parser.add_argument("--layer", type=parse_layer, action="append", metavar="CIN,COUT,HW,BATCH",
+                        help="a 3x3 layer to time instead of the three target layers (repeatable)")
+    parser.add_argument("--batches", type=int, nargs="+", metavar="B",
+                        help="time every layer at each of these batch sizes instead of its own")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--no-reference", action="store_true", help="skip the slow reference backend")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -270,6 +298,8 @@ def main(argv=None):
     parser.add_argument("--quiet-wait", type=float, default=0.0, metavar="S",
                         help="before each layer, wait up to S seconds for other processes to leave the CPUs idle")
     args = parser.parse_args(argv)
+    if args.batches and min(args.batches) < 1:
+        parser.error(f"--batches must be positive, got {args.batches}")
     if args.threads:
         torch.set_num_threads(args.threads)
     ok, reason = stripeconv.backends._module("cpu").is_available()
@@ -285,7 +315,7 @@ def main(argv=None):
         header += f" {'dense f+b':>10} {'stripe f+b':>11} {'f+b x':>6}"
     print(header)
     rows = []
-    for name, cin, cout, hw, batch in LAYERS:
+    for name, cin, cout, hw, batch in layers_to_run(args.layer or LAYERS, args.batches):
         for density in args.densities:
             r = bench_layer(name, cin, cout, hw, batch, density, args)
             rows.append(r)

@@ -36,3 +36,30 @@ def test_bench_cpu_writes_all_columns(tmp_path, monkeypatch, capsys):
                     "reference", "dense_fwd_bwd", "stripe_fwd_bwd"):
             assert r[key]["median_ms"] > 0, key
         assert r["speedup"] > 0 and r["speedup_channels_last"] > 0 and r["speedup_fwd_bwd"] > 0
+
+
+def test_bench_cpu_times_given_layers_at_each_batch_size(tmp_path, capsys):
+    import stripeconv
+
+    previous = stripeconv.get_backend()
+    out = tmp_path / "cpu.json"
+    try:
+        bench_cpu.main(["--layer", "4,6,5,3", "--layer", "8,4,3,1", "--batches", "1", "2", "--repeats", "2",
+                        "--no-reference", "--densities", "0.5", "--json", str(out)])
+    finally:
+        stripeconv.set_backend(previous)
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["layer"], r["cin"], r["cout"], r["hw"], r["batch"]) for r in rows] == [
+        ("4->6 5x5 b1", 4, 6, 5, 1), ("4->6 5x5 b2", 4, 6, 5, 2),
+        ("8->4 3x3 b1", 8, 4, 3, 1), ("8->4 3x3 b2", 8, 4, 3, 2)]
+    assert "4->6 5x5 b2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--layer", "4,6,5"], ["--layer", "4,6,0,2"], ["--layer", "a,b,c,d"],
+                                  ["--batches", "0"]])
+def test_bench_cpu_refuses_bad_layer_specs(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_cpu.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "CIN,COUT,HW,BATCH" in err or "--batches must be positive" in err
