@@ -79,6 +79,16 @@ inline bool position_touches_output(const EnginePos& q, int64_t hout, int64_t wo
   return h0 < h1 && w0 < w1;
 }
 
+// Sets lanes [a, b) of the lane-mask vectors m (a word at a time: the masks are rebuilt every
+// call, and bit by bit they cost more than a small layer's arithmetic).
+inline void set_lanes(mask_t* m, int64_t a, int64_t b) {
+  while (a < b) {
+    const int64_t lo = a % kLanes, hi = std::min<int64_t>(kLanes, lo + (b - a));
+    m[a / kLanes] |= mask_t(((1u << hi) - 1u) & ~((1u << lo) - 1u));
+    a += hi - lo;
+  }
+}
+
 // Lane masks of the flat path over `images` planes side by side: st[v] = lanes inside an output
 // image, ld[p][v] = lanes whose input at position p lies inside the same input image (so a
 // shift never reads a neighbouring image).
@@ -87,20 +97,18 @@ inline void build_flat_masks(int64_t hout, int64_t wout, int64_t po, const std::
   const int64_t plane = hout * po, npix = images * plane, nvec = ceil_div(npix, kLanes);
   st.assign(nvec, 0);
   ld.assign(pos.size() * nvec, 0);
-  for (int64_t f = 0; f < npix; ++f)
-    if (f % po < wout) st[f / kLanes] |= mask_t(1u << (f % kLanes));
+  for (int64_t row = 0; row < images * hout; ++row) set_lanes(st.data(), row * po, row * po + wout);
   for (size_t p = 0; p < pos.size(); ++p) {
     const EnginePos& q = pos[p];
     mask_t* m = ld.data() + p * nvec;
+    const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
+    if (w0 >= w1) continue;
     for (int64_t j = 0; j < images; ++j)
       for (int64_t ho = 0; ho < hout; ++ho) {
         const int64_t hi = ho + q.rq;
         if (hi < 0 || hi >= q.hin) continue;
-        const int64_t w0 = std::max<int64_t>(0, -q.cq), w1 = std::min(wout, q.win - q.cq);
-        for (int64_t wo = w0; wo < w1; ++wo) {
-          const int64_t f = j * plane + ho * po + wo;
-          m[f / kLanes] |= mask_t(1u << (f % kLanes));
-        }
+        const int64_t f = j * plane + ho * po;
+        set_lanes(m, f + w0, f + w1);
       }
   }
 }
