@@ -282,13 +282,13 @@ def _setup_grad_input_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
 
 
-def _grad_input_backward(ctx, grad):
+def _grad_input_backward(ctx, grad, conv=None, grad_weight=None):
     grad_output, weight, stripe_mask = ctx.saved_tensors
     d_grad_output = d_weight = None
     if ctx.needs_input_grad[0]:
-        d_grad_output = stripe_conv2d(grad, weight, None, stripe_mask, *ctx.conv_args)
+        d_grad_output = (conv or stripe_conv2d)(grad, weight, None, stripe_mask, *ctx.conv_args)
     if ctx.needs_input_grad[1]:
-        d_weight = stripe_conv2d_grad_weight(grad_output, grad, weight, stripe_mask, *ctx.conv_args)
+        d_weight = (grad_weight or stripe_conv2d_grad_weight)(grad_output, grad, weight, stripe_mask, *ctx.conv_args)
     return d_grad_output, d_weight, None, None, None, None, None, None
 
 
@@ -298,13 +298,14 @@ def _setup_grad_weight_context(ctx, inputs, output):
     ctx.conv_args = (list(stride), list(padding), list(dilation), groups)
 
 
-def _grad_weight_backward(ctx, grad):
+def _grad_weight_backward(ctx, grad, conv=None, grad_input=None):
     grad_output, input, stripe_mask = ctx.saved_tensors
     d_grad_output = d_input = None
     if ctx.needs_input_grad[0]:
-        d_grad_output = stripe_conv2d(input, grad, None, stripe_mask, *ctx.conv_args)
+        d_grad_output = (conv or stripe_conv2d)(input, grad, None, stripe_mask, *ctx.conv_args)
     if ctx.needs_input_grad[1]:
-        d_input = stripe_conv2d_grad_input(grad_output, grad, stripe_mask, list(input.shape), *ctx.conv_args)
+        d_input = (grad_input or stripe_conv2d_grad_input)(grad_output, grad, stripe_mask, list(input.shape),
+                                                           *ctx.conv_args)
     return d_grad_output, d_input, None, None, None, None, None, None
 
 
@@ -315,8 +316,8 @@ stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context
 # ----------------------------------------------------------------------------- torch.func.vmap
 # Only the input batched (vmap over a batch of batches): the vmapped dimension is folded into the
 # batch, one call. Anything else (ensembles of weights or masks): one call per vmapped index.
-# torch.func.grad cannot go through custom ops with registered autograd (pytorch/pytorch#168393);
-# torch.autograd.grad(..., is_grads_batched=True) works.
+# torch.func.grad cannot go through custom ops with registered autograd (pytorch/pytorch#168393):
+# StripeConv2d goes through _TransformConv2d under torch.func transforms instead.
 def _batched(a, d) -> bool:
     return isinstance(a, Tensor) and d is not None
 
@@ -341,6 +342,82 @@ def _forward_vmap(info, in_dims, input, weight, bias, stripe_mask, stride, paddi
     return out.unflatten(0, x.shape[:2]), 0
 
 
+def _grad_input_vmap(info, in_dims, grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+    args = (grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
+    if not _only_first_batched(in_dims, args):
+        return _vmap_loop(stripe_conv2d_grad_input, info.batch_size, in_dims, args)
+    gy = grad_output.movedim(in_dims[0], 0)
+    shape = [gy.shape[0] * input_shape[0], *input_shape[1:]]
+    out = stripe_conv2d_grad_input(gy.flatten(0, 1), weight, stripe_mask, shape, stride, padding, dilation, groups)
+    return out.unflatten(0, gy.shape[:2]), 0
+
+
+def _grad_weight_vmap(info, in_dims, *args):
+    # Each vmapped index has its own weight gradient (e.g. per-sample gradients): one call each.
+    return _vmap_loop(stripe_conv2d_grad_weight, info.batch_size, in_dims, args)
+
+
 if hasattr(stripe_conv2d, "register_vmap"):  # torch >= 2.4
     stripe_conv2d.register_vmap(_forward_vmap)
+    stripe_conv2d_grad_input.register_vmap(_grad_input_vmap)
+    stripe_conv2d_grad_weight.register_vmap(_grad_weight_vmap)
 
+
+# ----------------------------------------------------------------------------- torch.func.grad
+# The three ops with their gradients as autograd.Functions with setup_context, which torch.func
+# transforms (grad, vjp, jacrev, hessians, and vmap over them: per-sample gradients) go through,
+# unlike the ops' registered autograd (pytorch/pytorch#168393). Forwards are the ops themselves,
+# so under vmap their batching rules apply; backwards are these Functions again, to any order.
+class _TransformConv2d(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+        return stripe_conv2d(input, weight, bias, stripe_mask, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        setup_conv2d_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        return conv2d_gradients(ctx, grad_output, _TransformGradInput.apply, _TransformGradWeight.apply)
+
+
+class _TransformGradInput(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+        return stripe_conv2d_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation,
+                                        groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_grad_input_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grad_input_backward(ctx, grad, _TransformConv2d.apply, _TransformGradWeight.apply)
+
+
+class _TransformGradWeight(torch.autograd.Function):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+        return stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_grad_weight_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _grad_weight_backward(ctx, grad, _TransformConv2d.apply, _TransformGradInput.apply)
+
+
+def transform_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor, stride: Sequence[int],
+                     padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """:func:`stripe_conv2d` for calls under torch.func transforms (``torch.func.grad`` and the like)."""
+    return _TransformConv2d.apply(input, weight, bias, stripe_mask, stride, padding, dilation, groups)

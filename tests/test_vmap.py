@@ -1,14 +1,18 @@
-"""torch.func.vmap over StripeConv2d and the op: batched data, batched weights, batched gradients."""
+"""torch.func over StripeConv2d and the op: vmap over data and weights, batched gradients, grad, jacrev,
+per-sample gradients and gradients of gradients, each against F.conv2d on the masked weight."""
 from __future__ import annotations
 
 import warnings
 
 import pytest
 import torch
-from torch.func import functional_call, vmap
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, vmap
 
 import stripeconv
 from conftest import random_mask
+from stripeconv.ops import transform_conv2d
+from stripeconv.packing import unpack_weight
 
 
 def _layer(seed: int, **kw) -> stripeconv.StripeConv2d:
@@ -60,3 +64,89 @@ def test_batched_grad_outputs(backend):
         ex, ew = torch.autograd.grad(y, (x, layer.packed_weight), grad_outputs[i], retain_graph=True)
         torch.testing.assert_close(gx[i], ex)
         torch.testing.assert_close(gw[i], ew)
+
+
+def _oracle(layer):
+    """F.conv2d on the masked weight, as a function of (packed weight, bias, input)."""
+    def conv(w, b, x):
+        return F.conv2d(x, unpack_weight(w, layer.stripe_mask), b, layer.stride, layer.padding, layer.dilation,
+                        layer.groups)
+    return conv
+
+
+def _stripe(layer):
+    def conv(w, b, x):
+        return functional_call(layer, {"packed_weight": w, "bias": b}, (x,))
+    return conv
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, dilation=(1, 2), padding=(2, 1))])
+def test_func_grad_of_weight_bias_and_input(backend, kw):
+    layer = _layer(3, **kw)
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(2, 3, 7, 8)
+    target = torch.randn_like(layer(x))
+
+    def loss(conv):
+        return lambda w, b, x: (conv(w, b, x) - target).square().sum()
+
+    got = grad(loss(_stripe(layer)), argnums=(0, 1, 2))(w, b, x)
+    want = grad(loss(_oracle(layer)), argnums=(0, 1, 2))(w, b, x)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_per_sample_gradients_with_vmap_of_grad(backend):
+    layer = _layer(4, padding=1)
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(5, 3, 6, 6)
+
+    def sample_loss(conv):
+        return lambda w, b, xi: conv(w, b, xi[None]).tanh().sum()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no op falls back to torch's slow per-index loop
+        got = vmap(grad(sample_loss(_stripe(layer)), argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    want = vmap(grad(sample_loss(_oracle(layer)), argnums=(0, 1)), in_dims=(None, None, 0))(w, b, x)
+    assert got[0].shape == (5, *w.shape)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_jacrev_of_the_input(backend):
+    layer = _layer(5, padding=1, stride=(1, 2))
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(1, 3, 5, 6)
+    got = jacrev(lambda x: _stripe(layer)(w, b, x))(x)
+    want = jacrev(lambda x: _oracle(layer)(w, b, x))(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_func_gradients_of_gradients(backend):
+    """Second order in every argument: the gradient's gradient, e.g. a gradient penalty or a Hessian-vector product."""
+    layer = _layer(6, padding=1, groups=1)
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(2, 3, 5, 5)
+
+    def second(conv):
+        first = grad(lambda w, x: conv(w, b, x).square().sum(), argnums=(0, 1))
+        return grad(lambda w, x: sum(g.square().sum() for g in first(w, x)), argnums=(0, 1))
+
+    got, want = second(_stripe(layer))(w, x), second(_oracle(layer))(w, x)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-4)
+
+
+def test_transform_conv2d_is_the_op_under_torch_func(backend):
+    """The functional form for direct calls: grouped, strided, without bias."""
+    gen = torch.Generator().manual_seed(7)
+    mask = random_mask(6, (3, 3), 0.5, gen)
+    w = torch.randn(int(mask.sum()), 2, generator=gen)
+    x = torch.randn(2, 4, 7, 7, generator=gen)
+    args = (mask, [2, 1], [1, 1, 0, 2], [1, 1], 2)
+
+    def op(w, x):
+        return transform_conv2d(x, w, None, *args).square().sum()
+
+    def oracle(w, x):
+        return F.conv2d(F.pad(x, (0, 2, 1, 1)), unpack_weight(w, mask), None, (2, 1), 0, 1, 2).square().sum()
+
+    torch.testing.assert_close(transform_conv2d(x, w, None, *args), stripeconv.ops.stripe_conv2d(x, w, None, *args))
+    for g, e in zip(grad(op, argnums=(0, 1))(w, x), grad(oracle, argnums=(0, 1))(w, x)):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

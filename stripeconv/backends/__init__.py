@@ -84,12 +84,17 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
 
     The same kernels, gradients and layouts as the op, without its Python dispatch layers: the
     ``cpu`` backend's ``eager_conv2d`` (its forward with C++ autograd), or one autograd.Function
-    around any other backend (:mod:`.eager`). None where only the op works: under torch.compile
-    and torch.func transforms and, for the Python backends, under tracing, dispatch modes (fake
+    around any other backend (:mod:`.eager`). Under torch.func transforms, the op inside an
+    autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
+    works: under torch.compile and, for the Python backends, under tracing, dispatch modes (fake
     tensors), for meta tensors and tensor subclasses.
     """
-    if torch.compiler.is_compiling() or _functorch_active():
+    if torch.compiler.is_compiling():
         return None
+    if _functorch_active():
+        from ..ops import transform_conv2d  # the ops import this module
+
+        return transform_conv2d
     module = resolve(input.device)
     own = getattr(module, "eager_conv2d", None)
     if own is not None:
