@@ -365,59 +365,126 @@ if hasattr(stripe_conv2d, "register_vmap"):  # torch >= 2.4
 
 # ----------------------------------------------------------------------------- torch.func.grad
 # The three ops with their gradients as autograd.Functions with setup_context, which torch.func
-# transforms (grad, vjp, jacrev, hessians, and vmap over them: per-sample gradients) go through,
-# unlike the ops' registered autograd (pytorch/pytorch#168393). Forwards are the ops themselves,
-# so under vmap their batching rules apply; backwards are these Functions again, to any order.
+# transforms (grad, vjp, jacrev, jvp, jacfwd, hessian, and vmap over them: per-sample gradients)
+# and forward-mode AD go through, unlike the ops' registered autograd (pytorch/pytorch#168393).
+# Forwards are the ops themselves, so under vmap their batching rules apply; backwards and
+# forward-mode derivatives are these Functions again, to any order. Each op is linear in each of
+# its two tensor operands, so its forward-mode derivative is the op on one tangent at a time.
+class _Args:
+    """The non-tensor arguments of an op as one pytree leaf: functorch's generated vmap rule
+    miscounts list arguments when it pairs them with tangents (jvp under vmap, e.g. hessian)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, *values):
+        self.values = values
+
+
+def _sum_tangents(*terms):
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
 class _TransformConv2d(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(input, weight, bias, stripe_mask, stride, padding, dilation, groups):
-        return stripe_conv2d(input, weight, bias, stripe_mask, stride, padding, dilation, groups)
+    def forward(input, weight, bias, stripe_mask, args):
+        return stripe_conv2d(input, weight, bias, stripe_mask, *args.values)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        setup_conv2d_context(ctx, inputs, output)
+        input, weight, bias, stripe_mask, args = inputs
+        setup_conv2d_context(ctx, (input, weight, bias, stripe_mask, *args.values), output)
+        ctx.save_for_forward(input, weight, stripe_mask)
+        ctx.output_shape = output.shape
 
     @staticmethod
     def backward(ctx, grad_output):
-        return conv2d_gradients(ctx, grad_output, _TransformGradInput.apply, _TransformGradWeight.apply)
+        return (*conv2d_gradients(ctx, grad_output, _transform_grad_input, _transform_grad_weight)[:4], None)
+
+    @staticmethod
+    def jvp(ctx, d_input, d_weight, d_bias, *_):
+        input, weight, stripe_mask = ctx.saved_tensors
+        out = _sum_tangents(
+            None if d_input is None else transform_conv2d(d_input, weight, None, stripe_mask, *ctx.conv_args),
+            None if d_weight is None else transform_conv2d(input, d_weight, None, stripe_mask, *ctx.conv_args),
+        )
+        if d_bias is not None:
+            bias_term = d_bias[:, None, None]
+            out = bias_term.expand(ctx.output_shape).clone() if out is None else out + bias_term
+        return out
 
 
 class _TransformGradInput(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
-        return stripe_conv2d_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation,
-                                        groups)
+    def forward(grad_output, weight, stripe_mask, args):
+        return stripe_conv2d_grad_input(grad_output, weight, stripe_mask, *args.values)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_grad_input_context(ctx, inputs, output)
+        grad_output, weight, stripe_mask, args = inputs
+        _setup_grad_input_context(ctx, (grad_output, weight, stripe_mask, *args.values), output)
+        ctx.save_for_forward(grad_output, weight, stripe_mask)
+        ctx.input_shape = list(args.values[0])
 
     @staticmethod
     def backward(ctx, grad):
-        return _grad_input_backward(ctx, grad, _TransformConv2d.apply, _TransformGradWeight.apply)
+        return (*_grad_input_backward(ctx, grad, transform_conv2d, _transform_grad_weight)[:3], None)
+
+    @staticmethod
+    def jvp(ctx, d_grad_output, d_weight, *_):
+        grad_output, weight, stripe_mask = ctx.saved_tensors
+        shape = ctx.input_shape
+        return _sum_tangents(
+            None if d_grad_output is None else _transform_grad_input(d_grad_output, weight, stripe_mask, shape,
+                                                                     *ctx.conv_args),
+            None if d_weight is None else _transform_grad_input(grad_output, d_weight, stripe_mask, shape,
+                                                                *ctx.conv_args),
+        )
 
 
 class _TransformGradWeight(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
-        return stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
+    def forward(grad_output, input, weight, stripe_mask, args):
+        return stripe_conv2d_grad_weight(grad_output, input, weight, stripe_mask, *args.values)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _setup_grad_weight_context(ctx, inputs, output)
+        grad_output, input, weight, stripe_mask, args = inputs
+        _setup_grad_weight_context(ctx, (grad_output, input, weight, stripe_mask, *args.values), output)
+        ctx.save_for_forward(grad_output, input, weight, stripe_mask)
 
     @staticmethod
     def backward(ctx, grad):
-        return _grad_weight_backward(ctx, grad, _TransformConv2d.apply, _TransformGradInput.apply)
+        return (*_grad_weight_backward(ctx, grad, transform_conv2d, _transform_grad_input)[:2], None, None, None)
+
+    @staticmethod
+    def jvp(ctx, d_grad_output, d_input, *_):
+        grad_output, input, weight, stripe_mask = ctx.saved_tensors
+        return _sum_tangents(
+            None if d_grad_output is None else _transform_grad_weight(d_grad_output, input, weight, stripe_mask,
+                                                                      *ctx.conv_args),
+            None if d_input is None else _transform_grad_weight(grad_output, d_input, weight, stripe_mask,
+                                                                *ctx.conv_args),
+        )
 
 
 def transform_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor, stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    """:func:`stripe_conv2d` for calls under torch.func transforms (``torch.func.grad`` and the like)."""
-    return _TransformConv2d.apply(input, weight, bias, stripe_mask, stride, padding, dilation, groups)
+    """:func:`stripe_conv2d` for calls under torch.func transforms (``torch.func.grad`` and the like) and
+    forward-mode AD."""
+    return _TransformConv2d.apply(input, weight, bias, stripe_mask, _Args(stride, padding, dilation, groups))
+
+
+def _transform_grad_input(grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+    return _TransformGradInput.apply(grad_output, weight, stripe_mask,
+                                     _Args(input_shape, stride, padding, dilation, groups))
+
+
+def _transform_grad_weight(grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+    return _TransformGradWeight.apply(grad_output, input, weight, stripe_mask, _Args(stride, padding, dilation, groups))

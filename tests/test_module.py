@@ -497,20 +497,27 @@ def test_eager_python_backend_path_leaves_fake_meta_and_traced_calls_to_the_op()
         stripeconv.set_backend(None)
 
 
-@pytest.mark.parametrize("name", ["cpu", "dense"])
-def test_forward_mode_ad_is_refused_not_dropped(name):
-    """No forward-mode formula: a dual input raises, with or without grad mode, instead of losing its tangent."""
+@pytest.mark.parametrize("name", ["cpu", "dense", "reference"])
+def test_forward_mode_ad_carries_the_tangent(name):
+    """Dual inputs and weights, with or without grad mode: the tangent is the conv's directional derivative."""
     from torch.autograd import forward_ad
 
     stripeconv.set_backend(name)
     try:
-        layer = StripeConv2d(3, 4, 3, padding=1)
-        x = torch.randn(1, 3, 5, 5)
+        torch.manual_seed(0)
+        layer = StripeConv2d(3, 4, 3, padding=1, stride=(2, 1), stripe_mask=torch.rand(4, 3, 3) < 0.5)
+        x, dx = torch.randn(2, 3, 5, 6), torch.randn(2, 3, 5, 6)
+        dw, db = torch.randn_like(layer.packed_weight), torch.randn_like(layer.bias)
+        w, b = layer.packed_weight.detach(), layer.bias.detach()
+        want = (F.conv2d(dx, unpack_weight(w, layer.stripe_mask), None, (2, 1), 1)
+                + F.conv2d(x, unpack_weight(dw, layer.stripe_mask), db, (2, 1), 1))
         for grad_mode in (True, False):
             with torch.set_grad_enabled(grad_mode), forward_ad.dual_level():
-                dual = forward_ad.make_dual(x, torch.randn_like(x))
-                with pytest.raises((NotImplementedError, RuntimeError), match="jvp"):
-                    layer(dual)
+                duals = {"packed_weight": forward_ad.make_dual(w, dw), "bias": forward_ad.make_dual(b, db)}
+                out = torch.func.functional_call(layer, duals, (forward_ad.make_dual(x, dx),))
+                primal, tangent = forward_ad.unpack_dual(out)
+            torch.testing.assert_close(primal, layer(x).detach())
+            torch.testing.assert_close(tangent, want, atol=1e-5, rtol=1e-5)
     finally:
         stripeconv.set_backend(None)
 

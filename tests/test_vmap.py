@@ -1,5 +1,6 @@
 """torch.func over StripeConv2d and the op: vmap over data and weights, batched gradients, grad, jacrev,
-per-sample gradients and gradients of gradients, each against F.conv2d on the masked weight."""
+jvp, jacfwd, hessian, per-sample gradients and gradients of gradients, each against F.conv2d on the
+masked weight."""
 from __future__ import annotations
 
 import warnings
@@ -7,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import stripeconv
 from conftest import random_mask
@@ -150,3 +151,24 @@ def test_transform_conv2d_is_the_op_under_torch_func(backend):
     torch.testing.assert_close(transform_conv2d(x, w, None, *args), stripeconv.ops.stripe_conv2d(x, w, None, *args))
     for g, e in zip(grad(op, argnums=(0, 1))(w, x), grad(oracle, argnums=(0, 1))(w, x)):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_jvp_jacfwd_and_hessian(backend):
+    """Forward mode, alone and over reverse mode (a Hessian), in every tensor argument."""
+    layer = _layer(8, padding=(1, 0), stride=(1, 2))
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(2, 3, 6, 7)
+    tangents = (torch.randn_like(w), torch.randn_like(b), torch.randn_like(x))
+    got, want = jvp(_stripe(layer), (w, b, x), tangents), jvp(_oracle(layer), (w, b, x), tangents)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    # a tangent in the bias alone
+    got = jvp(lambda b: _stripe(layer)(w, b, x), (b,), tangents[1:2])[1]
+    torch.testing.assert_close(got, tangents[1][:, None, None].expand_as(got))
+    torch.testing.assert_close(jacfwd(lambda x: _stripe(layer)(w, b, x))(x[:1]),
+                               jacfwd(lambda x: _oracle(layer)(w, b, x))(x[:1]))
+    loss = lambda conv: lambda w, x: conv(w, b, x).sin().sum()  # noqa: E731
+    got = hessian(loss(_stripe(layer)), argnums=(0, 1))(w, x[:1])
+    want = hessian(loss(_oracle(layer)), argnums=(0, 1))(w, x[:1])
+    for row_got, row_want in zip(got, want):
+        for g, e in zip(row_got, row_want):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+from torch.autograd import forward_ad
 
 __all__ = ["BACKENDS", "set_backend", "get_backend", "available_backends", "resolve", "eager_conv2d"]
 
@@ -84,14 +85,14 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
 
     The same kernels, gradients and layouts as the op, without its Python dispatch layers: the
     ``cpu`` backend's ``eager_conv2d`` (its forward with C++ autograd), or one autograd.Function
-    around any other backend (:mod:`.eager`). Under torch.func transforms, the op inside an
-    autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
+    around any other backend (:mod:`.eager`). Under torch.func transforms and forward-mode AD, the
+    op inside an autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
     works: under torch.compile and, for the Python backends, under tracing, dispatch modes (fake
     tensors), for meta tensors and tensor subclasses.
     """
     if torch.compiler.is_compiling():
         return None
-    if _functorch_active():
+    if _functorch_active() or forward_ad._current_level >= 0:  # torch.func, or dual tensors may come
         from ..ops import transform_conv2d  # the ops import this module
 
         return transform_conv2d
