@@ -380,7 +380,9 @@ class _Args:
         self.values = values
 
 
-def _sum_tangents(*terms):
+def _bilinear_tangent(op, a, b, d_a, d_b):
+    """Tangent of ``op(a, b)``, linear in each operand: ``op(d_a, b) + op(a, d_b)``, absent tangents left out."""
+    terms = [op(d_a, b) if d_a is not None else None, op(a, d_b) if d_b is not None else None]
     terms = [t for t in terms if t is not None]
     return sum(terms[1:], terms[0]) if terms else None
 
@@ -406,10 +408,8 @@ class _TransformConv2d(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, d_input, d_weight, d_bias, *_):
         input, weight, stripe_mask = ctx.saved_tensors
-        out = _sum_tangents(
-            None if d_input is None else transform_conv2d(d_input, weight, None, stripe_mask, *ctx.conv_args),
-            None if d_weight is None else transform_conv2d(input, d_weight, None, stripe_mask, *ctx.conv_args),
-        )
+        out = _bilinear_tangent(lambda x, w: transform_conv2d(x, w, None, stripe_mask, *ctx.conv_args),
+                                input, weight, d_input, d_weight)
         if d_bias is not None:
             bias_term = d_bias[:, None, None]
             out = bias_term.expand(ctx.output_shape).clone() if out is None else out + bias_term
@@ -437,13 +437,9 @@ class _TransformGradInput(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, d_grad_output, d_weight, *_):
         grad_output, weight, stripe_mask = ctx.saved_tensors
-        shape = ctx.input_shape
-        return _sum_tangents(
-            None if d_grad_output is None else _transform_grad_input(d_grad_output, weight, stripe_mask, shape,
-                                                                     *ctx.conv_args),
-            None if d_weight is None else _transform_grad_input(grad_output, d_weight, stripe_mask, shape,
-                                                                *ctx.conv_args),
-        )
+        return _bilinear_tangent(
+            lambda gy, w: _transform_grad_input(gy, w, stripe_mask, ctx.input_shape, *ctx.conv_args),
+            grad_output, weight, d_grad_output, d_weight)
 
 
 class _TransformGradWeight(torch.autograd.Function):
@@ -466,12 +462,9 @@ class _TransformGradWeight(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, d_grad_output, d_input, *_):
         grad_output, input, weight, stripe_mask = ctx.saved_tensors
-        return _sum_tangents(
-            None if d_grad_output is None else _transform_grad_weight(d_grad_output, input, weight, stripe_mask,
-                                                                      *ctx.conv_args),
-            None if d_input is None else _transform_grad_weight(grad_output, d_input, weight, stripe_mask,
-                                                                *ctx.conv_args),
-        )
+        return _bilinear_tangent(
+            lambda gy, x: _transform_grad_weight(gy, x, weight, stripe_mask, *ctx.conv_args),
+            grad_output, input, d_grad_output, d_input)
 
 
 def transform_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor, stride: Sequence[int],
