@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import backends
+from .packing import position_offsets
 
 __all__ = ["stripe_conv2d", "output_size", "check_output_size", "check_op_args"]
 
@@ -315,7 +316,8 @@ stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context
 
 # ----------------------------------------------------------------------------- torch.func.vmap
 # Only the input batched (vmap over a batch of batches): the vmapped dimension is folded into the
-# batch, one call. Anything else (ensembles of weights or masks): one call per vmapped index.
+# batch, one call. Weight gradients of batched data (per-sample gradients): one call with the
+# vmapped members as groups. Anything else (ensembles of weights or masks): one call per index.
 # torch.func.grad cannot go through custom ops with registered autograd (pytorch/pytorch#168393):
 # StripeConv2d goes through _TransformConv2d under torch.func transforms instead.
 def _batched(a, d) -> bool:
@@ -352,9 +354,43 @@ def _grad_input_vmap(info, in_dims, grad_output, weight, stripe_mask, input_shap
     return out.unflatten(0, gy.shape[:2]), 0
 
 
-def _grad_weight_vmap(info, in_dims, *args):
-    # Each vmapped index has its own weight gradient (e.g. per-sample gradients): one call each.
-    return _vmap_loop(stripe_conv2d_grad_weight, info.batch_size, in_dims, args)
+def _unfold_members(folded: Tensor, stripe_mask: Tensor, members: int) -> Tensor:
+    """Packed rows of ``members`` stacked copies of a layer -> ``[members, S, C/groups]``.
+
+    The folded layer's rows are position-major like any packed weight, so position p holds the
+    rows of member 0, then member 1, ...: row s of member v (at position p) is folded row
+    ``members * offset[p] + v * count[p] + (s - offset[p])``. No host sync (the mask stays put).
+    """
+    offsets = position_offsets(stripe_mask)
+    counts = offsets.diff()
+    num_stripes = folded.shape[0] // members
+    position = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                       output_size=num_stripes)
+    rows = torch.arange(num_stripes, device=counts.device) + (members - 1) * offsets[position]
+    member = torch.arange(members, device=counts.device)[:, None]
+    return folded.index_select(0, (rows + member * counts[position]).flatten()).view(members, num_stripes, -1)
+
+
+def _grad_weight_vmap(info, in_dims, grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
+    # Each vmapped index has its own weight gradient (per-sample gradients, batched grad outputs).
+    # With one mask for all, the V members are one call of a layer with V times the groups:
+    # member v's channels and filters form groups v*groups .. (v+1)*groups - 1.
+    args = (grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
+    if _batched(stripe_mask, in_dims[3]) or not (_batched(grad_output, in_dims[0]) or _batched(input, in_dims[1])):
+        return _vmap_loop(stripe_conv2d_grad_weight, info.batch_size, in_dims, args)
+    members = info.batch_size
+
+    def members_as_channels(t: Tensor, dim: Optional[int]) -> Tensor:
+        # [B, C, H, W] with the vmapped dim -> [B, members * C, H, W], member-major channels
+        t = t.movedim(dim, 1) if dim is not None else t.unsqueeze(1).expand(-1, members, *t.shape[1:])
+        return t.flatten(1, 2)
+
+    gy = members_as_channels(grad_output, in_dims[0])
+    x = members_as_channels(input, in_dims[1])
+    w = weight.movedim(in_dims[2], 0)[0] if _batched(weight, in_dims[2]) else weight  # only its shape counts
+    folded = stripe_conv2d_grad_weight(gy, x, w.repeat(members, 1), stripe_mask.repeat(members, 1, 1), stride,
+                                       padding, dilation, groups * members)
+    return _unfold_members(folded, stripe_mask, members), 0
 
 
 if hasattr(stripe_conv2d, "register_vmap"):  # torch >= 2.4

@@ -13,7 +13,7 @@ from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 import stripeconv
 from conftest import random_mask
 from stripeconv.ops import transform_conv2d
-from stripeconv.packing import unpack_weight
+from stripeconv.packing import pack_weight, unpack_weight
 
 
 def _layer(seed: int, **kw) -> stripeconv.StripeConv2d:
@@ -110,6 +110,36 @@ def test_per_sample_gradients_with_vmap_of_grad(backend):
     assert got[0].shape == (5, *w.shape)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batched", ["both", "grad_output", "input", "weight_too"])
+def test_grad_weight_vmap_is_one_grouped_call(backend, batched):
+    """vmap of the weight gradient: V members folded into one call with V times the groups, unfolded to
+    [V, S, C/groups]; each member against F.conv2d's weight gradient on the masked weight."""
+    gen = torch.Generator().manual_seed(9)
+    mask = random_mask(6, (3, 2), 0.5, gen)
+    mask[:, 0, 0] = True  # a position every filter keeps, next to sparse ones
+    mask[:, 2, 1] = False  # and one none keeps
+    members, geo = 4, dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2)
+    x = torch.randn(members, 3, 4, 7, 8, generator=gen)
+    gy_shape = F.conv2d(x[0], torch.empty(6, 2, 3, 2), None, **geo).shape
+    gy = torch.randn(members, *gy_shape, generator=gen)
+    w = torch.randn(members, int(mask.sum()), 2, generator=gen)
+    args = ([2, 1], [1, 1, 0, 0], [1, 2], 2)
+    in_dims = {"both": (0, 0, None), "grad_output": (0, None, None), "input": (None, 0, None),
+               "weight_too": (0, 0, 0)}[batched]
+    pick = lambda t, d, i: t[i] if d is not None else t[0]  # noqa: E731
+    op = stripeconv.ops.stripe_conv2d_grad_weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback to torch's per-index loop
+        got = vmap(lambda g, x, w: op(g, x, w, mask, *args), in_dims=in_dims)(
+            *(t if d is not None else t[0] for t, d in zip((gy, x, w), in_dims)))
+    assert got.shape == (members, *w.shape[1:])
+    for i in range(members):
+        dense = torch.zeros(6, 2, 3, 2, requires_grad=True)
+        out = F.conv2d(pick(x, in_dims[1], i), dense * mask[:, None], None, **geo)
+        (want,) = torch.autograd.grad(out, dense, pick(gy, in_dims[0], i))
+        torch.testing.assert_close(got[i], pack_weight(want, mask), atol=1e-4, rtol=1e-4)
 
 
 def test_jacrev_of_the_input(backend):
