@@ -28,11 +28,12 @@ Requires ``torch-pruning`` (imported lazily).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 
 import torch
 from torch import Tensor, nn
+
+from ._plain import plain_copy
 
 __all__ = ["export", "apply_masks"]
 
@@ -100,7 +101,7 @@ def export(
 
     if fold not in ("exact", "interior"):
         raise ValueError(f"fold must be 'exact' or 'interior', got {fold!r}")
-    new = copy.deepcopy(model).eval()
+    new = plain_copy(model).eval()  # masks and removals must act on real tensors, not parametrized ones
     modules = dict(new.named_modules())
     masks = {k: v.detach().to(torch.bool).cpu().clone() for k, v in masks.items()}
     for name, mask in masks.items():

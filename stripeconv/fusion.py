@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, fx, nn
 
+from ._plain import plain_conv
 from .nn import StripeConv2d
 from .packing import pack_weight, unpack_weight
 
@@ -101,7 +102,8 @@ def fuse_batchnorm(model: nn.Module, inplace: bool = False, example_input: Optio
     """Fold every eval-mode ``BatchNorm2d`` that reads only a conv's output into that conv.
 
     Works on :class:`~stripeconv.StripeConv2d` and ``nn.Conv2d`` alike; the folded BN becomes
-    ``nn.Identity`` and the model keeps its class. The model must be in eval mode and traceable
+    ``nn.Identity`` and the model keeps its class; a conv with parametrized tensors (``weight_norm``,
+    a pruner's filter skeleton) becomes a plain one holding the fused values. The model must be in eval mode and traceable
     by ``torch.fx``. Returns a fused copy unless ``inplace``. With ``example_input``, the fused
     model is checked against the original on it (a ``RuntimeError`` if they differ).
     """
@@ -113,7 +115,11 @@ def fuse_batchnorm(model: nn.Module, inplace: bool = False, example_input: Optio
         with torch.no_grad():
             reference = model(example_input)
     for conv_name, bn_name in _pairs(fused):
-        _fold(fused.get_submodule(conv_name), fused.get_submodule(bn_name))
+        conv = fused.get_submodule(conv_name)
+        plain = plain_conv(conv)  # a parametrized weight is recomputed on access: fold into real tensors
+        if plain is not conv:
+            _replace(fused, conv_name, plain)
+        _fold(plain, fused.get_submodule(bn_name))
         _replace(fused, bn_name, nn.Identity())
     if reference is not None:
         with torch.no_grad():

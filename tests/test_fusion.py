@@ -99,6 +99,33 @@ def test_inplace_and_dtype(backend):
     assert model[0].packed_weight.dtype == torch.float64 and model[0].bias.dtype == torch.float64
 
 
+@pytest.mark.parametrize("kind", ["weight_norm", "stripe"])
+def test_parametrized_conv_is_folded_into_real_tensors(kind):
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    gen = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    if kind == "weight_norm":
+        conv = weight_norm(nn.Conv2d(4, 6, 3, padding=1))
+    else:
+        conv = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3, generator=gen) < 0.5)
+        conv.add_constant_channel(torch.randn(6, 3, 3, generator=gen))
+        parametrize.register_parametrization(conv, "packed_weight", Double())
+    model = _randomise_bn(nn.Sequential(conv, nn.BatchNorm2d(6), nn.ReLU()), gen)
+    x = torch.randn(2, 4, 7, 7, generator=gen)
+    for inplace in (False, True):
+        expected = model(x)
+        fused = fuse_batchnorm(model, inplace=inplace)
+        assert isinstance(fused[1], nn.Identity)
+        assert not parametrize.is_parametrized(fused[0])
+        torch.testing.assert_close(fused(x), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_errors():
     train_mode = nn.Sequential(StripeConv2d(3, 5, 3), nn.BatchNorm2d(5))
     with pytest.raises(ValueError, match="model.eval"):

@@ -55,10 +55,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._plain import plain_copy
 from . import _checks as check
 from . import criteria as C
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
-from .base import Pruner, _dense_copy, copy_matching
+from .base import Pruner, copy_matching
 from ._shrink import shrink
 
 __all__ = ["ACP", "dbscan_count"]
@@ -356,7 +357,7 @@ class ACP(Pruner):
     def train_candidate(self, roots: list, data) -> tuple:
         """A copy of the pretrained model keeping ``roots``, trained for the fitness steps with the
         pruned channels held at zero; returns ``(validation accuracy, its state_dict)``."""
-        model = _dense_copy(self.model)
+        model = plain_copy(self.model)
         masks = self.masks_for(roots)
 
         @torch.no_grad()

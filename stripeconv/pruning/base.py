@@ -20,13 +20,13 @@ keep pruned stripes at zero). :func:`fit` is that loop, ready made.
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from .._plain import plain_copy
 from . import _checks as check
 from . import criteria as C
 from .graph import is_depthwise
@@ -265,7 +265,7 @@ class Pruner:
     def masked_model(self) -> nn.Module:
         """A copy of the model as pruned: masks applied, dead filters' BN zeroed (if ``zero_bn``),
         method-specific parameters folded. :meth:`export` computes the same function."""
-        model = _dense_copy(self.model)
+        model = plain_copy(self.model)
         C.apply_masks(model, self._masks)
         if self.zero_bn:
             self.zero_dead_bn(self._masks, modules=dict(model.named_modules()))
@@ -283,7 +283,7 @@ class Pruner:
 
         size = tuple(example_input(self.model, self.input_size).shape[1:])
         size = (1, *size)
-        dense = profile(_dense_copy(self.model), size)
+        dense = profile(plain_copy(self.model), size)
         small = profile(exported if exported is not None else self.export(), size)
         density = {n: float(m.float().mean()) for n, m in self._masks.items()}
         return {
@@ -339,32 +339,6 @@ def copy_matching(model: nn.Module, state: dict) -> None:
     for key, value in state.items():
         if key in own:
             own[key].copy_(value)
-
-
-def _dense_copy(model: nn.Module) -> nn.Module:
-    """A copy whose parametrized convs are plain ``nn.Conv2d`` holding the current effective weight.
-
-    (``remove_parametrizations`` is not used on copies: it deletes the property from the class
-    that the copy shares with the original model.)
-    """
-    model = copy.deepcopy(model)
-    try:
-        from torch.nn.utils import parametrize
-    except ImportError:  # pragma: no cover
-        return model
-    for name, m in list(model.named_modules()):
-        if not (isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m)):
-            continue
-        plain = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation, m.groups,
-                          m.bias is not None, m.padding_mode, device=m.weight.device, dtype=m.weight.dtype)
-        with torch.no_grad():
-            plain.weight.copy_(m.weight)
-            if m.bias is not None:
-                plain.bias.copy_(m.bias)
-        plain.train(m.training)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain)
-    return model
 
 
 def evaluate(model: nn.Module, loader, device=None, loss_fn: Optional[Callable] = None) -> dict:

@@ -62,9 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._plain import plain_copy
 from . import _checks as check
 from ._search import BatchCursor, ChannelUnit, Progress, channel_units, note
-from .base import Pruner, _dense_copy, _name_of, copy_matching
+from .base import Pruner, _name_of, copy_matching
 
 __all__ = ["MetaPruning", "DEFAULT_SCALES", "WeightGenerator"]
 
@@ -221,7 +222,7 @@ class MetaPruning(Pruner):
         """The PruningNet: a copy of the model whose generated convs take their weights from
         :class:`WeightGenerator` s, and whose BNs after those convs have no affine parameters."""
         device = next(self.model.parameters()).device
-        self.meta = _dense_copy(self.model).to(device)
+        self.meta = plain_copy(self.model).to(device)
         modules = dict(self.meta.named_modules())
         self._in_units = {}  # conv -> [(unit index, in idx, root idx)]
         self._out_units = {}  # conv -> [(unit index, out idx, root idx)]
