@@ -367,8 +367,11 @@ class StripeConv2d(nn.Module):
         """``[1, out, Ho, Wo]`` response to a channel of ones, zero in the explicit ``pads``."""
         k = self.constant_channel_weight
         # Only real tensors are cached: under torch.compile and torch.export the buffer is a fake or
-        # functional tensor (no data pointer), and the map must be part of the traced graph.
-        cacheable = type(k) is torch.Tensor and not torch.compiler.is_compiling()
+        # functional tensor (no data pointer), and the map must be part of the traced graph; so must it
+        # under torch.jit.trace (a cached map would be baked in as a constant). Inference tensors keep
+        # no version counter, so a change to them could not be seen.
+        cacheable = (type(k) is torch.Tensor and not k.is_inference() and not torch.compiler.is_compiling()
+                     and not torch.jit.is_tracing())
         if not cacheable:
             return _constant_response(k, height, width, list(pads), list(self.stride), list(self.dilation))
         key = (height, width, pads, k.device, k.dtype, k.data_ptr(), k._version)

@@ -243,6 +243,29 @@ def test_depthwise_conv_loses_the_filters_of_removed_channels():
     assert profile(ex, (1, 3, 8, 8)).flops < profile(_masked(model, {"6": masks["6"]}), (1, 3, 8, 8)).flops
 
 
+def test_constant_channel_under_inference_mode_and_jit_trace():
+    torch.manual_seed(0)
+    layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3) < 0.5).eval()
+    layer.add_constant_channel(torch.randn(4, 3, 3))
+    x, x2 = torch.randn(1, 3, 6, 6), torch.randn(2, 3, 9, 7)
+    with torch.inference_mode():  # the buffer becomes an inference tensor: no version counter to cache on
+        loaded = StripeConv2d(3, 4, 3, padding=1)
+        loaded.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(loaded(x), layer(x))
+        loaded.constant_channel_weight.mul_(2)
+        doubled = loaded(x)
+    with torch.no_grad():
+        layer.constant_channel_weight.mul_(2)
+        torch.testing.assert_close(doubled, layer(x))
+        layer.constant_channel_weight.div_(2)
+    layer(x)  # a warm cache must not be baked into a trace
+    traced = torch.jit.trace(layer, (x,))  # and the trace check must pass
+    torch.testing.assert_close(traced(x2), layer(x2))
+    with torch.no_grad():
+        layer.constant_channel_weight.mul_(3)
+    torch.testing.assert_close(traced(x), layer(x))
+
+
 def test_constant_through_a_zero_padded_depthwise_conv_stays():
     # a dead filter with a positive bias carries a constant; the depthwise conv's zero padding
     # makes it vary at the borders, so no bias can stand in for it and the channel is kept
@@ -293,3 +316,21 @@ def test_export_refuses_an_input_size_without_the_batch():
     masks["features.0"][0] = False  # a dead filter: removing it needs the input shape
     with pytest.raises(ValueError, match=r"with the batch that is \(1, 1, 28, 28\)"):
         export(model, masks, input_size=(1, 28, 28))
+
+
+@pytest.mark.parametrize("which", [0, 3])
+def test_parametrized_convs_export_like_plain_ones(which):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    _randomize_bn(model)
+    masks = {"0": torch.rand(8, 3, 3) < 0.6}
+    masks["0"][:2] = False  # two dead filters: their channel is removed
+    expected = _masked(model, masks)
+    model[which] = weight_norm(model[which])
+    ex = export(model, masks, input_size=(1, 3, 8, 8))
+    assert ex[0].out_channels == 6 and ex[3].in_channels == 6
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(ex(x), expected(x), atol=1e-5, rtol=1e-5)
