@@ -133,3 +133,28 @@ def test_lbs_interrupted_search_resumes_identically(data, trained_resnet):
     assert all(torch.equal(got[n], expected[n]) for n in expected)
     assert third.cache == straight.cache
     assert torch.equal(third.rank_sums["conv1"], straight.rank_sums["conv1"])
+
+
+def test_lbs_meets_the_ratio_where_pruning_lowers_the_loss(data):
+    """Where pruning any unit alone lowers the loss (here a loss that falls with the output's size; an
+    untrained model can behave so), every unit would go to its maximum rate at delta = 0, far past
+    the ratio; the search goes below 0 instead."""
+    train_dl, val_dl = data
+    torch.manual_seed(1)
+    model = models.vgg(cfg=[8, "M", 8, "M", 8], in_channels=1)
+    dense = copy.deepcopy(model.state_dict())
+    score = [next(iter(train_dl))]
+    shrinking = lambda out, y: out.square().mean()  # noqa: E731
+    pr = LBS(model, SIZE, val_data=val_dl, ratio=0.5, score_batches=1, loss_fn=shrinking)
+    at_zero = pr.ks_at(0.0) if pr.prune(score) is not None else None
+    assert pr._metric(at_zero) > 0.75  # the overshoot a search that stops at 0 would give
+    # near the ratio: above it by at most what the loss bound costs where losses are not monotone in k
+    assert pr.delta < 0 and 0.5 <= pr._metric(pr.unit_k) < 0.6
+    for unit in pr.units:  # the loss bound holds at the negative delta
+        assert pr.loss_change(unit, pr.unit_k[unit.name]) <= pr.delta or pr.unit_k[unit.name] == 0
+    fixed = LBS(models.vgg(cfg=[8, "M", 8, "M", 8], in_channels=1), SIZE, val_data=val_dl, delta=pr.delta,
+                score_batches=1, loss_fn=shrinking)
+    fixed.model.load_state_dict(dense)
+    fixed.prune(score)
+    assert fixed.unit_k == pr.ks_at(pr.delta)
+

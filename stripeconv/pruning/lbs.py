@@ -20,7 +20,8 @@ One shot, then one fine-tune:
 4. **Search over delta.** ``delta`` is found by bisection so that the per-unit rates together
    reach the requested global ``ratio`` (fraction of the prunable filters) or
    ``target_flops_reduction`` (the smallest such delta: the target is met; the overshoot of the
-   last delta step is trimmed, see ``trim``).
+   last delta step is trimmed, see ``trim``). Where pruning lowers the loss (an untrained model)
+   that delta is negative.
 5. The selected filters are pruned (masks held, BN of dead filters zeroed) and the model is
    fine-tuned once (:func:`~stripeconv.pruning.fit` with this pruner, which keeps the masks).
 
@@ -92,7 +93,8 @@ class LBS(Pruner):
       default; they are kept in memory).
     - target: ``ratio`` (global filter pruning rate over the prunable convs; the paper's
       "pre-defined pruning rate for the entire network") or ``target_flops_reduction``.
-    - ``delta``: a fixed loss variation instead of a target (the paper's basic mode).
+    - ``delta``: a fixed loss variation instead of a target (the paper's basic mode; negative:
+      the loss must fall, as the search may find for an untrained model).
     - ``score_batches``: how many batches of ``data`` the Taylor ranks are accumulated over
       (default 10; all with ``None``).
     - ``max_layer_rate`` (0.9): the most a unit may lose (at least one channel always stays).
@@ -127,7 +129,7 @@ class LBS(Pruner):
                          require_target=delta is None, **kw)
         if val_data is None:
             raise ValueError("LBS needs val_data: a held-out split of the training data (never the test set)")
-        check.number("LBS", "delta", delta, low=0.0, optional=True)
+        check.number("LBS", "delta", delta, optional=True)
         check.number("LBS", "score_batches", score_batches, low=1, integer=True, optional=True)
         check.number("LBS", "val_batches", val_batches, low=1, integer=True, optional=True)
         check.number("LBS", "max_layer_rate", max_layer_rate, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -285,7 +287,7 @@ class LBS(Pruner):
         hi = self.k_max(unit)
         if hi == 0 or self.loss_change(unit, hi) <= delta:
             return hi
-        lo = 0  # loss_change(0) = 0 <= delta (delta >= 0)
+        lo = 0  # k = 0 changes nothing: the answer when even one channel changes the loss by more than delta
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self.loss_change(unit, mid) <= delta:
@@ -346,7 +348,14 @@ class LBS(Pruner):
         try:
             lo = 0.0
             if self._metric(self.ks_at(lo)) >= goal - 1e-12:
-                hi = lo
+                # Pruning up to these rates does not raise the loss (an untrained model, say): the
+                # smallest delta meeting the goal is negative, a loss that must fall.
+                hi, lo = lo, -1e-3 * max(self.base_loss, 1e-3)
+                none = {u.name: 0 for u in self.units}
+                while self._metric(ks := self.ks_at(lo)) >= goal - 1e-12 and ks != none:
+                    hi, lo = lo, lo * 2.0
+                    self.delta_lo, self.delta_hi = lo, hi
+                    bar.update(1, bracket=lo)
             else:
                 hi = 1e-3 * max(self.base_loss, 1e-3)
                 full = {u.name: self.k_max(u) for u in self.units}
@@ -358,17 +367,17 @@ class LBS(Pruner):
                     lo, hi = hi, hi * 2.0
                     self.delta_lo, self.delta_hi = lo, hi
                     bar.update(1, bracket=hi)
-                for _ in range(self.delta_iters):
-                    self.delta_lo, self.delta_hi = lo, hi
-                    if hi - lo <= 1e-6 * max(hi, 1e-12):
-                        break
-                    mid = 0.5 * (lo + hi)
-                    m = self._metric(self.ks_at(mid))
-                    if m >= goal - 1e-12:
-                        hi = mid
-                    else:
-                        lo = mid
-                    bar.update(1, delta=hi, metric=m, evals=len(self.cache))
+            for _ in range(self.delta_iters):
+                self.delta_lo, self.delta_hi = lo, hi
+                if hi - lo <= 1e-6 * max(abs(hi), abs(lo), 1e-12):
+                    break
+                mid = 0.5 * (lo + hi)
+                m = self._metric(self.ks_at(mid))
+                if m >= goal - 1e-12:
+                    hi = mid
+                else:
+                    lo = mid
+                bar.update(1, delta=hi, metric=m, evals=len(self.cache))
             self.delta_lo, self.delta_hi = lo, hi
             self.delta = hi
             self.unit_k = self._trim(self.ks_at(lo), self.ks_at(hi), hi, goal) if self.trim else self.ks_at(hi)
