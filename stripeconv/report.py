@@ -346,9 +346,13 @@ def write_report(out_dir: Union[str, os.PathLike], summary: dict, plot: bool = T
     elif plot_note:
         L += [f"_{plot_note}_", ""]
     if pr.get("stripe_density") and not rows:
+        eff = pr.get("gpu_tile_efficiency") or {}
         L += ["## Stripe density per pruned layer (before removing dead filters)", "",
-              "| layer | density |", "|---|---:|"]
-        L += [f"| {k} | {v:.3f} |" for k, v in pr["stripe_density"].items()] + [""]
+              "GPU tile eff. = kept / computed stripes of the GPU forward kernel's filter tiles in the exported "
+              "layer (1 = no waste; the GPU speedup cannot exceed eff. / density).", "",
+              "| layer | density | GPU tile eff. |", "|---|---:|---:|"]
+        L += [f"| {k} | {v:.3f} | {'' if k not in eff else f'{eff[k]:.2f}'} |"
+              for k, v in pr["stripe_density"].items()] + [""]
     hist = summary.get("history")
     if hist:
         L += ["## Training", "", "| phase | epoch | train loss | train acc | eval acc | FLOPs red. | density | s |",

@@ -108,7 +108,10 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys, monkeypatch)
     log = [json.loads(line) for line in (pr / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("epoch") for r in log if "train_loss" in r] == [0, 1]
     assert log[-1]["event"] == "saved" and log[-1]["eval_accuracy"] == res["accuracy"]
-    assert (pr / "report.md").is_file()
+    report = (pr / "report.md").read_text()
+    assert "GPU tile eff." in report  # per exported layer, next to its stripe density
+    eff = [float(row.split("|")[3]) for row in report.splitlines() if row.startswith("| features.")]
+    assert eff and all(0 < e <= 1 for e in eff)
 
     assert cli.main(["finetune", str(pr / "pruned"), "--epochs", "1", "--out", str(ft), "--no-progress",
                      "--quiet"]) == 0

@@ -330,6 +330,16 @@ def test_backend_selection():
     assert stripeconv.get_backend() is None
 
 
+def test_cuda_kernels_are_never_a_default(monkeypatch):
+    """On CUDA without triton the default is the dense conv: the cuda kernels run only when pinned."""
+    from stripeconv import backends
+
+    monkeypatch.setattr(backends._module("triton"), "is_available", lambda: (False, "no triton"))
+    monkeypatch.setattr(backends._module("cuda"), "is_available", lambda: (True, ""))
+    monkeypatch.setattr(backends, "_default", {})
+    assert backends.resolve(torch.device("cuda")).NAME == "dense"
+
+
 def _import_with_backend(name: str):
     import os
     import subprocess

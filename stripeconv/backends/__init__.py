@@ -5,10 +5,10 @@ A backend is a module with ``NAME``, ``is_available() -> (bool, reason)``,
 ``grad_weight`` with the arguments of :mod:`stripeconv.ops`.
 
 By default the fastest available backend for the input's device is used: ``cpu`` (the compiled
-C++ kernels) for CPU tensors, ``triton`` (then ``cuda``) for CUDA tensors, and ``dense`` (the
+C++ kernels) for CPU tensors, ``triton`` for CUDA tensors, and ``dense`` (the
 framework's conv on the masked weight) where no stripe kernel runs: other devices, or nothing
 compiled. ``reference`` is the readable statement of the math and the test oracle. The
-``cuda`` kernels are opt-in until benchmarks show them faster. :func:`set_backend` or the
+``cuda`` kernels are opt-in (never a default) until benchmarks show them faster. :func:`set_backend` or the
 environment variable ``STRIPECONV_BACKEND`` pins one. In eager mode, modules reach the chosen
 backend through :func:`eager_conv2d`, without the op's Python layers.
 """
@@ -32,7 +32,8 @@ _MODULES = {
     "triton": "triton_backend",
     "cuda": "cuda",
 }
-_DEFAULT_ORDER = {"cpu": ("cpu", "dense"), "cuda": ("triton", "cuda", "dense")}
+# cuda is opt-in (set_backend) until GPU benchmarks show its kernels faster than the dense conv
+_DEFAULT_ORDER = {"cpu": ("cpu", "dense"), "cuda": ("triton", "dense")}
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
 _dispatch_modes_active = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # FakeTensorMode, ...
 

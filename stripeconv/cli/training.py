@@ -127,7 +127,7 @@ def cmd_prune(args) -> int:
                       "eval_accuracy": after["accuracy"], "eval_loss": after["loss"],
                       "accuracy_before": before["accuracy"] if before else None,
                       **{k: rep[k] for k in ("flops_dense", "flops", "flops_reduction", "params_dense", "params",
-                                             "params_reduction", "stripe_density")}}
+                                             "params_reduction", "stripe_density", "gpu_tile_efficiency")}}
             engine.log.truncate("export", 0)  # one export record per output folder, also after --resume
             engine.log.write(result)
             (out / "prune_report.json").write_text(json.dumps(result, indent=1))

@@ -277,15 +277,23 @@ class Pruner:
         return export(self.masked_model(), self._masks, self.input_size, fold=fold)
 
     def report(self, exported: Optional[nn.Module] = None) -> dict:
-        """FLOPs and params of the dense and the exported model (via :func:`stripeconv.profile`)."""
+        """FLOPs and params of the dense and the exported model (via :func:`stripeconv.profile`), the
+        stripe density per pruned layer, and the GPU tile efficiency of every exported ``StripeConv2d``
+        (kept / computed stripes of the Triton forward's filter tiles; the GPU speedup cannot exceed
+        efficiency / density)."""
+        from ..backends.triton_plans import best_tile_efficiency
+        from ..nn import StripeConv2d
         from ..profile import profile
         from .graph import example_input
 
         size = tuple(example_input(self.model, self.input_size).shape[1:])
         size = (1, *size)
         dense = profile(plain_copy(self.model), size)
-        small = profile(exported if exported is not None else self.export(), size)
+        exported = exported if exported is not None else self.export()
+        small = profile(exported, size)
         density = {n: float(m.float().mean()) for n, m in self._masks.items()}
+        efficiency = {n: best_tile_efficiency(m.stripe_mask.cpu(), m.groups) for n, m in exported.named_modules()
+                      if isinstance(m, StripeConv2d) and m.num_stripes}
         return {
             "method": type(self).__name__,
             "flops_dense": dense.flops, "flops": small.flops,
@@ -293,6 +301,7 @@ class Pruner:
             "params_dense": dense.params, "params": small.params,
             "params_reduction": 1.0 - small.params / dense.params if dense.params else 0.0,
             "stripe_density": density,
+            "gpu_tile_efficiency": efficiency,
             "epoch": self.epoch,
         }
 
