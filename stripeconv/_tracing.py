@@ -7,18 +7,19 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ._modes import set_eval
+
 
 def forward_with_hooks(model: nn.Module, x: Tensor, handles: Iterable[RemovableHandle]) -> None:
     """Run ``model(x)`` in eval mode without gradients, then restore its mode and remove ``handles``.
 
     Eval mode keeps BatchNorm statistics untouched by the observation.
     """
-    was_training = model.training
+    restore = set_eval(model)
     try:
-        model.eval()
         with torch.no_grad():
             model(x)
     finally:
-        model.train(was_training)
+        restore()
         for h in handles:
             h.remove()

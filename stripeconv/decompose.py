@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._modes import set_eval
+
 __all__ = ["scatter_rows", "dense_weight", "stripe_conv2d_dense", "decompositions", "export_onnx"]
 
 
@@ -68,11 +70,10 @@ def export_onnx(model: nn.Module, args: tuple, f=None, *, dynamic_shapes=None, *
     if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
         raise RuntimeError(f"export_onnx needs the torch.export-based ONNX exporter (torch >= 2.5); this is "
                            f"torch {torch.__version__}")
-    was_training = model.training
-    model.eval()
+    restore = set_eval(model)
     try:
         program = torch.export.export(model, tuple(args), dynamic_shapes=dynamic_shapes)
     finally:
-        model.train(was_training)
+        restore()
     program = program.run_decompositions(decompositions())
     return torch.onnx.export(program, f=f, dynamo=True, **kwargs)

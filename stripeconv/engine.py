@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._modes import set_eval
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import (DistContext, all_equal, all_reduce_sum, broadcast_pruner_state, digest, single_process,
                           wrap_model)
@@ -161,8 +162,7 @@ def evaluate_model(model: nn.Module, data, device=None, loss_fn: Optional[Callab
         sharded = True
     else:
         loader, sharded = data, False
-    was = model.training
-    model.eval()
+    restore = set_eval(model)
     correct = total = 0
     loss_sum = 0.0
     try:
@@ -173,7 +173,7 @@ def evaluate_model(model: nn.Module, data, device=None, loss_fn: Optional[Callab
             correct += int((out.argmax(1) == y).sum())
             total += len(y)
     finally:
-        model.train(was)
+        restore()
     if sharded and ctx.distributed:
         correct, total, loss_sum = all_reduce_sum([correct, total, loss_sum], ctx)
     return {"accuracy": correct / max(total, 1), "loss": loss_sum / max(total, 1), "samples": int(total)}
@@ -263,9 +263,8 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int,
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms or num_batches <= 0:
         return
-    was_training = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
-    model.eval()
+    restore = set_eval(model)
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: every batch weighs the same
@@ -278,8 +277,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable, num_batches: int,
     finally:
         for m in norms:
             m.momentum = momenta[m]
-        for m, flag in was_training.items():
-            m.train(flag)
+        restore()
 
 
 def _progress_factory(enabled: bool):

@@ -98,7 +98,7 @@ def profile(
     ``input_size`` may also be an example tensor. ``masks`` (name -> bool stripe mask
     ``[out, kh, kw]``) makes masked ``nn.Conv2d`` layers count only their kept stripes. See the
     module docstring for what is counted. The model runs one forward pass in eval mode under
-    ``torch.no_grad()`` (its training flag is restored).
+    ``torch.no_grad()`` (every module's training flag is restored).
     """
     from .nn import StripeConv2d
 

@@ -55,3 +55,20 @@ def test_training_flag_restored():
     m = Tiny().train()
     profile(m, torch.zeros(1, 3, 8, 8))
     assert m.training
+
+
+def test_every_module_keeps_its_own_mode():
+    """A submodule held in eval mode inside a training model (frozen BatchNorm statistics) stays so
+    after the library's passes that run the model in eval mode."""
+    from stripeconv.engine import evaluate_model
+    from stripeconv.pruning.graph import ChannelGraph
+
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    m(torch.zeros(1, 3, 8, 8))
+    m.train()
+    m[1].eval()
+    data = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))]
+    for run in (lambda: profile(m, (1, 3, 8, 8)), lambda: evaluate_model(m, data),
+                lambda: ChannelGraph(m, torch.zeros(1, 3, 8, 8))):
+        run()
+        assert m.training and not m[1].training and m[0].training

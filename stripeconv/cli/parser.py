@@ -114,6 +114,13 @@ def _add_model(p):
     g.add_argument("--model-kwargs", default=None, metavar="JSON", help="extra constructor arguments, as JSON")
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows the default of every option that takes a value; a flag's default is its absence."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if action.nargs == 0 else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stripeconv", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _DefaultsHelpFormatter
 
     p = sub.add_parser("train", help="train a baseline (dense) model", description=textwrap.dedent("""\
         Train a dense baseline and save it as <out>/model.pt + model.json (stripeconv.artifacts format; load with

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .._modes import set_eval
+
 __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit", "channel_units", "BatchCursor", "replay",
            "sample_pass",
            "gate_outputs", "gate_module_of", "ExpectedFlops",
@@ -169,8 +171,7 @@ def sample_pass(pruner, data: Iterable, hooks: list, desc: str, max_batches: Opt
     pruner._score_gen_state, batches = replay(data, pruner._score_gen_state if pruner.batches_scored else None,
                                               pruner.batches_scored)
     bar = Progress(pruner.samples, desc, pruner.verbose, initial=pruner.points_seen)
-    was = pruner.model.training
-    pruner.model.eval()
+    restore = set_eval(pruner.model)
     done = 0
     try:
         with torch.no_grad():
@@ -189,7 +190,7 @@ def sample_pass(pruner, data: Iterable, hooks: list, desc: str, max_batches: Opt
     finally:
         for h in handles:
             h.remove()
-        pruner.model.train(was)
+        restore()
         bar.close()
     complete = pruner.points_seen >= pruner.samples or max_batches is None or done < max_batches
     if complete and pruner.points_seen == 0:

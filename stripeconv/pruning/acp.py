@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._modes import set_eval
 from .._plain import plain_copy
 from . import _checks as check
 from . import criteria as C
@@ -215,8 +216,7 @@ class ACP(Pruner):
                     sums[name] = part if name not in sums else sums[name] + part
                 handles.append(modules[name].register_forward_hook(hook))
         device = next(self.model.parameters()).device
-        was = self.model.training
-        self.model.eval()
+        restore = set_eval(self.model)
         seen = 0
         try:
             for batch in data:
@@ -227,7 +227,7 @@ class ACP(Pruner):
                 if seen >= self.cluster_images:
                     break
         finally:
-            self.model.train(was)
+            restore()
             for h in handles:
                 h.remove()
         if seen == 0:

@@ -89,6 +89,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._modes import set_eval
 from . import _checks as check
 from ._search import ChannelUnit, Progress, channel_units, note, sample_pass
 from .base import Pruner
@@ -372,8 +373,7 @@ class FunctionalityPruning(Pruner):
         gen = torch.Generator().manual_seed(self.seed)
         start = torch.randn((1, *shape[1:]), generator=gen, dtype=torch.float64) * self.am_init_std
         start = start.to(p.device, dtype)
-        was = self.model.training
-        self.model.eval()
+        restore = set_eval(self.model)
         bar = Progress(len(self.units) * self.am_steps, f"{_OWNER} activation maximisation", self.verbose)
         try:
             for u in self.units:
@@ -394,7 +394,7 @@ class FunctionalityPruning(Pruner):
                 corr, _ = correlation((x - start).flatten(1).double())
                 self._am[u.name] = (corr, reached)
         finally:
-            self.model.train(was)
+            restore()
             bar.close()
 
     def _unit_response(self, u: ChannelUnit, x: Tensor) -> Tensor:

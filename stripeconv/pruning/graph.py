@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .._modes import set_eval
 from .._tracing import forward_with_hooks
 
 __all__ = ["ChannelGraph", "Group", "require_torch_pruning", "example_input"]
@@ -97,14 +98,13 @@ class ChannelGraph:
         self.tp = tp
         self.model = model
         x = example_input(model, example_inputs)
-        was_training = model.training
-        model.eval()
+        restore = set_eval(model)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.DG = tp.DependencyGraph().build_dependency(model, x, verbose=False)
         finally:
-            model.train(was_training)
+            restore()
         self.names = {m: n for n, m in model.named_modules()}
         self.modules = dict(model.named_modules())
         self.groups: list[Group] = []

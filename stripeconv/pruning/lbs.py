@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._modes import set_eval
 from . import _checks as check
 from . import criteria as C
 from ._search import ChannelUnit, Progress, channel_units, gate_outputs, note, replay
@@ -212,8 +213,7 @@ class LBS(Pruner):
         # a shuffled DataLoader replays the same order on resume
         self._score_gen_state, batches = replay(data, self._score_gen_state if self.batches_scored else None,
                                                 self.batches_scored)
-        was = self.model.training
-        self.model.eval()
+        restore = set_eval(self.model)
         try:
             for i, (x, y) in batches:
                 if total is not None and i >= total:
@@ -237,7 +237,7 @@ class LBS(Pruner):
                 self.batches_scored += 1
                 bar.update(1)
         finally:
-            self.model.train(was)
+            restore()
             bar.close()
         self.phase = "search"
 
@@ -258,8 +258,7 @@ class LBS(Pruner):
     @torch.no_grad()
     def val_loss(self, factors: Optional[dict] = None) -> float:
         """Mean loss on ``val_data`` (eval mode), with output channels gated by ``factors``."""
-        was = self.model.training
-        self.model.eval()
+        restore = set_eval(self.model)
         total, n = 0.0, 0
         try:
             with gate_outputs(self, factors or {}):
@@ -267,7 +266,7 @@ class LBS(Pruner):
                     total += float(self.loss_fn(self.model(x), y)) * len(y)
                     n += len(y)
         finally:
-            self.model.train(was)
+            restore()
         return total / n
 
     def loss_change(self, unit: Unit, k: int) -> float:

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._modes import set_eval
 from . import _checks as check
 from .base import Pruner
 
@@ -148,8 +149,7 @@ class OrthoReg(Pruner):
         sums = [torch.zeros_like(p, dtype=torch.float64) for p in flat]
         device = next(self.model.parameters()).device
         seen = 0
-        was = self.model.training
-        self.model.eval()
+        restore = set_eval(self.model)
         try:
             for x, y in self.val_data:
                 x, y = x.to(device), y.to(device)
@@ -162,7 +162,7 @@ class OrthoReg(Pruner):
                 if seen >= self.importance_samples:
                     break
         finally:
-            self.model.train(was)
+            restore()
         if seen == 0:
             raise ValueError("OrthoReg: val_data yielded no batch")
         out, i = {}, 0
