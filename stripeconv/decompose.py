@@ -13,7 +13,9 @@ of pruned single stripes.
 from __future__ import annotations
 
 import inspect
-from typing import Optional, Sequence
+import io
+import os
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +64,8 @@ def decompositions() -> dict:
     return {torch.ops.stripeconv.stripe_conv2d.default: stripe_conv2d_dense}
 
 
-def export_onnx(model: nn.Module, args: tuple, f=None, *, dynamic_shapes=None, **kwargs):
+def export_onnx(model: nn.Module, args: tuple, f: Optional[Union[str, os.PathLike, io.BytesIO]] = None, *,
+                dynamic_shapes: Optional[Any] = None, **kwargs: Any) -> Any:
     """Export a model with :class:`~stripeconv.StripeConv2d` layers to ONNX (needs ``onnx`` and
     ``onnxscript``): :func:`torch.export.export` (eval mode), the stripe op decomposed by
     :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it.

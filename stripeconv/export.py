@@ -29,6 +29,7 @@ Requires ``torch-pruning`` (imported lazily).
 from __future__ import annotations
 
 import warnings
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -84,7 +85,7 @@ def _zero_padded(conv: nn.Module) -> bool:
 def export(
     model: nn.Module,
     masks: dict,
-    input_size=None,
+    input_size: Optional[Union[Sequence[int], Tensor]] = None,
     fold: str = "exact",
     tol: float = 1e-5,
     remove_dead: bool = True,

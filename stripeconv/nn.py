@@ -95,8 +95,8 @@ class StripeConv2d(nn.Module):
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
-        device=None,
-        dtype=None,
+        device: Optional[Union[str, torch.device]] = None,
+        dtype: Optional[torch.dtype] = None,
         stripe_mask: Optional[Tensor] = None,
     ) -> None:
         super().__init__()

@@ -37,7 +37,7 @@ from torch import Tensor
 from . import backends
 from .packing import position_offsets
 
-__all__ = ["stripe_conv2d", "output_size", "check_output_size", "check_op_args"]
+__all__ = ["stripe_conv2d", "transform_conv2d", "output_size", "check_output_size", "check_op_args"]
 
 
 def output_size(

@@ -47,6 +47,16 @@ class FilterSkeleton(nn.Module):
 
 
 class SWP(Pruner):
+    """Stripe-wise pruning with a Filter Skeleton (see the module docstring for the method).
+
+    - ``alpha`` (1e-5): weight of the L1 term on the skeleton, added to its gradient.
+    - ``threshold`` (0.05): stripes with ``|FS|`` below it are pruned for good.
+    - ``group_size`` (1): filters per group that share their kept positions (32: full GPU tiles).
+    - target (optional, needs ``epochs``): ``target_flops_reduction``, ``ratio`` or ``ratios``,
+      reached during training by pruning the lowest ``|FS|``, in full after ``ramp`` of the epochs.
+    - ``skip_first`` / ``skip_1x1`` (True): leave the first conv and 1x1 convs dense.
+    """
+
     granularities = ("stripe",)
     default_scope = "global"
 
