@@ -287,16 +287,27 @@ class StripeConv2d(nn.Module):
         except KeyError:
             return self.packed_weight, self.bias, self.stripe_mask, self.constant_channel_weight
 
-    def _check_input(self, input: Tensor, weight: Tensor) -> None:
+    def _check_input(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
         if not isinstance(input, Tensor):
             raise TypeError(f"StripeConv2d expects a Tensor input, got {type(input).__name__}")
-        # Eager calls with the shape, dtype and device last accepted pass at once (the layer's geometry
-        # is fixed at construction). A dtype other than the weight's depends on autocast: checked each
+        # Eager calls with the input and weights last accepted pass at once (the layer's geometry is
+        # fixed at construction). A dtype other than the weight's depends on autocast: checked each
         # call. Compiled and traced graphs check at trace time and read no memo (it would become a guard).
         tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        key = None if tracing else (input.shape, input.dtype, input.device, weight.dtype, weight.device)
+        key = None if tracing else (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+                                    None if bias is None else bias.shape, None if bias is None else bias.dtype)
         if key is not None and key == getattr(self, "_accepted_input", None):
             return
+        # The layer's own tensors, as far as a swapped .data can break them (the mask's row count is
+        # the backends' check: it needs the mask's values)
+        cg = self.in_channels // self.groups
+        if weight.dim() != 2 or weight.shape[1] != cg:
+            raise ValueError(f"packed_weight must be [num_stripes, in_channels/groups] = [*, {cg}], "
+                             f"got {list(weight.shape)}")
+        if bias is not None and (bias.shape != (self.out_channels,) or bias.dtype != weight.dtype
+                                 or bias.device != weight.device):
+            raise ValueError(f"bias must be [{self.out_channels}] in {weight.dtype} on {weight.device} like the "
+                             f"weight, got {list(bias.shape)} in {bias.dtype} on {bias.device}")
         if input.dim() not in (3, 4):
             raise ValueError(
                 f"StripeConv2d expects a 3-D (C, H, W) or 4-D (B, C, H, W) input, got {input.dim()}-D "
@@ -321,7 +332,7 @@ class StripeConv2d(nn.Module):
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
         weight, bias, mask, constant = self._tensors()
-        self._check_input(input, weight)
+        self._check_input(input, weight, bias)
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)

@@ -203,6 +203,22 @@ def test_op_rejects_inconsistent_weight_and_bias(backend, change, message):
         _forward(OP.stripe_conv2d, a)
 
 
+@pytest.mark.parametrize("change", ["bias_dtype", "bias_shape", "weight_columns"])
+def test_module_rejects_swapped_tensors_after_a_good_call(backend, change):
+    """The module's memo of the last accepted input does not hide a .data swap of its own tensors."""
+    layer = StripeConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    layer(x)
+    if change == "bias_dtype":
+        layer.bias.data = layer.bias.data.double()
+    elif change == "bias_shape":
+        layer.bias.data = layer.bias.data[:5]
+    else:
+        layer.packed_weight.data = layer.packed_weight.data[:, :3]
+    with pytest.raises(ValueError, match="bias must be|packed_weight must be"):
+        layer(x)
+
+
 @pytest.mark.parametrize("change, message", [
     ("grad_output_shape", r"grad_output must have shape \[2, 6, 8, 8\]"),
     ("extra_rows", r"packed weight has \d+ rows"),
