@@ -147,8 +147,11 @@ def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_siz
     # 1. baseline
     _say(f"[1/4] training the baseline {DEMO_MODEL} ({arch}, cfg {arch_kwargs['cfg']}) for {epochs} epochs on {dev}",
          quiet)
+    # what a --resume must share with the run that wrote the checkpoints (the engine compares them): a demo
+    # resumed with another --target, --seed or data size would mix two runs and report the new settings
+    data_meta = {k: spec.get(k) for k in ("dataset", "limit_train", "seed")}
     base_engine = Engine(model, train, epochs=epochs, eval_data=test, phase="train", lr=lr, schedule="cosine",
-                         **common)
+                         meta={"data": data_meta, "lr": lr}, **common)
     base_engine.run()
     before = evaluate_model(model, test, dev)
     baseline = copy.deepcopy(model).eval()
@@ -161,7 +164,9 @@ def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_siz
     repick()
     pruner = SWP(model, input_size=input_size, target_flops_reduction=target, epochs=prune_epochs, alpha=alpha)
     prune_engine = Engine(model, train, pruner=pruner, epochs=prune_epochs, eval_data=test, phase="prune",
-                          lr=prune_lr, schedule="cosine", meta={"method": "SWP"}, **common)
+                          lr=prune_lr, schedule="cosine",
+                          meta={"method": "SWP", "data": data_meta, "lr": prune_lr, "target": target, "alpha": alpha},
+                          **common)
     prune_engine.run()
 
     # 3. export + save

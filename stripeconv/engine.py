@@ -207,17 +207,19 @@ class MetricsLog:
                     pass
         return out
 
-    def truncate(self, phase: str, from_epoch: int) -> None:
+    def truncate(self, phase: str, from_epoch: int, keep_earlier: bool = False) -> None:
         """Drop the records of ``phase`` from epoch ``from_epoch`` on (they will be written again on resume).
 
-        ``from_epoch <= 0`` drops every record of ``phase`` (a run that starts over); records without an
-        ``epoch`` (written after the last epoch, such as a final "saved" event) are dropped too.
+        ``from_epoch <= 0`` drops every record of ``phase`` (a run that starts over) unless ``keep_earlier``
+        (a resume: records of earlier epochs, such as the one-shot step's at epoch -1, stay); records without
+        an ``epoch`` (written after the last epoch, such as a final "saved" event) are dropped too.
         """
         if not self.enabled or not self.path.is_file():
             return
 
         def stale(r: dict) -> bool:
-            return r.get("phase") == phase and (from_epoch <= 0 or "epoch" not in r or r["epoch"] >= from_epoch)
+            return r.get("phase") == phase and ((from_epoch <= 0 and not keep_earlier) or "epoch" not in r
+                                                or r["epoch"] >= from_epoch)
 
         keep = [r for r in self.read() if not stale(r)]
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
@@ -468,7 +470,7 @@ class Engine:
         except ResumeError as e:
             raise ResumeError(f"cannot resume from {path}: {e}") from e
         self.resumed_from = self.start_epoch
-        self.log.truncate(self.phase, self.start_epoch)
+        self.log.truncate(self.phase, self.start_epoch, keep_earlier=True)  # the one-shot step is not redone
         self._print(f"[{self.phase}] resumed from {path} after epoch {self.start_epoch}/{self.epochs}")
         return True
 

@@ -71,7 +71,7 @@ BAD = [
     (["GReg2"], dict(recover=1e-4), ValueError, "recover must be a number <= 0.0"),
     (["GReg1"], dict(mag_ratio_limit=0.0), ValueError, "mag_ratio_limit must be a number > 0.0"),
     (["IncReg"], dict(u=1.0), ValueError, "u must be a number in (0.0, 1.0)"),
-    (["LBS"], dict(ratio=None, delta=-0.1), ValueError, "delta must be a number >= 0.0"),
+    (["LBS"], dict(ratio=None, delta=float("nan")), ValueError, "delta must be a number"),
     (["LBS"], dict(score_batches=0), ValueError, "score_batches must be an integer >= 1"),
     (["LBS"], dict(val_batches=1.5), TypeError, "val_batches must be an integer"),
     (["LBS"], dict(max_layer_rate=1.0), ValueError, "max_layer_rate must be a number in (0.0, 1.0)"),
@@ -162,3 +162,14 @@ def test_numpy_and_tensor_sizes_still_accepted():
     pr = pruning.L1Filter(tiny_vgg(), torch.Size(SIZE), ratio=np.float64(0.5))
     pr.prune()
     pruning.L1Filter(tiny_vgg(), torch.randn(SIZE), ratio=0.5).prune()
+
+
+def test_layer_names_one_string_is_one_name():
+    """``exclude="features.0"`` leaves that conv out (not the characters of its name); unknown names raise."""
+    assert list(pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, exclude="features.0").convs) == ["features.4",
+                                                                                              "features.8"]
+    assert list(pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, layers="features.4").convs) == ["features.4"]
+    with pytest.raises(KeyError, match=r"exclude names no module of the model: \['nolayer'\]"):
+        pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, exclude=["nolayer"])
+    with pytest.raises(TypeError, match="layers must be module names"):
+        pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, layers=[0])

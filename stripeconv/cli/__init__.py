@@ -54,8 +54,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\nstripeconv {args.command}: interrupted; re-run with --resume to continue from the last "
-              "checkpoint", file=sys.stderr)
+        # only the training commands (and the demo) checkpoint and have --resume
+        hint = "; re-run with --resume to continue from the last checkpoint" if hasattr(args, "resume") else ""
+        print(f"\nstripeconv {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

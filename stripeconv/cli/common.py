@@ -79,5 +79,19 @@ def resume_meta(args, spec: dict, **more) -> dict:
     return {"command": args.command, "data": data, "training": training, **more}
 
 
+def source_digest(path) -> str:
+    """SHA-256 of a saved model's weights (``--from`` / ``finetune MODEL``): a resumed run must continue from
+    the same model, whatever path names it."""
+    import hashlib
+
+    from ..artifacts import _base, _with
+
+    h = hashlib.sha256()
+    with open(_with(_base(path), ".pt"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def short_kwargs(kw: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in kw.items())

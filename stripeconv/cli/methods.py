@@ -61,6 +61,35 @@ def _ann(p: inspect.Parameter) -> str:
     return a if isinstance(a, str) else getattr(a, "__name__", str(a))
 
 
+# Arguments of every method that take a collection of layer names (Pruner's ``layers`` and ``exclude``).
+_NAME_LISTS = ("layers", "exclude")
+
+
+def _is_collection(p: Optional[inspect.Parameter], default: Any, ann: str) -> bool:
+    if p is None:
+        return False
+    return p.name in _NAME_LISTS or isinstance(default, (tuple, list)) or \
+        ann in ("tuple", "optional[tuple]", "list", "optional[list]")
+
+
+def _collection(value: str, p: inspect.Parameter, default: Any) -> Any:
+    """A list-valued argument: a JSON/YAML list as it is, else comma-separated items (``layers=features.3``
+    is one layer, never the characters of its name)."""
+    parsed = _literal(value)
+    if isinstance(parsed, (list, tuple)):
+        return parsed
+    items = [s.strip() for s in value.split(",") if s.strip()]
+    if not items:
+        raise CLIError(f"{p.name}: expected a comma-separated list or a JSON list, got {value!r}")
+    if p.name in _NAME_LISTS:
+        return items
+    try:  # the tuples of the methods' signatures hold numbers
+        numbers = [float(s) for s in items]
+    except ValueError:
+        raise CLIError(f"{p.name}: expected comma-separated numbers or a JSON list, got {value!r}") from None
+    return tuple(numbers) if isinstance(default, tuple) else numbers
+
+
 def coerce(value: str, p: Optional[inspect.Parameter]) -> Any:
     """Parse ``value`` for parameter ``p`` (type from its default or annotation; else YAML/JSON literal)."""
     ann = _ann(p).lower() if p is not None else ""
@@ -68,6 +97,8 @@ def coerce(value: str, p: Optional[inspect.Parameter]) -> Any:
     low = value.strip().lower()
     if low in ("none", "null"):
         return None
+    if _is_collection(p, default, ann):
+        return _collection(value, p, default)
     if isinstance(default, bool) or ann in ("bool", "optional[bool]"):
         if low in ("1", "true", "yes", "on"):
             return True
@@ -82,7 +113,7 @@ def coerce(value: str, p: Optional[inspect.Parameter]) -> Any:
             return int(f)
         if isinstance(default, float) or ann in ("float", "optional[float]"):
             return float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: int(float("inf"))
         raise CLIError(f"{p.name}: expected a number ({ann or type(default).__name__}), got {value!r}") from None
     if isinstance(default, str) or ann in ("str", "optional[str]"):
         return value

@@ -27,6 +27,7 @@ def cmd_onnx(args) -> int:
     desc = read_description(args.model_path)
     chw = _input_chw(desc, args)
     model = load_pruned(args.model_path, map_location="cpu").eval()
+    _check_runs(model, chw, "cpu")
     if args.fuse_bn:
         from ..fusion import fuse_batchnorm
 
@@ -106,6 +107,7 @@ def cmd_bench(args) -> int:
     chw = _input_chw(desc, args)
     device = _device(args.device)
     model = load_pruned(args.model_path, map_location=device)
+    _check_runs(model, chw, device)
     torch.manual_seed(0)
     unpruned = _constructor(desc["arch"])(**desc["arch_kwargs"]).to(device).eval()
     models = {"dense": unpruned, "masked_dense": dense_counterpart(model), "stripe": model}
@@ -159,9 +161,26 @@ def _device(name) -> torch.device:
 
 def _input_chw(desc: dict, args) -> list:
     """``[C, H, W]``: ``--input-size``, else the input size recorded with the saved model."""
-    if args.input_size:
-        return list(args.input_size)
     recorded = desc.get("extra", {}).get("input_size")
+    if args.input_size:
+        chw = list(args.input_size)
+        if recorded and len(recorded) == 4 and chw[0] != recorded[1]:
+            raise CLIError(f"--input-size {' '.join(map(str, chw))}: {args.model_path} takes {recorded[1]}-channel "
+                           f"images (recorded input size {' '.join(map(str, recorded[1:]))})")
+        return chw
     if not recorded:
         raise CLIError("the saved model does not record its input size: pass --input-size C H W")
     return list(recorded)[1:]
+
+
+def _check_runs(model, chw: list, device) -> None:
+    """One forward at batch 1 before any timing or export: an input the model cannot take (wrong channel
+    count, an image too small for its pooling) is the user's error, not a traceback from deep inside."""
+    x = torch.randn(1, *chw, device=device)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"the model cannot run on input [batch, {', '.join(map(str, chw))}] ({first}); "
+                       "pass --input-size C H W that it accepts") from None

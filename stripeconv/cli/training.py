@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import (CLIError, check_device, check_out_dir, engine_kwargs, resume_meta, saved_extra, say, say_result,
-                     setup_run, short_kwargs)
+                     setup_run, short_kwargs, source_digest)
 from .data import DEFAULT_MODEL, check_fits, parse_model_kwargs, build_model, data_spec, load_datasets
 from .methods import apply_config_defaults, find_method, load_config, method_kwargs, method_params
 
@@ -85,7 +85,8 @@ def cmd_prune(args) -> int:
         try:
             pruner = cls(model, input_size=tuple(meta["input_size"]), **kwargs, **runtime)
         except (TypeError, ValueError, KeyError) as e:
-            msg = str(e)  # pruners name themselves in their messages
+            # pruners name themselves in their messages; str() of a KeyError would quote its message
+            msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             raise CLIError(msg if msg.startswith(method_name) else f"{method_name}: {msg}") from e
         oneshot = is_oneshot(pruner)
         prune_data = None
@@ -100,7 +101,8 @@ def cmd_prune(args) -> int:
             f"{'one-shot + ' if oneshot else ''}{args.epochs} epochs"
             f"{' of the exported network' if retrain else ''}, {ctx.world_size} process(es) on {ctx.device}",
             args, ctx)
-        run_meta = resume_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw)
+        run_meta = resume_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw,
+                               source=source_digest(args.from_) if args.from_ else None, val_split=args.val_split)
         engine = Engine(model, train, pruner=pruner, epochs=0 if retrain else args.epochs, eval_data=test,
                         phase="prune", prune_data=prune_data, meta=run_meta, **engine_kwargs(args, ctx))
         engine.run()
@@ -207,7 +209,8 @@ def cmd_finetune(args) -> int:
         say(f"finetune {args.model_path} on {spec['dataset']}: {args.epochs} epochs, {ctx.world_size} process(es) "
             f"on {ctx.device}; accuracy before {before['accuracy']:.4f}", args, ctx)
         engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="finetune",
-                        meta=resume_meta(args, spec, arch=desc["arch"]), **engine_kwargs(args, ctx))
+                        meta=resume_meta(args, spec, arch=desc["arch"], source=source_digest(args.model_path)),
+                        **engine_kwargs(args, ctx))
         engine.run()
         after = evaluate_model(model, test, ctx.device, batch_size=args.eval_batch_size, ctx=ctx)
         if ctx.is_main:

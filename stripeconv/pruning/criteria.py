@@ -53,8 +53,8 @@ def prunable_convs(
     ``skip_first`` skips the first conv (the stem), ``skip_1x1`` skips 1x1 convs (e.g. ResNet
     projection shortcuts, where a stripe is a whole filter); ``layers`` restricts to the given names.
     """
-    wanted = set(layers) if layers is not None else None
-    exclude = set(exclude)
+    wanted = _name_set("layers", layers) if layers is not None else None
+    exclude = _name_set("exclude", exclude)
     out, skipped, first = {}, [], True
     for name, m in model.named_modules():
         if not isinstance(m, nn.Conv2d) or type(m).__name__ == "StripeConv2d":
@@ -72,11 +72,21 @@ def prunable_convs(
     if skipped and warn:
         warnings.warn(f"pruning: grouped convs left unpruned, with the channels they read: {', '.join(skipped)}",
                       stacklevel=3)
-    if wanted is not None:
-        missing = wanted - {n for n, _ in model.named_modules()}
-        if missing:
-            raise KeyError(f"pruning: no modules named {sorted(missing)}")
+    names = {n for n, _ in model.named_modules()}
+    for what, given in (("layers", wanted or set()), ("exclude", exclude)):
+        if given - names:
+            raise KeyError(f"pruning: {what} names no module of the model: {sorted(given - names)}")
     return out
+
+
+def _name_set(what: str, names: Union[str, Iterable[str]]) -> set[str]:
+    """Module names as a set; one string is one name (not the characters of it)."""
+    if isinstance(names, str):
+        return {names}
+    names = set(names)
+    if not all(isinstance(n, str) for n in names):
+        raise TypeError(f"pruning: {what} must be module names (str), got {sorted(map(repr, names))}")
+    return names
 
 
 def full_masks(convs: dict) -> dict[str, Tensor]:

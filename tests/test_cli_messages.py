@@ -1,0 +1,33 @@
+"""Messages: an interrupted eval/bench does not suggest a --resume they do not have; a pruner's KeyError is
+printed once, unquoted."""
+import pytest
+
+from stripeconv import cli
+
+DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "64", "--limit-test", "32", "--device", "cpu",
+        "--no-progress", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    out = tmp_path_factory.mktemp("base")
+    assert cli.main(["train", "--model", "cnn-tiny", "--epochs", "0", "--out", str(out), *DATA]) == 0
+    return str(out / "model")
+
+
+def test_interrupted_eval_does_not_suggest_resume(saved, capsys, monkeypatch):
+    import stripeconv.engine as engine
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "evaluate_model", interrupt)
+    assert cli.main(["eval", saved, "--dataset", "fashion-mnist-subset"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "--resume" not in err
+
+
+def test_unknown_ratios_layer_message(saved, tmp_path, capsys):
+    assert cli.main(["prune", "--from", saved, "--method", "L1Filter", "--target", 'ratios={"nolayer": 0.3}',
+                     "--epochs", "0", "--out", str(tmp_path), *DATA]) == 2
+    err = capsys.readouterr().err
+    assert "error: L1Filter: ratios name layers that are not prunable: ['nolayer']" in err
