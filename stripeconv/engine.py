@@ -16,8 +16,9 @@ fit and an eval-mode model can collapse to chance accuracy until it trains again
 attached, the engine re-estimates them after ``end_epoch`` on ``recalibrate_bn`` training
 batches (forward passes only, BN in train mode, everything else in eval mode; 0 turns it off).
 
-One-shot methods: ``oneshot=True`` calls ``pruner.prune(prune_data)`` before the first epoch (the
-epochs then fine-tune with the same hooks, which keep pruned stripes at zero).
+One-shot methods: ``oneshot=True`` calls ``pruner.prune(prune_data)`` before the first epoch and
+re-estimates the BN statistics as above (the epochs then fine-tune with the same hooks, which keep
+pruned stripes at zero).
 
 Resuming: after every epoch the engine writes (atomically, rank 0 only) the model, optimizer,
 scheduler and pruner state dicts, the RNG states, the epoch and the history. ``resume=True``
@@ -512,6 +513,9 @@ class Engine:
             return None
         t = time.perf_counter()
         self.pruner.prune(self.prune_data)
+        if self.recalibrate_bn:  # the statistics of the unpruned model do not fit (an --epochs 0 run keeps them)
+            recalibrate_batchnorm(self.model, self._train_loader(self.start_epoch), self.recalibrate_bn, self.device)
+            self._sync_buffers()
         self.oneshot_done = True
         record = {"phase": self.phase, "event": "oneshot_prune", "epoch": -1,
                   "flops_reduction": self.pruner.flops_reduction(), "density": stripe_density(self.pruner),
