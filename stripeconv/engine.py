@@ -42,7 +42,6 @@ import json
 import math
 import os
 import pickle
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -52,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ._console import write_line
 from ._modes import set_eval
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import (DistContext, all_equal, all_reduce_sum, broadcast_pruner_state, digest, single_process,
@@ -478,7 +478,7 @@ class Engine:
     # ------------------------------------------------------------------------------- running
     def _print(self, msg: str) -> None:
         if not self.quiet and self.ctx.is_main:
-            print(msg, file=sys.stderr, flush=True)
+            write_line(msg)
 
     def _train_loader(self, epoch: int) -> Iterable:
         if _is_dataset(self.train_data):

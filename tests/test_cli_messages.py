@@ -31,3 +31,16 @@ def test_unknown_ratios_layer_message(saved, tmp_path, capsys):
                      "--epochs", "0", "--out", str(tmp_path), *DATA]) == 2
     err = capsys.readouterr().err
     assert "error: L1Filter: ratios name layers that are not prunable: ['nolayer']" in err
+
+
+def test_no_progress_hides_the_pruners_bars_too(tmp_path, capsys):
+    """--no-progress: no tqdm redraws, also from a pruner's own bar (GReg1's regularisation), while the
+    per-epoch lines and the pruner's notes stay, each on its own line."""
+    data = [a for a in DATA if a != "--quiet"]
+    assert cli.main(["prune", "--model", "cnn-tiny", "--method", "GReg1", "--target", "ratio=0.3", "--set",
+                     "interval=1", "--epochs", "2", "--max-steps", "3", "--out", str(tmp_path), *data]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert any(line.startswith("[prune] epoch 2/2") for line in lines)
+    assert any(line.startswith("[GReg1 regularisation]") for line in lines)

@@ -29,9 +29,11 @@ def say_result(msg: str, ctx=None) -> None:
 
 def setup_run(args):
     from ..distributed import init_from_env
+    from ..pruning._search import show_bars
 
     check_device(args.device)
     check_out_dir(args.out)
+    show_bars(not args.no_progress)  # the pruners' scoring and search bars too
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     ctx = init_from_env(args.device)

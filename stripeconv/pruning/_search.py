@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .._console import write_line
 from .._modes import set_eval
 
 __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit", "channel_units", "BatchCursor", "replay",
@@ -20,8 +21,19 @@ __all__ = ["Progress", "note", "mean_abs_units", "coupled_convs", "ChannelUnit",
            "batchnorm_statistics_kept"]
 
 
+_bars = True
+
+
+def show_bars(enabled: bool) -> None:
+    """Whether :class:`Progress` draws tqdm bars; without them, a log line every ``every`` updates
+    (``stripeconv ... --no-progress``)."""
+    global _bars
+    _bars = bool(enabled)
+
+
 class Progress:
-    """A tqdm bar when tqdm is installed, else a log line (stderr) every ``every`` updates.
+    """A tqdm bar when tqdm is installed (and :func:`show_bars` allows), else a log line (stderr)
+    every ``every`` updates.
 
     Silent unless ``verbose``.
     """
@@ -33,7 +45,7 @@ class Progress:
         self.every = every or max(1, (total or 100) // 10)
         self.bar = None
         self.t0 = time.time()
-        if verbose:
+        if verbose and _bars:
             try:
                 from tqdm.auto import tqdm
                 self.bar = tqdm(total=total, desc=desc, initial=initial, leave=False)
@@ -69,12 +81,8 @@ class Progress:
 
 
 def note(desc: str, msg: str) -> None:
-    """One line ``[desc] msg`` on stderr, written through tqdm when it is installed so open bars stay intact."""
-    try:
-        from tqdm.auto import tqdm
-        tqdm.write(f"[{desc}] {msg}", file=sys.stderr)
-    except ImportError:
-        print(f"[{desc}] {msg}", file=sys.stderr, flush=True)
+    """One line ``[desc] msg`` on stderr (open bars stay intact)."""
+    write_line(f"[{desc}] {msg}")
 
 
 def _fmt(v):
