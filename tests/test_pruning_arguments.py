@@ -173,3 +173,17 @@ def test_layer_names_one_string_is_one_name():
         pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, exclude=["nolayer"])
     with pytest.raises(TypeError, match="layers must be module names"):
         pruning.L1Filter(tiny_vgg(), SIZE, ratio=0.5, layers=[0])
+
+
+def test_a_model_with_stripe_layers_is_refused():
+    """Pruning an exported (StripeConv2d) model again would trace a wrong dependency graph (its channels
+    routed around the StripeConv2d layers) and claim FLOPs that export cannot remove: a clear error."""
+    from stripeconv.pruning.graph import ChannelGraph
+
+    exported = pruning.L1Stripe(tiny_vgg(), SIZE, ratio=0.5)
+    exported.prune()
+    model = exported.export()
+    with pytest.raises(ValueError, match=r"L1Filter: the model already has StripeConv2d layers \(features.0"):
+        pruning.L1Filter(model, SIZE, ratio=0.3)
+    with pytest.raises(ValueError, match="does not see through StripeConv2d layers"):
+        ChannelGraph(model, torch.zeros(SIZE))

@@ -42,6 +42,14 @@ def _infer_input_size(model: nn.Module):
     raise ValueError("pruning: the model has no nn.Conv2d to prune")
 
 
+def stripe_layers(model: nn.Module) -> str:
+    """The names of ``model``'s StripeConv2d layers, for messages (empty when it has none)."""
+    from ..nn import StripeConv2d
+
+    names = [n for n, m in model.named_modules() if isinstance(m, StripeConv2d)]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 class Pruner:
     """Base class of the pruning methods.
 
@@ -86,6 +94,12 @@ class Pruner:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+        already = stripe_layers(model)
+        if already:
+            raise ValueError(f"{owner}: the model already has StripeConv2d layers ({already}): pruners start from a "
+                             "dense model of nn.Conv2d layers (the dependency graph does not see through a "
+                             "StripeConv2d, and its pruned stripes would not stay pruned); prune the dense model, "
+                             "with a higher target for a smaller one")
         check.input_size(owner, input_size)
         check.choice(owner, "granularity", granularity, self.granularities)
         check.choice(owner, "scope", scope or self.default_scope, ("layer", "global"))

@@ -94,6 +94,12 @@ class ChannelGraph:
     """
 
     def __init__(self, model: nn.Module, example_inputs):
+        from .base import stripe_layers
+
+        already = stripe_layers(model)
+        if already:  # torch-pruning would route the channels around them: a wrong graph, no error
+            raise ValueError(f"the channel dependency graph does not see through StripeConv2d layers ({already}); "
+                             "build it on the dense model (nn.Conv2d layers and their masks)")
         tp = require_torch_pruning()
         self.tp = tp
         self.model = model
