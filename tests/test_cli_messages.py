@@ -1,5 +1,8 @@
 """Messages: an interrupted eval/bench does not suggest a --resume they do not have; a pruner's KeyError is
-printed once, unquoted."""
+printed once, unquoted; bench and onnx refuse an --input-size the saved model cannot take; --no-progress."""
+import json
+from pathlib import Path
+
 import pytest
 
 from stripeconv import cli
@@ -44,3 +47,21 @@ def test_no_progress_hides_the_pruners_bars_too(tmp_path, capsys):
     lines = err.splitlines()
     assert any(line.startswith("[prune] epoch 2/2") for line in lines)
     assert any(line.startswith("[GReg1 regularisation]") for line in lines)
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+@pytest.mark.parametrize("command", ["bench", "onnx"])
+def test_wrong_channel_count_is_a_clear_error(saved, tmp_path, capsys, command, recorded):
+    if command == "onnx":
+        pytest.importorskip("onnxscript")
+    if not recorded:  # a description without the input size: the trial forward finds it
+        desc = json.loads(Path(saved + ".json").read_text())
+        del desc["extra"]["input_size"]
+        (tmp_path / "m.json").write_text(json.dumps(desc))
+        (tmp_path / "m.pt").write_bytes(Path(saved + ".pt").read_bytes())
+        saved = str(tmp_path / "m")
+    extra = ["--repeats", "1", "--batch-size", "1"] if command == "bench" else ["-o", str(tmp_path / "m.onnx")]
+    assert cli.main([command, saved, "--input-size", "3", "28", "28", *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"stripeconv {command}: error:" in err and "Traceback" not in err
+    assert ("1-channel" in err) if recorded else ("cannot run on input" in err)
