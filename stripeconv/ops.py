@@ -371,26 +371,39 @@ def _unfold_members(folded: Tensor, stripe_mask: Tensor, members: int) -> Tensor
     return folded.index_select(0, (rows + member * counts[position]).flatten()).view(members, num_stripes, -1)
 
 
+# An operand not batched is repeated per member: at most this many bytes of repeats at once.
+_FOLD_REPEAT_BYTES = 256 << 20
+
+
 def _grad_weight_vmap(info, in_dims, grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
     # Each vmapped index has its own weight gradient (per-sample gradients, batched grad outputs).
-    # With one mask for all, the V members are one call of a layer with V times the groups:
-    # member v's channels and filters form groups v*groups .. (v+1)*groups - 1.
+    # With one mask for all, V members are one call of a layer with V times the groups: member v's
+    # channels and filters form groups v*groups .. (v+1)*groups - 1. An unbatched operand is repeated
+    # for each member, so the members go in chunks that bound those copies (jacrev over a large output).
     args = (grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
     if _batched(stripe_mask, in_dims[3]) or not (_batched(grad_output, in_dims[0]) or _batched(input, in_dims[1])):
         return _vmap_loop(stripe_conv2d_grad_weight, info.batch_size, in_dims, args)
-    members = info.batch_size
+    gy = grad_output.movedim(in_dims[0], 0) if _batched(grad_output, in_dims[0]) else grad_output
+    x = input.movedim(in_dims[1], 0) if _batched(input, in_dims[1]) else input
+    w = weight.movedim(in_dims[2], 0)[0] if _batched(weight, in_dims[2]) else weight  # only its shape counts
+    shared = [t for t, d in ((grad_output, in_dims[0]), (input, in_dims[1])) if d is None]
+    per_member = sum(t.numel() * t.element_size() for t in shared)
+    chunk = max(1, _FOLD_REPEAT_BYTES // per_member) if per_member else info.batch_size
 
-    def members_as_channels(t: Tensor, dim: Optional[int]) -> Tensor:
-        # [B, C, H, W] with the vmapped dim -> [B, members * C, H, W], member-major channels
-        t = t.movedim(dim, 1) if dim is not None else t.unsqueeze(1).expand(-1, members, *t.shape[1:])
+    def members_as_channels(t: Tensor, batched: bool, v0: int, v1: int) -> Tensor:
+        # -> [B, members * C, H, W], member-major channels
+        t = t[v0:v1].movedim(0, 1) if batched else t.unsqueeze(1).expand(-1, v1 - v0, *t.shape[1:])
         return t.flatten(1, 2)
 
-    gy = members_as_channels(grad_output, in_dims[0])
-    x = members_as_channels(input, in_dims[1])
-    w = weight.movedim(in_dims[2], 0)[0] if _batched(weight, in_dims[2]) else weight  # only its shape counts
-    folded = stripe_conv2d_grad_weight(gy, x, w.repeat(members, 1), stripe_mask.repeat(members, 1, 1), stride,
-                                       padding, dilation, groups * members)
-    return _unfold_members(folded, stripe_mask, members), 0
+    parts = []
+    for v0 in range(0, info.batch_size, chunk):
+        v1 = min(info.batch_size, v0 + chunk)
+        folded = stripe_conv2d_grad_weight(
+            members_as_channels(gy, in_dims[0] is not None, v0, v1),
+            members_as_channels(x, in_dims[1] is not None, v0, v1),
+            w.repeat(v1 - v0, 1), stripe_mask.repeat(v1 - v0, 1, 1), stride, padding, dilation, groups * (v1 - v0))
+        parts.append(_unfold_members(folded, stripe_mask, v1 - v0))
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), 0
 
 
 if hasattr(stripe_conv2d, "register_vmap"):  # torch >= 2.4

@@ -142,6 +142,28 @@ def test_grad_weight_vmap_is_one_grouped_call(backend, batched):
         torch.testing.assert_close(got[i], pack_weight(want, mask), atol=1e-4, rtol=1e-4)
 
 
+def test_grad_weight_vmap_chunks_the_members(backend, monkeypatch):
+    """An operand shared by all members is repeated per member: in chunks under a byte budget (here one
+    input's worth, so one member a call), with the same result as one call."""
+    gen = torch.Generator().manual_seed(10)
+    mask = random_mask(6, (3, 3), 0.5, gen)
+    x = torch.randn(2, 4, 6, 6, generator=gen)
+    gy = torch.randn(5, 2, 6, 6, 6, generator=gen)
+    w = torch.randn(int(mask.sum()), 4, generator=gen)
+    op = stripeconv.ops.stripe_conv2d_grad_weight
+    f = vmap(lambda g: op(g, x, w, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1))
+    whole = f(gy)
+    monkeypatch.setattr(stripeconv.ops, "_FOLD_REPEAT_BYTES", x.numel() * x.element_size())
+    calls = []
+    monkeypatch.setattr(stripeconv.ops, "_unfold_members",
+                        lambda folded, m, members, unfold=stripeconv.ops._unfold_members: calls.append(members)
+                        or unfold(folded, m, members))
+    torch.testing.assert_close(f(gy), whole)
+    assert calls == [1] * 5
+    for i in range(5):
+        torch.testing.assert_close(whole[i], op(gy[i], x, w, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1))
+
+
 def test_jacrev_of_the_input(backend):
     layer = _layer(5, padding=1, stride=(1, 2))
     w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(1, 3, 5, 6)
