@@ -315,9 +315,11 @@ stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context
 
 
 # ----------------------------------------------------------------------------- torch.func.vmap
-# Only the input batched (vmap over a batch of batches): the vmapped dimension is folded into the
-# batch, one call. Weight gradients of batched data (per-sample gradients): one call with the
-# vmapped members as groups. Anything else (ensembles of weights or masks): one call per index.
+# Only the data batched (vmap over a batch of batches): the vmapped dimension is folded into the
+# batch, one call. Batched weights (ensembles) and weight gradients of batched data (per-sample
+# gradients), with one mask for all: one call of a layer holding the V members side by side as V
+# times the groups (member v's channels and filters form groups v*groups .. (v+1)*groups - 1).
+# Batched masks: one call per index.
 # torch.func.grad cannot go through custom ops with registered autograd (pytorch/pytorch#168393):
 # StripeConv2d goes through _TransformConv2d under torch.func transforms instead.
 def _batched(a, d) -> bool:
@@ -335,73 +337,110 @@ def _only_first_batched(in_dims, args) -> bool:
     return [_batched(a, d) for a, d in zip(args, in_dims)] == [True] + [False] * (len(args) - 1)
 
 
-def _forward_vmap(info, in_dims, input, weight, bias, stripe_mask, stride, padding, dilation, groups):
-    args = (input, weight, bias, stripe_mask, stride, padding, dilation, groups)
-    if not _only_first_batched(in_dims, args):
-        return _vmap_loop(stripe_conv2d, info.batch_size, in_dims, args)
-    x = input.movedim(in_dims[0], 0)
-    out = stripe_conv2d(x.flatten(0, 1), weight, bias, stripe_mask, stride, padding, dilation, groups)
-    return out.unflatten(0, x.shape[:2]), 0
+def _member_rows(stripe_mask: Tensor, members: int, num_stripes: int) -> Tensor:
+    """``[members, S]``: where row s of member v sits in the packed weight of the side-by-side layer.
 
-
-def _grad_input_vmap(info, in_dims, grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
-    args = (grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
-    if not _only_first_batched(in_dims, args):
-        return _vmap_loop(stripe_conv2d_grad_input, info.batch_size, in_dims, args)
-    gy = grad_output.movedim(in_dims[0], 0)
-    shape = [gy.shape[0] * input_shape[0], *input_shape[1:]]
-    out = stripe_conv2d_grad_input(gy.flatten(0, 1), weight, stripe_mask, shape, stride, padding, dilation, groups)
-    return out.unflatten(0, gy.shape[:2]), 0
-
-
-def _unfold_members(folded: Tensor, stripe_mask: Tensor, members: int) -> Tensor:
-    """Packed rows of ``members`` stacked copies of a layer -> ``[members, S, C/groups]``.
-
-    The folded layer's rows are position-major like any packed weight, so position p holds the
-    rows of member 0, then member 1, ...: row s of member v (at position p) is folded row
-    ``members * offset[p] + v * count[p] + (s - offset[p])``. No host sync (the mask stays put).
-    """
+    That layer's rows are position-major like any packed weight, so position p holds the rows of
+    member 0, then member 1, ...: ``members * offset[p] + v * count[p] + (s - offset[p])``. No host
+    sync (the mask stays where it is)."""
     offsets = position_offsets(stripe_mask)
     counts = offsets.diff()
-    num_stripes = folded.shape[0] // members
     position = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
                                        output_size=num_stripes)
     rows = torch.arange(num_stripes, device=counts.device) + (members - 1) * offsets[position]
-    member = torch.arange(members, device=counts.device)[:, None]
-    return folded.index_select(0, (rows + member * counts[position]).flatten()).view(members, num_stripes, -1)
+    return rows + torch.arange(members, device=counts.device)[:, None] * counts[position]
+
+
+def _unfold_members(folded: Tensor, stripe_mask: Tensor, members: int) -> Tensor:
+    """Packed rows of the side-by-side layer -> ``[members, S, C/groups]``."""
+    rows = _member_rows(stripe_mask, members, folded.shape[0] // members)
+    return folded.index_select(0, rows.flatten()).view(members, -1, folded.shape[1])
+
+
+def _fold_members(weights: Tensor, stripe_mask: Tensor) -> Tensor:
+    """``[members, S, C/groups]`` -> the packed weight of the side-by-side layer."""
+    members, num_stripes, width = weights.shape
+    rows = _member_rows(stripe_mask, members, num_stripes)
+    return weights.new_empty(members * num_stripes, width).index_copy(0, rows.flatten(), weights.flatten(0, 1))
 
 
 # An operand not batched is repeated per member: at most this many bytes of repeats at once.
 _FOLD_REPEAT_BYTES = 256 << 20
 
 
+def _member_chunks(members: int, *shared: Optional[Tensor]):
+    """Ranges of members per call, so the repeats of the ``shared`` (unbatched) operands stay in budget."""
+    per_member = sum(t.numel() * t.element_size() for t in shared if t is not None)
+    chunk = max(1, _FOLD_REPEAT_BYTES // per_member) if per_member else members
+    return [(v0, min(members, v0 + chunk)) for v0 in range(0, members, chunk)]
+
+
+def _side_by_side(t: Tensor, dim: Optional[int], v0: int, v1: int) -> Tensor:
+    """Data ``[B, C, H, W]`` of members v0..v1 (vmapped at ``dim``, or shared when None) -> ``[B, V*C, H, W]``,
+    member-major channels."""
+    t = t.movedim(dim, 0)[v0:v1].movedim(0, 1) if dim is not None else t.unsqueeze(1).expand(-1, v1 - v0, *t.shape[1:])
+    return t.flatten(1, 2)
+
+
+def _members_weight(weight: Tensor, dim: Optional[int], stripe_mask: Tensor, v0: int, v1: int) -> Tensor:
+    per_member = weight.movedim(dim, 0)[v0:v1] if dim is not None else weight.expand(v1 - v0, *weight.shape)
+    return _fold_members(per_member, stripe_mask)
+
+
+def _forward_vmap(info, in_dims, input, weight, bias, stripe_mask, stride, padding, dilation, groups):
+    args = (input, weight, bias, stripe_mask, stride, padding, dilation, groups)
+    if _only_first_batched(in_dims, args):
+        x = input.movedim(in_dims[0], 0)
+        out = stripe_conv2d(x.flatten(0, 1), weight, bias, stripe_mask, stride, padding, dilation, groups)
+        return out.unflatten(0, x.shape[:2]), 0
+    if _batched(stripe_mask, in_dims[3]):
+        return _vmap_loop(stripe_conv2d, info.batch_size, in_dims, args)
+    outs = []
+    for v0, v1 in _member_chunks(info.batch_size, None if _batched(input, in_dims[0]) else input):
+        b = None
+        if bias is not None:
+            b = (bias.movedim(in_dims[2], 0)[v0:v1] if _batched(bias, in_dims[2]) else bias.expand(v1 - v0, -1))
+        out = stripe_conv2d(_side_by_side(input, in_dims[0], v0, v1), _members_weight(weight, in_dims[1], stripe_mask,
+                                                                                        v0, v1),
+                            None if b is None else b.flatten(), stripe_mask.repeat(v1 - v0, 1, 1), stride, padding,
+                            dilation, groups * (v1 - v0))
+        outs.append(out.unflatten(1, (v1 - v0, -1)).movedim(1, 0))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), 0
+
+
+def _grad_input_vmap(info, in_dims, grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups):
+    args = (grad_output, weight, stripe_mask, input_shape, stride, padding, dilation, groups)
+    if _only_first_batched(in_dims, args):
+        gy = grad_output.movedim(in_dims[0], 0)
+        shape = [gy.shape[0] * input_shape[0], *input_shape[1:]]
+        out = stripe_conv2d_grad_input(gy.flatten(0, 1), weight, stripe_mask, shape, stride, padding, dilation, groups)
+        return out.unflatten(0, gy.shape[:2]), 0
+    if _batched(stripe_mask, in_dims[2]):
+        return _vmap_loop(stripe_conv2d_grad_input, info.batch_size, in_dims, args)
+    outs = []
+    for v0, v1 in _member_chunks(info.batch_size, None if _batched(grad_output, in_dims[0]) else grad_output):
+        b, c, h, w = input_shape
+        out = stripe_conv2d_grad_input(_side_by_side(grad_output, in_dims[0], v0, v1),
+                                       _members_weight(weight, in_dims[1], stripe_mask, v0, v1),
+                                       stripe_mask.repeat(v1 - v0, 1, 1), [b, (v1 - v0) * c, h, w], stride, padding,
+                                       dilation, groups * (v1 - v0))
+        outs.append(out.unflatten(1, (v1 - v0, -1)).movedim(1, 0))
+    return (outs[0] if len(outs) == 1 else torch.cat(outs)), 0
+
+
 def _grad_weight_vmap(info, in_dims, grad_output, input, weight, stripe_mask, stride, padding, dilation, groups):
     # Each vmapped index has its own weight gradient (per-sample gradients, batched grad outputs).
-    # With one mask for all, V members are one call of a layer with V times the groups: member v's
-    # channels and filters form groups v*groups .. (v+1)*groups - 1. An unbatched operand is repeated
-    # for each member, so the members go in chunks that bound those copies (jacrev over a large output).
     args = (grad_output, input, weight, stripe_mask, stride, padding, dilation, groups)
     if _batched(stripe_mask, in_dims[3]) or not (_batched(grad_output, in_dims[0]) or _batched(input, in_dims[1])):
         return _vmap_loop(stripe_conv2d_grad_weight, info.batch_size, in_dims, args)
-    gy = grad_output.movedim(in_dims[0], 0) if _batched(grad_output, in_dims[0]) else grad_output
-    x = input.movedim(in_dims[1], 0) if _batched(input, in_dims[1]) else input
     w = weight.movedim(in_dims[2], 0)[0] if _batched(weight, in_dims[2]) else weight  # only its shape counts
     shared = [t for t, d in ((grad_output, in_dims[0]), (input, in_dims[1])) if d is None]
-    per_member = sum(t.numel() * t.element_size() for t in shared)
-    chunk = max(1, _FOLD_REPEAT_BYTES // per_member) if per_member else info.batch_size
-
-    def members_as_channels(t: Tensor, batched: bool, v0: int, v1: int) -> Tensor:
-        # -> [B, members * C, H, W], member-major channels
-        t = t[v0:v1].movedim(0, 1) if batched else t.unsqueeze(1).expand(-1, v1 - v0, *t.shape[1:])
-        return t.flatten(1, 2)
-
     parts = []
-    for v0 in range(0, info.batch_size, chunk):
-        v1 = min(info.batch_size, v0 + chunk)
-        folded = stripe_conv2d_grad_weight(
-            members_as_channels(gy, in_dims[0] is not None, v0, v1),
-            members_as_channels(x, in_dims[1] is not None, v0, v1),
-            w.repeat(v1 - v0, 1), stripe_mask.repeat(v1 - v0, 1, 1), stride, padding, dilation, groups * (v1 - v0))
+    for v0, v1 in _member_chunks(info.batch_size, *shared):
+        folded = stripe_conv2d_grad_weight(_side_by_side(grad_output, in_dims[0], v0, v1),
+                                           _side_by_side(input, in_dims[1], v0, v1), w.repeat(v1 - v0, 1),
+                                           stripe_mask.repeat(v1 - v0, 1, 1), stride, padding, dilation,
+                                           groups * (v1 - v0))
         parts.append(_unfold_members(folded, stripe_mask, v1 - v0))
     return (parts[0] if len(parts) == 1 else torch.cat(parts)), 0
 

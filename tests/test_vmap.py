@@ -51,6 +51,38 @@ def test_vmap_over_weights(backend):
             torch.testing.assert_close(got[i], expected)
 
 
+@pytest.mark.parametrize("data", ["shared", "batched"])
+def test_ensemble_gradients_as_one_grouped_layer(backend, data, monkeypatch):
+    """An ensemble (stacked weights and biases) with shared or per-member data: forward, and the gradients
+    of every argument, against F.conv2d; each op runs once with the members side by side, also when its
+    repeated shared operand is split in chunks."""
+    gen = torch.Generator().manual_seed(11)
+    layer = stripeconv.StripeConv2d(4, 6, (3, 2), padding=(1, 0), stride=(2, 1), dilation=(1, 2), groups=2,
+                                    stripe_mask=random_mask(6, (3, 2), 0.5, gen))
+    members = 3
+    ws = torch.randn(members, *layer.packed_weight.shape, generator=gen)
+    bs = torch.randn(members, 6, generator=gen)
+    x = torch.randn(*((members,) if data == "batched" else ()), 2, 4, 7, 8, generator=gen)
+    x_dim = 0 if data == "batched" else None
+
+    def loss(conv):
+        return lambda w, b, x: conv(w, b, x).sin().sum()
+
+    def grads(conv):
+        return vmap(grad(loss(conv), argnums=(0, 1, 2)), in_dims=(0, 0, x_dim))(ws, bs, x)
+
+    want = grads(_oracle(layer))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no op falls back to torch's per-index loop
+        torch.testing.assert_close(vmap(_stripe(layer), in_dims=(0, 0, x_dim))(ws, bs, x),
+                                   vmap(_oracle(layer), in_dims=(0, 0, x_dim))(ws, bs, x))
+        for chunked in (False, True):
+            if chunked:  # one member a call
+                monkeypatch.setattr(stripeconv.ops, "_FOLD_REPEAT_BYTES", 1)
+            for g, e in zip(grads(_stripe(layer)), want):
+                torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
 def test_batched_grad_outputs(backend):
     """torch.autograd.grad(is_grads_batched=True) vmaps the backward: rows of the vector-Jacobian product."""
     layer = _layer(2, padding=1)
