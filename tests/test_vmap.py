@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vmap
 
 import stripeconv
+import stripeconv.func
 from conftest import random_mask
 from stripeconv.ops import transform_conv2d
 from stripeconv.packing import pack_weight, unpack_weight
@@ -78,7 +79,7 @@ def test_ensemble_gradients_as_one_grouped_layer(backend, data, monkeypatch):
                                    vmap(_oracle(layer), in_dims=(0, 0, x_dim))(ws, bs, x))
         for chunked in (False, True):
             if chunked:  # one member a call
-                monkeypatch.setattr(stripeconv.ops, "_FOLD_REPEAT_BYTES", 1)
+                monkeypatch.setattr(stripeconv.func, "_FOLD_REPEAT_BYTES", 1)
             for g, e in zip(grads(_stripe(layer)), want):
                 torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
@@ -185,10 +186,10 @@ def test_grad_weight_vmap_chunks_the_members(backend, monkeypatch):
     op = stripeconv.ops.stripe_conv2d_grad_weight
     f = vmap(lambda g: op(g, x, w, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1))
     whole = f(gy)
-    monkeypatch.setattr(stripeconv.ops, "_FOLD_REPEAT_BYTES", x.numel() * x.element_size())
+    monkeypatch.setattr(stripeconv.func, "_FOLD_REPEAT_BYTES", x.numel() * x.element_size())
     calls = []
-    monkeypatch.setattr(stripeconv.ops, "_unfold_members",
-                        lambda folded, m, members, unfold=stripeconv.ops._unfold_members: calls.append(members)
+    monkeypatch.setattr(stripeconv.func, "_unfold_members",
+                        lambda folded, m, members, unfold=stripeconv.func._unfold_members: calls.append(members)
                         or unfold(folded, m, members))
     torch.testing.assert_close(f(gy), whole)
     assert calls == [1] * 5
