@@ -54,8 +54,9 @@ def _member_rows(stripe_mask: Tensor, members: int, num_stripes: int) -> Tensor:
 
 def _unfold_members(folded: Tensor, stripe_mask: Tensor, members: int) -> Tensor:
     """Packed rows of the side-by-side layer -> ``[members, S, C/groups]``."""
-    rows = _member_rows(stripe_mask, members, folded.shape[0] // members)
-    return folded.index_select(0, rows.flatten()).view(members, -1, folded.shape[1])
+    num_stripes = folded.shape[0] // members
+    rows = _member_rows(stripe_mask, members, num_stripes)
+    return folded.index_select(0, rows.flatten()).view(members, num_stripes, folded.shape[1])
 
 
 def _fold_members(weights: Tensor, stripe_mask: Tensor) -> Tensor:

@@ -257,3 +257,25 @@ def test_jvp_jacfwd_and_hessian(backend):
     for row_got, row_want in zip(got, want):
         for g, e in zip(row_got, row_want):
             torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_members_side_by_side_with_empty_shapes(backend):
+    """No kept stripe, no output channel, no image: the side-by-side calls keep every shape."""
+    x = torch.randn(5, 3, 6, 6)
+    layer = stripeconv.StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.zeros(4, 3, 3, dtype=torch.bool))
+    ws, bs = torch.randn(2, 0, 3), torch.randn(2, 4)
+
+    def loss(w, b, x):
+        return functional_call(layer, {"packed_weight": w, "bias": b}, (x,)).sin().sum()
+
+    for data in (x, x[:0]):
+        gw, gb, gx = vmap(grad(loss, argnums=(0, 1, 2)), in_dims=(0, 0, None))(ws, bs, data)
+        assert gw.shape == (2, 0, 3) and gx.shape == (2, *data.shape)
+        torch.testing.assert_close(gb, torch.cos(bs)[:, :, None, None].expand(2, 4, 6, 6).sum((2, 3)) * len(data))
+        torch.testing.assert_close(gx, torch.zeros_like(gx))
+    gw, gb = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(ws[0], bs[0], x[:, None])
+    assert gw.shape == (5, 0, 3) and gb.shape == (5, 4)
+    empty = stripeconv.StripeConv2d(3, 0, 3, padding=1)
+    out = vmap(lambda w, b: functional_call(empty, {"packed_weight": w, "bias": b}, (x,)))(ws[:, :0],
+                                                                                            torch.randn(2, 0))
+    assert out.shape == (2, 5, 0, 6, 6)
