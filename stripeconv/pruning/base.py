@@ -21,7 +21,7 @@ keep pruned stripes at zero). :func:`fit` is that loop, ready made.
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,7 @@ class Pruner:
     def __init__(
         self,
         model: nn.Module,
-        input_size=None,
+        input_size: Optional[Union[Sequence[int], Tensor]] = None,
         *,
         ratio: Optional[float] = None,
         ratios: Optional[dict] = None,
@@ -84,10 +84,10 @@ class Pruner:
         scope: Optional[str] = None,
         granularity: str = "filter",
         epochs: Optional[int] = None,
-        layers=None,
+        layers: Optional[Union[str, Iterable[str]]] = None,
         skip_first: bool = False,
         skip_1x1: bool = False,
-        exclude=(),
+        exclude: Union[str, Iterable[str]] = (),
         zero_bn: bool = True,
         require_target: bool = True,
     ):
@@ -163,6 +163,7 @@ class Pruner:
 
     @property
     def dense_flops(self) -> int:
+        """FLOPs (batch 1) of the unpruned model, as :meth:`flops` counts them."""
         return self.graph.flops({})
 
     def flops(self, masks: Optional[dict] = None) -> int:
@@ -170,6 +171,7 @@ class Pruner:
         return self.graph.flops(self._masks if masks is None else masks)
 
     def flops_reduction(self, masks: Optional[dict] = None) -> float:
+        """Fraction of :attr:`dense_flops` that ``masks`` (default: current) remove."""
         return 1.0 - self.flops(masks) / self.dense_flops
 
     def target_metric(self, masks: dict) -> float:
@@ -321,6 +323,7 @@ class Pruner:
 
     # ------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict:
+        """Masks, frozen stripes, schedule position and the method's own state (not the model's weights)."""
         return {
             "masks": self.masks(),
             "frozen": {k: v.clone() for k, v in self._frozen.items()},
@@ -330,6 +333,7 @@ class Pruner:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`; the masks are applied to the model's weights at once."""
         for key in ("masks", "frozen"):
             missing = set(self.convs) - set(state[key])
             if missing:
@@ -364,7 +368,8 @@ def copy_matching(model: nn.Module, state: dict) -> None:
             own[key].copy_(value)
 
 
-def evaluate(model: nn.Module, loader, device=None, loss_fn: Optional[Callable] = None) -> dict:
+def evaluate(model: nn.Module, loader: Iterable, device: Optional[Union[str, torch.device]] = None,
+             loss_fn: Optional[Callable] = None) -> dict:
     """Top-1 accuracy and mean loss of ``model`` on ``loader`` (a loader or a Dataset; eval mode, restored after)."""
     from ..engine import evaluate_model
 
@@ -374,12 +379,12 @@ def evaluate(model: nn.Module, loader, device=None, loss_fn: Optional[Callable] 
 def fit(
     model: nn.Module,
     pruner: Optional[Pruner],
-    train_loader,
+    train_loader: Iterable,
     epochs: int,
     optimizer: Optional[torch.optim.Optimizer] = None,
-    scheduler=None,
+    scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
     device: Optional[Union[str, torch.device]] = None,
-    eval_loader=None,
+    eval_loader: Optional[Iterable] = None,
     loss_fn: Optional[Callable] = None,
     start_epoch: int = 0,
     callback: Optional[Callable[[dict], None]] = None,
