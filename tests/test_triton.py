@@ -507,6 +507,17 @@ def test_tile_efficiency():
     assert tp.tile_efficiency(torch.zeros(32, 3, 3, dtype=torch.bool), block_n=16) == 1.0
 
 
+@pytest.mark.parametrize("value", ["24", "256", "0", "-4", "wide"])
+def test_tile_width_variable_is_checked(value, monkeypatch):
+    from stripeconv.backends import triton_plans as tp
+
+    monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", value)
+    with pytest.raises(ValueError, match="STRIPECONV_TRITON_BLOCK_N must be a power of two from 1 to 128"):
+        tp.default_block_n(64)
+    monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", "32")
+    assert tp.default_block_n(64) == 32
+
+
 def test_plan_cache_follows_mask_version():
     mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(2)) < 0.5
     p1 = _plan(mask)

@@ -46,11 +46,18 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+_BLOCK_N_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)  # tl.arange needs a power of two
+
+
 def default_block_n(out_per_group: int) -> int:
     """Filters per forward tile: 64 (wgmma-sized) for wide layers, smaller for narrow ones."""
     env = os.environ.get("STRIPECONV_TRITON_BLOCK_N")
     if env:
-        return int(env)
+        width = int(env) if env.strip().isdigit() else 0
+        if width not in _BLOCK_N_CHOICES:
+            raise ValueError(f"STRIPECONV_TRITON_BLOCK_N must be a power of two from 1 to {_BLOCK_N_CHOICES[-1]} "
+                             f"(filters per forward tile), got {env!r}")
+        return width
     if out_per_group >= 16:
         return min(64, next_pow2(out_per_group))
     return max(2, next_pow2(out_per_group))
