@@ -109,6 +109,9 @@ CASES = dict([
     # 16-bit in the interpreter too (the stripe kernels: on CPU the dense hand-over is torch's fp16 conv)
     _case("fp16_interp", dtype="float16", C=16, N=24, stride=(2, 1), H=7, W=6),
     _case("bf16_interp", dtype="bfloat16", C=16, N=32, block_n=32, channels_last=True, stride=(2, 2), H=8, W=8),
+    _case("bf16_interp_depthwise", dtype="bfloat16", C=16, N=16, groups=16, stride=(2, 2), H=8, W=8),
+    _case("fp16_interp_splitk_deterministic", dtype="float16", H=20, W=20, C=16, N=16, density=0.4,
+          deterministic=True),
 ])
 
 TOL = {"float64": (1e-9, 1e-9), "float32": (2e-4, 2e-4), "float16": (2e-2, 2e-2), "bfloat16": (8e-2, 5e-2)}
