@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .._plain import plain_copy
 from . import _checks as check
 from . import criteria as C
-from .graph import is_depthwise
+from .graph import is_depthwise, stripe_layers
 
 __all__ = ["Pruner", "fit", "evaluate"]
 
@@ -40,14 +40,6 @@ def _infer_input_size(model: nn.Module):
             warnings.warn(f"pruning: input_size not given, assuming (1, {m.in_channels}, 32, 32)", stacklevel=4)
             return (1, m.in_channels, 32, 32)
     raise ValueError("pruning: the model has no nn.Conv2d to prune")
-
-
-def stripe_layers(model: nn.Module) -> str:
-    """The names of ``model``'s StripeConv2d layers, for messages (empty when it has none)."""
-    from ..nn import StripeConv2d
-
-    names = [n for n, m in model.named_modules() if isinstance(m, StripeConv2d)]
-    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 class Pruner:

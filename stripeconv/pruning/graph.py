@@ -34,6 +34,14 @@ def is_depthwise(module: nn.Module) -> bool:
             and module.groups == module.in_channels == module.out_channels)
 
 
+def stripe_layers(model: nn.Module) -> str:
+    """The names of ``model``'s StripeConv2d layers, for messages (empty when it has none)."""
+    from ..nn import StripeConv2d
+
+    names = [n for n, m in model.named_modules() if isinstance(m, StripeConv2d)]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def check_four_dims(shape: tuple, owner: str = "") -> None:
     """Raise ``ValueError`` unless ``shape`` is ``(batch, channels, height, width)``; a shape that
     lacks only the batch is named with it."""
@@ -94,8 +102,6 @@ class ChannelGraph:
     """
 
     def __init__(self, model: nn.Module, example_inputs):
-        from .base import stripe_layers
-
         already = stripe_layers(model)
         if already:  # torch-pruning would route the channels around them: a wrong graph, no error
             raise ValueError(f"the channel dependency graph does not see through StripeConv2d layers ({already}); "
