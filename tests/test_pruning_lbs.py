@@ -158,3 +158,19 @@ def test_lbs_meets_the_ratio_where_pruning_lowers_the_loss(data):
     fixed.prune(score)
     assert fixed.unit_k == pr.ks_at(pr.delta)
 
+
+
+def test_lbs_trim_takes_the_jump_that_lands_closest_to_the_target():
+    """Two units whose rates both jumped in the last delta step, both needed for the goal: the first
+    one's loss bound only holds near its maximum, the second one's everywhere. The trim cuts back the
+    second one, landing on the goal, rather than the first one in model order (0.75)."""
+    from types import SimpleNamespace
+
+    pr = object.__new__(LBS)
+    pr.units = [SimpleNamespace(name="a"), SimpleNamespace(name="b")]
+    pr._metric = lambda ks: (ks["a"] + ks["b"]) / 20
+    pr.loss_change = lambda unit, k: 1.0 if unit.name == "a" and k < 7 else 0.0
+    ks = pr._trim({"a": 0, "b": 0}, {"a": 8, "b": 8}, delta=0.5, goal=0.5)
+    assert ks == {"a": 8, "b": 2}
+    # a jump the goal does not need falls back to the lower end of the bracket
+    assert pr._trim({"a": 0, "b": 0}, {"a": 10, "b": 10}, delta=0.5, goal=0.5) == {"a": 0, "b": 10}

@@ -101,9 +101,10 @@ class LBS(Pruner):
     - ``max_layer_rate`` (0.9): the most a unit may lose (at least one channel always stays).
     - ``depth_weighted`` (True): in a layer group, member ``i`` (model order) has rank weight ``i + 1``.
     - ``delta_iters`` (30): bisection steps of the outer search over delta.
-    - ``trim`` (True): when the last step of delta makes a unit's rate jump past the target (a
-      unit whose loss change stays flat up to a large rate jumps from 0 to its maximum), that unit
-      gets the smallest rate that reaches the target instead, still with loss change <= delta
+    - ``trim`` (True): when the last step of delta makes unit rates jump past the target (a
+      unit whose loss change stays flat up to a large rate jumps from 0 to its maximum), jumps
+      the target does not need are undone, and of those it needs, the one that lands closest
+      above the target gets the smallest rate that reaches it, still with loss change <= delta
       (a deviation from the paper, which takes the rates at delta as they are).
     - ``loss_fn`` (cross entropy), ``verbose`` (progress of scoring and search), and the common
       arguments of :class:`~stripeconv.pruning.Pruner` (``layers``, ``skip_first``, ``exclude`` ...).
@@ -306,30 +307,43 @@ class LBS(Pruner):
         return pruned / total
 
     def _trim(self, ks_lo: dict, ks_hi: dict, delta: float, goal: float) -> dict:
-        """Undo the overshoot of the last delta step: units whose rate jumped between the bracket's
-        ends get the smallest rate that still reaches the goal and whose loss change is <= delta."""
+        """Undo the overshoot of the last delta step. Units whose rate jumped between the bracket's
+        ends fall back to their rate at the lower end where the goal does not need their jump; of
+        the jumps it needs, the one whose trimmed rate lands closest above the goal gets the smallest
+        rate that still reaches it with a loss change <= delta; repeated while that helps."""
         ks = dict(ks_hi)
-        for u in self.units:
-            a, b = ks_lo[u.name], ks_hi[u.name]
-            if b <= a + 1:
-                continue
-            ks[u.name] = a
-            if self._metric(ks) >= goal - 1e-12:
-                continue  # the jump of a later unit is enough
-            lo, hi = a, b  # smallest k in (a, b] reaching the goal (the metric grows with k)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                ks[u.name] = mid
-                if self._metric(ks) >= goal - 1e-12:
-                    hi = mid
-                else:
-                    lo = mid
-            k = hi
-            while k < b and self.loss_change(u, k) > delta:  # keep the bound (non-monotone losses)
-                k += 1
-            ks[u.name] = k
-            break
-        return ks
+        jumped = [u for u in self.units if ks_hi[u.name] > ks_lo[u.name] + 1]
+        for u in jumped:  # jumps the goal does not need
+            ks[u.name] = ks_lo[u.name]
+            if self._metric(ks) < goal - 1e-12:
+                ks[u.name] = ks_hi[u.name]
+        while True:
+            best, best_metric = None, self._metric(ks)
+            for u in jumped:
+                k = self._smallest_reaching(ks, u, ks_lo[u.name], ks[u.name], delta, goal)
+                if k < ks[u.name]:
+                    metric = self._metric({**ks, u.name: k})
+                    if metric < best_metric - 1e-12:
+                        best, best_metric = (u.name, k), metric
+            if best is None:
+                return ks
+            ks[best[0]] = best[1]
+
+    def _smallest_reaching(self, ks: dict, unit: Unit, lo: int, hi: int, delta: float, goal: float) -> int:
+        """Smallest ``k`` in ``(lo, hi]`` for ``unit`` (the others as in ``ks``) whose metric reaches
+        the goal and whose loss change is <= ``delta`` (``hi`` if none is smaller)."""
+        trial = dict(ks)
+        while hi - lo > 1:  # the metric grows with k
+            mid = (lo + hi) // 2
+            trial[unit.name] = mid
+            if self._metric(trial) >= goal - 1e-12:
+                hi = mid
+            else:
+                lo = mid
+        k = hi
+        while k < ks[unit.name] and self.loss_change(unit, k) > delta:  # keep the bound (non-monotone losses)
+            k += 1
+        return k
 
     def _goal(self) -> float:
         return self.target_flops_reduction if self.target_flops_reduction is not None else self.ratio
