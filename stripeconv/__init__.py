@@ -17,6 +17,7 @@ from .profile import profile
 __version__ = "0.1.0"
 
 backends._apply_environment()  # STRIPECONV_BACKEND, once every backend's imports can complete
+backends._module("cpu")  # registers torch.ops.stripeconv_cpu.*, which scripted models call on CPU
 
 __all__ = [
     "StripeConv2d",

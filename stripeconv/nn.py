@@ -83,6 +83,10 @@ class StripeConv2d(nn.Module):
     # TorchScript compiles forward only (see _scripted_forward); these stay Python.
     __jit_unused_properties__ = ["weight", "num_stripes", "density"]
     __jit_ignored_attributes__ = ["_constant_map_cache", "_accepted_input"]
+    # Set when the layer is scripted (__prepare_scriptable__): whether CPU input goes straight to the
+    # compiled kernels with their C++ autograd, as in eager mode, rather than through the op.
+    __constants__ = ["_script_cpu_kernels"]
+    _script_cpu_kernels = False
 
     def __init__(
         self,
@@ -352,8 +356,20 @@ class StripeConv2d(nn.Module):
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
         return out.squeeze(0) if unbatched else out
 
+    def __prepare_scriptable__(self) -> "StripeConv2d":
+        """Called by ``torch.jit.script``: where the ``cpu`` backend serves CPU tensors now, the
+        scripted layer calls its kernels directly on CPU input (``stripeconv_cpu::conv2d``, the
+        kernels eager mode calls, with gradients in C++), which saves the op's Python layers, most
+        of a small layer's time; otherwise, and on other devices, it calls the op."""
+        try:
+            self._script_cpu_kernels = backends.resolve(torch.device("cpu")).NAME == "cpu"
+        except RuntimeError:  # a pinned backend that cannot run on CPU
+            self._script_cpu_kernels = False
+        return self
+
     def _scripted_forward(self, input: Tensor) -> Tensor:
-        """The forward in TorchScript's subset of Python: the op itself, without autocast or caches."""
+        """The forward in TorchScript's subset of Python: the op (or, on CPU, the compiled kernels
+        the op would run), without autocast or caches."""
         if input.dim() != 3 and input.dim() != 4:
             raise ValueError("StripeConv2d expects a 3-D (C, H, W) or 4-D (B, C, H, W) input")
         if input.size(-3) != self.in_channels:
@@ -366,8 +382,12 @@ class StripeConv2d(nn.Module):
         if self.padding_mode != "zeros" and (t > 0 or b > 0 or l > 0 or r > 0):
             input = F.pad(input, [l, r, t, b], mode=self.padding_mode)
             t, b, l, r = 0, 0, 0, 0
-        out = torch.ops.stripeconv.stripe_conv2d(input, self.packed_weight, self.bias, self.stripe_mask,
-                                                 self.stride, [t, b, l, r], self.dilation, self.groups)
+        if self._script_cpu_kernels and input.device.type == "cpu":
+            out = torch.ops.stripeconv_cpu.conv2d(input, self.packed_weight, self.bias, self.stripe_mask,
+                                                  self.stride, [t, b, l, r], self.dilation, self.groups)
+        else:
+            out = torch.ops.stripeconv.stripe_conv2d(input, self.packed_weight, self.bias, self.stripe_mask,
+                                                     self.stride, [t, b, l, r], self.dilation, self.groups)
         constant = self.constant_channel_weight
         if constant is not None:
             out = out + _constant_response(constant, input.size(-2), input.size(-1), [t, b, l, r], self.stride,

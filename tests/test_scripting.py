@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -33,6 +35,8 @@ def test_scripted_layer_matches_eager(backend, config):
     conv = nn.Conv2d(4, 6, 3, **LAYERS[config])
     layer = stripeconv.StripeConv2d.from_conv(conv, random_mask(6, (3, 3), 0.5, gen))
     scripted = _script(layer)
+    # On CPU the compiled kernels are called directly where the cpu backend is in use, else the op.
+    assert ("stripeconv_cpu.conv2d" in scripted._scripted_forward.code) == (backend == "cpu")
     x = torch.randn(2, 4, 9, 8, generator=gen)
     grad_out = torch.randn_like(layer(x))
     grads = []
@@ -85,3 +89,26 @@ def test_pruned_model_scripts_saves_and_loads(backend):
         torch.jit.save(scripted, buf)
         loaded = torch.jit.load(io.BytesIO(buf.getvalue()))
     torch.testing.assert_close(loaded(x), exported(x), atol=1e-5, rtol=1e-5)
+
+
+def test_saved_scripted_model_runs_in_a_fresh_process(tmp_path):
+    """Importing stripeconv registers every op a saved scripted model calls (the CPU kernels too)."""
+    torch.manual_seed(0)
+    layer = stripeconv.StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.5)
+    x = torch.randn(2, 4, 7, 7)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(_script(layer), str(tmp_path / "layer.pt"))
+    torch.save({"x": x, "y": layer(x).detach()}, tmp_path / "io.pt")
+    code = ("import torch, stripeconv; m = torch.jit.load('layer.pt'); d = torch.load('io.pt'); "
+            "torch.testing.assert_close(m(d['x']), d['y'], atol=1e-6, rtol=1e-6); print('ok')")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_scripted_layer_on_cpu_kernels_gives_clear_errors():
+    scripted = _script(stripeconv.StripeConv2d(4, 6, 3))
+    with pytest.raises(Exception, match="dtype"):
+        scripted(torch.randn(1, 4, 5, 5, dtype=torch.float64))
+    with pytest.raises(Exception, match="smaller than the dilated kernel"):
+        scripted(torch.randn(1, 4, 2, 2))
