@@ -67,14 +67,22 @@ else:
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
 
 # Autotuning key: shape buckets and density bucket are passed as (otherwise unused) integer
-# arguments so the key stays small; tensor dtypes are added to the key by triton itself.
+# arguments so the key stays small; tensor dtypes are added to the key by triton itself. The
+# block sizes and code paths a launch fixes are part of each kernel's key too: the forward's tile
+# widths (BLOCK_N 16..128) share every KEY_*, as do grouped and ungrouped layers of one shape,
+# and a configuration tuned for one of them can spill, be slow or not fit in shared memory for
+# another (an OutOfResources raised outside the tuner, where nothing catches it).
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
+_PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
+FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
+DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
+WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 # Where this triton can, the best configuration per key is kept in triton's on-disk cache, so a
 # shape is benchmarked once per machine rather than once per process.
 _TUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, **_TUNE_CACHE)
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, **_TUNE_CACHE)
 @triton.jit
 def stripe_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,
@@ -165,7 +173,7 @@ def stripe_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.autotune(configs=DGRAD_CONFIGS, key=TUNE_KEY, **_TUNE_CACHE)
+@triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_KEY, **_TUNE_CACHE)
 @triton.jit
 def stripe_dgrad_kernel(
     dy_ptr, w_ptr, dx_ptr,
@@ -242,7 +250,7 @@ def stripe_dgrad_kernel(
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=TUNE_KEY, reset_to_zero=["dw_ptr"], **_TUNE_CACHE)
+@triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_KEY, reset_to_zero=["dw_ptr"], **_TUNE_CACHE)
 @triton.jit
 def stripe_wgrad_kernel(
     dy_ptr, x_ptr, dw_ptr,

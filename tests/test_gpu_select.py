@@ -129,3 +129,24 @@ def test_best_tile_efficiency():
     assert tp.best_tile_efficiency(torch.zeros(64, 3, 3, dtype=torch.bool)) == 1.0
     random = torch.rand(256, 3, 3, generator=gen) < 0.3
     assert tp.best_tile_efficiency(random) == max(tp.tile_efficiency(random, w) for w in tp.tile_widths(random))
+
+
+def test_a_candidate_that_cannot_run_here_is_dropped(monkeypatch):
+    """A kernel that cannot run on this GPU (triton's OutOfResources, say) loses the choice; a device
+    fault is raised, since it leaves the CUDA context unusable."""
+    class OutOfResources(Exception):  # triton.runtime.errors.OutOfResources is no RuntimeError either
+        pass
+
+    def timer(fn, repeats=5):
+        name = fn()
+        if name == "stripe32":
+            raise OutOfResources("out of resource: shared memory, Required: 197124, Hardware limit: 166912")
+        return {"stripe64": 2.0, "dense": 3.0}[name]
+    monkeypatch.setattr(gpu_select, "_time_ms", timer)
+    assert gpu_select.choose(("oor",), _candidates(), CUDA) == "stripe64"
+
+    def faulting(fn, repeats=5):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(gpu_select, "_time_ms", faulting)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gpu_select.choose(("fault",), _candidates(), CUDA)

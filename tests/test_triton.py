@@ -819,7 +819,60 @@ def test_tf32_only_when_allowed():
             assert launch.kwargs["INPUT_PRECISION"] == want
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch's newer API: reading allow_tf32 after it raises
+        try:
+            for precision, want in (("ieee", "ieee"), ("tf32", "tf32")):
+                matmul.fp32_precision = precision
+                (launch,) = aot.capture_launches(call)
+                assert launch.kwargs["INPUT_PRECISION"] == want
+        finally:
+            matmul.fp32_precision = "none"
+            matmul.allow_tf32 = old
 
+
+def test_dense_handover_runs_fp32_at_the_stripe_kernels_precision():
+    """cuDNN's fp32 convs default to TF32; the hand-over runs them at the matmul flag's precision."""
+    from stripeconv.backends import triton_backend as tb
+
+    old_matmul, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch._C._get_cudnn_allow_tf32()
+    try:
+        for matmul_tf32 in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+            torch._C._set_cudnn_allow_tf32(not matmul_tf32)
+            with tb._dense_precision(torch.float32):
+                assert torch._C._get_cudnn_allow_tf32() == matmul_tf32
+            assert torch._C._get_cudnn_allow_tf32() == (not matmul_tf32)  # restored
+            with tb._dense_precision(torch.bfloat16):  # no TF32 question for 16-bit inputs
+                assert torch._C._get_cudnn_allow_tf32() == (not matmul_tf32)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_matmul
+        torch._C._set_cudnn_allow_tf32(old_cudnn)
+
+
+def test_tuning_keys_hold_the_tile_shape_and_code_path():
+    """A configuration tuned for one tile width or code path is never reused for another."""
+    from stripeconv.backends import triton_backend as tb
+
+    sc = tb._load_kernels()
+    if sc is None:
+        pytest.skip(tb._import_error)
+    for kernel, extra in ((sc.stripe_fwd_kernel, ("BLOCK_N", "BLOCK_K")), (sc.stripe_dgrad_kernel, ("BLOCK_N", "BLOCK_K")),
+                          (sc.stripe_wgrad_kernel, ("BLOCK_R", "BLOCK_C", "ATOMIC"))):
+        assert set(sc.TUNE_KEY) | {"USE_DOT", "INPUT_PRECISION", "INT64_INDEX"} | set(extra) <= set(kernel.keys)
+
+
+def test_interpreter_checked_before_cuda(monkeypatch):
+    """With TRITON_INTERPRET=1 every launch runs in the interpreter, CUDA tensors too: a GPU machine whose
+    interpreter cannot run the kernels reports the backend unavailable (tests skip) instead of failing."""
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tb, "_interpreting", lambda: True)
+    monkeypatch.setattr(tb, "_check_interpreter", lambda: "this interpreter cannot run the kernels")
+    if tb._load_kernels() is None:
+        pytest.skip("triton kernels do not load here")
+    assert tb.is_available() == (False, "this interpreter cannot run the kernels")
 
 
 @pytest.mark.parametrize("width", [16, 32, 128])

@@ -19,6 +19,7 @@ wherever it applies; tests use it to check the dense path). Decisions are kept p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import threading
@@ -34,6 +35,7 @@ _decisions: dict[tuple, str] = {}  # (mode, key) -> name
 _times: dict[tuple, dict[str, float]] = {}
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
+_DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: CUDA errors
 
 
 def mode() -> str:
@@ -81,7 +83,19 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         return pool[0], True
     if torch.cuda.is_current_stream_capturing():
         return pool[0], False
-    times = {name: _time_ms(candidates[name]) for name in pool}
+    times, errors = {}, {}
+    # Events on the stream of the tensors' device (torch.cuda.Event records on the current device).
+    other_device = device.index is not None and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if other_device else contextlib.nullcontext():
+        for name in pool:
+            try:
+                times[name] = _time_ms(candidates[name])
+            except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
+                if isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc):
+                    raise  # a device fault leaves the context unusable: not a candidate to skip
+                errors[name] = exc
+    if not times:
+        raise next(iter(errors.values()))
     best = min(times, key=times.get)
     with _lock:
         _decisions[(m, key)] = best

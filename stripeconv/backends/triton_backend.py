@@ -21,7 +21,9 @@ capturing a graph.
 
 Precision: fp16/bf16/fp32 accumulate in fp32, fp64 in fp64. fp32 inputs use TF32 tensor cores
 only when ``torch.backends.cuda.matmul.allow_tf32`` is True (the matmul flag, since the op is
-a GEMM; it is False by default in PyTorch), IEEE fp32 otherwise.
+a GEMM; it is False by default in PyTorch; or ``torch.backends.cuda.matmul.fp32_precision`` is
+"tf32"), IEEE fp32 otherwise. The dense cuDNN hand-over runs its fp32 convs at the same precision
+(cuDNN's own flag defaults to TF32), so the per-shape choice never changes an fp32 result's precision.
 
 Grad weight is split-K over pixels. By default the splits add into one fp32 buffer with
 atomics; with ``STRIPECONV_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``
@@ -32,6 +34,7 @@ core path; depthwise and small groups use an outer-product path (correct, not tu
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -130,11 +133,11 @@ def _check_interpreter() -> str:
 def is_available() -> tuple[bool, str]:
     if _load_kernels() is None:
         return False, _import_error or "triton kernels failed to load"
-    if torch.cuda.is_available():
-        return True, ""
-    if _interpreting():
+    if _interpreting():  # every launch runs in the interpreter, CUDA tensors too: it must cope
         problem = _check_interpreter()
         return not problem, problem
+    if torch.cuda.is_available():
+        return True, ""
     return False, "no CUDA device (set TRITON_INTERPRET=1 before importing triton to run the kernels on CPU)"
 
 
@@ -147,11 +150,45 @@ def supports(device: torch.device) -> bool:
 # Launch helpers
 # ----------------------------------------------------------------------------------------------
 
+def _tf32_matmul() -> bool:
+    """torch's TF32 setting for fp32 matmuls. Read through ``fp32_precision`` where this torch has it:
+    once that API has set the flag (``torch.backends.cuda.matmul.fp32_precision = "tf32"``),
+    reading the legacy ``allow_tf32`` raises a RuntimeError (torch >= 2.9)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+@contextlib.contextmanager
+def _dense_precision(dtype: torch.dtype):
+    """cuDNN's fp32 convs (TF32 by default: ``torch.backends.cudnn.allow_tf32``) at the precision of the
+    stripe kernels (:func:`_tf32_matmul`, IEEE by default), so that the per-shape dense hand-over
+    never changes how precise an fp32 result is."""
+    if dtype != torch.float32:
+        yield
+        return
+    want = _tf32_matmul()
+    try:
+        old = torch._C._get_cudnn_allow_tf32()
+    except (AttributeError, RuntimeError):  # set through torch.backends.cudnn.conv.fp32_precision: left as it is
+        old = want
+    if old == want:
+        yield
+        return
+    torch._C._set_cudnn_allow_tf32(want)
+    try:
+        yield
+    finally:
+        torch._C._set_cudnn_allow_tf32(old)
+
+
 def _precision(dtype: torch.dtype):
     tl = _kernels.tl
     if dtype == torch.float64:
         return "ieee", tl.float64
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not _interpreting():
+    if dtype == torch.float32 and _tf32_matmul() and not _interpreting():
         return "tf32", tl.float32
     return "ieee", tl.float32
 
@@ -236,6 +273,14 @@ class _TunedLaunch:
         self._direct = None  # (autotuner, jit function, configuration kwargs)
 
     def __call__(self, *args) -> None:
+        # Triton launches on the *current* CUDA device and its stream; the tensors may live on another.
+        device = getattr(args[0], "device", None)
+        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return self._launch(*args)
+        return self._launch(*args)
+
+    def _launch(self, *args) -> None:
         kernel = getattr(_kernels, self.name)  # looked up per call: tools may stand in for the kernels
         direct = self._direct
         if direct is not None and direct[0] is kernel:
@@ -313,8 +358,9 @@ def _select_key(op: str, *tensors: Tensor, extra: tuple = ()) -> tuple:
 def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device) -> Callable:
     """cuDNN's dense conv on the packed rows scattered into a dense weight."""
     def launch(input, weight, bias):
-        return F.conv2d(input, _dense_weight(weight, mask, device), bias, stride, (padding[0], padding[2]), dilation,
-                        groups)
+        w_dense = _dense_weight(weight, mask, device)
+        with _dense_precision(input.dtype):
+            return F.conv2d(input, w_dense, bias, stride, (padding[0], padding[2]), dilation, groups)
     return launch
 
 
@@ -335,7 +381,7 @@ def clear_cache() -> None:
 
 def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
     return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
-            mask.shape, *extra, gpu_select.mode(), gpu_select.generation(), torch.backends.cuda.matmul.allow_tf32)
+            mask.shape, *extra, gpu_select.mode(), gpu_select.generation(), _tf32_matmul())
 
 
 def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device):
@@ -425,8 +471,9 @@ def grad_input(
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight):
             w_dense = _dense_weight(weight, mask, device)
-            dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
-                                            dilation, groups)
+            with _dense_precision(grad_output.dtype):
+                dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
+                                                dilation, groups)
             return dx.contiguous(memory_format=output_memory_format(grad_output))
         launchers["dense"] = dense
     select_key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
@@ -506,8 +553,9 @@ def grad_weight(
         n, kh, kw = mask.shape
 
         def dense(grad_output, input, weight):
-            dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
-                                             (padding[0], padding[2]), dilation, groups)
+            with _dense_precision(input.dtype):
+                dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
+                                                 (padding[0], padding[2]), dilation, groups)
             gather = cached_plan("dense", mask, 1, 0, device).gather
             return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
         launchers["dense"] = dense
