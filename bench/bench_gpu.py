@@ -6,8 +6,9 @@
 
 For every layer, density (1, 0.7, 0.5, 0.3, 0.2, 0.1) and mask kind ("random": every stripe
 kept with probability = density; "realistic": exactly density * N*K*K stripes drawn with the
-centre position kept most often, then edges, then corners; "grouped": groups of 32 filters
-share one such pattern, as SWP with ``group_size=32`` learns) it times, in the same dtype:
+centre position kept most often, then edges, then corners; with ``--masks ...,grouped`` also
+"grouped": groups of 32 filters share one such pattern, as SWP with ``group_size=32`` learns) it
+times, in the same dtype:
 
 * ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
 * ``triton``    this project's Triton kernels (the op pinned to the triton backend with
@@ -19,6 +20,9 @@ share one such pattern, as SWP with ``group_size=32`` learns) it times, in the s
   stripe), when the extension was built with CUDA and a self-check in a child process (forward
   and gradients against the dense conv, bf16 and fp32) passes on this GPU
 * ``reference`` the pure-PyTorch stripe implementation (stripeconv/backends/reference.py)
+* ``published`` the inference path of the SWP authors' published code, restated: one 1x1 conv of
+  every kept stripe over the whole input, then per kernel position a zero-padded shift, a strided
+  slice and an indexed add into the output (index lists built once per layer, not per call)
 * ``chanprune`` a dense cuDNN conv with round(N * density) output channels: the same FLOPs
   as the stripe conv, i.e. what filter/channel pruning would give at that density
 
@@ -60,6 +64,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 DENSITIES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
+_T_START = time.time()  # --budget-s counts from here: imports and the CUDA self-check take slot time too
 
 # (name, batch, C, N, H(=W), k, stride, pad)
 VGG16_CIFAR = [
@@ -151,6 +156,32 @@ def make_mask(n: int, k: int, density: float, kind: str, gen: torch.Generator) -
     mask = torch.zeros(n * k * k, dtype=torch.bool)
     mask[idx] = True
     return mask.view(n, k, k)
+
+
+def published_rows(mask: torch.Tensor) -> list:
+    """(i, j, first packed row, filters keeping (i, j)) per kernel position with kept stripes."""
+    rows, first = [], 0
+    n, kh, kw = mask.shape
+    for i in range(kh):
+        for j in range(kw):
+            filters = mask[:, i, j].nonzero().flatten()
+            if filters.numel():
+                rows.append((i, j, first, filters))
+            first += filters.numel()
+    return rows
+
+
+def published_swp_conv(x, packed, bias, rows, n: int, stride: int, pad: int, out_hw: int):
+    """The published SWP inference path: all kept stripes as one 1x1 conv at full resolution, then
+    per kernel position its block of rows, zero padded, shifted and strided, added into the filters
+    that keep the position (``rows`` from :func:`published_rows`)."""
+    y = F.conv2d(x, packed.view(*packed.shape, 1, 1))
+    out = torch.zeros(x.shape[0], n, out_hw, out_hw, dtype=x.dtype, device=x.device)
+    span = stride * (out_hw - 1) + 1
+    for i, j, first, filters in rows:
+        block = F.pad(y[:, first:first + filters.numel()], (pad, pad, pad, pad))
+        out[:, filters] += block[:, :, i:i + span:stride, j:j + span:stride]
+    return out if bias is None else out + bias.view(1, -1, 1, 1)
 
 
 def _bench(fn, args) -> dict:
@@ -252,7 +283,8 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
     print(f"\n== {name}: B={b} C={c} N={n} {hw}x{hw} k={k} s={s}  (dense floors: FLOPs/peak "
           f"{f_flops * 1e3:.2f} us, bytes/bw {f_bytes * 1e3:.2f} us)")
     print(f"{'mask':>9} {'dens':>5} {'1/d':>5} {'eff':>5} {'mode':>7} | {'dense ms':>9} {'triton ms':>10} "
-          f"{'(iqr)':>7} {'speedup':>7} | {'auto':>6} {'cuda':>6} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} | "
+          f"{'(iqr)':>7} {'speedup':>7} | {'auto':>6} {'cuda':>6} | {'chanprune':>9} {'speedup':>7} | {'ref ms':>8} "
+          f"{'pub ms':>8} | "
           f"{'floorF us':>9} {'floorB us':>9}")
     for density in args.densities:
         n_cp = max(1, round(n * density))
@@ -298,16 +330,30 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
                     finally:
                         backends.set_backend(None)
                         os.environ.pop("STRIPECONV_GPU_DENSE", None)
+                if not args.skip_reference:
+                    rows = published_rows(mask)
+
+                    def published_fn():
+                        x = x_rot.next()
+                        y = published_swp_conv(x, packed, bias, rows, n, s, p, ho)
+                        if backward:
+                            torch.autograd.grad(y, (x, packed, bias), gy)
+                        return y
+                    try:
+                        entry["published"] = timed(published_fn, backward, host=False)
+                    except Exception as exc:
+                        entry["published"] = {"error": f"{type(exc).__name__}: {exc}"}
                 results.append(entry)
                 tri = entry["triton"].get("median_ms", float("nan"))
                 auto = entry["stripeconv"].get("median_ms", float("nan"))
                 cuda = entry.get("cuda", {}).get("median_ms", float("nan"))
                 ref = entry.get("reference", {}).get("median_ms", float("nan"))
+                pub = entry.get("published", {}).get("median_ms", float("nan"))
                 dn = entry["dense"]["median_ms"]
                 cpm = entry["chanprune"]["median_ms"]
                 print(f"{kind:>9} {real_density:5.2f} {1 / max(real_density, 1e-9):5.1f} {eff:5.2f} {mode:>7} | "
                       f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
-                      f"{dn / auto:6.2f} {dn / cuda:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} | "
+                      f"{dn / auto:6.2f} {dn / cuda:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} {pub:8.3f} | "
                       f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}", flush=True)
 
 
@@ -383,7 +429,7 @@ def summarize(results: list, method: str = "stripeconv") -> None:
     for kind, d, mode in keys:
         sel = [r for r in results if (r["mask"], r["target_density"], r["mode"]) == (kind, d, mode)]
         parts = []
-        for m in ("triton", "stripeconv", "cuda", "chanprune"):
+        for m in ("triton", "stripeconv", "cuda", "chanprune", "reference", "published"):
             vals = [v for v in (speedup(r, m) for r in sel) if v]
             if vals:
                 parts.append(f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x")
@@ -420,15 +466,28 @@ def _write(path: str, meta: dict, results: list) -> None:
 
 
 def _from_json(paths: list, out: str) -> None:
-    results, metas = [], []
+    loaded = []
     for path in paths:
         with open(path) as f:
-            data = json.load(f)
-        metas.append(data["meta"])
-        results.extend(data["results"])
-    for meta in metas:
+            loaded.append((path, json.load(f)))
+    # --quick runs first, so that a full run of the same layer replaces them; else command-line order
+    loaded.sort(key=lambda pd: not pd[1]["meta"].get("args", {}).get("quick", False))
+    rows, replaced, skipped = {}, 0, []
+    for path, data in loaded:
+        meta = data["meta"]
         print(f"{meta['date']}  {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
-              f"CUDA {meta['cuda']}  {meta['dtype']}  {len(meta.get('layers_done', []))} layers")
+              f"CUDA {meta['cuda']}  {meta['dtype']}  {len(meta.get('layers_done', []))} layers  ({path})")
+        skipped += meta.get("layers_skipped", [])
+        for r in data["results"]:
+            key = (r["layer"], r["mask"], r["target_density"], r["mode"])
+            replaced += key in rows
+            rows[key] = r
+    results = list(rows.values())
+    if replaced:
+        print(f"{replaced} rows measured twice: the full run's (or the later file's) kept")
+    missing = sorted(set(skipped) - {r["layer"] for r in results})
+    if missing:
+        print(f"layers never measured (budget): {', '.join(missing)}")
     summarize(results)
     plot(results, out)
 
@@ -494,7 +553,11 @@ def verify_cuda_kernels(tolerance: float = 3e-2) -> tuple[bool, str]:
     lines = (run.stdout + run.stderr).strip().splitlines()
     if run.returncode != 0:
         return False, f"the self-check failed: {lines[-1] if lines else f'exit code {run.returncode}'}"
-    worst = float(lines[-1])
+    out = run.stdout.strip().splitlines()
+    try:
+        worst = float(out[-1])
+    except (IndexError, ValueError):  # never let the check's output end the whole benchmark
+        return False, f"the self-check printed no number: {(out or lines or ['nothing'])[-1]!r}"
     if not worst < tolerance:
         return False, f"worst relative error {worst:.2e} against the dense conv (tolerance {tolerance:.0e})"
     return True, f"worst relative error {worst:.2e} against the dense conv"
@@ -507,9 +570,10 @@ def main(argv=None):
     ap.add_argument("--suites", default="vgg16,resnet56,resnet50,batch1",
                     help="comma list of " + ", ".join(SUITES))
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
-    ap.add_argument("--masks", default="random,realistic,grouped")
+    ap.add_argument("--masks", default="random,realistic", help="comma list of random, realistic, grouped")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
-    ap.add_argument("--skip-reference", action="store_true", help="do not time the pure-PyTorch reference")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="do not time the pure-PyTorch reference and the published SWP code's algorithm")
     ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new layer after this many seconds")
     ap.add_argument("--warmup-ms", type=int, default=25)
@@ -585,12 +649,19 @@ def main(argv=None):
         "layers_done": [], "layers_skipped": [],
     }
     results = []
-    t0 = time.time()
+    t0, longest = _T_START, 0.0
+    meta["layer_s"] = {}
     for layer in layers:
-        if args.budget_s is not None and meta["layers_done"] and time.time() - t0 > args.budget_s:
+        # A layer starts only if one as long as the longest so far still ends inside the budget
+        # (Triton compiles and autotunes each new layer shape: tens of seconds a layer).
+        if (args.budget_s is not None and meta["layers_done"]
+                and time.time() - t0 + 1.1 * longest > args.budget_s):
             meta["layers_skipped"].append(layer[0])
             continue
+        t_layer = time.time()
         run_layer(layer, args, dtype, device, peaks, gen, results)
+        longest = max(longest, time.time() - t_layer)
+        meta["layer_s"][layer[0]] = round(time.time() - t_layer, 1)
         meta["layers_done"].append(layer[0])
         meta["wall_s"] = time.time() - t0
         meta["dispatch_decisions"] = [{**d, "key": repr(d["key"])} for d in gpu_select.decisions()]
