@@ -54,7 +54,7 @@ def _run(*args):
 
 def test_cpu_smoke_run_writes_complete_results(tmp_path):
     _require_interpreter()
-    out = _run("--cpu-smoke", "--out", str(tmp_path), "--tag", "_smoke")
+    out = _run("--cpu-smoke", "--out", str(tmp_path), "--tag", "_smoke", "--masks", "random,realistic,grouped")
     (jpath,) = tmp_path.glob("bench_gpu_*_smoke.json")
     data = json.loads(jpath.read_text())
     meta, results = data["meta"], data["results"]
@@ -65,17 +65,39 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
     assert len(results) == 2 * 4 * 2
     assert {r["mask"] for r in results} == {"random", "realistic", "grouped"}
     for r in results:
-        for method in ("dense", "chanprune", "triton", "stripeconv", "reference"):
+        for method in ("dense", "chanprune", "triton", "stripeconv", "reference", "published"):
             assert r[method]["median_ms"] > 0, (method, r)
         eager_latency = r["batch"] == 1 and r["mode"] == "fwd"  # smoke.s2 has batch 1
         for method in ("dense", "chanprune", "triton", "stripeconv"):
             assert ("host_ms" in r[method]) == eager_latency and r[method].get("host_ms", 1) > 0, (method, r)
-        assert "host_ms" not in r["reference"]
+        assert "host_ms" not in r["reference"] and "host_ms" not in r["published"]
         assert 0 < r["tile_efficiency"] <= 1
         assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
     assert "summary: geometric mean speedup" in out
     merged = _run("--from-json", str(jpath), "--out", str(tmp_path))
     assert "fwd+bwd realistic density 0.30" in merged and "  grouped density 0.30" in merged
+    # the same cells from two files are counted once
+    twice = _run("--from-json", str(jpath), str(jpath), "--out", str(tmp_path))
+    assert f"{len(results)} rows measured twice" in twice
+    assert twice.count("fwd+bwd realistic density 0.30") == merged.count("fwd+bwd realistic density 0.30")
+
+
+def test_published_swp_path_matches_the_oracle():
+    """The published code's algorithm, as timed: one 1x1 conv of all kept stripes, then shifted adds."""
+    import torch
+    import torch.nn.functional as F
+    from stripeconv.packing import pack_weight
+
+    bench = _bench_module()
+    gen = torch.Generator().manual_seed(0)
+    for stride, size in ((1, 8), (2, 9), (2, 8)):
+        x = torch.randn(2, 8, size, size, generator=gen)
+        weight, bias = torch.randn(16, 8, 3, 3, generator=gen), torch.randn(16, generator=gen)
+        mask = torch.rand(16, 3, 3, generator=gen) < 0.4
+        want = F.conv2d(x, weight * mask[:, None], bias, stride, 1)
+        got = bench.published_swp_conv(x, pack_weight(weight, mask), bias, bench.published_rows(mask), 16, stride, 1,
+                                       want.shape[-1])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):
