@@ -1,4 +1,4 @@
-"""Why soft filter pruning (SFP, ASFP) collapses at export in the Fashion-MNIST fidelity table.
+"""Why soft filter pruning (SFP, ASFP, GHFP) collapses at export in the Fashion-MNIST fidelity table.
 
     python bench/soft_pruning_diagnosis.py [--prune-epochs 3] [--method SFP] [--quick]
 
@@ -7,7 +7,9 @@ epochs, -50 % FLOPs) for one soft pruner and, just before its last epoch end (th
 measures per pruned conv: how large the filters it is about to zero are next to the kept ones
 (weight norm, conv-output std) and how loud their channels are after the BatchNorm that follows
 (BN-output std). Then the accuracy of the masked model after the zeroing (and the BN
-re-estimation the training loop does). Writes ``<out>/soft_pruning_diagnosis.json``.
+re-estimation the training loop does). GHFP freezes a growing share of its selection before the
+last epoch end: the ratios are also given for the filters zeroed there that were still soft
+(``soft_*``). Writes ``<out>/soft_pruning_diagnosis.json``.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ def _channel_std(t: torch.Tensor, channels: torch.Tensor) -> float:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="SFP", choices=["SFP", "ASFP"])
+    ap.add_argument("--method", default="SFP", choices=["SFP", "ASFP", "GHFP"])
     ap.add_argument("--prune-epochs", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -79,17 +81,24 @@ def main(argv=None) -> dict:
         for h in hooks:
             h.remove()
         model.train()
+        frozen_before = {name: ~m.any(dim=(1, 2)) for name, m in pr._frozen.items()}
         end_epoch(epoch)
         for name, mask in pr.masks().items():
             zeroed = ~mask.any(dim=(1, 2))
             parent, index = name.rsplit(".", 1)
             conv_out, bn_out = outputs[name], outputs[f"{parent}.{int(index) + 1}"]
-            report["layers"].append({
-                "conv": name, "zeroed": int(zeroed.sum()), "filters": len(zeroed),
-                "norm_ratio": float(norms[name][zeroed].mean() / norms[name][~zeroed].mean()),
-                "conv_std_ratio": _channel_std(conv_out, zeroed) / _channel_std(conv_out, ~zeroed),
-                "bn_std_ratio": _channel_std(bn_out, zeroed) / _channel_std(bn_out, ~zeroed),
-            })
+            soft = zeroed & ~frozen_before[name]
+
+            def ratios(part: torch.Tensor, prefix: str = "") -> dict:
+                if not bool(part.any()):
+                    return {}
+                return {f"{prefix}norm_ratio": float(norms[name][part].mean() / norms[name][~zeroed].mean()),
+                        f"{prefix}conv_std_ratio": _channel_std(conv_out, part) / _channel_std(conv_out, ~zeroed),
+                        f"{prefix}bn_std_ratio": _channel_std(bn_out, part) / _channel_std(bn_out, ~zeroed)}
+
+            report["layers"].append({"conv": name, "zeroed": int(zeroed.sum()), "filters": len(zeroed),
+                                     "frozen_before": int(frozen_before[name].sum()), **ratios(zeroed),
+                                     **ratios(soft, "soft_")})
 
     pr.end_epoch = measured_end_epoch
     opt = ff.sgd(model, 0.025)
@@ -99,10 +108,13 @@ def main(argv=None) -> dict:
     print(f"{args.method}, {args.prune_epochs} prune epochs: accuracy pretrained {report['acc_pretrained']:.4f}, "
           f"before the final zeroing {report['acc_before_final_zeroing']:.4f}, "
           f"after {report['acc_after_final_zeroing']:.4f}")
-    print(f"{'conv':<12} {'zeroed':>7} {'norm':>6} {'conv std':>9} {'BN std':>7}   (zeroed / kept)")
+    print(f"{'conv':<12} {'zeroed':>7} {'frozen':>6} {'norm':>6} {'conv std':>9} {'BN std':>7} "
+          f"{'soft: norm':>10} {'conv std':>9} {'BN std':>7}   (zeroed / kept)")
     for r in report["layers"]:
-        print(f"{r['conv']:<12} {r['zeroed']:>3}/{r['filters']:<3} {r['norm_ratio']:6.3f} {r['conv_std_ratio']:9.3f} "
-              f"{r['bn_std_ratio']:7.3f}")
+        soft = (f"{r['soft_norm_ratio']:10.3f} {r['soft_conv_std_ratio']:9.3f} {r['soft_bn_std_ratio']:7.3f}"
+                if "soft_norm_ratio" in r else f"{'-':>10} {'-':>9} {'-':>7}")
+        print(f"{r['conv']:<12} {r['zeroed']:>3}/{r['filters']:<3} {r['frozen_before']:>6} {r['norm_ratio']:6.3f} "
+              f"{r['conv_std_ratio']:9.3f} {r['bn_std_ratio']:7.3f} {soft}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"soft_pruning_diagnosis{'_quick' if args.quick else ''}.json"
