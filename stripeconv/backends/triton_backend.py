@@ -256,6 +256,11 @@ def _conv_ints(stride, padding, dilation):
 # The op's kernels
 # ----------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _several_gpus() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() > 1
+
+
 class _TunedLaunch:
     """``kernel[grid](*args, **constants)`` for one settled call signature.
 
@@ -273,11 +278,13 @@ class _TunedLaunch:
         self._direct = None  # (autotuner, jit function, configuration kwargs)
 
     def __call__(self, *args) -> None:
-        # Triton launches on the *current* CUDA device and its stream; the tensors may live on another.
-        device = getattr(args[0], "device", None)
-        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                return self._launch(*args)
+        # Triton launches on the *current* CUDA device and its stream; with several GPUs the tensors
+        # may live on another (one GPU: no per-launch device query on the settled path).
+        if _several_gpus():
+            device = args[0].device
+            if device.type == "cuda" and device.index != torch.cuda.current_device():
+                with torch.cuda.device(device):
+                    return self._launch(*args)
         return self._launch(*args)
 
     def _launch(self, *args) -> None:
