@@ -4,7 +4,8 @@ The Triton interpreter checks what the kernels compute, not whether they compile
 how they compile. This module closes that gap: it records the launches the host code of the
 ``triton`` backend makes for a given call (run on CPU tensors, nothing is executed), rebuilds the
 specialisation Triton's JIT would derive from those arguments (integers equal to 1 become
-constants, pointers and integers divisible by 16 get the divisibility hint), and compiles every
+constants, pointers and integers divisible by 16 get the divisibility hint, except for the
+integers a kernel exempts with ``do_not_specialize``), and compiles every
 autotuning configuration with ``triton.compile`` for the requested target (``sm_90`` by default;
 ptxas ships with Triton). Each compiled variant reports what decides its speed: registers,
 spill bytes, shared memory, whether the main loop uses tensor cores (``wgmma`` on sm_90,
@@ -28,7 +29,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["Launch", "Variant", "capture_launches", "compile_launch", "compile_call"]
+__all__ = ["Launch", "Variant", "capture_launches", "specialisation", "compile_launch", "compile_call"]
 
 
 @dataclass
@@ -124,16 +125,19 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132) -> list[Launc
     return sink
 
 
-def _specialise(value) -> tuple[str, Any]:
-    """(signature type, constant or divisibility hint) as Triton's JIT derives them."""
+def _specialise(value, specialise: bool = True) -> tuple[str, Any]:
+    """(signature type, constant or divisibility hint) as Triton's JIT derives them; integers in a
+    kernel's ``do_not_specialize`` (``specialise=False``) get their type alone."""
     if value is None:
         return "constexpr", None
     if isinstance(value, bool):
         return "i1", None
     if isinstance(value, int):
+        kind = "i32" if -2**31 <= value < 2**31 else "i64"
+        if not specialise:
+            return kind, None
         if value == 1:
             return "constexpr", 1
-        kind = "i32" if -2**31 <= value < 2**31 else "i64"
         return kind, value % 16 == 0
     if isinstance(value, float):
         return "fp32", None
@@ -167,6 +171,26 @@ def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), spill
 
 
+def specialisation(fn, values: dict) -> tuple[dict, dict, dict]:
+    """(signature, constants, attributes) that Triton's JIT compiles ``fn`` for, given every
+    argument's value by name: a launch with the same three reuses the compiled kernel."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(fn.params):
+        name = param.name
+        value = values[name]
+        if param.is_constexpr:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+            continue
+        kind, hint = _specialise(value, not getattr(param, "do_not_specialize", False))
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = hint
+        elif hint is True:
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
 def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = None) -> list[Variant]:
     """Compile every autotuning configuration of ``launch`` for ``sm_<arch>``."""
     import triton
@@ -183,20 +207,7 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
         if config is not None:
             values.update(config.kwargs)
             options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        signature, constexprs, attrs = {}, {}, {}
-        for index, param in enumerate(fn.params):
-            name = param.name
-            value = values[name]
-            if param.is_constexpr:
-                signature[name] = "constexpr"
-                constexprs[name] = value
-                continue
-            kind, hint = _specialise(value)
-            signature[name] = kind
-            if kind == "constexpr":
-                constexprs[name] = hint
-            elif hint is True:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+        signature, constexprs, attrs = specialisation(fn, values)
         source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = compiled.asm["ptx"]

@@ -862,6 +862,47 @@ def test_tuning_keys_hold_the_tile_shape_and_code_path():
         assert set(sc.TUNE_KEY) | {"USE_DOT", "INPUT_PRECISION", "INT64_INDEX"} | set(extra) <= set(kernel.keys)
 
 
+def test_tuning_key_arguments_compile_no_extra_variants():
+    """The KEY_* arguments only key the autotuner: their values (1, multiples of 16 or not) must not make
+    Triton compile another variant, while the integers that enter addresses keep their specialisation."""
+    aot = _aot()
+    import inspect
+
+    def spec(launch, **changes):
+        fn = aot._jit_fn(launch.kernel)
+        values = dict(inspect.signature(fn.fn).bind_partial(*launch.args, **launch.kwargs).arguments)
+        values.update(changes, BLOCK_M=64)
+        return aot.specialisation(fn, values)
+
+    launches = [launch for _, call in aot.layer_calls(32, 32, 8, density=0.5) for launch in aot.capture_launches(call)]
+    assert {aot._jit_fn(launch.kernel).__name__ for launch in launches} == {
+        "stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"}
+    for launch in launches:
+        assert spec(launch, KEY_M=1, KEY_C=16, KEY_DENSITY=7) == spec(launch, KEY_M=3, KEY_C=5, KEY_DENSITY=32)
+        assert spec(launch, Wo=1) != spec(launch, Wo=16) != spec(launch, Wo=7)
+
+
+def test_autotuning_times_each_configuration_briefly(monkeypatch):
+    """Autotuning a new shape times each configuration for ~30 ms (triton's default: 125 ms)."""
+    import inspect
+
+    import triton
+    import triton.testing
+    from stripeconv.backends import triton_backend as tb
+
+    sc = tb._load_kernels()
+    if sc is None:
+        pytest.skip(tb._import_error)
+    if "do_bench" not in inspect.signature(triton.autotune).parameters:
+        pytest.skip(f"triton {triton.__version__} times configurations its own way")
+    for kernel in (sc.stripe_fwd_kernel, sc.stripe_dgrad_kernel, sc.stripe_wgrad_kernel):
+        assert kernel.do_bench is sc.tuning_bench
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(kw) or [1.0, 0.9, 1.1])
+    assert sc.tuning_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert calls == [{"warmup": 5, "rep": 25, "quantiles": (0.5, 0.2, 0.8)}]
+
+
 def test_interpreter_checked_before_cuda(monkeypatch):
     """With TRITON_INTERPRET=1 every launch runs in the interpreter, CUDA tensors too: a GPU machine whose
     interpreter cannot run the kernels reports the backend unavailable (tests skip) instead of failing."""
