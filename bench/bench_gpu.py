@@ -31,6 +31,10 @@ calls it in eager mode (``stripeconv.backends.eager_conv2d``: the backend's kern
 autograd.Function, without the custom op's Python layers). Batch-1 forwards are also timed back
 to back without a cache flush between calls (``host_ms``): the latency of an eager step, host
 work included, which do_bench's flush hides.
+Before anything is timed, every Triton kernel variant the run will launch (each tile width,
+each autotuning configuration) is compiled in parallel worker processes into Triton's on-disk
+cache (kernels/precompile.py; ``--no-precompile`` leaves it to the first launches, one at a
+time); the JSON's ``compiled_while_timing`` counts the variants compiled after that.
 Timings: ``triton.testing.do_bench`` (warm-up, L2 flushed between repetitions) on random data
 (never zeros) with input buffers rotated so that one input is not reused from cache; median and
 inter-quartile range are reported. The table prints the speedup over dense next to the ideal
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -232,7 +237,38 @@ class Rotating:
         return self.bufs[self.i]
 
 
-def run_layer(layer, args, dtype, device, peaks, gen, results):
+def layer_masks(layer, args, gen) -> list:
+    """(target density, kind, mask) of every cell of ``layer``, in the order they are timed."""
+    n, k = layer[3], layer[5]
+    return [(density, kind, make_mask(n, k, density, kind, gen))
+            for density in args.densities for kind in (["random"] if density >= 1.0 else args.masks)]
+
+
+def precompile_calls(layer, masks, dtype, backward: bool) -> list:
+    """The triton backend's host calls for every mask of ``layer``, on CPU tensors shaped and laid out
+    as the benchmark's (for kernels/precompile.py to record their launches)."""
+    from stripeconv.backends import triton_backend as tb
+    from stripeconv.packing import pack_weight
+
+    _, b, c, n, hw, k, s, p = layer
+    ho = (hw + 2 * p - k) // s + 1
+    x = torch.empty(b, c, hw, hw, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    gy = torch.empty(b, n, ho, ho, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.zeros(n, dtype=dtype)
+    conv = ((s, s), (p, p, p, p), (1, 1), 1)
+    calls = []
+    for _, _, mask in masks:
+        if not mask.any():
+            continue
+        packed = pack_weight(torch.zeros(n, c, k, k, dtype=dtype), mask)
+        calls.append(functools.partial(tb.forward, x, packed, bias, mask, *conv))
+        if backward:
+            calls.append(functools.partial(tb.grad_input, gy, packed, mask, x.shape, *conv))
+            calls.append(functools.partial(tb.grad_weight, gy, x, packed, mask, *conv))
+    return calls
+
+
+def run_layer(layer, args, dtype, device, peaks, masks, results):
     from stripeconv import backends, ops
     from stripeconv.backends import triton_plans as tp
     from stripeconv.packing import pack_weight
@@ -292,9 +328,8 @@ def run_layer(layer, args, dtype, device, peaks, gen, results):
         w_cp = w_dense[:n_cp].detach().clone().requires_grad_(True)
         b_cp = bias[:n_cp].detach().clone().requires_grad_(True)
         cp_t = {m: timed(dense_fn(w_cp, b_cp, bw_), bw_) for m, bw_ in modes}
-        kinds = ["random"] if density >= 1.0 else args.masks
-        for kind in kinds:
-            mask = make_mask(n, k, density, kind, gen).to(device)
+        for kind, mask in [(kind, mask) for d, kind, mask in masks if d == density]:
+            mask = mask.to(device)
             real_density = mask.float().mean().item()
             packed = pack_weight(w_dense.detach(), mask).contiguous().requires_grad_(True)
             widths = tp.tile_widths(mask, 1, device) if mask.any() else []
@@ -575,6 +610,8 @@ def main(argv=None):
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not time the pure-PyTorch reference and the published SWP code's algorithm")
     ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")
+    ap.add_argument("--no-precompile", action="store_true",
+                    help="let each layer compile its kernels when first launched, instead of all up front in parallel")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new layer after this many seconds")
     ap.add_argument("--warmup-ms", type=int, default=25)
     ap.add_argument("--rep-ms", type=int, default=60)
@@ -648,6 +685,19 @@ def main(argv=None):
         "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
         "layers_done": [], "layers_skipped": [],
     }
+    masks = {layer[0]: layer_masks(layer, args, gen) for layer in layers}
+    if device.type == "cuda" and not args.no_precompile:
+        # Every kernel variant the layers will launch, compiled in parallel worker processes before
+        # anything is timed (one at a time, in-process, they take most of a layer's time).
+        precompile = tb.kernels_module("precompile")
+        t_plan = time.time()
+        calls = [call for layer in layers for call in
+                 precompile_calls(layer, masks[layer[0]], dtype, backward=not args.no_backward)]
+        jobs = precompile.plan(calls, sm_count=sms)
+        meta["precompile"] = {"plan_s": round(time.time() - t_plan, 1), **precompile.precompile(jobs)}
+        print(f"precompiled {meta['precompile']['jobs']} kernel variants in {meta['precompile']['wall_s']:.0f} s "
+              f"({meta['precompile']['workers']} processes, {meta['precompile']['failed']} failed)", flush=True)
+    cached_before = tb.kernels_module("precompile").compiled_count() if device.type == "cuda" else 0
     results = []
     t0, longest = _T_START, 0.0
     meta["layer_s"] = {}
@@ -659,12 +709,14 @@ def main(argv=None):
             meta["layers_skipped"].append(layer[0])
             continue
         t_layer = time.time()
-        run_layer(layer, args, dtype, device, peaks, gen, results)
+        run_layer(layer, args, dtype, device, peaks, masks[layer[0]], results)
         longest = max(longest, time.time() - t_layer)
         meta["layer_s"][layer[0]] = round(time.time() - t_layer, 1)
         meta["layers_done"].append(layer[0])
         meta["wall_s"] = time.time() - t0
         meta["dispatch_decisions"] = [{**d, "key": repr(d["key"])} for d in gpu_select.decisions()]
+        if device.type == "cuda":  # 0 when the precompiled variants were all found in Triton's cache
+            meta["compiled_while_timing"] = tb.kernels_module("precompile").compiled_count() - cached_before
         _write(jpath, meta, results)
     if meta["layers_skipped"]:
         print(f"\nbudget of {args.budget_s:.0f} s reached: skipped {', '.join(meta['layers_skipped'])}")

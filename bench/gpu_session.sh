@@ -41,6 +41,7 @@ for step in "$@"; do
       par=""; "$PY" -c "import xdist" 2>/dev/null && par="-n 8"
       STRIPECONV_GPU_TESTS_ONLY=1 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs $par -p no:cacheprovider \
         tests/test_triton.py::test_cuda tests/test_gpu.py tests/test_cuda_backend.py tests/test_gpu_select.py \
+        tests/test_precompile.py \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)

@@ -106,22 +106,33 @@ def _recording(sink: list) -> Iterator[None]:
         host._kernels = saved
 
 
-def capture_launches(call: Callable[[], Any], sm_count: int = 132) -> list[Launch]:
+def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candidate: bool = False) -> list[Launch]:
     """Run ``call`` (host code of the triton backend on CPU tensors) and return its launches.
 
     ``sm_count`` stands in for the GPU's multiprocessor count, which sizes the split-K of grad
-    weight (132: an H100 / H200).
+    weight (132: an H100 / H200). On CPU tensors the host code launches only its first stripe
+    candidate (tile width); with ``every_candidate`` it launches each one, as the first call on a
+    GPU does while it times them.
     """
+    from ..backends import gpu_select
     from ..backends import triton_backend as host
 
+    def each_candidate(key, candidates, device):
+        stripes = [name for name in candidates if name != "dense"]
+        for name in stripes:
+            candidates[name]()
+        return stripes[0], True
+
     sink: list[Launch] = []
-    saved = host._num_sms
+    saved = host._num_sms, gpu_select.choice, host._settled
     host._num_sms = lambda device: sm_count
+    if every_candidate:  # and no settled calls, which would launch their one choice
+        gpu_select.choice, host._settled = each_candidate, {}
     try:
         with _recording(sink):
             call()
     finally:
-        host._num_sms = saved
+        host._num_sms, gpu_select.choice, host._settled = saved
     return sink
 
 

@@ -120,6 +120,36 @@ def test_grouped_masks_share_patterns():
         bench.make_mask(8, 3, 0.5, "striped", gen)
 
 
+def test_precompile_plan_covers_every_cell_of_a_layer():
+    """The layer's masks are drawn once, in the order the cells are timed, and the precompile plan
+    holds the kernels of every cell: forward always, both gradients unless --no-backward."""
+    import argparse
+
+    import torch
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process")
+    from stripeconv.backends import triton_backend as tb
+
+    if tb._load_kernels() is None:
+        pytest.skip(tb._import_error)
+    bench = _bench_module()
+    precompile = tb.kernels_module("precompile")
+    args = argparse.Namespace(densities=[1.0, 0.5, 0.2], masks=["random", "realistic"])
+    layer = ("test", 2, 32, 48, 8, 3, 2, 1)
+    masks = bench.layer_masks(layer, args, torch.Generator().manual_seed(3))
+    assert [(d, kind) for d, kind, _ in masks] == [(1.0, "random"), (0.5, "random"), (0.5, "realistic"),
+                                                   (0.2, "random"), (0.2, "realistic")]
+    gen = torch.Generator().manual_seed(3)  # the same draws as one cell after the other
+    for d, kind, mask in masks:
+        assert torch.equal(mask, bench.make_mask(48, 3, d, kind, gen))
+    fwd = precompile.plan(bench.precompile_calls(layer, masks, torch.bfloat16, backward=False))
+    both = precompile.plan(bench.precompile_calls(layer, masks, torch.bfloat16, backward=True))
+    assert {job.kernel for job in fwd} == {"stripe_fwd_kernel"}
+    assert {job.kernel for job in both} == {"stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"}
+    assert all(job.kwargs["HAS_BIAS"] for job in fwd)  # the benchmark's layers have a bias
+
+
 def test_target_check(capsys):
     bench = _bench_module()
 

@@ -86,23 +86,33 @@ def _load_kernels():
 
 
 def _import_kernels():
+    return kernels_module("stripe_conv")
+
+
+def kernels_module(name: str):
+    """``stripeconv.kernels.<name>``: from the install, or from a source checkout's kernels/
+    (beside stripeconv/), which is then registered as the ``stripeconv.kernels`` package."""
+    full = f"stripeconv.kernels.{name}"
     try:
-        return importlib.import_module("stripeconv.kernels.stripe_conv")
-    except ImportError:
-        # Running from a source checkout without installing: kernels/ sits beside stripeconv/.
-        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.path.join(here, "kernels", "stripe_conv.py")
-        if not os.path.exists(path):
-            raise ImportError("stripeconv.kernels is missing from this install; reinstall stripeconv") from None
-        spec = importlib.util.spec_from_file_location("stripeconv.kernels.stripe_conv", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            sys.modules.pop(spec.name, None)
+        return importlib.import_module(full)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("stripeconv.kernels", full):
             raise
-        return module
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    source = os.path.join(here, "kernels")
+    if "stripeconv.kernels" in sys.modules or not os.path.exists(os.path.join(source, f"{name}.py")):
+        raise ImportError(f"{full} is missing from this install; reinstall stripeconv")
+    spec = importlib.util.spec_from_file_location("stripeconv.kernels", os.path.join(source, "__init__.py"),
+                                                  submodule_search_locations=[source])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    try:
+        spec.loader.exec_module(package)
+        return importlib.import_module(full)
+    except BaseException:
+        for loaded in [m for m in sys.modules if m == spec.name or m.startswith(spec.name + ".")]:
+            sys.modules.pop(loaded, None)
+        raise
 
 
 def _interpreting() -> bool:

@@ -1,0 +1,142 @@
+"""Parallel precompilation of the Triton kernel variants (stripeconv.kernels.precompile).
+
+The planner and the worker pool run on CPU; whether a real launch then loads the precompiled
+variants instead of compiling them needs a GPU (skipped visibly without one).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from stripeconv.backends import triton_backend as tb
+
+
+@pytest.fixture
+def precompile():
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: the interpreter compiles nothing")
+    if tb._load_kernels() is None:
+        pytest.skip(tb._import_error)
+    return tb.kernels_module("precompile")
+
+
+def _calls(c=32, n=48, hw=8, density=0.5, batch=2, seed=0, stride=1):
+    from stripeconv.packing import pack_weight
+
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, 3, 3, generator=gen) < density
+    packed = pack_weight(torch.randn(n, c, 3, 3, generator=gen), mask).to(torch.bfloat16)
+    x = torch.randn(batch, c, hw, hw, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    ho = (hw - 1) // stride + 1
+    dy = torch.randn(batch, n, ho, ho, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv = ((stride, stride), (1, 1, 1, 1), (1, 1), 1)
+    return mask, [lambda: tb.forward(x, packed, None, mask, *conv),
+                  lambda: tb.grad_input(dy, packed, mask, x.shape, *conv),
+                  lambda: tb.grad_weight(dy, x, packed, mask, *conv)]
+
+
+def test_plan_holds_every_tile_width_and_configuration_once(precompile):
+    mask, calls = _calls()
+    jobs = precompile.plan(calls)
+    kernels = tb._check_kernels()
+    by_kernel = {}
+    for job in jobs:
+        by_kernel.setdefault(job.kernel, []).append(job)
+    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"}
+    # every tile width the first call on a GPU times, each under every configuration of the tuner
+    widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
+    assert len(widths) > 1
+    assert {job.kwargs["BLOCK_N"] for job in by_kernel["stripe_fwd_kernel"]} == widths
+    assert len(by_kernel["stripe_fwd_kernel"]) == len(widths) * len(kernels.stripe_fwd_kernel.configs)
+    assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {
+        c.kwargs["BLOCK_M"] for c in kernels.stripe_dgrad_kernel.configs}
+    # the same calls again: nothing new
+    assert len(precompile.plan(calls + calls)) == len(jobs)
+    # the settled calls of this process are left as they were
+    before = dict(tb._settled)
+    precompile.plan(calls)
+    assert tb._settled == before
+
+
+def test_plan_of_a_new_geometry_adds_jobs(precompile):
+    _, calls = _calls()
+    _, strided = _calls(stride=2, seed=1)
+    jobs, more = precompile.plan(calls), precompile.plan(calls + strided)
+    assert len(more) > len(jobs)
+
+
+def _fake_compile(job):
+    if job.config.get("BLOCK_M") == 64:
+        raise RuntimeError("out of resources")
+    return 0.5
+
+
+def test_precompile_counts_failures_and_time(precompile):
+    _, calls = _calls()
+    jobs = precompile.plan(calls)
+    stats = precompile.precompile(jobs, workers=0, compile_one=_fake_compile)
+    failing = sum(job.config.get("BLOCK_M") == 64 for job in jobs)
+    assert 0 < failing < len(jobs)
+    assert stats["jobs"] == len(jobs) and stats["failed"] == failing
+    assert stats["compile_s"] == pytest.approx(0.5 * (len(jobs) - failing))
+    assert "out of resources" in stats["errors"][0]
+
+
+def test_precompile_in_worker_processes_reports_what_failed(precompile):
+    """The spawned workers load the kernels and run each job; without a GPU driver every job fails,
+    which is reported, not raised."""
+    _, calls = _calls()
+    jobs = precompile.plan(calls)[:3]
+    stats = precompile.precompile(jobs, workers=2, compile_one=functools.partial(precompile._compile, device="cpu"))
+    assert stats["workers"] == 2 and stats["jobs"] == 3 and stats["failed"] == 3, stats
+    assert all("BrokenProcessPool" not in error for error in stats["errors"]), stats
+
+
+def test_kernels_load_from_a_source_checkout():
+    """Without the installed stripeconv.kernels package, the modules load from kernels/ beside stripeconv/."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class NoInstalledKernels(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "stripeconv.kernels":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+        sys.meta_path.insert(0, NoInstalledKernels())
+        from stripeconv.backends import triton_backend as tb
+        module = tb.kernels_module("precompile")
+        print(module.__name__, sys.modules["stripeconv.kernels"].__path__[0].endswith("kernels"))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["stripeconv.kernels.precompile", "True"]
+
+
+def test_precompiled_variants_are_loaded_not_compiled(precompile, tmp_path, monkeypatch):
+    """On a GPU: after precompile, the first forward and backward of a new shape compile nothing
+    (every variant its autotuning and tile-width choice launch comes from Triton's on-disk cache)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from stripeconv import StripeConv2d
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    mask, calls = _calls(c=48, n=80, hw=10, density=0.37, batch=3, seed=11)  # a shape no other test uses
+    stats = precompile.precompile(precompile.plan(calls, sm_count=sms))
+    assert stats["failed"] == 0, stats
+    compiled = precompile.compiled_count(str(tmp_path))
+    assert compiled == stats["jobs"]
+    layer = StripeConv2d(48, 80, 3, padding=1, bias=False, stripe_mask=mask).cuda().to(torch.bfloat16)
+    x = torch.randn(3, 48, 10, 10, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_(True)
+    gy = torch.randn(3, 80, 10, 10, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    layer(x).backward(gy)
+    torch.cuda.synchronize()
+    assert precompile.compiled_count(str(tmp_path)) == compiled
