@@ -125,7 +125,8 @@ def precompile(jobs: list[Job], workers: Optional[int] = None,
 def compiled_count(cache_dir: Optional[str] = None) -> int:
     """Compiled kernels in Triton's on-disk cache (``TRITON_CACHE_DIR``, else ``~/.triton/cache``):
     the difference across a run counts the variants compiled during it."""
-    cache_dir = cache_dir or os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    default = os.path.join(os.path.expanduser("~"), ".triton", "cache")
+    cache_dir = cache_dir or os.environ.get("TRITON_CACHE_DIR") or default
     if not os.path.isdir(cache_dir):
         return 0
     return sum(1 for entry in os.scandir(cache_dir) if entry.is_dir()
