@@ -598,6 +598,33 @@ def verify_cuda_kernels(tolerance: float = 3e-2) -> tuple[bool, str]:
     return True, f"worst relative error {worst:.2e} against the dense conv"
 
 
+def _selected_layers(args) -> list:
+    if args.quick:
+        args.densities = [1.0, 0.5, 0.2]
+        return [VGG16_CIFAR[3], RESNET50_224[2], BATCH1[3]]
+    return [layer for suite in args.suites.split(",") for layer in SUITES[suite.strip()]]
+
+
+def _print_plan(args) -> None:
+    """The kernel variants a run of these suites compiles (recorded on CPU, for an H100 / H200's
+    132 multiprocessors): what precompiling or the first launches will cost."""
+    import collections
+
+    from stripeconv.backends import triton_backend as tb
+
+    if tb._load_kernels() is None:
+        sys.exit(f"the Triton kernels do not load: {tb._import_error}")
+    precompile = tb.kernels_module("precompile")
+    gen = torch.Generator().manual_seed(args.seed)
+    calls = [call for layer in _selected_layers(args)
+             for call in precompile_calls(layer, layer_masks(layer, args, gen), getattr(torch, args.dtype),
+                                          backward=not args.no_backward)]
+    jobs = precompile.plan(calls, sm_count=132)
+    counts = collections.Counter(job.kernel for job in jobs)
+    print(f"{args.suites if not args.quick else 'quick'}: {len(jobs)} kernel variants to compile ("
+          + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) + ")")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
@@ -610,6 +637,8 @@ def main(argv=None):
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not time the pure-PyTorch reference and the published SWP code's algorithm")
     ap.add_argument("--quick", action="store_true", help="three layers, densities 1, 0.5, 0.2")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="no GPU needed: print how many kernel variants the run would compile, and exit")
     ap.add_argument("--no-precompile", action="store_true",
                     help="let each layer compile its kernels when first launched, instead of all up front in parallel")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new layer after this many seconds")
@@ -629,6 +658,9 @@ def main(argv=None):
     if args.from_json:
         os.makedirs(args.out, exist_ok=True)
         _from_json(args.from_json, os.path.join(args.out, f"bench_gpu_merged{args.tag}.png"))
+        return
+    if args.plan_only:
+        _print_plan(args)
         return
 
     if args.cpu_smoke:
@@ -656,10 +688,7 @@ def main(argv=None):
         props = torch.cuda.get_device_properties(device)
         dev_name, sms = props.name, props.multi_processor_count
     peaks = _peaks(dev_name, dtype, args)
-    layers = [l for s in args.suites.split(",") for l in SUITES[s.strip()]]
-    if args.quick:
-        layers = [VGG16_CIFAR[3], RESNET50_224[2], BATCH1[3]]
-        args.densities = [1.0, 0.5, 0.2]
+    layers = _selected_layers(args)
     if args.cpu_smoke:
         layers = [("smoke.s1", 2, 16, 32, 6, 3, 1, 1), ("smoke.s2", 1, 8, 16, 7, 3, 2, 1)]
         args.densities = [1.0, 0.3]

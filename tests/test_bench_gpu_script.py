@@ -150,6 +150,15 @@ def test_precompile_plan_covers_every_cell_of_a_layer():
     assert all(job.kwargs["HAS_BIAS"] for job in fwd)  # the benchmark's layers have a bias
 
 
+def test_plan_only_counts_variants_without_a_gpu():
+    out = _run("--quick", "--plan-only")
+    match = re.match(r"quick: (\d+) kernel variants to compile \(stripe_dgrad_kernel (\d+), "
+                     r"stripe_fwd_kernel (\d+), stripe_wgrad_kernel (\d+)\)", out)
+    assert match, out
+    total, *per_kernel = map(int, match.groups())
+    assert total == sum(per_kernel) and min(per_kernel) > 0
+
+
 def test_target_check(capsys):
     bench = _bench_module()
 
