@@ -129,7 +129,7 @@ def test_precompiled_variants_are_loaded_not_compiled(precompile, tmp_path, monk
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     mask, calls = _calls(c=48, n=80, hw=10, density=0.37, batch=3, seed=11)  # a shape no other test uses
-    stats = precompile.precompile(precompile.plan(calls, sm_count=sms))
+    stats = precompile.precompile(precompile.plan(calls, sm_count=sms), workers=4)
     assert stats["failed"] == 0, stats
     compiled = precompile.compiled_count(str(tmp_path))
     assert compiled == stats["jobs"]
