@@ -268,6 +268,15 @@ def precompile_calls(layer, masks, dtype, backward: bool) -> list:
     return calls
 
 
+def plan_kernels(layers, masks, dtype, args, sm_count: int) -> list:
+    """kernels/precompile.py's jobs: one per kernel variant that timing ``layers`` will compile."""
+    from stripeconv.backends import triton_backend as tb
+
+    calls = [call for layer in layers
+             for call in precompile_calls(layer, masks[layer[0]], dtype, backward=not args.no_backward)]
+    return tb.kernels_module("precompile").plan(calls, sm_count=sm_count)
+
+
 def run_layer(layer, args, dtype, device, peaks, masks, results):
     from stripeconv import backends, ops
     from stripeconv.backends import triton_plans as tp
@@ -614,12 +623,10 @@ def _print_plan(args) -> None:
 
     if tb._load_kernels() is None:
         sys.exit(f"the Triton kernels do not load: {tb._import_error}")
-    precompile = tb.kernels_module("precompile")
     gen = torch.Generator().manual_seed(args.seed)
-    calls = [call for layer in _selected_layers(args)
-             for call in precompile_calls(layer, layer_masks(layer, args, gen), getattr(torch, args.dtype),
-                                          backward=not args.no_backward)]
-    jobs = precompile.plan(calls, sm_count=132)
+    layers = _selected_layers(args)
+    masks = {layer[0]: layer_masks(layer, args, gen) for layer in layers}
+    jobs = plan_kernels(layers, masks, getattr(torch, args.dtype), args, sm_count=132)
     counts = collections.Counter(job.kernel for job in jobs)
     print(f"{args.suites if not args.quick else 'quick'}: {len(jobs)} kernel variants to compile ("
           + ", ".join(f"{name} {count}" for name, count in sorted(counts.items())) + ")")
@@ -715,18 +722,16 @@ def main(argv=None):
         "layers_done": [], "layers_skipped": [],
     }
     masks = {layer[0]: layer_masks(layer, args, gen) for layer in layers}
-    if device.type == "cuda" and not args.no_precompile:
+    precompile = tb.kernels_module("precompile") if device.type == "cuda" else None
+    if precompile is not None and not args.no_precompile:
         # Every kernel variant the layers will launch, compiled in parallel worker processes before
         # anything is timed (one at a time, in-process, they take most of a layer's time).
-        precompile = tb.kernels_module("precompile")
         t_plan = time.time()
-        calls = [call for layer in layers for call in
-                 precompile_calls(layer, masks[layer[0]], dtype, backward=not args.no_backward)]
-        jobs = precompile.plan(calls, sm_count=sms)
+        jobs = plan_kernels(layers, masks, dtype, args, sm_count=sms)
         meta["precompile"] = {"plan_s": round(time.time() - t_plan, 1), **precompile.precompile(jobs)}
         print(f"precompiled {meta['precompile']['jobs']} kernel variants in {meta['precompile']['wall_s']:.0f} s "
               f"({meta['precompile']['workers']} processes, {meta['precompile']['failed']} failed)", flush=True)
-    cached_before = tb.kernels_module("precompile").compiled_count() if device.type == "cuda" else 0
+    cached_before = precompile.compiled_count() if precompile is not None else 0
     results = []
     t0, longest = _T_START, 0.0
     meta["layer_s"] = {}
@@ -744,8 +749,8 @@ def main(argv=None):
         meta["layers_done"].append(layer[0])
         meta["wall_s"] = time.time() - t0
         meta["dispatch_decisions"] = [{**d, "key": repr(d["key"])} for d in gpu_select.decisions()]
-        if device.type == "cuda":  # 0 when the precompiled variants were all found in Triton's cache
-            meta["compiled_while_timing"] = tb.kernels_module("precompile").compiled_count() - cached_before
+        if precompile is not None:  # 0 when the precompiled variants were all found in Triton's cache
+            meta["compiled_while_timing"] = precompile.compiled_count() - cached_before
         _write(jpath, meta, results)
     if meta["layers_skipped"]:
         print(f"\nbudget of {args.budget_s:.0f} s reached: skipped {', '.join(meta['layers_skipped'])}")
