@@ -64,13 +64,20 @@ def decompositions() -> dict:
     return {torch.ops.stripeconv.stripe_conv2d.default: stripe_conv2d_dense}
 
 
+def _onnx_exporter_takes_programs() -> bool:
+    """Whether ``torch.onnx.export`` takes an ``ExportedProgram`` (``dynamo=True``, torch >= 2.5;
+    torch 2.4 has the flag but still requires example ``args``)."""
+    params = inspect.signature(torch.onnx.export).parameters
+    return "dynamo" in params and "args" in params and params["args"].default is not inspect.Parameter.empty
+
+
 def export_onnx(model: nn.Module, args: tuple, f: Optional[Union[str, os.PathLike, io.BytesIO]] = None, *,
                 dynamic_shapes: Optional[Any] = None, **kwargs: Any) -> Any:
     """Export a model with :class:`~stripeconv.StripeConv2d` layers to ONNX (needs ``onnx`` and
     ``onnxscript``): :func:`torch.export.export` (eval mode), the stripe op decomposed by
     :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it.
     Returns its ``ONNXProgram``."""
-    if "dynamo" not in inspect.signature(torch.onnx.export).parameters:
+    if not _onnx_exporter_takes_programs():
         raise RuntimeError(f"export_onnx needs the torch.export-based ONNX exporter (torch >= 2.5); this is "
                            f"torch {torch.__version__}")
     restore = set_eval(model)

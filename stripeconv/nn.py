@@ -401,8 +401,9 @@ class StripeConv2d(nn.Module):
         # functional tensor (no data pointer), and the map must be part of the traced graph; so must it
         # under torch.jit.trace (a cached map would be baked in as a constant). Inference tensors keep
         # no version counter, so a change to them could not be seen.
-        cacheable = (type(k) is torch.Tensor and not k.is_inference() and not torch.compiler.is_compiling()
-                     and not torch.jit.is_tracing())
+        # (is_inference last: torch < 2.5 cannot trace it.)
+        cacheable = (type(k) is torch.Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+                     and not k.is_inference())
         if not cacheable:
             return _constant_response(k, height, width, list(pads), list(self.stride), list(self.dilation))
         key = (height, width, pads, k.device, k.dtype, k.data_ptr(), k._version)

@@ -168,7 +168,12 @@ def run_grad_weight(backend, grad_output: Tensor, input: Tensor, weight: Tensor,
                                groups).contiguous()
 
 
-@torch.library.custom_op("stripeconv::stripe_conv2d", mutates_args=())
+# Schemas spelled out: torch < 2.5 cannot infer them from this module's (postponed) annotations.
+_CONV_ARGS = "int[] stride, int[] padding, int[] dilation, int groups"
+
+
+@torch.library.custom_op("stripeconv::stripe_conv2d", mutates_args=(),
+                         schema=f"(Tensor input, Tensor weight, Tensor? bias, Tensor stripe_mask, {_CONV_ARGS}) -> Tensor")
 def stripe_conv2d(
     input: Tensor,
     weight: Tensor,
@@ -196,7 +201,9 @@ def fake_forward(input, weight, bias, stripe_mask, stride, padding, dilation, gr
     return out.contiguous(memory_format=output_memory_format(input))
 
 
-@torch.library.custom_op("stripeconv::stripe_conv2d_grad_input", mutates_args=())
+@torch.library.custom_op(
+    "stripeconv::stripe_conv2d_grad_input", mutates_args=(),
+    schema=f"(Tensor grad_output, Tensor weight, Tensor stripe_mask, int[] input_shape, {_CONV_ARGS}) -> Tensor")
 def stripe_conv2d_grad_input(
     grad_output: Tensor,
     weight: Tensor,
@@ -220,7 +227,9 @@ def fake_grad_input(grad_output, weight, stripe_mask, input_shape, stride, paddi
     return grad_input.contiguous(memory_format=output_memory_format(grad_output))
 
 
-@torch.library.custom_op("stripeconv::stripe_conv2d_grad_weight", mutates_args=())
+@torch.library.custom_op(
+    "stripeconv::stripe_conv2d_grad_weight", mutates_args=(),
+    schema=f"(Tensor grad_output, Tensor input, Tensor weight, Tensor stripe_mask, {_CONV_ARGS}) -> Tensor")
 def stripe_conv2d_grad_weight(
     grad_output: Tensor,
     input: Tensor,

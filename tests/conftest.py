@@ -70,6 +70,15 @@ def custom_ops_refused(gradient_ops: bool = True):
             setattr(m, n, v)
 
 
+def require_onnx_export() -> None:
+    """Skip unless ``stripeconv.export_onnx`` can run here (onnxscript, torch >= 2.5's exporter)."""
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
+    from stripeconv.decompose import _onnx_exporter_takes_programs
+
+    if not _onnx_exporter_takes_programs():
+        pytest.skip(f"torch {torch.__version__}'s ONNX exporter does not take an ExportedProgram (torch >= 2.5 does)")
+
+
 def check_degenerate_shape(device: torch.device, in_channels: int, out_channels: int, size, padding) -> None:
     """A 3x3 StripeConv2d on a shape without input channel, input pixel or output channel: forward and grads."""
     torch.manual_seed(0)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-
-from stripeconv import StripeConv2d, cli  # noqa: E402
-from stripeconv.artifacts import load_pruned, read_description  # noqa: E402
-from stripeconv.pruning import METHODS, SWP  # noqa: E402
+from conftest import require_onnx_export
+from stripeconv import StripeConv2d, cli
+from stripeconv.artifacts import load_pruned, read_description
+from stripeconv.pruning import METHODS, SWP
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "256", "--limit-test", "128", "--device", "cpu",
@@ -136,7 +136,7 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys, monkeypatch)
     # ONNX: written, and (with onnxruntime) checked against the model by the command itself
     assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path), "--fuse-bn"]) == 2
     assert "is a folder" in capsys.readouterr().err
-    pytest.importorskip("onnxscript", reason="the ONNX export needs onnxscript")  # the rest has passed by now
+    require_onnx_export()  # the rest has passed by now
     pytest.importorskip("onnxruntime", reason="the command checks the file with onnxruntime")
     assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path / "m.onnx"), "--fuse-bn"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]

@@ -7,7 +7,7 @@ from torch import nn
 import stripeconv
 from stripeconv.decompose import decompositions, export_onnx, stripe_conv2d_dense
 
-from conftest import random_mask
+from conftest import random_mask, require_onnx_export
 
 GEOMETRIES = [
     dict(in_ch=5, out_ch=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1), groups=1),
@@ -63,7 +63,7 @@ def test_exported_program_without_the_custom_op_and_with_a_dynamic_batch():
 
 
 def test_onnx_runtime_matches_the_model(tmp_path):
-    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
+    require_onnx_export()
     ort = pytest.importorskip("onnxruntime", reason="the ONNX check runs the model in onnxruntime")
     net = _pruned_net()
     path = tmp_path / "pruned.onnx"
@@ -77,8 +77,14 @@ def test_onnx_runtime_matches_the_model(tmp_path):
     assert net.training is False and not net[0].training
 
 
+def test_export_onnx_on_an_older_exporter_says_what_it_needs(monkeypatch):
+    monkeypatch.setattr(stripeconv.decompose, "_onnx_exporter_takes_programs", lambda: False)
+    with pytest.raises(RuntimeError, match=r"torch >= 2\.5"):
+        export_onnx(_pruned_net(), (torch.randn(2, 3, 12, 12),))
+
+
 def test_export_onnx_restores_training_mode():
-    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
+    require_onnx_export()
     net = _pruned_net().train()
     export_onnx(net, (torch.randn(2, 3, 12, 12),))
     assert net.training
@@ -89,7 +95,7 @@ def test_export_onnx_restores_training_mode():
                                      dict(padding=1, padding_mode="circular", bias=False)],
                          ids=["reflect", "same-dilated", "strided-grouped", "circular-no-bias"])
 def test_onnx_layer_options(options):
-    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
+    require_onnx_export()
     ort = pytest.importorskip("onnxruntime", reason="the ONNX check runs the model in onnxruntime")
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, **options)

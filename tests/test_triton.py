@@ -506,13 +506,27 @@ def test_availability_reason():
 
     ok, reason = tb.is_available()
     if tb._load_kernels() is None:  # e.g. triton < 3.3 without a GPU driver: says why, does not raise
-        assert not ok and "failed to load" in reason
+        assert not ok and ("failed to load" in reason or "too old" in reason)
     elif torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         assert ok, reason
     else:
         assert not ok and "CUDA" in reason
         assert not tb.supports(torch.device("cpu"))
-    assert tb.supports(torch.device("cuda")) or True
+    assert tb.supports(torch.device("cuda"))
+
+
+def test_too_old_triton_is_refused_with_the_version_it_needs(monkeypatch):
+    import triton
+
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.setattr(triton, "__version__", "3.1.0")
+    monkeypatch.setattr(tb, "_kernels", None)
+    monkeypatch.setattr(tb, "_import_error", None)
+    assert tb._load_kernels() is None
+    ok, reason = tb.is_available()
+    assert not ok and "triton 3.1.0 is too old" in reason and ">= 3.2" in reason
+    assert tb._version_tuple("3.6.0+git1a2b") == (3, 6, 0) and tb._version_tuple("3.10.1rc2") == (3, 10, 1)
 
 
 def test_plan_permutation_and_weight_rows():

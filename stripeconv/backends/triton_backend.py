@@ -38,6 +38,7 @@ import contextlib
 import functools
 import importlib
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -67,6 +68,20 @@ _kernels = None
 _import_error: Optional[str] = None
 
 
+MIN_TRITON = (3, 2)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
 def _load_kernels():
     """Import ``stripeconv.kernels.stripe_conv`` (falls back to the source tree's kernels/)."""
     global _kernels, _import_error
@@ -76,6 +91,10 @@ def _load_kernels():
         import triton
     except Exception as exc:  # ImportError, or a broken install
         _import_error = f"triton is not importable ({exc}); pip install 'triton>=3.2'"
+        return None
+    if _version_tuple(triton.__version__) < MIN_TRITON:
+        _import_error = (f"triton {triton.__version__} is too old: the kernels need triton >= "
+                         f"{'.'.join(map(str, MIN_TRITON))}")
         return None
     try:
         _kernels = _import_kernels()

@@ -15,7 +15,7 @@ from .data import check_fits, data_spec, load_datasets
 
 def cmd_onnx(args) -> int:
     from ..artifacts import load_pruned, read_description
-    from ..decompose import export_onnx
+    from ..decompose import _onnx_exporter_takes_programs, export_onnx
 
     out = Path(args.output)
     if out.is_dir():
@@ -24,6 +24,9 @@ def cmd_onnx(args) -> int:
         import onnxscript  # noqa: F401
     except ImportError:
         raise CLIError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
+    if not _onnx_exporter_takes_programs():
+        raise CLIError(f"ONNX export needs torch >= 2.5 (its torch.export-based exporter); this is torch "
+                       f"{torch.__version__}")
     desc = read_description(args.model_path)
     chw = _input_chw(desc, args)
     model = load_pruned(args.model_path, map_location="cpu").eval()
