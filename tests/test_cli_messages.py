@@ -36,6 +36,17 @@ def test_unknown_ratios_layer_message(saved, tmp_path, capsys):
     assert "error: L1Filter: ratios name layers that are not prunable: ['nolayer']" in err
 
 
+def test_onnx_on_an_older_exporter_says_what_it_needs(saved, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("onnxscript")
+    import stripeconv.decompose
+
+    monkeypatch.setattr(stripeconv.decompose, "_onnx_exporter_takes_programs", lambda: False)
+    assert cli.main(["onnx", saved, "-o", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "stripeconv onnx: error: ONNX export needs torch >= 2.5" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_no_progress_hides_the_pruners_bars_too(tmp_path, capsys):
     """--no-progress: no tqdm redraws, also from a pruner's own bar (GReg1's regularisation), while the
     per-epoch lines and the pruner's notes stay, each on its own line."""

@@ -24,13 +24,13 @@ def cmd_onnx(args) -> int:
         import onnxscript  # noqa: F401
     except ImportError:
         raise CLIError("ONNX export needs onnx and onnxscript: pip install onnx onnxscript") from None
-    if not _onnx_exporter_takes_programs():
-        raise CLIError(f"ONNX export needs torch >= 2.5 (its torch.export-based exporter); this is torch "
-                       f"{torch.__version__}")
     desc = read_description(args.model_path)
     chw = _input_chw(desc, args)
     model = load_pruned(args.model_path, map_location="cpu").eval()
     _check_runs(model, chw, "cpu")
+    if not _onnx_exporter_takes_programs():
+        raise CLIError(f"ONNX export needs torch >= 2.5 (its torch.export-based exporter); this is torch "
+                       f"{torch.__version__}")
     if args.fuse_bn:
         from ..fusion import fuse_batchnorm
 
