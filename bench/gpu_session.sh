@@ -9,7 +9,12 @@
 #
 # A machine left idle for 30 s is given back and the next command gets a bare one. The benchmark
 # then runs from the source tree: the Triton kernels need no build; the CUDA C++ column needs
-# `build` in the same command (about 2 minutes).
+# `build` in the same command (about 2 minutes), unless the extension travels with the tree:
+# built beforehand for the image's python, torch and GPU (python 3.12, torch 2.11.0+cu130, sm_90),
+# e.g. in a venv with that torch wheel (a CUDA toolkit of the same major version; no GPU needed):
+#   TORCH_CUDA_ARCH_LIST=9.0 python -m pip install --no-build-isolation --no-deps -e .
+# then carried as stripeconv/_C.cpython-312-x86_64-linux-gnu.so, `build` uses it where it loads
+# with its CUDA kernels and builds otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
@@ -23,6 +28,10 @@ status=0
 build() {
   nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv | tee -a "$OUT/device.txt"
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
+  if "$PY" -c "import torch, stripeconv._C; torch.ops.stripeconv_cuda.forward" 2>/dev/null; then
+    echo "CUDA kernels: the extension in the tree loads; not rebuilt" | tee -a "$OUT/device.txt"
+    return
+  fi
   # With the CUDA C++ kernels; if they fail to build, the CPU extension alone (Triton needs no build).
   if ! MAX_JOBS=16 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; echo "CUDA kernels failed to build: CPU extension only"
