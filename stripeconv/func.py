@@ -150,8 +150,7 @@ def _grad_weight_vmap(info, in_dims, grad_output, input, weight, stripe_mask, st
 # torch < 2.5 cannot register batching rules for custom ops, and torch 2.5's functorch fails an
 # internal assert when forward-mode AD runs over them (a Hessian): there vmap runs torch's
 # fallback, one op call per index (correct, slower, with torch's performance warning).
-HAS_BATCHING_RULES = (hasattr(stripe_conv2d, "register_vmap")
-                      and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 6))
+HAS_BATCHING_RULES = hasattr(stripe_conv2d, "register_vmap") and torch.__version__ >= (2, 6)
 if HAS_BATCHING_RULES:
     stripe_conv2d.register_vmap(_forward_vmap)
     stripe_conv2d_grad_input.register_vmap(_grad_input_vmap)

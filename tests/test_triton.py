@@ -526,7 +526,6 @@ def test_too_old_triton_is_refused_with_the_version_it_needs(monkeypatch):
     assert tb._load_kernels() is None
     ok, reason = tb.is_available()
     assert not ok and "triton 3.1.0 is too old" in reason and ">= 3.2" in reason
-    assert tb._version_tuple("3.6.0+git1a2b") == (3, 6, 0) and tb._version_tuple("3.10.1rc2") == (3, 10, 1)
 
 
 def test_plan_permutation_and_weight_rows():

@@ -38,7 +38,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import itertools
 import math
 import os
 import sys
@@ -47,6 +46,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.torch_version import TorchVersion
 
 from ..ops import output_memory_format
 from . import gpu_select, triton_plans
@@ -71,17 +71,6 @@ _import_error: Optional[str] = None
 MIN_TRITON = (3, 2)
 
 
-def _version_tuple(version: str) -> tuple[int, ...]:
-    """``"3.6.0+git1a2b"`` -> ``(3, 6, 0)``."""
-    numbers = []
-    for part in version.split("+")[0].split("."):
-        digits = "".join(itertools.takewhile(str.isdigit, part))
-        if not digits:
-            break
-        numbers.append(int(digits))
-    return tuple(numbers)
-
-
 def _load_kernels():
     """Import ``stripeconv.kernels.stripe_conv`` (falls back to the source tree's kernels/)."""
     global _kernels, _import_error
@@ -92,7 +81,7 @@ def _load_kernels():
     except Exception as exc:  # ImportError, or a broken install
         _import_error = f"triton is not importable ({exc}); pip install 'triton>=3.2'"
         return None
-    if _version_tuple(triton.__version__) < MIN_TRITON:
+    if TorchVersion(triton.__version__) < MIN_TRITON:
         _import_error = (f"triton {triton.__version__} is too old: the kernels need triton >= "
                          f"{'.'.join(map(str, MIN_TRITON))}")
         return None
