@@ -70,6 +70,20 @@ def custom_ops_refused(gradient_ops: bool = True):
             setattr(m, n, v)
 
 
+def require_compiling_triton_kernels():
+    """The Triton backend module with its kernels loaded outside the interpreter, else a skip (the
+    interpreter compiles nothing; triton 3.2 loads the kernels only where a GPU driver is active)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("TRITON_INTERPRET=1 in this process: the interpreter compiles nothing")
+    from stripeconv.backends import triton_backend as tb
+
+    if tb._load_kernels() is None:
+        pytest.skip(tb._import_error)
+    return tb
+
+
 def require_onnx_export() -> None:
     """Skip unless ``stripeconv.export_onnx`` can run here (onnxscript, torch >= 2.5's exporter)."""
     pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")

@@ -16,6 +16,8 @@ import sys
 
 import pytest
 
+from conftest import require_compiling_triton_kernels
+
 pytest.importorskip("triton", reason="bench_gpu.py imports the Triton backend; install triton")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,18 +44,6 @@ def _require_interpreter():
     reason = _interpreter_reason()
     if reason:
         pytest.skip(reason)
-
-
-def _require_compiling_kernels():
-    """The Triton backend with its kernels loaded outside the interpreter, else a skip (triton 3.2
-    loads them only where a GPU driver is active)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 in this process")
-    from stripeconv.backends import triton_backend as tb
-
-    if tb._load_kernels() is None:
-        pytest.skip(tb._import_error)
-    return tb
 
 
 def _run(*args):
@@ -139,7 +129,7 @@ def test_precompile_plan_covers_every_cell_of_a_layer():
 
     import torch
 
-    tb = _require_compiling_kernels()
+    tb = require_compiling_triton_kernels()
     bench = _bench_module()
     precompile = tb.kernels_module("precompile")
     args = argparse.Namespace(densities=[1.0, 0.5, 0.2], masks=["random", "realistic"])
@@ -158,7 +148,7 @@ def test_precompile_plan_covers_every_cell_of_a_layer():
 
 
 def test_plan_only_counts_variants_without_a_gpu():
-    _require_compiling_kernels()
+    require_compiling_triton_kernels()
     out = _run("--quick", "--plan-only")
     match = re.match(r"quick: (\d+) kernel variants to compile \(stripe_dgrad_kernel (\d+), "
                      r"stripe_fwd_kernel (\d+), stripe_wgrad_kernel (\d+)\)", out)

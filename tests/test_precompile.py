@@ -6,7 +6,6 @@ variants instead of compiling them needs a GPU (skipped visibly without one).
 from __future__ import annotations
 
 import functools
-import os
 import subprocess
 import sys
 import textwrap
@@ -14,16 +13,13 @@ import textwrap
 import pytest
 import torch
 
+from conftest import require_compiling_triton_kernels
 from stripeconv.backends import triton_backend as tb
 
 
 @pytest.fixture
 def precompile():
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        pytest.skip("TRITON_INTERPRET=1 in this process: the interpreter compiles nothing")
-    if tb._load_kernels() is None:
-        pytest.skip(tb._import_error)
-    return tb.kernels_module("precompile")
+    return require_compiling_triton_kernels().kernels_module("precompile")
 
 
 def _calls(c=32, n=48, hw=8, density=0.5, batch=2, seed=0, stride=1):
