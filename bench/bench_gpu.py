@@ -717,7 +717,7 @@ def main(argv=None):
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
         "dtype": args.dtype, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
-        "deterministic": tb._deterministic(), "args": {k: v for k, v in vars(args).items()},
+        "deterministic": gpu_select.deterministic(), "args": {k: v for k, v in vars(args).items()},
         "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
         "layers_done": [], "layers_skipped": [],
     }

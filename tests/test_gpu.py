@@ -154,3 +154,38 @@ def test_fine_tuning_reduces_the_loss(device):
         if isinstance(module, StripeConv2d):  # pruned stripes stay pruned
             assert torch.equal(module.weight[~module.stripe_mask.unsqueeze(1).expand_as(module.weight)].abs().sum(),
                                torch.zeros((), device=device))
+
+
+_REPEAT_SCRIPT = """
+import sys, torch
+from stripeconv import StripeConv2d
+device, dtype = torch.device(sys.argv[1]), getattr(torch, sys.argv[2])
+torch.manual_seed(0)  # the layer's initial weights
+gen = torch.Generator().manual_seed(0)
+mask = torch.rand(64, 3, 3, generator=gen) < 0.4
+layer = StripeConv2d(32, 64, 3, padding=1, stripe_mask=mask).to(device=device, dtype=dtype)
+x = torch.randn(16, 32, 24, 24, generator=gen).to(device=device, dtype=dtype)
+x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+y = layer(x)
+y.backward(torch.randn(y.shape, generator=gen).to(device=device, dtype=dtype))
+torch.save([t.detach().cpu() for t in (y, x.grad, layer.packed_weight.grad, layer.bias.grad)], sys.argv[3])
+"""
+
+
+def test_deterministic_mode_repeats_bit_for_bit_across_processes(device, tmp_path):
+    """STRIPECONV_DETERMINISTIC=1: two fresh processes compute the same bits (no choice by timing,
+    grad weight summed in a fixed order), forward and every gradient."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STRIPECONV_DETERMINISTIC": "1"}
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}.pt"
+        subprocess.run([sys.executable, "-c", _REPEAT_SCRIPT, device.type, dtype, str(out)], env=env, check=True,
+                       timeout=600)
+        runs.append(torch.load(out))
+    for name, a, b in zip(("forward", "grad input", "grad weight", "grad bias"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two processes"

@@ -18,6 +18,7 @@ CUDA = torch.device("cuda")
 def _fresh(monkeypatch):
     gpu_select.clear()
     monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
+    monkeypatch.delenv("STRIPECONV_DETERMINISTIC", raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     yield
     gpu_select.clear()
@@ -150,3 +151,36 @@ def test_a_candidate_that_cannot_run_here_is_dropped(monkeypatch):
     monkeypatch.setattr(gpu_select, "_time_ms", faulting)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         gpu_select.choose(("fault",), _candidates(), CUDA)
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    old = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old[0], warn_only=old[1])
+
+
+@pytest.mark.parametrize("switch", ["env", "torch"])
+def test_deterministic_mode_times_nothing(monkeypatch, request, switch):
+    """Timings vary from run to run and candidates round differently: in deterministic mode the choice
+    is fixed (the first stripe candidate, dense only under "always") so every process gets the same bits."""
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
+    assert not gpu_select.deterministic()
+    if switch == "env":
+        monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
+    else:
+        request.getfixturevalue("deterministic_algorithms")
+    assert gpu_select.deterministic()
+    assert gpu_select.choice(("d",), _candidates(), CUDA) == ("stripe64", True)
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    assert gpu_select.choice(("d",), _candidates(), CUDA) == ("stripe64", True)
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "always")
+    assert gpu_select.choice(("d",), _candidates(), CUDA) == ("dense", True)
+    assert calls == [] and gpu_select.decisions() == []
+
+
+def test_deterministic_switch_values(monkeypatch):
+    for value, expected in (("0", False), ("", False), (" 0 ", False), ("1", True), ("yes", True)):
+        monkeypatch.setenv("STRIPECONV_DETERMINISTIC", value)
+        assert gpu_select.deterministic() is expected, value

@@ -237,7 +237,7 @@ def run_case(name: str, device: str) -> str:
     if c["int64"]:
         tb._needs_int64 = lambda *tensors: True
     stack = contextlib.ExitStack()
-    tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] else []
+    tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] or c["deterministic"] else []
     try:
         x = x64.to(device, dtype)
         if c["channels_last"]:
@@ -328,6 +328,8 @@ def run_case(name: str, device: str) -> str:
                 gw2 = tb.grad_weight(gy, x, w, mask, *args)
                 if not torch.equal(gw, gw2):
                     errors.append("deterministic grad_weight differs between two runs")
+                if tuner_runs:  # a timed pick of configuration can differ in another process
+                    errors.append(f"deterministic mode launched {len(tuner_runs)} kernels through the autotuner")
         errors.append(_close("forward", y, ref, c["dtype"]))
         errors.append(_close("grad_input", gx, xr.grad, c["dtype"]))
         errors.append(_close("grad_weight", gw, wr.grad, c["dtype"]))
@@ -782,9 +784,49 @@ def test_settled_gradient_calls(settled_calls, monkeypatch):
     assert len(tb._settled) == 2
     assert dgrad.kwargs == first_dgrad.kwargs and wgrad.kwargs == first_wgrad.kwargs and wgrad.kwargs["ATOMIC"]
     assert all(a is b for a, b in zip(dgrad.args[3:9], first_dgrad.args[3:9]))  # the plan's tables
-    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
-    _, wgrad = launches(1)
-    assert len(tb._settled) == 3 and not wgrad.kwargs["ATOMIC"]
+    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")  # no timed choices: settled anew, both
+    dgrad, wgrad = launches(1)
+    assert len(tb._settled) == 4 and not wgrad.kwargs["ATOMIC"] and dgrad.kwargs == first_dgrad.kwargs
+
+
+def test_deterministic_launch_takes_the_first_configuration_that_fits(monkeypatch):
+    """Deterministic mode never times configurations (a timed pick can differ between processes, and
+    grad weight's pixel block orders its sums): a launch runs the kernel's first configuration this
+    GPU can run, as the autotuner would skip one that does not fit, and later launches reuse it."""
+    import types
+
+    import triton
+    from stripeconv.backends import triton_backend as tb
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class Jit:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                launched.append((grid, args, kwargs["BLOCK_M"], kwargs["num_warps"], kwargs["ATOMIC"]))
+                if kwargs["BLOCK_M"] >= too_big:
+                    raise OutOfResources(300_000, 232_448, "shared memory")
+            return run
+
+    class Tuner:
+        fn = Jit()
+        configs = [triton.Config({"BLOCK_M": 256}, num_warps=8), triton.Config({"BLOCK_M": 64}, num_warps=4),
+                   triton.Config({"BLOCK_M": 32}, num_warps=4)]
+
+        def __getitem__(self, grid):
+            raise AssertionError("a deterministic launch went through the autotuner")
+
+    monkeypatch.setattr(tb, "_kernels", types.SimpleNamespace(stripe_wgrad_kernel=Tuner()))
+    too_big = 256
+    launch = tb._TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)
+    launch("x")
+    launch("y")
+    assert launched == [((4, 2), ("x",), 256, 8, False), ((4, 2), ("x",), 64, 4, False),
+                        ((4, 2), ("y",), 64, 4, False)]
+    too_big = 1  # no configuration fits: the launch fails with the GPU's reason
+    with pytest.raises(OutOfResources, match="shared memory"):
+        tb._TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)("z")
 
 
 def test_compiles_for_hopper():

@@ -16,6 +16,11 @@ captured, an undecided key takes the stripe kernels without timing.
 ``STRIPECONV_GPU_DENSE`` overrides the choice: ``auto`` (default), ``never`` (the fastest of the
 stripe kernels, never dense; the benchmarks time the kernels this way) or ``always`` (dense
 wherever it applies; tests use it to check the dense path). Decisions are kept per mode.
+
+In deterministic mode (:func:`deterministic`) nothing is timed: timings vary from run to run, and
+candidates that sum in another order round differently, so a timed choice could give another
+process other bits. The choice is then fixed: the first stripe candidate (the default tile width),
+or dense under ``always``.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["mode", "choose", "choice", "generation", "decisions", "clear"]
+__all__ = ["mode", "deterministic", "choose", "choice", "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, key) -> name
@@ -43,6 +48,13 @@ def mode() -> str:
     if value not in _MODES:
         raise ValueError(f"STRIPECONV_GPU_DENSE must be one of {', '.join(_MODES)}, got {value!r}")
     return value
+
+
+def deterministic() -> bool:
+    """Whether results must repeat bit for bit from one run to the next: with
+    ``torch.use_deterministic_algorithms(True)`` or ``STRIPECONV_DETERMINISTIC=1``."""
+    return (os.environ.get("STRIPECONV_DETERMINISTIC", "0").strip() not in ("", "0")
+            or torch.are_deterministic_algorithms_enabled())
 
 
 def _time_ms(fn: Callable[[], Tensor], repeats: int = 5) -> float:
@@ -73,7 +85,7 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     if m == "always" and "dense" in candidates:
         return "dense", True
     pool = [name for name in candidates if name != "dense"] if m == "never" else list(candidates)
-    if len(pool) == 1:
+    if len(pool) == 1 or deterministic():
         return pool[0], True
     with _lock:
         hit = _decisions.get((m, key))

@@ -27,7 +27,10 @@ a GEMM; it is False by default in PyTorch; or ``torch.backends.cuda.matmul.fp32_
 
 Grad weight is split-K over pixels. By default the splits add into one fp32 buffer with
 atomics; with ``STRIPECONV_DETERMINISTIC=1`` or ``torch.use_deterministic_algorithms(True)``
-every split writes its own partial buffer and the host sums them in a fixed order.
+every split writes its own partial buffer and the host sums them in a fixed order. That mode also
+chooses nothing by timing (tile width, dense hand-over, kernel configuration: see
+:func:`.gpu_select.deterministic`), so every run on the same GPU and software computes the same
+bits, at the speed of the fixed choices.
 
 Groups: ``groups == 1`` and groups with >= 16 filters and channels per group use the tensor
 core path; depthwise and small groups use an outer-product path (correct, not tuned).
@@ -230,11 +233,6 @@ def _like_input(shape, ref: Tensor, dtype=None) -> Tensor:
     return torch.empty(shape, dtype=dtype or ref.dtype, device=ref.device, memory_format=output_memory_format(ref))
 
 
-def _deterministic() -> bool:
-    return (os.environ.get("STRIPECONV_DETERMINISTIC", "0") not in ("", "0")
-            or torch.are_deterministic_algorithms_enabled())
-
-
 _sm_count: dict = {}
 
 
@@ -287,12 +285,16 @@ class _TunedLaunch:
     directly: the tuner's per-launch key (a dict over every argument, the dtype of each tensor)
     costs ~20 us of host time, more than the rest of a settled call. The key is fixed for the
     signature, so the tuner would pick the same configuration again.
+
+    ``fixed`` (deterministic mode) skips the tuner: the launch runs the kernel's first configuration
+    that fits this GPU. A timed pick can differ between processes, and another pixel block
+    (BLOCK_M) sums grad weight in another order.
     """
 
-    __slots__ = ("name", "grid", "constants", "_direct")
+    __slots__ = ("name", "grid", "constants", "fixed", "_direct")
 
-    def __init__(self, name: str, grid, constants: dict):
-        self.name, self.grid, self.constants = name, grid, constants
+    def __init__(self, name: str, grid, constants: dict, fixed: bool = False):
+        self.name, self.grid, self.constants, self.fixed = name, grid, constants, fixed
         self._direct = None  # (autotuner, jit function, configuration kwargs)
 
     def __call__(self, *args) -> None:
@@ -311,10 +313,31 @@ class _TunedLaunch:
         if direct is not None and direct[0] is kernel:
             direct[1][self.grid](*args, **self.constants, **direct[2])
             return
+        jit, configs = getattr(kernel, "fn", None), getattr(kernel, "configs", None)
+        if self.fixed and jit is not None and configs:
+            self._direct = (kernel, jit, _launch_first_fitting(jit, self.grid, args, self.constants, configs))
+            return
         kernel[self.grid](*args, **self.constants)
-        config, jit = getattr(kernel, "best_config", None), getattr(kernel, "fn", None)
+        config = getattr(kernel, "best_config", None)
         if jit is not None and hasattr(config, "all_kwargs") and getattr(config, "pre_hook", None) is None:
             self._direct = (kernel, jit, config.all_kwargs())
+
+
+def _launch_first_fitting(jit, grid, args: tuple, constants: dict, configs: Sequence) -> dict:
+    """Launch ``jit`` with the first of ``configs`` this GPU can run (as the autotuner does, a
+    configuration that needs more registers or shared memory than there are is skipped); return its kwargs."""
+    from triton.runtime import errors
+
+    too_big = tuple(getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name))
+    for i, config in enumerate(configs):
+        kwargs = config.all_kwargs()
+        try:
+            jit[grid](*args, **constants, **kwargs)
+            return kwargs
+        except too_big:
+            if i == len(configs) - 1:
+                raise
+    raise ValueError("no configurations to launch")
 
 
 def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
@@ -351,7 +374,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
-                          constants)
+                          constants, fixed=gpu_select.deterministic())
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
@@ -406,7 +429,7 @@ def clear_cache() -> None:
 
 def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
     return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
-            mask.shape, *extra, gpu_select.mode(), gpu_select.generation(), _tf32_matmul())
+            mask.shape, *extra, gpu_select.mode(), gpu_select.deterministic(), gpu_select.generation(), _tf32_matmul())
 
 
 def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device):
@@ -542,7 +565,8 @@ def _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding
         BLOCK_N=block_n, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_dgrad_kernel",
-                          lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants)
+                          lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,
+                          fixed=gpu_select.deterministic())
 
     def launch(grad_output, weight):
         dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
@@ -563,7 +587,7 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    deterministic = _deterministic()
+    deterministic = gpu_select.deterministic()
     key = _call_key("wgrad", mask, (grad_output, input), (weight.shape, weight.dtype, tuple(stride), tuple(padding),
                                                           tuple(dilation), groups, deterministic))
     settled = _settled.get(key)
@@ -630,7 +654,7 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
         INT64_INDEX=_needs_int64(dy, x, torch.empty(buf_shape, device="meta")),
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
-    kernel = _TunedLaunch("stripe_wgrad_kernel", (tiles, split), constants)
+    kernel = _TunedLaunch("stripe_wgrad_kernel", (tiles, split), constants, fixed=deterministic)
 
     def launch(grad_output, input, weight):
         dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
