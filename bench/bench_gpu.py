@@ -10,7 +10,9 @@ centre position kept most often, then edges, then corners; with ``--masks ...,gr
 "grouped": groups of 32 filters share one such pattern, as SWP with ``group_size=32`` learns) it
 times, in the same dtype:
 
-* ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``
+* ``dense``     cuDNN conv, channels_last, ``torch.backends.cudnn.benchmark = True``; in fp32 at the
+  stripe kernels' precision (TF32 only where ``torch.backends.cuda.matmul`` allows it; cuDNN's own
+  flag, TF32 by default, would time dense TF32 against IEEE stripe kernels)
 * ``triton``    this project's Triton kernels (the op pinned to the triton backend with
   ``STRIPECONV_GPU_DENSE=never``: the stripe kernels always run, at the tile width
   that times fastest)
@@ -122,7 +124,9 @@ def _peaks(name: str, dtype: torch.dtype, args) -> tuple[float, float]:
     if dtype in (torch.float16, torch.bfloat16):
         peak = entry["16bit"]
     else:
-        peak = entry["tf32"] if torch.backends.cuda.matmul.allow_tf32 else entry["fp32"]
+        from stripeconv.backends.triton_backend import _tf32_matmul
+
+        peak = entry["tf32"] if _tf32_matmul() else entry["fp32"]
     return (args.peak_tflops or peak) * 1e12, (args.bandwidth or entry["bw"]) * 1e12
 
 
@@ -715,7 +719,7 @@ def main(argv=None):
         "device": dev_name, "sm_count": sms,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-        "dtype": args.dtype, "allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        "dtype": args.dtype, "allow_tf32": tb._tf32_matmul(),
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
         "deterministic": gpu_select.deterministic(), "args": {k: v for k, v in vars(args).items()},
         "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
@@ -743,7 +747,8 @@ def main(argv=None):
             meta["layers_skipped"].append(layer[0])
             continue
         t_layer = time.time()
-        run_layer(layer, args, dtype, device, peaks, masks[layer[0]], results)
+        with tb._dense_precision(dtype):  # fp32: cuDNN at the stripe kernels' precision
+            run_layer(layer, args, dtype, device, peaks, masks[layer[0]], results)
         longest = max(longest, time.time() - t_layer)
         meta["layer_s"][layer[0]] = round(time.time() - t_layer, 1)
         meta["layers_done"].append(layer[0])
