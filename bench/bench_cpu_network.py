@@ -9,6 +9,10 @@ median and min latency and the speedup of the stripe network over the faster den
     python bench/bench_cpu_network.py --model vgg16_bn --density 0.5 --batch 64 --threads 2
     python bench/bench_cpu_network.py --model resnet56 --json bench/results/cpu_network.json
     python bench/bench_cpu_network.py --density 1 --batch 1 --dense-policies never always
+    python bench/bench_cpu_network.py --model resnet56 --batch 1 --repeats 60 --fuse-batchnorm
+
+``--fuse-batchnorm`` folds every BatchNorm into the conv before it in both networks
+(``stripeconv.fuse_batchnorm``, as for deployment), so only the convs, ReLUs, additions and pooling run.
 
 ``--dense-policies`` also times the stripe network with ``STRIPECONV_CPU_DENSE`` (the CPU
 forward's dense hand-over near density 1) set to each policy given, interleaved with the rest;
@@ -55,6 +59,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--width", type=float, default=1.0, help="channel multiplier of the network")
     parser.add_argument("--json", metavar="PATH", help="write raw results and machine info to PATH")
+    parser.add_argument("--fuse-batchnorm", action="store_true",
+                        help="fold BatchNorm into the convs of both networks (deployment)")
     parser.add_argument("--dense-policies", nargs="+", choices=("auto", "never", "always"), default=[],
                         help="also time the stripe network with STRIPECONV_CPU_DENSE set to each of these")
     args = parser.parse_args(argv)
@@ -70,6 +76,9 @@ def main(argv=None) -> dict:
     try:
         dense, stripe, masks = build(args.model, args.density, args.width)
         x = torch.randn(args.batch, 3, 32, 32)
+        oracle = dense_masked(dense, masks)
+        if args.fuse_batchnorm:
+            dense, stripe = stripeconv.fuse_batchnorm(dense), stripeconv.fuse_batchnorm(stripe)
         cl = torch.channels_last
         stripe_cl = copy.deepcopy(stripe).to(memory_format=cl)
         cases = {  # name: (network, input, STRIPECONV_CPU_DENSE; None: the environment's setting)
@@ -83,7 +92,7 @@ def main(argv=None) -> dict:
             cases[f"stripe_channels_last@{policy}"] = (stripe_cl, x.contiguous(memory_format=cl), policy)
         times = {k: [] for k in cases}
         with torch.no_grad():
-            torch.testing.assert_close(stripe(x), dense_masked(dense, masks)(x), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(stripe(x), oracle(x), atol=1e-3, rtol=1e-3)
             for _ in range(args.repeats + 1):  # the first round warms up
                 for k, (net, inp, policy) in cases.items():
                     _set_policy(policy if policy is not None else saved_policy)
@@ -103,7 +112,8 @@ def main(argv=None) -> dict:
            "speedup_nchw": best_dense / res["stripe_nchw"]["median_ms"],
            "speedup_channels_last": best_dense / res["stripe_channels_last"]["median_ms"]}
     m = out["machine"]
-    print(f"# {args.model}, {len(masks)} stripe layers, density {kept / total:.3f}, batch {args.batch}, "
+    print(f"# {args.model}{' (BatchNorm fused)' if args.fuse_batchnorm else ''}, {len(masks)} stripe layers, "
+          f"density {kept / total:.3f}, batch {args.batch}, "
           f"{m['torch_threads']} threads, {m['cpu']}, torch {m['torch']}, {m['date']}")
     for k, r in res.items():
         print(f"{k:<29} median {r['median_ms']:9.2f} ms  min {r['min_ms']:9.2f} ms  iqr {r['iqr_ms']:7.2f}")

@@ -41,3 +41,22 @@ def test_network_bench_times_dense_policies(tmp_path, monkeypatch):
 def test_network_bench_refuses_bad_density():
     with pytest.raises(SystemExit):
         bench_cpu_network.main(["--density", "0"])
+
+
+def test_network_bench_fuses_batchnorm_in_both_networks(monkeypatch, capsys):
+    import stripeconv
+    import torch
+
+    fused = []
+
+    def spy(model, *args, **kwargs):
+        out = stripeconv.fusion.fuse_batchnorm(model, *args, **kwargs)
+        fused.append(sum(isinstance(m, torch.nn.BatchNorm2d) for m in out.modules()))
+        return out
+
+    monkeypatch.setattr(stripeconv, "fuse_batchnorm", spy)
+    res = bench_cpu_network.main(["--model", "resnet8", "--width", "0.5", "--batch", "2", "--repeats", "2",
+                                  "--density", "0.5", "--fuse-batchnorm"])
+    assert fused == [0, 0]  # dense and stripe network, no BatchNorm left in either
+    assert res["timings"]["stripe_nchw"]["median_ms"] > 0
+    assert "(BatchNorm fused)" in capsys.readouterr().out
