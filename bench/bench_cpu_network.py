@@ -10,9 +10,13 @@ median and min latency and the speedup of the stripe network over the faster den
     python bench/bench_cpu_network.py --model resnet56 --json bench/results/cpu_network.json
     python bench/bench_cpu_network.py --density 1 --batch 1 --dense-policies never always
     python bench/bench_cpu_network.py --model resnet56 --batch 1 --repeats 60 --fuse-batchnorm
+    python bench/bench_cpu_network.py --model resnet56 --batch 64 --compile
 
 ``--fuse-batchnorm`` folds every BatchNorm into the conv before it in both networks
 (``stripeconv.fuse_batchnorm``, as for deployment), so only the convs, ReLUs, additions and pooling run.
+
+``--compile`` runs every network through ``torch.compile`` (inductor; compiled before timing),
+where BatchNorm, ReLU and additions fuse into few kernels and Python's per-module cost is gone.
 
 ``--dense-policies`` also times the stripe network with ``STRIPECONV_CPU_DENSE`` (the CPU
 forward's dense hand-over near density 1) set to each policy given, interleaved with the rest;
@@ -61,6 +65,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", metavar="PATH", help="write raw results and machine info to PATH")
     parser.add_argument("--fuse-batchnorm", action="store_true",
                         help="fold BatchNorm into the convs of both networks (deployment)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every network (inductor)")
     parser.add_argument("--dense-policies", nargs="+", choices=("auto", "never", "always"), default=[],
                         help="also time the stripe network with STRIPECONV_CPU_DENSE set to each of these")
     args = parser.parse_args(argv)
@@ -90,9 +95,13 @@ def main(argv=None) -> dict:
         for policy in args.dense_policies:
             cases[f"stripe_nchw@{policy}"] = (stripe, x, policy)
             cases[f"stripe_channels_last@{policy}"] = (stripe_cl, x.contiguous(memory_format=cl), policy)
+        if args.compile:
+            compiled = {}  # one compiled module per network object: the policy rows share their network's
+            cases = {k: (compiled.setdefault(id(net), torch.compile(net)), inp, policy)
+                     for k, (net, inp, policy) in cases.items()}
         times = {k: [] for k in cases}
         with torch.no_grad():
-            torch.testing.assert_close(stripe(x), oracle(x), atol=1e-3, rtol=1e-3)
+            torch.testing.assert_close(cases["stripe_nchw"][0](x), oracle(x), atol=1e-3, rtol=1e-3)
             for _ in range(args.repeats + 1):  # the first round warms up
                 for k, (net, inp, policy) in cases.items():
                     _set_policy(policy if policy is not None else saved_policy)
@@ -112,7 +121,9 @@ def main(argv=None) -> dict:
            "speedup_nchw": best_dense / res["stripe_nchw"]["median_ms"],
            "speedup_channels_last": best_dense / res["stripe_channels_last"]["median_ms"]}
     m = out["machine"]
-    print(f"# {args.model}{' (BatchNorm fused)' if args.fuse_batchnorm else ''}, {len(masks)} stripe layers, "
+    variant = "".join(f" ({what})" for flag, what in ((args.fuse_batchnorm, "BatchNorm fused"),
+                                                       (args.compile, "torch.compile")) if flag)
+    print(f"# {args.model}{variant}, {len(masks)} stripe layers, "
           f"density {kept / total:.3f}, batch {args.batch}, "
           f"{m['torch_threads']} threads, {m['cpu']}, torch {m['torch']}, {m['date']}")
     for k, r in res.items():

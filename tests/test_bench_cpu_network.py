@@ -60,3 +60,10 @@ def test_network_bench_fuses_batchnorm_in_both_networks(monkeypatch, capsys):
     assert fused == [0, 0]  # dense and stripe network, no BatchNorm left in either
     assert res["timings"]["stripe_nchw"]["median_ms"] > 0
     assert "(BatchNorm fused)" in capsys.readouterr().out
+
+
+def test_network_bench_compiles_every_network(capsys):
+    res = bench_cpu_network.main(["--model", "resnet8", "--width", "0.5", "--batch", "2", "--repeats", "2",
+                                  "--density", "0.5", "--compile"])
+    assert all(len(res["raw_s"][k]) == 2 for k in ("dense_nchw", "stripe_nchw", "stripe_channels_last"))
+    assert "(torch.compile)" in capsys.readouterr().out

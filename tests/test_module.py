@@ -547,3 +547,41 @@ def test_pinned_reference_backend_skips_the_eager_cpu_path(monkeypatch):
         assert calls
     finally:
         stripeconv.set_backend(None)
+
+
+def test_compiled_cpu_layers_call_the_cpu_kernels_and_follow_the_pinned_backend():
+    """Under torch.compile, a CPU layer the cpu backend serves calls its C++ op, as eager mode does
+    (compiled code calling the op's Python implementation pays the compiler's frame hooks each call);
+    pinning another backend recompiles to the op, and torch.export keeps the op."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm.forward
+
+    torch.manual_seed(0)
+    layer = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.4)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    try:
+        stripeconv.set_backend(None)
+        torch.testing.assert_close(compiled(x), layer(x))
+        stripeconv.set_backend("reference")
+        torch.testing.assert_close(compiled(x), layer(x))
+        stripeconv.set_backend("cpu")
+        out = compiled(x)
+    finally:
+        stripeconv.set_backend(None)
+    kernels = [{t.split(".")[0] for t in graph if t.startswith("stripeconv")} for graph in graphs]
+    assert kernels == [{"stripeconv_cpu"}, {"stripeconv"}, {"stripeconv_cpu"}], graphs
+    out.square().sum().backward()
+    grad_x, grad_w = x.grad.clone(), layer.packed_weight.grad.clone()
+    x.grad, layer.packed_weight.grad = None, None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(grad_x, x.grad)
+    torch.testing.assert_close(grad_w, layer.packed_weight.grad)
+    if hasattr(torch.compiler, "is_exporting"):
+        exported = torch.export.export(layer, (x.detach(),))
+        targets = {str(n.target).split(".")[0] for n in exported.graph.nodes if n.op == "call_function"}
+        assert "stripeconv" in targets and "stripeconv_cpu" not in targets, targets

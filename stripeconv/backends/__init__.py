@@ -88,11 +88,11 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
     ``cpu`` backend's ``eager_conv2d`` (its forward with C++ autograd), or one autograd.Function
     around any other backend (:mod:`.eager`). Under torch.func transforms and forward-mode AD, the
     op inside an autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
-    works: under torch.compile and, for the Python backends, under tracing, dispatch modes (fake
-    tensors), for meta tensors and tensor subclasses.
+    works: under torch.compile (but see :func:`_compiled_cpu_conv2d`) and, for the Python backends, under
+    tracing, dispatch modes (fake tensors), for meta tensors and tensor subclasses.
     """
     if torch.compiler.is_compiling():
-        return None
+        return _compiled_cpu_conv2d(input)
     if _functorch_active() or forward_ad._current_level >= 0:  # torch.func, or dual tensors may come
         from ..ops import transform_conv2d  # the ops import this module
 
@@ -109,6 +109,23 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
 
         conv2d = _eager_conv2d[module.NAME] = conv2d_for(module)
     return conv2d
+
+
+def _compiled_cpu_conv2d(input: torch.Tensor) -> Optional[Callable]:
+    """Under torch.compile, where the ``cpu`` backend serves ``input``: its C++ op (forward with C++
+    autograd; every kernel has a fake implementation, so it traces), as in eager mode and TorchScript.
+    Compiled code that calls the op's Python implementation pays its frames' compiler hooks on
+    every call, several times a small layer's arithmetic. Otherwise None: the op. torch.export keeps
+    the op, which exported programs name whatever device they later run on (torch < 2.5, which
+    cannot tell export from compile, keeps it everywhere). Dynamo guards on ``_selected``, so
+    :func:`set_backend` recompiles."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is None or is_exporting() or input.device.type != "cpu" or _selected not in (None, "cpu"):
+        return None
+    if _functorch_active() or forward_ad._current_level >= 0:  # C++ autograd cannot serve torch.func
+        return None
+    cpu = _loaded.get("cpu")  # loaded with the package
+    return cpu.eager_conv2d if cpu is not None and cpu.is_available()[0] else None
 
 
 def resolve(device: torch.device) -> ModuleType:
