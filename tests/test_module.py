@@ -574,14 +574,16 @@ def test_compiled_cpu_layers_call_the_cpu_kernels_and_follow_the_pinned_backend(
     finally:
         stripeconv.set_backend(None)
     kernels = [{t.split(".")[0] for t in graph if t.startswith("stripeconv")} for graph in graphs]
-    assert kernels == [{"stripeconv_cpu"}, {"stripeconv"}, {"stripeconv_cpu"}], graphs
+    if hasattr(torch.compiler, "_is_exporting_flag"):
+        assert kernels == [{"stripeconv_cpu"}, {"stripeconv"}, {"stripeconv_cpu"}], graphs
+    else:  # a torch whose compile cannot be told from export keeps the op
+        assert kernels == [{"stripeconv"}], graphs
     out.square().sum().backward()
     grad_x, grad_w = x.grad.clone(), layer.packed_weight.grad.clone()
     x.grad, layer.packed_weight.grad = None, None
     layer(x).square().sum().backward()
     torch.testing.assert_close(grad_x, x.grad)
     torch.testing.assert_close(grad_w, layer.packed_weight.grad)
-    if hasattr(torch.compiler, "is_exporting"):
-        exported = torch.export.export(layer, (x.detach(),))
-        targets = {str(n.target).split(".")[0] for n in exported.graph.nodes if n.op == "call_function"}
-        assert "stripeconv" in targets and "stripeconv_cpu" not in targets, targets
+    exported = torch.export.export(layer, (x.detach(),))
+    targets = {str(n.target).split(".")[0] for n in exported.graph.nodes if n.op == "call_function"}
+    assert "stripeconv" in targets and "stripeconv_cpu" not in targets, targets

@@ -116,11 +116,11 @@ def _compiled_cpu_conv2d(input: torch.Tensor) -> Optional[Callable]:
     autograd; every kernel has a fake implementation, so it traces), as in eager mode and TorchScript.
     Compiled code that calls the op's Python implementation pays its frames' compiler hooks on
     every call, several times a small layer's arithmetic. Otherwise None: the op. torch.export keeps
-    the op, which exported programs name whatever device they later run on (torch < 2.5, which
-    cannot tell export from compile, keeps it everywhere). Dynamo guards on ``_selected``, so
-    :func:`set_backend` recompiles."""
-    is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if is_exporting is None or is_exporting() or input.device.type != "cpu" or _selected not in (None, "cpu"):
+    the op, which exported programs name whatever device they later run on; a torch without the
+    export flag keeps it everywhere. Dynamo guards on ``_selected``, so :func:`set_backend` recompiles."""
+    # The flag itself: Dynamo of torch 2.11 folds torch.compiler.is_exporting() to True in every trace.
+    exporting = getattr(torch.compiler, "_is_exporting_flag", None)
+    if exporting is not False or input.device.type != "cpu" or _selected not in (None, "cpu"):
         return None
     if _functorch_active() or forward_ad._current_level >= 0:  # C++ autograd cannot serve torch.func
         return None
