@@ -587,13 +587,13 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
-    deterministic = gpu_select.deterministic()
     key = _call_key("wgrad", mask, (grad_output, input), (weight.shape, weight.dtype, tuple(stride), tuple(padding),
-                                                          tuple(dilation), groups, deterministic))
+                                                          tuple(dilation), groups))
     settled = _settled.get(key)
     if settled is not None:
         return settled[1](grad_output, input, weight)
     _check_kernels()
+    deterministic = gpu_select.deterministic()
     stride, padding, dilation = _conv_ints(stride, padding, dilation)
     device = input.device
     launchers = {"stripe": _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
