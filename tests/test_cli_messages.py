@@ -37,7 +37,7 @@ def test_unknown_ratios_layer_message(saved, tmp_path, capsys):
 
 
 def test_onnx_on_an_older_exporter_says_what_it_needs(saved, tmp_path, capsys, monkeypatch):
-    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
     import stripeconv.decompose
 
     monkeypatch.setattr(stripeconv.decompose, "_onnx_exporter_takes_programs", lambda: False)
@@ -64,7 +64,7 @@ def test_no_progress_hides_the_pruners_bars_too(tmp_path, capsys):
 @pytest.mark.parametrize("command", ["bench", "onnx"])
 def test_wrong_channel_count_is_a_clear_error(saved, tmp_path, capsys, command, recorded):
     if command == "onnx":
-        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install onnxscript)")
     if not recorded:  # a description without the input size: the trial forward finds it
         desc = json.loads(Path(saved + ".json").read_text())
         del desc["extra"]["input_size"]

@@ -124,6 +124,7 @@ def _compiled_cpu_conv2d(input: torch.Tensor) -> Optional[Callable]:
         return None
     if _functorch_active() or forward_ad._current_level >= 0:  # C++ autograd cannot serve torch.func
         return None
+    # resolve()'s answer, without its cache write (a side effect Dynamo would have to replay)
     cpu = _loaded.get("cpu")  # loaded with the package
     return cpu.eager_conv2d if cpu is not None and cpu.is_available()[0] else None
 

@@ -329,15 +329,14 @@ def _launch_first_fitting(jit, grid, args: tuple, constants: dict, configs: Sequ
     from triton.runtime import errors
 
     too_big = tuple(getattr(errors, name) for name in ("OutOfResources", "PTXASError") if hasattr(errors, name))
-    for i, config in enumerate(configs):
-        kwargs = config.all_kwargs()
+    for config in configs[:-1]:
         try:
-            jit[grid](*args, **constants, **kwargs)
-            return kwargs
+            jit[grid](*args, **constants, **config.all_kwargs())
+            return config.all_kwargs()
         except too_big:
-            if i == len(configs) - 1:
-                raise
-    raise ValueError("no configurations to launch")
+            pass
+    jit[grid](*args, **constants, **configs[-1].all_kwargs())  # the last one's error is the GPU's answer
+    return configs[-1].all_kwargs()
 
 
 def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
