@@ -258,6 +258,44 @@ def test_small_planes_side_by_side(case, batch, threads, isa):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+# Fewer channels_last images than threads, planes of several 128-pixel chunks: each image is cut
+# into bands of chunks, one per task, each staged with the pixels its shifts reach on either side.
+BANDS = [
+    dict(id="32x32", b=1, c=16, n=24, h=32, w=32, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1)),
+    dict(id="5x3_kernel", b=1, c=6, n=9, h=20, w=17, k=(5, 3), p=(2, 2, 1, 1), d=(1, 1), density=0.3),
+    dict(id="dilation2", b=1, c=6, n=10, h=24, w=24, k=(3, 3), p=(2, 2, 2, 2), d=(2, 2)),
+    dict(id="shifted_rows", b=1, c=8, n=8, h=18, w=18, k=(3, 3), p=(2, 0, 1, 1), d=(1, 1)),
+    dict(id="shorter_output", b=1, c=8, n=8, h=18, w=18, k=(3, 3), p=(0, 1, 1, 1), d=(1, 1)),
+    dict(id="groups2_batch2", b=2, c=8, n=12, h=24, w=24, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1), groups=2),
+    dict(id="depthwise", b=1, c=8, n=8, h=16, w=12, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1), groups=8, density=0.7),
+    dict(id="weights_over_l2", b=1, c=160, n=160, h=12, w=12, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", BANDS, ids=[c["id"] for c in BANDS])
+def test_channels_last_bands(case, threads, isa):
+    """Where the threads outnumber the images and the planes hold enough chunks (two threads: every
+    case but groups2_batch2; three: all but the 2-chunk planes), images run in bands: forward and
+    grad input match the oracle and equal the NCHW results bit for bit, seams and borders included."""
+    case = dict(case, s=(1, 1))
+    s, p, d, groups = list(case["s"]), list(case["p"]), list(case["d"]), case.get("groups", 1)
+    assert _path(case["h"], case["w"], case["k"], case["s"], case["p"], case["d"]) == "flat"
+    x, w, mask, bias = _make(case, torch.float32)
+    ref = _dense(x, w, mask, bias, s, p, d, groups)
+    gy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1))
+    xr = x.clone().requires_grad_()
+    _dense(xr, w, mask, None, s, p, d, groups).backward(gy)
+    y = ops.forward(x, w, bias, mask, s, p, d, groups)
+    gx = ops.grad_input(gy, w, mask, list(x.shape), s, p, d, groups)
+    ycl = ops.forward(x.contiguous(memory_format=torch.channels_last), w, bias, mask, s, p, d, groups)
+    gxcl = ops.grad_input(gy.contiguous(memory_format=torch.channels_last), w, mask, list(x.shape), s, p, d, groups)
+    assert ycl.is_contiguous(memory_format=torch.channels_last)
+    assert gxcl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ycl, ref, atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(gxcl, xr.grad, atol=1e-3, rtol=1e-4)
+    assert torch.equal(ycl, y) and torch.equal(gxcl, gx)
+
+
 @pytest.mark.parametrize("hw,batch", [(2, 8), (8, 4)], ids=["2x2_stacks", "8x8_images"])
 def test_staged_weights_over_l2(hw, batch, threads, isa):
     """Weights over one L2 group (160x160x3x3 at density 0.5: ~460 KB) stage every stack first and

@@ -64,6 +64,9 @@ struct AccEngine {
   // Staged runs only (run_acc_engine_staged): images side by side in one flat plane of each
   // channel; B counts these stacks, and hout, pos, the masks are those of one image.
   int64_t stack = 1;
+  // Staged runs of fewer images than threads: each image cut into this many bands of chunks,
+  // staged and run one band per task (1: whole images).
+  int64_t bands = 1;
   const T* bias = nullptr;  // [out channels] or null (zero init)
   std::vector<EnginePos> pos;
   std::vector<std::pair<int64_t, int64_t>> split_range;  // output channels each split initialises
@@ -335,6 +338,7 @@ inline int64_t choose_stack(int64_t images, int64_t plane) {
 struct Staging {
   bool channels_last = false;
   int64_t stack = 0;
+  int64_t bands = 1;  // bands per image (channels_last, fewer images than threads)
   bool staged() const { return stack > 0; }
   // The result's memory format: the input's, which a staged run writes directly.
   at::MemoryFormat output_format() const {
@@ -367,8 +371,55 @@ inline Staging plan_staging(const at::Tensor& in, bool flat_stride1, bool same_p
   const int64_t bytes = plane * static_cast<int64_t>(in.element_size());
   const int64_t macs = weight_bytes / static_cast<int64_t>(in.element_size());  // kept stripes x Cg
   const bool restage = s.channels_last || nchw_planes_alias(bytes, channels, macs, weight_bytes);
-  if (s.stack == 1 && !(restage && images_fill_threads(images))) s.stack = 0;
+  if (s.stack == 1 && restage && !images_fill_threads(images) && s.channels_last) {
+    // Too few images for whole ones per thread: bands of chunks instead (batch 1 on two threads).
+    // Transposing whole tensors around an NCHW run took three parallel regions where this takes one
+    // (16->16 32x32, batch 1, 2 threads: ~1.5x the NCHW time).
+    const int64_t chunks = ceil_div(plane, kChunk);
+    for (int64_t b = 2; b <= chunks && s.bands == 1; ++b)
+      if (images_fill_threads(images * b)) s.bands = b;
+  }
+  if (s.stack == 1 && s.bands == 1 && !(restage && images_fill_threads(images))) s.stack = 0;
   return s;
+}
+
+// Staged run of channels_last images cut into e.bands bands of whole chunks each, one band per
+// task: the band's input pixels (with the reach of the positions' shifts on either side) are
+// transposed into the thread's NCHW buffers, its chunks run, and its output pixels, a contiguous
+// block of the NHWC result, are transposed back. Lanes outside the band may read stale buffer
+// contents; their sums are dropped at the store, as for pixels outside the image.
+template <typename T>
+void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule& f, const T* src, int64_t src_bs,
+               int64_t in_channels, int64_t in_plane, T* dst, int64_t dst_bs, int64_t out_channels,
+               const at::TensorOptions& options) {
+  TORCH_INTERNAL_ASSERT(e.stack == 1 && e.po == e.pi);
+  const int64_t nsplit = static_cast<int64_t>(e.split_items.size());
+  const int64_t in_pitch = e.in_bs / in_channels, bands = std::min(e.bands, f.nchunk);
+  int64_t lo = 0, hi = 0;  // reach of the reads: output pixel p reads input pixels p + lo .. p + hi
+  for (const EnginePos& q : e.pos) {
+    lo = std::min(lo, q.rq * e.pi + q.cq);
+    hi = std::max(hi, q.rq * e.pi + q.cq);
+  }
+  const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
+  at::Tensor buf = scratch({threads * per_thread}, options);
+  at::parallel_for(0, e.B * bands, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t tid = at::get_thread_num();
+    TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
+    T* in_buf = buf.data_ptr<T>() + tid * per_thread;
+    T* out_buf = in_buf + e.in_bs;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / bands, band = t % bands;
+      const int64_t c0 = f.nchunk * band / bands, c1 = f.nchunk * (band + 1) / bands;
+      const int64_t p0 = c0 * kChunk, p1 = std::min(c1 * kChunk, f.npix);
+      const int64_t a0 = std::max<int64_t>(0, p0 + lo), a1 = std::min(in_plane, p1 + hi);
+      if (a0 < a1)
+        transpose_matrix<T>(src + b * src_bs + a0 * in_channels, in_channels, in_buf + a0, in_pitch, a1 - a0,
+                            in_channels);
+      run_flat_tasks(e, ker, f, in_buf, out_buf, c0 * nsplit, c1 * nsplit);
+      transpose_matrix<T>(out_buf + p0, e.out_cs, dst + b * dst_bs + p0 * out_channels, out_channels, out_channels,
+                          p1 - p0);
+    }
+  });
 }
 
 // The flat path run stack by stack (e.B stacks of e.stack images) on NCHW buffers: images are
@@ -424,6 +475,10 @@ void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const a
   };
   const FlatSchedule f = flat_schedule(e);
   const int64_t tasks_per_stack = f.nchunk * nsplit;
+  if (e.bands > 1) {
+    run_bands(e, ker, f, src, src_bs, in_channels, in_plane, dst, dst_bs, out_channels, in.options());
+    return;
+  }
   if (f.ngroups > 1) {
     at::Tensor buf = scratch({e.B * (e.in_bs + e.out_bs)}, in.options());
     T* in_all = buf.data_ptr<T>();

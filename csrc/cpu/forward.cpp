@@ -48,6 +48,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   e.po = g.Wo;
   e.B = staged ? g.B / stack : g.B;
   e.stack = staged ? stack : 1;
+  e.bands = staged ? st.bands : 1;
   e.bias = bias_c.defined() ? bias_c.data_ptr<T>() : nullptr;
   int64_t in_cs;
   if (g.strided()) {

@@ -77,6 +77,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     e.pi = g.Wo;
     e.B = staged ? g.B / stack : g.B;
     e.stack = staged ? stack : 1;
+    e.bands = staged ? st.bands : 1;
     e.in_plane = e.stack * g.Ho * g.Wo;  // staged: the stack's images, not the padding
     if (e.hout == 0 || e.wout == 0) continue;
     std::vector<int> pos_index(P, -1);
