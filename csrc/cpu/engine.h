@@ -66,7 +66,7 @@ struct AccEngine {
   int64_t stack = 1;
   // Staged runs of fewer images than threads: each image cut into this many bands of chunks,
   // staged and run one band per task (1: whole images).
-  int64_t bands = 1;
+  int64_t bands = 1;  // with the splits of split_items: one band of one split per task
   const T* bias = nullptr;  // [out channels] or null (zero init)
   std::vector<EnginePos> pos;
   std::vector<std::pair<int64_t, int64_t>> split_range;  // output channels each split initialises
@@ -338,7 +338,8 @@ inline int64_t choose_stack(int64_t images, int64_t plane) {
 struct Staging {
   bool channels_last = false;
   int64_t stack = 0;
-  int64_t bands = 1;  // bands per image (channels_last, fewer images than threads)
+  int64_t bands = 1;   // bands per image (channels_last, fewer images than threads) ...
+  int64_t splits = 1;  // ... and output-channel splits where the bands alone leave threads idle
   bool staged() const { return stack > 0; }
   // The result's memory format: the input's, which a staged run writes directly.
   at::MemoryFormat output_format() const {
@@ -363,7 +364,7 @@ inline bool nchw_planes_alias(int64_t plane_bytes, int64_t channels, int64_t mac
 
 // `channels`: input plus output channels of one image; `weight_bytes`: the packed weight.
 inline Staging plan_staging(const at::Tensor& in, bool flat_stride1, bool same_planes, int64_t images,
-                            int64_t plane, int64_t channels, int64_t weight_bytes) {
+                            int64_t plane, int64_t channels, int64_t out_channels, int64_t weight_bytes) {
   Staging s;
   s.channels_last = is_channels_last(in);
   if (!flat_stride1) return s;
@@ -378,16 +379,22 @@ inline Staging plan_staging(const at::Tensor& in, bool flat_stride1, bool same_p
     const int64_t chunks = ceil_div(plane, kChunk);
     for (int64_t b = 2; b <= chunks && s.bands == 1; ++b)
       if (images_fill_threads(images * b)) s.bands = b;
+    s.bands = s.bands > 1 ? s.bands : chunks;
+    // Planes of too few chunks (8x8 at batch 1) also split the output channels, as long as each
+    // split keeps two register tiles of them; every split's task stages the band's input again.
+    for (int64_t k = 2; !images_fill_threads(images * s.bands * s.splits) && out_channels / k >= 2 * kMaxR; ++k)
+      s.splits = k;
+    if (!images_fill_threads(images * s.bands * s.splits)) s.bands = s.splits = 1;
   }
-  if (s.stack == 1 && s.bands == 1 && !(restage && images_fill_threads(images))) s.stack = 0;
+  if (s.stack == 1 && s.bands * s.splits == 1 && !(restage && images_fill_threads(images))) s.stack = 0;
   return s;
 }
 
-// Staged run of channels_last images cut into e.bands bands of whole chunks each, one band per
-// task: the band's input pixels (with the reach of the positions' shifts on either side) are
-// transposed into the thread's NCHW buffers, its chunks run, and its output pixels, a contiguous
-// block of the NHWC result, are transposed back. Lanes outside the band may read stale buffer
-// contents; their sums are dropped at the store, as for pixels outside the image.
+// Staged run of channels_last images cut into e.bands bands of whole chunks each, one band of one
+// output-channel split per task: the band's input pixels (with the reach of the positions' shifts
+// on either side) are transposed into the thread's NCHW buffers, its chunks run, and its output
+// pixels (the split's channels) are transposed into the NHWC result. Lanes outside the band may
+// read stale buffer contents; their sums are dropped at the store, as for pixels outside the image.
 template <typename T>
 void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule& f, const T* src, int64_t src_bs,
                int64_t in_channels, int64_t in_plane, T* dst, int64_t dst_bs, int64_t out_channels,
@@ -402,22 +409,24 @@ void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule&
   }
   const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
   at::Tensor buf = scratch({threads * per_thread}, options);
-  at::parallel_for(0, e.B * bands, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, e.B * bands * nsplit, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
     T* in_buf = buf.data_ptr<T>() + tid * per_thread;
     T* out_buf = in_buf + e.in_bs;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / bands, band = t % bands;
+      const int64_t s = t % nsplit, band = (t / nsplit) % bands, b = t / (nsplit * bands);
       const int64_t c0 = f.nchunk * band / bands, c1 = f.nchunk * (band + 1) / bands;
       const int64_t p0 = c0 * kChunk, p1 = std::min(c1 * kChunk, f.npix);
       const int64_t a0 = std::max<int64_t>(0, p0 + lo), a1 = std::min(in_plane, p1 + hi);
       if (a0 < a1)
         transpose_matrix<T>(src + b * src_bs + a0 * in_channels, in_channels, in_buf + a0, in_pitch, a1 - a0,
                             in_channels);
-      run_flat_tasks(e, ker, f, in_buf, out_buf, c0 * nsplit, c1 * nsplit);
-      transpose_matrix<T>(out_buf + p0, e.out_cs, dst + b * dst_bs + p0 * out_channels, out_channels, out_channels,
-                          p1 - p0);
+      for (int64_t ch = c0; ch < c1; ++ch)  // the image's task (ch, s) of the flat path
+        run_flat_tasks(e, ker, f, in_buf, out_buf, ch * nsplit + s, ch * nsplit + s + 1);
+      const int64_t n0 = e.split_range[s].first, n1 = e.split_range[s].second;
+      transpose_matrix<T>(out_buf + n0 * e.out_cs + p0, e.out_cs, dst + b * dst_bs + p0 * out_channels + n0,
+                          out_channels, n1 - n0, p1 - p0);
     }
   });
 }
@@ -475,7 +484,7 @@ void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const a
   };
   const FlatSchedule f = flat_schedule(e);
   const int64_t tasks_per_stack = f.nchunk * nsplit;
-  if (e.bands > 1) {
+  if (e.bands * nsplit > 1) {
     run_bands(e, ker, f, src, src_bs, in_channels, in_plane, dst, dst_bs, out_channels, in.options());
     return;
   }

@@ -23,7 +23,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache,
   // small planes side by side; any other channels_last input is transposed as a whole.
   const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W, g.C + g.N,
-                                  weight.numel() * static_cast<int64_t>(weight.element_size()));
+                                  g.N, weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
   at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(st.output_format()));
@@ -83,7 +83,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
       e.po == e.pi ? g.B * ceil_div(ceil_div(g.Ho * g.Wo, kLanes), kMaxV) : g.B * g.Ho;
   const double rows_per_item =
       e.pos.empty() ? 0.0 : static_cast<double>(g.S) / static_cast<double>(e.pos.size() * g.G);
-  const int64_t nsplit = staged ? 1 : choose_splits(base_tasks, g.N, rows_per_item);
+  const int64_t nsplit = staged ? st.splits : choose_splits(base_tasks, g.N, rows_per_item);
   const T* wp = w.data_ptr<T>();
   for (int64_t s = 0; s < nsplit; ++s) {
     const int64_t n0 = g.N * s / nsplit, n1 = g.N * (s + 1) / nsplit;

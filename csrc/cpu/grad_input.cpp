@@ -21,8 +21,8 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
                            const Geometry& g) {
   // grad_input is in grad_output's memory format; stride-1 flat planes may run staged, like the
   // forward (see forward_impl).
-  const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W, g.C + g.N,
-                                  weight.numel() * static_cast<int64_t>(weight.element_size()));
+  const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W,
+                                  g.C + g.N, g.C, weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
   at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(st.output_format()));
@@ -93,7 +93,7 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     }
     const int64_t base_tasks =
         e.po == e.pi ? g.B * ceil_div(ceil_div(e.hout * e.po, kLanes), kMaxV) : g.B * e.hout;
-    const int64_t nsplit = staged ? 1 : choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
+    const int64_t nsplit = staged ? st.splits : choose_splits(base_tasks, g.C, static_cast<double>(g.Cg));
     // Multi-position lists pay a mask and offset load per reduction step; they win when a
     // position keeps few filters per group (short reductions), per-position items otherwise.
     int64_t live_rows = 0;
