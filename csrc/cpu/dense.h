@@ -29,8 +29,9 @@ namespace detail {
 // weight each call, and planes of 4x4 and below leave oneDNN), so the hand-over needs an output
 // plane of >= 49 pixels, >= 784 output pixels in the batch and >= 64 M multiply-adds.
 // 512->512 4x4 b1 0.78 vs 4.40 ms, b64 24.3 vs 34.9; 256->256 8x8 b1 0.61 vs 1.30, b64 26.8 vs
-// 17.9; 64->64 56x56 b1 1.67 vs 0.85; 16->16 32x32 b4 0.19 vs 0.29. Whole VGG-16 (CIFAR,
-// density 1): batch 1 28.7 -> 13.1 ms against the hand-over on every layer (dense 10.2 ms).
+// 17.9; 64->64 56x56 b1 1.67 vs 0.85 (0.81 vs 0.70 once batch-1 images ran in bands, and 128->128
+// 28x28 b1 1.10 vs 0.72); 16->16 32x32 b4 0.19 vs 0.29. Whole VGG-16 (CIFAR, density 1): batch 1
+// 28.7 -> 13.1 ms against the hand-over on every layer (dense 10.2 ms).
 //
 // A fixed rule rather than a timing-based choice keeps results identical across processes and
 // runs (DDP ranks, resumed training). STRIPECONV_CPU_DENSE=never | always overrides it (the
