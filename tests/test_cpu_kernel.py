@@ -272,6 +272,8 @@ BANDS = [
     # one chunk per plane: the output channels are split instead (30 -> 15 + 15: partial transpose tiles)
     dict(id="8x8_split", b=1, c=32, n=64, h=8, w=8, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1)),
     dict(id="5x6_uneven_split", b=1, c=30, n=30, h=5, w=6, k=(3, 3), p=(1, 1, 1, 1), d=(1, 1), density=0.7),
+    # output plane taller than the input (2 chunks against 1): a band of two chunks in each split
+    dict(id="taller_output_split", b=1, c=8, n=24, h=16, w=8, k=(3, 3), p=(3, 3, 1, 1), d=(1, 1)),
 ]
 
 
@@ -279,8 +281,8 @@ BANDS = [
 def test_channels_last_bands(case, threads, isa):
     """Where the threads outnumber the images, the images run in bands of chunks, and where that
     leaves threads idle, in splits of the output channels too (two threads: every case but
-    groups2_batch2, which gets whole images; three: all but depthwise and 5x6_uneven_split, with
-    too few chunks and filters): forward and grad input match the oracle and equal the NCHW results bit for bit,
+    groups2_batch2, which gets whole images; three: all but depthwise, 5x6_uneven_split and
+    taller_output_split, with too few chunks and filters): forward and grad input match the oracle and equal the NCHW results bit for bit,
     seams and borders included."""
     case = dict(case, s=(1, 1))
     s, p, d, groups = list(case["s"]), list(case["p"]), list(case["d"]), case.get("groups", 1)

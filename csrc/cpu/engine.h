@@ -65,8 +65,8 @@ struct AccEngine {
   // channel; B counts these stacks, and hout, pos, the masks are those of one image.
   int64_t stack = 1;
   // Staged runs of fewer images than threads: each image cut into this many bands of chunks,
-  // staged and run one band per task (1: whole images).
-  int64_t bands = 1;  // with the splits of split_items: one band of one split per task
+  // one band of one split (of split_items) per task (run_bands; 1: whole images).
+  int64_t bands = 1;
   const T* bias = nullptr;  // [out channels] or null (zero init)
   std::vector<EnginePos> pos;
   std::vector<std::pair<int64_t, int64_t>> split_range;  // output channels each split initialises
@@ -422,8 +422,12 @@ void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule&
       if (a0 < a1)
         transpose_matrix<T>(src + b * src_bs + a0 * in_channels, in_channels, in_buf + a0, in_pitch, a1 - a0,
                             in_channels);
-      for (int64_t ch = c0; ch < c1; ++ch)  // the image's task (ch, s) of the flat path
-        run_flat_tasks(e, ker, f, in_buf, out_buf, ch * nsplit + s, ch * nsplit + s + 1);
+      if (nsplit == 1) {
+        run_flat_tasks(e, ker, f, in_buf, out_buf, c0, c1);  // weight groups outermost over the band
+      } else {
+        for (int64_t ch = c0; ch < c1; ++ch)  // the image's task (ch, s) of the flat path
+          run_flat_tasks(e, ker, f, in_buf, out_buf, ch * nsplit + s, ch * nsplit + s + 1);
+      }
       const int64_t n0 = e.split_range[s].first, n1 = e.split_range[s].second;
       transpose_matrix<T>(out_buf + n0 * e.out_cs + p0, e.out_cs, dst + b * dst_bs + p0 * out_channels + n0,
                           out_channels, n1 - n0, p1 - p0);

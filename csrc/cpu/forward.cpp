@@ -20,8 +20,9 @@ template <typename T>
 at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                         const at::Tensor& mask, const Geometry& g) {
   // The output is in the input's memory format, as the op contract says. Stride-1 flat planes
-  // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache,
-  // small planes side by side; any other channels_last input is transposed as a whole.
+  // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache
+  // (fewer images than threads: band by band), small planes side by side; any other
+  // channels_last input is transposed as a whole.
   const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W, g.C + g.N,
                                   g.N, weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
