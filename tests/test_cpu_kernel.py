@@ -82,6 +82,11 @@ CASES = [
     dict(id="s2_flat", b=2, c=8, n=16, h=12, w=12, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
     dict(id="s2_odd", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),
     dict(id="s2_valid_row", b=2, c=5, n=6, h=11, w=11, k=(3, 3), s=(2, 2), p=(0, 0, 0, 0), d=(1, 1), path="row"),
+    # 16 and more channels and phase rows: the 16x16 block transposes of channels_last phase planes
+    dict(id="s2_wide_channels", b=2, c=32, n=24, h=34, w=34, k=(3, 3), s=(2, 2), p=(1, 1, 1, 1), d=(1, 1),
+         path="flat"),
+    dict(id="s1x2_wide_channels", b=1, c=16, n=32, h=6, w=35, k=(3, 3), s=(1, 2), p=(1, 1, 1, 1), d=(1, 1),
+         path="flat"),
     dict(id="s3_asym", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(3, 3), p=(1, 2, 0, 1), d=(1, 1), path="flat"),
     dict(id="s3_row", b=2, c=8, n=16, h=10, w=10, k=(3, 3), s=(3, 3), p=(0, 1, 0, 0), d=(1, 1), path="row"),
     dict(id="s1x2", b=2, c=8, n=16, h=11, w=9, k=(3, 3), s=(1, 2), p=(1, 1, 1, 1), d=(1, 1), path="flat"),

@@ -21,15 +21,17 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
                         const at::Tensor& mask, const Geometry& g) {
   // The output is in the input's memory format, as the op contract says. Stride-1 flat planes
   // may run staged (run_acc_engine_staged): channels_last images transposed one by one in cache
-  // (fewer images than threads: band by band), small planes side by side; any other
-  // channels_last input is transposed as a whole.
+  // (fewer images than threads: band by band), small planes side by side. A strided
+  // channels_last input is split into NCHW phase planes directly, any other is transposed as a
+  // whole; the NCHW result is then transposed to channels_last.
   const Staging st = plan_staging(input, !g.strided() && g.Wo == g.W, g.Ho == g.H, g.B, g.H * g.W, g.C + g.N,
                                   g.N, weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
   at::Tensor y = at::empty({g.B, g.N, g.Ho, g.Wo}, input.options().memory_format(st.output_format()));
   if (y.numel() == 0) return y;
-  if (st.channels_last && !staged)
+  const bool cl_phases = st.channels_last && !staged && g.strided();
+  if (st.channels_last && !staged && !cl_phases)
     return to_channels_last<T>(forward_impl<T>(to_nchw<T>(input), weight, bias, mask, g));
   at::Tensor x = st.channels_last ? input : input.contiguous();
   at::Tensor w = weight.contiguous();
@@ -53,7 +55,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
   e.bias = bias_c.defined() ? bias_c.data_ptr<T>() : nullptr;
   int64_t in_cs;
   if (g.strided()) {
-    phases = split_phases<T>(x, g);
+    phases = cl_phases ? split_phases_nhwc<T>(x, g) : split_phases<T>(x, g);
     e.in = phases.data_ptr<T>();
     in_cs = g.Hpm * g.Wpm;
     e.pi = g.Wpm;
@@ -123,7 +125,7 @@ at::Tensor forward_impl(const at::Tensor& input, const at::Tensor& weight, const
     run_acc_engine_staged(e, ker, x, g.C, y, g.N);
   else
     run_acc_engine(e, ker);
-  return y;
+  return cl_phases ? to_channels_last<T>(y) : y;
 }
 
 template at::Tensor forward_impl<float>(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,

@@ -20,17 +20,20 @@ template <typename T>
 at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weight, const at::Tensor& mask,
                            const Geometry& g) {
   // grad_input is in grad_output's memory format; stride-1 flat planes may run staged, like the
-  // forward (see forward_impl).
+  // forward (see forward_impl). A strided channels_last grad_output's phase planes are
+  // interleaved into the channels_last grad_input directly.
   const Staging st = plan_staging(grad_output, !g.strided() && g.W == g.Wo, g.H == g.Ho, g.B, g.H * g.W,
                                   g.C + g.N, g.C, weight.numel() * static_cast<int64_t>(weight.element_size()));
   const bool staged = st.staged();
   const int64_t stack = st.stack;
-  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(st.output_format()));
+  const bool cl_phases = st.channels_last && !staged && g.strided();
+  const auto gx_format = cl_phases ? at::MemoryFormat::ChannelsLast : st.output_format();
+  at::Tensor gx = at::empty({g.B, g.C, g.H, g.W}, grad_output.options().memory_format(gx_format));
   if (gx.numel() == 0) return gx;
   if (g.Ho == 0 || g.Wo == 0 || g.S == 0) return gx.zero_();
-  if (st.channels_last && !staged)
+  if (st.channels_last && !staged && !cl_phases)
     return to_channels_last<T>(grad_input_impl<T>(to_nchw<T>(grad_output), weight, mask, g));
-  at::Tensor gy = st.channels_last ? grad_output : grad_output.contiguous();
+  at::Tensor gy = cl_phases ? to_nchw<T>(grad_output) : st.channels_last ? grad_output : grad_output.contiguous();
   at::Tensor w = weight.contiguous();
   const StripeLists L = build_lists(mask, g);
   const Kernels<T>& ker = kernels<T>(force_generic());
@@ -174,7 +177,21 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     run(e);
   }
 
-  if (g.strided()) {
+  if (cl_phases) {
+    // Interleave the phase planes into the channels_last grad_input: per row, a transpose of
+    // each phase's pixels into every sw-th pixel.
+    T* dst = gx.data_ptr<T>();
+    const T* src = phases.data_ptr<T>();
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.W * g.C));
+    at::parallel_for(0, g.B * g.H, grain, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / g.H, h = t % g.H, pa = h % g.sh, r = h / g.sh;
+        for (int64_t pb = 0; pb < g.sw; ++pb)
+          transpose_matrix<T>(src + (pa * g.sw + pb) * phase_size + b * g.C * out_cs + r * g.Wpm, out_cs,
+                              dst + (t * g.W + pb) * g.C, g.sw * g.C, g.C, g.phase_cols(pb));
+      }
+    });
+  } else if (g.strided()) {
     // Interleave the phase planes into grad_input.
     T* dst = gx.data_ptr<T>();
     const T* src = phases.data_ptr<T>();

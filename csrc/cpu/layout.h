@@ -110,6 +110,27 @@ at::Tensor to_channels_last(const at::Tensor& nchw) {
   return out;
 }
 
+// split_phases' planes from a channels_last x, in one pass: each (phase, image, row) is a
+// transpose of the row's pixels of that phase (sw * C apart) into the planes' channel rows.
+template <typename T>
+at::Tensor split_phases_nhwc(const at::Tensor& x, const Geometry& g) {
+  at::Tensor buf = scratch({g.sh * g.sw, g.B, g.C, g.Hpm, g.Wpm}, x.options());
+  const T* src = x.data_ptr<T>();
+  T* dst = buf.data_ptr<T>();
+  const int64_t plane_ph = g.Hpm * g.Wpm, rows = g.B * g.Hpm;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.Wpm * g.C));
+  at::parallel_for(0, g.sh * g.sw * rows, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t ph = t / rows, b = (t % rows) / g.Hpm, r = t % g.Hpm, pa = ph / g.sw, pb = ph % g.sw;
+      if (r >= g.phase_rows(pa)) continue;
+      const T* s = src + ((b * g.H + pa + r * g.sh) * g.W + pb) * g.C;
+      T* d = dst + (ph * g.B + b) * g.C * plane_ph + r * g.Wpm;
+      transpose_matrix<T>(s, g.sw * g.C, d, plane_ph, g.phase_cols(pb), g.C);
+    }
+  });
+  return buf;
+}
+
 inline bool is_channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
