@@ -11,7 +11,8 @@ For each layer and stripe density it times, in fp32 on random data with a random
     faster dense layout): what filter/channel pruning to this density would run instead;
   * both once more on channels_last input ("cl x": stripe over dense, each reading and writing
     channels_last tensors, as in a channels_last network);
-  * optionally (--backward) forward+backward of both, through autograd.
+  * optionally (--backward) forward+backward of both, through autograd, on NCHW and on
+    channels_last tensors ("cl f+b x").
 The stripe op and the dense baseline are timed back to back in every repeat, so both see the
 same load when other processes share the machine; the speedup is the median of the per-repeat
 ratios ("speedup"); "(min)" is the ratio of the fastest repeats, what the kernels do when nothing
@@ -21,6 +22,7 @@ is judged on the median ratio. --quiet-wait waits for other processes to go idle
     python bench/bench_cpu.py                     # the three target layers, forward
     python bench/bench_cpu.py --backward --json bench/results/cpu.json
     python bench/bench_cpu.py --layer 16,32,14,64 --layer 64,64,7,64   # your own 3x3 layers
+    python bench/bench_cpu.py --layer 16,32,32,1,2   # ... with stride 2 (a fifth value)
     python bench/bench_cpu.py --batches 1 8 64    # every layer at each of these batch sizes
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -45,35 +48,46 @@ from stripeconv import StripeConv2d  # noqa: E402
 from stripeconv.backends import reference  # noqa: E402
 from stripeconv.packing import pack_weight  # noqa: E402
 
-# (name, in_channels, out_channels, H=W, batch); all 3x3, stride 1, padding 1.
-LAYERS = [
-    ("64->64 32x32 b16", 64, 64, 32, 16),
-    ("256->256 8x8 b16", 256, 256, 8, 16),
-    ("128->128 16x16 b1", 128, 128, 16, 1),
-]
+def layer_name(cin: int, cout: int, hw: int, batch: int, stride: int = 1) -> str:
+    return f"{cin}->{cout} {hw}x{hw}{f' s{stride}' if stride > 1 else ''} b{batch}"
+
+
+class Layer(NamedTuple):
+    """A 3x3, padding-1 conv on HW x HW planes."""
+    name: str
+    cin: int
+    cout: int
+    hw: int
+    batch: int
+    stride: int = 1
+
+    @classmethod
+    def of(cls, cin: int, cout: int, hw: int, batch: int, stride: int = 1) -> "Layer":
+        return cls(layer_name(cin, cout, hw, batch, stride), cin, cout, hw, batch, stride)
+
+
+LAYERS = [Layer.of(64, 64, 32, 16), Layer.of(256, 256, 8, 16), Layer.of(128, 128, 16, 1)]
 DENSITIES = [1.0, 0.5, 0.3, 0.1]
 
 
-def layer_name(cin: int, cout: int, hw: int, batch: int) -> str:
-    return f"{cin}->{cout} {hw}x{hw} b{batch}"
-
-
-def parse_layer(text: str) -> tuple:
-    """``"CIN,COUT,HW,BATCH"`` -> a LAYERS entry (a 3x3, stride-1, padding-1 conv on HW x HW planes)."""
+def parse_layer(text: str) -> Layer:
+    """``"CIN,COUT,HW,BATCH[,STRIDE]"`` -> a :class:`Layer`."""
     try:
-        cin, cout, hw, batch = (int(v) for v in text.split(","))
+        values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected CIN,COUT,HW,BATCH (four integers), got {text!r}") from None
-    if min(cin, cout, hw, batch) < 1:
-        raise argparse.ArgumentTypeError(f"CIN,COUT,HW,BATCH must be positive, got {text!r}")
-    return (layer_name(cin, cout, hw, batch), cin, cout, hw, batch)
+        values = []
+    if len(values) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"expected CIN,COUT,HW,BATCH[,STRIDE] (four or five integers), got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"CIN,COUT,HW,BATCH[,STRIDE] must be positive, got {text!r}")
+    return Layer.of(*values)
 
 
 def layers_to_run(layers, batches) -> list:
-    """``layers`` (LAYERS entries), each at every batch size of ``batches`` when given."""
+    """``layers`` (:class:`Layer` entries), each at every batch size of ``batches`` when given."""
     if not batches:
         return list(layers)
-    return [(layer_name(cin, cout, hw, b), cin, cout, hw, b) for _, cin, cout, hw, _ in layers for b in batches]
+    return [Layer.of(layer.cin, layer.cout, layer.hw, b, layer.stride) for layer in layers for b in batches]
 
 
 def target(batch: int, density: float) -> float:
@@ -172,9 +186,9 @@ def make_case(cin, cout, hw, batch, density, seed=0):
     return x, w, bias, mask, pack_weight(w, mask).contiguous()
 
 
-def make_layer(cin, cout, mask, packed, bias=None) -> StripeConv2d:
+def make_layer(cin, cout, mask, packed, bias=None, stride: int = 1) -> StripeConv2d:
     """The 3x3, padding 1 ``StripeConv2d`` with these stripes (and bias, if given)."""
-    layer = StripeConv2d(cin, cout, 3, padding=1, bias=bias is not None, stripe_mask=mask)
+    layer = StripeConv2d(cin, cout, 3, stride=stride, padding=1, bias=bias is not None, stripe_mask=mask)
     with torch.no_grad():
         layer.packed_weight.copy_(packed)
         if bias is not None:
@@ -182,18 +196,19 @@ def make_layer(cin, cout, mask, packed, bias=None) -> StripeConv2d:
     return layer
 
 
-def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
+def bench_layer(layer_spec: Layer, density: float, args) -> dict:
+    name, cin, cout, hw, batch, stride = layer_spec
     x, w, bias, mask, packed = make_case(cin, cout, hw, batch, density)
     xcl = x.contiguous(memory_format=torch.channels_last)
-    conv_args = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    conv_args = ([stride, stride], [1, 1, 1, 1], [1, 1], 1)
 
     def dense_nchw():
-        return F.conv2d(x, w, bias, 1, 1)
+        return F.conv2d(x, w, bias, stride, 1)
 
     def dense_cl():
-        return F.conv2d(xcl, w, bias, 1, 1)
+        return F.conv2d(xcl, w, bias, stride, 1)
 
-    layer = make_layer(cin, cout, mask, packed, bias)
+    layer = make_layer(cin, cout, mask, packed, bias, stride)
 
     def stripe():
         with torch.no_grad():
@@ -204,7 +219,7 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
             return layer(xcl)
 
     # correctness guard: a benchmark of a wrong kernel is worthless
-    expect = F.conv2d(x, w * mask[:, None], bias, 1, 1)
+    expect = F.conv2d(x, w * mask[:, None], bias, stride, 1)
     torch.testing.assert_close(stripe(), expect, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(stripe_cl(), expect, atol=1e-3, rtol=1e-3)
 
@@ -223,10 +238,10 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
     x_best = x if dense_fmt == "nchw" else xcl
 
     def dense_best():
-        return F.conv2d(x_best, w, bias, 1, 1)
+        return F.conv2d(x_best, w, bias, stride, 1)
 
     def channel_pruned():
-        return F.conv2d(x_best, w_ch, b_ch, 1, 1)
+        return F.conv2d(x_best, w_ch, b_ch, stride, 1)
 
     t_dense_ch, t_ch = time_pair(dense_best, channel_pruned, args.repeats)
     # a channels_last network: both convs read and write channels_last tensors
@@ -237,6 +252,7 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
         "cout": cout,
         "hw": hw,
         "batch": batch,
+        "stride": stride,
         "density": density,
         "kept_stripes": int(mask.sum()),
         "cpu_busy_before": busy,
@@ -263,22 +279,25 @@ def bench_layer(name, cin, cout, hw, batch, density, args) -> dict:
                      args.ref_repeats)
         )
     if args.backward:
-        gy = torch.randn(batch, cout, hw, hw)
-        xd = (x if dense_fmt == "nchw" else xcl).detach().requires_grad_()
+        gy = torch.randn(expect.shape)
         wd = w.detach().requires_grad_()
-        xs = x.detach().requires_grad_()
-        layer_fb = make_layer(cin, cout, mask, packed, None)
+        layer_fb = make_layer(cin, cout, mask, packed, None, stride)
 
-        def dense_fb():
-            F.conv2d(xd, wd, None, 1, 1).backward(gy)
+        def fwd_bwd_pair(x_dense, x_stripe, grad):
+            xd, xs = x_dense.detach().requires_grad_(), x_stripe.detach().requires_grad_()
+            return (lambda: F.conv2d(xd, wd, None, stride, 1).backward(grad),
+                    lambda: layer_fb(xs).backward(grad))
 
-        def stripe_fb():
-            layer_fb(xs).backward(gy)
-
-        t_d, t_s = time_pair(dense_fb, stripe_fb, max(5, args.repeats // 2))
+        repeats = max(5, args.repeats // 2)
+        t_d, t_s = time_pair(*fwd_bwd_pair(x if dense_fmt == "nchw" else xcl, x, gy), repeats)
         row["dense_fwd_bwd"] = summary(t_d)
         row["stripe_fwd_bwd"] = summary(t_s)
         row["speedup_fwd_bwd"] = statistics.median(d / s for d, s in zip(t_d, t_s))
+        # a channels_last network's training step: both read and write channels_last tensors
+        t_d, t_s = time_pair(*fwd_bwd_pair(xcl, xcl, gy.contiguous(memory_format=torch.channels_last)), repeats)
+        row["dense_fwd_bwd_channels_last"] = summary(t_d)
+        row["stripe_fwd_bwd_channels_last"] = summary(t_s)
+        row["speedup_fwd_bwd_channels_last"] = statistics.median(d / s for d, s in zip(t_d, t_s))
     return row
 
 
@@ -287,8 +306,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--ref-repeats", type=int, default=3)
     parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
-    parser.add_argument("--layer", type=parse_layer, action="append", metavar="CIN,COUT,HW,BATCH",
-                        help="a 3x3 layer to time instead of the three target layers (repeatable)")
+    parser.add_argument("--layer", type=parse_layer, action="append", metavar="CIN,COUT,HW,BATCH[,STRIDE]",
+                        help="a 3x3, padding-1 layer to time instead of the three target layers (repeatable)")
     parser.add_argument("--batches", type=int, nargs="+", metavar="B",
                         help="time every layer at each of these batch sizes instead of its own")
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
@@ -312,12 +331,13 @@ def main(argv=None):
     header = (f"{'layer':<20} {'dens':>4} {'nchw ms':>8} {'cl ms':>8} {'stripe ms':>13} {'ref ms':>8} "
               f"{'speedup':>7} {'(min)':>6} {'cl x':>6} {'chan x':>6} {'1/dens':>6} {'target':>6} ok")
     if args.backward:
-        header += f" {'dense f+b':>10} {'stripe f+b':>11} {'f+b x':>6}"
+        header += f" {'dense f+b':>10} {'stripe f+b':>11} {'f+b x':>6} {'cl f+b x':>8}"
     print(header)
     rows = []
-    for name, cin, cout, hw, batch in layers_to_run(args.layer or LAYERS, args.batches):
+    for layer in layers_to_run(args.layer or LAYERS, args.batches):
+        name = layer.name
         for density in args.densities:
-            r = bench_layer(name, cin, cout, hw, batch, density, args)
+            r = bench_layer(layer, density, args)
             rows.append(r)
             st = r["stripe_cpu"]
             ref = f"{r['reference']['median_ms']:8.2f}" if "reference" in r else f"{'-':>8}"
@@ -327,7 +347,7 @@ def main(argv=None):
                     f"{r['speedup_channels_last']:>6.2f} {r['speedup_channel_pruned']:>6.2f} {r['ideal']:>6.2f} {r['target']:>6.2f} {'yes' if r['meets_target'] else 'NO'}")
             if args.backward:
                 line += (f" {r['dense_fwd_bwd']['median_ms']:>10.3f} {r['stripe_fwd_bwd']['median_ms']:>11.3f} "
-                         f"{r['speedup_fwd_bwd']:>6.2f}")
+                         f"{r['speedup_fwd_bwd']:>6.2f} {r['speedup_fwd_bwd_channels_last']:>8.2f}")
             print(line, flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover
 import stripeconv  # noqa: E402
 from bench_cpu import DENSITIES, LAYERS, make_case, make_layer  # noqa: E402
 
-LAYER_IDS = [name.replace(" ", "_").replace(">", "") for name, *_ in LAYERS]
+LAYER_IDS = [layer.name.replace(" ", "_").replace(">", "") for layer in LAYERS]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,7 +42,7 @@ def _cpu_backend():
 @pytest.mark.parametrize("fmt", ["nchw", "channels_last"])
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
 def test_dense_forward(benchmark, layer, fmt):
-    name, cin, cout, hw, batch = layer
+    name, cin, cout, hw, batch, _ = layer
     x, w, bias, _, _ = make_case(cin, cout, hw, batch, 1.0)
     if fmt == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -53,7 +53,7 @@ def test_dense_forward(benchmark, layer, fmt):
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
 def test_stripe_forward(benchmark, layer, density):
-    name, cin, cout, hw, batch = layer
+    name, cin, cout, hw, batch, _ = layer
     x, _, bias, mask, packed = make_case(cin, cout, hw, batch, density)
     benchmark.group = f"forward {name}"
     benchmark.extra_info["density"] = density
@@ -66,7 +66,7 @@ def test_stripe_forward(benchmark, layer, density):
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
 def test_channel_pruned_forward(benchmark, layer, density):
     """The dense conv that filter pruning to the same FLOPs leaves: round(density * out) filters."""
-    name, cin, cout, hw, batch = layer
+    name, cin, cout, hw, batch, _ = layer
     x, w, bias, _, _ = make_case(cin, cout, hw, batch, 1.0)
     kept = max(1, round(density * cout))
     w, bias = w[:kept].contiguous(), bias[:kept].contiguous()
@@ -78,7 +78,7 @@ def test_channel_pruned_forward(benchmark, layer, density):
 
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
 def test_dense_forward_backward(benchmark, layer):
-    name, cin, cout, hw, batch = layer
+    name, cin, cout, hw, batch, _ = layer
     x, w, _, _, _ = make_case(cin, cout, hw, batch, 1.0)
     x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     w = w.requires_grad_()
@@ -90,7 +90,7 @@ def test_dense_forward_backward(benchmark, layer):
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
 def test_stripe_forward_backward(benchmark, layer, density):
-    name, cin, cout, hw, batch = layer
+    name, cin, cout, hw, batch, _ = layer
     x, _, _, mask, packed = make_case(cin, cout, hw, batch, density)
     x.requires_grad_()
     layer = make_layer(cin, cout, mask, packed)

@@ -191,6 +191,27 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
                               dst + (t * g.W + pb) * g.C, g.sw * g.C, g.C, g.phase_cols(pb));
       }
     });
+  } else if (g.sw == 2) {
+    // Interleave the phase planes into grad_input, two phase rows into each row at once (a loop
+    // the compiler vectorises, unlike the general one below).
+    T* dst = gx.data_ptr<T>();
+    const T* src = phases.data_ptr<T>();
+    const int64_t nplanes = g.B * g.C, even = g.phase_cols(0), odd = g.phase_cols(1);
+    at::parallel_for(0, nplanes, 4, [&](int64_t t0, int64_t t1) {
+      for (int64_t bc = t0; bc < t1; ++bc) {
+        for (int64_t h = 0; h < g.H; ++h) {
+          const int64_t pa = h % g.sh, r = h / g.sh;
+          const T* p0 = src + 2 * pa * phase_size + bc * out_cs + r * g.Wpm;
+          const T* p1 = p0 + phase_size;
+          T* d = dst + (bc * g.H + h) * g.W;
+          for (int64_t q = 0; q < odd; ++q) {
+            d[2 * q] = p0[q];
+            d[2 * q + 1] = p1[q];
+          }
+          if (even > odd) d[2 * odd] = p0[odd];
+        }
+      }
+    });
   } else if (g.strided()) {
     // Interleave the phase planes into grad_input.
     T* dst = gx.data_ptr<T>();
