@@ -8,8 +8,12 @@ packing) comes on top and is not measured here.
 
     python bench/host_overhead.py                       # settled calls, as a model's steady state runs them
     python bench/host_overhead.py --through-autotuner   # every launch through the autotuner's key lookup
+    python bench/host_overhead.py --network resnet56    # a whole CIFAR network, eager and torch.compile'd
 
 Prints the minimum and median over ``--repeats`` runs of ``--calls`` calls, in microseconds.
+``--network`` times forwards (batch ``--batch``, channels_last, random masks of ``--density`` on
+the 3x3 convs) in eager mode and through ``torch.compile`` (inductor, compiled before timing), in
+milliseconds: the host work a GPU would wait for where its kernels take less.
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--density", type=float, default=0.5)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--network", choices=("resnet20", "resnet56", "vgg16_bn"),
+                    help="time this network's forward, eager and compiled, instead of single calls")
+    ap.add_argument("--batch", type=int, default=1, help="batch of --network")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
 
@@ -59,6 +66,27 @@ def main(argv=None) -> dict:
     if args.through_autotuner:
         tb._TunedLaunch.__call__ = lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, **self.constants)
     torch.set_num_threads(1)
+    results = network(args) if args.network else single_calls(args, tb)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+def _time(call, calls: int, repeats: int) -> list[float]:
+    """Seconds per call of ``repeats`` runs of ``calls`` calls, after a warm-up."""
+    for _ in range(max(10, calls // 10)):
+        call()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        runs.append((time.perf_counter() - start) / calls)
+    return runs
+
+
+def single_calls(args, tb) -> dict:
     gen = torch.Generator().manual_seed(0)
     c, hw = args.channels, args.size
     mask = torch.rand(c, 3, 3, generator=gen) < args.density
@@ -77,19 +105,39 @@ def main(argv=None) -> dict:
                "launch": "through the autotuner" if args.through_autotuner else "settled", "us": {}}
     print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op)")
     for name, call in calls.items():
-        for _ in range(max(10, args.calls // 10)):
-            call()
-        runs = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for _ in range(args.calls):
-                call()
-            runs.append((time.perf_counter() - start) / args.calls * 1e6)
+        runs = [t * 1e6 for t in _time(call, args.calls, args.repeats)]
         results["us"][name] = {"min": min(runs), "median": statistics.median(runs)}
         print(f"  {name:<24} min {min(runs):6.1f} us   median {statistics.median(runs):6.1f} us")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    return results
+
+
+def network(args) -> dict:
+    """Forward of a CIFAR network on the Triton backend, eager and compiled (no gradients)."""
+    import gc
+
+    import stripeconv
+    from bench_cpu_network import build  # beside this script
+
+    _, model, masks = build(args.network, args.density)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    previous = stripeconv.get_backend()
+    stripeconv.set_backend("triton")
+    results = {"network": f"{args.network}, {len(masks)} stripe convs at density {args.density}, batch {args.batch}",
+               "launch": "settled", "ms": {}}
+    print(f"host work per forward, {results['network']} (JIT launches a no-op)")
+    gc.disable()  # a collection inside a timed run is the caller's cost, not the layers'
+    try:
+        with torch.no_grad():
+            for name, run in (("eager", model), ("compiled", torch.compile(model))):
+                runs = [t * 1e3 for t in _time(lambda: run(x), args.calls, args.repeats)]
+                results["ms"][name] = {"min": min(runs), "median": statistics.median(runs),
+                                       "us_per_conv": min(runs) * 1e3 / len(masks)}
+                print(f"  {name:<9} min {min(runs):6.2f} ms   median {statistics.median(runs):6.2f} ms   "
+                      f"({results['ms'][name]['us_per_conv']:.0f} us per stripe conv)")
+    finally:
+        gc.enable()
+        stripeconv.set_backend(previous)
     return results
 
 

@@ -27,3 +27,21 @@ def test_host_overhead_script(tmp_path, through_autotuner):
     assert results["launch"] == ("through the autotuner" if through_autotuner else "settled")
     assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32"}
     assert all(0 < v["min"] <= v["median"] for v in results["us"].values())
+
+
+def test_host_overhead_network(tmp_path):
+    """--network times a whole network's forwards on the Triton backend, eager and compiled."""
+    pytest.importorskip("triton", reason="host_overhead.py times the Triton backend; install triton")
+    out = tmp_path / "network.json"
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--network", "resnet20", "--calls", "2",
+           "--repeats", "2", "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    env.pop("STRIPECONV_BACKEND", None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    if "cannot load its kernels" in proc.stderr + proc.stdout:
+        pytest.skip(f"this triton's interpreter cannot load the kernels: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(out.read_text())
+    assert results["network"].startswith("resnet20, 18 stripe convs")
+    assert set(results["ms"]) == {"eager", "compiled"}
+    assert all(0 < v["min"] <= v["median"] and v["us_per_conv"] > 0 for v in results["ms"].values())

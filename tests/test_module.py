@@ -549,35 +549,47 @@ def test_pinned_reference_backend_skips_the_eager_cpu_path(monkeypatch):
         stripeconv.set_backend(None)
 
 
-def test_compiled_cpu_layers_call_the_cpu_kernels_and_follow_the_pinned_backend():
-    """Under torch.compile, a CPU layer the cpu backend serves calls its C++ op, as eager mode does
-    (compiled code calling the op's Python implementation pays the compiler's frame hooks each call);
-    pinning another backend recompiles to the op, and torch.export keeps the op."""
+def test_compiled_layers_call_lean_kernel_ops_and_follow_the_pinned_backend():
+    """Under torch.compile, a CPU layer the cpu backend serves calls its C++ ops, as eager mode does;
+    pinning a Python backend recompiles to the private ``stripeconv::_compiled_*`` ops (the backend
+    calls without the custom op's Python layers), forward and backward; torch.export keeps the op."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
     torch._dynamo.reset()
     graphs = []
 
     def record(gm, example_inputs):
-        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
-        return gm.forward
+        graphs.append(sorted({str(n.target).rsplit(".", 1)[0] for n in gm.graph.nodes
+                              if n.op == "call_function" and str(n.target).startswith("stripeconv")}))
+        return make_boxed_func(gm.forward)
 
     torch.manual_seed(0)
     layer = StripeConv2d(4, 6, 3, padding=1, stripe_mask=torch.rand(6, 3, 3) < 0.4)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
-    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    compiled = torch.compile(layer, backend=aot_autograd(fw_compiler=record, bw_compiler=record), fullgraph=True)
     try:
         stripeconv.set_backend(None)
         torch.testing.assert_close(compiled(x), layer(x))
         stripeconv.set_backend("reference")
-        torch.testing.assert_close(compiled(x), layer(x))
+        reference = compiled(x)
+        torch.testing.assert_close(reference, layer(x))
+        reference.square().sum().backward()  # the backward graph is compiled when it first runs
+        grads = x.grad.clone(), layer.packed_weight.grad.clone()
+        x.grad, layer.packed_weight.grad = None, None
+        layer(x).square().sum().backward()
+        torch.testing.assert_close(grads, (x.grad, layer.packed_weight.grad))
+        x.grad, layer.packed_weight.grad = None, None
         stripeconv.set_backend("cpu")
         out = compiled(x)
     finally:
         stripeconv.set_backend(None)
-    kernels = [{t.split(".")[0] for t in graph if t.startswith("stripeconv")} for graph in graphs]
     if hasattr(torch.compiler, "_is_exporting_flag"):
-        assert kernels == [{"stripeconv_cpu"}, {"stripeconv"}, {"stripeconv_cpu"}], graphs
+        assert graphs[:3] == [["stripeconv_cpu.forward"], ["stripeconv._compiled_conv2d"],
+                              ["stripeconv._compiled_grad_input", "stripeconv._compiled_grad_weight"]], graphs
+        assert graphs[3:] == [["stripeconv_cpu.forward"]], graphs
     else:  # a torch whose compile cannot be told from export keeps the op
-        assert kernels == [{"stripeconv"}], graphs
+        assert graphs[0] == ["stripeconv.stripe_conv2d"], graphs
     out.square().sum().backward()
     grad_x, grad_w = x.grad.clone(), layer.packed_weight.grad.clone()
     x.grad, layer.packed_weight.grad = None, None

@@ -39,6 +39,32 @@ def test_opcheck(backend, cfg):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
+def test_opcheck_compiled_route(backend, cfg):
+    """The private ops compiled layers call (stripeconv.backends.compiled): schema, fake kernels and
+    dynamic-shape tracing; their values and gradients match the op's. They have no autograd kernel by
+    design (the autograd.Function around them differentiates), so that check is left out."""
+    from stripeconv.backends import compiled
+
+    x, weight, bias, mask, stride, padding, dilation, groups = _args(cfg, torch.float64)
+    conv = (stride, padding, dilation, groups)
+    x, weight, bias = x.detach(), weight.detach(), bias.detach()
+    out = torch.ops.stripeconv.stripe_conv2d(x, weight, bias, mask, *conv)
+    grad = torch.randn_like(out)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    for op, args in ((torch.ops.stripeconv._compiled_conv2d, (x, weight, bias, mask, *conv)),
+                     (torch.ops.stripeconv._compiled_conv2d, (x, weight, None, mask, *conv)),
+                     (torch.ops.stripeconv._compiled_grad_input, (grad, weight, mask, list(x.shape), *conv)),
+                     (torch.ops.stripeconv._compiled_grad_weight, (grad, x, weight, mask, *conv))):
+        torch.library.opcheck(op, args, test_utils=checks)
+    x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    got = compiled.conv2d(x, weight, bias, mask, *conv)
+    expected = torch.ops.stripeconv.stripe_conv2d(x, weight, bias, mask, *conv)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, (x, weight, bias), grad),
+                               torch.autograd.grad(expected, (x, weight, bias), grad), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
 def test_gradcheck_fp64(backend, cfg):
     x, weight, bias, mask, stride, padding, dilation, groups = _args(cfg, torch.float64, size=(5, 5))
 

@@ -9,8 +9,8 @@ C++ kernels) for CPU tensors, ``triton`` for CUDA tensors, and ``dense`` (the
 framework's conv on the masked weight) where no stripe kernel runs: other devices, or nothing
 compiled. ``reference`` is the readable statement of the math and the test oracle. The
 ``cuda`` kernels are opt-in (never a default) until benchmarks show them faster. :func:`set_backend` or the
-environment variable ``STRIPECONV_BACKEND`` pins one. In eager mode, modules reach the chosen
-backend through :func:`eager_conv2d`, without the op's Python layers.
+environment variable ``STRIPECONV_BACKEND`` pins one. Modules reach the chosen backend through
+:func:`eager_conv2d`, without the op's Python layers, in eager mode and (:mod:`.compiled`) under torch.compile.
 """
 from __future__ import annotations
 
@@ -88,11 +88,11 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
     ``cpu`` backend's ``eager_conv2d`` (its forward with C++ autograd), or one autograd.Function
     around any other backend (:mod:`.eager`). Under torch.func transforms and forward-mode AD, the
     op inside an autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
-    works: under torch.compile (but see :func:`_compiled_cpu_conv2d`) and, for the Python backends, under
-    tracing, dispatch modes (fake tensors), for meta tensors and tensor subclasses.
+    works: for the Python backends under tracing, dispatch modes (fake tensors), for meta tensors and
+    tensor subclasses. Under torch.compile, what :func:`_compiled_conv2d` says.
     """
     if torch.compiler.is_compiling():
-        return _compiled_cpu_conv2d(input)
+        return _compiled_conv2d(input)
     if _functorch_active() or forward_ad._current_level >= 0:  # torch.func, or dual tensors may come
         from ..ops import transform_conv2d  # the ops import this module
 
@@ -111,22 +111,27 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
     return conv2d
 
 
-def _compiled_cpu_conv2d(input: torch.Tensor) -> Optional[Callable]:
-    """Under torch.compile, where the ``cpu`` backend serves ``input``: its C++ op (forward with C++
-    autograd; every kernel has a fake implementation, so it traces), as in eager mode and TorchScript.
-    Compiled code that calls the op's Python implementation pays its frames' compiler hooks on
-    every call, several times a small layer's arithmetic. Otherwise None: the op. torch.export keeps
-    the op, which exported programs name whatever device they later run on; a torch without the
-    export flag keeps it everywhere. Dynamo guards on ``_selected``, so :func:`set_backend` recompiles."""
+def _compiled_conv2d(input: torch.Tensor) -> Optional[Callable]:
+    """What a module traces a ``stripe_conv2d`` call to under torch.compile. Where the ``cpu`` backend
+    serves ``input``: its C++ op (forward with C++ autograd; every kernel has a fake implementation,
+    so it traces), as in eager mode and TorchScript. Elsewhere: :func:`.compiled.conv2d`, the backend
+    calls as private ops without the custom op's Python layers, which cost a compiled graph more than
+    a small layer's kernels (see :mod:`.compiled`). None, the op, under torch.export, which keeps the
+    op that exported programs name whatever device they later run on (a torch without the export
+    flag keeps it everywhere), and under torch.func transforms and forward-mode AD. Dynamo guards on
+    ``_selected``, so :func:`set_backend` recompiles."""
     # The flag itself: Dynamo of torch 2.11 folds torch.compiler.is_exporting() to True in every trace.
     exporting = getattr(torch.compiler, "_is_exporting_flag", None)
-    if exporting is not False or input.device.type != "cpu" or _selected not in (None, "cpu"):
+    if exporting is not False or _functorch_active() or forward_ad._current_level >= 0:
         return None
-    if _functorch_active() or forward_ad._current_level >= 0:  # C++ autograd cannot serve torch.func
-        return None
-    # resolve()'s answer, without its cache write (a side effect Dynamo would have to replay)
-    cpu = _loaded.get("cpu")  # loaded with the package
-    return cpu.eager_conv2d if cpu is not None and cpu.is_available()[0] else None
+    if input.device.type == "cpu" and _selected in (None, "cpu"):
+        # resolve()'s answer, without its cache write (a side effect Dynamo would have to replay)
+        cpu = _loaded.get("cpu")  # loaded with the package
+        if cpu is not None and cpu.is_available()[0]:
+            return cpu.eager_conv2d
+    from .compiled import conv2d  # registers the private ops (it imports the ops, which import this module)
+
+    return conv2d
 
 
 def resolve(device: torch.device) -> ModuleType:
