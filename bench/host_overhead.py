@@ -13,7 +13,8 @@ packing) comes on top and is not measured here.
 Prints the minimum and median over ``--repeats`` runs of ``--calls`` calls, in microseconds.
 ``--network`` times forwards (batch ``--batch``, channels_last, random masks of ``--density`` on
 the 3x3 convs) in eager mode and through ``torch.compile`` (inductor, compiled before timing), in
-milliseconds: the host work a GPU would wait for where its kernels take less.
+milliseconds, from a range of Python call depths (see ``DEPTHS``): the host work a GPU would wait
+for where its kernels take less.
 """
 from __future__ import annotations
 
@@ -49,13 +50,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--size", type=int, default=8, help="input height and width")
     ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--calls", type=int, default=300)
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--calls", type=int, help="calls per run (default 300; --network: 10 forwards)")
+    ap.add_argument("--repeats", type=int, help="runs (default 10; --network: 3 per call depth)")
     ap.add_argument("--network", choices=("resnet20", "resnet56", "vgg16_bn"),
                     help="time this network's forward, eager and compiled, instead of single calls")
     ap.add_argument("--batch", type=int, default=1, help="batch of --network")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    args.calls = args.calls or (10 if args.network else 300)
+    args.repeats = args.repeats or (3 if args.network else 10)
 
     from stripeconv.backends import triton_backend as tb
 
@@ -111,12 +114,26 @@ def single_calls(args, tb) -> dict:
     return results
 
 
+def _at_depth(levels: int, call, *args):
+    """``call(*args)`` from ``levels`` Python frames deeper than the caller."""
+    return call(*args) if levels == 0 else _at_depth(levels - 1, call, *args)
+
+
+# CPython 3.11 and 3.12 free a 16 KB chunk of the frame stack as soon as the frame that opened it
+# returns, so calls that keep crossing its end at one depth map and unmap memory every time
+# (CPython gh-142183; 3.13 and 3.14 keep a spare chunk). Whether a network's layers hit that
+# depth is luck: its forward is timed from call depths across one chunk (about 110 of these frames).
+DEPTHS = range(0, 120, 2)
+
+
 def network(args) -> dict:
-    """Forward of a CIFAR network on the Triton backend, eager and compiled (no gradients)."""
+    """Forward of a CIFAR network on the Triton backend, eager and compiled (no gradients), from
+    each of :data:`DEPTHS`: per depth the fastest of ``--repeats`` runs of ``--calls`` forwards."""
     import gc
 
     import stripeconv
-    from bench_cpu_network import build  # beside this script
+    from bench_cpu import machine_info  # beside this script
+    from bench_cpu_network import build
 
     _, model, masks = build(args.network, args.density)
     model = model.to(memory_format=torch.channels_last)
@@ -124,17 +141,20 @@ def network(args) -> dict:
     previous = stripeconv.get_backend()
     stripeconv.set_backend("triton")
     results = {"network": f"{args.network}, {len(masks)} stripe convs at density {args.density}, batch {args.batch}",
-               "launch": "settled", "ms": {}}
-    print(f"host work per forward, {results['network']} (JIT launches a no-op)")
+               "launch": "settled", "machine": machine_info(), "depths": list(DEPTHS), "ms": {}}
+    print(f"host work per forward, {results['network']} (JIT launches a no-op), "
+          f"from {len(DEPTHS)} call depths: min / median / max over depths")
     gc.disable()  # a collection inside a timed run is the caller's cost, not the layers'
     try:
         with torch.no_grad():
             for name, run in (("eager", model), ("compiled", torch.compile(model))):
-                runs = [t * 1e3 for t in _time(lambda: run(x), args.calls, args.repeats)]
-                results["ms"][name] = {"min": min(runs), "median": statistics.median(runs),
-                                       "us_per_conv": min(runs) * 1e3 / len(masks)}
-                print(f"  {name:<9} min {min(runs):6.2f} ms   median {statistics.median(runs):6.2f} ms   "
-                      f"({results['ms'][name]['us_per_conv']:.0f} us per stripe conv)")
+                run(x)
+                best = [min(_time(lambda: _at_depth(depth, run, x), args.calls, args.repeats)) * 1e3
+                        for depth in DEPTHS]
+                results["ms"][name] = {"min": min(best), "median": statistics.median(best), "max": max(best),
+                                       "per_depth": best}
+                print(f"  {name:<9} {min(best):6.2f} / {statistics.median(best):6.2f} / {max(best):6.2f} ms   "
+                      f"({statistics.median(best) * 1e3 / len(masks):.0f} us per stripe conv at the median)")
     finally:
         gc.enable()
         stripeconv.set_backend(previous)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
-            empty_filters=0, via_op=False, via_module=False, deterministic=False, gpu_only=False, mask_update=False,
+            empty_filters=0, via_op=False, via_module=False, via_compile=False, deterministic=False, gpu_only=False, mask_update=False,
             dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False)
 
 
@@ -97,6 +97,8 @@ CASES = dict([
     # StripeConv2d's eager path: one autograd.Function around the triton backend, no custom op.
     _case("via_module", via_module=True, channels_last=True, stride=(2, 2), H=8, W=8),
     _case("via_module_groups", via_module=True, C=8, N=12, groups=2, bias=False),
+    # torch.compile'd StripeConv2d: the private ops of stripeconv.backends.compiled, no custom op.
+    _case("via_compile", via_module=True, via_compile=True, channels_last=True, stride=(2, 2), H=8, W=8),
     _case("double_backward", double_backward=True, dtype="float64", C=4, N=6, H=6, W=5, stride=(2, 1)),
     # The dense cuDNN hand-over (STRIPECONV_GPU_DENSE=always): F.conv2d on the scattered weight.
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -268,8 +270,9 @@ def run_case(name: str, device: str) -> str:
 
                     layer = _module_of(c, mask, w, bias)
                     wg, bg = layer.packed_weight, layer.bias
+                    run = torch.compile(layer, fullgraph=True, backend="aot_eager") if c["via_compile"] else layer
                     with custom_ops_refused():
-                        y = layer(xg)
+                        y = run(xg)
                         y.backward(gy)
                 else:
                     wg = w.detach().requires_grad_()
