@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh build test quick      # build, GPU tests (capped at 5 min), 3-layer run
 #   bash bench/gpu_session.sh vgg16,resnet56        # those suites (budgeted: 7 min)
 #   bash bench/gpu_session.sh resnet50,batch1
+#   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
 #
 # A machine left idle for 30 s is given back and the next command gets a bare one. The benchmark
@@ -55,6 +56,9 @@ for step in "$@"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)
       "$PY" bench/bench_gpu.py --quick --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    network)
+      "$PY" bench/bench_gpu_network.py --budget-s "$BUDGET" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
       "$PY" bench/bench_gpu.py --suites "$step" --budget-s "$BUDGET" --out "$OUT" --tag "_${step//,/_}" \
