@@ -325,3 +325,6 @@ stripe_conv2d_grad_weight.register_autograd(_grad_weight_backward, setup_context
 
 # torch.func support (vmap rules, and transform_conv2d for grad, jvp and the other transforms)
 from .func import transform_conv2d  # noqa: E402  (imports the ops above; registers the vmap rules)
+# The private ops compiled modules call, registered with the package: a compiled program that a
+# cache brings back into a new process names them before any module is traced there.
+from .backends import compiled as _compiled  # noqa: E402,F401

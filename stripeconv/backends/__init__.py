@@ -129,7 +129,7 @@ def _compiled_conv2d(input: torch.Tensor) -> Optional[Callable]:
         cpu = _loaded.get("cpu")  # loaded with the package
         if cpu is not None and cpu.is_available()[0]:
             return cpu.eager_conv2d
-    from .compiled import conv2d  # registers the private ops (it imports the ops, which import this module)
+    from .compiled import conv2d  # loaded with the ops (it imports them, and they import this module)
 
     return conv2d
 
