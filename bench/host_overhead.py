@@ -10,11 +10,11 @@ packing) comes on top and is not measured here.
     python bench/host_overhead.py --through-autotuner   # every launch through the autotuner's key lookup
     python bench/host_overhead.py --network resnet56    # a whole CIFAR network, eager and torch.compile'd
 
-Prints the minimum and median over ``--repeats`` runs of ``--calls`` calls, in microseconds.
-``--network`` times forwards (batch ``--batch``, channels_last, random masks of ``--density`` on
+Every call is timed from a range of Python call depths (see ``DEPTHS``): per depth the fastest of
+``--repeats`` runs of ``--calls`` calls; printed are the minimum, median and maximum over the
+depths, in microseconds. ``--network`` times forwards (batch ``--batch``, channels_last, random masks of ``--density`` on
 the 3x3 convs) in eager mode and through ``torch.compile`` (inductor, compiled before timing), in
-milliseconds, from a range of Python call depths (see ``DEPTHS``): the host work a GPU would wait
-for where its kernels take less.
+milliseconds: the host work a GPU would wait for where its kernels take less.
 """
 from __future__ import annotations
 
@@ -50,15 +50,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--channels", type=int, default=64)
     ap.add_argument("--size", type=int, default=8, help="input height and width")
     ap.add_argument("--density", type=float, default=0.5)
-    ap.add_argument("--calls", type=int, help="calls per run (default 300; --network: 10 forwards)")
-    ap.add_argument("--repeats", type=int, help="runs (default 10; --network: 3 per call depth)")
+    ap.add_argument("--calls", type=int, help="calls per run (default 100; --network: 10 forwards)")
+    ap.add_argument("--repeats", type=int, help="runs per call depth (default 3)")
     ap.add_argument("--network", choices=("resnet20", "resnet56", "vgg16_bn"),
                     help="time this network's forward, eager and compiled, instead of single calls")
     ap.add_argument("--batch", type=int, default=1, help="batch of --network")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    args.calls = args.calls or (10 if args.network else 300)
-    args.repeats = args.repeats or (3 if args.network else 10)
+    args.calls = args.calls or (10 if args.network else 100)
+    args.repeats = args.repeats or 3
 
     from stripeconv.backends import triton_backend as tb
 
@@ -106,11 +106,14 @@ def single_calls(args, tb) -> dict:
     }
     results = {"layer": f"{c}->{c} 3x3 at {hw}x{hw}, density {args.density}",
                "launch": "through the autotuner" if args.through_autotuner else "settled", "us": {}}
-    print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op)")
+    print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op), "
+          f"from {len(DEPTHS)} call depths: min / median / max over depths")
+    results["depths"] = list(DEPTHS)
     for name, call in calls.items():
-        runs = [t * 1e6 for t in _time(call, args.calls, args.repeats)]
-        results["us"][name] = {"min": min(runs), "median": statistics.median(runs)}
-        print(f"  {name:<24} min {min(runs):6.1f} us   median {statistics.median(runs):6.1f} us")
+        best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
+        results["us"][name] = {"min": min(best), "median": statistics.median(best), "max": max(best),
+                               "per_depth": best}
+        print(f"  {name:<24} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
     return results
 
 
@@ -122,8 +125,13 @@ def _at_depth(levels: int, call, *args):
 # CPython 3.11 and 3.12 free a 16 KB chunk of the frame stack as soon as the frame that opened it
 # returns, so calls that keep crossing its end at one depth map and unmap memory every time
 # (CPython gh-142183; 3.13 and 3.14 keep a spare chunk). Whether a network's layers hit that
-# depth is luck: its forward is timed from call depths across one chunk (about 110 of these frames).
+# depth is luck: calls are timed from call depths across one chunk (about 110 of these frames).
 DEPTHS = range(0, 120, 2)
+
+
+def _over_depths(call, calls: int, repeats: int) -> list[float]:
+    """Seconds per call from each of :data:`DEPTHS`: the fastest of ``repeats`` runs of ``calls`` calls."""
+    return [min(_at_depth(depth, _time, call, calls, repeats)) for depth in DEPTHS]  # the loop runs that deep
 
 
 def network(args) -> dict:
@@ -149,8 +157,7 @@ def network(args) -> dict:
         with torch.no_grad():
             for name, run in (("eager", model), ("compiled", torch.compile(model))):
                 run(x)
-                best = [min(_time(lambda: _at_depth(depth, run, x), args.calls, args.repeats)) * 1e3
-                        for depth in DEPTHS]
+                best = [t * 1e3 for t in _over_depths(lambda: run(x), args.calls, args.repeats)]
                 results["ms"][name] = {"min": min(best), "median": statistics.median(best), "max": max(best),
                                        "per_depth": best}
                 print(f"  {name:<9} {min(best):6.2f} / {statistics.median(best):6.2f} / {max(best):6.2f} ms   "
