@@ -11,37 +11,34 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("through_autotuner", [False, True])
-def test_host_overhead_script(tmp_path, through_autotuner):
+def _run(tmp_path, *options) -> dict:
+    """host_overhead.py with ``options`` in a child process; its JSON results (a skip where this
+    triton's interpreter cannot load the kernels)."""
     pytest.importorskip("triton", reason="host_overhead.py times the Triton backend; install triton")
     out = tmp_path / "host.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--calls", "5", "--repeats", "2",
-           "--json", str(out)] + (["--through-autotuner"] if through_autotuner else [])
-    env = {**os.environ, "PYTHONPATH": ROOT}
-    env.pop("STRIPECONV_BACKEND", None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    if "cannot load its kernels" in proc.stderr + proc.stdout:
-        pytest.skip(f"this triton's interpreter cannot load the kernels: {proc.stderr.strip()}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())
-    assert results["launch"] == ("through the autotuner" if through_autotuner else "settled")
-    assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32"}
-    assert all(0 < v["min"] <= v["median"] for v in results["us"].values())
-
-
-def test_host_overhead_network(tmp_path):
-    """--network times a whole network's forwards on the Triton backend, eager and compiled, from each call depth."""
-    pytest.importorskip("triton", reason="host_overhead.py times the Triton backend; install triton")
-    out = tmp_path / "network.json"
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), "--network", "resnet20", "--calls", "1",
-           "--repeats", "1", "--json", str(out)]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "host_overhead.py"), *options, "--json", str(out)]
     env = {**os.environ, "PYTHONPATH": ROOT}
     env.pop("STRIPECONV_BACKEND", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     if "cannot load its kernels" in proc.stderr + proc.stdout:
         pytest.skip(f"this triton's interpreter cannot load the kernels: {proc.stderr.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("through_autotuner", [False, True])
+def test_host_overhead_script(tmp_path, through_autotuner):
+    results = _run(tmp_path, "--calls", "5", "--repeats", "2", *(["--through-autotuner"] if through_autotuner else []))
+    assert results["launch"] == ("through the autotuner" if through_autotuner else "settled")
+    assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32"}
+    for timing in results["us"].values():
+        assert len(timing["per_depth"]) == len(results["depths"]) > 1
+        assert 0 < timing["min"] == min(timing["per_depth"]) <= timing["median"] <= timing["max"]
+
+
+def test_host_overhead_network(tmp_path):
+    """--network times a whole network's forwards on the Triton backend, eager and compiled, from each call depth."""
+    results = _run(tmp_path, "--network", "resnet20", "--calls", "1", "--repeats", "1")
     assert results["network"].startswith("resnet20, 18 stripe convs")
     assert set(results["ms"]) == {"eager", "compiled"}
     for timing in results["ms"].values():
