@@ -23,9 +23,10 @@ Three ops in the ``stripeconv`` namespace, with the same arguments for every bac
 
 The gradient of ``bias`` is ``grad_output.sum((0, 2, 3))`` and is part of the autograd formula.
 Each op hands its work to the backend chosen by :mod:`stripeconv.backends` for the input's
-device; fake (meta) kernels make them traceable by ``torch.compile``. ``StripeConv2d`` in eager
-mode reaches the same backend calls and gradient formula without the ops' Python layers
-(:func:`stripeconv.backends.eager_conv2d`). The ops' vmap rules and :func:`transform_conv2d` (for
+device; fake (meta) kernels make them traceable by ``torch.compile``. ``StripeConv2d`` reaches
+the same backend calls and gradient formula without the ops' Python layers, in eager mode
+(:func:`stripeconv.backends.eager_conv2d`) and under ``torch.compile`` (private kernel ops,
+:mod:`stripeconv.backends.compiled`). The ops' vmap rules and :func:`transform_conv2d` (for
 torch.func's differentiating transforms) are in :mod:`stripeconv.func`.
 """
 from __future__ import annotations
