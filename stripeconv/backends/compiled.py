@@ -20,11 +20,10 @@ from torch import Tensor
 
 from .. import backends
 from ..ops import (
-    conv2d_gradients, fake_forward, fake_grad_input, fake_grad_weight, run_forward, run_grad_input, run_grad_weight,
-    setup_conv2d_context,
+    _CONV_ARGS, conv2d_gradients, fake_forward, fake_grad_input, fake_grad_weight, run_forward, run_grad_input,
+    run_grad_weight, setup_conv2d_context,
 )
 
-_CONV_ARGS = "int[] stride, int[] padding, int[] dilation, int groups"
 _lib = torch.library.Library("stripeconv", "FRAGMENT")
 _lib.define(f"_compiled_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor stripe_mask, {_CONV_ARGS}) -> Tensor")
 _lib.define(f"_compiled_grad_input(Tensor grad_output, Tensor weight, Tensor stripe_mask, SymInt[] input_shape, "
