@@ -111,8 +111,7 @@ def single_calls(args, tb) -> dict:
     results["depths"] = list(DEPTHS)
     for name, call in calls.items():
         best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
-        results["us"][name] = {"min": min(best), "median": statistics.median(best), "max": max(best),
-                               "per_depth": best}
+        results["us"][name] = _spread(best)
         print(f"  {name:<24} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
     return results
 
@@ -132,6 +131,11 @@ DEPTHS = range(0, 120, 2)
 def _over_depths(call, calls: int, repeats: int) -> list[float]:
     """Seconds per call from each of :data:`DEPTHS`: the fastest of ``repeats`` runs of ``calls`` calls."""
     return [min(_at_depth(depth, _time, call, calls, repeats)) for depth in DEPTHS]  # the loop runs that deep
+
+
+def _spread(per_depth: list[float]) -> dict:
+    return {"min": min(per_depth), "median": statistics.median(per_depth), "max": max(per_depth),
+            "per_depth": per_depth}
 
 
 def network(args) -> dict:
@@ -158,8 +162,7 @@ def network(args) -> dict:
             for name, run in (("eager", model), ("compiled", torch.compile(model))):
                 run(x)
                 best = [t * 1e3 for t in _over_depths(lambda: run(x), args.calls, args.repeats)]
-                results["ms"][name] = {"min": min(best), "median": statistics.median(best), "max": max(best),
-                                       "per_depth": best}
+                results["ms"][name] = _spread(best)
                 print(f"  {name:<9} {min(best):6.2f} / {statistics.median(best):6.2f} / {max(best):6.2f} ms   "
                       f"({statistics.median(best) * 1e3 / len(masks):.0f} us per stripe conv at the median)")
     finally:
