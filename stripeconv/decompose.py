@@ -35,20 +35,27 @@ def scatter_rows(stripe_mask: Tensor) -> Tensor:
 
 
 def dense_weight(packed: Tensor, stripe_mask: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-    """``[N, C/g, kh, kw]`` weight from the packed rows, zeros at pruned stripes, by a gather of
-    fixed size through ``rows`` (default :func:`scatter_rows`; callers may pass it cached)."""
+    """``[N, C/g, kh, kw]`` weight from the packed rows, zeros at pruned stripes, in ops of static
+    shape: a gather through ``rows`` (:func:`scatter_rows`, which callers cache), or without
+    ``rows`` a ``masked_scatter``, whose backward (a ``masked_select``) Inductor compiles right
+    under torch.func transforms; the gather's (a scatter-add) it does not (torch 2.13: the
+    per-sample gradients of ``vmap(grad(...))`` summed over the samples; 2.6: a codegen error)."""
     n, kh, kw = stripe_mask.shape
-    rows = scatter_rows(stripe_mask) if rows is None else rows
-    padded = torch.cat([packed, packed.new_zeros(1, packed.shape[1])])
-    dense = padded.index_select(0, rows).view(kh, kw, n, packed.shape[1])
-    return dense.permute(2, 3, 0, 1)
+    if rows is None:
+        kept = stripe_mask.permute(1, 2, 0).reshape(-1, 1)
+        dense = packed.new_zeros(kh * kw * n, packed.shape[1]).masked_scatter(kept, packed)
+    else:
+        padded = torch.cat([packed, packed.new_zeros(1, packed.shape[1])])
+        dense = padded.index_select(0, rows)
+    return dense.view(kh, kw, n, packed.shape[1]).permute(2, 3, 0, 1)
 
 
 def stripe_conv2d_dense(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor,
                         stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                         groups: int, rows: Optional[Tensor] = None) -> Tensor:
     """``stripe_conv2d`` as a dense ``conv2d`` (the same arguments; ``padding`` is top, bottom, left,
-    right; ``rows`` as for :func:`dense_weight`)."""
+    right; ``rows`` as for :func:`dense_weight`). What the layer runs under ``torch.compile`` of
+    torch.func transforms."""
     pt, pb, pl, pr = padding
     dense = dense_weight(weight, stripe_mask, rows).to(input.dtype)
     if pt == pb and pl == pr:

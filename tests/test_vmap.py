@@ -288,3 +288,30 @@ def test_members_side_by_side_with_empty_shapes(backend):
     out = vmap(lambda w, b: functional_call(empty, {"packed_weight": w, "bias": b}, (x,)))(ws[:, :0],
                                                                                             torch.randn(2, 0))
     assert out.shape == (2, 5, 0, 6, 6)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_torch_func_transforms_under_torch_compile(compiler):
+    """torch.compile of grad, vmap(grad), jacrev, jvp and hessian over the layer: one graph each
+    (fullgraph), against the transforms of F.conv2d on the masked weight."""
+    torch._dynamo.reset()
+    layer = _layer(11, stride=2, padding=(1, 2))
+    w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(3, 3, 7, 8)
+    stripe, oracle = _stripe(layer), _oracle(layer)
+    tangents = (torch.randn_like(w), torch.randn_like(b), torch.randn_like(x))
+
+    def transforms(conv):
+        loss = lambda w, b, x: conv(w, b, x).tanh().sum()  # noqa: E731
+        return {
+            "grad": lambda: grad(loss, argnums=(0, 1, 2))(w, b, x),
+            "per_sample": lambda: vmap(grad(lambda w, b, xi: loss(w, b, xi[None]), argnums=(0, 1)),
+                                       in_dims=(None, None, 0))(w, b, x),
+            "jacrev": lambda: jacrev(lambda x: conv(w, b, x))(x[:1]),
+            "jvp": lambda: jvp(conv, (w, b, x), tangents),
+            "hessian": lambda: hessian(lambda b: loss(w, b, x))(b),
+        }
+
+    want = {name: f() for name, f in transforms(oracle).items()}
+    for name, f in transforms(stripe).items():
+        got = torch.compile(f, fullgraph=True, backend=compiler)()
+        torch.testing.assert_close(got, want[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
