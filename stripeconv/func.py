@@ -10,6 +10,7 @@ from torch import Tensor
 from .ops import (_grad_input_backward, _grad_weight_backward, _setup_grad_input_context,
                   _setup_grad_weight_context, conv2d_gradients, setup_conv2d_context, stripe_conv2d,
                   stripe_conv2d_grad_input, stripe_conv2d_grad_weight)
+from .decompose import stripe_conv2d_dense
 from .packing import position_offsets
 
 __all__ = ["transform_conv2d"]
@@ -264,7 +265,13 @@ class _TransformGradWeight(torch.autograd.Function):
 def transform_conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], stripe_mask: Tensor, stride: Sequence[int],
                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     """:func:`stripe_conv2d` for calls under torch.func transforms (``torch.func.grad`` and the like) and
-    forward-mode AD."""
+    forward-mode AD. Under ``torch.compile`` the dense conv of the masked weight
+    (:func:`~stripeconv.decompose.stripe_conv2d_dense`): Dynamo differentiates what an
+    autograd.Function's forward calls there, not its backward, and the op's registered autograd
+    cannot run under the transforms (pytorch/pytorch#168393), so only standard ops give the right
+    derivatives."""
+    if torch.compiler.is_compiling():
+        return stripe_conv2d_dense(input, weight, bias, stripe_mask, stride, padding, dilation, groups)
     return _TransformConv2d.apply(input, weight, bias, stripe_mask, _Args(stride, padding, dilation, groups))
 
 

@@ -292,8 +292,9 @@ def test_members_side_by_side_with_empty_shapes(backend):
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 def test_torch_func_transforms_under_torch_compile(compiler):
-    """torch.compile of grad, vmap(grad), jacrev, jvp and hessian over the layer: one graph each
-    (fullgraph), against the transforms of F.conv2d on the masked weight."""
+    """torch.compile of grad, vmap(grad), jacrev, jvp and hessian over the layer and over
+    transform_conv2d: one graph each (fullgraph), against the transforms of F.conv2d on the masked
+    weight."""
     torch._dynamo.reset()
     layer = _layer(11, stride=2, padding=(1, 2))
     w, b, x = layer.packed_weight.detach(), layer.bias.detach(), torch.randn(3, 3, 7, 8)
@@ -311,7 +312,10 @@ def test_torch_func_transforms_under_torch_compile(compiler):
             "hessian": lambda: hessian(lambda b: loss(w, b, x))(b),
         }
 
+    def functional(w, b, x):  # the op's functional form, called directly
+        return transform_conv2d(x, w, b, layer.stripe_mask, layer.stride, layer._pads, layer.dilation, layer.groups)
+
     want = {name: f() for name, f in transforms(oracle).items()}
-    for name, f in transforms(stripe).items():
+    for name, f in [*transforms(stripe).items(), *(("functional " + n, f) for n, f in transforms(functional).items())]:
         got = torch.compile(f, fullgraph=True, backend=compiler)()
-        torch.testing.assert_close(got, want[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, want[name.split()[-1]], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -118,15 +118,13 @@ def _compiled_conv2d(input: torch.Tensor) -> Optional[Callable]:
     calls as private ops without the custom op's Python layers, which cost a compiled graph more than
     a small layer's kernels (see :mod:`.compiled`). None, the op, under torch.export, which keeps the
     op that exported programs name whatever device they later run on (a torch without the export
-    flag keeps it everywhere). Under torch.func transforms and forward-mode AD, the dense conv of
-    the masked weight (:func:`~stripeconv.decompose.stripe_conv2d_dense`): Dynamo differentiates an
-    autograd.Function's forward there, not its backward, and the op's registered autograd cannot run
-    under the transforms (pytorch/pytorch#168393), so only standard ops give the right derivatives.
-    Dynamo guards on ``_selected``, so :func:`set_backend` recompiles."""
+    flag keeps it everywhere). Under torch.func transforms and forward-mode AD, ``transform_conv2d``,
+    which is the dense conv of the masked weight under compile. Dynamo guards on ``_selected``, so
+    :func:`set_backend` recompiles."""
     if _functorch_active() or forward_ad._current_level >= 0:
-        from ..decompose import stripe_conv2d_dense
+        from ..ops import transform_conv2d  # the ops import this module
 
-        return stripe_conv2d_dense
+        return transform_conv2d
     # The flag itself: Dynamo of torch 2.11 folds torch.compiler.is_exporting() to True in every trace.
     exporting = getattr(torch.compiler, "_is_exporting_flag", None)
     if exporting is not False:
