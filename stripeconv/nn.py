@@ -182,15 +182,37 @@ class StripeConv2d(nn.Module):
         return self.num_stripes / total if total else 0.0
 
     @torch.no_grad()
-    def set_stripe_mask(self, stripe_mask: Tensor) -> None:
+    def set_stripe_mask(self, stripe_mask: Tensor, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         """Change the kept stripes; stripes kept before keep their weights, new ones start at zero.
 
-        ``packed_weight`` is resized in place (same Parameter object).
+        ``packed_weight`` is resized in place (the same Parameter object, so an optimizer keeps
+        updating it). Its ``.grad`` is repacked the same way, and so, given ``optimizer``, is its
+        state there (momentum, Adam's moments: every state tensor of the weight's shape); without
+        it, state of the old shape makes the optimizer's next step fail. Outputs computed before
+        the change cannot be backpropagated after it (their graphs hold the weight's old shape),
+        so change masks between iterations.
         """
         check_stripe_mask(stripe_mask, self.out_channels, self.kernel_size)
         stripe_mask = stripe_mask.to(self.stripe_mask.device)
-        dense = unpack_weight(self.packed_weight, self.stripe_mask)
-        self.packed_weight.data = pack_weight(dense, stripe_mask).contiguous()
+        weight = self.packed_weight
+        old_shape = weight.shape
+        state = {}
+        if optimizer is not None:
+            state = optimizer.state.get(weight, {})
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != old_shape:
+                    raise ValueError(f"optimizer state {key!r} of packed_weight has shape {list(value.shape)}, "
+                                     f"neither a scalar nor the weight's {list(old_shape)}: it cannot be repacked")
+
+        def repack(t: Tensor) -> Tensor:
+            return pack_weight(unpack_weight(t, self.stripe_mask), stripe_mask).contiguous()
+
+        weight.data = repack(weight)
+        if weight.grad is not None:
+            weight.grad = repack(weight.grad)
+        for key, value in state.items():
+            if isinstance(value, Tensor) and value.shape == old_shape and value.dim() > 0:
+                state[key] = repack(value)
         self.stripe_mask = stripe_mask.clone()
         if self.constant_channel_weight is not None:  # pruned stripes read no input, constant or not
             self.constant_channel_weight.mul_(stripe_mask.to(self.constant_channel_weight.dtype))

@@ -154,6 +154,48 @@ def test_set_stripe_mask_keeps_surviving_weights():
     torch.testing.assert_close(layer.weight, before * new_mask[:, None])
 
 
+@pytest.mark.parametrize("make_optimizer", [lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+                                            lambda p: torch.optim.AdamW(p, lr=0.01, amsgrad=True)],
+                         ids=["sgd_momentum", "adamw_amsgrad"])
+def test_set_stripe_mask_repacks_grad_and_optimizer_state(make_optimizer):
+    """Training goes on across a mask change: the gradient and the optimizer's per-stripe state of
+    stripes kept before stay theirs, new stripes start at zero; the next step runs."""
+    gen = torch.Generator().manual_seed(5)
+    layer = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3, generator=gen) < 0.7)
+    optimizer = make_optimizer(layer.parameters())
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    for _ in range(2):
+        optimizer.zero_grad()
+        layer(x).square().sum().backward()
+        optimizer.step()
+    layer(x).square().sum().backward()  # a gradient pending at the change
+    old_mask, weight = layer.stripe_mask.clone(), layer.packed_weight
+    old = {"grad": weight.grad.clone(), **{k: v.clone() for k, v in optimizer.state[weight].items() if v.dim()}}
+    new_mask = torch.rand(4, 3, 3, generator=gen) < 0.5
+    layer.set_stripe_mask(new_mask, optimizer=optimizer)
+    assert layer.packed_weight is weight
+    new = {"grad": weight.grad, **{k: v for k, v in optimizer.state[weight].items() if v.dim()}}
+    assert new.keys() == old.keys() and len(new) >= 2
+    for key, value in old.items():
+        want = unpack_weight(value, old_mask) * new_mask[:, None]
+        torch.testing.assert_close(unpack_weight(new[key], new_mask), want, msg=key)
+    optimizer.step()
+    optimizer.zero_grad()
+    layer(x).square().sum().backward()
+    optimizer.step()
+    assert weight.shape == (int(new_mask.sum()), 3) and torch.isfinite(weight).all()
+
+
+def test_set_stripe_mask_refuses_optimizer_state_it_cannot_repack():
+    layer = StripeConv2d(3, 4, 3)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    optimizer.state[layer.packed_weight]["row_scale"] = torch.ones(layer.num_stripes, 1)
+    mask = layer.stripe_mask.clone()
+    with pytest.raises(ValueError, match="optimizer state 'row_scale' .* cannot be repacked"):
+        layer.set_stripe_mask(torch.zeros(4, 3, 3, dtype=torch.bool), optimizer=optimizer)
+    assert torch.equal(layer.stripe_mask, mask) and layer.packed_weight.shape == (36, 3)  # unchanged
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_wrong_channel_count_names_expected_and_got():
     layer = StripeConv2d(4, 6, 3)
