@@ -188,9 +188,9 @@ class StripeConv2d(nn.Module):
         ``packed_weight`` is resized in place (the same Parameter object, so an optimizer keeps
         updating it). Its ``.grad`` is repacked the same way, and so, given ``optimizer``, is its
         state there (momentum, Adam's moments: every state tensor of the weight's shape); without
-        it, state of the old shape makes the optimizer's next step fail. Outputs computed before
-        the change cannot be backpropagated after it (their graphs hold the weight's old shape),
-        so change masks between iterations.
+        it, state of the old shape makes the optimizer's next step fail. Graphs recorded before the
+        change cannot be backpropagated after it (they hold the weight's old shape); new ones can,
+        while old ones are still alive.
         """
         check_stripe_mask(stripe_mask, self.out_channels, self.kernel_size)
         stripe_mask = stripe_mask.to(self.stripe_mask.device)
@@ -207,9 +207,14 @@ class StripeConv2d(nn.Module):
         def repack(t: Tensor) -> Tensor:
             return pack_weight(unpack_weight(t, self.stripe_mask), stripe_mask).contiguous()
 
-        weight.data = repack(weight)
-        if weight.grad is not None:
-            weight.grad = repack(weight.grad)
+        grad = None if weight.grad is None else repack(weight.grad)
+        packed = repack(weight)
+        # torch keeps a Parameter's gradient accumulator, with the shape it was made for, across
+        # `.data` changes of shape (the next backward would fail while an old graph, e.g. last
+        # iteration's loss, is alive); it drops it on a change of dtype.
+        weight.data = packed.new_empty(0, dtype=torch.float32 if packed.dtype == torch.float64 else torch.float64)
+        weight.data = packed
+        weight.grad = grad
         for key, value in state.items():
             if isinstance(value, Tensor) and value.shape == old_shape and value.dim() > 0:
                 state[key] = repack(value)

@@ -186,6 +186,33 @@ def test_set_stripe_mask_repacks_grad_and_optimizer_state(make_optimizer):
     assert weight.shape == (int(new_mask.sum()), 3) and torch.isfinite(weight).all()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_set_stripe_mask_inside_a_training_loop(compiled):
+    """The usual loop: the last iteration's loss (and so its graph) is alive while the next forward
+    runs. Gradients after the change are F.conv2d's on the new masked weight; hooks stay."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(6)
+    layer = StripeConv2d(3, 4, 3, padding=1)
+    run = torch.compile(layer, backend="aot_eager") if compiled else layer
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.01, momentum=0.9)
+    seen = []
+    layer.packed_weight.register_hook(lambda g: seen.append(g.shape[0]))
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    masks = [torch.rand(4, 3, 3, generator=gen) < d for d in (0.7, 0.4)]
+    for step in range(6):
+        optimizer.zero_grad()
+        loss = run(x).square().mean()
+        loss.backward()
+        if step % 2:
+            dense = layer.weight.detach().requires_grad_()
+            F.conv2d(x, dense, layer.bias.detach(), padding=1).square().mean().backward()
+            torch.testing.assert_close(layer.packed_weight.grad, pack_weight(dense.grad, layer.stripe_mask))
+        optimizer.step()
+        if step in (1, 3):
+            layer.set_stripe_mask(masks[step // 2], optimizer=optimizer)
+    assert seen == [36, 36] + [int(masks[0].sum())] * 2 + [int(masks[1].sum())] * 2
+
+
 def test_set_stripe_mask_refuses_optimizer_state_it_cannot_repack():
     layer = StripeConv2d(3, 4, 3)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
