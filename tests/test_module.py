@@ -213,6 +213,30 @@ def test_set_stripe_mask_inside_a_training_loop(compiled):
     assert seen == [36, 36] + [int(masks[0].sum())] * 2 + [int(masks[1].sum())] * 2
 
 
+def test_compiled_layer_with_dynamic_stripe_counts():
+    """With Dynamo's parameter shapes dynamic, one graph serves every stripe count after the first
+    change (otherwise each count recompiles), with the op's values and gradients."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(7)
+    layer = StripeConv2d(3, 4, 3, padding=1)
+    frames = []
+    backend = lambda gm, example_inputs: frames.append(gm) or gm  # noqa: E731
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    with torch._dynamo.config.patch(force_parameter_static_shapes=False):
+        run = torch.compile(layer, backend=backend)
+        for density in (1.0, 0.7, 0.5, 0.3, 0.2):
+            layer.set_stripe_mask(torch.rand(4, 3, 3, generator=gen) < density)
+            layer.zero_grad()
+            y = run(x)
+            y.square().sum().backward()
+            dense = layer.weight.detach().requires_grad_()
+            want = F.conv2d(x, dense, layer.bias.detach(), padding=1)
+            want.square().sum().backward()
+            torch.testing.assert_close(y, want)
+            torch.testing.assert_close(layer.packed_weight.grad, pack_weight(dense.grad, layer.stripe_mask))
+    assert len(frames) <= 2, f"{len(frames)} graphs for 5 stripe counts"
+
+
 def test_set_stripe_mask_refuses_optimizer_state_it_cannot_repack():
     layer = StripeConv2d(3, 4, 3)
     optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
