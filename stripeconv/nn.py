@@ -208,12 +208,7 @@ class StripeConv2d(nn.Module):
             return pack_weight(unpack_weight(t, self.stripe_mask), stripe_mask).contiguous()
 
         grad = None if weight.grad is None else repack(weight.grad)
-        packed = repack(weight)
-        # torch keeps a Parameter's gradient accumulator, with the shape it was made for, across
-        # `.data` changes of shape (the next backward would fail while an old graph, e.g. last
-        # iteration's loss, is alive); it drops it on a change of dtype.
-        weight.data = packed.new_empty(0, dtype=torch.float32 if packed.dtype == torch.float64 else torch.float64)
-        weight.data = packed
+        self._resize_packed_weight(repack(weight))
         weight.grad = grad
         for key, value in state.items():
             if isinstance(value, Tensor) and value.shape == old_shape and value.dim() > 0:
@@ -221,6 +216,18 @@ class StripeConv2d(nn.Module):
         self.stripe_mask = stripe_mask.clone()
         if self.constant_channel_weight is not None:  # pruned stripes read no input, constant or not
             self.constant_channel_weight.mul_(stripe_mask.to(self.constant_channel_weight.dtype))
+
+    def _resize_packed_weight(self, data: Tensor) -> None:
+        """``packed_weight.data = data`` for data of any row count: the same Parameter object with its
+        hooks; a gradient of another shape is dropped."""
+        weight = self.packed_weight
+        if data.shape != weight.shape:
+            # torch keeps a Parameter's gradient accumulator, with the shape it was made for, across
+            # `.data` changes of shape (the next backward would fail while an old graph, e.g. last
+            # iteration's loss, is alive); it drops it on a change of dtype.
+            weight.data = data.new_empty(0, dtype=torch.float32 if data.dtype == torch.float64 else torch.float64)
+            weight.grad = None
+        weight.data = data
 
     @torch.no_grad()
     def add_constant_channel(self, weight: Tensor) -> None:
@@ -487,7 +494,7 @@ class StripeConv2d(nn.Module):
                     data = pack_weight(unpack_weight(old, old_mask), mask).contiguous()
                 else:  # e.g. after to_empty(), which leaves the mask uninitialised
                     data = old.new_zeros(kept, cg)
-                self.packed_weight.data = data
+                self._resize_packed_weight(data)
                 self.stripe_mask = mask.clone()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 

@@ -213,6 +213,23 @@ def test_set_stripe_mask_inside_a_training_loop(compiled):
     assert seen == [36, 36] + [int(masks[0].sum())] * 2 + [int(masks[1].sum())] * 2
 
 
+def test_load_state_dict_of_another_mask_while_a_graph_is_alive():
+    """Loading a layer of another stripe count mid-run: the old gradient is dropped, and the next
+    backward works although the last loss (and its graph) is alive."""
+    gen = torch.Generator().manual_seed(8)
+    source = StripeConv2d(3, 4, 3, padding=1, stripe_mask=torch.rand(4, 3, 3, generator=gen) < 0.5)
+    layer = StripeConv2d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    loss = layer(x).square().sum()
+    loss.backward()
+    layer.load_state_dict(source.state_dict())
+    assert layer.packed_weight.grad is None
+    loss = layer(x).square().sum()
+    loss.backward()
+    source(x).square().sum().backward()
+    torch.testing.assert_close(layer.packed_weight.grad, source.packed_weight.grad)
+
+
 def test_compiled_layer_with_dynamic_stripe_counts():
     """With Dynamo's parameter shapes dynamic, one graph serves every stripe count after the first
     change (otherwise each count recompiles), with the op's values and gradients."""
