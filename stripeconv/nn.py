@@ -187,22 +187,27 @@ class StripeConv2d(nn.Module):
 
         ``packed_weight`` is resized in place (the same Parameter object, so an optimizer keeps
         updating it). Its ``.grad`` is repacked the same way, and so, given ``optimizer``, is its
-        state there (momentum, Adam's moments: every state tensor of the weight's shape); without
-        it, state of the old shape makes the optimizer's next step fail. Graphs recorded before the
+        state there: every state tensor with one row per stripe (momentum, Adam's moments,
+        Adafactor's row statistics); column statistics (one row) and scalars stay. Without it,
+        state of the old shape makes the optimizer's next step fail. Graphs recorded before the
         change cannot be backpropagated after it (they hold the weight's old shape); new ones can,
         while old ones are still alive.
         """
         check_stripe_mask(stripe_mask, self.out_channels, self.kernel_size)
         stripe_mask = stripe_mask.to(self.stripe_mask.device)
         weight = self.packed_weight
-        old_shape = weight.shape
-        state = {}
-        if optimizer is not None:
-            state = optimizer.state.get(weight, {})
-            for key, value in state.items():
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != old_shape:
-                    raise ValueError(f"optimizer state {key!r} of packed_weight has shape {list(value.shape)}, "
-                                     f"neither a scalar nor the weight's {list(old_shape)}: it cannot be repacked")
+        rows, width = weight.shape
+        per_stripe = []  # keys of the optimizer's state tensors to repack
+        state = {} if optimizer is None else optimizer.state.get(weight, {})
+        for key, value in state.items():
+            if not isinstance(value, Tensor) or value.dim() == 0:
+                continue
+            if value.dim() == 2 and value.shape[0] == rows and value.shape[1] in (width, 1):
+                per_stripe.append(key)
+            elif value.dim() != 2 or value.shape[0] != 1 or value.shape[1] not in (width, 1):
+                raise ValueError(f"optimizer state {key!r} of packed_weight has shape {list(value.shape)}, neither a "
+                                 f"scalar, [{rows}, {width}] or [{rows}, 1] (per stripe) nor [1, {width}] or [1, 1]: "
+                                 f"it cannot be repacked")
 
         def repack(t: Tensor) -> Tensor:
             return pack_weight(unpack_weight(t, self.stripe_mask), stripe_mask).contiguous()
@@ -210,9 +215,8 @@ class StripeConv2d(nn.Module):
         grad = None if weight.grad is None else repack(weight.grad)
         self._resize_packed_weight(repack(weight))
         weight.grad = grad
-        for key, value in state.items():
-            if isinstance(value, Tensor) and value.shape == old_shape and value.dim() > 0:
-                state[key] = repack(value)
+        for key in per_stripe:
+            state[key] = repack(state[key])
         self.stripe_mask = stripe_mask.clone()
         if self.constant_channel_weight is not None:  # pruned stripes read no input, constant or not
             self.constant_channel_weight.mul_(stripe_mask.to(self.constant_channel_weight.dtype))
