@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -191,7 +192,9 @@ class StripeConv2d(nn.Module):
         Adafactor's row statistics); column statistics (one row) and scalars stay. Without it,
         state of the old shape makes the optimizer's next step fail. Graphs recorded before the
         change cannot be backpropagated after it (they hold the weight's old shape); new ones can,
-        while old ones are still alive.
+        while old ones are still alive. A DistributedDataParallel wrapper made before the change
+        does not average the layer's gradients after it (it hooks the parameters when it wraps
+        them; the layer warns in a distributed run): wrap the model again.
         """
         check_stripe_mask(stripe_mask, self.out_channels, self.kernel_size)
         stripe_mask = stripe_mask.to(self.stripe_mask.device)
@@ -226,6 +229,12 @@ class StripeConv2d(nn.Module):
         hooks; a gradient of another shape is dropped."""
         weight = self.packed_weight
         if data.shape != weight.shape:
+            if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                    and torch.distributed.get_world_size() > 1:
+                # DDP hooks the accumulators of the parameters it wraps, once, when it wraps them
+                warnings.warn(f"StripeConv2d.packed_weight changes shape ({list(weight.shape)} -> {list(data.shape)}) "
+                              "in a distributed run: a DistributedDataParallel wrapper made before the change no "
+                              "longer averages this layer's gradients; wrap the model again", stacklevel=3)
             # torch keeps a Parameter's gradient accumulator, with the shape it was made for, across
             # `.data` changes of shape (the next backward would fail while an old graph, e.g. last
             # iteration's loss, is alive); it drops it on a change of dtype.

@@ -121,6 +121,51 @@ def test_ddp_search_variables_step_together(tmp_path):
         assert r0[method]["search"] == r1[method]["search"], method
 
 
+def _mask_change_worker(rank, world, port, result_dir):
+    """A mask change under DDP: the layer warns, and a new wrapper averages the resized gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import warnings
+
+    from stripeconv import StripeConv2d
+    from stripeconv.distributed import cleanup, exit_process, init_from_env, wrap_model
+
+    ctx = init_from_env("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(StripeConv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(rank))  # each rank its own batch
+    ddp = wrap_model(model, ctx)  # held until its backward has run: its reducer averages the gradients
+    ddp(x).square().sum().backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model[0].set_stripe_mask(torch.rand(4, 3, 3, generator=torch.Generator().manual_seed(1)) < 0.5)
+    model.zero_grad()
+    ddp = wrap_model(model, ctx)
+    ddp(x).square().sum().backward()
+    averaged = model[0].packed_weight.grad.clone()
+    model.zero_grad()
+    model(x).square().sum().backward()  # this rank's own gradient
+    local = [torch.zeros_like(averaged) for _ in range(world)]
+    dist.all_gather(local, model[0].packed_weight.grad)
+    res = {"warned": any("wrap the model again" in str(w.message) for w in caught),
+           "error": (averaged - sum(local) / world).abs().max().item(), "rows": averaged.shape[0],
+           "ranks_differ": (local[0] - local[1]).abs().max().item() > 0}
+    Path(result_dir, f"rank{ctx.rank}.json").write_text(json.dumps(res))
+    cleanup(ctx)
+    exit_process(0)
+
+
+def test_mask_change_under_ddp_warns_and_a_new_wrapper_averages(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_mask_change_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert res["warned"] and res["ranks_differ"] and res["rows"] < 36
+        assert res["error"] < 1e-5, res
+
+
 @pytest.mark.parametrize("method,args", [("SWP", ["--target", "flops=0.3", "--set", "alpha=1e-3"]),
                                          ("L1Filter", ["--target", "ratio=0.5"])])
 def test_torchrun_cli_prune(tmp_path, method, args):
