@@ -19,7 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -267,7 +267,8 @@ def _console_summary(s: dict, written: dict, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``stripeconv demo`` with the options ``argv`` (default ``sys.argv[1:]``); returns its exit status."""
     from .cli import main as cli_main
 
     return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

@@ -22,11 +22,14 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, NoReturn, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+if TYPE_CHECKING:  # for annotations only: the pruning package imports this module
+    from .pruning import Pruner
 
 __all__ = ["DistContext", "init_from_env", "single_process", "wrap_model", "unwrap",
            "broadcast_pruner_state", "broadcast_object", "digest", "all_equal", "all_reduce_sum", "average_gradients",
@@ -155,6 +158,7 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` wrapper (:func:`wrap_model`), else ``model`` itself."""
     return model.module if hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module) \
         and type(model).__name__ == "DistributedDataParallel" else model
 
@@ -183,7 +187,7 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def broadcast_pruner_state(pruner, ctx: DistContext) -> None:
+def broadcast_pruner_state(pruner: Optional[Pruner], ctx: DistContext) -> None:
     """Make rank 0's pruner state (masks, frozen stripes, schedule, method state) every rank's."""
     if pruner is None or not ctx.distributed:
         return

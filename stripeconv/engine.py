@@ -44,7 +44,7 @@ import os
 import pickle
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,9 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .distributed import (DistContext, all_equal, all_reduce_sum, broadcast_pruner_state, digest, single_process,
                           wrap_model)
 
+if TYPE_CHECKING:  # for annotations only: the pruning package is imported where it is used
+    from .pruning import Pruner
+
 __all__ = ["Engine", "fit", "MetricsLog", "is_oneshot", "make_optimizer", "make_scheduler", "stripe_density",
            "evaluate_model", "epoch_loader", "ResumeError"]
 
@@ -68,7 +71,7 @@ class ResumeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- helpers
-def is_oneshot(pruner) -> bool:
+def is_oneshot(pruner: Pruner) -> bool:
     """Whether a pruner prunes in one shot (``prune(data)``) rather than during training.
 
     A class attribute ``oneshot`` decides when present; otherwise a method that overrides none of
@@ -93,7 +96,8 @@ def make_optimizer(model: nn.Module, name: str = "sgd", lr: float = 0.1, momentu
     raise ValueError(f"unknown optimizer {name!r} (sgd, adamw)")
 
 
-def make_scheduler(optimizer, epochs: int, name: str = "step"):
+def make_scheduler(optimizer: torch.optim.Optimizer, epochs: int,
+                   name: str = "step") -> Optional[torch.optim.lr_scheduler.LRScheduler]:
     """``step``: LR x0.1 at 50 % and 75 % of the epochs (SWP's recipe, :func:`fit`'s default);
     ``cosine``: cosine annealing to 0; ``constant``: none."""
     if name == "step":
@@ -106,7 +110,7 @@ def make_scheduler(optimizer, epochs: int, name: str = "step"):
     raise ValueError(f"unknown schedule {name!r} (step, cosine, constant)")
 
 
-def stripe_density(pruner) -> Optional[float]:
+def stripe_density(pruner: Optional[Pruner]) -> Optional[float]:
     """Kept stripes / all stripes over the pruner's layers (None without a pruner)."""
     if pruner is None:
         return None
@@ -146,8 +150,9 @@ def _shard(dataset: Dataset, rank: int, world_size: int) -> Dataset:
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, data, device=None, loss_fn: Optional[Callable] = None, batch_size: int = 256,
-                   ctx: Optional[DistContext] = None, num_workers: int = 0) -> dict:
+def evaluate_model(model: nn.Module, data: Iterable, device: Optional[Union[str, torch.device]] = None,
+                   loss_fn: Optional[Callable] = None, batch_size: int = 256, ctx: Optional[DistContext] = None,
+                   num_workers: int = 0) -> dict:
     """Top-1 accuracy and mean loss of ``model`` on ``data`` (a Dataset or a loader), eval mode.
 
     Under DDP each rank evaluates a disjoint shard of a Dataset and the sums are all-reduced.
@@ -626,8 +631,10 @@ class Engine:
         return s + f" | {r['time_s']:.1f}s"
 
 
-def fit(model: nn.Module, pruner, train_loader, epochs: int, optimizer: Optional[torch.optim.Optimizer] = None,
-        scheduler=None, device: Optional[Union[str, torch.device]] = None, eval_loader=None,
+def fit(model: nn.Module, pruner: Optional[Pruner], train_loader: Iterable, epochs: int,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        scheduler: Optional[torch.optim.lr_scheduler.LRScheduler] = None,
+        device: Optional[Union[str, torch.device]] = None, eval_loader: Optional[Iterable] = None,
         loss_fn: Optional[Callable] = None, start_epoch: int = 0, callback: Optional[Callable[[dict], None]] = None,
         progress: bool = True, max_steps_per_epoch: Optional[int] = None, **engine_kwargs) -> list[dict]:
     """:func:`stripeconv.pruning.fit`'s signature and behaviour, run by the :class:`Engine`.

@@ -56,7 +56,13 @@ def output_size(
     return ho, wo
 
 
-def check_output_size(input_hw, kernel_size, stride, padding, dilation) -> None:
+def check_output_size(
+    input_hw: Sequence[int],
+    kernel_size: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+) -> None:
     """Raise ``ValueError`` when the padded input is smaller than the dilated kernel (no output pixel)."""
     ho, wo = output_size(input_hw, kernel_size, stride, padding, dilation)
     if ho < 1 or wo < 1:
@@ -109,8 +115,8 @@ def _check_grad_output(op: str, grad_output: Tensor, expected: Sequence[int]) ->
         raise ValueError(f"{op}: grad_output must have shape {list(expected)}, got {list(grad_output.shape)}")
 
 
-def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride, padding, dilation, groups,
-                  bias: Optional[Tensor] = None) -> None:
+def check_op_args(input: Tensor, weight: Tensor, stripe_mask: Tensor, stride: Sequence[int], padding: Sequence[int],
+                  dilation: Sequence[int], groups: int, bias: Optional[Tensor] = None) -> None:
     """Validate the op's arguments with messages that say what was expected."""
     _check_geometry("stripe_conv2d", input.shape, weight, stripe_mask, stride, padding, dilation, groups)
     if weight.dtype != input.dtype or weight.device != input.device:

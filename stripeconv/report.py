@@ -84,8 +84,8 @@ def _inputs(shape, device, dtype=torch.float32, count: int = 3, seed: int = 0):
 
 
 @torch.no_grad()
-def measure_interleaved(fns: dict, inputs, repeats: int = 20, warmup: int = 3,
-                        device: Optional[torch.device] = None) -> dict:
+def measure_interleaved(fns: dict[str, Callable], inputs: Union[Sequence, dict[str, Sequence]], repeats: int = 20,
+                        warmup: int = 3, device: Optional[torch.device] = None) -> dict:
     """Time several callables, one call of each in turn (round robin).
 
     ``inputs``: a list of inputs shared by all callables, or a dict name -> list (e.g. the same
@@ -144,7 +144,7 @@ def best_of(results: dict, name: str) -> tuple[str, dict]:
     return k, results[k]
 
 
-def model_latency(models: dict, input_shape, device: Union[str, torch.device] = "cpu", repeats: int = 20,
+def model_latency(models: dict, input_shape: Sequence[int], device: Union[str, torch.device] = "cpu", repeats: int = 20,
                   warmup: int = 3, min_time_s: float = 0.0, channels_last: bool = False,
                   layouts: Optional[Sequence[str]] = None) -> dict:
     """Median latency of each model (name -> module) on random inputs of ``input_shape`` (batch included).
@@ -167,8 +167,8 @@ def model_latency(models: dict, input_shape, device: Union[str, torch.device] = 
 
 
 @torch.no_grad()
-def layer_latency(model: nn.Module, input_shape, device: Union[str, torch.device] = "cpu", repeats: int = 20,
-                  warmup: int = 3, layouts: Sequence[str] = ("nchw",)) -> list[dict]:
+def layer_latency(model: nn.Module, input_shape: Sequence[int], device: Union[str, torch.device] = "cpu",
+                  repeats: int = 20, warmup: int = 3, layouts: Sequence[str] = ("nchw",)) -> list[dict]:
     """Per ``StripeConv2d`` layer of ``model``: stripe vs dense (``to_conv()``) latency on its real input shape.
 
     With several ``layouts`` each side is timed in each and its fastest counts (``dense_layout``,

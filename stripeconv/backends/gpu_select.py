@@ -44,6 +44,8 @@ _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8
 
 
 def mode() -> str:
+    """The dense/stripe policy from ``STRIPECONV_GPU_DENSE``: ``auto``, ``never`` or ``always``
+    (read on every call, so a change of the variable takes effect at once)."""
     value = os.environ.get("STRIPECONV_GPU_DENSE", "auto").strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"STRIPECONV_GPU_DENSE must be one of {', '.join(_MODES)}, got {value!r}")

@@ -152,6 +152,8 @@ def _check_interpreter() -> str:
 
 
 def is_available() -> tuple[bool, str]:
+    """``(True, "")`` when the kernels load and can run (a CUDA device, or a Triton interpreter that
+    runs their loops), else ``(False, why not)``."""
     if _load_kernels() is None:
         return False, _import_error or "triton kernels failed to load"
     if _interpreting():  # every launch runs in the interpreter, CUDA tensors too: it must cope
@@ -163,6 +165,7 @@ def is_available() -> tuple[bool, str]:
 
 
 def supports(device: torch.device) -> bool:
+    """Whether the kernels run on ``device``: CUDA, or CPU under the Triton interpreter (``TRITON_INTERPRET=1``)."""
     device = torch.device(device)
     return device.type == "cuda" or (device.type == "cpu" and _interpreting())
 
@@ -454,6 +457,8 @@ def forward(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    """The op's forward: the fastest of the stripe kernels (one per offered tile width) and cuDNN's
+    dense conv on the scattered weight, as :mod:`.gpu_select` picks per shape."""
     key = _call_key("fwd", mask, (input,), (weight.shape, bias is None, tuple(stride), tuple(padding),
                                             tuple(dilation), groups, os.environ.get("STRIPECONV_TRITON_BLOCK_N")))
     settled = _settled.get(key)
@@ -506,6 +511,8 @@ def grad_input(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    """Gradient of the forward with respect to its input, of shape ``input_shape`` in ``grad_output``'s
+    memory format: the stripe kernel or cuDNN's dense grad input, as :mod:`.gpu_select` picks per shape."""
     key = _call_key("dgrad", mask, (grad_output,), (weight.shape, tuple(input_shape), tuple(stride), tuple(padding),
                                                    tuple(dilation), groups))
     settled = _settled.get(key)
@@ -588,6 +595,8 @@ def grad_weight(
     dilation: Sequence[int],
     groups: int,
 ) -> Tensor:
+    """Gradient of the forward with respect to the packed rows ``weight`` (same shape and dtype): the
+    stripe kernel or cuDNN's dense grad weight gathered back to the rows, as :mod:`.gpu_select` picks per shape."""
     key = _call_key("wgrad", mask, (grad_output, input), (weight.shape, weight.dtype, tuple(stride), tuple(padding),
                                                           tuple(dilation), groups))
     settled = _settled.get(key)

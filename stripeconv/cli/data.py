@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch import nn
+from torch.utils.data import Dataset
 
 from .common import CLIError
 
@@ -20,7 +22,7 @@ DEFAULT_MODEL = {"fashion-mnist": "cnn-small", "fashion-mnist-subset": "cnn-smal
                  "cifar100": "resnet56", "imagefolder": "resnet18"}
 
 
-def load_datasets(spec: dict, train: bool = True):
+def load_datasets(spec: dict, train: bool = True) -> tuple[Optional[Dataset], Dataset, dict]:
     """``(train_set or None, test_set, meta)`` for a data spec.
 
     ``spec``: ``dataset`` (one of :data:`DATASETS`), ``data`` (folder or None), ``limit_train``,
@@ -106,7 +108,7 @@ def data_spec(args, saved: Optional[dict] = None) -> dict:
 
 
 def build_model(name: str, num_classes: int, in_channels: int, width: Optional[float] = None,
-                model_kwargs: Optional[dict] = None):
+                model_kwargs: Optional[dict] = None) -> tuple[nn.Module, str, dict]:
     """``(model, arch, arch_kwargs)`` from a preset (:data:`PRESETS`) or a :mod:`stripeconv.models` constructor."""
     from .. import models
 

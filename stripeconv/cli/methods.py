@@ -5,15 +5,16 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 from .common import CLIError
 
 
-def method_params(cls) -> dict:
+def method_params(cls: type) -> dict[str, inspect.Parameter]:
     """Keyword parameters of a pruning method (its own, then its bases' up to ``Pruner``), by name."""
     from ..pruning import Pruner
 
@@ -133,7 +134,7 @@ def _literal(value: str) -> Any:
         return value
 
 
-def parse_set(items, params: dict) -> dict:
+def parse_set(items: Optional[Sequence[str]], params: dict[str, inspect.Parameter]) -> dict[str, Any]:
     """``["alpha=1e-4", "threshold=0.02"]`` -> typed dict, checked against the method's ``params``."""
     out = {}
     for item in items or []:
@@ -184,7 +185,9 @@ def _check_ratios(ratios: Any, where: str) -> Any:
     return ratios
 
 
-def load_config(path) -> dict:
+def load_config(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """The mapping in a config file: JSON for ``.json``, else YAML (or JSON without PyYAML); an empty
+    file is ``{}``. An unreadable or malformed file, or one that holds no mapping, is a :class:`CLIError`."""
     path = Path(path)
     if not path.is_file():
         raise CLIError(f"config file {path} not found")
@@ -225,7 +228,7 @@ def _typed(value: Any, p: inspect.Parameter) -> Any:
     return value  # lists, mappings, null
 
 
-def method_kwargs(cls, args, config: dict) -> dict:
+def method_kwargs(cls: type, args: argparse.Namespace, config: dict[str, Any]) -> dict[str, Any]:
     """Pruner keyword arguments from ``--config``, ``--target`` and ``--set`` (later wins), plus epochs."""
     params = method_params(cls)
     kw: dict[str, Any] = {}

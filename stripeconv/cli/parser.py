@@ -122,6 +122,8 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``stripeconv`` parser: one subcommand per command, each with ``func`` (the command to run) and
+    ``_parser`` (its own subparser, which config files are checked against) set as defaults."""
     parser = argparse.ArgumentParser(
         prog="stripeconv", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train, prune (stripe-wise and other methods), fine-tune, evaluate and benchmark CNNs whose "

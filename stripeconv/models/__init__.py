@@ -83,22 +83,29 @@ def vgg(depth: int = 16, num_classes: int = 10, in_channels: int = 3, width: flo
 
 
 def vgg11_bn(**kw) -> VGG:
+    """CIFAR VGG-11 with BN; keyword arguments as for :func:`vgg`."""
     return vgg(11, **kw)
 
 
 def vgg13_bn(**kw) -> VGG:
+    """CIFAR VGG-13 with BN; keyword arguments as for :func:`vgg`."""
     return vgg(13, **kw)
 
 
 def vgg16_bn(**kw) -> VGG:
+    """CIFAR VGG-16 with BN; keyword arguments as for :func:`vgg`."""
     return vgg(16, **kw)
 
 
 def vgg19_bn(**kw) -> VGG:
+    """CIFAR VGG-19 with BN; keyword arguments as for :func:`vgg`."""
     return vgg(19, **kw)
 
 
 class BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 conv-BN (the first of stride ``stride``), plus the shortcut
+    (``downsample``, or the input itself) before the last ReLU."""
+
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
@@ -118,6 +125,9 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """ResNet bottleneck block: 1x1 conv-BN to ``planes``, 3x3 (stride ``stride``), 1x1 to ``planes * 4``,
+    plus the shortcut (``downsample``, or the input itself) before the last ReLU."""
+
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None):
@@ -182,18 +192,22 @@ def resnet_cifar(depth: int = 20, num_classes: int = 10, in_channels: int = 3, w
 
 
 def resnet8(**kw) -> CifarResNet:
+    """CIFAR ResNet-8; keyword arguments as for :func:`resnet_cifar`."""
     return resnet_cifar(8, **kw)
 
 
 def resnet20(**kw) -> CifarResNet:
+    """CIFAR ResNet-20; keyword arguments as for :func:`resnet_cifar`."""
     return resnet_cifar(20, **kw)
 
 
 def resnet56(**kw) -> CifarResNet:
+    """CIFAR ResNet-56; keyword arguments as for :func:`resnet_cifar`."""
     return resnet_cifar(56, **kw)
 
 
 def resnet110(**kw) -> CifarResNet:
+    """CIFAR ResNet-110; keyword arguments as for :func:`resnet_cifar`."""
     return resnet_cifar(110, **kw)
 
 
@@ -231,14 +245,17 @@ class ResNet(nn.Module):
 
 
 def resnet18(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    """ImageNet ResNet-18 (2, 2, 2, 2 basic blocks per stage), torchvision's layout and module names."""
     return ResNet(BasicBlock, [2, 2, 2, 2], num_classes, in_channels, width)
 
 
 def resnet34(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    """ImageNet ResNet-34 (3, 4, 6, 3 basic blocks per stage), torchvision's layout and module names."""
     return ResNet(BasicBlock, [3, 4, 6, 3], num_classes, in_channels, width)
 
 
 def resnet50(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> ResNet:
+    """ImageNet ResNet-50 (3, 4, 6, 3 bottleneck blocks per stage), torchvision's layout and module names."""
     return ResNet(Bottleneck, [3, 4, 6, 3], num_classes, in_channels, width)
 
 

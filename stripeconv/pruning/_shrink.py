@@ -12,10 +12,10 @@ linear features after a flatten, residual-tied groups), the indices travel with 
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .graph import ChannelGraph, example_input
 
@@ -62,7 +62,8 @@ def _dead_roots(graph: ChannelGraph, masks: dict) -> list:
     return plans
 
 
-def shrink(model: nn.Module, masks: dict, input_size, device: Optional[torch.device] = None) -> Shrunk:
+def shrink(model: nn.Module, masks: dict, input_size: Union[Sequence[int], Tensor],
+           device: Optional[torch.device] = None) -> Shrunk:
     """The dense network that ``model`` with ``masks`` (conv name -> bool ``[out, kh, kw]``) computes
     once its dead channels are removed.
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +89,8 @@ def _name_set(what: str, names: Union[str, Iterable[str]]) -> set[str]:
     return names
 
 
-def full_masks(convs: dict) -> dict[str, Tensor]:
+def full_masks(convs: dict[str, nn.Conv2d]) -> dict[str, Tensor]:
+    """A stripe mask keeping everything (all True ``[out, kh, kw]``) for each of ``convs``, on its weight's device."""
     return {n: torch.ones(c.out_channels, *c.kernel_size, dtype=torch.bool, device=c.weight.device)
             for n, c in convs.items()}
 
@@ -167,7 +168,7 @@ def select_global(scores: dict, k: int, min_keep: int = 1) -> dict[str, Tensor]:
     return out
 
 
-def units_to_stripes(pruned: Tensor, out_channels: int, kernel_size) -> Tensor:
+def units_to_stripes(pruned: Tensor, out_channels: int, kernel_size: tuple[int, int]) -> Tensor:
     """Stripe mask (True = kept) from pruned units: filters [out], stripes [out, kh, kw] or positions [kh, kw]."""
     kh, kw = kernel_size
     if pruned.shape == (out_channels, kh, kw):
@@ -179,7 +180,7 @@ def units_to_stripes(pruned: Tensor, out_channels: int, kernel_size) -> Tensor:
     raise ValueError(f"cannot turn units of shape {list(pruned.shape)} into stripes of [{out_channels}, {kh}, {kw}]")
 
 
-def filters_to_stripes(keep_filters: Tensor, kernel_size) -> Tensor:
+def filters_to_stripes(keep_filters: Tensor, kernel_size: tuple[int, int]) -> Tensor:
     """``[out]`` kept filters -> ``[out, kh, kw]`` stripe mask."""
     return keep_filters[:, None, None].expand(-1, *kernel_size).clone()
 
@@ -189,8 +190,8 @@ def positions_to_stripes(keep_positions: Tensor, out_channels: int) -> Tensor:
     return keep_positions[None].expand(out_channels, -1, -1).clone()
 
 
-def channels_to_stripes(model: nn.Module, input_size, conv_name: str, keep_channels: Tensor,
-                        masks: Optional[dict] = None) -> dict[str, Tensor]:
+def channels_to_stripes(model: nn.Module, input_size: Union[Sequence[int], Tensor], conv_name: str,
+                        keep_channels: Tensor, masks: Optional[dict] = None) -> dict[str, Tensor]:
     """Prune *input* channels of ``conv_name``: returns stripe masks of the convs producing them.
 
     An input channel disappears when the filters producing it keep no stripe; with residual
@@ -293,7 +294,8 @@ def mask_grads(convs: dict, masks: dict) -> None:
             w.grad.mul_(masks[name].to(w.grad.device, w.grad.dtype)[:, None])
 
 
-def conv_bn_pairs(model: nn.Module, example_inputs) -> dict[str, nn.BatchNorm2d]:
+def conv_bn_pairs(model: nn.Module,
+                  example_inputs: Optional[Union[Sequence[int], Tensor]]) -> dict[str, nn.BatchNorm2d]:
     """Conv name -> the BatchNorm2d that directly normalises its output (found by one forward pass)."""
     from .graph import example_input
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
+from types import ModuleType
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -51,7 +52,8 @@ def check_four_dims(shape: tuple, owner: str = "") -> None:
                          f"e.g. (1, 3, 32, 32), got {shape}{hint}")
 
 
-def require_torch_pruning():
+def require_torch_pruning() -> ModuleType:
+    """The ``torch_pruning`` module; without it an ``ImportError`` that says how to install it."""
     try:
         import torch_pruning as tp  # noqa: F401
     except ImportError as e:  # pragma: no cover - exercised only without the dependency
@@ -62,7 +64,7 @@ def require_torch_pruning():
     return tp
 
 
-def example_input(model: nn.Module, input_size) -> Tensor:
+def example_input(model: nn.Module, input_size: Optional[Union[Sequence[int], Tensor]]) -> Tensor:
     """A random example tensor of ``input_size`` (or the tensor itself) on the model's device."""
     if isinstance(input_size, Tensor):
         return input_size

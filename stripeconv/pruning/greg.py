@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +42,8 @@ from .base import Pruner
 __all__ = ["GReg1", "GReg2", "UnitRegularizer", "stage_ratios"]
 
 
-def stage_ratios(model: nn.Module, input_size, stages: dict, skip_coupled: bool = True) -> dict:
+def stage_ratios(model: nn.Module, input_size: Union[Sequence[int], Tensor], stages: dict[str, float],
+                 skip_coupled: bool = True) -> dict[str, float]:
     """Per-layer ``ratios`` from per-stage ones, as the paper's ResNet settings give them.
 
     ``stages`` maps a module-name prefix (e.g. ``"layer1."``) to a pruning ratio; every conv whose

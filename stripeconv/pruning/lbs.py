@@ -43,11 +43,12 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset, Subset
 
 from .._modes import set_eval
 from . import _checks as check
@@ -58,13 +59,11 @@ from .base import Pruner
 __all__ = ["LBS", "BalancedFilterPruning", "holdout_split"]
 
 
-def holdout_split(dataset, val_size, seed: int = 0):
+def holdout_split(dataset: Dataset, val_size: Union[int, float], seed: int = 0) -> tuple[Subset, Subset]:
     """Split a *training* dataset into ``(train, held_out)`` subsets (``val_size``: count or fraction).
 
     Use the held-out part as ``val_data`` of :class:`LBS` / :class:`~stripeconv.pruning.DAIS`.
     """
-    from torch.utils.data import Subset
-
     n = len(dataset)
     k = int(round(val_size * n)) if isinstance(val_size, float) and val_size < 1 else int(val_size)
     if not 0 < k < n:
