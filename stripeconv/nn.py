@@ -237,8 +237,8 @@ class StripeConv2d(nn.Module):
                               "longer averages this layer's gradients; wrap the model again", stacklevel=3)
             # torch keeps a Parameter's gradient accumulator, with the shape it was made for, across
             # `.data` changes of shape (the next backward would fail while an old graph, e.g. last
-            # iteration's loss, is alive); it drops it on a change of dtype.
-            weight.data = data.new_empty(0, dtype=torch.float32 if data.dtype == torch.float64 else torch.float64)
+            # iteration's loss, is alive); it drops it on a change of dtype (to one every device has).
+            weight.data = data.new_empty(0, dtype=torch.float32 if data.dtype == torch.float16 else torch.float16)
             weight.grad = None
         weight.data = data
 
