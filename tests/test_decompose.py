@@ -1,5 +1,8 @@
 """The stripe op spelled in ATen (stripeconv.decompose) equals the op, leaves no custom op in an
 exported program, keeps dynamic shapes, and makes pruned models exportable to ONNX."""
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -60,6 +63,30 @@ def test_exported_program_without_the_custom_op_and_with_a_dynamic_batch():
         xb = torch.randn(b, 3, 12, 12)
         torch.testing.assert_close(program.module()(xb), net(xb))  # the folded constant channel traced too
         torch.testing.assert_close(flat.module()(xb), net(xb))
+
+
+def test_aot_inductor_package_runs_the_op_in_a_fresh_process(tmp_path):
+    """An exported program keeps the op; AOTInductor packages it (on CPU), and a new process that
+    imports stripeconv (which registers the op) runs the package, dynamic batch included."""
+    if not hasattr(torch._inductor, "aoti_compile_and_package"):
+        pytest.skip("torch._inductor.aoti_compile_and_package needs torch >= 2.6")
+    net = _pruned_net()
+    x = torch.randn(2, 3, 12, 12)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(net, (x,), dynamic_shapes={"input": {0: batch}})
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "net.pt2"))
+    xs = [torch.randn(b, 3, 12, 12) for b in (1, 5)]
+    torch.save({"inputs": xs, "outputs": [net(xb) for xb in xs]}, tmp_path / "io.pt")
+    script = (
+        "import sys, torch, stripeconv\n"
+        "io = torch.load(sys.argv[2])\n"
+        "run = torch._inductor.aoti_load_package(sys.argv[1])\n"
+        "for x, want in zip(io['inputs'], io['outputs']):\n"
+        "    torch.testing.assert_close(run(x), want)\n"
+        "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script, package, str(tmp_path / "io.pt")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 def test_onnx_runtime_matches_the_model(tmp_path):
