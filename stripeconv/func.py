@@ -7,10 +7,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .decompose import stripe_conv2d_dense
 from .ops import (_grad_input_backward, _grad_weight_backward, _setup_grad_input_context,
                   _setup_grad_weight_context, conv2d_gradients, setup_conv2d_context, stripe_conv2d,
                   stripe_conv2d_grad_input, stripe_conv2d_grad_weight)
-from .decompose import stripe_conv2d_dense
 from .packing import position_offsets
 
 __all__ = ["transform_conv2d"]
