@@ -157,6 +157,13 @@ def test_model_must_be_a_module():
         pruning.L1Filter({"weight": torch.zeros(1)}, SIZE, ratio=0.5)
 
 
+def test_a_compiled_model_is_refused_with_the_way_out():
+    model = tiny_vgg()
+    with pytest.raises(TypeError, match=r"L1Filter: model is a torch.compile wrapper; pass the module it runs"):
+        pruning.L1Filter(torch.compile(model), SIZE, ratio=0.5)
+    pruning.L1Filter(torch.compile(model)._orig_mod, SIZE, ratio=0.5).prune()
+
+
 def test_numpy_and_tensor_sizes_still_accepted():
     np = pytest.importorskip("numpy")
     pr = pruning.L1Filter(tiny_vgg(), torch.Size(SIZE), ratio=np.float64(0.5))

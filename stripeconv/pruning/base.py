@@ -86,6 +86,10 @@ class Pruner:
         owner = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{owner}: model must be an nn.Module, got {type(model).__name__}")
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # its dependency graph would be traced through Dynamo, which fails inside its own checks
+            raise TypeError(f"{owner}: model is a torch.compile wrapper; pass the module it runs (`._orig_mod`), and "
+                            "compile the pruned or exported model instead")
         already = stripe_layers(model)
         if already:
             raise ValueError(f"{owner}: the model already has StripeConv2d layers ({already}): pruners start from a "
