@@ -71,6 +71,13 @@ class ResumeError(ValueError):
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _compiled_module(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs, else ``model``: checkpoints hold its state dict,
+    without the wrapper's ``_orig_mod.`` prefix, so compiled and plain runs resume each other."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
 def is_oneshot(pruner: Pruner) -> bool:
     """Whether a pruner prunes in one shot (``prune(data)``) rather than during training.
 
@@ -404,7 +411,7 @@ class Engine:
             "phase": self.phase,
             "epoch": epoch + 1,  # epochs completed
             "epochs": self.epochs,
-            "model": self.model.state_dict(),
+            "model": _compiled_module(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "pruner": self.pruner.state_dict() if self.pruner is not None else None,
@@ -438,7 +445,7 @@ class Engine:
         if self.pruner is not None and state.get("pruner") is None:
             raise ResumeError("the checkpoint has no pruner state but this run prunes")
         try:
-            self.model.load_state_dict(state["model"])
+            _compiled_module(self.model).load_state_dict(state["model"])
             if self.pruner is not None:
                 self.pruner.load_state_dict(state["pruner"])
             self.optimizer.load_state_dict(state["optimizer"])

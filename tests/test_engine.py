@@ -129,6 +129,23 @@ def test_resume_of_a_finished_run_is_a_no_op(data, tmp_path):
     _assert_same(a[:2], b[:2])
 
 
+def test_a_compiled_model_checkpoints_its_module(data, tmp_path):
+    """A run of a torch.compile'd model writes the module's state dict (no ``_orig_mod.`` prefix), so a
+    plain model resumes it."""
+    train, test = data
+    model = _model()
+    Engine(torch.compile(model, backend="aot_eager"), train, epochs=1, batch_size=32, lr=0.05, out_dir=tmp_path,
+           phase="finetune", progress=False, quiet=True, seed=7).run()
+    saved = load_checkpoint(tmp_path / "finetune.ckpt")["model"]
+    assert saved.keys() == model.state_dict().keys()
+    plain = _model(seed=1)
+    resumed = Engine(plain, train, epochs=1, batch_size=32, lr=0.05, out_dir=tmp_path, phase="finetune",
+                     resume=True, progress=False, quiet=True, seed=7)
+    assert resumed.resumed_from == 1
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
+
+
 def test_jsonl_log_and_checkpoint_contents(data, tmp_path):
     train, test = data
     model, pruner, engine = _run("SWP", train, test, tmp_path, epochs=2)
