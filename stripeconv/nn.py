@@ -130,27 +130,40 @@ class StripeConv2d(nn.Module):
             self.padding = _pair_of("padding", padding, 0)
         self._pads = self._explicit_padding()  # (top, bottom, left, right)
 
-        dense = torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory)
-        if dense.numel():  # zero channels: nothing to initialise (and no warning)
-            nn.init.kaiming_uniform_(dense, a=math.sqrt(5))  # nn.Conv2d's initialisation
         if stripe_mask is None:
             stripe_mask = torch.ones(out_channels, *self.kernel_size, dtype=torch.bool, device="cpu")
         check_stripe_mask(stripe_mask, out_channels, self.kernel_size)
-        if dense.is_meta:  # no values to pack; the mask still decides the shape
-            packed = dense.new_empty(int(stripe_mask.sum()), in_channels // groups)
-        else:
-            packed = pack_weight(dense, stripe_mask.to(dense.device))
-        self.register_buffer("stripe_mask", stripe_mask.to(dense.device, copy=True))
-        self.packed_weight = nn.Parameter(packed)
+        # the mask decides the shape (also on the meta device, where it has no values)
+        self.packed_weight = nn.Parameter(torch.empty(int(stripe_mask.sum()), in_channels // groups, **factory))
+        self.register_buffer("stripe_mask", stripe_mask.to(self.packed_weight.device, copy=True))
         if bias:
-            fan_in = (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
         else:
             self.register_parameter("bias", None)
         self.register_buffer("constant_channel_weight", None)
         self._constant_map_cache = None  # (key, map) for the last input size; see _constant_map
         self._accepted_input = None  # see _check_input
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise the weights as ``nn.Conv2d`` does, with the same random draws: Kaiming-uniform
+        over the dense weight, of which the kept stripes are packed, and the bias uniform in
+        ``±1/sqrt(fan_in)``. The mask stays."""
+        weight = self.packed_weight
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0  # Kaiming-uniform's with a = sqrt(5), as for the bias
+        if weight.is_meta:  # no values
+            pass
+        elif int(self.stripe_mask.count_nonzero()) == weight.shape[0]:
+            dense = weight.new_empty(self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+            if dense.numel():  # zero channels: nothing to initialise (and no warning)
+                nn.init.kaiming_uniform_(dense, a=math.sqrt(5))
+            weight.copy_(pack_weight(dense, self.stripe_mask))
+        else:  # a mask without values (to_empty() leaves it uninitialised): the same distribution, row by row
+            weight.uniform_(-bound, bound)
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
 
     # ----------------------------------------------------------------------------- geometry
     def _explicit_padding(self) -> tuple[int, int, int, int]:

@@ -158,6 +158,29 @@ def no_tf32():
     torch._C._set_cudnn_allow_tf32(old)
 
 
+def test_reset_parameters_draws_like_conv2d_and_survives_to_empty():
+    """``reset_parameters`` (what model-init code and meta-device flows call): nn.Conv2d's draws on the
+    kept stripes, the mask kept; after ``to_empty()`` (mask without values) it still initialises, and a
+    state dict then restores the layer."""
+    mask = torch.rand(6, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.5
+    conv, layer = nn.Conv2d(4, 6, 3, padding=1), StripeConv2d(4, 6, 3, padding=1, stripe_mask=mask)
+    for module in (conv, layer):
+        torch.manual_seed(4)
+        module.reset_parameters()
+    torch.testing.assert_close(layer.weight, conv.weight * mask[:, None], rtol=0, atol=0)
+    torch.testing.assert_close(layer.bias, conv.bias, rtol=0, atol=0)
+    assert torch.equal(layer.stripe_mask, mask)
+    with torch.device("meta"):
+        lazy = StripeConv2d(4, 6, 3, padding=1, stripe_mask=mask)
+    assert lazy.packed_weight.shape == layer.packed_weight.shape
+    lazy = lazy.to_empty(device="cpu")
+    lazy.reset_parameters()
+    assert lazy.packed_weight.abs().max() <= 1 / 6  # 1 / sqrt(fan_in)
+    lazy.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(lazy(x), F.conv2d(x, conv.weight * mask[:, None], conv.bias, padding=1))
+
+
 def test_set_stripe_mask_keeps_surviving_weights():
     layer = StripeConv2d(3, 4, 3)
     before = layer.weight.detach().clone()
