@@ -120,6 +120,7 @@ class StripeConv2d(nn.Module):
         self.dilation = _pair_of("dilation", dilation, 1)
         self.groups = groups
         self.padding_mode = padding_mode
+        self.transposed, self.output_padding = False, (0, 0)  # nn.Conv2d's, which tools read
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"padding must be 'same', 'valid' or int/tuple, got {padding!r}")

@@ -158,6 +158,18 @@ def no_tf32():
     torch._C._set_cudnn_allow_tf32(old)
 
 
+def test_has_every_public_attribute_of_conv2d():
+    """Tools that read a conv's configuration (FLOP counters, summaries) find nn.Conv2d's attributes, with
+    nn.Conv2d's values."""
+    conv = nn.Conv2d(4, 6, (3, 5), stride=2, padding=(1, 2), dilation=(2, 1), groups=2, bias=False)
+    layer = StripeConv2d.from_conv(conv)
+    public = {a for a in dir(conv) if not a.startswith("_")}
+    assert public <= set(dir(layer)), public - set(dir(layer))
+    for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                 "padding_mode", "transposed", "output_padding"):
+        assert getattr(layer, name) == getattr(conv, name), name
+
+
 def test_reset_parameters_draws_like_conv2d_and_survives_to_empty():
     """``reset_parameters`` (what model-init code and meta-device flows call): nn.Conv2d's draws on the
     kept stripes, the mask kept; after ``to_empty()`` (mask without values) it still initialises, and a
