@@ -396,6 +396,8 @@ class StripeConv2d(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return self._fx_forward(input)
         weight, bias, mask, constant = self._tensors()
         self._check_input(input, weight, bias)
         unbatched = input.dim() == 3
@@ -416,6 +418,27 @@ class StripeConv2d(nn.Module):
         if constant is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)
         return out.squeeze(0) if unbatched else out
+
+    @torch.jit.unused
+    def _fx_forward(self, input: torch.fx.Proxy) -> torch.fx.Proxy:
+        """The forward as ``torch.fx.symbolic_trace`` records it: the op on the layer's tensors (as
+        ``get_attr`` nodes), with the padding mode's pad and a constant channel's response as nodes of
+        their own. The graph takes 4-D input and computes in the weights' dtype (no autocast cast)."""
+        pads = self._pads
+        if self.padding_mode != "zeros" and any(pads):
+            t, b, l, r = pads
+            input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
+            pads = (0, 0, 0, 0)
+        out = stripe_conv2d(input, self.packed_weight, self.bias, self.stripe_mask, list(self.stride), list(pads),
+                            list(self.dilation), self.groups)
+        if self.constant_channel_weight is not None:
+            # the buffer itself as a node (FX passes buffers as values; a value derived from one, as the
+            # response's weight is, would be baked into the graph with its device)
+            path = input.tracer.path_of_module(self)
+            weight = input.tracer.create_proxy("get_attr", f"{path}.constant_channel_weight".lstrip("."), (), {})
+            out = out + _constant_response(weight, input.shape[-2], input.shape[-1], list(pads), list(self.stride),
+                                           list(self.dilation))
+        return out
 
     def __prepare_scriptable__(self) -> "StripeConv2d":
         """Called by ``torch.jit.script``: where the ``cpu`` backend serves CPU tensors now, the

@@ -158,6 +158,32 @@ def no_tf32():
     torch._C._set_cudnn_allow_tf32(old)
 
 
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(padding=(1, 2), padding_mode="reflect", stride=2),
+                                dict(padding="same", dilation=2, groups=2)])
+@pytest.mark.parametrize("constant", [False, True])
+def test_torch_fx_symbolic_trace(kw, constant):
+    """FX tooling (graph rewrites, feature extractors) traces the layer: one op node on the layer's own
+    tensors, values and gradients as the module's; the graph follows its buffers across a dtype change."""
+    gen = torch.Generator().manual_seed(9)
+    layer = StripeConv2d(4, 6, 3, stripe_mask=torch.rand(6, 3, 3, generator=gen) < 0.5, **kw)
+    if constant:
+        layer.add_constant_channel(torch.randn(6, 3, 3, generator=gen))
+    model = nn.Sequential(layer, nn.ReLU())
+    graph = torch.fx.symbolic_trace(model)
+    ops = [n.target for n in graph.graph.nodes if n.op == "call_function" and "stripeconv" in str(n.target)]
+    assert ops == [torch.ops.stripeconv.stripe_conv2d.default]
+    x = torch.randn(2, 4, 9, 10, generator=gen, requires_grad=True)
+    got, want = graph(x), model(x)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(got.shape, generator=gen)
+    got_grads = torch.autograd.grad(got, (x, layer.packed_weight), g)
+    want_grads = torch.autograd.grad(want, (x, layer.packed_weight), g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+    x64 = x.detach().double()
+    torch.testing.assert_close(graph.to(torch.float64)(x64), model.to(torch.float64)(x64))
+
+
 def test_has_every_public_attribute_of_conv2d():
     """Tools that read a conv's configuration (FLOP counters, summaries) find nn.Conv2d's attributes, with
     nn.Conv2d's values."""
