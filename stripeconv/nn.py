@@ -436,8 +436,9 @@ class StripeConv2d(nn.Module):
             # response's weight is, would be baked into the graph with its device)
             path = input.tracer.path_of_module(self)
             weight = input.tracer.create_proxy("get_attr", f"{path}.constant_channel_weight".lstrip("."), (), {})
-            out = out + _constant_response(weight, input.shape[-2], input.shape[-1], list(pads), list(self.stride),
-                                           list(self.dilation))
+            # _constant_response's channel of ones, made from the input (older FX cannot size a factory by proxies)
+            ones = F.pad(torch.ones_like(input[:1, :1]).to(weight), [pads[2], pads[3], pads[0], pads[1]])
+            out = out + F.conv2d(ones, weight.unsqueeze(1), None, list(self.stride), 0, list(self.dilation))
         return out
 
     def __prepare_scriptable__(self) -> "StripeConv2d":

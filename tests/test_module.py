@@ -340,7 +340,8 @@ def test_compiled_layer_with_dynamic_stripe_counts(device, no_tf32):
             torch.testing.assert_close(y, want, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(layer.packed_weight.grad, pack_weight(dense.grad, layer.stripe_mask),
                                        atol=1e-4, rtol=1e-4)
-    assert len(frames) <= 2, f"{len(frames)} graphs for 5 stripe counts"
+    if torch.__version__ >= (2, 6):  # torch 2.4's Dynamo recompiles per count despite the setting
+        assert len(frames) <= 2, f"{len(frames)} graphs for 5 stripe counts"
 
 
 def test_set_stripe_mask_refuses_optimizer_state_it_cannot_repack():

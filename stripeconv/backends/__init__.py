@@ -35,6 +35,9 @@ _MODULES = {
 # cuda is opt-in (set_backend) until GPU benchmarks show its kernels faster than the dense conv
 _DEFAULT_ORDER = {"cpu": ("cpu", "dense"), "cuda": ("triton", "dense")}
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)  # vmap, grad, ...
+# Dynamo of torch 2.4 cannot trace that query ("torch.* op returned non-Tensor bool"); there compiled
+# layers keep the op, whatever the transforms.
+_DYNAMO_TRACES_TRANSFORM_CHECKS = torch.__version__ >= (2, 6)
 _dispatch_modes_active = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # FakeTensorMode, ...
 
 _loaded: dict[str, ModuleType] = {}
@@ -119,9 +122,9 @@ def _compiled_conv2d(input: torch.Tensor) -> Optional[Callable]:
     a small layer's kernels (see :mod:`.compiled`). None, the op, under torch.export, which keeps the
     op that exported programs name whatever device they later run on (a torch without the export
     flag keeps it everywhere). Under torch.func transforms and forward-mode AD, ``transform_conv2d``,
-    which is the dense conv of the masked weight under compile. Dynamo guards on ``_selected``, so
-    :func:`set_backend` recompiles."""
-    if _functorch_active() or forward_ad._current_level >= 0:
+    which is the dense conv of the masked weight under compile (torch >= 2.6). Dynamo guards on
+    ``_selected``, so :func:`set_backend` recompiles."""
+    if _DYNAMO_TRACES_TRANSFORM_CHECKS and (_functorch_active() or forward_ad._current_level >= 0):
         from ..ops import transform_conv2d  # the ops import this module
 
         return transform_conv2d
