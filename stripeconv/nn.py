@@ -21,6 +21,7 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # One cheap call answers "no autocast anywhere", the common case (the per-device query costs ~1 us).
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _IntOr2 = Union[int, tuple[int, int]]
+_FxProxy = torch.fx.Proxy  # what torch.fx.symbolic_trace passes for the input
 
 
 def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
@@ -396,7 +397,7 @@ class StripeConv2d(nn.Module):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, _FxProxy):
             return self._fx_forward(input)
         weight, bias, mask, constant = self._tensors()
         self._check_input(input, weight, bias)
