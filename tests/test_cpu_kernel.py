@@ -450,31 +450,31 @@ def test_argument_errors_name_expected_and_got():
     mask = torch.ones(4, 3, 3, dtype=torch.bool)
     w = torch.randn(36, 8)
     good = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
-    with pytest.raises(RuntimeError, match="36 rows but stripe_mask keeps 35"):
+    with pytest.raises(ValueError, match="36 rows but stripe_mask keeps 35"):
         m2 = mask.clone()
         m2[0, 0, 0] = False
         ops.forward(x, w, None, m2, *good)
-    with pytest.raises(RuntimeError, match=r"packed weight must be \[num_stripes, 8\]"):
+    with pytest.raises(ValueError, match=r"packed weight must be \[num_stripes, 8\]"):
         ops.forward(x, torch.randn(36, 7), None, mask, *good)
-    with pytest.raises(RuntimeError, match="stripe_mask must have dtype bool"):
+    with pytest.raises(ValueError, match="stripe_mask must have dtype bool"):
         ops.forward(x, w, None, mask.float(), *good)
-    with pytest.raises(RuntimeError, match="padding takes 4 values"):
+    with pytest.raises(ValueError, match="padding takes 4 values"):
         ops.forward(x, w, None, mask, [1, 1], [1, 1], [1, 1], 1)
-    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+    with pytest.raises(ValueError, match="stride must be >= 1"):
         ops.forward(x, w, None, mask, [0, 1], [1, 1, 1, 1], [1, 1], 1)
-    with pytest.raises(RuntimeError, match="divisible by groups"):
+    with pytest.raises(ValueError, match="divisible by groups"):
         ops.forward(x, torch.randn(36, 2), None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 3)
-    with pytest.raises(RuntimeError, match=r"bias must be \[4\]"):
+    with pytest.raises(ValueError, match=r"bias must be \[4\]"):
         ops.forward(x, w, torch.randn(5), mask, *good)
-    with pytest.raises(RuntimeError, match="weight dtype"):
+    with pytest.raises(ValueError, match="weight dtype"):
         ops.forward(x, w.double(), None, mask, *good)
-    with pytest.raises(RuntimeError, match="float32, float64 or bfloat16"):
+    with pytest.raises(ValueError, match="float32, float64 or bfloat16"):
         ops.forward(x.long(), w.long(), None, mask, *good)
-    with pytest.raises(RuntimeError, match="4-D input"):
+    with pytest.raises(ValueError, match="4-D input"):
         ops.forward(x[0], w, None, mask, *good)
-    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
+    with pytest.raises(ValueError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
         ops.grad_input(torch.randn(2, 4, 8, 9), w, mask, [2, 8, 9, 9], *good)
-    with pytest.raises(RuntimeError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
+    with pytest.raises(ValueError, match=r"grad_output must have shape \[2, 4, 9, 9\]"):
         ops.grad_weight(torch.randn(2, 5, 9, 9), x, w, mask, *good)
     # No output pixel (too few rows, or columns, for the kernel; with stride 2 as well): refused like
     # the op refuses it, whichever of the three kernels is called.

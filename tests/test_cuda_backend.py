@@ -297,7 +297,7 @@ def test_mask_that_does_not_match_the_weight(cuda_kernels):
 
 def test_unsupported_dtype_is_named(emulated_ops):
     mask = torch.ones(2, 1, 1, dtype=torch.bool)
-    with pytest.raises(RuntimeError, match="expected float16, bfloat16, float32 or float64"):
+    with pytest.raises(ValueError, match="expected float16, bfloat16, float32 or float64"):
         emulated_ops.forward(torch.ones(1, 2, 3, 3, dtype=torch.int32), torch.ones(2, 2, dtype=torch.int32), None,
                              mask, [1, 1], [0, 0, 0, 0], [1, 1], 1)
 

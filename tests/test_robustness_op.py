@@ -73,7 +73,7 @@ def test_random_geometry_matches_masked_conv(backend, seed):
         try:
             expected = conv(x)
         except RuntimeError:
-            with pytest.raises((ValueError, RuntimeError)):
+            with pytest.raises(ValueError):
                 layer(x)
             continue
         xl = _layout(x.clone(), c["layout"]).requires_grad_()
@@ -199,7 +199,7 @@ def test_op_rejects_inconsistent_weight_and_bias(backend, change, message):
         a["bias"] = a["bias"].double()
     else:
         a["bias"] = a["bias"][:, None]
-    with pytest.raises((ValueError, RuntimeError), match=message):
+    with pytest.raises(ValueError, match=message):
         _forward(OP.stripe_conv2d, a)
 
 
@@ -238,9 +238,9 @@ def test_gradient_ops_validate_their_arguments(backend, change, message):
     else:
         mask = mask.to(torch.uint8)
     geometry = (stride, [1, 1, 1, 1], [1, 1], 1)
-    with pytest.raises((ValueError, RuntimeError), match=message):
+    with pytest.raises(ValueError, match=message):
         OP.stripe_conv2d_grad_input(grad_output, weight, mask, [2, 4, 8, 8], *geometry)
-    with pytest.raises((ValueError, RuntimeError), match=message):
+    with pytest.raises(ValueError, match=message):
         OP.stripe_conv2d_grad_weight(grad_output, a["input"], weight, mask, *geometry)
 
 

@@ -54,19 +54,21 @@ std::string shape_str(at::IntArrayRef s) {
 
 Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor& weight, const at::Tensor& mask,
                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(in_shape.size() == 4, op, ": expected a 4-D input [B, C, H, W], got ", in_shape.size(), "-D shape ",
-              shape_str(in_shape));
-  TORCH_CHECK(mask.dim() == 3, op, ": stripe_mask must be [out_channels, kh, kw], got shape ", shape_str(mask.sizes()));
-  TORCH_CHECK(mask.scalar_type() == at::kBool, op, ": stripe_mask must have dtype bool, got ", mask.scalar_type());
-  TORCH_CHECK(mask.device().is_cpu(), op, ": stripe_mask must be a CPU tensor, got device ", mask.device());
-  TORCH_CHECK(stride.size() == 2, op, ": stride takes 2 values (sh, sw), got ", stride.size());
-  TORCH_CHECK(dilation.size() == 2, op, ": dilation takes 2 values (dh, dw), got ", dilation.size());
-  TORCH_CHECK(padding.size() == 4, op, ": padding takes 4 values (top, bottom, left, right), got ", padding.size());
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", shape_str(stride));
-  TORCH_CHECK(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", shape_str(dilation));
-  for (auto v : padding) TORCH_CHECK(v >= 0, op, ": padding must be >= 0, got ", shape_str(padding));
-  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
-  for (auto v : in_shape) TORCH_CHECK(v >= 0, op, ": input shape must be non-negative, got ", shape_str(in_shape));
+  TORCH_CHECK_VALUE(in_shape.size() == 4, op, ": expected a 4-D input [B, C, H, W], got ", in_shape.size(), "-D shape ",
+                    shape_str(in_shape));
+  TORCH_CHECK_VALUE(mask.dim() == 3, op, ": stripe_mask must be [out_channels, kh, kw], got shape ",
+                    shape_str(mask.sizes()));
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, op, ": stripe_mask must have dtype bool, got ", mask.scalar_type());
+  TORCH_CHECK_VALUE(mask.device().is_cpu(), op, ": stripe_mask must be a CPU tensor, got device ", mask.device());
+  TORCH_CHECK_VALUE(stride.size() == 2, op, ": stride takes 2 values (sh, sw), got ", stride.size());
+  TORCH_CHECK_VALUE(dilation.size() == 2, op, ": dilation takes 2 values (dh, dw), got ", dilation.size());
+  TORCH_CHECK_VALUE(padding.size() == 4, op, ": padding takes 4 values (top, bottom, left, right), got ",
+                    padding.size());
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, op, ": stride must be >= 1, got ", shape_str(stride));
+  TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1, op, ": dilation must be >= 1, got ", shape_str(dilation));
+  for (auto v : padding) TORCH_CHECK_VALUE(v >= 0, op, ": padding must be >= 0, got ", shape_str(padding));
+  TORCH_CHECK_VALUE(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  for (auto v : in_shape) TORCH_CHECK_VALUE(v >= 0, op, ": input shape must be non-negative, got ", shape_str(in_shape));
   Geometry g;
   g.B = in_shape[0];
   g.C = in_shape[1];
@@ -84,27 +86,27 @@ Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor
   g.dh = dilation[0];
   g.dw = dilation[1];
   g.G = groups;
-  TORCH_CHECK(g.C % groups == 0, op, ": in_channels (", g.C, ") must be divisible by groups (", groups, ")");
-  TORCH_CHECK(g.N % groups == 0, op, ": out_channels (", g.N, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.C % groups == 0, op, ": in_channels (", g.C, ") must be divisible by groups (", groups, ")");
+  TORCH_CHECK_VALUE(g.N % groups == 0, op, ": out_channels (", g.N, ") must be divisible by groups (", groups, ")");
   g.Cg = g.C / groups;
   g.Ng = g.N / groups;
-  TORCH_CHECK(weight.dim() == 2, op, ": packed weight must be 2-D [num_stripes, in_channels/groups], got shape ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(weight.size(1) == g.Cg, op, ": packed weight must be [num_stripes, ", g.Cg, "], got ",
-              shape_str(weight.sizes()));
-  TORCH_CHECK(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": packed weight must be 2-D [num_stripes, in_channels/groups], got shape ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.size(1) == g.Cg, op, ": packed weight must be [num_stripes, ", g.Cg, "], got ",
+                    shape_str(weight.sizes()));
+  TORCH_CHECK_VALUE(weight.device().is_cpu(), op, ": weight must be a CPU tensor, got device ", weight.device());
   {
     const at::Tensor mc = mask.contiguous();
     const bool* mp = mc.data_ptr<bool>();
     g.S = 0;
     for (int64_t i = 0; i < mc.numel(); ++i) g.S += mp[i] ? 1 : 0;
   }
-  TORCH_CHECK(weight.size(0) == g.S, op, ": packed weight has ", weight.size(0),
-              " rows but stripe_mask keeps ", g.S, " stripes");
+  TORCH_CHECK_VALUE(weight.size(0) == g.S, op, ": packed weight has ", weight.size(0),
+                    " rows but stripe_mask keeps ", g.S, " stripes");
   const int64_t hnum = g.H + g.pt + g.pb - g.dh * (g.kh - 1) - 1, wnum = g.W + g.pl + g.pr - g.dw * (g.kw - 1) - 1;
   TORCH_CHECK_VALUE(hnum >= 0 && wnum >= 0, op, ": input of spatial size [", g.H, ", ", g.W, "] with padding ",
-                    shape_str(padding), " is smaller than the dilated kernel [", g.kh, ", ", g.kw, "] (dilation ",
-                    shape_str(dilation), "): no output pixel");
+                          shape_str(padding), " is smaller than the dilated kernel [", g.kh, ", ", g.kw, "] (dilation ",
+                          shape_str(dilation), "): no output pixel");
   g.Ho = hnum / g.sh + 1;
   g.Wo = wnum / g.sw + 1;
   g.Hpm = ceil_div(g.H, g.sh);
@@ -114,8 +116,8 @@ Geometry check_common(const char* op, at::IntArrayRef in_shape, const at::Tensor
 
 void check_float_dtype(const char* op, const char* what, const at::Tensor& t) {
   const auto s = t.scalar_type();
-  TORCH_CHECK(s == at::kFloat || s == at::kDouble || is_16bit(t), op, ": ", what,
-              " must be float16, float32, float64 or bfloat16, got ", s);
+  TORCH_CHECK_VALUE(s == at::kFloat || s == at::kDouble || is_16bit(t), op, ": ", what,
+                    " must be float16, float32, float64 or bfloat16, got ", s);
 }
 
 }  // namespace detail

@@ -69,18 +69,18 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
                    const at::Tensor& stripe_mask, at::IntArrayRef stride, at::IntArrayRef padding,
                    at::IntArrayRef dilation, int64_t groups) {
   const char* op = "stripeconv_cpu.forward";
-  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input [B, C, H, W], got ", input.dim(), "-D");
-  TORCH_CHECK(input.device().is_cpu(), op, ": input must be a CPU tensor, got device ", input.device());
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": expected a 4-D input [B, C, H, W], got ", input.dim(), "-D");
+  TORCH_CHECK_VALUE(input.device().is_cpu(), op, ": input must be a CPU tensor, got device ", input.device());
   check_float_dtype(op, "input", input);
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), op, ": weight dtype (", weight.scalar_type(),
-              ") must match input dtype (", input.scalar_type(), ")");
+  TORCH_CHECK_VALUE(weight.scalar_type() == input.scalar_type(), op, ": weight dtype (", weight.scalar_type(),
+                    ") must match input dtype (", input.scalar_type(), ")");
   Geometry g = check_common(op, input.sizes(), weight, stripe_mask, stride, padding, dilation, groups);
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.N, op, ": bias must be [", g.N, "], got shape ",
-                shape_str(bias->sizes()));
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), op, ": bias dtype (", bias->scalar_type(),
-                ") must match input dtype (", input.scalar_type(), ")");
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ", bias->device());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == g.N, op, ": bias must be [", g.N, "], got shape ",
+                      shape_str(bias->sizes()));
+    TORCH_CHECK_VALUE(bias->scalar_type() == input.scalar_type(), op, ": bias dtype (", bias->scalar_type(),
+                      ") must match input dtype (", input.scalar_type(), ")");
+    TORCH_CHECK_VALUE(bias->device().is_cpu(), op, ": bias must be a CPU tensor, got device ", bias->device());
   }
   if (is_16bit(input)) {  // computed in fp32, rounded once at the end
     c10::optional<at::Tensor> b32;
@@ -108,18 +108,18 @@ at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight, c
                       at::IntArrayRef input_shape, at::IntArrayRef stride, at::IntArrayRef padding,
                       at::IntArrayRef dilation, int64_t groups) {
   const char* op = "stripeconv_cpu.grad_input";
-  TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D grad_output [B, N, Ho, Wo], got ", grad_output.dim(),
-              "-D");
-  TORCH_CHECK(grad_output.device().is_cpu(), op, ": grad_output must be a CPU tensor, got device ",
-              grad_output.device());
+  TORCH_CHECK_VALUE(grad_output.dim() == 4, op, ": expected a 4-D grad_output [B, N, Ho, Wo], got ", grad_output.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(grad_output.device().is_cpu(), op, ": grad_output must be a CPU tensor, got device ",
+                    grad_output.device());
   check_float_dtype(op, "grad_output", grad_output);
-  TORCH_CHECK(weight.scalar_type() == grad_output.scalar_type(), op, ": weight dtype (", weight.scalar_type(),
-              ") must match grad_output dtype (", grad_output.scalar_type(), ")");
+  TORCH_CHECK_VALUE(weight.scalar_type() == grad_output.scalar_type(), op, ": weight dtype (", weight.scalar_type(),
+                    ") must match grad_output dtype (", grad_output.scalar_type(), ")");
   Geometry g = check_common(op, input_shape, weight, stripe_mask, stride, padding, dilation, groups);
   const std::vector<int64_t> expect{g.B, g.N, g.Ho, g.Wo};
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
-              shape_str(expect), " for input_shape ", shape_str(input_shape), ", got ",
-              shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
+                    shape_str(expect), " for input_shape ", shape_str(input_shape), ", got ",
+                    shape_str(grad_output.sizes()));
   if (is_16bit(grad_output))
     return grad_input_impl<float>(grad_output.to(at::kFloat), weight.to(at::kFloat), stripe_mask, g)
         .to(grad_output.scalar_type());
@@ -131,19 +131,19 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, c
                        const at::Tensor& stripe_mask, at::IntArrayRef stride, at::IntArrayRef padding,
                        at::IntArrayRef dilation, int64_t groups) {
   const char* op = "stripeconv_cpu.grad_weight";
-  TORCH_CHECK(input.dim() == 4, op, ": expected a 4-D input [B, C, H, W], got ", input.dim(), "-D");
-  TORCH_CHECK(grad_output.dim() == 4, op, ": expected a 4-D grad_output [B, N, Ho, Wo], got ", grad_output.dim(),
-              "-D");
-  TORCH_CHECK(input.device().is_cpu() && grad_output.device().is_cpu(), op,
-              ": input and grad_output must be CPU tensors, got ", input.device(), " and ", grad_output.device());
+  TORCH_CHECK_VALUE(input.dim() == 4, op, ": expected a 4-D input [B, C, H, W], got ", input.dim(), "-D");
+  TORCH_CHECK_VALUE(grad_output.dim() == 4, op, ": expected a 4-D grad_output [B, N, Ho, Wo], got ", grad_output.dim(),
+                    "-D");
+  TORCH_CHECK_VALUE(input.device().is_cpu() && grad_output.device().is_cpu(), op,
+                    ": input and grad_output must be CPU tensors, got ", input.device(), " and ", grad_output.device());
   check_float_dtype(op, "input", input);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && weight.scalar_type() == input.scalar_type(), op,
-              ": input, grad_output and weight must share a dtype, got ", input.scalar_type(), ", ",
-              grad_output.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type() && weight.scalar_type() == input.scalar_type(), op,
+                    ": input, grad_output and weight must share a dtype, got ", input.scalar_type(), ", ",
+                    grad_output.scalar_type(), " and ", weight.scalar_type());
   Geometry g = check_common(op, input.sizes(), weight, stripe_mask, stride, padding, dilation, groups);
   const std::vector<int64_t> expect{g.B, g.N, g.Ho, g.Wo};
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
-              shape_str(expect), ", got ", shape_str(grad_output.sizes()));
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(expect), op, ": grad_output must have shape ",
+                    shape_str(expect), ", got ", shape_str(grad_output.sizes()));
   if (is_16bit(input))
     return grad_weight_impl<float>(grad_output.to(at::kFloat), input.to(at::kFloat), weight.to(at::kFloat),
                                    stripe_mask, g)

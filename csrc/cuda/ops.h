@@ -76,7 +76,9 @@ void dispatch_dtype(at::ScalarType dtype, const char* op, F&& f) {
     case at::kDouble: return f(TypeTag<double>{});
     case at::kHalf: return f(TypeTag<__half>{});
     case at::kBFloat16: return f(TypeTag<__nv_bfloat16>{});
-    default: TORCH_CHECK(false, "stripeconv_cuda.", op, ": expected float16, bfloat16, float32 or float64 tensors, got ", dtype);
+    default:
+      TORCH_CHECK_VALUE(false, "stripeconv_cuda.", op, ": expected float16, bfloat16, float32 or float64 tensors, got ",
+                        dtype);
   }
 }
 
@@ -92,36 +94,37 @@ T* mutable_ptr(at::Tensor& t) {
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.device().type() == kDeviceType, "stripeconv_cuda.", op, ": expected ", name, " on a ", kDeviceType,
-              " device, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), "stripeconv_cuda.", op, ": ", name, " is on ", t.device(),
-              ", expected ", like.device());
+  TORCH_CHECK_VALUE(t.device().type() == kDeviceType, "stripeconv_cuda.", op, ": expected ", name, " on a ", kDeviceType,
+                    " device, got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == like.device(), "stripeconv_cuda.", op, ": ", name, " is on ", t.device(),
+                    ", expected ", like.device());
 }
 
 // Validates the call and returns its geometry (activations NHWC, all groups).
 ConvShape make_shape(const char* op, at::IntArrayRef input_shape, const at::Tensor& weight, const at::Tensor& mask,
                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(input_shape.size() == 4, "stripeconv_cuda.", op, ": expected a 4-D input [B, C, H, W], got ", input_shape);
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 3, "stripeconv_cuda.", op,
-              ": expected a bool stripe mask [N, kh, kw], got ", mask.scalar_type(), " of shape ", mask.sizes());
-  TORCH_CHECK(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4, "stripeconv_cuda.", op,
-              ": stride and dilation take 2 values, padding 4 (top, bottom, left, right)");
-  TORCH_CHECK(groups >= 1 && input_shape[1] % groups == 0 && mask.size(0) % groups == 0, "stripeconv_cuda.", op,
-              ": channels (", input_shape[1], " in, ", mask.size(0), " out) must be divisible by groups=", groups);
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input_shape[1] / groups, "stripeconv_cuda.", op,
-              ": expected a packed weight [S, ", input_shape[1] / groups, "], got ", weight.sizes());
+  TORCH_CHECK_VALUE(input_shape.size() == 4, "stripeconv_cuda.", op, ": expected a 4-D input [B, C, H, W], got ",
+                    input_shape);
+  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool && mask.dim() == 3, "stripeconv_cuda.", op,
+                    ": expected a bool stripe mask [N, kh, kw], got ", mask.scalar_type(), " of shape ", mask.sizes());
+  TORCH_CHECK_VALUE(stride.size() == 2 && dilation.size() == 2 && padding.size() == 4, "stripeconv_cuda.", op,
+                    ": stride and dilation take 2 values, padding 4 (top, bottom, left, right)");
+  TORCH_CHECK_VALUE(groups >= 1 && input_shape[1] % groups == 0 && mask.size(0) % groups == 0, "stripeconv_cuda.", op,
+                    ": channels (", input_shape[1], " in, ", mask.size(0), " out) must be divisible by groups=", groups);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == input_shape[1] / groups, "stripeconv_cuda.", op,
+                    ": expected a packed weight [S, ", input_shape[1] / groups, "], got ", weight.sizes());
   ConvShape s{};
   s.B = int(input_shape[0]), s.C = int(input_shape[1]), s.H = int(input_shape[2]), s.W = int(input_shape[3]);
   s.N = int(mask.size(0)), s.kh = int(mask.size(1)), s.kw = int(mask.size(2));
   s.sh = int(stride[0]), s.sw = int(stride[1]), s.pt = int(padding[0]), s.pl = int(padding[2]);
   s.dh = int(dilation[0]), s.dw = int(dilation[1]);
-  TORCH_CHECK(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && *std::min_element(padding.begin(), padding.end()) >= 0,
-              "stripeconv_cuda.", op, ": stride and dilation must be positive and padding non-negative");
+  TORCH_CHECK_VALUE(s.sh >= 1 && s.sw >= 1 && s.dh >= 1 && s.dw >= 1 && *std::min_element(padding.begin(), padding.end()) >= 0,
+                    "stripeconv_cuda.", op, ": stride and dilation must be positive and padding non-negative");
   // The numerators are checked before dividing: C++ division truncates towards zero, so -1 / 2 + 1 == 1.
   const int64_t hnum = input_shape[2] + padding[0] + padding[1] - s.dh * (s.kh - 1) - 1;
   const int64_t wnum = input_shape[3] + padding[2] + padding[3] - s.dw * (s.kw - 1) - 1;
   TORCH_CHECK_VALUE(hnum >= 0 && wnum >= 0, "stripeconv_cuda.", op, ": the padded input ", input_shape,
-                    " is smaller than the dilated kernel");
+                          " is smaller than the dilated kernel");
   const int64_t ho = hnum / s.sh + 1, wo = wnum / s.sw + 1;
   s.Ho = int(ho), s.Wo = int(wo);
   s.groups = int(groups), s.Cg = s.C / s.groups, s.Ng = s.N / s.groups;
@@ -175,15 +178,15 @@ at::Tensor forward(const at::Tensor& input, const at::Tensor& weight, const c10:
   check_tensor("forward", "input", input, input);
   check_tensor("forward", "weight", weight, input);
   check_tensor("forward", "stripe_mask", mask, input);
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "stripeconv_cuda.forward: weight is ", weight.scalar_type(),
-              ", expected the input's ", input.scalar_type());
+  TORCH_CHECK_VALUE(weight.scalar_type() == input.scalar_type(), "stripeconv_cuda.forward: weight is ", weight.scalar_type(),
+                    ", expected the input's ", input.scalar_type());
   const ConvShape s = make_shape("forward", input.sizes(), weight, mask, stride, padding, dilation, groups);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     check_tensor("forward", "bias", *bias, input);
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == s.N && bias->scalar_type() == input.scalar_type(),
-                "stripeconv_cuda.forward: expected a bias [", s.N, "] of ", input.scalar_type(), ", got ",
-                bias->scalar_type(), " ", bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == s.N && bias->scalar_type() == input.scalar_type(),
+                      "stripeconv_cuda.forward: expected a bias [", s.N, "] of ", input.scalar_type(), ", got ",
+                      bias->scalar_type(), " ", bias->sizes());
     b = bias->contiguous();
   }
 #ifndef STRIPECONV_CUDA_EMULATION
@@ -210,11 +213,11 @@ at::Tensor grad_input(const at::Tensor& grad_output, const at::Tensor& weight, c
   check_tensor("grad_input", "grad_output", grad_output, grad_output);
   check_tensor("grad_input", "weight", weight, grad_output);
   check_tensor("grad_input", "stripe_mask", mask, grad_output);
-  TORCH_CHECK(weight.scalar_type() == grad_output.scalar_type(), "stripeconv_cuda.grad_input: weight is ",
-              weight.scalar_type(), ", expected grad_output's ", grad_output.scalar_type());
+  TORCH_CHECK_VALUE(weight.scalar_type() == grad_output.scalar_type(), "stripeconv_cuda.grad_input: weight is ",
+                    weight.scalar_type(), ", expected grad_output's ", grad_output.scalar_type());
   const ConvShape s = make_shape("grad_input", input_shape, weight, mask, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), "stripeconv_cuda.grad_input: expected grad_output of shape ",
-              at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), ", got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), "stripeconv_cuda.grad_input: expected grad_output of shape ",
+                    at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), ", got ", grad_output.sizes());
 #ifndef STRIPECONV_CUDA_EMULATION
   const c10::cuda::CUDAGuard guard(grad_output.device());
 #endif
@@ -240,12 +243,12 @@ at::Tensor grad_weight(const at::Tensor& grad_output, const at::Tensor& input, c
   check_tensor("grad_weight", "grad_output", grad_output, input);
   check_tensor("grad_weight", "weight", weight, input);
   check_tensor("grad_weight", "stripe_mask", mask, input);
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() && weight.scalar_type() == input.scalar_type(),
-              "stripeconv_cuda.grad_weight: expected grad_output, input and weight of one dtype, got ",
-              grad_output.scalar_type(), ", ", input.scalar_type(), ", ", weight.scalar_type());
+  TORCH_CHECK_VALUE(grad_output.scalar_type() == input.scalar_type() && weight.scalar_type() == input.scalar_type(),
+                    "stripeconv_cuda.grad_weight: expected grad_output, input and weight of one dtype, got ",
+                    grad_output.scalar_type(), ", ", input.scalar_type(), ", ", weight.scalar_type());
   const ConvShape s = make_shape("grad_weight", input.sizes(), weight, mask, stride, padding, dilation, groups);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), "stripeconv_cuda.grad_weight: expected grad_output of shape ",
-              at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), ", got ", grad_output.sizes());
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), "stripeconv_cuda.grad_weight: expected grad_output of shape ",
+                    at::IntArrayRef({s.B, s.N, s.Ho, s.Wo}), ", got ", grad_output.sizes());
 #ifndef STRIPECONV_CUDA_EMULATION
   const c10::cuda::CUDAGuard guard(input.device());
 #endif
