@@ -647,12 +647,15 @@ def fit(model: nn.Module, pruner: Optional[Pruner], train_loader: Iterable, epoc
     """:func:`stripeconv.pruning.fit`'s signature and behaviour, run by the :class:`Engine`.
 
     Same hook order, same default optimizer and schedule, same records (plus ``phase``, ``lr``,
-    ``samples``, ``density``, ``time_s``); it prints nothing and never calls ``pruner.prune``.
-    ``engine_kwargs`` adds the engine's options (``out_dir=``/``resume=`` for checkpoints and the
-    JSONL log, ``ctx=`` for DDP, ...).
+    ``samples``, ``density``, ``time_s``); it prints nothing. A one-shot pruner that has not pruned
+    yet prunes on ``train_loader`` before the first epoch. ``engine_kwargs`` adds the engine's
+    options (``out_dir=``/``resume=`` for checkpoints and the JSONL log, ``ctx=`` for DDP, ...).
     """
     engine_kwargs.setdefault("quiet", True)
-    engine_kwargs.setdefault("oneshot", False)
+    if "oneshot" not in engine_kwargs:
+        # Without this a one-shot method would train the unpruned model and export it unpruned.
+        engine_kwargs["oneshot"] = pruner is not None and is_oneshot(pruner) and not pruner.has_pruned
+    engine_kwargs.setdefault("prune_data", train_loader)
     engine_kwargs.setdefault("log", "metrics.jsonl" if engine_kwargs.get("out_dir") is not None else None)
     return Engine(model, train_loader, pruner=pruner, epochs=epochs, optimizer=optimizer, scheduler=scheduler,
                   device=device, eval_data=eval_loader, loss_fn=loss_fn, start_epoch=start_epoch, callback=callback,

@@ -59,3 +59,36 @@ def test_one_shot_not_available_for_training_methods():
     pr = pruning.Pruner(models.vgg(cfg=[4], in_channels=1), SIZE, require_target=False)
     with pytest.raises(NotImplementedError):
         pr.prune()
+
+
+class _CountingL1(pruning.L1Filter):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.prune_calls = 0
+
+    def prune(self, data=None):
+        self.prune_calls += 1
+        return super().prune(data)
+
+
+def _l1_run(prune_first: bool):
+    torch.manual_seed(0)
+    model = models.vgg(cfg=[8, "M", 8], in_channels=1)
+    pr = _CountingL1(model, SIZE, ratio=0.5)
+    if prune_first:
+        pr.prune()
+    assert pr.has_pruned == prune_first
+    pruning.fit(model, pr, _loader(), epochs=1, optimizer=torch.optim.SGD(model.parameters(), lr=0.05), progress=False)
+    return model, pr
+
+
+def test_fit_prunes_a_one_shot_pruner_that_has_not_pruned():
+    """fit() drives one-shot methods too: unpruned, it prunes first; pruned already, it only fine-tunes."""
+    model_a, auto = _l1_run(prune_first=False)
+    model_b, manual = _l1_run(prune_first=True)
+    assert auto.prune_calls == 1 and manual.prune_calls == 1
+    assert auto.has_pruned and auto.flops_reduction() > 0.2
+    for name, mask in manual.masks().items():
+        assert torch.equal(auto.masks()[name], mask)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -221,6 +221,12 @@ class Pruner:
         """One-shot pruning (data-driven methods read ``data``); returns the masks."""
         raise NotImplementedError(f"{type(self).__name__} prunes during training; drive it with fit() or the hooks")
 
+    @property
+    def has_pruned(self) -> bool:
+        """Whether any stripe is held at zero: after :meth:`prune` of a one-shot method, or a training
+        method's first pruning decision."""
+        return any(not bool(m.all()) for m in self._frozen.values())
+
     @torch.no_grad()
     def hold(self, masks: dict) -> None:
         """Prune to ``masks`` now and keep those stripes at zero from then on."""
@@ -390,6 +396,9 @@ def fit(
 ) -> list[dict]:
     """Train ``model`` for ``epochs`` while ``pruner`` prunes it (``pruner=None``: plain training).
 
+    A one-shot pruner (L1Filter, PFP, LBS, ...) that holds no pruned stripe yet prunes first, on
+    ``train_loader`` (``pruner.prune(train_loader)``, then BN statistics re-estimated), and the epochs
+    fine-tune; one that has pruned already (``pruner.prune(data)`` called before) is only fine-tuned.
     Per batch: forward, ``loss = loss_fn(out, y) + pruner.penalty()``, ``zero_grad``, backward,
     ``pruner.after_backward()``, ``optimizer.step()``, ``pruner.after_step()``; per epoch:
     ``scheduler.step()``, ``pruner.end_epoch(epoch)``, evaluation on ``eval_loader`` and
