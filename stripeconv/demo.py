@@ -89,16 +89,26 @@ def pick_threads(model, dataset, quiet: bool) -> int:
     model.load_state_dict(state)  # BN statistics moved: put them back
     best = default if many <= one else 1
     torch.set_num_threads(best)
-    global _LAST_PICK
-    if best != _LAST_PICK:
-        _say(f"      threads: a training step takes {1e3 * many:.0f} ms with {default} threads, "
-             f"{1e3 * one:.0f} ms with 1 "
-             f"(machine {'busy' if best == 1 else 'free'}): training with {best} (--threads N forces N)", quiet)
-    _LAST_PICK = best
+    _say(f"      threads: a training step takes {1e3 * many:.0f} ms with {default} threads, {1e3 * one:.0f} ms with 1 "
+         f"(machine {'busy' if best == 1 else 'free'}): training with {best} (--threads N forces N)", quiet)
     return best
 
 
-_LAST_PICK = None
+def _training_threads(out_dir: Path, resume: bool, model, dataset, quiet: bool) -> int:
+    """The thread count of the whole run: picked once by timing, and read back on ``--resume``.
+
+    CPU kernels sum in an order that depends on the thread count, so a run that changed it between
+    epochs, or a resume that picked again under another load, would not reproduce its own numbers.
+    """
+    record = out_dir / "threads.json"
+    if resume and record.exists():
+        count = int(json.loads(record.read_text())["threads"])
+        torch.set_num_threads(count)
+        _say(f"      threads: {count}, as the run being resumed", quiet)
+        return count
+    count = pick_threads(model, dataset, quiet)
+    record.write_text(json.dumps({"threads": count}) + "\n")
+    return count
 
 
 def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_size: Optional[int] = None,
@@ -130,17 +140,10 @@ def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_siz
     model, arch, arch_kwargs = build_model(DEMO_MODEL, 10, 1)
     model.to(dev)
     input_size = (1, 1, 28, 28)
-    adapt = not threads and dev.type == "cpu" and default_threads > 1
-
-    def repick(record=None):  # before each epoch: the load of a shared machine changes during the run
-        last = record is not None and record["epoch"] + 1 >= (epochs if record["phase"] == "train" else prune_epochs)
-        if adapt and not last:
-            torch.set_num_threads(default_threads)
-            pick_threads(model, train, quiet)
-
-    repick()
+    if not threads and dev.type == "cpu" and default_threads > 1:
+        _training_threads(out_dir, resume, model, train, quiet)
     common = dict(batch_size=64, seed=seed, out_dir=out_dir, resume=resume, progress=progress and not quiet,
-                  quiet=quiet, callback=repick)
+                  quiet=quiet)
     if not resume:
         MetricsLog(out_dir / "metrics.jsonl").path.unlink(missing_ok=True)
 
@@ -161,7 +164,6 @@ def run_demo(out: str = "stripeconv-demo", data: Optional[str] = None, train_siz
     _say(f"[2/4] pruning with SWP to a {target:.0%} FLOPs reduction over {prune_epochs} epochs "
          f"(alpha={alpha}, target reached at half of them, then recovery)", quiet)
     model.train()
-    repick()
     pruner = SWP(model, input_size=input_size, target_flops_reduction=target, epochs=prune_epochs, alpha=alpha)
     prune_engine = Engine(model, train, pruner=pruner, epochs=prune_epochs, eval_data=test, phase="prune",
                           lr=prune_lr, schedule="cosine",

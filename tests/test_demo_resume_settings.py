@@ -18,3 +18,33 @@ def test_demo_resume_with_other_settings_is_refused(tmp_path, capsys, monkeypatc
     assert cli.main(_demo(tmp_path, **change) + ["--resume"]) == 2
     assert "other settings" in capsys.readouterr().err
     assert cli.main(_demo(tmp_path) + ["--resume"]) == 0  # the same settings still resume
+
+
+def test_demo_keeps_one_thread_count_for_the_run_and_its_resume(tmp_path, monkeypatch):
+    """The demo times its thread count once; --resume reads it back instead of timing again under another
+    load (the CPU kernels' sums depend on the thread count, so a new pick would change the results)."""
+    import torch
+
+    from stripeconv import demo
+
+    picks = []
+
+    def fake_pick(model, dataset, quiet):
+        picks.append(1)
+        torch.set_num_threads(1)
+        return 1
+
+    monkeypatch.setattr(demo, "pick_threads", fake_pick)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert demo._training_threads(tmp_path, False, None, None, True) == 1 and picks == [1]
+        torch.set_num_threads(2)
+        assert demo._training_threads(tmp_path, True, None, None, True) == 1 and picks == [1]
+        assert torch.get_num_threads() == 1
+        (tmp_path / "threads.json").unlink()
+        torch.set_num_threads(2)
+        demo._training_threads(tmp_path, True, None, None, True)  # a resume without the record picks anew
+        assert picks == [1, 1]
+    finally:
+        torch.set_num_threads(before)
