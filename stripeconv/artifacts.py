@@ -151,12 +151,38 @@ def _with(path: Path, suffix: str) -> Path:
     return path.parent / (path.name + suffix)  # not with_suffix: "run.v2" must keep its ".v2"
 
 
-def read_description(path: PathLike) -> dict[str, Any]:
-    """The JSON written by :func:`save_pruned` (``arch``, ``arch_kwargs``, ``layers``, ``extra``)."""
+# The models a run folder holds (train, prune, finetune, demo), in the order a user most likely wants them.
+_RUN_MODELS = ("pruned", "finetuned", "model")
+
+
+def _saved_models(folder: Path) -> list[Path]:
+    """The saved models (``<name>.json`` + ``<name>.pt``) in ``folder``, paths without suffix."""
+    found = [p.parent / p.stem for p in sorted(folder.glob("*.json")) if _with(p.parent / p.stem, ".pt").is_file()]
+    return sorted(found, key=lambda p: (_RUN_MODELS.index(p.name) if p.name in _RUN_MODELS else len(_RUN_MODELS),
+                                        p.name))
+
+
+def _description_path(path: PathLike) -> Path:
+    """The ``.json`` of a saved model; a folder (a run's ``--out``) is an error that names the models in it, also
+    when a trailing slash says it is one (``Path`` would drop it and look for ``runs/swp.json``)."""
+    folder = isinstance(path, str) and path.endswith(("/", os.sep))
     meta = _with(_base(path), ".json")
+    if Path(path).is_dir() and (folder or not meta.is_file()):
+        models = _saved_models(Path(path))
+        if models:
+            raise FileNotFoundError(f"{path} is a folder, not a saved model; its saved models: "
+                                    f"{', '.join(map(str, models))}")
+        raise FileNotFoundError(f"{path} is a folder that holds no saved model (a <name>.json + <name>.pt pair "
+                                "written by save_pruned)")
     if not meta.is_file():
         raise FileNotFoundError(f"no saved model description at {meta} (expected the .json written by save_pruned "
                                 "next to its .pt)")
+    return meta
+
+
+def read_description(path: PathLike) -> dict[str, Any]:
+    """The JSON written by :func:`save_pruned` (``arch``, ``arch_kwargs``, ``layers``, ``extra``)."""
+    meta = _description_path(path)
     try:
         description = json.loads(meta.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -181,8 +207,8 @@ def load_pruned(path: PathLike, map_location: Any = "cpu") -> nn.Module:
 
     Returns the model in eval mode, its pruned convs as ``StripeConv2d`` with their saved masks.
     """
+    description = read_description(path)  # before _base(): it would drop a trailing slash
     path = _base(path)
-    description = read_description(path)
     meta, weights = _with(path, ".json"), _with(path, ".pt")
     try:
         model = _constructor(description["arch"])(**description["arch_kwargs"])

@@ -82,7 +82,8 @@ def export_onnx(model: nn.Module, args: tuple, f: Optional[Union[str, os.PathLik
                 dynamic_shapes: Optional[Any] = None, **kwargs: Any) -> Any:
     """Export a model with :class:`~stripeconv.StripeConv2d` layers to ONNX (needs ``onnx`` and
     ``onnxscript``): :func:`torch.export.export` (eval mode), the stripe op decomposed by
-    :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it.
+    :func:`decompositions`, then :func:`torch.onnx.export`; ``f`` and ``kwargs`` are passed to it
+    (it writes the weights to a ``.data`` file beside ``f`` unless ``external_data=False``).
     Returns its ``ONNXProgram``."""
     if not _onnx_exporter_takes_programs():
         raise RuntimeError(f"export_onnx needs the torch.export-based ONNX exporter (torch >= 2.5); this is "

@@ -431,17 +431,22 @@ class Engine:
         (continuing would silently mix the two runs and match neither)."""
         if state.get("phase", self.phase) != self.phase:
             raise ResumeError(f"checkpoint is of phase {state.get('phase')!r}, this run is {self.phase!r}")
-        if "epochs" in state and int(state["epochs"]) != self.epochs:
-            # the LR schedule (and a pruner's) were laid out for the checkpoint's number of epochs
-            raise ResumeError(f"the checkpoint was written by a run of {state['epochs']} epochs, this run has "
-                              f"{self.epochs}; resume with the same number of epochs")
+        # The settings first: a run of another method or model differs in its epochs too, and saying so would
+        # hide the cause.
         shared = set(state.get("meta") or {}) & set(self.meta)  # a checkpoint of an older version records less
         saved_meta = _jsonable({k: state["meta"][k] for k in shared})
         meta = _jsonable({k: self.meta[k] for k in shared})
         if saved_meta != meta:
-            detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in _differences(saved_meta, meta))
+            diffs = _differences(saved_meta, meta)
+            # a changed method or model changes its nested settings too: name the cause alone
+            diffs = [d for d in diffs if "." not in d[0]] or diffs
+            detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
             raise ResumeError(f"the checkpoint was written by a run with other settings ({detail}); resume with the "
                               "same settings")
+        if "epochs" in state and int(state["epochs"]) != self.epochs:
+            # the LR schedule (and a pruner's) were laid out for the checkpoint's number of epochs
+            raise ResumeError(f"the checkpoint was written by a run of {state['epochs']} epochs, this run has "
+                              f"{self.epochs}; resume with the same number of epochs")
         if self.pruner is not None and state.get("pruner") is None:
             raise ResumeError("the checkpoint has no pruner state but this run prunes")
         try:

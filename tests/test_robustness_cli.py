@@ -339,7 +339,8 @@ def test_bench_output_into_a_new_folder(base, tmp_path):
 
 # ---------------------------------------------------------------------------------------- resume
 def _prune(out, *more):
-    return ["prune", "--method", "SWP", "--target", "flops=0.3", "--epochs", "1", "--out", str(out), *TINY, *more]
+    target = [] if "--target" in more else ["--target", "flops=0.3"]  # a repeated --target is an error
+    return ["prune", "--method", "SWP", *target, "--epochs", "1", "--out", str(out), *TINY, *more]
 
 
 @pytest.mark.parametrize("change, expect", [

@@ -36,10 +36,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    if hasattr(args, "out") and args.out is None and hasattr(args, "out_default"):
-        args.out = args.out_default
     from ..artifacts import ArtifactError
-    from ..data import DatasetFormatError
+    from ..data import DatasetFormatError, DatasetNotFoundError
     from ..engine import ResumeError
 
     try:
@@ -49,15 +47,26 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     except FileNotFoundError as e:  # DatasetNotFoundError included: its message says where and how
         print(f"stripeconv {args.command}: error: {e}", file=sys.stderr)
-        if "Fashion-MNIST" in str(e):
-            print("  (or try --dataset fashion-mnist-subset: 2000 + 500 images shipped with stripeconv)",
-                  file=sys.stderr)
+        hint = _subset_hint(args) if isinstance(e, DatasetNotFoundError) and "Fashion-MNIST" in str(e) else None
+        if hint:
+            print(f"  ({hint})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # only the training commands (and the demo) checkpoint and have --resume
         hint = "; re-run with --resume to continue from the last checkpoint" if hasattr(args, "resume") else ""
         print(f"\nstripeconv {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+
+
+def _subset_hint(args) -> Optional[str]:
+    """How the command that failed to find Fashion-MNIST can use the images shipped with stripeconv, in its own
+    options (the demo has no --dataset)."""
+    if args.command == "demo":
+        return "or leave out --data: the demo then reads the installed Fashion-MNIST, else the 2000 + 500 images " \
+               "shipped with stripeconv"
+    if hasattr(args, "dataset"):
+        return "or try --dataset fashion-mnist-subset: 2000 + 500 images shipped with stripeconv"
+    return None
 
 
 def run() -> None:

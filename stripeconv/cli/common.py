@@ -27,10 +27,16 @@ def say_result(msg: str, ctx=None) -> None:
         print(msg, flush=True)
 
 
+# The saved model each training command writes into its --out folder.
+SAVED_MODEL = {"train": "model", "prune": "pruned", "finetune": "finetuned"}
+
+
 def setup_run(args):
     from ..distributed import init_from_env
     from ..pruning._search import show_bars
 
+    if args.out is None:  # here, not at parsing: a config file's `out:` applies first
+        args.out = args.out_default
     check_device(args.device)
     check_out_dir(args.out)
     show_bars(not args.no_progress)  # the pruners' scoring and search bars too
@@ -39,6 +45,19 @@ def setup_run(args):
     ctx = init_from_env(args.device)
     torch.manual_seed(args.seed)
     return ctx
+
+
+def warn_replaced(args, ctx=None) -> None:
+    """A fresh run into a folder that holds a finished run of the same command replaces its saved model: said
+    (also with --quiet) once the run is about to start, not refused: re-running into a folder is an ordinary
+    workflow."""
+    name = SAVED_MODEL.get(args.command)
+    if args.resume or name is None:
+        return
+    saved = Path(args.out) / name
+    if (saved.parent / (saved.name + ".json")).is_file():
+        say(f"stripeconv {args.command}: warning: {args.out} holds a finished run; this run replaces its saved model "
+            f"{saved}.pt/.json, checkpoint and log (pass another --out to keep it)", args, ctx, err=True)
 
 
 def engine_kwargs(args, ctx) -> dict:

@@ -104,6 +104,11 @@ def data_spec(args, saved: Optional[dict] = None) -> dict:
         spec["seed"] = args.data_seed
     spec["dataset"] = spec.get("dataset") or "fashion-mnist"
     spec["seed"] = spec.get("seed") or 0
+    if spec["dataset"] == "fashion-mnist-subset":  # shipped with stripeconv: it reads no folder
+        if getattr(args, "data", None) is not None:
+            raise CLIError(f"--data {args.data}: fashion-mnist-subset is shipped with stripeconv and reads no folder; "
+                           "pass --dataset fashion-mnist to read Fashion-MNIST from PATH, or leave out --data")
+        spec["data"] = None  # a folder recorded for another dataset
     return spec
 
 

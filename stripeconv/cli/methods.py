@@ -32,6 +32,38 @@ def method_params(cls: type) -> dict[str, inspect.Parameter]:
     return out
 
 
+# Arguments of Pruner that subclasses set for themselves: not hyperparameters to list or record.
+INTERNAL = ("require_target",)
+# Supplied by the CLI at run time, or output only: not settings that identify a run.
+_RUNTIME = ("val_data", "verbose")
+
+
+def _public(params: dict) -> str:
+    """The hyperparameter names to show a user, internal ones left out."""
+    return ", ".join(k for k in params if k not in INTERNAL)
+
+
+def effective_params(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The hyperparameters a method runs with: its signature's defaults, then ``kwargs`` (what ``--resume`` compares:
+    ``--set alpha=1e-5`` is SWP's default, the same run as without it)."""
+    out = {k: p.default for k, p in method_params(cls).items()
+           if p.default is not inspect.Parameter.empty and k not in INTERNAL + _RUNTIME and _plain(p.default)}
+    out.update(kwargs)
+    return out
+
+
+def _plain(value: Any) -> bool:
+    """A value a checkpoint can record (they load with ``weights_only=True``): no function or object."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def methods_taking(name: str) -> list[str]:
+    """The methods with an argument ``name`` (e.g. ``val_data``: those that measure on held-out data)."""
+    return [k for k, cls in _methods().items() if name in method_params(cls)]
+
+
 def _methods():
     from ..pruning import METHODS
 
@@ -143,7 +175,7 @@ def parse_set(items: Optional[Sequence[str]], params: dict[str, inspect.Paramete
         key, value = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in params:
-            raise CLIError(f"unknown hyperparameter {key!r}; this method takes: {', '.join(params)}")
+            raise CLIError(f"unknown hyperparameter {key!r}; this method takes: {_public(params)}")
         out[key] = coerce(value, params[key])
     return out
 
@@ -239,7 +271,7 @@ def method_kwargs(cls: type, args: argparse.Namespace, config: dict[str, Any]) -
     unknown = [k for k in config if k not in params and k not in ("method", "target", "params", "set")
                and _config_dest(k) not in options]
     if unknown:  # a typo would otherwise be ignored without a word
-        raise CLIError(f"{args.config}: unknown keys {unknown}; {cls.__name__} takes: {', '.join(params)}; "
+        raise CLIError(f"{args.config}: unknown keys {unknown}; {cls.__name__} takes: {_public(params)}; "
                        "training options are the long options of `stripeconv prune` (epochs, lr, ...)")
     # A top-level `epochs` is the training option (the command line wins over it); the pruner's
     # schedule follows the epochs trained, below, unless `params:` or --set give it its own.
@@ -259,7 +291,7 @@ def method_kwargs(cls: type, args: argparse.Namespace, config: dict[str, Any]) -
         _check_ratios(kw["ratios"], "ratios")
     unknown = set(kw) - set(params)
     if unknown:
-        raise CLIError(f"{cls.__name__} does not take {sorted(unknown)}; it takes: {', '.join(params)}")
+        raise CLIError(f"{cls.__name__} does not take {sorted(unknown)}; it takes: {_public(params)}")
     if "epochs" in params and kw.get("epochs") is None and args.epochs:
         kw["epochs"] = args.epochs
     return kw
@@ -324,14 +356,14 @@ def cmd_methods(args) -> int:
                 "search_steps": "search_steps (CLI default: half of the training steps)"}
     for name, cls in methods.items():
         print(f"{name}: {_doc_line(cls)}")
-        own = {k: p for k, p in method_params(cls).items() if k != "require_target" and
+        own = {k: p for k, p in method_params(cls).items() if k not in INTERNAL and
                (args.all or k not in common or p.default != common[k].default)}
         parts = [f"{k}={p.default!r}" if p.default is not inspect.Parameter.empty
                  else supplied.get(k, f"{k} (required)") for k, p in own.items()]
         if parts:
             print(textwrap.fill(", ".join(parts), width=100, initial_indent="    ", subsequent_indent="    "))
         print()
-    parts = [f"{k}={p.default!r}" for k, p in common.items() if k != "require_target"]
+    parts = [f"{k}={p.default!r}" for k, p in common.items() if k not in INTERNAL]
     print("Common to every method (see `stripeconv methods --all`):")
     print(textwrap.fill(", ".join(parts), width=100, initial_indent="    ", subsequent_indent="    "))
     print("\nSet hyperparameters with `stripeconv prune --method NAME --set key=value` or `--config file.yaml`.")

@@ -85,7 +85,7 @@ def _add_data(p, default_dataset: Optional[str] = None):
     g.add_argument("--workers", type=_nonnegative_int, default=0, help="DataLoader worker processes")
 
 
-def _add_training(p, epochs: int, lr: float):
+def _add_training(p, epochs: int, lr: float, out: str):
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_nonnegative_int, default=epochs, help=f"epochs (default {epochs})")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="batch size per process (default 64)")
@@ -99,7 +99,10 @@ def _add_training(p, epochs: int, lr: float):
     g.add_argument("--seed", type=int, default=0, help="seed of weights init and of every epoch's data order")
     g.add_argument("--max-steps", type=_positive_int, default=None, metavar="N",
                    help="at most N batches per epoch (smoke tests)")
-    g.add_argument("--out", default=None, metavar="DIR", help="output folder: checkpoint, metrics.jsonl, saved model")
+    # None here, `out` filled in by setup_run(): after a config file's `out:`, which applies when --out is not given
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help=f"output folder: checkpoint, metrics.jsonl, saved model (default {out})")
+    p.set_defaults(out_default=out)
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     g.add_argument("--no-progress", action="store_true", help="no tqdm bars (per-epoch lines stay)")
 
@@ -115,10 +118,26 @@ def _add_model(p):
 
 
 class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows the default of every option that takes a value; a flag's default is its absence."""
+    """Shows the default of every option that takes a value, unless its help already says it: a flag's default is
+    its absence, a default of None means "not given" (the help says what happens then) and a required option has
+    none."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        return action.help if action.nargs == 0 else super()._get_help_string(action)
+        text = action.help or ""
+        if action.nargs == 0 or action.required or action.default in (None, argparse.SUPPRESS) \
+                or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
+class _Once(argparse.Action):
+    """An option that may be given once: a second value would silently replace the first."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        previous = getattr(namespace, self.dest, None)
+        if previous is not None:
+            raise argparse.ArgumentError(self, f"given twice ({previous} and {values}); give it once")
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: stripeconv train --dataset fashion-mnist --epochs 10 --out runs/base")
     _add_model(p)
     _add_data(p)
-    _add_training(p, epochs=10, lr=0.1)
+    _add_training(p, epochs=10, lr=0.1, out="runs/train")
     _add_common(p)
-    p.set_defaults(func=cmd_train, _parser=p, out_default="runs/train")
+    p.set_defaults(func=cmd_train, _parser=p)
 
     p = sub.add_parser("prune", help="prune with any method, export to StripeConv2d and save",
                        formatter_class=argparse.RawDescriptionHelpFormatter, description=textwrap.dedent("""\
@@ -165,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "--set granularity=stripe\n"
                               "  stripeconv prune --config swp.yaml --from runs/base/model --out runs/swp")
     p.add_argument("--method", default=None, help="pruning method (see `stripeconv methods`)")
-    p.add_argument("--target", default=None, help="flops=F | ratio=R | ratios=JSON|FILE (a bare number means flops=)")
+    p.add_argument("--target", default=None, action=_Once,
+                   help="flops=F | ratio=R | ratios=JSON|FILE (a bare number means flops=)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method hyperparameter, e.g. --set alpha=1e-4 (repeatable)")
     p.add_argument("--config", default=None, metavar="FILE", help="YAML or JSON file of hyperparameters")
@@ -180,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "never the test set")
     _add_model(p)
     _add_data(p)
-    _add_training(p, epochs=10, lr=0.01)
+    _add_training(p, epochs=10, lr=0.01, out="runs/prune")
     _add_common(p)
-    p.set_defaults(func=cmd_prune, _parser=p, out_default="runs/prune")
+    p.set_defaults(func=cmd_prune, _parser=p)
 
     p = sub.add_parser("finetune", help="fine-tune a saved pruned model (masks fixed)",
                        description="Fine-tune a model saved by `stripeconv prune` (StripeConv2d layers train only "
@@ -191,9 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="example: stripeconv finetune runs/l1/pruned --epochs 5 --lr 0.01 --out runs/l1-ft")
     _add_saved_model(p)
     _add_data(p)
-    _add_training(p, epochs=5, lr=0.01)
+    _add_training(p, epochs=5, lr=0.01, out="runs/finetune")
     _add_common(p)
-    p.set_defaults(func=cmd_finetune, _parser=p, out_default="runs/finetune")
+    p.set_defaults(func=cmd_finetune, _parser=p)
 
     p = sub.add_parser("eval", help="test accuracy of a saved model", formatter_class=fmt,
                        description="Evaluate a saved model (stripeconv.artifacts) on the test split of the dataset "
@@ -237,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "compared with the model.",
                        epilog="example: stripeconv onnx runs/swp/pruned --output runs/swp/model.onnx --fuse-bn")
     _add_saved_model(p)
-    p.add_argument("--output", "-o", required=True, metavar="FILE", help="the .onnx file to write")
+    p.add_argument("--output", "-o", required=True, metavar="FILE",
+                   help="the .onnx file to write (weights inside; over protobuf's 2 GB limit, torch puts them in "
+                        "FILE.data beside it)")
     _add_input_size(p)
     p.add_argument("--fixed-batch", dest="dynamic_batch", action="store_false",
                    help="a batch of 2 fixed in the graph (default: the batch dimension is dynamic)")
@@ -260,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=_fraction, default=0.55, help="FLOPs reduction SWP aims for")
     p.add_argument("--bench-batch", type=_positive_int, default=64, help="batch size of the latency measurement")
     p.add_argument("--bench-threads", type=_nonnegative_int, default=1,
-                   help="CPU threads for the latency measurement (1 is stable on shared machines; 0: torch's default)")
+                   help="CPU threads for the latency measurement (1 is stable on shared machines; 0: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue an interrupted demo from its checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")

@@ -46,10 +46,13 @@ def cmd_onnx(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            export_onnx(model, (x,), out, dynamic_shapes=dynamic, verbose=False)
+            program = export_onnx(model, (x,), None, dynamic_shapes=dynamic, verbose=False)
     finally:
         registry_log.setLevel(level)
-    line = f"wrote {out} (input [{'batch' if args.dynamic_batch else 2}, {', '.join(map(str, chw))}])"
+    batch = _name_batch_axis(program) if args.dynamic_batch else "2"
+    written = _save_onnx(program, out)
+    line = f"wrote {out}" + (f" and its weights {', '.join(map(str, written[1:]))} (keep them next to it)"
+                             if written[1:] else "") + f" (input [{batch}, {', '.join(map(str, chw))}])"
     try:
         import onnxruntime as ort
     except ImportError:
@@ -66,6 +69,40 @@ def cmd_onnx(args) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _name_batch_axis(program) -> str:
+    """Name the input's dynamic first dimension ``batch`` in the ONNX graph (torch.export calls it ``s77`` or the
+    like, whatever the Dim's name); returns the name the graph has, which the printed input shape shows."""
+    dim = program.model.graph.inputs[0].shape[0]
+    if isinstance(getattr(dim, "value", None), str):
+        try:
+            if hasattr(program, "rename_axes"):  # public from torch 2.9
+                program.rename_axes({dim.value: "batch"})
+            else:
+                from torch.onnx._internal.exporter._ir_passes import rename_axis
+                rename_axis(program.model, {dim.value: "batch"})
+        except (ImportError, AttributeError, ValueError):  # an exporter without either: the graph keeps its name
+            pass
+    dim = program.model.graph.inputs[0].shape[0]
+    return str(getattr(dim, "value", dim))
+
+
+def _save_onnx(program, out: Path) -> list[Path]:
+    """Save ``program`` as one self-contained file (weights inside) when they fit protobuf's 2 GB limit; above it
+    torch writes them to a separate file next to it. Returns every file written, ``out`` first."""
+    import inspect
+
+    import onnx
+
+    if "external_data" in inspect.signature(program.save).parameters:
+        program.save(out, external_data=False)  # torch still moves weights over 2 GB out of the file
+    else:
+        program.save(out)
+    proto = onnx.load(str(out), load_external_data=False)
+    external = {e.value for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+                for e in t.external_data if e.key == "location"}
+    return [out, *(out.parent / name for name in sorted(external))]
 
 
 def cmd_eval(args) -> int:

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from .common import (CLIError, check_device, check_out_dir, engine_kwargs, resume_meta, saved_extra, say, say_result,
-                     setup_run, short_kwargs, source_digest)
+                     setup_run, short_kwargs, source_digest, warn_replaced)
 from .data import DEFAULT_MODEL, check_fits, parse_model_kwargs, build_model, data_spec, load_datasets
-from .methods import apply_config_defaults, find_method, load_config, method_kwargs, method_params
+from .methods import (apply_config_defaults, effective_params, find_method, load_config, method_kwargs, method_params,
+                      methods_taking)
 
 
 def cmd_train(args) -> int:
@@ -27,6 +28,7 @@ def cmd_train(args) -> int:
         say(f"train {arch}({short_kwargs(kw)}) on {spec['dataset']}: {meta['train_size']} train / "
             f"{meta['test_size']} test images, {args.epochs} epochs, {ctx.world_size} process(es) on {ctx.device}",
             args, ctx)
+        warn_replaced(args, ctx)
         engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="train",
                         meta=resume_meta(args, spec, model=arch, arch_kwargs=kw), **engine_kwargs(args, ctx))
         engine.run()
@@ -56,6 +58,9 @@ def cmd_prune(args) -> int:
     if not method:
         raise CLIError("prune needs --method NAME (or `method:` in --config); see `stripeconv methods`")
     method_name, cls = find_method(method)
+    if args.val_split is not None and "val_data" not in method_params(cls):  # the held-out images would be lost
+        raise CLIError(f"--val-split: {method_name} measures nothing on held-out data, so it would only train on fewer "
+                       f"images; the methods that use held-out data are {', '.join(methods_taking('val_data'))}")
     kwargs = method_kwargs(cls, args, config)
     if args.from_:
         given = [o for o, v in (("--model", args.model), ("--width", args.width), ("--model-kwargs", args.model_kwargs))
@@ -89,6 +94,9 @@ def cmd_prune(args) -> int:
             msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
             raise CLIError(msg if msg.startswith(method_name) else f"{method_name}: {msg}") from e
         oneshot = is_oneshot(pruner)
+        if args.train_full_size and not oneshot:  # else silently ignored
+            raise CLIError(f"--train-full-size applies to one-shot methods only; {method_name} prunes while it trains, "
+                           "on the full-size model")
         prune_data = None
         if oneshot:
             from torch.utils.data import DataLoader
@@ -101,8 +109,10 @@ def cmd_prune(args) -> int:
             f"{'one-shot + ' if oneshot else ''}{args.epochs} epochs"
             f"{' of the exported network' if retrain else ''}, {ctx.world_size} process(es) on {ctx.device}",
             args, ctx)
-        run_meta = resume_meta(args, spec, method=method_name, params=kwargs, model=arch, arch_kwargs=kw,
-                               source=source_digest(args.from_) if args.from_ else None, val_split=args.val_split)
+        run_meta = resume_meta(args, spec, method=method_name, params=effective_params(cls, kwargs), model=arch,
+                               arch_kwargs=kw, source=source_digest(args.from_) if args.from_ else None,
+                               val_split=args.val_split)
+        warn_replaced(args, ctx)
         engine = Engine(model, train, pruner=pruner, epochs=0 if retrain else args.epochs, eval_data=test,
                         phase="prune", prune_data=prune_data, meta=run_meta, **engine_kwargs(args, ctx))
         engine.run()
@@ -162,7 +172,7 @@ def _runtime_kwargs(cls, kwargs: dict, train, args, ctx):
 
     params = method_params(cls)
     runtime: dict[str, Any] = {}
-    if "val_data" in params or args.val_split:
+    if "val_data" in params:
         split = args.val_split or 0.1
         try:
             train, held = holdout_split(train, split if split < 1 else int(split), seed=args.seed)
@@ -183,8 +193,15 @@ def _runtime_kwargs(cls, kwargs: dict, train, args, ctx):
         runtime["verbose"] = not args.quiet and ctx.is_main
     missing = [k for k, p in params.items() if p.default is inspect.Parameter.empty and k not in kwargs
                and k not in runtime]
+    needs = []
+    if "target_flops_reduction" in missing:  # set with --target, which is what to say
+        missing.remove("target_flops_reduction")
+        given = [f"--target {k}={v}" for k, v in (("ratio", "R"), ("ratios", "...")) if kwargs.get(k) is not None]
+        needs.append("--target flops=F (the fraction of the FLOPs to remove)" + (f", not {given[0]}" if given else ""))
     if missing:
-        raise CLIError(f"{cls.__name__} needs {', '.join(missing)}: give them with --set KEY=VALUE or --config")
+        needs.append(f"{', '.join(missing)} (with --set KEY=VALUE or --config)")
+    if needs:
+        raise CLIError(f"{cls.__name__} needs {'; and '.join(needs)}")
     return train, runtime
 
 
@@ -208,6 +225,7 @@ def cmd_finetune(args) -> int:
         before = evaluate_model(model, test, ctx.device, batch_size=args.eval_batch_size, ctx=ctx)
         say(f"finetune {args.model_path} on {spec['dataset']}: {args.epochs} epochs, {ctx.world_size} process(es) "
             f"on {ctx.device}; accuracy before {before['accuracy']:.4f}", args, ctx)
+        warn_replaced(args, ctx)
         engine = Engine(model, train, epochs=args.epochs, eval_data=test, phase="finetune",
                         meta=resume_meta(args, spec, arch=desc["arch"], source=source_digest(args.model_path)),
                         **engine_kwargs(args, ctx))
