@@ -252,6 +252,12 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list:
     return out
 
 
+def _refuse_settings(diffs: list) -> None:
+    detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
+    raise ResumeError(f"the checkpoint was written by a run with other settings ({detail}); resume with the same "
+                      "settings")
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {str(k): _jsonable(v) for k, v in obj.items()}
@@ -431,22 +437,21 @@ class Engine:
         (continuing would silently mix the two runs and match neither)."""
         if state.get("phase", self.phase) != self.phase:
             raise ResumeError(f"checkpoint is of phase {state.get('phase')!r}, this run is {self.phase!r}")
-        # The settings first: a run of another method or model differs in its epochs too, and saying so would
-        # hide the cause.
         shared = set(state.get("meta") or {}) & set(self.meta)  # a checkpoint of an older version records less
-        saved_meta = _jsonable({k: state["meta"][k] for k in shared})
-        meta = _jsonable({k: self.meta[k] for k in shared})
-        if saved_meta != meta:
-            diffs = _differences(saved_meta, meta)
+        diffs = _differences(_jsonable({k: state["meta"][k] for k in shared}),
+                             _jsonable({k: self.meta[k] for k in shared}))
+        # Other settings first (a run of another method differs in its epochs too, and saying so would hide the
+        # cause), then the epochs, which a pruner's own schedule follows.
+        causes = [d for d in diffs if d[0].split(".")[-1] != "epochs"]
+        if causes:
             # a changed method or model changes its nested settings too: name the cause alone
-            diffs = [d for d in diffs if "." not in d[0]] or diffs
-            detail = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
-            raise ResumeError(f"the checkpoint was written by a run with other settings ({detail}); resume with the "
-                              "same settings")
+            _refuse_settings([d for d in causes if "." not in d[0]] or causes)
         if "epochs" in state and int(state["epochs"]) != self.epochs:
             # the LR schedule (and a pruner's) were laid out for the checkpoint's number of epochs
             raise ResumeError(f"the checkpoint was written by a run of {state['epochs']} epochs, this run has "
                               f"{self.epochs}; resume with the same number of epochs")
+        if diffs:
+            _refuse_settings(diffs)
         if self.pruner is not None and state.get("pruner") is None:
             raise ResumeError("the checkpoint has no pruner state but this run prunes")
         try:

@@ -21,21 +21,7 @@ from stripeconv.artifacts import ArtifactError, load_pruned, save_pruned
 from stripeconv.data.embedded import fashion_mnist_subset
 from stripeconv.pruning import SWP
 
-DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "32", "--limit-test", "16", "--batch-size", "16",
-        "--device", "cpu", "--no-progress", "--quiet"]
-TINY = ["--model", "cnn-tiny", *DATA]
-
-
-def _usage_error(argv, capsys, expect: str) -> str:
-    """cli.main(argv) fails with status 2 and an error line that contains ``expect``, without a traceback."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert expect in err and "Traceback" not in err, err
-    return err
+from cli_helpers import DATA, TINY, usage_error as _usage_error
 
 
 @pytest.fixture(scope="module")

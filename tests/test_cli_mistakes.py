@@ -1,4 +1,4 @@
-"""Defects found by a user audit of the command line: --resume compares effective settings and names a changed
+"""The command line on the settings users get wrong: --resume compares effective settings and names a changed
 method; --val-split, a repeated --target, --train-full-size, --data with the shipped subset and a missing FLOPs
 target are clear errors; data hints name the command's own options; ONNX files are self-contained with a `batch`
 dimension; help shows each default once; eval on a run folder lists its models; --out's default and a replaced
@@ -12,22 +12,9 @@ import torch
 
 from stripeconv import cli
 
-DATA = ["--dataset", "fashion-mnist-subset", "--limit-train", "32", "--limit-test", "16", "--batch-size", "16",
-        "--device", "cpu", "--no-progress", "--quiet"]
-TINY = ["--model", "cnn-tiny", *DATA]
+from cli_helpers import DATA, TINY, usage_error as _usage_error
+
 COMMANDS = ["train", "prune", "finetune", "eval", "bench", "onnx", "demo", "methods"]
-
-
-def _usage_error(argv, capsys, expect: str) -> str:
-    """cli.main(argv) fails with status 2 and an error line that contains ``expect``, without a traceback."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as e:  # argparse's own usage errors
-        code = e.code
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert expect in err and "Traceback" not in err, err
-    return err
 
 
 @pytest.fixture(scope="module")
