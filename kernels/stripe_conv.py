@@ -74,9 +74,11 @@ else:
 # another (an OutOfResources raised outside the tuner, where nothing catches it).
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
 _PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
-FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
+FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
+DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T"]
+WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
 # a benchmark suite). Every other integer keeps its specialisation, which decides vector widths
@@ -112,7 +114,7 @@ def stripe_fwd_kernel(
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr, STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -184,11 +186,23 @@ def stripe_fwd_kernel(
             acc += xv[:, None] * wv[None, :]
 
     ch = tl.load(tile_ch_ptr + t * BLOCK_N + offs_n)  # original channel, -1 for padding columns
+    if STORE == 1:
+        # The host guarantees runs of 8 consecutive channels starting at multiples of 8 (and runs of
+        # padding): the hint turns 2-byte scattered stores into 16-byte vector stores.
+        ch = tl.max_contiguous(tl.multiple_of(ch, 8), 8)
     n_ok = ch >= 0
     if HAS_BIAS:
         bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0)
         acc += bv.to(ACC_DTYPE)[None, :]
-    out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
+    if STORE == 2:
+        # Contiguous NCHW output: each column is a run of pixels of one plane, stored as vectors
+        # whatever the channel order.
+        pix = offs_m % (Ho * Wo)
+        if INT64_INDEX:
+            pix = pix.to(tl.int64)
+        out_ptrs = out_ptr + (b * sob + pix)[:, None] + ch[None, :] * soc
+    else:
+        out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -334,6 +348,158 @@ def stripe_wgrad_kernel(
         tl.atomic_add(dw_ptrs, acc, mask=out_mask)
     else:
         tl.store(dw_ptrs + split.to(tl.int64) * SPLIT_STRIDE, acc.to(dw_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def stripe_gather_columns_kernel(
+    src_ptr, dst_ptr, cols_ptr,
+    M, Ho, Wo, NCOL,
+    ssb, ssc, ssh, ssw,
+    INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst[m, j] = src[pixel m, channel cols[j]] (0 where cols[j] < 0): dy in the forward's tile
+    order, [pixels, T * BLOCK_T] contiguous, so that the tile kernels of the backward load
+    contiguous rows of filters (a gather of 2-byte channels inside them is several times slower)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < NCOL
+    if INT64_INDEX:
+        offs_m = offs_m.to(tl.int64)
+    wo = offs_m % Wo
+    tmp = offs_m // Wo
+    ho = tmp % Ho
+    b = tmp // Ho
+    col = tl.load(cols_ptr + offs_n, mask=n_ok, other=-1)
+    src = src_ptr + (b * ssb + ho * ssh + wo * ssw)[:, None] + col[None, :] * ssc
+    v = tl.load(src, mask=m_ok[:, None] & (col >= 0)[None, :], other=0.0)
+    tl.store(dst_ptr + offs_m[:, None] * NCOL + offs_n[None, :], v, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_TILES_KEY, **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_dgrad_tiles_kernel(
+    dyt_ptr, w_ptr, dx_ptr, w_rows_ptr,
+    ent_off_ptr, ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr,
+    B, H, W, Ho, Wo, CG, G, NCB, UMAX, NCOL,
+    sxb, sxc, sxh, sxw,
+    SH, SW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grad input over the forward's filter tiles: for each (tile, position of its union) that lines
+    up with this program's output phase, a [pixels, BLOCK_T filters] x [BLOCK_T, channels] product;
+    dy comes in tile order (``stripe_gather_columns_kernel``), so every load is a contiguous row. The work
+    spent on pruned stripes is the forward's (1 - tile efficiency)."""
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    rh = phase // SW
+    rw = phase - rh * SW
+    Hp = (H - rh + SH - 1) // SH
+    Wp = (W - rw + SW - 1) // SW
+    Mp = B * Hp * Wp
+    ncol = G * NCB
+    pid_c = pid % ncol
+    pid_m = pid // ncol
+    g = pid_c // NCB
+    c0 = (pid_c - g * NCB) * BLOCK_N
+
+    if pid_m * BLOCK_M < Mp:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Mp
+        wp = offs_m % Wp
+        tmp = offs_m // Wp
+        hp = tmp % Hp
+        b = tmp // Hp
+        if INT64_INDEX:
+            b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        c_ok = offs_c < CG
+        offs_t = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+        e_begin = tl.load(ent_off_ptr + phase * G + g)
+        e_end = tl.load(ent_off_ptr + phase * G + g + 1)
+        for e in range(e_begin, e_end):
+            t = tl.load(ent_t_ptr + e)
+            u = tl.load(ent_u_ptr + e)
+            ho = hp + tl.load(ent_dh_ptr + e)
+            wo = wp + tl.load(ent_dw_ptr + e)
+            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            row = (b * Ho + ho) * Wo + wo
+            dyt = tl.load(dyt_ptr + (row * NCOL)[:, None] + (t * BLOCK_T + offs_t)[None, :],
+                          mask=ok[:, None], other=0.0)
+            rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
+            if INT64_INDEX:
+                rows = rows.to(tl.int64)
+            wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
+                         mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
+            acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        hi = rh + hp * SH
+        wi = rw + wp * SW
+        dx_ptrs = (dx_ptr + (b * sxb)[:, None] + (g * CG + offs_c)[None, :] * sxc
+                   + (hi * sxh + wi * sxw)[:, None])
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+@triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_wgrad_tiles_kernel(
+    dyt_ptr, x_ptr, dw_ptr, w_rows_ptr,
+    ent_t_ptr, ent_u_ptr, tile_pos_ptr, tile_grp_ptr,
+    B, H, W, Ho, Wo, CG, NCB, UMAX, NCOL, CHUNK,
+    sxb, sxc, sxh, sxw,
+    SH, SW, PT, PL, DH, DW, KW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grad weight over the forward's filter tiles: per (tile, position of its union) a
+    [BLOCK_T filters, pixels] x [pixels, channels] product, split-K over pixels (grid axis 1) and
+    added atomically into the fp32 rows that the tile's filters keep (the others are dropped)."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    e = pid // NCB
+    c0 = (pid - e * NCB) * BLOCK_C
+    t = tl.load(ent_t_ptr + e)
+    u = tl.load(ent_u_ptr + e)
+    p = tl.load(tile_pos_ptr + t * UMAX + u)
+    g = tl.load(tile_grp_ptr + t)
+    i = p // KW
+    j = p - i * KW
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < CG
+    if INT64_INDEX:
+        offs_c = offs_c.to(tl.int64)
+    x_ch = (g * CG + offs_c) * sxc
+    dy_col = t * BLOCK_T + offs_t
+
+    M = B * Ho * Wo
+    m_start = split * CHUNK
+    m_end = tl.minimum(M, m_start + CHUNK)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        if INT64_INDEX:
+            offs_m = offs_m.to(tl.int64)
+        wo = offs_m % Wo
+        tmp = offs_m // Wo
+        ho = tmp % Ho
+        b = tmp // Ho
+        hi = ho * SH - PT + i * DH
+        wi = wo * SW - PL + j * DW
+        x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        dyt = tl.load(dyt_ptr + dy_col[:, None] + (offs_m * NCOL)[None, :], mask=m_ok[None, :], other=0.0)
+        xt = tl.load(x_ptr + x_ch[None, :] + (b * sxb + hi * sxh + wi * sxw)[:, None],
+                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
+    if INT64_INDEX:
+        rows = rows.to(tl.int64)
+    tl.atomic_add(dw_ptr + rows[:, None] * CG + offs_c[None, :], acc, mask=(rows >= 0)[:, None] & c_ok[None, :])
 
 
 @triton.jit

@@ -44,12 +44,15 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     by_kernel = {}
     for job in jobs:
         by_kernel.setdefault(job.kernel, []).append(job)
-    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"}
+    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel",
+                              "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel", "stripe_gather_columns_kernel"}
     # every tile width the first call on a GPU times, each under every configuration of the tuner
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
     assert len(widths) > 1
     assert {job.kwargs["BLOCK_N"] for job in by_kernel["stripe_fwd_kernel"]} == widths
-    assert len(by_kernel["stripe_fwd_kernel"]) == len(widths) * len(kernels.stripe_fwd_kernel.configs)
+    # each way of storing a tile (vector runs, scatter, NCHW planes) is its own variant of a width
+    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"]) for job in by_kernel["stripe_fwd_kernel"]}
+    assert len(by_kernel["stripe_fwd_kernel"]) == len(variants) * len(kernels.stripe_fwd_kernel.configs)
     assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {
         c.kwargs["BLOCK_M"] for c in kernels.stripe_dgrad_kernel.configs}
     # the same calls again: nothing new

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1, 1), dilation=(1, 1),
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, via_compile=False, deterministic=False, gpu_only=False, mask_update=False,
-            dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False)
+            dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False,
+            mask_blocks=1, pick="")
 
 
 def _case(name, **kw):
@@ -101,6 +102,25 @@ CASES = dict([
     _case("via_compile", via_module=True, via_compile=True, channels_last=True, stride=(2, 2), H=8, W=8),
     _case("double_backward", double_backward=True, dtype="float64", C=4, N=6, H=6, W=5, stride=(2, 1)),
     # The dense cuDNN hand-over (STRIPECONV_GPU_DENSE=always): F.conv2d on the scattered weight.
+    # The forward's ways to store a channels_last output (the interpreter runs only the first candidate
+    # unless `pick` names another): runs of 8 consecutive channels as vectors (filters sharing their
+    # pattern in blocks of 8, so that aligned tiles exist), and NCHW planes plus a copy.
+    _case("aligned_runs", mask_blocks=8, channels_last=True, pick="_aligned", stride=(2, 2), H=8, W=8),
+    _case("aligned_runs_groups", mask_blocks=8, channels_last=True, pick="_aligned", C=16, N=32, groups=2,
+          bias=False),
+    _case("aligned_runs_int64", mask_blocks=8, channels_last=True, pick="_aligned", int64=True),
+    _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9),
+    _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
+    # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
+    _case("tiles_backward", pick="tiles", channels_last=True, N=48, density=0.4),
+    _case("tiles_backward_nchw_s2", pick="tiles", stride=(2, 2), H=8, W=9, C=16, N=20),
+    _case("tiles_backward_asym_dil", pick="tiles", k=(3, 3), stride=(1, 2), padding=(1, 1, 0, 2), dilation=(2, 1),
+          H=8, W=9, channels_last=True),
+    _case("tiles_backward_groups", pick="tiles", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8, bias=False),
+    _case("tiles_backward_int64", pick="tiles", int64=True, channels_last=True, stride=(2, 2), H=8, W=8),
+    _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32),
+    _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
+          H=10, W=8),
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
     _case("dense_handover_groups_s2", dense="always", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8),
     _case("dense_handover_via_op", dense="always", via_op=True, bias=False),
@@ -122,7 +142,8 @@ TOL = {"float64": (1e-9, 1e-9), "float32": (2e-4, 2e-4), "float16": (2e-2, 2e-2)
 def _make(c, device, gen):
     dtype = getattr(torch, c["dtype"])
     kh, kw = c["k"]
-    mask = torch.rand(c["N"], kh, kw, generator=gen) < c["density"]
+    blocks = c["mask_blocks"]  # consecutive filters sharing one pattern
+    mask = (torch.rand(c["N"] // blocks, kh, kw, generator=gen) < c["density"]).repeat_interleave(blocks, 0)
     if c["empty_filters"]:
         mask[torch.randperm(c["N"], generator=gen)[: c["empty_filters"]]] = False
     dense = torch.randn(c["N"], c["C"] // c["groups"], kh, kw, generator=gen, dtype=torch.float64)
@@ -203,6 +224,24 @@ def _tuner_runs(tb):
             del kernel.run
 
 
+@contextlib.contextmanager
+def _candidate_picked(tb, part: str, ops: tuple):
+    """``ops`` (of fwd, dgrad, wgrad) run their candidate whose name contains ``part`` (there must be one)."""
+    choice = tb.gpu_select.choice
+
+    def pick(key, candidates, device):
+        if key[0] not in ops:
+            return choice(key, candidates, device)
+        names = [name for name in candidates if part in name]
+        assert names, f"no {key[0]} candidate named *{part}*: {sorted(candidates)}"
+        return names[0], True
+    tb.gpu_select.choice = pick
+    try:
+        yield
+    finally:
+        tb.gpu_select.choice = choice
+
+
 def _module_of(c, mask, w, bias):
     """A StripeConv2d with the case's geometry (symmetric padding), mask and weights."""
     from stripeconv import StripeConv2d
@@ -239,6 +278,8 @@ def run_case(name: str, device: str) -> str:
     if c["int64"]:
         tb._needs_int64 = lambda *tensors: True
     stack = contextlib.ExitStack()
+    if c["pick"]:
+        stack.enter_context(_candidate_picked(tb, c["pick"], ("dgrad", "wgrad") if c["pick"] == "tiles" else ("fwd",)))
     tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] or c["deterministic"] else []
     try:
         x = x64.to(device, dtype)

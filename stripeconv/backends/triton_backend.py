@@ -54,7 +54,7 @@ from torch.torch_version import TorchVersion
 from ..ops import output_memory_format
 from . import gpu_select, triton_plans
 from .triton_plans import (
-    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, best_tile_efficiency, cached_plan, default_block_n,
+    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan, default_block_n,
     forward_plan, forward_plans, next_pow2, tile_efficiency, tile_widths,
 )
 
@@ -342,14 +342,30 @@ def _launch_first_fitting(jit, grid, args: tuple, constants: dict, configs: Sequ
     return configs[-1].all_kwargs()
 
 
+# How the forward kernel stores its [pixels, filters] tile (the STORE constant): the tile's filters are
+# in any channel order, and 2-byte stores scattered over a channels_last row are slow (on an H100,
+# 3-4x the kernel's time); runs of consecutive channels or NCHW planes store 16-byte vectors.
+STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
+
+
 def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                     dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                     dilation, out_hw, via_planes: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
-    bias or not): all launch arguments but the tensors are worked out here, once."""
+    bias or not): all launch arguments but the tensors are worked out here, once.
+
+    A channels_last output is stored in place when ``plan`` is aligned (runs of 8 channels) and
+    scattered otherwise; with ``via_planes`` the kernel writes NCHW planes and a copy makes them
+    channels_last (a second pass over the output instead of scattered stores)."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
     out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
+    if out_format == torch.contiguous_format:
+        store, kernel_format = STORE_PLANES, out_format
+    elif via_planes:
+        store, kernel_format = STORE_PLANES, torch.contiguous_format
+    else:
+        store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), out_format
 
     if plan.kept == 0:  # every stripe pruned: the output is the bias (and a launch would have no rows to read)
         def bias_only(input, weight, bias):
@@ -364,7 +380,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
     block_k = max(16, min(64, next_pow2(cg))) if use_dot else 1
     copy_input = not input.is_contiguous(memory_format=torch.channels_last)
     x = _meta_like(input, copy_input)
-    out = torch.empty(out_shape, device="meta", memory_format=out_format)
+    out = torch.empty(out_shape, device="meta", memory_format=kernel_format)
     tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
     scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
@@ -373,17 +389,17 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")),
-        BLOCK_N=bn, BLOCK_K=block_k,
+        STORE=store, BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
                           constants, fixed=gpu_select.deterministic())
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out, *tables, *scalars)
-        return out
+        return out.contiguous(memory_format=out_format)
     return launch
 
 
@@ -473,10 +489,14 @@ def forward(
         return _like_input((b, n, ho, wo), input)
     device = input.device
     launchers, counts = {}, []
+    channels_last = output_memory_format(input) == torch.channels_last
     for plan in forward_plans(mask, groups, device):
-        counts.append((plan.block_n, plan.kept, plan.computed))
-        launchers[f"stripe{plan.block_n}"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
-                                                              (ho, wo))
+        counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
+        name = f"stripe{plan.block_n}" + ("_aligned" if plan.aligned else "")
+        launchers[name] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
+        if channels_last and not plan.aligned:
+            launchers[name + "_planes"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
+                                                           (ho, wo), via_planes=True)
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
@@ -524,6 +544,10 @@ def grad_input(
     device = grad_output.device
     launchers = {"stripe": _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding, dilation,
                                                 groups)}
+    tiles = _backward_tiles(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
+    if tiles is not None and grad_output.numel() and math.prod(input_shape):
+        launchers["stripe_tiles"] = _grad_input_tiles_launcher(tiles, grad_output, weight, input_shape, stride,
+                                                                groups)
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight):
             w_dense = _dense_weight(weight, mask, device)
@@ -608,6 +632,10 @@ def grad_weight(
     device = input.device
     launchers = {"stripe": _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
                                                  deterministic)}
+    tiles = _backward_tiles(mask, weight, input.shape[1], groups, stride, padding, dilation, device)
+    if tiles is not None and not deterministic and grad_output.numel() and input.numel():
+        launchers["stripe_tiles"] = _grad_weight_tiles_launcher(tiles, grad_output, input, weight, stride, padding,
+                                                                dilation)
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
         n, kh, kw = mask.shape
 
@@ -673,5 +701,114 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
         kernel(dy, x, buf, *tables, *scalars)
         if buf.dim() == 3:
             buf = buf.sum(0)
+        return buf.to(weight.dtype)
+    return launch
+
+
+# ---- the backward over the forward's filter tiles ------------------------------------------------
+# The kernels above spend no work on pruned stripes, but read dy through a table of filters: 2-byte
+# loads that do not vectorise (on an H100, grad input took ~5x cuDNN's whole backward). These gather
+# dy into the forward's tile order once per call, then load contiguous rows, and compute the stripes
+# of each tile's position union (the forward's tile efficiency). Both are timed candidates.
+
+def _backward_tiles(mask: Tensor, weight: Tensor, c: int, groups: int, stride, padding, dilation,
+                    device) -> Optional[TilesBackwardPlan]:
+    """The tile plan of the forward's width that computes the fewest stripes, or None where the tiles
+    are too narrow for tensor cores (or there is nothing to compute)."""
+    n = mask.shape[0]
+    if weight.shape[0] == 0 or not _use_dot_backward(c // groups, n // groups):
+        return None
+    best = min(forward_plans(mask, groups, device), key=lambda p: p.computed)
+    if best.block_n < 16:
+        return None
+    conv = (tuple(stride), (padding[0], padding[2]), tuple(dilation), best.in_order)
+    return cached_plan("bwd_tiles", mask, groups, best.block_n, device, conv)
+
+
+def _gather_dy(grad_output: Tensor, plan: TilesBackwardPlan) -> Tensor:
+    """dy as [pixels, T * BLOCK_T]: the columns in the forward's tile order, zeros for padding."""
+    b, _, ho, wo = grad_output.shape
+    m, ncol = b * ho * wo, plan.cols.numel()
+    dyt = torch.empty(m, ncol, dtype=grad_output.dtype, device=grad_output.device)
+    grid = (triton_cdiv(m, 64), triton_cdiv(ncol, 64))
+    _kernels.stripe_gather_columns_kernel[grid](grad_output, dyt, plan.cols, m, ho, wo, ncol, *grad_output.stride(),
+                                         INT64_INDEX=_needs_int64(grad_output, dyt), BLOCK_M=64, BLOCK_N=64)
+    return dyt
+
+
+def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, input_shape, stride,
+                               groups: int) -> Callable:
+    """Grad input over the forward's tiles for every call shaped like this one: ``launch(grad_output, weight)``."""
+    b, c, h, w = input_shape
+    fwd = plan.fwd
+    n, kh, kw = fwd.mask_shape
+    cg = c // groups
+    ho, wo = grad_output.shape[2:]
+    dx_shape, dx_format = (b, c, h, w), output_memory_format(grad_output)
+    block_n = max(16, min(64, next_pow2(cg)))
+    ncb = triton_cdiv(cg, block_n)
+    sh, sw = stride
+    mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
+    dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
+    ncol = plan.cols.numel()
+    tables = (fwd.w_rows, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
+    scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, ncol, *dx.stride(), sh, sw)
+    precision, acc = _precision(grad_output.dtype)
+    dyt = torch.empty(b * ho * wo, ncol, device="meta")
+    constants = dict(
+        **_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
+        INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        INT64_INDEX=_needs_int64(dyt, torch.empty(weight.shape, device="meta"), dx),
+        BLOCK_N=block_n, BLOCK_T=fwd.block_n,
+    )
+    kernel = _TunedLaunch("stripe_dgrad_tiles_kernel",
+                          lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants)
+
+    def launch(grad_output, weight):
+        dyt = _gather_dy(grad_output, plan)
+        dx = torch.empty(dx_shape, dtype=dyt.dtype, device=dyt.device, memory_format=torch.channels_last)
+        kernel(dyt, weight.contiguous(), dx, *tables, *scalars)
+        return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
+    return launch
+
+
+def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weight, stride, padding,
+                                dilation) -> Callable:
+    """Grad weight over the forward's tiles for every call shaped like this one: ``launch(grad_output, input,
+    weight)``; split-K partial sums are added atomically (so it is not offered in deterministic mode)."""
+    b, c, h, w = input.shape
+    fwd = plan.fwd
+    n, kh, kw = fwd.mask_shape
+    cg = weight.shape[1]
+    ho, wo = grad_output.shape[2:]
+    s, m = weight.shape[0], b * ho * wo
+    block_c = max(16, min(64, next_pow2(cg)))
+    ncb = triton_cdiv(cg, block_c)
+    programs = plan.num_all * ncb
+    split = max(1, min(triton_cdiv(4 * _num_sms(input.device), max(1, programs)), triton_cdiv(m, 512)))
+    chunk = triton_cdiv(triton_cdiv(m, split), 256) * 256
+    split = triton_cdiv(m, chunk)
+    acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    copy_x = not input.is_contiguous(memory_format=torch.channels_last)
+    x = _meta_like(input, copy_x)
+    ncol = plan.cols.numel()
+    tables = (fwd.w_rows, plan.all_t, plan.all_u, fwd.tile_pos, fwd.tile_grp)
+    scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, ncol, chunk, *x.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
+    precision, acc = _precision(input.dtype)
+    dyt = torch.empty(m, ncol, device="meta")
+    constants = dict(
+        **_keys(m, c, n, fwd.density, kh, kw, stride),
+        INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        INT64_INDEX=_needs_int64(dyt, x, torch.empty((s, cg), device="meta")),
+        BLOCK_T=fwd.block_n, BLOCK_C=block_c,
+    )
+    kernel = _TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants)
+
+    def launch(grad_output, input, weight):
+        dyt = _gather_dy(grad_output, plan)
+        x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
+        buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
+        kernel(dyt, x, buf, *tables, *scalars)
         return buf.to(weight.dtype)
     return launch

@@ -36,7 +36,7 @@ from torch import Tensor
 from ._masks import clear, mask_key, memo
 
 __all__ = [
-    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "DensePlan", "default_block_n", "forward_plan",
+    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan", "default_block_n", "forward_plan",
     "tile_efficiency", "tile_widths", "best_tile_efficiency", "clear_cache",
 ]
 
@@ -101,6 +101,23 @@ def _tiles_sorted(pat: np.ndarray, block_n: int) -> list[list[int]]:
     return [ranked[s:s + block_n] for s in range(0, nf, block_n)]
 
 
+def _tiles_in_order(nf: int, block_n: int) -> list[list[int]]:
+    """Consecutive filters: tiles whose output channels are contiguous (see ``ForwardPlan.aligned``)."""
+    return [list(range(s, min(nf, s + block_n))) for s in range(0, nf, block_n)]
+
+
+def _aligned_runs(tile_ch: np.ndarray) -> bool:
+    """Every aligned group of 8 columns of every tile holds 8 consecutive channels starting at a
+    multiple of 8, or only padding (-1): the forward kernel then stores 16-byte vectors."""
+    if tile_ch.shape[1] % 8:
+        return False
+    runs = tile_ch.reshape(tile_ch.shape[0], -1, 8)
+    first = runs[..., :1]
+    padding = (runs == -1).all(-1)
+    consecutive = (runs == first + np.arange(8)).all(-1) & (first[..., 0] % 8 == 0)
+    return bool((padding | consecutive).all())
+
+
 def _computed(pat: np.ndarray, tiles: list[list[int]], block_n: int) -> int:
     return sum(int(pat[t].any(0).sum()) * block_n for t in tiles)
 
@@ -121,6 +138,8 @@ class ForwardPlan:
     computed: int
     density: float
     mask_shape: tuple
+    aligned: bool = False  # tile columns come in aligned runs of 8 consecutive channels (:func:`_aligned_runs`)
+    in_order: bool = False  # tiles of consecutive filters (not clustered)
 
     @property
     def efficiency(self) -> float:
@@ -162,7 +181,7 @@ def _row_ids(mask_cpu: Tensor) -> np.ndarray:
     return np.where(pm, rid, -1)
 
 
-def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> ForwardPlan:
+def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order: bool = False) -> ForwardPlan:
     n, kh, kw = mask_cpu.shape
     npos = kh * kw
     ng = n // groups
@@ -172,8 +191,8 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
     tiles = []  # (group, [filters])
     for g in range(groups):
         pat = pat_all[g * ng:(g + 1) * ng]
-        cand = [_tiles_sorted(pat, block_n)]
-        if ng > block_n:
+        cand = [_tiles_in_order(ng, block_n)] if in_order else [_tiles_sorted(pat, block_n)]
+        if ng > block_n and not in_order:
             cand.append(_tiles_greedy(pat, block_n))
         best = min(cand, key=lambda tl_: _computed(pat, tl_, block_n))
         tiles.extend((g, [g * ng + k for k in sorted(t)]) for t in best)
@@ -205,7 +224,8 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device) -> Forwa
     return ForwardPlan(
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
-        computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw),
+        computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
+        in_order=in_order,
     )
 
 
@@ -270,6 +290,54 @@ def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, d
 
 
 @dataclass
+class TilesBackwardPlan:
+    """The backward over the forward's filter tiles (``fwd``): dy gathered into tile order by ``cols``
+    (``fwd.tile_ch`` flattened: [T * BLOCK_T] channel of each column, -1 = zero), then grad input over the
+    (tile, union position) entries of each (output phase, group), and grad weight over all of them."""
+
+    fwd: ForwardPlan
+    cols: Tensor          # [T * BLOCK_T] int32
+    ent_off: Tensor       # [PHASES * G + 1] int32: entries of (phase, group) k are off[k]..off[k+1]
+    ent_t: Tensor         # [E] int32 tile
+    ent_u: Tensor         # [E] int32 index into the tile's union
+    ent_dh: Tensor        # [E] int32 dy row/column read, relative to the phase pixel
+    ent_dw: Tensor
+    all_t: Tensor         # [A] int32 every (tile, union position) pair, for grad weight
+    all_u: Tensor
+    num_all: int
+
+
+def _build_backward_tiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, device) -> TilesBackwardPlan:
+    (sh, sw), (pt, pl), (dh, dw), in_order = conv
+    n, kh, kw = mask_cpu.shape
+    fwd = _build_forward(mask_cpu, groups, block_n, "cpu", in_order=in_order)
+    tile_pos, tile_npos, tile_grp = fwd.tile_pos.numpy(), fwd.tile_npos.numpy(), fwd.tile_grp.numpy()
+    pairs = [(t, u) for t in range(fwd.num_tiles) for u in range(int(tile_npos[t]))]
+    entries, offsets = [], [0]
+    for rh in range(sh):
+        for rw in range(sw):
+            for g in range(groups):
+                for t, u in pairs:
+                    if tile_grp[t] != g:
+                        continue
+                    i, j = divmod(int(tile_pos[t, u]), kw)
+                    th, tw = rh + pt - i * dh, rw + pl - j * dw
+                    if th % sh or tw % sw:  # this position's taps miss the phase's pixels
+                        continue
+                    entries.append((t, u, th // sh, tw // sw))
+                offsets.append(len(entries))
+    ent = np.array(entries, dtype=np.int64).reshape(-1, 4)
+    al = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    on_device = ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
+                                                  ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows")}})
+    return TilesBackwardPlan(
+        fwd=on_device, cols=on_device.tile_ch.reshape(-1), ent_off=_dev(offsets, device), ent_t=_dev(ent[:, 0], device),
+        ent_u=_dev(ent[:, 1], device), ent_dh=_dev(ent[:, 2], device), ent_dw=_dev(ent[:, 3], device),
+        all_t=_dev(al[:, 0], device), all_u=_dev(al[:, 1], device), num_all=len(al),
+    )
+
+
+@dataclass
 class DensePlan:
     """Index maps between the packed rows and a dense weight (the dense conv's weight and gradient)."""
 
@@ -286,7 +354,9 @@ def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device)
 
 
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
-             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
+             "fwd_in_order": lambda m, g, b, conv, d: _build_forward(m, g, b, d, in_order=True),
+             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense,
+             "bwd_tiles": _build_backward_tiles}
 
 
 def cached_plan(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
@@ -342,9 +412,19 @@ def tile_widths(mask: Tensor, groups: int = 1, device: Optional[Union[str, torch
 
 
 def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
-    """The plans of :func:`tile_widths`, in its order: one cache lookup a call instead of one a width."""
+    """The plans of :func:`tile_widths`, in its order (one cache lookup a call instead of one a width),
+    then the tiles of consecutive filters at the first width when none of those is ``aligned`` and
+    they compute at most 25 % more stripes than the best: an aligned plan stores 16-byte vectors into a
+    channels_last output, where the others scatter 2-byte values or go through a second pass."""
+    def build():
+        plans = [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)]
+        if not any(p.aligned for p in plans):
+            in_order = cached_plan("fwd_in_order", mask, groups, plans[0].block_n, device)
+            if in_order.aligned and in_order.computed <= 1.25 * min(p.computed for p in plans):
+                plans.append(in_order)
+        return plans
     key = ("fwd_widths", *mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
-    return memo(key, mask, lambda: [forward_plan(mask, groups, w, device) for w in tile_widths(mask, groups, device)])
+    return memo(key, mask, build)
 
 
 def best_tile_efficiency(mask: Tensor, groups: int = 1) -> float:
