@@ -6,7 +6,7 @@ their autotuning configurations. Every kernel addresses tensors through explicit
 strides, so NCHW and NHWC (channels_last) work alike; NHWC is the fast layout because the
 channel dimension of every [pixels, channels] tile is then contiguous.
 
-Three kernels:
+The kernels:
 
 ``stripe_fwd_kernel``
     Implicit GEMM, output-stationary. One program computes a [BLOCK_M pixels, BLOCK_N filters]
@@ -16,8 +16,9 @@ Three kernels:
     Weights are read straight from the packed ``[S, CG]`` rows: ``w_rows[t, u, col]`` is the
     packed row of column ``col``'s filter at the union's position ``u``, -1 where that filter
     does not keep it (a masked load that reads zeros), so no per-call weight copy is made.
-    Borders are masked loads. Bias is added in the epilogue and the store scatters the tile's
-    columns back to the original channels.
+    Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
+    columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
+    of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
 
 ``stripe_dgrad_kernel``
     Grad input, output-stationary on dx: [BLOCK_M input pixels, BLOCK_N input channels] per
@@ -33,6 +34,11 @@ Three kernels:
     [rows, pixels] x [pixels, channels] reduced over B*Ho*Wo pixels, split-K over grid axis 1.
     With ATOMIC the partial sums are added atomically into one fp32 buffer; otherwise each split
     writes its own slice of a [SPLIT, S, CG] buffer that the host sums (deterministic).
+
+``stripe_dgrad_tiles_kernel`` / ``stripe_wgrad_tiles_kernel``
+    The gradients over the forward's filter tiles instead of per-position row lists: dy is first
+    gathered into tile order (``stripe_gather_columns_kernel``), so every load is a contiguous
+    row; they compute the pruned stripes inside each tile's union, as the forward does.
 
 Offsets are int32 (fewer registers: the pipeliner keeps the addresses of every stage in flight)
 unless ``INT64_INDEX``, which the host sets for tensors with 2**31 or more elements.

@@ -89,11 +89,12 @@ def test_precompile_counts_failures_and_time(precompile):
 
 def test_precompile_in_worker_processes_reports_what_failed(precompile):
     """The spawned workers load the kernels and run each job; without a GPU driver every job fails,
-    which is reported, not raised."""
+    which is reported, not raised (with one, every job compiles)."""
     _, calls = _calls()
     jobs = precompile.plan(calls)[:3]
     stats = precompile.precompile(jobs, workers=2, compile_one=functools.partial(precompile._compile, device="cpu"))
-    assert stats["workers"] == 2 and stats["jobs"] == 3 and stats["failed"] == 3, stats
+    expected_failures = 0 if torch.cuda.is_available() else 3
+    assert stats["workers"] == 2 and stats["jobs"] == 3 and stats["failed"] == expected_failures, stats
     assert all("BrokenProcessPool" not in error for error in stats["errors"]), stats
 
 
