@@ -1022,3 +1022,17 @@ def test_compiles_every_tile_width(width, monkeypatch):
     label, call = aot.layer_calls(128, 256, 16, density=0.7, dtype=torch.bfloat16)[0]
     variants = _check_variants(aot, label, call, 90)
     assert {v.constexprs["BLOCK_N"] for v in variants} == {width}
+
+
+def test_aligned_runs_only_for_runs_of_eight_consecutive_channels():
+    """The forward's vector stores rely on this: any other layout must not be called aligned."""
+    import numpy as np
+
+    from stripeconv.backends.triton_plans import _aligned_runs
+
+    run = lambda start: list(range(start, start + 8))  # noqa: E731
+    assert _aligned_runs(np.array([run(16) + run(0), run(8) + [-1] * 8]))
+    assert not _aligned_runs(np.array([run(4) + run(16)]))                 # a run not starting at a multiple of 8
+    assert not _aligned_runs(np.array([run(0)[:7] + [9] + run(16)]))       # a broken run
+    assert not _aligned_runs(np.array([run(0) + [24, 25, 26, 27, -1, -1, -1, -1]]))  # half a run, half padding
+    assert not _aligned_runs(np.array([list(range(4))]))                   # narrower than 8
