@@ -32,7 +32,9 @@ forward only and forward + backward (grad input, grad weight, bias), each called
 calls it in eager mode (``stripeconv.backends.eager_conv2d``: the backend's kernels under one
 autograd.Function, without the custom op's Python layers). Batch-1 forwards are also timed back
 to back without a cache flush between calls (``host_ms``): the latency of an eager step, host
-work included, which do_bench's flush hides.
+work included, which do_bench's flush hides. do_bench times the host where a call's host work
+exceeds its GPU time (small layers, and every forward+backward through autograd); ``--graphs``
+also times each cell as a CUDA graph replay (``graph_ms``: GPU time alone).
 Before anything is timed, every Triton kernel variant the run will launch (each tile width,
 each autotuning configuration) is compiled in parallel worker processes into Triton's on-disk
 cache (kernels/precompile.py; ``--no-precompile`` leaves it to the first launches, one at a
@@ -208,6 +210,29 @@ def _bench(fn, args) -> dict:
     return {"median_ms": q50, "q25_ms": q25, "q75_ms": q75, "iqr_ms": q75 - q25}
 
 
+def _graph_bench(fn) -> dict:
+    """GPU time alone: ``fn`` captured once in a CUDA graph (after warm-up calls on a side stream,
+    which settle tile plans, autotuning and the dense/stripe choice) and its replays timed. Where the
+    host work of a call exceeds its GPU time, ``_bench`` times the host; this does not."""
+    import triton.testing
+
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        q25, q50, q75 = triton.testing.do_bench(graph.replay, warmup=10, rep=40, quantiles=[0.25, 0.5, 0.75])
+        del graph  # its memory pool goes with it
+        return {"graph_ms": q50, "graph_iqr_ms": q75 - q25}
+    except Exception as exc:  # keep the run going, record why
+        return {"graph_error": f"{type(exc).__name__}: {exc}"}
+
+
 def _host_latency_ms(fn, args) -> float:
     """Median time of a call of ``fn`` in back-to-back calls, host work included (no cache flush
     between calls to hide it behind): what an eager batch-1 step pays."""
@@ -323,6 +348,8 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
             t = _bench(fn, args)
             if host and b == 1 and not backward:
                 t["host_ms"] = _host_latency_ms(fn, args)
+            if args.graphs and not args.cpu_smoke:
+                t.update(_graph_bench(fn))
             return t
 
     modes = [("fwd", False)] + ([] if args.no_backward else [("fwd+bwd", True)])
@@ -403,6 +430,11 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                       f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
                       f"{dn / auto:6.2f} {dn / cuda:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} {pub:8.3f} | "
                       f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}", flush=True)
+                if args.graphs and not args.cpu_smoke:
+                    g = {m: entry.get(m, {}).get("graph_ms", float("nan")) for m in ("dense", "triton", "stripeconv")}
+                    print(f"{'':>9} {'':>5} {'':>5} {'':>5} {'graph':>7} | {g['dense']:9.4f} {g['triton']:10.4f} "
+                          f"{'':>7} {g['dense'] / g['triton']:7.2f} | {g['dense'] / g['stripeconv']:6.2f}  "
+                          f"(CUDA graph replay: GPU time only)", flush=True)
 
 
 def plot(results, path):
@@ -484,6 +516,11 @@ def summarize(results: list, method: str = "stripeconv") -> None:
         eff = statistics.fmean(r["tile_efficiency"] for r in sel)
         print(f"  {mode:>7} {kind:>9} density {d:4.2f}: {'  '.join(parts)}  ideal {1 / d:5.1f}x  "
               f"mean tile eff {eff:4.2f}")
+        graph = [f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x"
+                 for m in ("triton", "stripeconv") for vals in [[v for v in (speedup(r, m, "graph_ms") for r in sel) if v]]
+                 if vals]
+        if graph:
+            print(f"  {'':>7} {'':>9} GPU time only (CUDA graph replay): {'  '.join(graph)}")
         host = [(speedup(r, "stripeconv", "host_ms"), r) for r in sel]
         if any(v for v, _ in host):
             cells = "  ".join(f"{r['layer']} {v:.2f}x ({r['dense']['host_ms'] * 1e3:.0f} us dense)" for v, r in host if v)
@@ -657,6 +694,8 @@ def main(argv=None):
     ap.add_argument("--rep-ms", type=int, default=60)
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--bandwidth", type=float, default=None, help="TB/s")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time each cell as a CUDA graph replay (GPU time without host work)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tag", default="", help="added to the output file names")
     ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
