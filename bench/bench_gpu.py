@@ -516,9 +516,11 @@ def summarize(results: list, method: str = "stripeconv") -> None:
         eff = statistics.fmean(r["tile_efficiency"] for r in sel)
         print(f"  {mode:>7} {kind:>9} density {d:4.2f}: {'  '.join(parts)}  ideal {1 / d:5.1f}x  "
               f"mean tile eff {eff:4.2f}")
-        graph = [f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x"
-                 for m in ("triton", "stripeconv") for vals in [[v for v in (speedup(r, m, "graph_ms") for r in sel) if v]]
-                 if vals]
+        graph = []
+        for m in ("triton", "stripeconv"):
+            vals = [v for v in (speedup(r, m, "graph_ms") for r in sel) if v]
+            if vals:
+                graph.append(f"{m} {math.exp(statistics.fmean(math.log(v) for v in vals)):5.2f}x")
         if graph:
             print(f"  {'':>7} {'':>9} GPU time only (CUDA graph replay): {'  '.join(graph)}")
         host = [(speedup(r, "stripeconv", "host_ms"), r) for r in sel]

@@ -54,7 +54,8 @@ from torch.torch_version import TorchVersion
 from ..ops import output_memory_format
 from . import gpu_select, triton_plans
 from .triton_plans import (
-    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan, default_block_n,
+    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan,
+    default_block_n,
     forward_plan, forward_plans, next_pow2, tile_efficiency, tile_widths,
 )
 
@@ -349,7 +350,8 @@ STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
 
 
 def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                     dilation, out_hw, via_planes: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                     dilation, out_hw,
+                     via_planes: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
     bias or not): all launch arguments but the tensors are worked out here, once.
 
@@ -732,7 +734,7 @@ def _gather_dy(grad_output: Tensor, plan: TilesBackwardPlan) -> Tensor:
     dyt = torch.empty(m, ncol, dtype=grad_output.dtype, device=grad_output.device)
     grid = (triton_cdiv(m, 64), triton_cdiv(ncol, 64))
     _kernels.stripe_gather_columns_kernel[grid](grad_output, dyt, plan.cols, m, ho, wo, ncol, *grad_output.stride(),
-                                         INT64_INDEX=_needs_int64(grad_output, dyt), BLOCK_M=64, BLOCK_N=64)
+                                                INT64_INDEX=_needs_int64(grad_output, dyt), BLOCK_M=64, BLOCK_N=64)
     return dyt
 
 

@@ -36,8 +36,8 @@ from torch import Tensor
 from ._masks import clear, mask_key, memo
 
 __all__ = [
-    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan", "default_block_n", "forward_plan",
-    "tile_efficiency", "tile_widths", "best_tile_efficiency", "clear_cache",
+    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan", "default_block_n",
+    "forward_plan", "tile_efficiency", "tile_widths", "best_tile_efficiency", "clear_cache",
 ]
 
 
