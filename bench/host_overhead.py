@@ -29,18 +29,22 @@ os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels l
 
 import torch  # noqa: E402
 
-KERNELS = ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel")
+TUNED_KERNELS = ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel",
+                 "stripe_wgrad_tiles_kernel")
+PLAIN_KERNELS = ("stripe_gather_columns_kernel",)  # no autotuner
 GPU_CONFIGS = 4  # autotuning configurations per kernel on a GPU (kernels/stripe_conv.py)
 
 
 def _no_launches(kernels) -> None:
     """JIT launches do nothing; the autotuners hold as many configurations as on a GPU and
     'benchmark' them without running anything (all equal: the first wins)."""
-    for name in KERNELS:
+    for name in TUNED_KERNELS:
         tuner = getattr(kernels, name)
         tuner.fn.run = lambda *args, **kwargs: None
         tuner.configs = (tuner.configs * GPU_CONFIGS)[:GPU_CONFIGS]
         tuner._bench = lambda *args, config=None, **kwargs: [1.0, 1.0, 1.0]
+    for name in PLAIN_KERNELS:
+        getattr(kernels, name).run = lambda *args, **kwargs: None
 
 
 def main(argv=None) -> dict:
@@ -99,21 +103,50 @@ def single_calls(args, tb) -> dict:
         return torch.randn(batch, c, hw, hw, generator=gen).contiguous(memory_format=torch.channels_last)
     x1, x, gy = nhwc(1), nhwc(32), nhwc(32)
     geometry = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    layer = _layer(weight, mask)
+    x1_grad, gy1 = x1.clone().requires_grad_(), nhwc(1)
+
+    def layer_forward():
+        with torch.no_grad():
+            layer(x1)
+
+    def layer_training_step():  # what autograd adds: the Function, its context and the backward's two calls
+        layer(x1_grad).backward(gy1)
     calls = {
         "forward, batch 1": lambda: tb.forward(x1, weight, None, mask, *geometry),
         "grad input, batch 32": lambda: tb.grad_input(gy, weight, mask, list(x.shape), *geometry),
         "grad weight, batch 32": lambda: tb.grad_weight(gy, x, weight, mask, *geometry),
+        "layer forward, batch 1": layer_forward,
+        "layer forward+backward, batch 1": layer_training_step,
     }
     results = {"layer": f"{c}->{c} 3x3 at {hw}x{hw}, density {args.density}",
                "launch": "through the autotuner" if args.through_autotuner else "settled", "us": {}}
     print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op), "
           f"from {len(DEPTHS)} call depths: min / median / max over depths")
     results["depths"] = list(DEPTHS)
-    for name, call in calls.items():
-        best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
-        results["us"][name] = _spread(best)
-        print(f"  {name:<24} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
+    import stripeconv
+
+    previous = stripeconv.get_backend()
+    stripeconv.set_backend("triton")  # the layer's calls; the others call the backend directly
+    try:
+        for name, call in calls.items():
+            best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
+            results["us"][name] = _spread(best)
+            print(f"  {name:<32} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
+    finally:
+        stripeconv.set_backend(previous)
     return results
+
+
+def _layer(weight, mask):
+    """A StripeConv2d (channels_last, no bias) holding ``weight`` and ``mask``."""
+    import stripeconv
+
+    c = weight.shape[1]
+    layer = stripeconv.StripeConv2d(c, mask.shape[0], 3, padding=1, bias=False, stripe_mask=mask)
+    with torch.no_grad():
+        layer.packed_weight.copy_(weight)
+    return layer.to(memory_format=torch.channels_last)
 
 
 def _at_depth(levels: int, call, *args):

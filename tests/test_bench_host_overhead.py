@@ -30,7 +30,8 @@ def _run(tmp_path, *options) -> dict:
 def test_host_overhead_script(tmp_path, through_autotuner):
     results = _run(tmp_path, "--calls", "5", "--repeats", "2", *(["--through-autotuner"] if through_autotuner else []))
     assert results["launch"] == ("through the autotuner" if through_autotuner else "settled")
-    assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32"}
+    assert set(results["us"]) == {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32",
+                                  "layer forward, batch 1", "layer forward+backward, batch 1"}
     for timing in results["us"].values():
         assert len(timing["per_depth"]) == len(results["depths"]) > 1
         assert 0 < timing["min"] == min(timing["per_depth"]) <= timing["median"] <= timing["max"]

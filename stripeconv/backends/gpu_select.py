@@ -25,13 +25,14 @@ or dense under ``always``.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import threading
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from ._environ import getenv
 
 __all__ = ["mode", "deterministic", "choose", "choice", "generation", "decisions", "clear"]
 
@@ -46,7 +47,7 @@ _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8
 def mode() -> str:
     """The dense/stripe policy from ``STRIPECONV_GPU_DENSE``: ``auto``, ``never`` or ``always``
     (read on every call, so a change of the variable takes effect at once)."""
-    value = os.environ.get("STRIPECONV_GPU_DENSE", "auto").strip().lower() or "auto"
+    value = getenv("STRIPECONV_GPU_DENSE", "auto").strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"STRIPECONV_GPU_DENSE must be one of {', '.join(_MODES)}, got {value!r}")
     return value
@@ -55,7 +56,7 @@ def mode() -> str:
 def deterministic() -> bool:
     """Whether results must repeat bit for bit from one run to the next: with
     ``torch.use_deterministic_algorithms(True)`` or ``STRIPECONV_DETERMINISTIC=1``."""
-    return (os.environ.get("STRIPECONV_DETERMINISTIC", "0").strip() not in ("", "0")
+    return (getenv("STRIPECONV_DETERMINISTIC", "0").strip() not in ("", "0")
             or torch.are_deterministic_algorithms_enabled())
 
 

@@ -53,6 +53,7 @@ from torch.torch_version import TorchVersion
 
 from ..ops import output_memory_format
 from . import gpu_select, triton_plans
+from ._environ import getenv
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan,
     default_block_n,
@@ -478,7 +479,7 @@ def forward(
     """The op's forward: the fastest of the stripe kernels (one per offered tile width) and cuDNN's
     dense conv on the scattered weight, as :mod:`.gpu_select` picks per shape."""
     key = _call_key("fwd", mask, (input,), (weight.shape, bias is None, tuple(stride), tuple(padding),
-                                            tuple(dilation), groups, os.environ.get("STRIPECONV_TRITON_BLOCK_N")))
+                                            tuple(dilation), groups, getenv("STRIPECONV_TRITON_BLOCK_N")))
     settled = _settled.get(key)
     if settled is not None:
         return settled[1](input, weight, bias)

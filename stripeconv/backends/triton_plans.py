@@ -25,7 +25,6 @@ the host once (a device sync); a cached lookup does not sync.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._environ import getenv
 from ._masks import clear, mask_key, memo
 
 __all__ = [
@@ -51,7 +51,7 @@ _BLOCK_N_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128)  # tl.arange needs a power of t
 
 def default_block_n(out_per_group: int) -> int:
     """Filters per forward tile: 64 (wgmma-sized) for wide layers, smaller for narrow ones."""
-    env = os.environ.get("STRIPECONV_TRITON_BLOCK_N")
+    env = getenv("STRIPECONV_TRITON_BLOCK_N")
     if env:
         width = int(env) if env.strip().isdigit() else 0
         if width not in _BLOCK_N_CHOICES:
@@ -398,7 +398,7 @@ def tile_widths(mask: Tensor, groups: int = 1, device: Optional[Union[str, torch
     ng = mask.shape[0] // groups
     device = device or mask.device
     default = default_block_n(ng)
-    if os.environ.get("STRIPECONV_TRITON_BLOCK_N") or default < 16:
+    if getenv("STRIPECONV_TRITON_BLOCK_N") or default < 16:
         return [default]
     computed = lambda w: forward_plan(mask, groups, w, device).computed  # noqa: E731
     widths, best = [default], computed(default)
@@ -423,7 +423,7 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
             if in_order.aligned and in_order.computed <= 1.25 * min(p.computed for p in plans):
                 plans.append(in_order)
         return plans
-    key = ("fwd_widths", *mask_key(mask), groups, str(device), os.environ.get("STRIPECONV_TRITON_BLOCK_N"))
+    key = ("fwd_widths", *mask_key(mask), groups, str(device), getenv("STRIPECONV_TRITON_BLOCK_N"))
     return memo(key, mask, build)
 
 
