@@ -6,6 +6,8 @@ oracle in tests/test_triton.py (cases ``dense_handover*``).
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -184,3 +186,24 @@ def test_deterministic_switch_values(monkeypatch):
     for value, expected in (("0", False), ("", False), (" 0 ", False), ("1", True), ("yes", True)):
         monkeypatch.setenv("STRIPECONV_DETERMINISTIC", value)
         assert gpu_select.deterministic() is expected, value
+
+
+def test_environment_reads_see_every_change_through_os_environ(monkeypatch):
+    """The settled launch path reads its variables through a cheaper lookup than os.environ.get: it
+    must see the same values after every kind of change."""
+    from stripeconv.backends._environ import getenv
+
+    name = "STRIPECONV_TEST_ENVIRON_READ"
+    monkeypatch.delenv(name, raising=False)
+    assert getenv(name) is None and getenv(name, "fallback") == "fallback"
+    monkeypatch.setenv(name, "always")
+    assert getenv(name) == os.environ.get(name) == "always"
+    os.environ[name] = "ñever"  # non-ASCII round-trips like os.environ's own decoding
+    assert getenv(name) == os.environ[name]
+    del os.environ[name]
+    assert getenv(name, "auto") == "auto"
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    assert gpu_select.mode() == "never"
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "bogus")
+    with pytest.raises(ValueError, match="STRIPECONV_GPU_DENSE must be one of"):
+        gpu_select.mode()
