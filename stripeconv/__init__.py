@@ -13,6 +13,7 @@ from .fusion import fuse_batchnorm
 from .nn import StripeConv2d, convert
 from .packing import pack_weight, unpack_weight
 from .profile import profile
+from .reorder import reorder_filters, reorderable
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,8 @@ __all__ = [
     "profile",
     "export",
     "fuse_batchnorm",
+    "reorder_filters",
+    "reorderable",
     "export_onnx",
     "models",
     "data",

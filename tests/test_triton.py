@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -39,7 +40,7 @@ BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, via_compile=False, deterministic=False, gpu_only=False, mask_update=False,
             dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False,
-            mask_blocks=1, pick="")
+            mask_blocks=1, reordered=False, pick="")
 
 
 def _case(name, **kw):
@@ -109,7 +110,13 @@ CASES = dict([
     _case("aligned_runs_groups", mask_blocks=8, channels_last=True, pick="_aligned", C=16, N=32, groups=2,
           bias=False),
     _case("aligned_runs_int64", mask_blocks=8, channels_last=True, pick="_aligned", int64=True),
-    _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9),
+    # A random mask with its filters in reorder_filters' order: the clustered tiles are runs of
+    # consecutive channels, so the aligned stores (and tile backward) serve an unstructured mask.
+    _case("reordered_aligned", reordered=True, channels_last=True, pick="_aligned", N=48, density=0.3),
+    _case("reordered_aligned_groups", reordered=True, channels_last=True, pick="_aligned", C=16, N=64, groups=2,
+          density=0.4, stride=(2, 2), H=8, W=8),
+    _case("reordered_tiles_backward", reordered=True, channels_last=True, pick="tiles", N=64, density=0.3),
+    _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
     _case("tiles_backward", pick="tiles", channels_last=True, N=48, density=0.4),
@@ -146,6 +153,11 @@ def _make(c, device, gen):
     mask = (torch.rand(c["N"] // blocks, kh, kw, generator=gen) < c["density"]).repeat_interleave(blocks, 0)
     if c["empty_filters"]:
         mask[torch.randperm(c["N"], generator=gen)[: c["empty_filters"]]] = False
+    if c["reordered"]:  # ordered for the case's tile width, which run_case sets the same way
+        from stripeconv.backends.triton_plans import filter_order
+
+        with mock.patch.dict(os.environ, STRIPECONV_TRITON_BLOCK_N=str(c["block_n"])):
+            mask = mask[filter_order(mask, c["groups"])]
     dense = torch.randn(c["N"], c["C"] // c["groups"], kh, kw, generator=gen, dtype=torch.float64)
     x = torch.randn(c["B"], c["C"], c["H"], c["W"], generator=gen, dtype=torch.float64)
     bias = torch.randn(c["N"], generator=gen, dtype=torch.float64) if c["bias"] else None
