@@ -138,6 +138,14 @@ GROUP = 32  # filters per shared pattern in "grouped" masks (SWP with group_size
 
 
 def make_mask(n: int, k: int, density: float, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """A stripe mask of ``kind``: random, realistic (centre kept more often), grouped (GROUP filters
+    share a pattern), or either of the first two with ``-reordered``: its filters in the order
+    ``stripeconv.reorder_filters`` gives a model's layers (tiles of consecutive channels)."""
+    if kind.endswith("-reordered"):
+        from stripeconv.backends.triton_plans import filter_order
+
+        mask = make_mask(n, k, density, kind[:-len("-reordered")], gen)
+        return mask[filter_order(mask)].contiguous()
     if density >= 1.0:
         return torch.ones(n, k, k, dtype=torch.bool)
     if kind == "random":
@@ -159,7 +167,8 @@ def make_mask(n: int, k: int, density: float, kind: str, gen: torch.Generator) -
                 mask[gi, torch.multinomial(w, int(counts[gi]), replacement=False, generator=gen)] = True
         return mask.repeat_interleave(GROUP, 0)[:n].view(n, k, k)
     if kind != "realistic":
-        raise ValueError(f"mask kind must be random, realistic or grouped, got {kind!r}")
+        raise ValueError(f"mask kind must be random, realistic or grouped (the first two also "
+                         f"with -reordered), got {kind!r}")
     # realistic: exactly round(density * n*k*k) stripes, centre > edges > corners
     w = pos_w.expand(n, k, k).reshape(-1) * (0.5 + torch.rand(n * k * k, generator=gen))
     keep = max(1, round(density * n * k * k))
@@ -455,7 +464,8 @@ def plot(results, path):
         for li, layer in enumerate(layers):
             ax = axes[mi * rows_n + li // cols][li % cols]
             sel = [r for r in results if r["layer"] == layer and r["mode"] == mode]
-            for kind, style in (("random", "o-"), ("realistic", "s-"), ("grouped", "^-")):
+            for kind, style in (("random", "o-"), ("realistic", "s-"), ("grouped", "^-"),
+                                ("random-reordered", "o:"), ("realistic-reordered", "s:")):
                 pts = sorted((r["target_density"], r["dense"]["median_ms"] / r["triton"]["median_ms"])
                              for r in sel if r["mask"] == kind or (r["target_density"] >= 1 and kind == "random")
                              if "median_ms" in r["triton"])
@@ -682,7 +692,7 @@ def main(argv=None):
     ap.add_argument("--suites", default="vgg16,resnet56,resnet50,batch1",
                     help="comma list of " + ", ".join(SUITES))
     ap.add_argument("--densities", default=",".join(str(d) for d in DENSITIES))
-    ap.add_argument("--masks", default="random,realistic", help="comma list of random, realistic, grouped")
+    ap.add_argument("--masks", default="random,realistic", help="comma list of random, realistic, grouped, random-reordered, realistic-reordered")
     ap.add_argument("--no-backward", action="store_true", help="forward only")
     ap.add_argument("--skip-reference", action="store_true",
                     help="do not time the pure-PyTorch reference and the published SWP code's algorithm")

@@ -385,9 +385,10 @@ def stripe_gather_columns_kernel(
 @triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_TILES_KEY, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_tiles_kernel(
-    dyt_ptr, w_ptr, dx_ptr, w_rows_ptr,
+    dy_ptr, w_ptr, dx_ptr, w_rows_ptr, dy_col0_ptr,
     ent_off_ptr, ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr,
-    B, H, W, Ho, Wo, CG, G, NCB, UMAX, NCOL,
+    B, H, W, Ho, Wo, CG, G, NCB, UMAX,
+    sdb, sdc, sdh, sdw,
     sxb, sxc, sxh, sxw,
     SH, SW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
@@ -395,9 +396,11 @@ def stripe_dgrad_tiles_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Grad input over the forward's filter tiles: for each (tile, position of its union) that lines
-    up with this program's output phase, a [pixels, BLOCK_T filters] x [BLOCK_T, channels] product;
-    dy comes in tile order (``stripe_gather_columns_kernel``), so every load is a contiguous row. The work
-    spent on pruned stripes is the forward's (1 - tile efficiency)."""
+    up with this program's output phase, a [pixels, BLOCK_T filters] x [BLOCK_T, channels] product.
+    Tile t reads dy's columns ``dy_col0[t]`` .. + BLOCK_T, a multiple of BLOCK_T: dy gathered into tile
+    order (``stripe_gather_columns_kernel``), or dy itself where every tile is a full run of
+    consecutive channels; either way every load is a contiguous row. The work spent on pruned stripes
+    is the forward's (1 - tile efficiency)."""
     pid = tl.program_id(0)
     phase = tl.program_id(1)
     rh = phase // SW
@@ -432,8 +435,8 @@ def stripe_dgrad_tiles_kernel(
             ho = hp + tl.load(ent_dh_ptr + e)
             wo = wp + tl.load(ent_dw_ptr + e)
             ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
-            row = (b * Ho + ho) * Wo + wo
-            dyt = tl.load(dyt_ptr + (row * NCOL)[:, None] + (t * BLOCK_T + offs_t)[None, :],
+            col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
+            dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + ((col0 + offs_t) * sdc)[None, :],
                           mask=ok[:, None], other=0.0)
             rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
             if INT64_INDEX:
@@ -451,9 +454,10 @@ def stripe_dgrad_tiles_kernel(
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_wgrad_tiles_kernel(
-    dyt_ptr, x_ptr, dw_ptr, w_rows_ptr,
+    dy_ptr, x_ptr, dw_ptr, w_rows_ptr, dy_col0_ptr,
     ent_t_ptr, ent_u_ptr, tile_pos_ptr, tile_grp_ptr,
-    B, H, W, Ho, Wo, CG, NCB, UMAX, NCOL, CHUNK,
+    B, H, W, Ho, Wo, CG, NCB, UMAX, CHUNK,
+    sdb, sdc, sdh, sdw,
     sxb, sxc, sxh, sxw,
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
@@ -462,7 +466,8 @@ def stripe_wgrad_tiles_kernel(
 ):
     """Grad weight over the forward's filter tiles: per (tile, position of its union) a
     [BLOCK_T filters, pixels] x [pixels, channels] product, split-K over pixels (grid axis 1) and
-    added atomically into the fp32 rows that the tile's filters keep (the others are dropped)."""
+    added atomically into the fp32 rows that the tile's filters keep (the others are dropped). dy's
+    columns as in ``stripe_dgrad_tiles_kernel``."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     e = pid // NCB
@@ -479,7 +484,7 @@ def stripe_wgrad_tiles_kernel(
     if INT64_INDEX:
         offs_c = offs_c.to(tl.int64)
     x_ch = (g * CG + offs_c) * sxc
-    dy_col = t * BLOCK_T + offs_t
+    dy_col = (tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T) + offs_t) * sdc
 
     M = B * Ho * Wo
     m_start = split * CHUNK
@@ -497,7 +502,8 @@ def stripe_wgrad_tiles_kernel(
         hi = ho * SH - PT + i * DH
         wi = wo * SW - PL + j * DW
         x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        dyt = tl.load(dyt_ptr + dy_col[:, None] + (offs_m * NCOL)[None, :], mask=m_ok[None, :], other=0.0)
+        dyt = tl.load(dy_ptr + dy_col[:, None] + (b * sdb + ho * sdh + wo * sdw)[None, :], mask=m_ok[None, :],
+                      other=0.0)
         xt = tl.load(x_ptr + x_ch[None, :] + (b * sxb + hi * sxh + wi * sxw)[:, None],
                      mask=x_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)

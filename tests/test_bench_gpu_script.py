@@ -123,6 +123,21 @@ def test_grouped_masks_share_patterns():
         bench.make_mask(8, 3, 0.5, "striped", gen)
 
 
+def test_reordered_masks_are_permuted_rows_in_tile_order():
+    import torch
+
+    from stripeconv.backends.triton_plans import forward_plans
+
+    bench = _bench_module()
+    for kind in ("random", "realistic"):
+        plain = bench.make_mask(256, 3, 0.2, kind, torch.Generator().manual_seed(1))
+        reordered = bench.make_mask(256, 3, 0.2, f"{kind}-reordered", torch.Generator().manual_seed(1))
+        assert sorted(map(tuple, plain.reshape(256, -1).int().tolist())) == \
+            sorted(map(tuple, reordered.reshape(256, -1).int().tolist()))
+        assert not torch.equal(plain, reordered)
+        assert forward_plans(reordered, 1, "cpu")[0].aligned and not forward_plans(plain, 1, "cpu")[0].aligned
+
+
 def test_precompile_plan_covers_every_cell_of_a_layer():
     """The layer's masks are drawn once, in the order the cells are timed, and the precompile plan
     holds the kernels of every cell: forward always, both gradients unless --no-backward."""

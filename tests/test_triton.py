@@ -40,7 +40,7 @@ BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, via_compile=False, deterministic=False, gpu_only=False, mask_update=False,
             dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False,
-            mask_blocks=1, reordered=False, pick="")
+            mask_blocks=1, reordered=False, pick="", dy_in_place=False)
 
 
 def _case(name, **kw):
@@ -115,7 +115,14 @@ CASES = dict([
     _case("reordered_aligned", reordered=True, channels_last=True, pick="_aligned", N=48, density=0.3),
     _case("reordered_aligned_groups", reordered=True, channels_last=True, pick="_aligned", C=16, N=64, groups=2,
           density=0.4, stride=(2, 2), H=8, W=8),
-    _case("reordered_tiles_backward", reordered=True, channels_last=True, pick="tiles", N=64, density=0.3),
+    # ... and the tile backward reads dy in place (no gathered copy): every tile is a run of channels
+    _case("reordered_tiles_backward", reordered=True, channels_last=True, pick="tiles", N=64, density=0.3,
+          dy_in_place=True),
+    _case("reordered_tiles_backward_int64_s2", reordered=True, channels_last=True, pick="tiles", N=64,
+          density=0.4, int64=True, stride=(2, 2), H=8, W=9, dy_in_place=True),
+    _case("reordered_tiles_backward_groups", reordered=True, channels_last=True, pick="tiles", C=32, N=64,
+          groups=2, density=0.5, bias=False, dy_in_place=True),
+    _case("reordered_tiles_backward_nchw", reordered=True, pick="tiles", N=64, density=0.3),  # gathered
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
@@ -125,7 +132,7 @@ CASES = dict([
           H=8, W=9, channels_last=True),
     _case("tiles_backward_groups", pick="tiles", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8, bias=False),
     _case("tiles_backward_int64", pick="tiles", int64=True, channels_last=True, stride=(2, 2), H=8, W=8),
-    _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32),
+    _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32, dy_in_place=True),
     _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
           H=10, W=8),
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -254,6 +261,21 @@ def _candidate_picked(tb, part: str, ops: tuple):
         tb.gpu_select.choice = choice
 
 
+@contextlib.contextmanager
+def _gathers_counted(tb):
+    """Counts the tile backward's gathers of dy into tile order (a list of their shapes)."""
+    gather, shapes = tb._gather_dy, []
+
+    def counted(grad_output, plan):
+        shapes.append(tuple(grad_output.shape))
+        return gather(grad_output, plan)
+    tb._gather_dy = counted
+    try:
+        yield shapes
+    finally:
+        tb._gather_dy = gather
+
+
 def _module_of(c, mask, w, bias):
     """A StripeConv2d with the case's geometry (symmetric padding), mask and weights."""
     from stripeconv import StripeConv2d
@@ -293,6 +315,7 @@ def run_case(name: str, device: str) -> str:
     if c["pick"]:
         stack.enter_context(_candidate_picked(tb, c["pick"], ("dgrad", "wgrad") if c["pick"] == "tiles" else ("fwd",)))
     tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] or c["deterministic"] else []
+    gathers = stack.enter_context(_gathers_counted(tb))
     try:
         x = x64.to(device, dtype)
         if c["channels_last"]:
@@ -386,6 +409,9 @@ def run_case(name: str, device: str) -> str:
                     errors.append("deterministic grad_weight differs between two runs")
                 if tuner_runs:  # a timed pick of configuration can differ in another process
                     errors.append(f"deterministic mode launched {len(tuner_runs)} kernels through the autotuner")
+        if c["pick"] == "tiles" and c["dy_in_place"] != (not gathers):
+            errors.append(f"the tile backward gathered dy {len(gathers)} times, expected "
+                          f"{'none (dy read in place)' if c['dy_in_place'] else 'one gather per gradient'}")
         errors.append(_close("forward", y, ref, c["dtype"]))
         errors.append(_close("grad_input", gx, xr.grad, c["dtype"]))
         errors.append(_close("grad_weight", gw, wr.grad, c["dtype"]))
@@ -895,6 +921,37 @@ def test_compiles_for_hopper():
     for kernel in ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel"):
         assert {use_dot for k, use_dot, _ in launched if k == kernel} == {True, False}, launched
     assert {atomic for k, _, atomic in launched if k == "stripe_wgrad_kernel"} == {True, False}, launched
+
+
+def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
+    """The tile gradient kernels compile for sm_90 without spilling (grad input on wgmma), reading dy
+    gathered into tile order for a random mask and in place once its filters are in tile order."""
+    aot = _aot()
+    from stripeconv import packing
+    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends.triton_plans import filter_order
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(96, 3, 3, generator=g) < 0.3
+    x = torch.randn(2, 64, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(2, 96, 12, 12, generator=g).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    for ordered in (False, True):
+        m = mask[filter_order(mask)].contiguous() if ordered else mask
+        packed = packing.pack_weight(torch.randn(96, 64, 3, 3, generator=g).to(torch.bfloat16), m)
+        tb.clear_cache()
+        launches = aot.capture_launches(lambda: (tb.grad_input(dy, packed, m, x.shape, *conv),
+                                                 tb.grad_weight(dy, x, packed, m, *conv)), every_candidate=True)
+        names = [launch.name for launch in launches]
+        assert names.count("stripe_gather_columns_kernel") == (0 if ordered else 2), names
+        tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
+        assert len(tiles) == 2, names
+        for launch in tiles:
+            variants = aot.compile_launch(launch, 90)
+            assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
+            if launch.name == "stripe_dgrad_tiles_kernel":
+                assert all(v.tensor_cores == "wgmma" for v in variants), [v.row() for v in variants]
+    tb.clear_cache()
 
 
 def test_compiles_int64_offsets_for_hopper(monkeypatch):

@@ -728,6 +728,19 @@ def _backward_tiles(mask: Tensor, weight: Tensor, c: int, groups: int, stride, p
     return cached_plan("bwd_tiles", mask, groups, best.block_n, device, conv)
 
 
+def _dy_layout(plan: TilesBackwardPlan, grad_output: Tensor) -> tuple[bool, Tensor, tuple, Tensor]:
+    """How the tile kernels read dy: (in place, first column of each tile, dy's [b, c, h, w] strides, a
+    tensor shaped like what they read). In place where every tile is a run of consecutive channels
+    (filters in :func:`~.triton_plans.filter_order`, e.g. after :func:`stripeconv.reorder_filters`) and
+    a pixel's channels are contiguous; otherwise a copy gathered into tile order (:func:`_gather_dy`)."""
+    if plan.fwd.runs and grad_output.is_contiguous(memory_format=torch.channels_last):
+        return True, plan.col0, tuple(grad_output.stride()), grad_output
+    b, _, ho, wo = grad_output.shape
+    ncol = plan.cols.numel()
+    return False, plan.gathered_col0, (ho * wo * ncol, 1, wo * ncol, ncol), torch.empty(b * ho * wo, ncol,
+                                                                                         device="meta")
+
+
 def _gather_dy(grad_output: Tensor, plan: TilesBackwardPlan) -> Tensor:
     """dy as [pixels, T * BLOCK_T]: the columns in the forward's tile order, zeros for padding."""
     b, _, ho, wo = grad_output.shape
@@ -753,24 +766,23 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
     sh, sw = stride
     mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
     dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
-    ncol = plan.cols.numel()
-    tables = (fwd.w_rows, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
-    scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, ncol, *dx.stride(), sh, sw)
+    in_place, col0, dy_strides, dy = _dy_layout(plan, grad_output)
+    tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
+    scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, *dy_strides, *dx.stride(), sh, sw)
     precision, acc = _precision(grad_output.dtype)
-    dyt = torch.empty(b * ho * wo, ncol, device="meta")
     constants = dict(
         **_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=_needs_int64(dyt, torch.empty(weight.shape, device="meta"), dx),
+        INT64_INDEX=_needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
         BLOCK_N=block_n, BLOCK_T=fwd.block_n,
     )
     kernel = _TunedLaunch("stripe_dgrad_tiles_kernel",
                           lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants)
 
     def launch(grad_output, weight):
-        dyt = _gather_dy(grad_output, plan)
-        dx = torch.empty(dx_shape, dtype=dyt.dtype, device=dyt.device, memory_format=torch.channels_last)
-        kernel(dyt, weight.contiguous(), dx, *tables, *scalars)
+        dy = grad_output if in_place else _gather_dy(grad_output, plan)
+        dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
+        kernel(dy, weight.contiguous(), dx, *tables, *scalars)
         return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
     return launch
 
@@ -794,24 +806,23 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
     copy_x = not input.is_contiguous(memory_format=torch.channels_last)
     x = _meta_like(input, copy_x)
-    ncol = plan.cols.numel()
-    tables = (fwd.w_rows, plan.all_t, plan.all_u, fwd.tile_pos, fwd.tile_grp)
-    scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, ncol, chunk, *x.stride(),
+    in_place, col0, dy_strides, dy = _dy_layout(plan, grad_output)
+    tables = (fwd.w_rows, col0, plan.all_t, plan.all_u, fwd.tile_pos, fwd.tile_grp)
+    scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, chunk, *dy_strides, *x.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = _precision(input.dtype)
-    dyt = torch.empty(m, ncol, device="meta")
     constants = dict(
         **_keys(m, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=_needs_int64(dyt, x, torch.empty((s, cg), device="meta")),
+        INT64_INDEX=_needs_int64(dy, x, torch.empty((s, cg), device="meta")),
         BLOCK_T=fwd.block_n, BLOCK_C=block_c,
     )
     kernel = _TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants)
 
     def launch(grad_output, input, weight):
-        dyt = _gather_dy(grad_output, plan)
+        dy = grad_output if in_place else _gather_dy(grad_output, plan)
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
         buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
-        kernel(dyt, x, buf, *tables, *scalars)
+        kernel(dy, x, buf, *tables, *scalars)
         return buf.to(weight.dtype)
     return launch

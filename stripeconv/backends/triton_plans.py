@@ -169,6 +169,7 @@ class ForwardPlan:
     mask_shape: tuple
     aligned: bool = False  # tile columns come in aligned runs of 8 consecutive channels (:func:`_aligned_runs`)
     in_order: bool = False  # tiles of consecutive filters (not clustered)
+    runs: bool = False  # every tile is a full run of BLOCK_N consecutive channels (so starts at a multiple of it)
 
     @property
     def efficiency(self) -> float:
@@ -251,7 +252,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
-        in_order=in_order,
+        in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
     )
 
 
@@ -318,11 +319,14 @@ def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, d
 @dataclass
 class TilesBackwardPlan:
     """The backward over the forward's filter tiles (``fwd``): dy gathered into tile order by ``cols``
-    (``fwd.tile_ch`` flattened: [T * BLOCK_T] channel of each column, -1 = zero), then grad input over the
-    (tile, union position) entries of each (output phase, group), and grad weight over all of them."""
+    (``fwd.tile_ch`` flattened: [T * BLOCK_T] channel of each column, -1 = zero), or read in place where
+    every tile is a run of consecutive channels (``fwd.runs``); then grad input over the (tile, union
+    position) entries of each (output phase, group), and grad weight over all of them."""
 
     fwd: ForwardPlan
     cols: Tensor          # [T * BLOCK_T] int32
+    gathered_col0: Tensor  # [T] int32 first column of each tile in the gathered dy: t * BLOCK_T
+    col0: Tensor          # [T] int32 first channel of each tile (dy read in place; meaningful where fwd.runs)
     ent_off: Tensor       # [PHASES * G + 1] int32: entries of (phase, group) k are off[k]..off[k+1]
     ent_t: Tensor         # [E] int32 tile
     ent_u: Tensor         # [E] int32 index into the tile's union
@@ -357,7 +361,9 @@ def _build_backward_tiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tup
     on_device = ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
                                                   ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows")}})
     return TilesBackwardPlan(
-        fwd=on_device, cols=on_device.tile_ch.reshape(-1), ent_off=_dev(offsets, device), ent_t=_dev(ent[:, 0], device),
+        fwd=on_device, cols=on_device.tile_ch.reshape(-1),
+        gathered_col0=_dev(np.arange(fwd.num_tiles) * block_n, device), col0=on_device.tile_ch[:, 0].contiguous(),
+        ent_off=_dev(offsets, device), ent_t=_dev(ent[:, 0], device),
         ent_u=_dev(ent[:, 1], device), ent_dh=_dev(ent[:, 2], device), ent_dw=_dev(ent[:, 3], device),
         all_t=_dev(al[:, 0], device), all_u=_dev(al[:, 1], device), num_all=len(al),
     )
