@@ -716,12 +716,16 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
 
 def _backward_tiles(mask: Tensor, weight: Tensor, c: int, groups: int, stride, padding, dilation,
                     device) -> Optional[TilesBackwardPlan]:
-    """The tile plan of the forward's width that computes the fewest stripes, or None where the tiles
-    are too narrow for tensor cores (or there is nothing to compute)."""
+    """The tile plan of the forward's width that computes the fewest stripes (one whose tiles are runs
+    of channels, which reads dy in place, where it computes at most 5 % more), or None where the
+    tiles are too narrow for tensor cores (or there is nothing to compute)."""
     n = mask.shape[0]
     if weight.shape[0] == 0 or not _use_dot_backward(c // groups, n // groups):
         return None
-    best = min(forward_plans(mask, groups, device), key=lambda p: p.computed)
+    plans = forward_plans(mask, groups, device)
+    best = min(plans, key=lambda p: p.computed)
+    runs = [p for p in plans if p.runs and p.computed <= 1.05 * best.computed]
+    best = min(runs, key=lambda p: p.computed) if runs else best
     if best.block_n < 16:
         return None
     conv = (tuple(stride), (padding[0], padding[2]), tuple(dilation), best.in_order)
