@@ -3,6 +3,8 @@
 # 10-minute slot. Logs and raw JSON go to $OUT (default bench/results/).
 #
 #   bash bench/gpu_session.sh build test quick      # build, GPU tests (capped at 5 min), 3-layer run
+# Every timing step also replays each cell as a CUDA graph (GPU time without host work); the suite
+# steps time the masks of BENCH_MASKS (default random,realistic,random-reordered).
 #   bash bench/gpu_session.sh vgg16,resnet56        # those suites (budgeted: 7 min)
 #   bash bench/gpu_session.sh resnet50,batch1
 #   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs
@@ -24,6 +26,8 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"          # the device image's python3 holds torch; 'python' may not exist
 BUDGET="${BENCH_BUDGET_S:-420}"  # counted from the script's start by bench_gpu.py
 TEST_TIMEOUT="${GPU_TEST_TIMEOUT_S:-300}"
+# Mask kinds of the suite steps; the -reordered ones are what stripeconv.reorder_filters gives a model.
+MASKS="${BENCH_MASKS:-random,realistic,random-reordered}"
 status=0
 
 build() {
@@ -57,13 +61,14 @@ for step in "$@"; do
         2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)
-      "$PY" bench/bench_gpu.py --quick --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
+      "$PY" bench/bench_gpu.py --quick --graphs --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
       "$PY" bench/bench_gpu_network.py --budget-s "$BUDGET" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
-      "$PY" bench/bench_gpu.py --suites "$step" --budget-s "$BUDGET" --out "$OUT" --tag "_${step//,/_}" \
+      "$PY" bench/bench_gpu.py --suites "$step" --graphs --masks "$MASKS" --skip-reference --budget-s "$BUDGET" \
+        --out "$OUT" --tag "_${step//,/_}" \
         2>&1 | tee "$OUT/bench_${step//,/_}.log" | tail -80
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
   esac
