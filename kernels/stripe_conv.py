@@ -212,6 +212,53 @@ def stripe_fwd_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N: tl.constexpr):
+    """A grad-input program's work: output phase (rh, rw) on grid axis 1 (the input pixels
+    (rh + SH * hp, rw + SW * wp), Mp = B * Hp * Wp of them), then group g and channel block c0
+    (axis 0, fastest) and the block pid_m of phase pixels."""
+    pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    rh = phase // SW
+    rw = phase - rh * SW
+    Hp = (H - rh + SH - 1) // SH
+    Wp = (W - rw + SW - 1) // SW
+    Mp = B * Hp * Wp
+    ncol = G * NCB
+    pid_c = pid % ncol
+    pid_m = pid // ncol
+    g = pid_c // NCB
+    c0 = (pid_c - g * NCB) * BLOCK_N
+    return phase, rh, rw, g, c0, pid_m, Mp, Hp, Wp
+
+
+@triton.jit
+def _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The phase pixels (b, hp, wp) of block ``pid_m`` and the channels ``c0 + [0, BLOCK_N)``, with their masks."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < Mp
+    wp = offs_m % Wp
+    tmp = offs_m // Wp
+    hp = tmp % Hp
+    b = tmp // Hp
+    if INT64_INDEX:
+        b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < CG
+    return b, hp, wp, m_ok, offs_c, c_ok
+
+
+@triton.jit
+def _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW):
+    """dx at the phase pixels' input positions, channels of group g."""
+    hi = rh + hp * SH
+    wi = rw + wp * SW
+    dx_ptrs = (dx_ptr + (b * sxb)[:, None] + (g * CG + offs_c)[None, :] * sxc
+               + (hi * sxh + wi * sxw)[:, None])
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
 @triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_KEY, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_kernel(
@@ -226,30 +273,9 @@ def stripe_dgrad_kernel(
     INT64_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    phase = tl.program_id(1)
-    rh = phase // SW
-    rw = phase - rh * SW
-    Hp = (H - rh + SH - 1) // SH
-    Wp = (W - rw + SW - 1) // SW
-    Mp = B * Hp * Wp
-    ncol = G * NCB
-    pid_c = pid % ncol
-    pid_m = pid // ncol
-    g = pid_c // NCB
-    c0 = (pid_c - g * NCB) * BLOCK_N
-
+    phase, rh, rw, g, c0, pid_m, Mp, Hp, Wp = _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N)
     if pid_m * BLOCK_M < Mp:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Mp
-        wp = offs_m % Wp
-        tmp = offs_m // Wp
-        hp = tmp % Hp
-        b = tmp // Hp
-        if INT64_INDEX:
-            b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        c_ok = offs_c < CG
+        b, hp, wp, m_ok, offs_c, c_ok = _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX, BLOCK_M, BLOCK_N)
         dy_row = b * sdb
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         # One flat loop over the chunks of this (phase, group): a chunk is up to BLOCK_K packed
@@ -282,11 +308,7 @@ def stripe_dgrad_kernel(
                     dv = tl.load(dy_ptr + dy_off + n * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
                     wv = tl.load(w_ptr + r * CG + offs_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
                     acc += dv[:, None] * wv[None, :]
-        hi = rh + hp * SH
-        wi = rw + wp * SW
-        dx_ptrs = (dx_ptr + (b * sxb)[:, None] + (g * CG + offs_c)[None, :] * sxc
-                   + (hi * sxh + wi * sxw)[:, None])
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+        _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
@@ -401,30 +423,9 @@ def stripe_dgrad_tiles_kernel(
     order (``stripe_gather_columns_kernel``), or dy itself where every tile is a full run of
     consecutive channels; either way every load is a contiguous row. The work spent on pruned stripes
     is the forward's (1 - tile efficiency)."""
-    pid = tl.program_id(0)
-    phase = tl.program_id(1)
-    rh = phase // SW
-    rw = phase - rh * SW
-    Hp = (H - rh + SH - 1) // SH
-    Wp = (W - rw + SW - 1) // SW
-    Mp = B * Hp * Wp
-    ncol = G * NCB
-    pid_c = pid % ncol
-    pid_m = pid // ncol
-    g = pid_c // NCB
-    c0 = (pid_c - g * NCB) * BLOCK_N
-
+    phase, rh, rw, g, c0, pid_m, Mp, Hp, Wp = _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N)
     if pid_m * BLOCK_M < Mp:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Mp
-        wp = offs_m % Wp
-        tmp = offs_m // Wp
-        hp = tmp % Hp
-        b = tmp // Hp
-        if INT64_INDEX:
-            b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
-        offs_c = c0 + tl.arange(0, BLOCK_N)
-        c_ok = offs_c < CG
+        b, hp, wp, m_ok, offs_c, c_ok = _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX, BLOCK_M, BLOCK_N)
         offs_t = tl.arange(0, BLOCK_T)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         e_begin = tl.load(ent_off_ptr + phase * G + g)
@@ -444,11 +445,7 @@ def stripe_dgrad_tiles_kernel(
             wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
                          mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        hi = rh + hp * SH
-        wi = rw + wp * SW
-        dx_ptrs = (dx_ptr + (b * sxb)[:, None] + (g * CG + offs_c)[None, :] * sxc
-                   + (hi * sxh + wi * sxw)[:, None])
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+        _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
