@@ -119,8 +119,11 @@ def single_calls(args, tb) -> dict:
         "layer forward, batch 1": layer_forward,
         "layer forward+backward, batch 1": layer_training_step,
     }
+    from bench_cpu import machine_info  # beside this script
+
     results = {"layer": f"{c}->{c} 3x3 at {hw}x{hw}, density {args.density}",
-               "launch": "through the autotuner" if args.through_autotuner else "settled", "us": {}}
+               "launch": "through the autotuner" if args.through_autotuner else "settled",
+               "machine": machine_info(), "us": {}}
     print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op), "
           f"from {len(DEPTHS)} call depths: min / median / max over depths")
     results["depths"] = list(DEPTHS)
