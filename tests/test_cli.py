@@ -131,7 +131,11 @@ def test_workflow_train_prune_finetune_eval_bench(tmp_path, capsys, monkeypatch)
     assert all(0 < row["gpu_tile_efficiency"] <= 1 for row in res["layers"])
     assert cli.main(["bench", str(pr / "pruned"), "--batch-size", "2", "--repeats", "2", "--fuse-bn", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["fuse_bn"] is True and res["results"][0]["stripe_ms"] > 0
+    assert res["fuse_bn"] is True and res["results"][0]["stripe_ms"] > 0 and res["reordered"] is None
+    assert cli.main(["bench", str(pr / "pruned"), "--batch-size", "2", "--repeats", "2", "--fuse-bn", "--reorder",
+                     "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)  # a VGG: every conv feeds the next layer alone
+    assert res["reordered"] and all(reason is None for reason in res["reordered"].values())
 
     # ONNX: written, and (with onnxruntime) checked against the model by the command itself
     assert cli.main(["onnx", str(pr / "pruned"), "--output", str(tmp_path), "--fuse-bn"]) == 2

@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fuse-bn", action="store_true",
                    help="fold eval-mode BatchNorm into the conv before it (stripeconv.fuse_batchnorm) in every "
                         "model timed, as for deployment")
+    p.add_argument("--reorder", action="store_true",
+                   help="put the pruned model's filters in GPU tile order first (stripeconv.reorder_filters: the "
+                        "same function, vector stores on the Triton backend)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--output", default=None, metavar="FILE", help="also write the JSON result to FILE")
     _add_common(p)

@@ -155,6 +155,15 @@ def cmd_bench(args) -> int:
         from ..fusion import fuse_batchnorm
 
         models = {n: fuse_batchnorm(m.eval(), inplace=True) for n, m in models.items()}
+    reordered = None
+    if args.reorder:  # the pruned model only: the dense ones have no tiles
+        from ..reorder import reorder_filters, reorderable
+
+        try:
+            reordered = reorderable(models["stripe"])
+            models["stripe"] = model = reorder_filters(models["stripe"], inplace=True)
+        except ValueError as exc:
+            raise CLIError(f"--reorder: {exc}") from None
     env = environment(device)
     layouts = ["nhwc"] if args.channels_last else args.layouts
     results = []
@@ -170,12 +179,15 @@ def cmd_bench(args) -> int:
     layers = layer_latency(model, (args.batch_size[-1], *chw), device, repeats=args.repeats, layouts=layouts) \
         if args.layers else []
     out = {"path": str(args.model_path), "environment": env, "input_chw": chw, "fuse_bn": args.fuse_bn,
-           "results": results, "layers": layers}
+           "reordered": reordered, "results": results, "layers": layers}
     if args.json:
         print(json.dumps(out, indent=1))
     else:
         print(f"{args.model_path} on {device} ({env['threads']} threads, load {env.get('loadavg_1m', '?')}), "
               f"median ms, fastest of layouts {'/'.join(layouts)}{', BatchNorm folded' if args.fuse_bn else ''}:")
+        if reordered is not None:
+            print(f"filters in tile order in {sum(r is None for r in reordered.values())} of {len(reordered)} "
+                  "StripeConv2d layers (the others feed residual sums, concatenations or the output)")
         print(f"{'batch':>6} {'dense':>14} {'dense shapes':>14} {'stripe':>14} {'speedup':>8}")
         c = lambda r, n: f"{r[n + '_ms']:.3f} {r[n + '_layout'].upper()}"  # noqa: E731
         for r in results:
