@@ -80,6 +80,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--budget-s", type=float, default=None, help="start no new batch after this many seconds")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--tag", default="", help="added to the output file name")
+    ap.add_argument("--reorder", action="store_true",
+                    help="the stripe network with its filters in tile order (stripeconv.reorder_filters)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run on CPU (float32, the modes without CUDA graphs, few calls): a check of the code paths")
     args = ap.parse_args(argv)
@@ -108,6 +110,10 @@ def main(argv=None) -> dict:
 
     dense, stripe, masks = build(args.model, args.density)
     oracle = dense_masked(dense, masks)
+    reordered = 0
+    if args.reorder:  # the same function: the oracle stays the reference
+        reordered = sum(reason is None for reason in stripeconv.reorderable(stripe).values())
+        stripe = stripeconv.reorder_filters(stripe, inplace=True)
     kept = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
     nets = {name: net.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
@@ -116,9 +122,10 @@ def main(argv=None) -> dict:
     meta = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "device": device_name,
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": _triton_version(), "stripe_backend": backend, "model": args.model,
-            "stripe_layers": len(masks), "density": kept / total, "dtype": str(dtype).replace("torch.", ""),
+            "stripe_layers": len(masks), "reordered_layers": reordered, "density": kept / total, "dtype": str(dtype).replace("torch.", ""),
             "calls": args.calls, "rounds": args.rounds}
-    print(f"# {args.model}, {len(masks)} stripe layers at density {kept / total:.3f} ({backend} backend), "
+    print(f"# {args.model}, {len(masks)} stripe layers ({reordered} with filters in tile order) at density "
+          f"{kept / total:.3f} ({backend} backend), "
           f"{meta['dtype']}, channels_last, {device_name}, torch {torch.__version__}, {meta['date']}")
     print(f"{'batch':>5} {'mode':<16} {'dense ms':>9} {'stripe ms':>10} {'speedup':>8} {'1/density':>9} {'error':>8}")
     rows = []

@@ -7,7 +7,7 @@
 # steps time the masks of BENCH_MASKS (default random,realistic,random-reordered).
 #   bash bench/gpu_session.sh vgg16,resnet56        # those suites (budgeted: 7 min)
 #   bash bench/gpu_session.sh resnet50,batch1
-#   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs
+#   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
 #
 # A machine left idle for 30 s is given back and the next command gets a bare one. The benchmark
@@ -65,6 +65,9 @@ for step in "$@"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
       "$PY" bench/bench_gpu_network.py --budget-s "$BUDGET" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      "$PY" bench/bench_gpu_network.py --reorder --budget-s "$BUDGET" --out "$OUT" --tag _reordered 2>&1 \
+        | tee "$OUT/bench_network_reordered.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
       "$PY" bench/bench_gpu.py --suites "$step" --graphs --masks "$MASKS" --skip-reference --budget-s "$BUDGET" \
