@@ -64,9 +64,9 @@ for step in "$@"; do
       "$PY" bench/bench_gpu.py --quick --graphs --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
-      "$PY" bench/bench_gpu_network.py --budget-s "$BUDGET" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
+      "$PY" bench/bench_gpu_network.py --budget-s "$((BUDGET / 2))" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-      "$PY" bench/bench_gpu_network.py --reorder --budget-s "$BUDGET" --out "$OUT" --tag _reordered 2>&1 \
+      "$PY" bench/bench_gpu_network.py --reorder --budget-s "$((BUDGET / 2))" --out "$OUT" --tag _reordered 2>&1 \
         | tee "$OUT/bench_network_reordered.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *)
