@@ -392,7 +392,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")),
-        STORE=store, BLOCK_N=bn, BLOCK_K=block_k,
+        STORE=store, NPOS=kh * kw if plan.all_positions else 0, BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
                           constants, fixed=gpu_select.deterministic())

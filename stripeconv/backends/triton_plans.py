@@ -170,6 +170,7 @@ class ForwardPlan:
     aligned: bool = False  # tile columns come in aligned runs of 8 consecutive channels (:func:`_aligned_runs`)
     in_order: bool = False  # tiles of consecutive filters (not clustered)
     runs: bool = False  # every tile is a full run of BLOCK_N consecutive channels (so starts at a multiple of it)
+    all_positions: bool = False  # every tile's union is every kernel position (tile_pos[t] = 0, 1, ..., kh*kw - 1)
 
     @property
     def efficiency(self) -> float:
@@ -253,6 +254,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
         in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
+        all_positions=bool((tile_npos == npos).all()),
     )
 
 
