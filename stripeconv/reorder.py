@@ -75,7 +75,31 @@ def _flatten_start(node: fx.Node, modules: dict) -> Optional[int]:
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
         end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
         return start if end == -1 else None
+    if node.op == "call_method" and node.target in ("view", "reshape") and len(node.args) == 3 \
+            and node.args[2] == -1 and _batch_size_of(node.args[1], node.args[0]):
+        return 1  # x.view(x.size(0), -1)
     return None
+
+
+def _batch_size_of(value, tensor: fx.Node) -> bool:
+    """``value`` is ``tensor.size(0)`` or ``tensor.shape[0]``."""
+    if not isinstance(value, fx.Node):
+        return False
+    if value.op == "call_method" and value.target == "size":
+        return value.args[:1] == (tensor,) and (value.args[1:] == (0,) or value.kwargs == {"dim": 0})
+    if value.op == "call_function" and value.target is operator.getitem and value.args[1] == 0:
+        shape = value.args[0]
+        return isinstance(shape, fx.Node) and shape.op == "call_function" and shape.target is getattr \
+            and shape.args == (tensor, "shape")
+    return False
+
+
+def _reads_batch_size(node: fx.Node, tensor: fx.Node) -> bool:
+    """``node`` reads only the batch size of ``tensor`` (``tensor.size(0)``, ``tensor.shape[0]``)."""
+    if _batch_size_of(node, tensor):
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args == (tensor, "shape") \
+        and all(_batch_size_of(user, tensor) for user in node.users)
 
 
 def _passes_channels(node: fx.Node, modules: dict) -> bool:
@@ -104,6 +128,8 @@ def _readers(node: fx.Node, modules: dict, calls: dict, channels: int, chain: _C
     """Follow the users of ``node`` (a tensor whose dim 1 holds a layer's channels) into ``chain``;
     why the channels cannot be permuted, or None."""
     for user in node.users:
+        if _reads_batch_size(user, node):
+            continue
         others = list(user.args[1:]) + list(user.kwargs.values())
         if user.args[:1] != (node,) or any(a is node for a in others):
             return _describe(user, modules)

@@ -257,3 +257,44 @@ def test_reorder_filters_checks_its_result(monkeypatch):
     monkeypatch.setattr(reorder, "_permute_inputs", lambda module, perm: None)  # the readers left behind
     with pytest.raises(RuntimeError, match="does not compute what the original computes"):
         reorder_filters(model, example_input=torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64))
+
+
+class _Flattening(nn.Module):
+    """A CIFAR-style classifier head written in the common ways."""
+
+    def __init__(self, style: str, gen: torch.Generator):
+        super().__init__()
+        self.style = style
+        self.conv1 = StripeConv2d(3, 64, 3, padding=1, stripe_mask=torch.rand(64, 3, 3, generator=gen) < 0.3)
+        self.conv2 = StripeConv2d(64, 128, 3, padding=1, stripe_mask=torch.rand(128, 3, 3, generator=gen) < 0.3)
+        self.bn = nn.BatchNorm2d(128)
+        self.fc = nn.Linear(128 * 4, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv2(F.relu(self.conv1(x))))), 4)
+        if self.style == "view_size":
+            x = x.view(x.size(0), -1)
+        elif self.style == "reshape_shape":
+            x = x.reshape(x.shape[0], -1)
+        elif self.style == "flatten_method":
+            x = x.flatten(1)
+        else:  # a hard-coded feature count: what it splits is not known from the graph
+            x = x.view(-1, 512)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("style", ["view_size", "reshape_shape", "flatten_method", "view_fixed"])
+def test_reorder_through_the_usual_flattens(style):
+    gen = torch.Generator().manual_seed(8)
+    model = _Flattening(style, gen).double().eval()
+    _randomise_norms(model, gen)
+    reasons = reorderable(model)
+    assert reasons["conv1"] is None
+    if style == "view_fixed":
+        assert reasons["conv2"] == "its output is read by the tensor method .view"
+    else:
+        assert reasons["conv2"] is None
+    x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64)
+    reordered = reorder_filters(model, example_input=x)
+    assert _close(reordered(x), model(x))
+    assert not torch.equal(reordered.conv2.stripe_mask, model.conv2.stripe_mask) or style == "view_fixed"
