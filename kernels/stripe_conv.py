@@ -109,6 +109,19 @@ _TUNE_EXTRAS = {"cache_results": True, "do_bench": tuning_bench}
 _TUNE_EXTRAS = {name: value for name, value in _TUNE_EXTRAS.items() if name in _AUTOTUNE_PARAMS}
 
 
+@triton.jit
+def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
+    """(b, h, w) of flat pixel indices ``offs`` over [B, H, W]; int64 where offsets exceed int32
+    (widened once here, all offsets computed from them follow)."""
+    w = offs % W
+    tmp = offs // W
+    h = tmp % H
+    b = tmp // H
+    if INT64_INDEX:
+        b, h, w = b.to(tl.int64), h.to(tl.int64), w.to(tl.int64)
+    return b, h, w
+
+
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_fwd_kernel(
@@ -140,12 +153,7 @@ def stripe_fwd_kernel(
     M = B * Ho * Wo
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    wo = offs_m % Wo
-    tmp = offs_m // Wo
-    ho = tmp % Ho
-    b = tmp // Ho
-    if INT64_INDEX:  # offsets beyond int32: widen the pixel coordinates once, all else follows
-        b, ho, wo = b.to(tl.int64), ho.to(tl.int64), wo.to(tl.int64)
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
     h_base = ho * SH - PT
     w_base = wo * SW - PL
     x_row = b * sxb + g * CG * sxc
@@ -250,12 +258,7 @@ def _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX: tl.constexpr, BLOCK_M:
     """The phase pixels (b, hp, wp) of block ``pid_m`` and the channels ``c0 + [0, BLOCK_N)``, with their masks."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < Mp
-    wp = offs_m % Wp
-    tmp = offs_m // Wp
-    hp = tmp % Hp
-    b = tmp // Hp
-    if INT64_INDEX:
-        b, hp, wp = b.to(tl.int64), hp.to(tl.int64), wp.to(tl.int64)
+    b, hp, wp = _pixel_coords(offs_m, Hp, Wp, INT64_INDEX)
     offs_c = c0 + tl.arange(0, BLOCK_N)
     c_ok = offs_c < CG
     return b, hp, wp, m_ok, offs_c, c_ok
@@ -364,12 +367,7 @@ def stripe_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
-        wo = offs_m % Wo
-        tmp = offs_m // Wo
-        ho = tmp % Ho
-        b = tmp // Ho
-        if INT64_INDEX:
-            b, ho, wo = b.to(tl.int64), ho.to(tl.int64), wo.to(tl.int64)
+        b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
         hi = ho * SH - PT + i * DH
         wi = wo * SW - PL + j * DW
         x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
