@@ -9,7 +9,9 @@ integers a kernel exempts with ``do_not_specialize``), and compiles every
 autotuning configuration with ``triton.compile`` for the requested target (``sm_90`` by default;
 ptxas ships with Triton). Each compiled variant reports what decides its speed: registers,
 spill bytes, shared memory, whether the main loop uses tensor cores (``wgmma`` on sm_90,
-``mma.sync`` before) and whether its global loads are pipelined (``cp.async``).
+``mma.sync`` before), whether its global loads are pipelined (``cp.async``), and a digest of its
+instructions: a change to the kernels' source that leaves every digest as it was leaves the code
+the GPU runs as it was (how a refactor is checked without a GPU).
 
 Command line: ``python -m stripeconv.kernels.aot [--arch 90]`` prints that table for a set of
 representative layers.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import inspect
 import os
 import re
@@ -29,7 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["Launch", "Variant", "capture_launches", "specialisation", "compile_launch", "compile_call"]
+__all__ = ["Launch", "Variant", "capture_launches", "specialisation", "compile_launch", "compile_call",
+           "ptx_code_digest"]
 
 
 @dataclass
@@ -57,6 +61,7 @@ class Variant:
     async_copies: int          # cp.async / bulk copies in the PTX: the loads the pipeliner staged
     dtype: str = ""            # element type of the first pointer argument (the activations)
     constexprs: dict = field(default_factory=dict)
+    code_digest: str = ""      # of the PTX instructions, without debug info (:func:`ptx_code_digest`)
 
     def row(self) -> str:
         cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
@@ -202,6 +207,16 @@ def specialisation(fn, values: dict) -> tuple[dict, dict, dict]:
     return signature, constexprs, attrs
 
 
+def ptx_code_digest(ptx: str) -> str:
+    """SHA-1 of a kernel's PTX instructions: the body up to its closing brace, without source line
+    markers and comments (the DWARF sections after it and the .loc lines change with the source's
+    layout, e.g. when code moves into a helper). Equal digests: the same machine code for this target."""
+    lines = ptx.splitlines()
+    end = next((i for i, line in enumerate(lines) if line.startswith("}")), len(lines) - 1)
+    code = [line for line in lines[:end + 1] if not re.match(r"\s*(\.loc|\.file|//|\$L__)", line)]
+    return hashlib.sha1("\n".join(code).encode()).hexdigest()
+
+
 def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = None) -> list[Variant]:
     """Compile every autotuning configuration of ``launch`` for ``sm_<arch>``."""
     import triton
@@ -230,7 +245,8 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
         cfg = {**({"BLOCK_M": config.kwargs.get("BLOCK_M")} if config is not None else {}), **options}
         dtype = next(t[1:] for t in signature.values() if t.startswith("*"))
         variants.append(Variant(fn.__name__, arch, {**cfg, **{k: v for k, v in shown.items() if k != "BLOCK_M"}},
-                                regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs))
+                                regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs,
+                                ptx_code_digest(ptx)))
     return variants
 
 

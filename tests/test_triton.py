@@ -954,6 +954,21 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
     tb.clear_cache()
 
 
+def test_code_digest_follows_the_instructions_only():
+    """The PTX digest ignores source line markers and debug sections, and sees every instruction."""
+    aot = _aot()
+    body = ".visible .entry k()\n{\n\t.loc 1 10 5\n\tadd.s32 %r1, %r2, %r3;\n\tret;\n}\n"
+    moved = body.replace(".loc 1 10 5", ".loc 1 42 7") + "\t.section\t.debug_abbrev\n{\n.b8 1\n}\n"
+    assert aot.ptx_code_digest(body) == aot.ptx_code_digest(moved)
+    assert aot.ptx_code_digest(body) != aot.ptx_code_digest(body.replace("add.s32", "sub.s32"))
+    # compiled variants: one digest per configuration, stable, and different for another code path
+    calls = aot.layer_calls(32, 32, 8, density=0.5, dtype=torch.bfloat16)
+    first = [v.code_digest for v in aot.compile_call(calls[0][1], 90)]
+    assert len(set(first)) == len(first) > 1 and first == [v.code_digest for v in aot.compile_call(calls[0][1], 90)]
+    nchw = aot.layer_calls(32, 32, 8, density=0.5, dtype=torch.bfloat16, channels_last=False)
+    assert set(first).isdisjoint(v.code_digest for v in aot.compile_call(nchw[0][1], 90))  # planes store
+
+
 def test_compiles_int64_offsets_for_hopper(monkeypatch):
     """The int64-offset variants (tensors of 2**31 elements or more) compile too, on both paths."""
     aot = _aot()
