@@ -207,3 +207,28 @@ def test_environment_reads_see_every_change_through_os_environ(monkeypatch):
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "bogus")
     with pytest.raises(ValueError, match="STRIPECONV_GPU_DENSE must be one of"):
         gpu_select.mode()
+
+
+def test_timing_gives_the_gpu_a_head_start(monkeypatch):
+    """Each timed call starts after the stream has been put to sleep, so the host queues the call's
+    kernels before the start event runs: the events time GPU work, not the host's launch path."""
+    log, made = [], []
+
+    class Event:  # made in (start, end) pairs
+        def __init__(self, enable_timing=False):
+            self.name = ("start", "end")[len(made) % 2]
+            made.append(self)
+
+        def record(self):
+            log.append(self.name)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)), raising=False)
+    assert gpu_select._time_ms(lambda: log.append("call"), repeats=2) == 1.0
+    assert log == ["call"] + [("sleep", gpu_select._HEAD_START_CYCLES), "start", "call", "end"] * 2

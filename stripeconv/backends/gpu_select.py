@@ -3,7 +3,8 @@
 A stripe conv does ``density / tile_efficiency`` of the dense FLOPs, but cuDNN's dense conv runs
 closer to the tensor cores' peak. Near density 1, on small planes or at batch 1, dense can win;
 at low density the stripe kernels do. Like ``torch.backends.cudnn.benchmark``, the first call
-of a new key times every candidate with CUDA events and caches the fastest, so each layer runs
+of a new key times every candidate's GPU work with CUDA events (the stream is held back while the
+host queues the call, so launch overhead is not counted) and caches the fastest, so each layer runs
 whichever is faster on this GPU and is never much slower than the dense conv it replaces.
 
 A key holds everything the times depend on: the op, shapes, dtype, memory format, conv
@@ -60,11 +61,20 @@ def deterministic() -> bool:
             or torch.are_deterministic_algorithms_enabled())
 
 
+# GPU cycles the stream sleeps before each timed call (~0.5 ms): the host queues the call's kernels
+# meanwhile, so the events time the GPU's work, not the host's launch path (tens of microseconds,
+# more than a small layer's kernels, and in a CUDA graph or a busy stream it is hidden).
+_HEAD_START_CYCLES = 1_000_000
+
+
 def _time_ms(fn: Callable[[], Tensor], repeats: int = 5) -> float:
     fn()  # warm-up: autotuning, compilation, cuDNN's own algorithm search
+    sleep = getattr(torch.cuda, "_sleep", None)
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if sleep is not None:
+            sleep(_HEAD_START_CYCLES)
         start.record()
         fn()
         end.record()
