@@ -14,23 +14,17 @@ import torch
 from torch import Tensor, fx, nn
 
 from ._plain import plain_conv
+from ._tracing import StripeLeafTracer
 from .nn import StripeConv2d
 from .packing import pack_weight, unpack_weight
 
 __all__ = ["fuse_batchnorm"]
 
 
-class _LeafTracer(fx.Tracer):
-    """Keeps StripeConv2d whole (its forward checks shapes in Python)."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, StripeConv2d) or super().is_leaf_module(m, qualname)
-
-
 def _pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv, bn) module names where the BN is the only reader of the conv's output."""
     try:
-        graph = _LeafTracer().trace(model)
+        graph = StripeLeafTracer().trace(model)
     except Exception as exc:
         raise ValueError(
             f"fuse_batchnorm needs a model that torch.fx can trace to find conv -> BatchNorm pairs; tracing "

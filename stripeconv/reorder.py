@@ -24,6 +24,7 @@ from torch import Tensor, fx, nn
 from torch.nn.utils import parametrize
 
 from ._modes import set_eval
+from ._tracing import StripeLeafTracer
 from .backends.triton_plans import filter_order
 from .nn import StripeConv2d
 from .packing import pack_weight, unpack_weight
@@ -40,11 +41,6 @@ _PASS_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_re
 _PASS_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous"}
 
 
-class _LeafTracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, StripeConv2d) or super().is_leaf_module(m, qualname)
-
-
 @dataclass
 class _Chain:
     """What reads one layer's output channels: BatchNorms and depthwise convs to permute, and the layers whose input
@@ -58,7 +54,7 @@ class _Chain:
 
 def _trace(model: nn.Module) -> fx.Graph:
     try:
-        return _LeafTracer().trace(model)
+        return StripeLeafTracer().trace(model)
     except Exception as exc:
         raise ValueError(
             f"reorder_filters needs a model that torch.fx can trace to find what reads each layer's channels; "
