@@ -444,8 +444,10 @@ _settled: dict[tuple, tuple[Tensor, Callable]] = {}
 
 def clear_cache() -> None:
     """Drop all cached mask metadata (:func:`.triton_plans.clear_cache`) and settled calls."""
+    global _last_gather
     triton_plans.clear_cache()
     _settled.clear()
+    _last_gather = None
 
 
 def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
@@ -745,6 +747,24 @@ def _dy_layout(plan: TilesBackwardPlan, grad_output: Tensor) -> tuple[bool, Tens
                                                                                          device="meta")
 
 
+# A backward's two tile kernels read the same gathered dy: grad input gathers it and leaves it here,
+# grad weight takes it (matched by the very tensor, its version and the plan), so it is gathered once.
+_last_gather: Optional[tuple] = None
+
+
+def _gathered_dy(grad_output: Tensor, plan: TilesBackwardPlan, keep: bool) -> Tensor:
+    """dy in tile order: the copy grad input left for the same ``grad_output`` and plan, or a new
+    gather (left for grad weight when ``keep``)."""
+    global _last_gather
+    hit, _last_gather = _last_gather, None
+    if hit is not None and hit[0] is grad_output and hit[1] == grad_output._version and hit[2] is plan:
+        return hit[3]
+    dyt = _gather_dy(grad_output, plan)
+    if keep:
+        _last_gather = (grad_output, grad_output._version, plan, dyt)
+    return dyt
+
+
 def _gather_dy(grad_output: Tensor, plan: TilesBackwardPlan) -> Tensor:
     """dy as [pixels, T * BLOCK_T]: the columns in the forward's tile order, zeros for padding."""
     b, _, ho, wo = grad_output.shape
@@ -784,7 +804,7 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
                           lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants)
 
     def launch(grad_output, weight):
-        dy = grad_output if in_place else _gather_dy(grad_output, plan)
+        dy = grad_output if in_place else _gathered_dy(grad_output, plan, keep=True)
         dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
         kernel(dy, weight.contiguous(), dx, *tables, *scalars)
         return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
@@ -824,7 +844,7 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     kernel = _TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants)
 
     def launch(grad_output, input, weight):
-        dy = grad_output if in_place else _gather_dy(grad_output, plan)
+        dy = grad_output if in_place else _gathered_dy(grad_output, plan, keep=False)
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
         buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
         kernel(dy, x, buf, *tables, *scalars)
