@@ -265,6 +265,15 @@ def _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX: tl.constexpr, BLOCK_M:
 
 
 @triton.jit
+def _dy_tap(hp, wp, dh_ptr, dw_ptr, k, m_ok, Ho, Wo):
+    """The dy pixel (ho, wo) that entry ``k`` of a phase's table reads for the phase pixels (hp, wp)
+    (offsets ``dh_ptr[k]``, ``dw_ptr[k]``), and where it lies inside dy."""
+    ho = hp + tl.load(dh_ptr + k)
+    wo = wp + tl.load(dw_ptr + k)
+    return ho, wo, m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+
+
+@triton.jit
 def _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW):
     """dx at the phase pixels' input positions, channels of group g."""
     hi = rh + hp * SH
@@ -301,9 +310,7 @@ def stripe_dgrad_kernel(
         for kk in range(k_begin, k_end):
             r0 = tl.load(chunk_r0_ptr + kk)
             r1 = tl.load(chunk_r1_ptr + kk)
-            ho = hp + tl.load(chunk_dh_ptr + kk)
-            wo = wp + tl.load(chunk_dw_ptr + kk)
-            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            ho, wo, ok = _dy_tap(hp, wp, chunk_dh_ptr, chunk_dw_ptr, kk, m_ok, Ho, Wo)
             dy_off = dy_row + ho * sdh + wo * sdw
             if USE_DOT:
                 rows = r0 + tl.arange(0, BLOCK_K)
@@ -404,10 +411,7 @@ def stripe_gather_columns_kernel(
     n_ok = offs_n < NCOL
     if INT64_INDEX:
         offs_m = offs_m.to(tl.int64)
-    wo = offs_m % Wo
-    tmp = offs_m // Wo
-    ho = tmp % Ho
-    b = tmp // Ho
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, False)  # offs_m is widened already where needed
     col = tl.load(cols_ptr + offs_n, mask=n_ok, other=-1)
     src = src_ptr + (b * ssb + ho * ssh + wo * ssw)[:, None] + col[None, :] * ssc
     v = tl.load(src, mask=m_ok[:, None] & (col >= 0)[None, :], other=0.0)
@@ -443,9 +447,7 @@ def stripe_dgrad_tiles_kernel(
         for e in range(e_begin, e_end):
             t = tl.load(ent_t_ptr + e)
             u = tl.load(ent_u_ptr + e)
-            ho = hp + tl.load(ent_dh_ptr + e)
-            wo = wp + tl.load(ent_dw_ptr + e)
-            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            ho, wo, ok = _dy_tap(hp, wp, ent_dh_ptr, ent_dw_ptr, e, m_ok, Ho, Wo)
             col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
             dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + ((col0 + offs_t) * sdc)[None, :],
                           mask=ok[:, None], other=0.0)
@@ -502,10 +504,7 @@ def stripe_wgrad_tiles_kernel(
         m_ok = offs_m < m_end
         if INT64_INDEX:
             offs_m = offs_m.to(tl.int64)
-        wo = offs_m % Wo
-        tmp = offs_m // Wo
-        ho = tmp % Ho
-        b = tmp // Ho
+        b, ho, wo = _pixel_coords(offs_m, Ho, Wo, False)  # offs_m is widened already where needed
         hi = ho * SH - PT + i * DH
         wi = wo * SW - PL + j * DW
         x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
