@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         sys.exit(f"the triton backend cannot load its kernels: {tb._import_error}")
     _no_launches(kernels)
     if args.through_autotuner:
-        tb._TunedLaunch.__call__ = lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, **self.constants)
+        tb._TunedLaunch.__call__ = lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, *self.bound, **self.constants)
     torch.set_num_threads(1)
     results = network(args) if args.network else single_calls(args, tb)
     if args.json:

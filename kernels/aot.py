@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 __all__ = ["Launch", "Variant", "capture_launches", "specialisation", "compile_launch", "compile_call",
-           "ptx_code_digest"]
+           "ptx_code_digest", "StubDriver", "stub_driver"]
 
 
 @dataclass
@@ -139,6 +139,90 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candida
     finally:
         host._num_sms, gpu_select.choice, host._settled = saved
     return sink
+
+
+class _StubLauncher:
+    """Stands in for a compiled kernel's launcher: appends each call (Triton's launcher arguments) to the
+    list of the innermost :func:`stub_driver` (compiled kernels outlive it in their JIT function's cache)."""
+
+    sinks: list[list] = []
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *call) -> None:
+        if self.sinks:
+            self.sinks[-1].append(call)
+
+
+class _StubUtils:
+    def __init__(self, sm_count: int):
+        self._sm_count = sm_count
+        from triton.compiler.compiler import CompiledKernel
+
+        # (module, function, registers, spills[, max threads]): triton >= 3.3 asks for the fifth
+        self._loaded = (1, 1, 0, 0, 1024) if "n_max_threads" in inspect.getsource(CompiledKernel._init_handles) \
+            else (1, 1, 0, 0)
+
+    def load_binary(self, name, kernel, shared, device):
+        return self._loaded
+
+    def get_device_properties(self, device) -> dict:
+        return {"max_shared_mem": 232448, "multiprocessor_count": self._sm_count, "max_num_regs": 65536,
+                "warpSize": 32}
+
+    def unload_module(self, module) -> None:
+        pass
+
+
+class StubDriver:
+    """Triton's active driver on a machine without a GPU (see :func:`stub_driver`)."""
+
+    def __init__(self, arch: int, sm_count: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.utils = _StubUtils(sm_count)
+        self.launcher_cls = _StubLauncher
+        self.target = GPUTarget("cuda", arch, 32)
+        self.device, self.stream = 0, 0
+
+    def get_current_device(self) -> int:
+        return self.device
+
+    def get_current_stream(self, device) -> int:
+        return self.stream
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @staticmethod
+    def is_active() -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def stub_driver(arch: int = 90, sm_count: int = 132) -> Iterator[tuple[StubDriver, list]]:
+    """Triton's runtime with the GPU driver stubbed out: ``kernel[grid](...)`` on CPU tensors binds,
+    specialises, compiles (for ``sm_<arch>``, with the bundled ptxas) and looks kernels up exactly as
+    on a GPU, and the compiled kernel's launcher appends its call to the yielded list instead of
+    launching. Yields (the driver, whose ``device`` and ``stream`` can be changed, the list). For
+    checking and timing the host side of launches; autotuners that benchmark cannot run under it."""
+    from triton.runtime import driver
+
+    sink: list = []
+    saved = dict(vars(driver))
+    stub = StubDriver(arch, sm_count)
+    driver.set_active(stub)
+    _StubLauncher.sinks.append(sink)
+    try:
+        yield stub, sink
+    finally:
+        _StubLauncher.sinks.remove(sink)
+        vars(driver).clear()
+        vars(driver).update(saved)
 
 
 def _specialise(value, specialise: bool = True) -> tuple[str, Any]:

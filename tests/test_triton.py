@@ -266,9 +266,9 @@ def _gathers_counted(tb):
     """Counts the tile backward's gathers of dy into tile order (a list of their shapes)."""
     gather, shapes = tb._gather_dy, []
 
-    def counted(grad_output, plan):
+    def counted(grad_output, launch):
         shapes.append(tuple(grad_output.shape))
-        return gather(grad_output, plan)
+        return gather(grad_output, launch)
     tb._gather_dy = counted
     try:
         yield shapes
@@ -1113,22 +1113,22 @@ def test_one_gather_of_dy_serves_both_gradients(monkeypatch):
     from stripeconv.backends import triton_backend as tb
 
     gathers = []
-    monkeypatch.setattr(tb, "_gather_dy", lambda dy, plan: gathers.append(dy) or torch.zeros(1))
+    monkeypatch.setattr(tb, "_gather_dy", lambda dy, launch: gathers.append(dy) or torch.zeros(1))
     monkeypatch.setattr(tb, "_last_gather", None)
     plan, other_plan = object(), object()
     dy = torch.ones(2, 3)
-    kept = tb._gathered_dy(dy, plan, keep=True)
-    assert tb._gathered_dy(dy, plan, keep=False) is kept and len(gathers) == 1  # grad weight reuses it
-    tb._gathered_dy(dy, plan, keep=False)  # taken once: a third call gathers again
+    kept = tb._gathered_dy(dy, plan, True, None)
+    assert tb._gathered_dy(dy, plan, False, None) is kept and len(gathers) == 1  # grad weight reuses it
+    tb._gathered_dy(dy, plan, False, None)  # taken once: a third call gathers again
     assert len(gathers) == 2 and tb._last_gather is None
     for changed in (lambda: dy.clone(), lambda: dy.add_(1)):  # another tensor, or the same one written to
-        tb._gathered_dy(dy, plan, keep=True)
+        tb._gathered_dy(dy, plan, True, None)
         probe = changed()
-        tb._gathered_dy(probe if probe is not dy else dy, plan, keep=False)
-    tb._gathered_dy(dy, plan, keep=True)
-    tb._gathered_dy(dy, other_plan, keep=False)
+        tb._gathered_dy(probe if probe is not dy else dy, plan, False, None)
+    tb._gathered_dy(dy, plan, True, None)
+    tb._gathered_dy(dy, other_plan, False, None)
     assert len(gathers) == 8 and tb._last_gather is None
-    tb._gathered_dy(dy, plan, keep=True)
+    tb._gathered_dy(dy, plan, True, None)
     tb.clear_cache()  # holds no tensor after the caches are cleared
     assert tb._last_gather is None
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 
 from ..ops import output_memory_format
-from . import gpu_select, triton_plans
+from . import _triton_launch, gpu_select, triton_plans
 from ._environ import getenv
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan,
@@ -283,46 +283,68 @@ def _several_gpus() -> bool:
 
 
 class _TunedLaunch:
-    """``kernel[grid](*args, **constants)`` for one settled call signature.
+    """``kernel[grid](*tensors, *bound, **constants)`` for one settled call signature: only the leading
+    tensors change from call to call.
 
     The first launch goes through the autotuner, which picks (or benchmarks) the configuration for
     the signature's tuning key. Later launches pass that configuration to the JIT function
     directly: the tuner's per-launch key (a dict over every argument, the dtype of each tensor)
     costs ~20 us of host time, more than the rest of a settled call. The key is fixed for the
-    signature, so the tuner would pick the same configuration again.
+    signature, so the tuner would pick the same configuration again. From the third launch on, the
+    compiled kernel's launcher is called directly (:mod:`._triton_launch`), which skips the JIT
+    function's ~18 us of binding and cache lookup; it hands back to the JIT function wherever that
+    would launch something else.
 
     ``fixed`` (deterministic mode) skips the tuner: the launch runs the kernel's first configuration
     that fits this GPU. A timed pick can differ between processes, and another pixel block
-    (BLOCK_M) sums grad weight in another order.
+    (BLOCK_M) sums grad weight in another order. A kernel without an autotuner launches as it is.
     """
 
-    __slots__ = ("name", "grid", "constants", "fixed", "_direct")
+    __slots__ = ("name", "grid", "constants", "fixed", "bound", "_direct", "_compiled", "_fast")
 
-    def __init__(self, name: str, grid, constants: dict, fixed: bool = False):
-        self.name, self.grid, self.constants, self.fixed = name, grid, constants, fixed
-        self._direct = None  # (autotuner, jit function, configuration kwargs)
+    def __init__(self, name: str, grid, constants: dict, fixed: bool = False, bound: tuple = ()):
+        self.name, self.grid, self.constants, self.fixed, self.bound = name, grid, constants, fixed, bound
+        self._direct = None  # (kernel, jit function, configuration kwargs)
+        self._compiled = None  # what the last launch through the jit function compiled (None in the interpreter)
+        self._fast = None  # CompiledLaunch, or False where the launch cannot be repeated directly
 
-    def __call__(self, *args) -> None:
+    def __call__(self, *tensors) -> None:
         # Triton launches on the *current* CUDA device and its stream; with several GPUs the tensors
         # may live on another (one GPU: no per-launch device query on the settled path).
         if _several_gpus():
-            device = args[0].device
+            device = tensors[0].device
             if device.type == "cuda" and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
-                    return self._launch(*args)
-        return self._launch(*args)
+                    return self._launch(tensors)
+        return self._launch(tensors)
 
-    def _launch(self, *args) -> None:
+    def _launch(self, tensors: tuple) -> None:
         kernel = getattr(_kernels, self.name)  # looked up per call: tools may stand in for the kernels
         direct = self._direct
         if direct is not None and direct[0] is kernel:
-            direct[1][self.grid](*args, **self.constants, **direct[2])
+            fast = self._fast
+            if fast and fast(tensors):
+                return
+            jit, config = direct[1], direct[2]
+
+            def through_jit():
+                return jit[self.grid](*tensors, *self.bound, **self.constants, **config)
+            if fast is None and self._compiled is not None:
+                self._fast = _triton_launch.record(through_jit, self._compiled, jit, tensors, self.bound) or False
+            else:
+                self._compiled = through_jit()
             return
-        jit, configs = getattr(kernel, "fn", None), getattr(kernel, "configs", None)
-        if self.fixed and jit is not None and configs:
+        args = (*tensors, *self.bound)
+        configs = getattr(kernel, "configs", None)
+        jit = getattr(kernel, "fn", None) if configs is not None else kernel
+        if self.fixed and configs:
             self._direct = (kernel, jit, _launch_first_fitting(jit, self.grid, args, self.constants, configs))
             return
-        kernel[self.grid](*args, **self.constants)
+        self._compiled = kernel[self.grid](*args, **self.constants)
+        if configs is None:
+            self._direct = (kernel, kernel, {})
+            return
+        self._compiled = None  # the tuner's return value varies between triton versions
         config = getattr(kernel, "best_config", None)
         if jit is not None and hasattr(config, "all_kwargs") and getattr(config, "pre_hook", None) is None:
             self._direct = (kernel, jit, config.all_kwargs())
@@ -395,13 +417,13 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         STORE=store, NPOS=kh * kw if plan.all_positions else 0, BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
-                          constants, fixed=gpu_select.deterministic())
+                          constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
         out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
-        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out, *tables, *scalars)
+        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
         return out.contiguous(memory_format=out_format)
     return launch
 
@@ -603,13 +625,13 @@ def _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding
     )
     kernel = _TunedLaunch("stripe_dgrad_kernel",
                           lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,
-                          fixed=gpu_select.deterministic())
+                          fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
 
     def launch(grad_output, weight):
         dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
         dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
         # The kernel addresses packed rows as row * CG.
-        kernel(dy, weight.contiguous(), dx, *tables, *scalars)
+        kernel(dy, weight.contiguous(), dx)
         return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
     return launch
 
@@ -697,13 +719,14 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
         INT64_INDEX=_needs_int64(dy, x, torch.empty(buf_shape, device="meta")),
         BLOCK_R=block_r, BLOCK_C=block_c,
     )
-    kernel = _TunedLaunch("stripe_wgrad_kernel", (tiles, split), constants, fixed=deterministic)
+    kernel = _TunedLaunch("stripe_wgrad_kernel", (tiles, split), constants, fixed=deterministic,
+                          bound=(*tables, *scalars))
 
     def launch(grad_output, input, weight):
         dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
         buf = (torch.zeros if zeroed else torch.empty)(buf_shape, dtype=acc_torch, device=weight.device)
-        kernel(dy, x, buf, *tables, *scalars)
+        kernel(dy, x, buf)
         if buf.dim() == 3:
             buf = buf.sum(0)
         return buf.to(weight.dtype)
@@ -752,28 +775,41 @@ def _dy_layout(plan: TilesBackwardPlan, grad_output: Tensor) -> tuple[bool, Tens
 _last_gather: Optional[tuple] = None
 
 
-def _gathered_dy(grad_output: Tensor, plan: TilesBackwardPlan, keep: bool) -> Tensor:
+def _gathered_dy(grad_output: Tensor, plan: TilesBackwardPlan, keep: bool, gather: "_DyGather") -> Tensor:
     """dy in tile order: the copy grad input left for the same ``grad_output`` and plan, or a new
     gather (left for grad weight when ``keep``)."""
     global _last_gather
     hit, _last_gather = _last_gather, None
     if hit is not None and hit[0] is grad_output and hit[1] == grad_output._version and hit[2] is plan:
         return hit[3]
-    dyt = _gather_dy(grad_output, plan)
+    dyt = _gather_dy(grad_output, gather)
     if keep:
         _last_gather = (grad_output, grad_output._version, plan, dyt)
     return dyt
 
 
-def _gather_dy(grad_output: Tensor, plan: TilesBackwardPlan) -> Tensor:
-    """dy as [pixels, T * BLOCK_T]: the columns in the forward's tile order, zeros for padding."""
-    b, _, ho, wo = grad_output.shape
-    m, ncol = b * ho * wo, plan.cols.numel()
-    dyt = torch.empty(m, ncol, dtype=grad_output.dtype, device=grad_output.device)
-    grid = (triton_cdiv(m, 64), triton_cdiv(ncol, 64))
-    _kernels.stripe_gather_columns_kernel[grid](grad_output, dyt, plan.cols, m, ho, wo, ncol, *grad_output.stride(),
-                                                INT64_INDEX=_needs_int64(grad_output, dyt), BLOCK_M=64, BLOCK_N=64)
-    return dyt
+def _gather_dy(grad_output: Tensor, gather: "_DyGather") -> Tensor:
+    """Every gather of dy into tile order goes through here."""
+    return gather(grad_output)
+
+
+class _DyGather:
+    """dy as [pixels, T * BLOCK_T], its columns in the forward's tile order of ``plan`` and zeros for
+    padding, for every dy shaped like ``grad_output``: ``gather(grad_output)``."""
+
+    def __init__(self, plan: TilesBackwardPlan, grad_output: Tensor):
+        b, _, ho, wo = grad_output.shape
+        self.shape = (b * ho * wo, plan.cols.numel())
+        m, ncol = self.shape
+        self.kernel = _TunedLaunch(
+            "stripe_gather_columns_kernel", (triton_cdiv(m, 64), triton_cdiv(ncol, 64)),
+            dict(INT64_INDEX=_needs_int64(grad_output, torch.empty(self.shape, device="meta")), BLOCK_M=64, BLOCK_N=64),
+            bound=(plan.cols, m, ho, wo, ncol, *grad_output.stride()))
+
+    def __call__(self, grad_output: Tensor) -> Tensor:
+        dyt = torch.empty(self.shape, dtype=grad_output.dtype, device=grad_output.device)
+        self.kernel(grad_output, dyt)
+        return dyt
 
 
 def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, input_shape, stride,
@@ -791,6 +827,7 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
     mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
     dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
     in_place, col0, dy_strides, dy = _dy_layout(plan, grad_output)
+    gather = None if in_place else _DyGather(plan, grad_output)
     tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
     scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, *dy_strides, *dx.stride(), sh, sw)
     precision, acc = _precision(grad_output.dtype)
@@ -801,12 +838,13 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
         BLOCK_N=block_n, BLOCK_T=fwd.block_n,
     )
     kernel = _TunedLaunch("stripe_dgrad_tiles_kernel",
-                          lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants)
+                          lambda meta: (triton_cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,
+                          bound=(*tables, *scalars))
 
     def launch(grad_output, weight):
-        dy = grad_output if in_place else _gathered_dy(grad_output, plan, keep=True)
+        dy = grad_output if in_place else _gathered_dy(grad_output, plan, True, gather)
         dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
-        kernel(dy, weight.contiguous(), dx, *tables, *scalars)
+        kernel(dy, weight.contiguous(), dx)
         return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
     return launch
 
@@ -831,6 +869,7 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     copy_x = not input.is_contiguous(memory_format=torch.channels_last)
     x = _meta_like(input, copy_x)
     in_place, col0, dy_strides, dy = _dy_layout(plan, grad_output)
+    gather = None if in_place else _DyGather(plan, grad_output)
     tables = (fwd.w_rows, col0, plan.all_t, plan.all_u, fwd.tile_pos, fwd.tile_grp)
     scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, chunk, *dy_strides, *x.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
@@ -841,12 +880,12 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
         INT64_INDEX=_needs_int64(dy, x, torch.empty((s, cg), device="meta")),
         BLOCK_T=fwd.block_n, BLOCK_C=block_c,
     )
-    kernel = _TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants)
+    kernel = _TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants, bound=(*tables, *scalars))
 
     def launch(grad_output, input, weight):
-        dy = grad_output if in_place else _gathered_dy(grad_output, plan, keep=False)
+        dy = grad_output if in_place else _gathered_dy(grad_output, plan, False, gather)
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
         buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
-        kernel(dy, x, buf, *tables, *scalars)
+        kernel(dy, x, buf)
         return buf.to(weight.dtype)
     return launch

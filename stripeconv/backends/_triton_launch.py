@@ -1,0 +1,132 @@
+"""Repeating a settled Triton launch without Triton's launch path.
+
+``kernel[grid](*args, **constants)`` binds and specialises every argument, builds a cache key from
+them and looks the compiled kernel up before it calls the kernel's launcher: 17-19 us of host time
+per launch of these kernels (triton 3.6 and 3.9, ``bench/launch_overhead.py``), more than the rest
+of a settled call. A settled launch passes the same integers, constants, dtypes and grid every
+time and only its leading tensors change, so :func:`record` lets one launch go through Triton,
+records the call Triton makes into the compiled kernel's launcher, and returns a
+:class:`CompiledLaunch` that makes that call again with new tensors.
+
+A :class:`CompiledLaunch` declines (returns False, and the caller launches through Triton) where
+Triton would not launch the same compiled kernel, or would do more than launch it: another current
+device, a tensor that is not 16-byte aligned where the recorded one was (Triton compiles an aligned
+variant for aligned pointers), launch hooks installed (profilers such as proton read them) or
+pre-run hooks on the JIT function.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from torch import Tensor
+
+__all__ = ["CompiledLaunch", "record"]
+
+# Where a CompiledKernel keeps its launcher once loaded: ``_run`` behind a ``run`` property
+# (triton >= 3.5), or the ``run`` attribute itself (before).
+_LAUNCHER_SLOTS = ("_run", "run")
+_ALIGNMENT = 16  # Triton specialises pointer arguments on divisibility by 16
+
+
+def _hook_owner():
+    """What holds the launch hooks Triton passes to a launcher: ``triton.knobs.runtime`` (triton >=
+    3.4) or the ``CompiledKernel`` class."""
+    try:
+        from triton import knobs
+
+        if hasattr(knobs.runtime, "launch_enter_hook"):
+            return knobs.runtime
+    except ImportError:
+        pass
+    from triton.compiler import CompiledKernel
+
+    return CompiledKernel
+
+
+def _active(hook) -> bool:
+    """Whether a launch hook would do anything (triton >= 3.6 keeps an always-present chain of hooks)."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return calls is None or len(calls) > 0
+
+
+class CompiledLaunch:
+    """One recorded launch of a compiled kernel, repeated with new leading tensors: ``launch(tensors)``."""
+
+    __slots__ = ("_runner", "_grid", "_function", "_metadata", "_rest", "_device", "_aligned", "_jit", "_driver",
+                 "_hooks")
+
+    def __init__(self, runner: Callable, grid: tuple, function: Any, metadata: Any, rest: tuple, device: int,
+                 aligned: tuple, jit: Any, driver: Any, hooks: Any):
+        self._runner, self._grid, self._function, self._metadata = runner, grid, function, metadata
+        self._rest, self._device, self._aligned = rest, device, aligned
+        self._jit, self._driver, self._hooks = jit, driver, hooks
+
+    def __call__(self, tensors: tuple) -> bool:
+        """Launch with ``tensors`` in place of the recorded leading tensors; False (nothing launched)
+        where Triton's own launch path must run instead."""
+        hooks = self._hooks
+        enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
+        if _active(enter) or _active(leave) or getattr(self._jit, "pre_run_hooks", None):
+            return False
+        for i in self._aligned:
+            if tensors[i].data_ptr() % _ALIGNMENT:
+                return False
+        driver = self._driver
+        device = driver.get_current_device()
+        if device != self._device:
+            return False
+        g0, g1, g2 = self._grid
+        self._runner(g0, g1, g2, driver.get_current_stream(device), self._function, self._metadata, None, enter,
+                     leave, *tensors, *self._rest)
+        return True
+
+
+def record(launch: Callable[[], Any], compiled: Any, jit: Any, tensors: tuple, rest: tuple) -> Optional[CompiledLaunch]:
+    """Run ``launch()``, one launch through Triton of ``compiled`` (the CompiledKernel an earlier launch
+    of ``jit`` with the same arguments returned) with arguments ``(*tensors, *rest)``, and return the
+    :class:`CompiledLaunch` that repeats it, or None where the call into the launcher is not the one
+    expected (then every launch keeps going through Triton)."""
+    attributes = getattr(compiled, "__dict__", {})
+    slot = next((name for name in _LAUNCHER_SLOTS if callable(attributes.get(name))), None)
+    if slot is None:
+        launch()
+        return None
+    runner = attributes[slot]
+    calls = []
+
+    def recorder(*call):
+        calls.append(call)
+        return runner(*call)
+
+    setattr(compiled, slot, recorder)
+    try:
+        launch()
+    finally:
+        setattr(compiled, slot, runner)
+    if len(calls) != 1:  # another thread launched the kernel meanwhile: do not guess which call is ours
+        return None
+    return _from_call(calls[0], runner, compiled, jit, tensors, rest)
+
+
+def _from_call(call: tuple, runner: Callable, compiled: Any, jit: Any, tensors: tuple,
+               rest: tuple) -> Optional[CompiledLaunch]:
+    # (grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook, *kernel arguments)
+    if len(call) < 9 + len(tensors) + len(rest):
+        return None
+    grid, stream, function, metadata, kernel_args = call[:3], call[3], call[4], call[5], call[9:]
+    args = (*tensors, *rest)
+    # The launcher takes the arguments in signature order, then (triton >= 3.3) the constants: ours come
+    # first, as passed; what follows them is fixed for the launch.
+    if function is not getattr(compiled, "function", None) or any(a is not b for a, b in zip(kernel_args, args)):
+        return None
+    from triton.runtime import driver as triton_driver
+
+    driver = triton_driver.active
+    device = driver.get_current_device()
+    if stream != driver.get_current_stream(device):
+        return None
+    aligned = tuple(i for i, t in enumerate(tensors) if isinstance(t, Tensor) and t.data_ptr() % _ALIGNMENT == 0)
+    return CompiledLaunch(runner, tuple(grid), function, metadata, tuple(kernel_args[len(tensors):]), device, aligned,
+                          jit, driver, _hook_owner())

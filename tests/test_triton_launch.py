@@ -1,0 +1,178 @@
+"""Settled Triton launches repeat the call Triton makes into the compiled kernel's launcher.
+
+Runs the real JIT path (binding, specialisation, compilation for sm_90 with the bundled ptxas,
+cache lookup) with the GPU driver stubbed out (``stripeconv.kernels.aot.stub_driver``): the
+launcher records its calls instead of launching, so each test compares what a direct launch hands
+the launcher with what Triton's own path hands it for the same tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import require_compiling_triton_kernels
+
+
+@pytest.fixture
+def tb():
+    tb = require_compiling_triton_kernels()
+    pytest.importorskip("triton.backends.compiler", reason="this triton has no GPUTarget to compile for")
+    return tb
+
+
+@pytest.fixture
+def stub():
+    from stripeconv.kernels import aot
+
+    with aot.stub_driver() as (driver, calls):
+        yield driver, calls
+
+
+@contextlib.contextmanager
+def _through_triton_counted(jit):
+    """Counts the launches that go through ``jit``'s own launch path."""
+    run, count = jit.run, []
+
+    def counted(*args, **kwargs):
+        count.append(1)
+        return run(*args, **kwargs)
+    jit.run = counted
+    try:
+        yield count
+    finally:
+        del jit.run
+
+
+def _gather_launch(tb):
+    """A settled launch of the (autotuner-free) gather kernel on [2, 8, 4, 4] channels_last tensors."""
+    cols = torch.arange(16, dtype=torch.int32) % 9 - 1
+    strides = torch.empty(2, 8, 4, 4).to(memory_format=torch.channels_last).stride()
+    constants = dict(INT64_INDEX=False, BLOCK_M=64, BLOCK_N=64)
+    return tb._TunedLaunch("stripe_gather_columns_kernel", (1, 1), constants, bound=(cols, 32, 4, 4, 16, *strides))
+
+
+def _gather_tensors(offset: int = 0):
+    src = torch.randn(2 * 8 * 4 * 4 + offset)[offset:].view(2, 4, 4, 8).permute(0, 3, 1, 2)
+    return src, torch.empty(32, 16)
+
+
+def _same_call(direct: tuple, triton: tuple) -> None:
+    """The launcher got the same grid, stream, function, metadata, hooks and (by identity) arguments;
+    the launch metadata, which only launch hooks read, may differ."""
+    assert len(direct) == len(triton)
+    for i, (a, b) in enumerate(zip(direct, triton)):
+        if i == 6:
+            continue
+        assert a is b or (type(a) is type(b) and not isinstance(a, torch.Tensor) and a == b), (i, a, b)
+
+
+def test_settled_launch_hands_the_launcher_what_triton_does(tb, stub):
+    _, calls = stub
+    launch = _gather_launch(tb)
+    jit = tb._kernels.stripe_gather_columns_kernel
+    with _through_triton_counted(jit) as through_triton:
+        for _ in range(2):  # compile, launch and keep the compiled kernel; record
+            launch(*_gather_tensors())
+        assert len(through_triton) == 2 and launch._fast
+        tensors = _gather_tensors()
+        launch(*tensors)
+        assert len(through_triton) == 2 and len(calls) == 3  # launched, not through triton
+        jit[launch.grid](*tensors, *launch.bound, **launch.constants)
+    _same_call(calls[-2], calls[-1])
+    assert calls[-2][9] is tensors[0] and calls[-2][10] is tensors[1]
+
+
+def test_settled_forward_launches_directly(tb, stub, monkeypatch):
+    """The forward's autotuned kernel (its configuration fixed by deterministic mode: the stub cannot time
+    configurations), through the backend's settled calls: fresh tensors reach the launcher directly."""
+    from stripeconv import packing
+
+    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(32, 3, 3, generator=gen) < 0.5
+    packed = packing.pack_weight(torch.randn(32, 16, 3, 3, generator=gen).bfloat16(), mask)
+    bias = torch.zeros(32, dtype=torch.bfloat16)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, calls = stub
+    tuner = tb._kernels.stripe_fwd_kernel
+    inputs = [torch.randn(2, 16, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+              for _ in range(5)]
+    with _through_triton_counted(tuner.fn) as through_triton:
+        for x in inputs:
+            tb.forward(x, packed, bias, mask, *conv)
+    tb.clear_cache()
+    assert len(calls) == 5 and len(through_triton) == 3, "the fourth and fifth launch went through triton"
+    assert calls[-1][9] is inputs[-1] and calls[-2][9] is inputs[-2]
+    # The tensors (input, weight, bias, output) aside, the direct launch is the third one, which went through triton.
+    _same_call(calls[-1][:9] + calls[-1][13:], calls[2][:9] + calls[2][13:])
+
+
+def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
+    from stripeconv.backends import _triton_launch
+
+    driver, calls = stub
+    launch = _gather_launch(tb)
+    jit = tb._kernels.stripe_gather_columns_kernel
+    for _ in range(2):
+        launch(*_gather_tensors())
+    assert launch._fast
+    with _through_triton_counted(jit) as through_triton:
+        launch(*_gather_tensors(offset=1))  # not 16-byte aligned: triton specialises on alignment
+        assert len(through_triton) == 1
+        launch(*_gather_tensors())
+        assert len(through_triton) == 1
+
+        driver.device = 1  # another current device: its own compiled kernel
+        launch(*_gather_tensors())
+        assert len(through_triton) == 2
+        driver.device = 0
+
+        owner, seen = _triton_launch._hook_owner(), []
+        hook = owner.launch_enter_hook
+        if hasattr(hook, "add"):  # a chain of hooks (triton >= 3.6)
+            hook.add(seen.append)
+            restore = lambda: hook.remove(seen.append)  # noqa: E731
+        else:
+            owner.launch_enter_hook = seen.append
+            restore = lambda: setattr(owner, "launch_enter_hook", hook)  # noqa: E731
+        try:
+            launch(*_gather_tensors())  # a profiler's launch hook: triton passes it the launch metadata
+        finally:
+            restore()
+        assert len(through_triton) == 3
+
+        if hasattr(jit, "pre_run_hooks"):
+            jit.pre_run_hooks.append(lambda *args, **kwargs: seen.append("pre-run"))
+            try:
+                launch(*_gather_tensors())
+            finally:
+                jit.pre_run_hooks.pop()
+            assert len(through_triton) == 4 and "pre-run" in seen
+        launch(*_gather_tensors())
+        assert len(through_triton) == 3 + hasattr(jit, "pre_run_hooks")
+    assert len(calls) == 2 + 5 + hasattr(jit, "pre_run_hooks")
+
+
+def test_no_direct_launch_where_the_recorded_call_is_not_ours(tb, stub):
+    """A launcher call that does not begin with the launch's own arguments (another version's layout,
+    another thread's launch) leaves every launch with triton."""
+    from stripeconv.backends import _triton_launch
+
+    launch = _gather_launch(tb)
+    jit = tb._kernels.stripe_gather_columns_kernel
+    tensors = _gather_tensors()
+    compiled = jit[launch.grid](*tensors, *launch.bound, **launch.constants)
+    other = _gather_tensors()
+    assert _triton_launch.record(lambda: jit[launch.grid](*other, *launch.bound, **launch.constants), compiled, jit,
+                                 tensors, launch.bound) is None
+
+    def twice():
+        jit[launch.grid](*tensors, *launch.bound, **launch.constants)
+        jit[launch.grid](*tensors, *launch.bound, **launch.constants)
+    assert _triton_launch.record(twice, compiled, jit, tensors, launch.bound) is None
+    assert _triton_launch.record(lambda: None, object(), jit, tensors, launch.bound) is None
+    fast = _triton_launch.record(lambda: jit[launch.grid](*tensors, *launch.bound, **launch.constants), compiled, jit,
+                                 tensors, launch.bound)
+    assert fast is not None and fast(_gather_tensors())
