@@ -3,11 +3,17 @@
 Runs the backend's host side on CPU tensors with every JIT launch replaced by a no-op, so what
 is timed is the Python between the caller and the kernel launch: call-signature lookup, argument
 preparation, the autotuner (given the four configurations it has on a GPU, its choice already
-made) and the launcher wrapper. The kernels' own launch cost on a GPU (driver, argument
-packing) comes on top and is not measured here.
+made) and the launcher wrapper. With ``--triton-launch`` Triton's own launch path is timed as well:
+the kernels compile for sm_90 as on an H100 (no interpreter) and only the driver is stubbed out
+(``stripeconv.kernels.aot.stub_driver``: the compiled kernel's launcher records its call instead
+of launching), so a settled call's launches go through whatever the backend does on a GPU (the
+compiled kernel's launcher called directly; ``--no-direct``: every launch through the JIT
+function's binding and cache lookup). What the real launcher then does (argument packing, the
+driver's launch) comes on top in every mode.
 
     python bench/host_overhead.py                       # settled calls, as a model's steady state runs them
     python bench/host_overhead.py --through-autotuner   # every launch through the autotuner's key lookup
+    python bench/host_overhead.py --triton-launch       # with Triton's launch path, as on a GPU
     python bench/host_overhead.py --network resnet56    # a whole CIFAR network, eager and torch.compile'd
 
 Every call is timed from a range of Python call depths (see ``DEPTHS``): per depth the fastest of
@@ -19,15 +25,14 @@ milliseconds: the host work a GPU would wait for where its kernels take less.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels load without a GPU
-
-import torch  # noqa: E402
+import torch
 
 TUNED_KERNELS = ("stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel",
                  "stripe_wgrad_tiles_kernel")
@@ -47,6 +52,23 @@ def _no_launches(kernels) -> None:
         getattr(kernels, name).run = lambda *args, **kwargs: None
 
 
+def _triton_launches(kernels, tb, direct: bool) -> contextlib.ExitStack:
+    """Triton's launch path with the driver stubbed out (kept until the returned stack closes); the
+    autotuners hold one configuration (the stub cannot time any), the one a settled call would use."""
+    from stripeconv.kernels import aot
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(aot.stub_driver(keep_calls=False))
+    for name in TUNED_KERNELS:
+        tuner = getattr(kernels, name)
+        tuner.configs = tuner.configs[:1]
+    # CPU tensors take the kernels' GPU path
+    tb.is_available, tb.supports = (lambda: (True, "")), (lambda device: True)
+    if not direct:
+        tb._triton_launch.record = lambda launch, *args: launch() and None
+    return stack
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--through-autotuner", action="store_true",
@@ -59,8 +81,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--network", choices=("resnet20", "resnet56", "vgg16_bn"),
                     help="time this network's forward, eager and compiled, instead of single calls")
     ap.add_argument("--batch", type=int, default=1, help="batch of --network")
+    ap.add_argument("--triton-launch", action="store_true",
+                    help="time Triton's launch path too (kernels compiled for sm_90, the driver stubbed out)")
+    ap.add_argument("--no-direct", action="store_true",
+                    help="with --triton-launch: every launch through the JIT function, none to the compiled kernel")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    if args.triton_launch and args.through_autotuner:
+        ap.error("--through-autotuner times the autotuner's key lookup over four configurations, which the stubbed "
+                 "driver of --triton-launch cannot benchmark")
+    if args.no_direct and not args.triton_launch:
+        ap.error("--no-direct needs --triton-launch")
+    if args.triton_launch and os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("--triton-launch compiles the kernels: unset TRITON_INTERPRET")
+    if not args.triton_launch:
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels load without a GPU
     args.calls = args.calls or (10 if args.network else 100)
     args.repeats = args.repeats or 3
 
@@ -69,15 +104,26 @@ def main(argv=None) -> dict:
     kernels = tb._load_kernels()
     if kernels is None:
         sys.exit(f"the triton backend cannot load its kernels: {tb._import_error}")
-    _no_launches(kernels)
+    stack = _triton_launches(kernels, tb, not args.no_direct) if args.triton_launch else contextlib.ExitStack()
+    if not args.triton_launch:
+        _no_launches(kernels)
     if args.through_autotuner:
-        tb._TunedLaunch.__call__ = lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, *self.bound, **self.constants)
+        tb._TunedLaunch.__call__ = (
+            lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, *self.bound, **self.constants))
     torch.set_num_threads(1)
-    results = network(args) if args.network else single_calls(args, tb)
+    with stack:
+        results = network(args) if args.network else single_calls(args, tb)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
     return results
+
+
+def _launch_label(args) -> str:
+    if not args.triton_launch:
+        return ("through the autotuner" if args.through_autotuner else "settled") + " (JIT launch a no-op)"
+    return "settled, Triton's launch path (driver stubbed), " + (
+        "every launch through the JIT function" if args.no_direct else "compiled kernel launched directly")
 
 
 def _time(call, calls: int, repeats: int) -> list[float]:
@@ -122,9 +168,9 @@ def single_calls(args, tb) -> dict:
     from bench_cpu import machine_info  # beside this script
 
     results = {"layer": f"{c}->{c} 3x3 at {hw}x{hw}, density {args.density}",
-               "launch": "through the autotuner" if args.through_autotuner else "settled",
+               "launch": _launch_label(args),
                "machine": machine_info(), "us": {}}
-    print(f"host work per call, {results['layer']}, {results['launch']} (JIT launch a no-op), "
+    print(f"host work per call, {results['layer']}, {results['launch']}, "
           f"from {len(DEPTHS)} call depths: min / median / max over depths")
     results["depths"] = list(DEPTHS)
     import stripeconv
@@ -189,8 +235,8 @@ def network(args) -> dict:
     previous = stripeconv.get_backend()
     stripeconv.set_backend("triton")
     results = {"network": f"{args.network}, {len(masks)} stripe convs at density {args.density}, batch {args.batch}",
-               "launch": "settled", "machine": machine_info(), "depths": list(DEPTHS), "ms": {}}
-    print(f"host work per forward, {results['network']} (JIT launches a no-op), "
+               "launch": _launch_label(args), "machine": machine_info(), "depths": list(DEPTHS), "ms": {}}
+    print(f"host work per forward, {results['network']}, {results['launch']}, "
           f"from {len(DEPTHS)} call depths: min / median / max over depths")
     gc.disable()  # a collection inside a timed run is the caller's cost, not the layers'
     try:

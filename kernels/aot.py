@@ -151,7 +151,7 @@ class _StubLauncher:
         pass
 
     def __call__(self, *call) -> None:
-        if self.sinks:
+        if self.sinks and self.sinks[-1] is not None:
             self.sinks[-1].append(call)
 
 
@@ -204,23 +204,24 @@ class StubDriver:
 
 
 @contextlib.contextmanager
-def stub_driver(arch: int = 90, sm_count: int = 132) -> Iterator[tuple[StubDriver, list]]:
+def stub_driver(arch: int = 90, sm_count: int = 132, keep_calls: bool = True) -> Iterator[tuple[StubDriver, list]]:
     """Triton's runtime with the GPU driver stubbed out: ``kernel[grid](...)`` on CPU tensors binds,
     specialises, compiles (for ``sm_<arch>``, with the bundled ptxas) and looks kernels up exactly as
     on a GPU, and the compiled kernel's launcher appends its call to the yielded list instead of
-    launching. Yields (the driver, whose ``device`` and ``stream`` can be changed, the list). For
-    checking and timing the host side of launches; autotuners that benchmark cannot run under it."""
+    launching (``keep_calls=False``: does nothing, for timing, as the calls hold their tensors).
+    Yields (the driver, whose ``device`` and ``stream`` can be changed, the list). For checking and
+    timing the host side of launches; autotuners that benchmark cannot run under it."""
     from triton.runtime import driver
 
     sink: list = []
     saved = dict(vars(driver))
     stub = StubDriver(arch, sm_count)
     driver.set_active(stub)
-    _StubLauncher.sinks.append(sink)
+    _StubLauncher.sinks.append(sink if keep_calls else None)
     try:
         yield stub, sink
     finally:
-        _StubLauncher.sinks.remove(sink)
+        _StubLauncher.sinks.pop()
         vars(driver).clear()
         vars(driver).update(saved)
 
