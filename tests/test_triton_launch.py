@@ -124,9 +124,13 @@ def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
         launch(*_gather_tensors())
         assert len(through_triton) == 1
 
+        src, dst = _gather_tensors()
+        launch(src.double(), dst.double())  # another dtype: another compiled kernel
+        assert len(through_triton) == 2
+
         driver.device = 1  # another current device: its own compiled kernel
         launch(*_gather_tensors())
-        assert len(through_triton) == 2
+        assert len(through_triton) == 3
         driver.device = 0
 
         owner, seen = _triton_launch._hook_owner(), []
@@ -141,7 +145,7 @@ def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
             launch(*_gather_tensors())  # a profiler's launch hook: triton passes it the launch metadata
         finally:
             restore()
-        assert len(through_triton) == 3
+        assert len(through_triton) == 4
 
         if hasattr(jit, "pre_run_hooks"):
             jit.pre_run_hooks.append(lambda *args, **kwargs: seen.append("pre-run"))
@@ -149,10 +153,10 @@ def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
                 launch(*_gather_tensors())
             finally:
                 jit.pre_run_hooks.pop()
-            assert len(through_triton) == 4 and "pre-run" in seen
+            assert len(through_triton) == 5 and "pre-run" in seen
         launch(*_gather_tensors())
-        assert len(through_triton) == 3 + hasattr(jit, "pre_run_hooks")
-    assert len(calls) == 2 + 5 + hasattr(jit, "pre_run_hooks")
+        assert len(through_triton) == 4 + hasattr(jit, "pre_run_hooks")
+    assert len(calls) == 2 + 6 + hasattr(jit, "pre_run_hooks")
 
 
 def test_no_direct_launch_where_the_recorded_call_is_not_ours(tb, stub):

@@ -10,9 +10,9 @@ records the call Triton makes into the compiled kernel's launcher, and returns a
 
 A :class:`CompiledLaunch` declines (returns False, and the caller launches through Triton) where
 Triton would not launch the same compiled kernel, or would do more than launch it: another current
-device, a tensor that is not 16-byte aligned where the recorded one was (Triton compiles an aligned
-variant for aligned pointers), launch hooks installed (profilers such as proton read them) or
-pre-run hooks on the JIT function.
+device, a tensor of another dtype, or one that is not 16-byte aligned where the recorded one was
+(Triton compiles an aligned variant for aligned pointers), launch hooks installed (profilers such
+as proton read them) or pre-run hooks on the JIT function.
 """
 from __future__ import annotations
 
@@ -54,13 +54,13 @@ def _active(hook) -> bool:
 class CompiledLaunch:
     """One recorded launch of a compiled kernel, repeated with new leading tensors: ``launch(tensors)``."""
 
-    __slots__ = ("_runner", "_grid", "_function", "_metadata", "_rest", "_device", "_aligned", "_jit", "_driver",
-                 "_hooks")
+    __slots__ = ("_runner", "_grid", "_function", "_metadata", "_rest", "_device", "_dtypes", "_aligned", "_jit",
+                 "_driver", "_hooks")
 
     def __init__(self, runner: Callable, grid: tuple, function: Any, metadata: Any, rest: tuple, device: int,
-                 aligned: tuple, jit: Any, driver: Any, hooks: Any):
+                 dtypes: tuple, aligned: tuple, jit: Any, driver: Any, hooks: Any):
         self._runner, self._grid, self._function, self._metadata = runner, grid, function, metadata
-        self._rest, self._device, self._aligned = rest, device, aligned
+        self._rest, self._device, self._dtypes, self._aligned = rest, device, dtypes, aligned
         self._jit, self._driver, self._hooks = jit, driver, hooks
 
     def __call__(self, tensors: tuple) -> bool:
@@ -70,6 +70,9 @@ class CompiledLaunch:
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
         if _active(enter) or _active(leave) or getattr(self._jit, "pre_run_hooks", None):
             return False
+        for t, dtype in zip(tensors, self._dtypes):
+            if t.dtype is not dtype:
+                return False
         for i in self._aligned:
             if tensors[i].data_ptr() % _ALIGNMENT:
                 return False
@@ -127,6 +130,9 @@ def _from_call(call: tuple, runner: Callable, compiled: Any, jit: Any, tensors: 
     device = driver.get_current_device()
     if stream != driver.get_current_stream(device):
         return None
-    aligned = tuple(i for i, t in enumerate(tensors) if isinstance(t, Tensor) and t.data_ptr() % _ALIGNMENT == 0)
-    return CompiledLaunch(runner, tuple(grid), function, metadata, tuple(kernel_args[len(tensors):]), device, aligned,
-                          jit, driver, _hook_owner())
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None
+    dtypes = tuple(t.dtype for t in tensors)
+    aligned = tuple(i for i, t in enumerate(tensors) if t.data_ptr() % _ALIGNMENT == 0)
+    return CompiledLaunch(runner, tuple(grid), function, metadata, tuple(kernel_args[len(tensors):]), device, dtypes,
+                          aligned, jit, driver, _hook_owner())
