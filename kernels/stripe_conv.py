@@ -474,9 +474,11 @@ def stripe_wgrad_tiles_kernel(
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grad weight over the forward's filter tiles: per (tile, position of its union) a
-    [BLOCK_T filters, pixels] x [pixels, channels] product, split-K over pixels (grid axis 1) and
-    added atomically into the fp32 rows that the tile's filters keep (the others are dropped). dy's
-    columns as in ``stripe_dgrad_tiles_kernel``."""
+    [channels, pixels] x [pixels, BLOCK_T filters] product (channels on the M side: BLOCK_C = 64 makes
+    it a warpgroup MMA on Hopper whatever the tile width, where [BLOCK_T, pixels] x [pixels, channels]
+    with a 16 or 32-wide tile is not), split-K over pixels (grid axis 1) and added atomically into the
+    fp32 rows that the tile's filters keep (the others are dropped). dy's columns as in
+    ``stripe_dgrad_tiles_kernel``."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     e = pid // NCB
@@ -498,7 +500,7 @@ def stripe_wgrad_tiles_kernel(
     M = B * Ho * Wo
     m_start = split * CHUNK
     m_end = tl.minimum(M, m_start + CHUNK)
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
@@ -508,16 +510,16 @@ def stripe_wgrad_tiles_kernel(
         hi = ho * SH - PT + i * DH
         wi = wo * SW - PL + j * DW
         x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-        dyt = tl.load(dy_ptr + dy_col[:, None] + (b * sdb + ho * sdh + wo * sdw)[None, :], mask=m_ok[None, :],
+        xt = tl.load(x_ptr + x_ch[:, None] + (b * sxb + hi * sxh + wi * sxw)[None, :],
+                     mask=c_ok[:, None] & x_ok[None, :], other=0.0)
+        dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + dy_col[None, :], mask=m_ok[:, None],
                       other=0.0)
-        xt = tl.load(x_ptr + x_ch[None, :] + (b * sxb + hi * sxh + wi * sxw)[:, None],
-                     mask=x_ok[:, None] & c_ok[None, :], other=0.0)
-        acc = tl.dot(dyt, xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(xt, dyt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
     rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
     if INT64_INDEX:
         rows = rows.to(tl.int64)
-    tl.atomic_add(dw_ptr + rows[:, None] * CG + offs_c[None, :], acc, mask=(rows >= 0)[:, None] & c_ok[None, :])
+    tl.atomic_add(dw_ptr + rows[None, :] * CG + offs_c[:, None], acc, mask=c_ok[:, None] & (rows >= 0)[None, :])
 
 
 @triton.jit
