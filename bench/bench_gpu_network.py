@@ -123,10 +123,13 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "triton": _triton_version(), "stripe_backend": backend, "model": args.model,
             "stripe_layers": len(masks), "reordered_layers": reordered, "density": kept / total, "dtype": str(dtype).replace("torch.", ""),
-            "calls": args.calls, "rounds": args.rounds}
+            "calls": args.calls, "rounds": args.rounds,
+            # settled Triton launches through the compiled kernel's launcher, or (0) Triton's own path
+            "triton_direct_launch": os.environ.get("STRIPECONV_TRITON_DIRECT", "1").strip() != "0"}
     print(f"# {args.model}, {len(masks)} stripe layers ({reordered} with filters in tile order) at density "
           f"{kept / total:.3f} ({backend} backend), "
-          f"{meta['dtype']}, channels_last, {device_name}, torch {torch.__version__}, {meta['date']}")
+          f"{meta['dtype']}, channels_last, {device_name}, torch {torch.__version__}, {meta['date']}"
+          + ("" if meta["triton_direct_launch"] else ", every Triton launch through its JIT function"))
     print(f"{'batch':>5} {'mode':<16} {'dense ms':>9} {'stripe ms':>10} {'speedup':>8} {'1/density':>9} {'error':>8}")
     rows = []
     os.makedirs(args.out, exist_ok=True)

@@ -8,6 +8,8 @@
 #   bash bench/gpu_session.sh vgg16,resnet56        # those suites (budgeted: 7 min)
 #   bash bench/gpu_session.sh resnet50,batch1
 #   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered)
+#   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
+#                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
 #
 # A machine left idle for 30 s is given back and the next command gets a bare one. The benchmark
@@ -69,6 +71,13 @@ for step in "$@"; do
       "$PY" bench/bench_gpu_network.py --reorder --budget-s "$((BUDGET / 2))" --out "$OUT" --tag _reordered 2>&1 \
         | tee "$OUT/bench_network_reordered.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    launch)
+      for direct in 1 0; do
+        STRIPECONV_TRITON_DIRECT=$direct "$PY" bench/bench_gpu_network.py --modes eager,compile \
+          --budget-s "$((BUDGET / 2))" --out "$OUT" --tag "_direct$direct" 2>&1 \
+          | tee "$OUT/bench_network_direct$direct.log" | tail -8
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done ;;
     *)
       "$PY" bench/bench_gpu.py --suites "$step" --graphs --masks "$MASKS" --skip-reference --budget-s "$BUDGET" \
         --out "$OUT" --tag "_${step//,/_}" \

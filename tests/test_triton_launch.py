@@ -180,3 +180,12 @@ def test_no_direct_launch_where_the_recorded_call_is_not_ours(tb, stub):
     fast = _triton_launch.record(lambda: jit[launch.grid](*tensors, *launch.bound, **launch.constants), compiled, jit,
                                  tensors, launch.bound)
     assert fast is not None and fast(_gather_tensors())
+
+
+def test_direct_launches_can_be_switched_off(tb, stub, monkeypatch):
+    monkeypatch.setenv("STRIPECONV_TRITON_DIRECT", "0")
+    launch = _gather_launch(tb)
+    with _through_triton_counted(tb._kernels.stripe_gather_columns_kernel) as through_triton:
+        for _ in range(4):
+            launch(*_gather_tensors())
+    assert len(through_triton) == 4 and launch._fast is False

@@ -293,7 +293,7 @@ class _TunedLaunch:
     signature, so the tuner would pick the same configuration again. From the third launch on, the
     compiled kernel's launcher is called directly (:mod:`._triton_launch`), which skips the JIT
     function's ~18 us of binding and cache lookup; it hands back to the JIT function wherever that
-    would launch something else.
+    would launch something else (``STRIPECONV_TRITON_DIRECT=0``: always).
 
     ``fixed`` (deterministic mode) skips the tuner: the launch runs the kernel's first configuration
     that fits this GPU. A timed pick can differ between processes, and another pixel block
@@ -306,7 +306,8 @@ class _TunedLaunch:
         self.name, self.grid, self.constants, self.fixed, self.bound = name, grid, constants, fixed, bound
         self._direct = None  # (kernel, jit function, configuration kwargs)
         self._compiled = None  # what the last launch through the jit function compiled (None in the interpreter)
-        self._fast = None  # CompiledLaunch, or False where the launch cannot be repeated directly
+        # CompiledLaunch, or False where the launch is not repeated directly (STRIPECONV_TRITON_DIRECT=0: never)
+        self._fast = None if getenv("STRIPECONV_TRITON_DIRECT", "1").strip() != "0" else False
 
     def __call__(self, *tensors) -> None:
         # Triton launches on the *current* CUDA device and its stream; with several GPUs the tensors
