@@ -15,7 +15,9 @@ The kernels:
     channels of its group, in a single flattened loop (so the software pipeliner sees one loop).
     Weights are read straight from the packed ``[S, CG]`` rows: ``w_rows[t, u, col]`` is the
     packed row of column ``col``'s filter at the union's position ``u``, -1 where that filter
-    does not keep it (a masked load that reads zeros), so no per-call weight copy is made.
+    does not keep it (a masked load that reads zeros), so no per-call weight copy is made. With
+    ``ROW_RUNS`` (every tile's rows at each position are consecutive, e.g. at density 1) the tile
+    reads a plain block of rows from the first one instead.
     Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
@@ -80,10 +82,10 @@ else:
 # another (an OutOfResources raised outside the tuner, where nothing catches it).
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
 _PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
-FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS"]
+FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
-DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T"]
+DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
 WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
@@ -134,7 +136,7 @@ def stripe_fwd_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr, STORE: tl.constexpr,
-    NPOS: tl.constexpr,
+    NPOS: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -178,14 +180,26 @@ def stripe_fwd_kernel(
             ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
             ck = c0 + offs_k
             x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
-            rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
-            kept = rows >= 0
-            if INT64_INDEX:
-                rows = rows.to(tl.int64)
+            if ROW_RUNS:
+                # The tile's filters keep position u in consecutive packed rows: one [BLOCK_N, CG] block
+                # of rows from the first, no row table, no absent rows to mask.
+                rows = tl.load(rows_tile + u * BLOCK_N)
+                if INT64_INDEX:
+                    rows = rows.to(tl.int64)
+                rows = rows + offs_n
+                kept = offs_n < BLOCK_N
+            else:
+                rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
+                kept = rows >= 0
+                if INT64_INDEX:
+                    rows = rows.to(tl.int64)
             w_off = rows[None, :] * CG + ck[:, None]
             if EVEN_K:
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
-                wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
+                if ROW_RUNS:
+                    wt = tl.load(w_ptr + w_off)
+                else:
+                    wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
             else:
                 k_ok = ck < CG
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
@@ -428,7 +442,7 @@ def stripe_dgrad_tiles_kernel(
     sxb, sxc, sxh, sxw,
     SH, SW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     """Grad input over the forward's filter tiles: for each (tile, position of its union) that lines
@@ -451,11 +465,17 @@ def stripe_dgrad_tiles_kernel(
             col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
             dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + ((col0 + offs_t) * sdc)[None, :],
                           mask=ok[:, None], other=0.0)
-            rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
-            if INT64_INDEX:
-                rows = rows.to(tl.int64)
-            wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
-                         mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
+            if ROW_RUNS:  # consecutive packed rows, none absent (as in the forward)
+                rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T)
+                if INT64_INDEX:
+                    rows = rows.to(tl.int64)
+                wt = tl.load(w_ptr + (rows + offs_t)[:, None] * CG + offs_c[None, :], mask=c_ok[None, :], other=0.0)
+            else:
+                rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
+                if INT64_INDEX:
+                    rows = rows.to(tl.int64)
+                wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
+                             mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
 

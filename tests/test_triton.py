@@ -68,6 +68,11 @@ CASES = dict([
     _case("density0", density=0.0),
     _case("density0_nhwc_no_bias", density=0.0, channels_last=True, bias=False, stride=(2, 2), H=8, W=8),
     _case("density1", density=1.0),
+    # Density 1 and filters in blocks of alike patterns: tiles read consecutive packed rows (ROW_RUNS).
+    _case("density1_cin3_nhwc", density=1.0, C=3, N=32, channels_last=True),
+    _case("density1_int64_s2", density=1.0, int64=True, stride=(2, 2), H=8, W=8),
+    _case("density1_groups", density=1.0, C=32, N=32, groups=2),
+    _case("filter_blocks16", mask_blocks=16, N=48, channels_last=True, dtype="bfloat16"),
     _case("density01", density=0.1, N=48),
     _case("empty_filters", empty_filters=9, N=40),
     _case("partial_tile", N=20),
@@ -133,6 +138,9 @@ CASES = dict([
     _case("tiles_backward_groups", pick="tiles", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8, bias=False),
     _case("tiles_backward_int64", pick="tiles", int64=True, channels_last=True, stride=(2, 2), H=8, W=8),
     _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32, dy_in_place=True),
+    _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
+    _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
+          channels_last=True, dy_in_place=True),
     _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
           H=10, W=8),
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -1146,3 +1154,28 @@ def test_aligned_runs_only_for_runs_of_eight_consecutive_channels():
     assert not _aligned_runs(np.array([run(0)[:7] + [9] + run(16)]))       # a broken run
     assert not _aligned_runs(np.array([run(0) + [24, 25, 26, 27, -1, -1, -1, -1]]))  # half a run, half padding
     assert not _aligned_runs(np.array([list(range(4))]))                   # narrower than 8
+
+
+def test_row_runs_only_where_every_tile_reads_consecutive_rows():
+    """The forward's ROW_RUNS path reads BLOCK_N consecutive packed rows from each (tile, position)'s first
+    one, unmasked: any plan with an absent stripe or a row out of sequence there must not be called so."""
+    import numpy as np
+
+    from stripeconv.backends.triton_plans import _row_runs, forward_plans
+
+    rows = np.array([[[0, 1, 2, 3], [8, 9, 10, 11], [-1, -1, -1, -1]]])  # [T, UMAX, BLOCK_N]
+    assert _row_runs(rows, np.array([2]))           # the padding position past the union is not read
+    assert not _row_runs(rows, np.array([3]))
+    rows[0, 1, 2] = 12
+    assert not _row_runs(rows, np.array([2]))       # out of sequence
+    absent = np.array([[[-1, 0, 1, 2]]])
+    assert not _row_runs(absent, np.array([1]))     # an absent stripe is a zero, not the row before the next
+    g = torch.Generator().manual_seed(0)
+    dense = torch.ones(48, 3, 3, dtype=torch.bool)
+    blocks = (torch.rand(3, 3, 3, generator=g) < 0.5).repeat_interleave(16, 0)  # blocks of 16 alike filters
+    random = torch.rand(48, 3, 3, generator=g) < 0.5
+    plans = forward_plans(dense, 1, "cpu")  # a 64-wide tile of 48 filters has padding columns: no rows there
+    assert [plan.row_runs for plan in plans] == [plan.num_tiles * plan.block_n == 48 for plan in plans]
+    assert any(plan.row_runs for plan in plans) and any(plan.row_runs for plan in forward_plans(blocks, 1, "cpu"))
+    assert not any(plan.row_runs for plan in forward_plans(random, 1, "cpu"))
+    assert all(plan.row_runs for plan in forward_plans(torch.ones(32, 3, 3, dtype=torch.bool), 2, "cpu"))

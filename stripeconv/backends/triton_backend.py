@@ -415,7 +415,8 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         **_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")),
-        STORE=store, NPOS=kh * kw if plan.all_positions else 0, BLOCK_N=bn, BLOCK_K=block_k,
+        STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and plan.row_runs,
+        BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
                           constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
@@ -835,7 +836,7 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
     constants = dict(
         **_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=_needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
+        INT64_INDEX=_needs_int64(dy, torch.empty(weight.shape, device="meta"), dx), ROW_RUNS=fwd.row_runs,
         BLOCK_N=block_n, BLOCK_T=fwd.block_n,
     )
     kernel = _TunedLaunch("stripe_dgrad_tiles_kernel",

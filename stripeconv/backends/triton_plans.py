@@ -171,6 +171,7 @@ class ForwardPlan:
     in_order: bool = False  # tiles of consecutive filters (not clustered)
     runs: bool = False  # every tile is a full run of BLOCK_N consecutive channels (so starts at a multiple of it)
     all_positions: bool = False  # every tile's union is every kernel position (tile_pos[t] = 0, 1, ..., kh*kw - 1)
+    row_runs: bool = False  # every (tile, union position) reads consecutive packed rows, none absent (:func:`_row_runs`)
 
     @property
     def efficiency(self) -> float:
@@ -254,8 +255,21 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
         in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
-        all_positions=bool((tile_npos == npos).all()),
+        all_positions=bool((tile_npos == npos).all()), row_runs=_row_runs(w_rows, tile_npos),
     )
+
+
+def _row_runs(w_rows: np.ndarray, tile_npos: np.ndarray) -> bool:
+    """Whether each tile's filters all keep every position of its union and sit in consecutive packed
+    rows there (``w_rows[t, u] = r0 + 0..BLOCK_N-1``): tiles of consecutive filters that keep the same
+    positions, as at density 1, in a filter-pruned layer or with grouped stripes in tile order. The
+    forward then reads a tile's weights as one [BLOCK_N, C] block of rows, without the row table."""
+    block_n = w_rows.shape[2]
+    for t, npos in enumerate(tile_npos):
+        rows = w_rows[t, :npos]
+        if (rows != rows[:, :1] + np.arange(block_n)).any() or (rows[:, 0] < 0).any():
+            return False
+    return True
 
 
 def _segments(mask_cpu: Tensor, groups: int) -> tuple[np.ndarray, np.ndarray]:
