@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["Launch", "Variant", "capture_launches", "specialisation", "compile_launch", "compile_call",
-           "ptx_code_digest", "StubDriver", "stub_driver"]
+__all__ = ["Launch", "Variant", "capture_launches", "specialisation", "tuned_configs", "compile_launch",
+           "compile_call", "ptx_code_digest", "StubDriver", "stub_driver"]
 
 
 @dataclass
@@ -302,6 +302,16 @@ def ptx_code_digest(ptx: str) -> str:
     return hashlib.sha1("\n".join(code).encode()).hexdigest()
 
 
+def tuned_configs(launch: Launch) -> list:
+    """The autotuning configurations the launch's tuner would time (after its early prune), or [None]
+    for a kernel without a tuner."""
+    configs = getattr(launch.kernel, "configs", None)
+    if not configs:
+        return [None]
+    prune = getattr(launch.kernel, "early_config_prune", None)
+    return list(prune(configs, {}, **launch.kwargs) if prune else configs)
+
+
 def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = None) -> list[Variant]:
     """Compile every autotuning configuration of ``launch`` for ``sm_<arch>``."""
     import triton
@@ -310,7 +320,7 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
 
     fn = _jit_fn(launch.kernel)
     bound = inspect.signature(fn.fn).bind_partial(*launch.args, **launch.kwargs)
-    configs = configs if configs is not None else getattr(launch.kernel, "configs", None) or [None]
+    configs = configs if configs is not None else tuned_configs(launch)
     variants = []
     for config in configs:
         values = dict(bound.arguments)

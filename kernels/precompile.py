@@ -60,7 +60,7 @@ def plan(calls: Iterable[Callable[[], Any]], sm_count: int = 132) -> list[Job]:
         for launch in aot.capture_launches(call, sm_count=sm_count, every_candidate=True):
             fn = aot._jit_fn(launch.kernel)
             values = dict(inspect.signature(fn.fn).bind_partial(*launch.args, **launch.kwargs).arguments)
-            for config in getattr(launch.kernel, "configs", None) or [None]:
+            for config in aot.tuned_configs(launch):
                 cfg = _config_kwargs(config)
                 signature, constexprs, attrs = aot.specialisation(fn, {**values, **cfg})
                 key = (fn.__name__, tuple(signature.items()), repr(sorted(constexprs.items())),

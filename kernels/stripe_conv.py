@@ -70,7 +70,8 @@ if INTERPRET:
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
 else:
-    FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3)]
+    # The last two are for few pixels (see fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
+    FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
 
@@ -92,6 +93,23 @@ WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOC
 # a benchmark suite). Every other integer keeps its specialisation, which decides vector widths
 # and index arithmetic (Wo divisible by 16, T or G equal to 1).
 UNSPECIALISED = TUNE_KEY
+
+
+# A forward over few output pixels (batch 1, the late layers of a CIFAR net) has few [BLOCK_M, BLOCK_N]
+# programs: at 16x16 pixels and 128 filters in 64-wide tiles, 4 of them with BLOCK_M = 128, on a GPU
+# of 132 multiprocessors. There BLOCK_M = 32 (mma.sync, not wgmma) makes 4x as many; BLOCK_M = 256
+# makes half as many. The tuner times either for the shapes it suits.
+SMALL_M = 4096
+
+
+def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
+    """The forward's configurations worth timing for a launch's pixel count (``KEY_M``, a power of two):
+    BLOCK_M = 32 up to :data:`SMALL_M` pixels, BLOCK_M = 256 above (the autotuner's early prune)."""
+    m = kwargs.get("KEY_M", named_args.get("KEY_M"))
+    if m is None or len(configs) == 1:
+        return list(configs)
+    small = m <= SMALL_M
+    return [c for c in configs if c.kwargs["BLOCK_M"] != (256 if small else 32)]
 
 
 def tuning_bench(fn, quantiles=None):
@@ -124,7 +142,8 @@ def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
     return b, h, w
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, **_TUNE_EXTRAS)
+@triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by={"early_config_prune": fwd_configs_for},
+                 **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,

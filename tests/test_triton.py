@@ -758,7 +758,9 @@ def _check_variants(aot, label, call, arch):
         for v in vs:
             # fp32 in IEEE mode and fp64 have no tensor-core path; 16-bit inputs and TF32 do.
             if v.constexprs.get("USE_DOT") and (v.dtype in ("fp16", "bf16") or v.constexprs["INPUT_PRECISION"] == "tf32"):
-                assert v.tensor_cores == ("wgmma" if arch >= 90 else "mma"), (label, v.row())
+                # a warpgroup MMA needs 64 rows: the forward's BLOCK_M = 32 (few pixels) runs mma.sync
+                wgmma = arch >= 90 and (kernel != "stripe_fwd_kernel" or v.config["BLOCK_M"] >= 64)
+                assert v.tensor_cores == ("wgmma" if wgmma else "mma"), (label, v.row())
             if kernel == "stripe_fwd_kernel" and v.constexprs.get("USE_DOT"):
                 assert v.async_copies > 0, ("forward loads are not pipelined", label, v.row())
     return variants
@@ -1179,3 +1181,18 @@ def test_row_runs_only_where_every_tile_reads_consecutive_rows():
     assert any(plan.row_runs for plan in plans) and any(plan.row_runs for plan in forward_plans(blocks, 1, "cpu"))
     assert not any(plan.row_runs for plan in forward_plans(random, 1, "cpu"))
     assert all(plan.row_runs for plan in forward_plans(torch.ones(32, 3, 3, dtype=torch.bool), 2, "cpu"))
+
+
+def test_forward_times_small_pixel_blocks_only_for_few_pixels():
+    """The forward's tuner times BLOCK_M = 32 for launches over few output pixels (batch 1, small planes:
+    more programs for the GPU's multiprocessors) and BLOCK_M = 256 for many, never both; the tuner itself
+    prunes so, and the ahead-of-time tools compile what it would time."""
+    aot = _aot()
+    for batch, h, kept, dropped in ((1, 16, 32, 256), (64, 16, 256, 32)):
+        label, call = aot.layer_calls(128, 128, h, density=0.5, dtype=torch.bfloat16, batch=batch)[0]
+        launch = aot.capture_launches(call)[0]
+        tuner = launch.kernel
+        tuner.nargs = dict(zip(tuner.arg_names, launch.args))
+        timed = [c.kwargs["BLOCK_M"] for c in tuner.prune_configs(dict(launch.kwargs))]
+        assert kept in timed and dropped not in timed and len(timed) == len(tuner.configs) - 1, (label, timed)
+        assert [c.kwargs["BLOCK_M"] for c in aot.tuned_configs(launch)] == timed
