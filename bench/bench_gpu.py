@@ -773,6 +773,8 @@ def main(argv=None):
         "dtype": args.dtype, "allow_tf32": tb._tf32_matmul(),
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
         "deterministic": gpu_select.deterministic(), "args": {k: v for k, v in vars(args).items()},
+        # settled Triton launches through the compiled kernel's launcher, or (0) Triton's own path
+        "triton_direct_launch": os.environ.get("STRIPECONV_TRITON_DIRECT", "1").strip() != "0",
         "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
         "layers_done": [], "layers_skipped": [],
     }
