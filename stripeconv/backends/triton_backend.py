@@ -706,8 +706,14 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
     chunk = triton_cdiv(triton_cdiv(m, split), 256) * 256
     split = triton_cdiv(m, chunk)
     atomic = split > 1 and not deterministic
-    # Atomics add into one zeroed buffer; otherwise each split writes its own slice, summed below.
-    buf_shape, zeroed = ((s, cg), True) if atomic or split == 1 else ((split, s, cg), False)
+    # Atomics add into one zeroed fp32 buffer; several splits without them write a slice each, summed
+    # below; a single split writes every row once, in the weight's dtype (no zeroing, no cast after).
+    if atomic:
+        buf_shape, buf_dtype, zeroed = (s, cg), acc_torch, True
+    elif split == 1:
+        buf_shape, buf_dtype, zeroed = (s, cg), weight.dtype, False
+    else:
+        buf_shape, buf_dtype, zeroed = (split, s, cg), acc_torch, False
     copy_dy = not grad_output.is_contiguous(memory_format=torch.channels_last)
     copy_x = not input.is_contiguous(memory_format=torch.channels_last)
     dy, x = _meta_like(grad_output, copy_dy), _meta_like(input, copy_x)
@@ -727,7 +733,7 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
     def launch(grad_output, input, weight):
         dy = grad_output.contiguous(memory_format=torch.channels_last) if copy_dy else grad_output
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
-        buf = (torch.zeros if zeroed else torch.empty)(buf_shape, dtype=acc_torch, device=weight.device)
+        buf = (torch.zeros if zeroed else torch.empty)(buf_shape, dtype=buf_dtype, device=weight.device)
         kernel(dy, x, buf)
         if buf.dim() == 3:
             buf = buf.sum(0)
