@@ -87,7 +87,7 @@ FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RU
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
-WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C"]
+WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
 # a benchmark suite). Every other integer keeps its specialisation, which decides vector widths
@@ -509,14 +509,15 @@ def stripe_wgrad_tiles_kernel(
     sxb, sxc, sxh, sxw,
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
-    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
+    ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grad weight over the forward's filter tiles: per (tile, position of its union) a
     [channels, pixels] x [pixels, BLOCK_T filters] product (channels on the M side: BLOCK_C = 64 makes
     it a warpgroup MMA on Hopper whatever the tile width, where [BLOCK_T, pixels] x [pixels, channels]
     with a 16 or 32-wide tile is not), split-K over pixels (grid axis 1) and added atomically into the
-    fp32 rows that the tile's filters keep (the others are dropped). dy's columns as in
+    fp32 rows that the tile's filters keep (the others are dropped); with a single split (not
+    ``ATOMIC``) each kept row is written once, in the buffer's dtype. dy's columns as in
     ``stripe_dgrad_tiles_kernel``."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -558,7 +559,11 @@ def stripe_wgrad_tiles_kernel(
     rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
     if INT64_INDEX:
         rows = rows.to(tl.int64)
-    tl.atomic_add(dw_ptr + rows[None, :] * CG + offs_c[:, None], acc, mask=c_ok[:, None] & (rows >= 0)[None, :])
+    dw_ptrs = dw_ptr + rows[None, :] * CG + offs_c[:, None]
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=c_ok[:, None] & (rows >= 0)[None, :])
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & (rows >= 0)[None, :])
 
 
 @triton.jit

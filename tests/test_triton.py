@@ -138,6 +138,8 @@ CASES = dict([
     _case("tiles_backward_groups", pick="tiles", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8, bias=False),
     _case("tiles_backward_int64", pick="tiles", int64=True, channels_last=True, stride=(2, 2), H=8, W=8),
     _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32, dy_in_place=True),
+    _case("tiles_backward_splitk", pick="tiles", H=20, W=20, C=16, N=16, density=0.4, channels_last=True,
+          dy_in_place=True),
     _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
     _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
           channels_last=True, dy_in_place=True),
@@ -1196,3 +1198,21 @@ def test_forward_times_small_pixel_blocks_only_for_few_pixels():
         timed = [c.kwargs["BLOCK_M"] for c in tuner.prune_configs(dict(launch.kwargs))]
         assert kept in timed and dropped not in timed and len(timed) == len(tuner.configs) - 1, (label, timed)
         assert [c.kwargs["BLOCK_M"] for c in aot.tuned_configs(launch)] == timed
+
+
+def test_tile_grad_weight_compiles_with_and_without_atomics():
+    """A single split stores each kept row once in the weight's dtype; several add atomically into fp32.
+    Both compile for sm_90 on wgmma without spilling."""
+    aot = _aot()
+    seen = set()
+    for batch in (1, 8):
+        label, call = aot.layer_calls(128, 128, 16, density=0.3, dtype=torch.bfloat16, batch=batch)[2]
+        launches = [launch for launch in aot.capture_launches(call, every_candidate=True)
+                    if launch.name == "stripe_wgrad_tiles_kernel"]
+        assert len(launches) == 1, label
+        atomic = launches[0].kwargs["ATOMIC"]
+        assert launches[0].args[2].dtype == (torch.float32 if atomic else torch.bfloat16)
+        for v in aot.compile_launch(launches[0], 90):
+            assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
+        seen.add(atomic)
+    assert seen == {False, True}

@@ -860,7 +860,8 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
 def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weight, stride, padding,
                                 dilation) -> Callable:
     """Grad weight over the forward's tiles for every call shaped like this one: ``launch(grad_output, input,
-    weight)``; split-K partial sums are added atomically (so it is not offered in deterministic mode)."""
+    weight)``; split-K partial sums are added atomically (so it is not offered in deterministic mode),
+    a single split stores each row once."""
     b, c, h, w = input.shape
     fwd = plan.fwd
     n, kh, kw = fwd.mask_shape
@@ -882,9 +883,12 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, chunk, *dy_strides, *x.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = _precision(input.dtype)
+    # One split writes each kept row once, in the weight's dtype; several add into a zeroed fp32 buffer.
+    atomic = split > 1
+    buf_dtype = acc_torch if atomic else weight.dtype
     constants = dict(
         **_keys(m, c, n, fwd.density, kh, kw, stride),
-        INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        ATOMIC=atomic, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         INT64_INDEX=_needs_int64(dy, x, torch.empty((s, cg), device="meta")),
         BLOCK_T=fwd.block_n, BLOCK_C=block_c,
     )
@@ -893,7 +897,7 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     def launch(grad_output, input, weight):
         dy = grad_output if in_place else _gathered_dy(grad_output, plan, False, gather)
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
-        buf = torch.zeros((s, cg), dtype=acc_torch, device=weight.device)
+        buf = (torch.zeros if atomic else torch.empty)((s, cg), dtype=buf_dtype, device=weight.device)
         kernel(dy, x, buf)
         return buf.to(weight.dtype)
     return launch
