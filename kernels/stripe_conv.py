@@ -18,6 +18,8 @@ The kernels:
     does not keep it (a masked load that reads zeros), so no per-call weight copy is made. With
     ``ROW_RUNS`` (every tile's rows at each position are consecutive, e.g. at density 1) the tile
     reads a plain block of rows from the first one instead.
+    With ``SPLIT_K`` > 1 (few output pixels: more programs for the GPU) grid axis 1 splits each tile's
+    iterations, and the splits add into a zeroed fp32 output atomically.
     Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
@@ -83,7 +85,7 @@ else:
 # another (an OutOfResources raised outside the tuner, where nothing catches it).
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
 _PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
-FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS"]
+FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SPLIT_K"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
@@ -155,7 +157,7 @@ def stripe_fwd_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr, STORE: tl.constexpr,
-    NPOS: tl.constexpr, ROW_RUNS: tl.constexpr,
+    NPOS: tl.constexpr, ROW_RUNS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -185,7 +187,13 @@ def stripe_fwd_kernel(
     if USE_DOT:
         offs_k = tl.arange(0, BLOCK_K)
         KC = tl.cdiv(CG, BLOCK_K)
-        for it in range(0, npos * KC):
+        it_begin = 0
+        it_end = npos * KC
+        if SPLIT_K > 1:  # split s of SPLIT_K (grid axis 1) reduces over its share of the tile's iterations
+            chunk = tl.cdiv(it_end, SPLIT_K)
+            it_begin = tl.program_id(1) * chunk
+            it_end = tl.minimum(it_end, it_begin + chunk)
+        for it in range(it_begin, it_end):
             u = it // KC
             c0 = (it - u * KC) * BLOCK_K
             if NPOS > 0:
@@ -251,8 +259,10 @@ def stripe_fwd_kernel(
         ch = tl.max_contiguous(tl.multiple_of(ch, 8), 8)
     n_ok = ch >= 0
     if HAS_BIAS:
-        bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0)
-        acc += bv.to(ACC_DTYPE)[None, :]
+        bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(ACC_DTYPE)
+        if SPLIT_K > 1:
+            bv = tl.where(tl.program_id(1) == 0, bv, 0.0)  # added once, by the first split
+        acc += bv[None, :]
     if STORE == 2:
         # Contiguous NCHW output: each column is a run of pixels of one plane, stored as vectors
         # whatever the channel order.
@@ -262,7 +272,10 @@ def stripe_fwd_kernel(
         out_ptrs = out_ptr + (b * sob + pix)[:, None] + ch[None, :] * soc
     else:
         out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    if SPLIT_K > 1:  # partial sums into a zeroed fp32 output
+        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit

@@ -50,8 +50,10 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
     assert len(widths) > 1
     assert {job.kwargs["BLOCK_N"] for job in by_kernel["stripe_fwd_kernel"]} == widths
-    # each way of storing a tile (vector runs, scatter, NCHW planes) is its own variant of a width
-    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"]) for job in by_kernel["stripe_fwd_kernel"]}
+    # each way of storing a tile (vector runs, scatter, NCHW planes) and the split-K candidate (few
+    # pixels) is its own variant of a width
+    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"], job.kwargs["SPLIT_K"])
+                for job in by_kernel["stripe_fwd_kernel"]}
     # (the forward's tuner times one of its two pixel-count-specific configurations: BLOCK_M 32 or 256)
     assert len(by_kernel["stripe_fwd_kernel"]) == len(variants) * (len(kernels.stripe_fwd_kernel.configs) - 1)
     assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {

@@ -128,6 +128,11 @@ CASES = dict([
     _case("reordered_tiles_backward_groups", reordered=True, channels_last=True, pick="tiles", C=32, N=64,
           groups=2, density=0.5, bias=False, dy_in_place=True),
     _case("reordered_tiles_backward_nchw", reordered=True, pick="tiles", N=64, density=0.3),  # gathered
+    # Split-K for few output pixels: programs share each tile's reduction, adding into a zeroed buffer.
+    _case("splitk_forward", pick="_splitk", channels_last=True, C=32, N=32, density=0.6),
+    _case("splitk_forward_nchw_bf16_s2", pick="_splitk", dtype="bfloat16", C=64, N=32, stride=(2, 2), H=8, W=9),
+    _case("splitk_forward_groups_no_bias", pick="_splitk", C=32, N=32, groups=2, bias=False, channels_last=True),
+    _case("splitk_forward_fp64_dense", pick="_splitk", dtype="float64", density=1.0, C=32, N=16),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
@@ -1216,3 +1221,31 @@ def test_tile_grad_weight_compiles_with_and_without_atomics():
             assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
         seen.add(atomic)
     assert seen == {False, True}
+
+
+def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
+    """A batch-1 layer with a long reduction gets a split-K forward candidate (not in deterministic mode,
+    not for a batch that fills the GPU); it compiles for sm_90 on the tensor cores with atomic adds."""
+    aot = _aot()
+    from stripeconv.backends import gpu_select
+    from stripeconv.backends import triton_backend as tb
+
+    label, call = aot.layer_calls(512, 512, 7, density=0.5, dtype=torch.bfloat16, batch=1)[0]
+    tb.clear_cache()
+    split = [launch for launch in aot.capture_launches(call, every_candidate=True) if launch.kwargs["SPLIT_K"] > 1]
+    assert split, "no split-K candidate for 49 pixels, 512 channels"
+    for launch in split:  # every width's: a configuration without spills to pick, all on the tensor cores
+        variants = aot.compile_launch(launch, 90)
+        assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
+        assert all(v.tensor_cores == ("mma" if v.config["BLOCK_M"] < 64 else "wgmma") for v in variants)
+    label, call = aot.layer_calls(128, 128, 16, density=0.5, dtype=torch.bfloat16, batch=64)[0]
+    tb.clear_cache()
+    assert all(launch.kwargs["SPLIT_K"] == 1 for launch in aot.capture_launches(call, every_candidate=True))
+    deterministic, gpu_select.deterministic = gpu_select.deterministic, lambda: True
+    try:
+        tb.clear_cache()
+        label, call = aot.layer_calls(512, 512, 7, density=0.5, dtype=torch.bfloat16, batch=1)[0]
+        assert all(launch.kwargs["SPLIT_K"] == 1 for launch in aot.capture_launches(call, every_candidate=True))
+    finally:
+        gpu_select.deterministic = deterministic
+        tb.clear_cache()

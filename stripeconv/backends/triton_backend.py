@@ -374,19 +374,23 @@ STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
 
 
 def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                     dilation, out_hw,
-                     via_planes: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                     dilation, out_hw, via_planes: bool = False,
+                     split_k: int = 1) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
     bias or not): all launch arguments but the tensors are worked out here, once.
 
     A channels_last output is stored in place when ``plan`` is aligned (runs of 8 channels) and
     scattered otherwise; with ``via_planes`` the kernel writes NCHW planes and a copy makes them
-    channels_last (a second pass over the output instead of scattered stores)."""
+    channels_last (a second pass over the output instead of scattered stores). With ``split_k`` > 1
+    that many programs share each output tile's reduction and add into a zeroed channels_last buffer
+    of the accumulator's dtype (the output itself for fp32 and fp64), cast to the output afterwards."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
     out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
-    if out_format == torch.contiguous_format:
+    if split_k > 1:
+        store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), torch.channels_last
+    elif out_format == torch.contiguous_format:
         store, kernel_format = STORE_PLANES, out_format
     elif via_planes:
         store, kernel_format = STORE_PLANES, torch.contiguous_format
@@ -416,18 +420,40 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         EVEN_K=cg % block_k == 0, INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")),
         STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and plan.row_runs,
-        BLOCK_N=bn, BLOCK_K=block_k,
+        SPLIT_K=split_k, BLOCK_N=bn, BLOCK_K=block_k,
     )
-    kernel = _TunedLaunch("stripe_fwd_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
+    kernel = _TunedLaunch("stripe_fwd_kernel",
+                          lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles, split_k),
                           constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
+    # split-K partial sums add up in the accumulator's precision (fp64 for fp64, fp32 otherwise)
+    out_dtype = None if split_k == 1 else torch.float64 if input.dtype == torch.float64 else torch.float32
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        if out_dtype is None:
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        else:
+            out = torch.empty(out_shape, dtype=out_dtype, device=input.device, memory_format=kernel_format).zero_()
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
+        if out_dtype is not None:
+            out = out.to(input.dtype)
         return out.contiguous(memory_format=out_format)
     return launch
+
+
+# The forward's split-K candidate: where few output pixels leave most multiprocessors idle
+# (batch 1, late CIFAR layers), several programs share each output tile's reduction.
+SPLIT_K_MAX = 8
+
+
+def _split_k(plan: ForwardPlan, m: int, cg: int, sms: int) -> int:
+    """Splits of each tile's reduction that bring the forward's programs (at 64-pixel blocks) to about
+    two per multiprocessor, each split keeping at least 4 iterations of BLOCK_K channels; 1 where the
+    programs fill the GPU already or the reduction is short."""
+    programs = triton_cdiv(m, 64) * plan.num_tiles
+    iterations = plan.umax * triton_cdiv(cg, max(16, min(64, next_pow2(cg))))
+    return max(1, min(SPLIT_K_MAX, triton_cdiv(2 * sms, programs), iterations // 4))
 
 
 def _symmetric(padding) -> bool:
@@ -526,6 +552,10 @@ def forward(
         if channels_last and not plan.aligned:
             launchers[name + "_planes"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                            (ho, wo), via_planes=True)
+        split = _split_k(plan, b * ho * wo, c // groups, _num_sms(device))
+        if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
+            launchers[name + "_splitk"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
+                                                           (ho, wo), split_k=split)
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
