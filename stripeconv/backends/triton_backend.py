@@ -450,10 +450,12 @@ SPLIT_K_MAX = 8
 def _split_k(plan: ForwardPlan, m: int, cg: int, sms: int) -> int:
     """Splits of each tile's reduction that bring the forward's programs (at 64-pixel blocks) to about
     two per multiprocessor, each split keeping at least 4 iterations of BLOCK_K channels; 1 where the
-    programs fill the GPU already or the reduction is short."""
+    programs fill the GPU already or the reduction is short. A power of two (2, 4 or 8): each count
+    is a compiled variant of the kernel."""
     programs = triton_cdiv(m, 64) * plan.num_tiles
     iterations = plan.umax * triton_cdiv(cg, max(16, min(64, next_pow2(cg))))
-    return max(1, min(SPLIT_K_MAX, triton_cdiv(2 * sms, programs), iterations // 4))
+    split = max(1, min(SPLIT_K_MAX, triton_cdiv(2 * sms, programs), iterations // 4))
+    return 1 << (split.bit_length() - 1)
 
 
 def _symmetric(padding) -> bool:
