@@ -144,8 +144,10 @@ def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
     return b, h, w
 
 
+# reset_to_zero: a split-K launch adds into its output, so the tuner zeroes it before each timing run
+# and before the launch that counts (the other launches overwrite it anyway).
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by={"early_config_prune": fwd_configs_for},
-                 **_TUNE_EXTRAS)
+                 reset_to_zero=["out_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, out_ptr,

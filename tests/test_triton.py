@@ -1249,3 +1249,23 @@ def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
     finally:
         gpu_select.deterministic = deterministic
         tb.clear_cache()
+
+
+def test_tuners_zero_what_their_kernels_add_into():
+    """A kernel that adds atomically into a buffer (split-K forward, grad weight) runs several times
+    while its tuner times configurations: the tuner must zero the buffer before each run and before the
+    launch whose result counts, or the first call of a shape returns a multiple of the answer."""
+    import inspect
+
+    _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    kernels = tb._check_kernels()
+    adds_into = {"stripe_fwd_kernel": "out_ptr", "stripe_wgrad_kernel": "dw_ptr", "stripe_wgrad_tiles_kernel": "dw_ptr"}
+    tuned = [name for name in dir(kernels) if name.endswith("_kernel") and hasattr(getattr(kernels, name), "configs")]
+    for name in tuned:
+        tuner = getattr(kernels, name)
+        atomic = "tl.atomic_add(" in inspect.getsource(tuner.fn.fn)
+        assert atomic == (name in adds_into), f"{name}: update this test's list of kernels that add atomically"
+        if atomic:
+            assert adds_into[name] in tuner.reset_to_zero, (name, tuner.reset_to_zero)
