@@ -19,7 +19,7 @@ The kernels:
     ``ROW_RUNS`` (every tile's rows at each position are consecutive, e.g. at density 1) the tile
     reads a plain block of rows from the first one instead.
     With ``SPLIT_K`` > 1 (few output pixels: more programs for the GPU) grid axis 1 splits each tile's
-    iterations, and the splits add into a zeroed fp32 output atomically.
+    iterations, and the splits add atomically into a zeroed output of the accumulator's dtype.
     Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
@@ -72,7 +72,7 @@ if INTERPRET:
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
 else:
-    # The last two are for few pixels (see fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
+    # The last two depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
     FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
@@ -274,7 +274,7 @@ def stripe_fwd_kernel(
         out_ptrs = out_ptr + (b * sob + pix)[:, None] + ch[None, :] * soc
     else:
         out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
-    if SPLIT_K > 1:  # partial sums into a zeroed fp32 output
+    if SPLIT_K > 1:  # partial sums into a zeroed output of the accumulator's dtype
         tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
