@@ -256,6 +256,11 @@ def _check_kernels():
     return _kernels
 
 
+def _dot_block(cg: int) -> int:
+    """Channel block of a tensor-core tile over ``cg`` channels: the power of two from 16 to 64 that covers them."""
+    return max(16, min(64, next_pow2(cg)))
+
+
 def _needs_int64(*tensors: Tensor) -> bool:
     """Whether element offsets into any of ``tensors`` can exceed int32."""
     return any(_max_offset(t) >= 2**31 - 1 for t in tensors)
@@ -407,7 +412,7 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
     m = b * ho * wo
     bn = plan.block_n
     use_dot = bn >= 16
-    block_k = max(16, min(64, next_pow2(cg))) if use_dot else 1
+    block_k = _dot_block(cg) if use_dot else 1
     copy_input = not input.is_contiguous(memory_format=torch.channels_last)
     x = _meta_like(input, copy_input)
     out = torch.empty(out_shape, device="meta", memory_format=kernel_format)
@@ -453,7 +458,7 @@ def _split_k(plan: ForwardPlan, m: int, cg: int, sms: int) -> int:
     programs fill the GPU already or the reduction is short. A power of two (2, 4 or 8): each count
     is a compiled variant of the kernel."""
     programs = triton_cdiv(m, 64) * plan.num_tiles
-    iterations = plan.umax * triton_cdiv(cg, max(16, min(64, next_pow2(cg))))
+    iterations = plan.umax * triton_cdiv(cg, _dot_block(cg))
     split = max(1, min(SPLIT_K_MAX, triton_cdiv(2 * sms, programs), iterations // 4))
     return 1 << (split.bit_length() - 1)
 
@@ -635,7 +640,7 @@ def _grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding
             return dx.zero_() if dx.numel() else dx
         return no_work
     use_dot = _use_dot_backward(cg, ng)
-    block_n = max(16, min(64, next_pow2(cg))) if use_dot else min(16, next_pow2(cg))
+    block_n = _dot_block(cg) if use_dot else min(16, next_pow2(cg))
     block_k = 32 if use_dot else 1
     # The scalar path walks the rows of a chunk one by one: one chunk per (phase, position, group).
     chunk = block_k if use_dot else 1 << 30
@@ -726,7 +731,7 @@ def _grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dil
     use_dot = _use_dot_backward(cg, ng)
     block_r = 64 if use_dot else min(4, next_pow2(ng))
     plan = cached_plan("wgrad", mask, groups, block_r, input.device)
-    block_c = max(16, min(64, next_pow2(cg))) if use_dot else min(4, next_pow2(cg))
+    block_c = _dot_block(cg) if use_dot else min(4, next_pow2(cg))
     ncb = triton_cdiv(cg, block_c)
     tiles = plan.num_blocks * ncb
     acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -861,7 +866,7 @@ def _grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inp
     cg = c // groups
     ho, wo = grad_output.shape[2:]
     dx_shape, dx_format = (b, c, h, w), output_memory_format(grad_output)
-    block_n = max(16, min(64, next_pow2(cg)))
+    block_n = _dot_block(cg)
     ncb = triton_cdiv(cg, block_n)
     sh, sw = stride
     mp_max = b * triton_cdiv(h, sh) * triton_cdiv(w, sw)
@@ -900,7 +905,7 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     cg = weight.shape[1]
     ho, wo = grad_output.shape[2:]
     s, m = weight.shape[0], b * ho * wo
-    block_c = max(16, min(64, next_pow2(cg)))
+    block_c = _dot_block(cg)
     ncb = triton_cdiv(cg, block_c)
     programs = plan.num_all * ncb
     split = max(1, min(triton_cdiv(4 * _num_sms(input.device), max(1, programs)), triton_cdiv(m, 512)))
