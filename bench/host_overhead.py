@@ -140,6 +140,8 @@ def _time(call, calls: int, repeats: int) -> list[float]:
 
 
 def single_calls(args, tb) -> dict:
+    from stripeconv.backends import _dense_weights
+
     gen = torch.Generator().manual_seed(0)
     c, hw = args.channels, args.size
     mask = torch.rand(c, 3, 3, generator=gen) < args.density
@@ -164,6 +166,9 @@ def single_calls(args, tb) -> dict:
         "grad weight, batch 32": lambda: tb.grad_weight(gy, x, weight, mask, *geometry),
         "layer forward, batch 1": layer_forward,
         "layer forward+backward, batch 1": layer_training_step,
+        # the dense hand-over's weight: kept per version of the packed rows, or scattered on every call
+        "dense weight, kept": lambda: _dense_weights.dense_weight(weight, mask, weight.device),
+        "dense weight, scattered": lambda: _dense_weights._scatter(weight, mask, weight.device),
     }
     from bench_cpu import machine_info  # beside this script
 

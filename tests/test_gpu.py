@@ -218,11 +218,13 @@ def test_reordered_model_matches_the_original(device, dtype):
     assert (xa.grad.double() - xb.grad.double()).abs().max().item() <= tol * max(1.0, xa.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("choice", ["never", "auto"])
+@pytest.mark.parametrize("choice", ["never", "auto", "always"])
 def test_repeated_training_steps_match_the_oracle(device, choice, monkeypatch):
     """The steady state: a settled call launches its kernels directly (on a GPU, from the third launch
     on) with each step's fresh tensors; every step's forward and gradients match the oracle, also when
-    a step's input is not 16-byte aligned (a variant Triton compiles apart) and for a tile backward."""
+    a step's input is not 16-byte aligned (a variant Triton compiles apart) and for a tile backward.
+    An optimiser step between steps changes the weight: nothing a call keeps (the dense hand-over's
+    scattered weight under ``always``) may outlive it."""
     from stripeconv.backends import _triton_launch
     from stripeconv.packing import pack_weight
 
@@ -233,6 +235,7 @@ def test_repeated_training_steps_match_the_oracle(device, choice, monkeypatch):
     monkeypatch.setattr(_triton_launch.CompiledLaunch, "__call__",
                         lambda self, tensors: direct.append(launch(self, tensors)) or direct[-1])
     layer = _layer(device, torch.bfloat16, c=64, n=64, density=0.5, seed=3)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
     tol = _tol(torch.bfloat16)
     scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731
     for step in range(6):
@@ -254,5 +257,6 @@ def test_repeated_training_steps_match_the_oracle(device, choice, monkeypatch):
         want = pack_weight(wr.grad, layer.stripe_mask.cpu())
         got = layer.packed_weight.grad.double().cpu()
         assert (got - want).abs().max() <= tol * scale(want), f"grad weight, step {step}"
+        opt.step()
     if device.type == "cuda" and choice == "never":
         assert any(direct), "no settled launch went to the compiled kernel directly"

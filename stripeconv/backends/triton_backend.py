@@ -52,7 +52,8 @@ from torch import Tensor
 from torch.torch_version import TorchVersion
 
 from ..ops import output_memory_format
-from . import _triton_launch, gpu_select, triton_plans
+from . import _dense_weights, _triton_launch, gpu_select, triton_plans
+from ._dense_weights import dense_weight as _dense_weight
 from ._environ import getenv
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan,
@@ -467,15 +468,6 @@ def _symmetric(padding) -> bool:
     return padding[0] == padding[1] and padding[2] == padding[3]
 
 
-def _dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
-    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free."""
-    n, kh, kw = mask.shape
-    index = cached_plan("dense", mask, 1, 0, device).scatter
-    cg = weight.shape[1]
-    w_pad = torch.cat([weight, weight.new_zeros(1, cg)])
-    return w_pad.index_select(0, index).view(n, kh, kw, cg).permute(0, 3, 1, 2)
-
-
 def _select_key(op: str, *tensors: Tensor, extra: tuple = ()) -> tuple:
     return (op, *[(tuple(t.shape), t.dtype, t.is_contiguous(memory_format=torch.channels_last), str(t.device))
                   for t in tensors], *extra)
@@ -500,9 +492,10 @@ _settled: dict[tuple, tuple[Tensor, Callable]] = {}
 
 
 def clear_cache() -> None:
-    """Drop all cached mask metadata (:func:`.triton_plans.clear_cache`) and settled calls."""
+    """Drop all cached mask metadata (:func:`.triton_plans.clear_cache`), kept dense weights and settled calls."""
     global _last_gather
     triton_plans.clear_cache()
+    _dense_weights.clear()
     _settled.clear()
     _last_gather = None
 

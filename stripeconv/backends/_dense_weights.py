@@ -1,0 +1,70 @@
+"""Dense weights of the Triton backend's cuDNN hand-over, scattered once per version of the packed rows.
+
+Where :mod:`.gpu_select` hands a shape to cuDNN (density 1 layers, batch 1, small planes), each
+call needs the dense ``[N, C/g, kh, kw]`` weight. Scattering it from the packed rows is three
+launches (a zero row, a concatenation, a gather) and about as much host work as a whole stripe
+kernel call, repeated on every call although an inference model's weights never change.
+
+So the dense weight is kept beside the packed weight it came from, in a mapping that holds the
+packed tensor weakly (its entry goes when the tensor does) and checks on each use that the tensor
+still holds what it held: the same storage, the same version counter (every in-place write, an
+optimiser step included, bumps it), the same mask (:func:`._masks.mask_key`) and the same stream
+(a weight scattered on one stream is not read on another before that stream has written it).
+Training steps rebuild it once per step, and the backward's grad input reuses the forward's.
+
+Nothing is kept while a CUDA stream is being captured (a graph must replay the scatter, or it
+would keep reading the weight as it was at capture, whatever an optimiser writes between
+replays), nor for inference tensors (no version counter to check).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ._masks import mask_key
+from .triton_plans import cached_plan
+
+__all__ = ["dense_weight", "clear"]
+
+# packed weight -> ((data_ptr, version, mask key, stream), dense weight, mask); holding the mask keeps
+# its address from going to another mask while the entry can match it
+_kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _stream(weight: Tensor):
+    return torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else None
+
+
+def _capturing(weight: Tensor) -> bool:
+    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
+    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free."""
+    n, kh, kw = mask.shape
+    index = cached_plan("dense", mask, 1, 0, device).scatter
+    cg = weight.shape[1]
+    # Every stripe kept: the scatter is a permutation of the rows, no zero row to read.
+    rows = weight if weight.shape[0] == n * kh * kw else torch.cat([weight, weight.new_zeros(1, cg)])
+    return rows.index_select(0, index).view(n, kh, kw, cg).permute(0, 3, 1, 2)
+
+
+def dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
+    """The dense weight of the packed rows ``weight`` under ``mask``, scattered on the first call and
+    reused while ``weight`` holds the same values (see the module docstring)."""
+    if weight.is_inference() or _capturing(weight):
+        return _scatter(weight, mask, device)
+    state = (weight.data_ptr(), weight._version, mask_key(mask), _stream(weight))
+    kept = _kept.get(weight)
+    if kept is not None and kept[0] == state:
+        return kept[1]
+    with torch.no_grad():  # a constant of the dense conv: its gradient comes back through the op's own backward
+        dense = _scatter(weight, mask, device)
+    _kept[weight] = (state, dense, mask)
+    return dense
+
+
+def clear() -> None:
+    """Drop every kept dense weight."""
+    _kept.clear()

@@ -1,0 +1,107 @@
+"""The dense weights of the Triton backend's cuDNN hand-over (stripeconv.backends._dense_weights).
+
+Scattered once per version of the packed rows and reused; every change to what they hold (an
+in-place write, another mask, another stream) scatters them again. The dense conv's numerics on the
+hand-over are checked against the oracle in tests/test_triton.py (cases ``dense_handover*``); here
+each reuse is checked against :func:`stripeconv.decompose.dense_weight` on the current values.
+"""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from stripeconv.backends import _dense_weights as dw
+from stripeconv.decompose import dense_weight as oracle
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    dw.clear()
+    yield
+    dw.clear()
+
+
+def _layer(n=6, c=4, density=0.5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, 3, 3, generator=gen) < density
+    mask[0, 1, 1] = True  # at least one kept stripe
+    weight = torch.randn(int(mask.sum()), c, generator=gen)
+    return weight, mask
+
+
+def _assert_dense(got, weight, mask):
+    torch.testing.assert_close(got, oracle(weight, mask), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("density", [0.4, 1.0])  # 1.0: every stripe kept, the scatter is a permutation
+def test_scattered_once_and_reused_while_the_weight_is_unchanged(density):
+    weight, mask = _layer(density=density)
+    first = dw.dense_weight(weight, mask, CPU)
+    _assert_dense(first, weight, mask)
+    assert dw.dense_weight(weight, mask, CPU) is first
+    assert first.is_contiguous(memory_format=torch.channels_last)  # the layout cuDNN reads channels_last input with
+
+
+def test_an_in_place_write_scatters_again():
+    weight, mask = _layer()
+    first = dw.dense_weight(weight, mask, CPU).clone()
+    opt = torch.optim.SGD([weight.requires_grad_()], lr=0.5)
+    weight.grad = torch.randn_like(weight)
+    opt.step()  # what a training step does between two forwards
+    again = dw.dense_weight(weight, mask, CPU)
+    _assert_dense(again, weight, mask)
+    assert not torch.equal(again, first)
+    assert not again.requires_grad  # a constant of the dense conv; the op's backward gives the gradient
+
+
+def test_another_mask_or_a_mask_written_in_place_scatters_again():
+    weight, mask = _layer()
+    dw.dense_weight(weight, mask, CPU)
+    flipped = mask.flip(0)  # another tensor, as many kept stripes in other places
+    assert not torch.equal(flipped, mask)
+    _assert_dense(dw.dense_weight(weight, flipped, CPU), weight, flipped)
+    dw.dense_weight(weight, mask, CPU)
+    mask.copy_(flipped)  # the same tensor written in place: its version changes
+    _assert_dense(dw.dense_weight(weight, mask, CPU), weight, mask)
+
+
+def test_the_entry_goes_with_the_packed_weight():
+    weight, mask = _layer()
+    dw.dense_weight(weight, mask, CPU)
+    assert len(dw._kept) == 1
+    del weight
+    gc.collect()
+    assert len(dw._kept) == 0  # per-call copies (autocast casts) leave nothing behind
+
+
+def test_nothing_kept_for_inference_tensors_or_while_capturing(monkeypatch):
+    weight, mask = _layer()
+    with torch.inference_mode():
+        frozen = weight.clone()  # an inference tensor: no version counter to check
+    _assert_dense(dw.dense_weight(frozen, mask, CPU), frozen, mask)
+    assert len(dw._kept) == 0
+    monkeypatch.setattr(dw, "_capturing", lambda weight: True)  # a graph must replay the scatter
+    first = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU) is not first and len(dw._kept) == 0
+
+
+def test_another_stream_scatters_again(monkeypatch):
+    weight, mask = _layer()
+    monkeypatch.setattr(dw, "_stream", lambda weight: 1)
+    first = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU) is first
+    monkeypatch.setattr(dw, "_stream", lambda weight: 2)
+    assert dw.dense_weight(weight, mask, CPU) is not first
+
+
+def test_backend_clear_cache_drops_them():
+    from stripeconv.backends import triton_backend as tb
+
+    weight, mask = _layer()
+    dw.dense_weight(weight, mask, CPU)
+    tb.clear_cache()
+    assert len(dw._kept) == 0
