@@ -64,6 +64,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -553,6 +554,33 @@ def summarize(results: list, method: str = "stripeconv") -> None:
             _, r, v, need = worst
             print(f"  {name:<18} {met:3d} / {len(rows):<3d}  worst: {r['layer']} {r['mask']} d={r['target_density']} "
                   f"{v:.2f}x vs {need:.2f}x")
+    _rates(results, speedup)
+
+
+def _rates(results: list, speedup: Callable) -> None:
+    """Per target, the FLOP rate the stripe kernels need against the rate they reached, both relative
+    to cuDNN's on the dense layer: speedup x density / tile efficiency. The tiles compute density /
+    efficiency of the dense work, so below efficiency 0.85 the forward target asks the kernels to
+    outrun cuDNN's own rate; where the measured rate falls short at equal work, the kernels are slow."""
+    groups: dict = {}
+    for r in results:
+        scale = r.get("density", r["target_density"]) / r["tile_efficiency"]
+        for name, need, key in _targets(r):
+            if key == "median_ms":  # the GPU-time targets (not the eager batch-1 one)
+                measured = [speedup(r, "triton", k) for k in ("median_ms", "graph_ms")]
+                groups.setdefault(name, []).append([need * scale] + [v * scale if v else None for v in measured])
+    if not groups:
+        return
+    print("\nFLOP rate vs cuDNN's (triton; speedup x density / tile efficiency), medians over the cells:")
+    for name, rows in groups.items():
+        needed = [row[0] for row in rows]
+        line = (f"  {name:<18} needs {statistics.median(needed):5.2f}x ({sum(v > 1 for v in needed)} of "
+                f"{len(rows)} cells above cuDNN's rate)")
+        for label, col in (("measured", 1), ("GPU time only", 2)):
+            vals = [row[col] for row in rows if row[col]]
+            if vals:
+                line += f", {label} {statistics.median(vals):5.2f}x"
+        print(line)
 
 
 def _write(path: str, meta: dict, results: list) -> None:

@@ -4,9 +4,11 @@
 #
 #   bash bench/gpu_session.sh build test quick      # build, GPU tests (capped at 5 min), 3-layer run
 # Every timing step also replays each cell as a CUDA graph (GPU time without host work); the suite
-# steps time the masks of BENCH_MASKS (default random,realistic,random-reordered).
-#   bash bench/gpu_session.sh vgg16,resnet56        # those suites (budgeted: 7 min)
-#   bash bench/gpu_session.sh resnet50,batch1
+# steps time the masks of BENCH_MASKS (default random,realistic,random-reordered,grouped: grouped
+# masks, 32 filters per pattern, have tile efficiency 1, what the kernels reach without wasted tiles).
+#   bash bench/gpu_session.sh vgg16                 # one suite per step (budgeted: 7 min; precompiling
+#   bash bench/gpu_session.sh resnet50              # the four mask kinds' kernels takes ~1 min of it)
+#   bash bench/gpu_session.sh batch1,resnet56
 #   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered)
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
@@ -28,8 +30,9 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"          # the device image's python3 holds torch; 'python' may not exist
 BUDGET="${BENCH_BUDGET_S:-420}"  # counted from the script's start by bench_gpu.py
 TEST_TIMEOUT="${GPU_TEST_TIMEOUT_S:-300}"
-# Mask kinds of the suite steps; the -reordered ones are what stripeconv.reorder_filters gives a model.
-MASKS="${BENCH_MASKS:-random,realistic,random-reordered}"
+# Mask kinds of the suite steps; the -reordered ones are what stripeconv.reorder_filters gives a model,
+# grouped ones what SWP(group_size=32) learns.
+MASKS="${BENCH_MASKS:-random,realistic,random-reordered,grouped}"
 status=0
 
 build() {

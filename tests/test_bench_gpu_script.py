@@ -192,6 +192,7 @@ def test_target_check(capsys):
         row("r50.layer3", 0.5, "fwd+bwd", 1.0, 0.8),  # 1.25x < 1.4x: missed
     ]
     results[5]["dense"]["host_ms"], results[5]["stripeconv"]["host_ms"] = 0.05, 0.04  # eager: 1.25x, met
+    results[2]["tile_efficiency"] = 0.5
     assert bench._targets(results[3]) == [] and bench._targets(results[4]) == []
     bench.summarize(results)
     out = capsys.readouterr().out
@@ -199,3 +200,7 @@ def test_target_check(capsys):
     assert counts == {"d=1 >= 0.95x": "1 / 1", "fwd >= 0.85/d": "1 / 2", "batch-1 >= 1.0x": "0 / 1",
                       "batch-1 eager >= 1.0x": "1 / 1", "fwd+bwd >= 0.7/d": "0 / 1"}, out
     assert "batch 1 with host work, stripeconv: b1.r50.layer4 1.25x (50 us dense)" in out
+    # FLOP rate against cuDNN's = speedup x density / tile efficiency: needed 1.7 x 0.5 / 1 and
+    # 4.25 x 0.2 / 0.5, measured 2.0 x 0.5 / 1 and 2.5 x 0.2 / 0.5
+    assert re.search(r"fwd >= 0.85/d\s+needs\s+1.28x \(1 of 2 cells above cuDNN's rate\), measured\s+1.00x$", out,
+                     flags=re.M), out
