@@ -105,3 +105,37 @@ def test_backend_clear_cache_drops_them():
     dw.dense_weight(weight, mask, CPU)
     tb.clear_cache()
     assert len(dw._kept) == 0
+
+
+def test_memory_budget_and_off_switch(monkeypatch):
+    weight, mask = _layer(n=16, c=32)  # a dense weight of 16 * 32 * 9 fp32 = 18 KB
+    other, other_mask = _layer(n=16, c=32, seed=1)
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE_CACHE_MB", str(30 / 1024))  # room for one of them
+    first = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU) is first
+    _assert_dense(dw.dense_weight(other, other_mask, CPU), other, other_mask)  # does not fit: not kept
+    assert len(dw._kept) == 1
+    with torch.no_grad():
+        weight.mul_(2)  # the stale entry makes room for its replacement
+    replaced = dw.dense_weight(weight, mask, CPU)
+    _assert_dense(replaced, weight, mask)
+    assert dw.dense_weight(weight, mask, CPU) is replaced and len(dw._kept) == 1
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE_CACHE_MB", "0")
+    again = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU) is not again
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes"):
+        dw.dense_weight(weight, mask, CPU)
+
+
+def test_strides_are_part_of_what_is_checked():
+    mask = torch.zeros(4, 3, 3, dtype=torch.bool)
+    mask[torch.arange(4), torch.tensor([0, 1, 1, 2]), torch.tensor([1, 1, 0, 2])] = True
+    weight = torch.randn(4, 4)  # as many rows as channels: its transpose has the same shape
+    first = dw.dense_weight(weight, mask, CPU).clone()
+    version = weight._version
+    weight.data = weight.data.t()  # same storage and version counter, other strides
+    assert weight._version == version
+    again = dw.dense_weight(weight, mask, CPU)
+    _assert_dense(again, weight, mask)
+    assert not torch.equal(again, first)

@@ -7,10 +7,14 @@ kernel call, repeated on every call although an inference model's weights never 
 
 So the dense weight is kept beside the packed weight it came from, in a mapping that holds the
 packed tensor weakly (its entry goes when the tensor does) and checks on each use that the tensor
-still holds what it held: the same storage, the same version counter (every in-place write, an
+still holds what it held: the same storage, strides and version counter (every in-place write, an
 optimiser step included, bumps it), the same mask (:func:`._masks.mask_key`) and the same stream
 (a weight scattered on one stream is not read on another before that stream has written it).
-Training steps rebuild it once per step, and the backward's grad input reuses the forward's.
+Training steps rebuild it once per step, and the backward's grad input reuses the forward's. As in
+the CPU backend's cache, an in-place write through ``.data`` (which has a version counter of its
+own) is not seen: :func:`stripeconv.backends.triton_backend.clear_cache` after such writes, or run
+with ``STRIPECONV_GPU_DENSE_CACHE_MB=0``. That variable bounds the kept dense weights' memory
+(default 256 MB; a weight that does not fit is scattered on every call).
 
 Nothing is kept while a CUDA stream is being captured (a graph must replay the scatter, or it
 would keep reading the weight as it was at capture, whatever an optimiser writes between
@@ -22,12 +26,13 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ._environ import getenv
 from ._masks import mask_key
 from .triton_plans import cached_plan
 
 __all__ = ["dense_weight", "clear"]
 
-# packed weight -> ((data_ptr, version, mask key, stream), dense weight, mask); holding the mask keeps
+# packed weight -> ((data_ptr, strides, version, mask key, stream), dense weight, mask); holding the mask keeps
 # its address from going to another mask while the entry can match it
 _kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -53,16 +58,30 @@ def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
 def dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
     """The dense weight of the packed rows ``weight`` under ``mask``, scattered on the first call and
     reused while ``weight`` holds the same values (see the module docstring)."""
-    if weight.is_inference() or _capturing(weight):
+    budget = _budget_bytes()
+    if not budget or weight.is_inference() or _capturing(weight):
         return _scatter(weight, mask, device)
-    state = (weight.data_ptr(), weight._version, mask_key(mask), _stream(weight))
+    state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight))
     kept = _kept.get(weight)
-    if kept is not None and kept[0] == state:
-        return kept[1]
+    if kept is not None:
+        if kept[0] == state:
+            return kept[1]
+        del _kept[weight]  # stale: its memory does not count against the budget
     with torch.no_grad():  # a constant of the dense conv: its gradient comes back through the op's own backward
         dense = _scatter(weight, mask, device)
-    _kept[weight] = (state, dense, mask)
+    if sum(entry[1].nbytes for entry in _kept.values()) + dense.nbytes <= budget:
+        _kept[weight] = (state, dense, mask)
     return dense
+
+
+def _budget_bytes() -> int:
+    value = getenv("STRIPECONV_GPU_DENSE_CACHE_MB", "256").strip() or "256"
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes (0 turns the cache off), "
+                         f"got {value!r}") from None
+    return max(0, int(megabytes * (1 << 20)))
 
 
 def clear() -> None:
