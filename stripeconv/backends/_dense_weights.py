@@ -74,14 +74,21 @@ def dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
     return dense
 
 
+_budget = ("256", 256 << 20)  # the variable's last value read and its bytes: parsed once per value
+
+
 def _budget_bytes() -> int:
-    value = getenv("STRIPECONV_GPU_DENSE_CACHE_MB", "256").strip() or "256"
-    try:
-        megabytes = float(value)
-    except ValueError:
-        raise ValueError(f"STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes (0 turns the cache off), "
-                         f"got {value!r}") from None
-    return max(0, int(megabytes * (1 << 20)))
+    global _budget
+    raw = getenv("STRIPECONV_GPU_DENSE_CACHE_MB", "256")
+    if raw != _budget[0]:
+        value = raw.strip() or "256"
+        try:
+            megabytes = float(value)
+        except ValueError:
+            raise ValueError(f"STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes (0 turns the cache off), "
+                             f"got {value!r}") from None
+        _budget = (raw, max(0, int(megabytes * (1 << 20))))
+    return _budget[1]
 
 
 def clear() -> None:
