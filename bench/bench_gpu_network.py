@@ -15,7 +15,10 @@ forwards between two synchronisations, host work included, as a serving loop pay
 
 Prints, per batch and way of running, dense and stripe latency, the speedup next to 1/density, and
 the stripe network's largest error against the dense network on the masked weights; writes the
-raw JSON (device, versions, date, every timing) to ``--out``.
+raw JSON (device, versions, date, every timing) to ``--out``. Each timing records the frames
+torch.compile compiled while it ran (nonzero: a guard failing on every call). ``--profile N``
+profiles N calls of each network after its timing (bench/profile_summary.py): host and device
+time per call, launches, the events that block the host on the device, and the costliest ops.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ sys.path.insert(0, HERE)
 import stripeconv  # noqa: E402
 from bench_cpu import summary  # noqa: E402
 from bench_cpu_network import MODELS, build, dense_masked  # noqa: E402
+from profile_summary import format_summary, profile_calls  # noqa: E402
 
 MODES = ("eager", "compile", "reduce-overhead")
 
@@ -52,6 +56,7 @@ def _latency(run, x, calls: int, rounds: int, sync, step_begin) -> dict:
         step_begin()
         run(x)
     sync()
+    frames = _compiled_frames()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -60,7 +65,8 @@ def _latency(run, x, calls: int, rounds: int, sync, step_begin) -> dict:
             run(x)
         sync()
         times.append((time.perf_counter() - start) / calls)
-    return summary(times)
+    # nonzero: torch.compile compiled again after the warm-up (a guard that fails on every call)
+    return {**summary(times), "frames_compiled_while_timing": _compiled_frames() - frames}
 
 
 def _max_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,6 +88,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default="", help="added to the output file name")
     ap.add_argument("--reorder", action="store_true",
                     help="the stripe network with its filters in tile order (stripeconv.reorder_filters)")
+    ap.add_argument("--profile", type=int, default=0, metavar="CALLS",
+                    help="after timing, profile this many calls of each network (host and device time per op, "
+                         "blocking events) into the JSON and the log")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="run on CPU (float32, the modes without CUDA graphs, few calls): a check of the code paths")
     args = ap.parse_args(argv)
@@ -93,6 +102,8 @@ def main(argv=None) -> dict:
         ap.error(f"--modes takes {', '.join(MODES)}, got {args.modes!r}")
     if not 0.0 < args.density <= 1.0:
         ap.error(f"--density must be in (0, 1], got {args.density}")
+    if args.profile < 0:
+        ap.error(f"--profile takes a number of calls (0: off), got {args.profile}")
     if args.cpu_smoke:
         device, dtype = torch.device("cpu"), torch.float32
         modes = [m for m in modes if m != "reduce-overhead"]
@@ -155,10 +166,15 @@ def main(argv=None) -> dict:
                         if name == "stripe":
                             step_begin()
                             row["stripe_error"] = _max_error(run(x), reference)
+                        if args.profile:
+                            row[name]["profile"] = profile_calls(lambda: (step_begin(), run(x)), args.profile,
+                                                                 cuda=device.type == "cuda")
                     row["speedup"] = row["dense"]["median_ms"] / row["stripe"]["median_ms"]
                     rows.append(row)
                     print(f"{batch:>5} {mode:<16} {row['dense']['median_ms']:9.3f} {row['stripe']['median_ms']:10.3f} "
                           f"{row['speedup']:7.2f}x {total / max(kept, 1):8.2f}x {row['stripe_error']:8.1e}")
+                    for name in ("dense", "stripe") if args.profile else ():
+                        print(format_summary(row[name]["profile"], title=f"      {name:6s} profile: "))
                     _write(path, {**meta, "rows": rows})  # after every row: a run cut short keeps what it measured
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -166,6 +182,13 @@ def main(argv=None) -> dict:
     _write(path, result)
     print(f"# wrote {path}")
     return result
+
+
+def _compiled_frames() -> int:
+    """Frames torch.compile has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
 
 
 def _write(path: str, result: dict) -> None:

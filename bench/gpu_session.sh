@@ -9,7 +9,8 @@
 #   bash bench/gpu_session.sh vgg16                 # one suite per step (budgeted: 7 min; precompiling
 #   bash bench/gpu_session.sh resnet50              # the four mask kinds' kernels takes ~1 min of it)
 #   bash bench/gpu_session.sh batch1,resnet56
-#   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered)
+#   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered;
+#                                                      # the first run also profiles 5 calls of each network)
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
@@ -69,7 +70,7 @@ for step in "$@"; do
       "$PY" bench/bench_gpu.py --quick --graphs --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
-      "$PY" bench/bench_gpu_network.py --budget-s "$((BUDGET / 2))" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
+      "$PY" bench/bench_gpu_network.py --profile 5 --budget-s "$((BUDGET / 2))" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
       "$PY" bench/bench_gpu_network.py --reorder --budget-s "$((BUDGET / 2))" --out "$OUT" --tag _reordered 2>&1 \
         | tee "$OUT/bench_network_reordered.log" | tail -20

@@ -41,3 +41,19 @@ def test_reordered_network_computes_the_same(tmp_path):
                                   "--reorder", "--out", str(tmp_path)])
     assert res["reordered_layers"] == 3  # conv1 of the one block per stage; the others feed residual sums
     assert res["rows"][0]["stripe_error"] < 1e-4
+
+
+def test_profile_and_recompile_count(tmp_path, capsys):
+    """--profile: per network a profile of its calls; a steady state that compiles nothing after the warm-up."""
+    res = bench_gpu_network.main(["--cpu-smoke", "--model", "resnet8", "--batches", "2", "--modes", "eager,compile",
+                                  "--profile", "2", "--out", str(tmp_path)])
+    for row in res["rows"]:
+        for name in ("dense", "stripe"):
+            assert row[name]["frames_compiled_while_timing"] == 0
+            prof = row[name]["profile"]
+            assert prof["calls"] == 2 and prof["host_ms_per_call"] > 0 and prof["blocking"] == []
+        ops = {r["name"] for r in row["stripe"]["profile"]["top_host"]}
+        assert any(op.startswith("stripeconv") for op in ops), ops  # the stripe convs are where the time goes
+    assert "stripe profile: host" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_gpu_network.main(["--cpu-smoke", "--profile", "-1", "--out", str(tmp_path)])

@@ -260,3 +260,44 @@ def test_repeated_training_steps_match_the_oracle(device, choice, monkeypatch):
         opt.step()
     if device.type == "cuda" and choice == "never":
         assert any(direct), "no settled launch went to the compiled kernel directly"
+
+
+@pytest.mark.parametrize("choice", ["never", "always"])
+def test_settled_training_step_never_waits_for_the_device(device, choice, monkeypatch):
+    """Once the first steps have settled plans, tuning and the stripe/dense choice, a forward, backward
+    and optimiser step make no call that blocks the host on the device (a ``.item()``, ``nonzero``, a
+    blocking copy, a stream sync): one per layer would serialise every launch with the GPU's work.
+    On CUDA torch's sync debug mode raises at any such call; on CPU the profiler finds no host read
+    of a tensor value either."""
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", choice)
+    gpu_select.clear()
+    layer = _layer(device, torch.bfloat16, c=64, n=64, density=0.5, seed=4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.01)
+    inputs = [_input(device, torch.bfloat16, c=64, seed=20 + i).requires_grad_() for i in range(4)]
+    grads = [torch.randn(4, 64, 12, 12).to(device, torch.bfloat16) for _ in range(4)]
+
+    def step(i):
+        layer(inputs[i]).backward(grads[i])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for i in range(2):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for i in range(2, 4):
+                step(i)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    else:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for i in range(2, 4):
+                step(i)
+        reads = {e.key for e in prof.key_averages()} & {"aten::item", "aten::_local_scalar_dense", "aten::nonzero"}
+        assert not reads, reads
+    assert all(x.grad is not None and torch.isfinite(x.grad.float()).all() for x in inputs)

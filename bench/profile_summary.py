@@ -1,0 +1,80 @@
+"""A compact torch.profiler summary of a few calls: where a call's host and device time go, and
+whether anything in it waits for the device.
+
+    summary = profile_calls(lambda: net(x), calls=5, cuda=True)
+    print(format_summary(summary))
+
+The summary (a JSON-ready dict) holds per call: the host time, the device time of every kernel,
+the number of launches, the events that block the host on the device (stream or device
+synchronisation, blocking copies, ``.item()``), and the events that took the most host and device
+time. A steady-state call of a stripe network should show no blocking events: one would serialise
+the host's launches with the GPU's work and cost a full round trip per layer.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+# Events that make the host wait for the device: the CUDA runtime's synchronising calls and the
+# aten ops that read a device value on the host.
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
+            "cudaMemcpy2D ", "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "Memcpy DtoH")
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def _is_blocking(name: str) -> bool:
+    return any(name == b.strip() or name.startswith(b) for b in BLOCKING)
+
+
+def profile_calls(fn: Callable[[], object], calls: int = 5, cuda: bool = False, top: int = 8) -> dict:
+    """Profile ``calls`` back-to-back calls of ``fn`` (already warm) and summarise them per call.
+
+    With ``cuda`` the device's activity is recorded too and the device is synchronised before and
+    after (outside the profiled calls' host time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1, got {calls}")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host_s = time.perf_counter() - start
+        sync()
+    events = prof.key_averages()
+
+    def self_device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    def row(e) -> dict:
+        return {"name": e.key, "count_per_call": e.count / calls,
+                "self_cpu_us_per_call": e.self_cpu_time_total / calls,
+                "self_device_us_per_call": self_device_us(e) / calls}
+
+    kernels = [e for e in events if self_device_us(e) > 0 and e.self_cpu_time_total == 0]
+    return {
+        "calls": calls,
+        "host_ms_per_call": host_s / calls * 1e3,
+        "device_ms_per_call": sum(self_device_us(e) for e in kernels) / calls / 1e3,
+        "launches_per_call": sum(e.count for e in events if e.key in LAUNCHES) / calls,
+        "blocking": [row(e) for e in events if _is_blocking(e.key)],
+        "top_host": [row(e) for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
+        "top_device": [row(e) for e in sorted(kernels, key=lambda e: -self_device_us(e))[:top]],
+    }
+
+
+def format_summary(summary: dict, title: str = "") -> str:
+    """The summary as a few lines of text for a log."""
+    lines = [f"{title}host {summary['host_ms_per_call']:.3f} ms, device {summary['device_ms_per_call']:.3f} ms, "
+             f"{summary['launches_per_call']:.0f} launches per call; blocking: "
+             + (", ".join(f"{r['name']} x{r['count_per_call']:g}" for r in summary["blocking"]) or "none")]
+    for label, key, unit in (("host", "top_host", "self_cpu_us_per_call"),
+                             ("device", "top_device", "self_device_us_per_call")):
+        for r in summary[key]:
+            lines.append(f"    {label:6s} {r[unit]:9.1f} us  x{r['count_per_call']:<5g} {r['name'][:90]}")
+    return "\n".join(lines)
