@@ -24,6 +24,14 @@ The kernels:
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
 
+``stripe_fwd_sub_kernel``
+    The forward over groups of SUB narrow tiles (16 to 64 filters, up to 128 columns in all): one
+    program loads each input tile once for the union of its subtiles' positions and multiplies it
+    only by the subtiles that keep that position (a bit per subtile and position; the dots are
+    skipped, each subtile has its own accumulator). It computes the stripes the narrow tiles compute
+    with the input traffic of one wide tile. Conditional dots are beyond Triton's software pipeliner,
+    so the loop prefetches the next iteration's operands into registers by hand.
+
 ``stripe_dgrad_kernel``
     Grad input, output-stationary on dx: [BLOCK_M input pixels, BLOCK_N input channels] per
     program, reducing over (position p, filters that keep p). The filters that keep p are the
@@ -69,11 +77,14 @@ if INTERPRET:
     # One config: the interpreter runs programs one by one in Python, so few large programs
     # are fastest, and a single config skips benchmarking.
     FWD_CONFIGS = [_cfg(128, 4, 1)]
+    SUB_FWD_CONFIGS = [_cfg(128, 4, 1)]
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
 else:
     # The last two depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
     FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4)]
+    # SUB subtiles hold SUB * BLOCK_N <= 128 accumulator columns: a 128-wide tile's registers
+    SUB_FWD_CONFIGS = [_cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(64, 8, 3)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
 
@@ -86,6 +97,7 @@ else:
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
 _PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
 FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SPLIT_K"]
+SUB_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_K", "STORE", "SUB"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
@@ -278,6 +290,172 @@ def stripe_fwd_kernel(
         tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---- forward over groups of filter tiles --------------------------------------------------------
+# Narrow filter tiles (16 or 32 filters) keep the union of their positions small at low density, but
+# each program then multiplies every input tile it loads by only those few filters: with many tiles
+# per layer the same input is read once per tile, and the forward becomes bound by the L2 reads of x
+# (on an H100, ~650 MB for a VGG CIFAR layer at density 0.2 in 16-wide tiles: 2x cuDNN's whole
+# time). ``stripe_fwd_sub_kernel`` gives one program SUB such tiles: it loads each input tile once
+# for their positions' union and multiplies it only by the subtiles that keep that position (a
+# per-position bit mask), each into its own accumulator.
+
+@triton.jit
+def _subtile_weights(w_ptr, rows_ptr, offs_n, ck, k_ok, CG, I: tl.constexpr, SUB: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Subtile ``I``'s [BLOCK_K, BLOCK_N] weight tile (zeros where a filter does not keep the position)."""
+    if I < SUB:
+        rows = tl.load(rows_ptr + I * BLOCK_N + offs_n)
+        kept = rows >= 0
+        if INT64_INDEX:
+            rows = rows.to(tl.int64)
+        w_off = rows[None, :] * CG + ck[:, None]
+        if EVEN_K:
+            wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
+        else:
+            wt = tl.load(w_ptr + w_off, mask=kept[None, :] & k_ok[:, None], other=0.0)
+    else:
+        wt = tl.zeros((BLOCK_K, BLOCK_N), dtype=w_ptr.dtype.element_ty)
+    return wt
+
+
+@triton.jit
+def _subtile_dot(acc, xt, wt, bits, I: tl.constexpr, SUB: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 ACC_DTYPE: tl.constexpr):
+    """``acc += xt @ wt`` where subtile ``I``'s bit in ``bits`` is set (its filters keep the position)."""
+    if I < SUB:
+        if (bits >> I) & 1:
+            acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _subtile_store(out_ptr, bias_ptr, acc, ch_ptr, offs_n, out_row, m_ok, soc, I: tl.constexpr,
+                   SUB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, STORE: tl.constexpr,
+                   ACC_DTYPE: tl.constexpr):
+    """Subtile ``I``'s columns into their original channels (bias added), stored as the forward stores."""
+    if I < SUB:
+        ch = tl.load(ch_ptr + I * BLOCK_N + offs_n)  # -1 for padding columns
+        if STORE == 1:  # aligned runs of 8 consecutive channels: 16-byte vector stores
+            ch = tl.max_contiguous(tl.multiple_of(ch, 8), 8)
+        n_ok = ch >= 0
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
+        tl.store(out_ptr + out_row[:, None] + ch[None, :] * soc, acc.to(out_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _subtile_operands(x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, it, n_it, t, UMAX, KC, KW, CG, H, W,
+                      DH, DW, h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Iteration ``it``'s input tile, subtile bits and the SUB weight tiles (8 values; unused ones are
+    zeros the compiler drops). Past the last iteration it reads the last one again (the prefetch of an
+    iteration that does not come: its values go unused, and no mask needs a scalar condition)."""
+    it = tl.maximum(tl.minimum(it, n_it - 1), 0)
+    u = it // KC
+    c0 = (it - u * KC) * BLOCK_K
+    p = tl.load(sup_pos_ptr + t * UMAX + u)
+    bits = tl.load(sup_bits_ptr + t * UMAX + u)
+    i = p // KW
+    j = p - i * KW
+    hi = h_base + i * DH
+    wi = w_base + j * DW
+    ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    ck = c0 + offs_k
+    k_ok = ck < CG
+    x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
+    if EVEN_K:
+        xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
+    else:
+        xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
+    rows = sup_rows_ptr + (t * UMAX + u) * (SUB * BLOCK_N)
+    w0 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 0, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w1 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 1, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w2 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 2, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w3 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 3, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w4 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 4, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w5 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 5, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w6 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 6, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    w7 = _subtile_weights(w_ptr, rows, offs_n, ck, k_ok, CG, 7, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    return xt, bits, w0, w1, w2, w3, w4, w5, w6, w7
+
+
+@triton.autotune(configs=SUB_FWD_CONFIGS, key=SUB_FWD_KEY, **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_fwd_sub_kernel(
+    x_ptr, w_ptr, bias_ptr, out_ptr,
+    sup_pos_ptr, sup_npos_ptr, sup_bits_ptr, sup_ch_ptr, sup_grp_ptr, sup_rows_ptr,
+    B, H, W, Ho, Wo, CG, T, UMAX,
+    sxb, sxc, sxh, sxw,
+    sob, soc, soh, sow,
+    SH, SW, PT, PL, DH, DW, KW,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+    INT64_INDEX: tl.constexpr, STORE: tl.constexpr, SUB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = pid % T  # group of tiles, fastest: programs that run together share a pixel block of x
+    pid_m = pid // T
+    npos = tl.load(sup_npos_ptr + t)
+    g = tl.load(sup_grp_ptr + t)
+
+    M = B * Ho * Wo
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
+    h_base = ho * SH - PT
+    w_base = wo * SW - PL
+    x_row = b * sxb + g * CG * sxc
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc4 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc5 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc6 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc7 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    # The dots are conditional, which Triton's software pipeliner does not handle: the loop prefetches
+    # by hand instead, issuing the loads of iteration it + 1 before the dots of iteration it.
+    KC = tl.cdiv(CG, BLOCK_K)
+    n_it = npos * KC
+    xt, bits, w0, w1, w2, w3, w4, w5, w6, w7 = _subtile_operands(
+        x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, 0, n_it, t, UMAX, KC, KW, CG, H, W, DH, DW,
+        h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+    for it in range(0, n_it):
+        xn, bn, v0, v1, v2, v3, v4, v5, v6, v7 = _subtile_operands(
+            x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, it + 1, n_it, t, UMAX, KC, KW, CG, H, W, DH, DW,
+            h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+        acc0 = _subtile_dot(acc0, xt, w0, bits, 0, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc1 = _subtile_dot(acc1, xt, w1, bits, 1, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc2 = _subtile_dot(acc2, xt, w2, bits, 2, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc3 = _subtile_dot(acc3, xt, w3, bits, 3, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc4 = _subtile_dot(acc4, xt, w4, bits, 4, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc5 = _subtile_dot(acc5, xt, w5, bits, 5, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc6 = _subtile_dot(acc6, xt, w6, bits, 6, SUB, INPUT_PRECISION, ACC_DTYPE)
+        acc7 = _subtile_dot(acc7, xt, w7, bits, 7, SUB, INPUT_PRECISION, ACC_DTYPE)
+        xt, bits, w0, w1, w2, w3, w4, w5, w6, w7 = xn, bn, v0, v1, v2, v3, v4, v5, v6, v7
+
+    if STORE == 2:  # contiguous NCHW output: each column a run of pixels of one plane
+        pix = offs_m % (Ho * Wo)
+        if INT64_INDEX:
+            pix = pix.to(tl.int64)
+        out_row = b * sob + pix
+    else:
+        out_row = b * sob + ho * soh + wo * sow
+    ch = sup_ch_ptr + t * SUB * BLOCK_N
+    _subtile_store(out_ptr, bias_ptr, acc0, ch, offs_n, out_row, m_ok, soc, 0, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc1, ch, offs_n, out_row, m_ok, soc, 1, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc2, ch, offs_n, out_row, m_ok, soc, 2, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc3, ch, offs_n, out_row, m_ok, soc, 3, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc4, ch, offs_n, out_row, m_ok, soc, 4, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc5, ch, offs_n, out_row, m_ok, soc, 5, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc6, ch, offs_n, out_row, m_ok, soc, 6, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    _subtile_store(out_ptr, bias_ptr, acc7, ch, offs_n, out_row, m_ok, soc, 7, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
 
 
 @triton.jit

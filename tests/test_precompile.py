@@ -44,7 +44,7 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     by_kernel = {}
     for job in jobs:
         by_kernel.setdefault(job.kernel, []).append(job)
-    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel",
+    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel",
                               "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel", "stripe_gather_columns_kernel"}
     # every tile width the first call on a GPU times, each under every configuration of the tuner
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
@@ -56,6 +56,11 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
                 for job in by_kernel["stripe_fwd_kernel"]}
     # (the forward's tuner times one of its two pixel-count-specific configurations: BLOCK_M 32 or 256)
     assert len(by_kernel["stripe_fwd_kernel"]) == len(variants) * (len(kernels.stripe_fwd_kernel.configs) - 1)
+    # the subtile forward of every width whose tiles it groups, under each of its configurations
+    grouped = {(plan.block_n, tb.subtile_count(plan, 1)) for plan in tb.forward_plans(mask, 1, torch.device("cpu"))
+               if tb.subtile_count(plan, 1) > 1}
+    assert grouped and {(job.kwargs["BLOCK_N"], job.kwargs["SUB"]) for job in by_kernel["stripe_fwd_sub_kernel"]} == grouped
+    assert len(by_kernel["stripe_fwd_sub_kernel"]) == len(grouped) * len(kernels.stripe_fwd_sub_kernel.configs)
     assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {
         c.kwargs["BLOCK_M"] for c in kernels.stripe_dgrad_kernel.configs}
     # the same calls again: nothing new

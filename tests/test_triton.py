@@ -133,6 +133,15 @@ CASES = dict([
     _case("splitk_forward_nchw_bf16_s2", pick="_splitk", dtype="bfloat16", C=64, N=32, stride=(2, 2), H=8, W=9),
     _case("splitk_forward_groups_no_bias", pick="_splitk", C=32, N=32, groups=2, bias=False, channels_last=True),
     _case("splitk_forward_fp64_dense", pick="_splitk", dtype="float64", density=1.0, C=32, N=16),
+    # The subtile forward: groups of narrow tiles per program, each input tile loaded once for the group's
+    # union and multiplied by the subtiles that keep its position (per-position bits, skipped dots).
+    _case("subtiles_x4", pick="x4", N=64, density=0.3, H=6, W=6),
+    _case("subtiles_x8_aligned_nhwc", pick="x8", N=128, mask_blocks=8, channels_last=True, density=0.3, H=5, W=5),
+    _case("subtiles_x2_nchw_s2_uneven_k", pick="x2", N=64, block_n=32, C=24, bias=False, stride=(2, 2), H=8, W=9),
+    _case("subtiles_groups", pick="x2", C=32, N=64, groups=2, density=0.4, channels_last=True, H=6, W=6),
+    _case("subtiles_empty_filters_int64", pick="x4", N=64, empty_filters=20, int64=True, channels_last=True,
+          H=6, W=6),
+    _case("subtiles_fp16_dil2", pick="x4", dtype="float16", N=64, dilation=(2, 2), padding=(2, 2, 2, 2), H=7, W=6),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).

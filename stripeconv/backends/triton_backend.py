@@ -56,9 +56,9 @@ from . import _dense_weights, _triton_launch, gpu_select, triton_plans
 from ._dense_weights import dense_weight as _dense_weight
 from ._environ import getenv
 from .triton_plans import (
-    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, TilesBackwardPlan, best_tile_efficiency, cached_plan,
-    default_block_n,
-    forward_plan, forward_plans, next_pow2, tile_efficiency, tile_widths,
+    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, SubtilePlan, TilesBackwardPlan, best_tile_efficiency,
+    cached_plan, default_block_n, forward_plan, forward_plans, next_pow2, subtile_count, subtile_plan,
+    tile_efficiency, tile_widths,
 )
 
 NAME = "triton"
@@ -448,6 +448,43 @@ def _stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opt
     return launch
 
 
+def _subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                      dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward over ``plan``'s groups of tiles (``stripe_fwd_sub_kernel``) for every call shaped like
+    this one; stores as :func:`_stripe_launcher` does without ``via_planes`` (no split-K)."""
+    b, c, h, w = input.shape
+    n, kh, kw = plan.mask_shape
+    ho, wo = out_hw
+    out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
+    store = STORE_PLANES if out_format == torch.contiguous_format else STORE_RUNS if plan.aligned else STORE_SCATTER
+    cg = weight.shape[1]
+    m = b * ho * wo
+    block_k = _dot_block(cg)
+    copy_input = not input.is_contiguous(memory_format=torch.channels_last)
+    x = _meta_like(input, copy_input)
+    out = torch.empty(out_shape, device="meta", memory_format=out_format)
+    tables = (plan.sup_pos, plan.sup_npos, plan.sup_bits, plan.sup_ch, plan.sup_grp, plan.sup_rows)
+    scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
+    precision, acc = _precision(input.dtype)
+    constants = dict(
+        **_keys(m, c, n, plan.density, kh, kw, stride),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=cg % block_k == 0,
+        INT64_INDEX=_needs_int64(x, out, torch.empty(weight.shape, device="meta")), STORE=store, SUB=plan.sub,
+        BLOCK_N=plan.block_n, BLOCK_K=block_k,
+    )
+    kernel = _TunedLaunch("stripe_fwd_sub_kernel", lambda meta: (triton_cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,),
+                          constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
+
+    def launch(input, weight, bias):
+        x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
+        return out
+    return launch
+
+
 # The forward's split-K candidate: where few output pixels leave most multiprocessors idle
 # (batch 1, late CIFAR layers), several programs share each output tile's reduction.
 SPLIT_K_MAX = 8
@@ -552,6 +589,10 @@ def forward(
         if channels_last and not plan.aligned:
             launchers[name + "_planes"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                            (ho, wo), via_planes=True)
+        if subtile_count(plan, groups) > 1:
+            sub = subtile_plan(plan, mask, groups, device)
+            launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = _subtile_launcher(
+                sub, input, weight, bias, stride, padding, dilation, (ho, wo))
         split = _split_k(plan, b * ho * wo, c // groups, _num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,

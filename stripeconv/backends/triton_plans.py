@@ -36,7 +36,8 @@ from ._environ import getenv
 from ._masks import clear, mask_key, memo
 
 __all__ = [
-    "ForwardPlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan", "default_block_n",
+    "ForwardPlan", "SubtilePlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan",
+    "default_block_n", "subtile_count", "subtile_plan",
     "forward_plan", "tile_efficiency", "tile_widths", "best_tile_efficiency", "filter_order", "clear_cache",
 ]
 
@@ -333,6 +334,93 @@ def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, d
 
 
 @dataclass
+class SubtilePlan:
+    """The forward's tiles of one width in groups of ``sub`` tiles of one filter group, for the subtile
+    forward (one program per group of tiles and pixel block: each input tile is loaded once for the
+    group's union of positions and multiplied by the subtiles that keep that position). It computes
+    the stripes its tiles compute (the same tile efficiency) and reads x ``x_reads`` times per pixel
+    block (the sum of the groups' unions) instead of ``sum_t |union_t|``."""
+
+    block_n: int
+    sub: int
+    num_tiles: int        # groups of tiles (the kernel's T)
+    umax: int
+    sup_pos: Tensor       # [T, UMAX] int32 positions of each group's union (padded with 0)
+    sup_npos: Tensor      # [T] int32
+    sup_bits: Tensor      # [T, UMAX] int32 bit i: subtile i's union holds the position
+    sup_ch: Tensor        # [T, SUB * BLOCK_N] int32 original channel of each column, -1 = padding
+    sup_grp: Tensor       # [T] int32
+    sup_rows: Tensor      # [T * UMAX * SUB * BLOCK_N] int32 packed row, -1 = zero
+    kept: int
+    computed: int
+    x_reads: int
+    density: float
+    mask_shape: tuple
+    aligned: bool
+
+
+def _build_subtiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, device) -> SubtilePlan:
+    sub, in_order = conv
+    fwd = _build_forward(mask_cpu, groups, block_n, "cpu", in_order=in_order)
+    t_all, u_all = fwd.num_tiles, fwd.umax
+    tile_pos, tile_npos = fwd.tile_pos.numpy(), fwd.tile_npos.numpy()
+    tile_ch, tile_grp = fwd.tile_ch.numpy(), fwd.tile_grp.numpy()
+    w_rows = fwd.w_rows.numpy().reshape(t_all, u_all, block_n)
+    sets = []  # the plan's tiles (heaviest first) of each filter group, in runs of ``sub``
+    for g in range(groups):
+        tiles = [t for t in range(t_all) if tile_grp[t] == g]
+        sets.extend((g, tiles[k:k + sub]) for k in range(0, len(tiles), sub))
+    unions = [sorted({int(p) for t in tiles for p in tile_pos[t, :tile_npos[t]]}) for _, tiles in sets]
+    order = sorted(range(len(sets)), key=lambda k: -len(unions[k]))
+    num, umax, width = len(sets), max([1] + [len(u) for u in unions]), sub * block_n
+    sup_pos = np.zeros((num, umax), dtype=np.int32)
+    sup_npos = np.zeros(num, dtype=np.int32)
+    sup_bits = np.zeros((num, umax), dtype=np.int32)
+    sup_ch = np.full((num, width), -1, dtype=np.int32)
+    sup_grp = np.zeros(num, dtype=np.int32)
+    sup_rows = np.full((num, umax, width), -1, dtype=np.int32)
+    for s, k in enumerate(order):
+        g, tiles = sets[k]
+        index = {p: u for u, p in enumerate(unions[k])}
+        sup_pos[s, :len(unions[k])] = unions[k]
+        sup_npos[s] = len(unions[k])
+        sup_grp[s] = g
+        for i, t in enumerate(tiles):
+            cols = slice(i * block_n, (i + 1) * block_n)
+            sup_ch[s, cols] = tile_ch[t]
+            for u in range(tile_npos[t]):
+                v = index[int(tile_pos[t, u])]
+                sup_rows[s, v, cols] = w_rows[t, u]
+                sup_bits[s, v] |= 1 << i
+
+    def dev(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return SubtilePlan(
+        block_n=block_n, sub=sub, num_tiles=num, umax=umax, sup_pos=dev(sup_pos), sup_npos=dev(sup_npos),
+        sup_bits=dev(sup_bits), sup_ch=dev(sup_ch), sup_grp=dev(sup_grp), sup_rows=dev(sup_rows.reshape(-1)),
+        kept=fwd.kept, computed=fwd.computed, x_reads=int(sup_npos.sum()), density=fwd.density,
+        mask_shape=fwd.mask_shape, aligned=fwd.aligned,
+    )
+
+
+def subtile_count(plan: ForwardPlan, groups: int) -> int:
+    """Tiles of ``plan`` per program of the subtile forward: as many as make up to 128 columns (the
+    accumulator of a 128-wide tile), a power of two, at most the tiles of a filter group; 1 where
+    there is nothing to group (or the tiles are too narrow for tensor cores)."""
+    per_group = -(-(plan.mask_shape[0] // groups) // plan.block_n)
+    if plan.block_n < 16 or plan.kept == 0:
+        return 1
+    sub = min(128 // plan.block_n, per_group)
+    return 1 << (sub.bit_length() - 1)
+
+
+def subtile_plan(plan: ForwardPlan, mask: Tensor, groups: int, device) -> SubtilePlan:
+    """The (cached) :class:`SubtilePlan` grouping ``plan``'s tiles (:func:`subtile_count` per group)."""
+    return cached_plan("fwd_sub", mask, groups, plan.block_n, device, (subtile_count(plan, groups), plan.in_order))
+
+
+@dataclass
 class TilesBackwardPlan:
     """The backward over the forward's filter tiles (``fwd``): dy gathered into tile order by ``cols``
     (``fwd.tile_ch`` flattened: [T * BLOCK_T] channel of each column, -1 = zero), or read in place where
@@ -404,7 +492,7 @@ def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device)
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
              "fwd_in_order": lambda m, g, b, conv, d: _build_forward(m, g, b, d, in_order=True),
              "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense,
-             "bwd_tiles": _build_backward_tiles}
+             "bwd_tiles": _build_backward_tiles, "fwd_sub": _build_subtiles}
 
 
 def cached_plan(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
