@@ -5,6 +5,8 @@ layer), prints and records:
 
 - tile efficiency (kept / computed stripes, best width) of the clustering by pattern or greedy
   growth alone, and of the clustering the backend uses (which adds wider tiles split in turn);
+- input tiles the forward loads per pixel block with the tiles of the fewest stripes, one per tile
+  and union position, and with those tiles in the subtile forward's groups;
 - whether the first forward candidate stores 16-byte vectors into channels_last outputs
   (``aligned``) and whether the tile backward reads dy in place (``runs``), before and after
   the filters are put in ``filter_order`` (what ``stripeconv.reorder_filters`` does to a model).
@@ -46,6 +48,17 @@ def _backward_runs(mask: torch.Tensor) -> bool:
     return plan is not None and plan.fwd.runs
 
 
+def _input_reads(mask: torch.Tensor) -> tuple[int, int]:
+    """Input tiles the forward loads per pixel block and channel block with the plan that computes the
+    fewest stripes: one per (tile, union position); and with that plan's tiles grouped by the subtile
+    forward, one per (group, union position) (the same where it groups nothing)."""
+    plan = min(tp.forward_plans(mask, 1, "cpu"), key=lambda p: p.computed)
+    narrow = int(plan.tile_npos.sum())
+    if tp.subtile_count(plan, 1) == 1:
+        return narrow, narrow
+    return narrow, tp.subtile_plan(plan, mask, 1, "cpu").x_reads
+
+
 def layer_rows(name: str, n: int, k: int, densities, kinds, seed: int) -> list[dict]:
     gen = torch.Generator().manual_seed(seed)
     rows = []
@@ -55,6 +68,7 @@ def layer_rows(name: str, n: int, k: int, densities, kinds, seed: int) -> list[d
             if not mask.any():
                 continue
             ordered = mask[tp.filter_order(mask)].contiguous()
+            reads, reads_grouped = _input_reads(mask)
             rows.append({
                 "layer": name, "N": n, "k": k, "mask": kind, "target_density": density,
                 "density": mask.float().mean().item(),
@@ -65,6 +79,7 @@ def layer_rows(name: str, n: int, k: int, densities, kinds, seed: int) -> list[d
                 "aligned_reordered": tp.forward_plans(ordered, 1, "cpu")[0].aligned,
                 "dy_in_place": _backward_runs(mask),
                 "dy_in_place_reordered": _backward_runs(ordered),
+                "input_reads": reads, "input_reads_subtiles": reads_grouped,
             })
     return rows
 
@@ -104,11 +119,13 @@ def main(argv=None) -> dict:
                 "aligned_reordered": sum(r["aligned_reordered"] for r in sel) / len(sel),
                 "dy_in_place": sum(r["dy_in_place"] for r in sel) / len(sel),
                 "dy_in_place_reordered": sum(r["dy_in_place_reordered"] for r in sel) / len(sel),
+                "input_reads_ratio": statistics.fmean(r["input_reads"] / r["input_reads_subtiles"] for r in sel),
             }
             s = summary[d]
             print(f"density {d:4.2f}: mean tile efficiency {s['efficiency_direct']:.3f} -> {s['efficiency']:.3f}; "
                   f"aligned {s['aligned']:.0%} -> {s['aligned_reordered']:.0%}; dy in place {s['dy_in_place']:.0%} -> "
-                  f"{s['dy_in_place_reordered']:.0%} (of {len(sel)} masks)")
+                  f"{s['dy_in_place_reordered']:.0%}; input tile loads {s['input_reads_ratio']:.1f}x fewer in subtile "
+                  f"groups (of {len(sel)} masks)")
     results = {"rows": rows, "summary": {str(k): v for k, v in summary.items()},
                "command": "python bench/tile_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:

@@ -23,6 +23,10 @@ def test_tile_plans_report(tmp_path):
     for r in rows:
         assert 0 < r["efficiency_direct"] <= r["efficiency"] <= 1, r
         assert r["aligned_reordered"], r  # filter_order always makes the first forward candidate aligned
+        assert 1 <= r["input_reads_subtiles"] <= r["input_reads"], r  # grouping tiles never loads more
+    # 512 filters in narrow tiles: groups of up to 8 tiles load each input tile several times less often
+    wide = [r for r in rows if r["N"] == 512]
+    assert all(r["input_reads_subtiles"] * 2 <= r["input_reads"] for r in wide), wide
     assert set(results["summary"]) == {"0.5", "0.1"}
     assert "density 0.10: mean tile efficiency" in proc.stdout
 

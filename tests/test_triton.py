@@ -142,6 +142,8 @@ CASES = dict([
     _case("subtiles_empty_filters_int64", pick="x4", N=64, empty_filters=20, int64=True, channels_last=True,
           H=6, W=6),
     _case("subtiles_fp16_dil2", pick="x4", dtype="float16", N=64, dilation=(2, 2), padding=(2, 2, 2, 2), H=7, W=6),
+    _case("subtiles_bf16_x8_gpu", pick="x8", dtype="bfloat16", gpu_only=True, C=64, N=128, density=0.2,
+          channels_last=True, H=12, W=12),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
