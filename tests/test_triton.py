@@ -1234,6 +1234,25 @@ def test_tile_grad_weight_compiles_with_and_without_atomics():
     assert seen == {False, True}
 
 
+def test_subtile_forward_is_offered_per_narrow_width_and_compiles_for_hopper():
+    """Each width with several tiles per group gets a subtile candidate of up to 128 columns, from one
+    filter group; its variants compile for sm_90 on wgmma without spilling (the skipped dots and the
+    hand-made prefetch keep the accumulators in registers)."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=8)[0]
+    tb.clear_cache()
+    launches = aot.capture_launches(call, every_candidate=True)
+    subs = [launch for launch in launches if launch.name == "stripe_fwd_sub_kernel"]
+    widths = {launch.kwargs["BLOCK_N"] for launch in launches if launch.name == "stripe_fwd_kernel"}
+    assert len(widths) > 1 and {(launch.kwargs["BLOCK_N"], launch.kwargs["SUB"]) for launch in subs} == {
+        (w, 128 // w) for w in widths}  # 128 filters: every width's tiles in one group of 128 columns
+    for launch in subs:
+        for v in aot.compile_launch(launch, 90):
+            assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
+
+
 def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
     """A batch-1 layer with a long reduction gets a split-K forward candidate (not in deterministic mode,
     not for a batch that fills the GPU); it compiles for sm_90 on the tensor cores with atomic adds."""
@@ -1243,7 +1262,8 @@ def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
 
     label, call = aot.layer_calls(512, 512, 7, density=0.5, dtype=torch.bfloat16, batch=1)[0]
     tb.clear_cache()
-    split = [launch for launch in aot.capture_launches(call, every_candidate=True) if launch.kwargs["SPLIT_K"] > 1]
+    forwards = [launch for launch in aot.capture_launches(call, every_candidate=True) if launch.name == "stripe_fwd_kernel"]
+    split = [launch for launch in forwards if launch.kwargs["SPLIT_K"] > 1]
     assert split, "no split-K candidate for 49 pixels, 512 channels"
     for launch in split:  # every width's: a configuration without spills to pick, all on the tensor cores
         variants = aot.compile_launch(launch, 90)
@@ -1251,12 +1271,12 @@ def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
         assert all(v.tensor_cores == ("mma" if v.config["BLOCK_M"] < 64 else "wgmma") for v in variants)
     label, call = aot.layer_calls(128, 128, 16, density=0.5, dtype=torch.bfloat16, batch=64)[0]
     tb.clear_cache()
-    assert all(launch.kwargs["SPLIT_K"] == 1 for launch in aot.capture_launches(call, every_candidate=True))
+    assert all(launch.kwargs.get("SPLIT_K", 1) == 1 for launch in aot.capture_launches(call, every_candidate=True))
     deterministic, gpu_select.deterministic = gpu_select.deterministic, lambda: True
     try:
         tb.clear_cache()
         label, call = aot.layer_calls(512, 512, 7, density=0.5, dtype=torch.bfloat16, batch=1)[0]
-        assert all(launch.kwargs["SPLIT_K"] == 1 for launch in aot.capture_launches(call, every_candidate=True))
+        assert all(launch.kwargs.get("SPLIT_K", 1) == 1 for launch in aot.capture_launches(call, every_candidate=True))
     finally:
         gpu_select.deterministic = deterministic
         tb.clear_cache()
