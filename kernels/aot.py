@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 __all__ = ["Launch", "Variant", "capture_launches", "specialisation", "tuned_configs", "compile_launch",
-           "compile_call", "ptx_code_digest", "StubDriver", "stub_driver"]
+           "compile_call", "ptx_code_digest", "copies_in_flight", "StubDriver", "stub_driver"]
 
 
 @dataclass
@@ -62,11 +62,13 @@ class Variant:
     dtype: str = ""            # element type of the first pointer argument (the activations)
     constexprs: dict = field(default_factory=dict)
     code_digest: str = ""      # of the PTX instructions, without debug info (:func:`ptx_code_digest`)
+    copies_in_flight: Optional[int] = None  # :func:`copies_in_flight` of the main loop (None: no staged copies)
 
     def row(self) -> str:
         cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
         return (f"{self.kernel:<22} sm_{self.arch} {cfg:<38} regs {self.registers:>3}  spill {self.spill_bytes:>5} B  "
-                f"smem {self.shared_bytes:>6} B  {self.tensor_cores:<5}  async loads {self.async_copies}")
+                f"smem {self.shared_bytes:>6} B  {self.tensor_cores:<5}  async loads {self.async_copies:>2}  "
+                f"in flight {'-' if self.copies_in_flight is None else self.copies_in_flight}")
 
 
 def _jit_fn(kernel):
@@ -302,6 +304,28 @@ def ptx_code_digest(ptx: str) -> str:
     return hashlib.sha1("\n".join(code).encode()).hexdigest()
 
 
+def _loops(ptx: str) -> Iterator[str]:
+    """The body of every innermost loop in ``ptx``: from its header label to its last branch back to it."""
+    for header in re.finditer(r"^(\$L__BB\d+_\d+):\s*// =>This Inner Loop Header", ptx, re.M):
+        label = header.group(1)
+        back = [m.end() for m in re.finditer(rf"bra(?:\.uni)?\s+{re.escape(label)};", ptx[header.end():])]
+        if back:
+            yield ptx[header.end():header.end() + back[-1]]
+
+
+def copies_in_flight(ptx: str) -> Optional[int]:
+    """Copy groups the main loop (the innermost loop that issues the MMAs) leaves in flight when it
+    waits for its operands: the smallest ``cp.async.wait_group`` count in it. 0 means each iteration
+    waits for every copy it staged, so loads no longer overlap the MMAs however many ``num_stages``
+    asked for (what a table read that addresses the same iteration's tiles makes Triton's pipeliner
+    do). None: the loop stages no copies (or there is no MMA loop)."""
+    for body in _loops(ptx):
+        if "mma" in body:
+            waits = [int(n) for n in re.findall(r"cp\.async\.wait_group\s+(\d+)", body)]
+            return min(waits) if waits else None
+    return None
+
+
 def tuned_configs(launch: Launch) -> list:
     """The autotuning configurations the launch's tuner would time (after its early prune), or [None]
     for a kernel without a tuner."""
@@ -341,7 +365,7 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
         dtype = next(t[1:] for t in signature.values() if t.startswith("*"))
         variants.append(Variant(fn.__name__, arch, {**cfg, **{k: v for k, v in shown.items() if k != "BLOCK_M"}},
                                 regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs,
-                                ptx_code_digest(ptx)))
+                                ptx_code_digest(ptx), copies_in_flight(ptx)))
     return variants
 
 

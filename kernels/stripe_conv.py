@@ -156,6 +156,21 @@ def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
     return b, h, w
 
 
+@triton.jit
+def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr):
+    """Kernel position and packed weight rows of union entry ``u`` of tile ``t``: the first row of a run
+    (ROW_RUNS) or one row per column (-1: zero); with NPOS > 0 the position is ``u`` itself."""
+    if NPOS > 0:
+        p = u
+    else:
+        p = tl.load(tile_pos_ptr + t * UMAX + u)
+    if ROW_RUNS:
+        rows = tl.load(rows_tile + u * offs_n.shape[0])
+    else:
+        rows = tl.load(rows_tile + u * offs_n.shape[0] + offs_n)
+    return p, rows
+
+
 # reset_to_zero: a split-K launch adds into its output, so the tuner zeroes it before each timing run
 # and before the launch that counts (the other launches overwrite it anyway).
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by={"early_config_prune": fwd_configs_for},
@@ -207,13 +222,19 @@ def stripe_fwd_kernel(
             chunk = tl.cdiv(it_end, SPLIT_K)
             it_begin = tl.program_id(1) * chunk
             it_end = tl.minimum(it_end, it_begin + chunk)
+        # The plan's tables (position, weight rows) are read one iteration ahead into registers: a table
+        # read that addresses the same iteration's tiles makes Triton's software pipeliner wait for
+        # every staged copy in each iteration (cp.async.wait_group 0: one stage in flight whatever
+        # num_stages asks for).
+        last_u = tl.maximum(npos - 1, 0)
+        p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(it_begin // KC, last_u), offs_n,
+                                        NPOS, ROW_RUNS)
         for it in range(it_begin, it_end):
             u = it // KC
             c0 = (it - u * KC) * BLOCK_K
-            if NPOS > 0:
-                p = u
-            else:
-                p = tl.load(tile_pos_ptr + t * UMAX + u)
+            p, rows = p_next, rows_next
+            p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum((it + 1) // KC, last_u),
+                                            offs_n, NPOS, ROW_RUNS)
             i = p // KW
             j = p - i * KW
             hi = h_base + i * DH
@@ -224,13 +245,11 @@ def stripe_fwd_kernel(
             if ROW_RUNS:
                 # The tile's filters keep position u in consecutive packed rows: one [BLOCK_N, CG] block
                 # of rows from the first, no row table, no absent rows to mask.
-                rows = tl.load(rows_tile + u * BLOCK_N)
                 if INT64_INDEX:
                     rows = rows.to(tl.int64)
                 rows = rows + offs_n
                 kept = offs_n < BLOCK_N
             else:
-                rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
                 kept = rows >= 0
                 if INT64_INDEX:
                     rows = rows.to(tl.int64)
@@ -500,6 +519,22 @@ def _dy_tap(hp, wp, dh_ptr, dw_ptr, k, m_ok, Ho, Wo):
 
 
 @triton.jit
+def _dgrad_chunk(r0_ptr, r1_ptr, dh_ptr, dw_ptr, filt_ptr, k, k_end, offs_r, USE_DOT: tl.constexpr):
+    """Chunk ``k``'s packed rows [r0, r1), dy offsets (dh, dw) and, for the tensor-core path, the
+    filter of each row (zeros past ``k_end``: the read-ahead of a chunk that does not come)."""
+    here = k < k_end
+    r0 = tl.load(r0_ptr + k, mask=here, other=0)
+    r1 = tl.load(r1_ptr + k, mask=here, other=0)
+    dh = tl.load(dh_ptr + k, mask=here, other=0)
+    dw = tl.load(dw_ptr + k, mask=here, other=0)
+    if USE_DOT:
+        n = tl.load(filt_ptr + r0 + offs_r, mask=r0 + offs_r < r1, other=0)
+    else:
+        n = r0
+    return r0, r1, dh, dw, n
+
+
+@triton.jit
 def _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW):
     """dx at the phase pixels' input positions, channels of group g."""
     hi = rh + hp * SH
@@ -533,15 +568,22 @@ def stripe_dgrad_kernel(
         # position reads dy relative to the phase pixel (hp, wp).
         k_begin = tl.load(chunk_off_ptr + phase * G + g)
         k_end = tl.load(chunk_off_ptr + phase * G + g + 1)
+        offs_r = tl.arange(0, BLOCK_K)
+        # Each chunk's table entries are read one chunk ahead, into registers, as in the forward (a table
+        # read that addresses the same iteration's tiles serialises the pipeliner's stages).
+        r0_next, r1_next, dh_next, dw_next, n_next = _dgrad_chunk(
+            chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, k_begin, k_end, offs_r, USE_DOT)
         for kk in range(k_begin, k_end):
-            r0 = tl.load(chunk_r0_ptr + kk)
-            r1 = tl.load(chunk_r1_ptr + kk)
-            ho, wo, ok = _dy_tap(hp, wp, chunk_dh_ptr, chunk_dw_ptr, kk, m_ok, Ho, Wo)
+            r0, r1, dh, dw, n = r0_next, r1_next, dh_next, dw_next, n_next
+            r0_next, r1_next, dh_next, dw_next, n_next = _dgrad_chunk(
+                chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, kk + 1, k_end, offs_r, USE_DOT)
+            ho = hp + dh
+            wo = wp + dw
+            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
             dy_off = dy_row + ho * sdh + wo * sdw
             if USE_DOT:
-                rows = r0 + tl.arange(0, BLOCK_K)
+                rows = r0 + offs_r
                 r_ok = rows < r1
-                n = tl.load(filt_ptr + rows, mask=r_ok, other=0)
                 if INT64_INDEX:
                     rows = rows.to(tl.int64)
                     n = n.to(tl.int64)

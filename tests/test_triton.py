@@ -781,6 +781,10 @@ def _check_variants(aot, label, call, arch):
                 assert v.tensor_cores == ("wgmma" if wgmma else "mma"), (label, v.row())
             if kernel == "stripe_fwd_kernel" and v.constexprs.get("USE_DOT"):
                 assert v.async_copies > 0, ("forward loads are not pipelined", label, v.row())
+            if v.tensor_cores != "none" and v.async_copies:
+                # The main loop leaves staged copies in flight while it multiplies: 0 would mean that every
+                # iteration waits for all of its loads (one stage, whatever num_stages asks for).
+                assert (v.copies_in_flight or 0) >= 1, ("each iteration waits for all its loads", label, v.row())
     return variants
 
 
@@ -979,6 +983,7 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
             variants = aot.compile_launch(launch, 90)
             assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
             assert all(v.tensor_cores == "wgmma" for v in variants), [v.row() for v in variants]
+            assert all(v.copies_in_flight >= 1 for v in variants), [v.row() for v in variants]
             assert launch.name != "stripe_wgrad_tiles_kernel" or launch.kwargs["BLOCK_T"] < 64, launch.kwargs
     tb.clear_cache()
 
@@ -1216,6 +1221,28 @@ def test_forward_times_small_pixel_blocks_only_for_few_pixels():
         assert [c.kwargs["BLOCK_M"] for c in aot.tuned_configs(launch)] == timed
 
 
+def test_copies_in_flight_reads_the_main_loop():
+    """The main loop is the innermost loop with the MMAs; its smallest cp.async wait count is what stays in
+    flight (loops without MMAs, and waits outside the loop, do not count)."""
+    aot = _aot()
+
+    def ptx(wait_in_mma_loop):
+        return ("\tcp.async.wait_group \t0;\n"
+                "$L__BB0_1:  // =>This Inner Loop Header: Depth=1\n\tcp.async.wait_group \t0;\n"
+                "\tld.global.b32 %r1, [%rd1];\n\t@%p1 bra \t$L__BB0_1;\n"
+                "$L__BB0_2:  // =>This Inner Loop Header: Depth=1\n"
+                f"\tcp.async.wait_group \t{wait_in_mma_loop};\n\tbar.sync \t0;\n"
+                "\twgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%r2}, %rd2, %rd3, %p2, 1, 1, 0, 0;\n"
+                "\tcp.async.cg.shared.global [ %r3 + 0 ], [ %rd4 + 0 ], 0x10, %r4;\n"
+                "\tcp.async.wait_group \t3;\n\t@%p3 bra \t$L__BB0_2;\n"
+                "\tcp.async.wait_group \t0;\n\tret;\n")
+
+    assert aot.copies_in_flight(ptx(2)) == 2
+    assert aot.copies_in_flight(ptx(0)) == 0
+    assert aot.copies_in_flight(ptx(2).replace("wgmma.mma_async", "fma.rn.f32")) is None  # no MMA loop
+    assert aot.copies_in_flight("\tmma.sync.aligned.m16n8k16 {%r1};\n\tret;\n") is None  # no loop
+
+
 def test_tile_grad_weight_compiles_with_and_without_atomics():
     """A single split stores each kept row once in the weight's dtype; several add atomically into fp32.
     Both compile for sm_90 on wgmma without spilling."""
@@ -1268,6 +1295,7 @@ def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
     for launch in split:  # every width's: a configuration without spills to pick, all on the tensor cores
         variants = aot.compile_launch(launch, 90)
         assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
+        assert all(v.copies_in_flight >= 1 for v in variants), [v.row() for v in variants]
         assert all(v.tensor_cores == ("mma" if v.config["BLOCK_M"] < 64 else "wgmma") for v in variants)
     label, call = aot.layer_calls(128, 128, 16, density=0.5, dtype=torch.bfloat16, batch=64)[0]
     tb.clear_cache()
