@@ -157,6 +157,15 @@ def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _inside(v, n, INT64_INDEX: tl.constexpr):
+    """0 <= v < n in one unsigned comparison (a negative v wraps above any n)."""
+    if INT64_INDEX:
+        return v.to(tl.uint64, bitcast=True) < n.to(tl.uint64)
+    else:
+        return v.to(tl.uint32, bitcast=True) < n.to(tl.uint32)
+
+
+@triton.jit
 def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr):
     """Kernel position and packed weight rows of union entry ``u`` of tile ``t``: the first row of a run
     (ROW_RUNS) or one row per column (-1: zero); with NPOS > 0 the position is ``u`` itself."""
@@ -222,38 +231,46 @@ def stripe_fwd_kernel(
             chunk = tl.cdiv(it_end, SPLIT_K)
             it_begin = tl.program_id(1) * chunk
             it_end = tl.minimum(it_end, it_begin + chunk)
-        # The plan's tables (position, weight rows) are read one iteration ahead into registers: a table
+        # Loop invariants of the tile addresses, so that each iteration adds a scalar: the window origin of
+        # each pixel in x, the columns of an input tile and, for row runs, the [BLOCK_K, BLOCK_N] block of
+        # packed rows from its first. Pixels past M get a row far above the input: one unsigned
+        # comparison per axis masks them together with the borders.
+        x_base = x_row + h_base * sxh + w_base * sxw
+        h_in = tl.where(m_ok, h_base, -(1 << 30))
+        x_cols = offs_k * sxc
+        w_block = offs_n[None, :] * CG + offs_k[:, None]
+        if INT64_INDEX:
+            w_block = w_block.to(tl.int64)
+        # The channel block and union entry advance as counters (no division per iteration), and the
+        # plan's tables (position, weight rows) are read one iteration ahead into registers: a table
         # read that addresses the same iteration's tiles makes Triton's software pipeliner wait for
         # every staged copy in each iteration (cp.async.wait_group 0: one stage in flight whatever
         # num_stages asks for).
         last_u = tl.maximum(npos - 1, 0)
-        p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(it_begin // KC, last_u), offs_n,
-                                        NPOS, ROW_RUNS)
+        u = it_begin // KC
+        c0 = (it_begin - u * KC) * BLOCK_K
+        p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u, last_u), offs_n, NPOS, ROW_RUNS)
         for it in range(it_begin, it_end):
-            u = it // KC
-            c0 = (it - u * KC) * BLOCK_K
-            p, rows = p_next, rows_next
-            p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum((it + 1) // KC, last_u),
-                                            offs_n, NPOS, ROW_RUNS)
+            c0_next = c0 + BLOCK_K
+            wrap = c0_next >= CG
+            u_next = tl.where(wrap, u + 1, u)
+            c0_next = tl.where(wrap, 0, c0_next)
+            p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n,
+                                            NPOS, ROW_RUNS)
             i = p // KW
             j = p - i * KW
-            hi = h_base + i * DH
-            wi = w_base + j * DW
-            ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            ck = c0 + offs_k
-            x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
+            ok = _inside(h_in + i * DH, H, INT64_INDEX) & _inside(w_base + j * DW, W, INT64_INDEX)
+            x_off = (x_base + (i * DH * sxh + j * DW * sxw))[:, None] + (c0 * sxc + x_cols)[None, :]
+            if INT64_INDEX:
+                rows = rows.to(tl.int64)
             if ROW_RUNS:
                 # The tile's filters keep position u in consecutive packed rows: one [BLOCK_N, CG] block
                 # of rows from the first, no row table, no absent rows to mask.
-                if INT64_INDEX:
-                    rows = rows.to(tl.int64)
-                rows = rows + offs_n
+                w_off = w_block + (rows * CG + c0)
                 kept = offs_n < BLOCK_N
             else:
+                w_off = rows[None, :] * CG + (c0 + offs_k)[:, None]
                 kept = rows >= 0
-                if INT64_INDEX:
-                    rows = rows.to(tl.int64)
-            w_off = rows[None, :] * CG + ck[:, None]
             if EVEN_K:
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
                 if ROW_RUNS:
@@ -261,9 +278,10 @@ def stripe_fwd_kernel(
                 else:
                     wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
             else:
-                k_ok = ck < CG
+                k_ok = c0 + offs_k < CG
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + w_off, mask=kept[None, :] & k_ok[:, None], other=0.0)
+            u, c0, p, rows = u_next, c0_next, p_next, rows_next
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
         for it in range(0, npos * CG):
