@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 __all__ = ["Launch", "Variant", "capture_launches", "specialisation", "tuned_configs", "compile_launch",
-           "compile_call", "ptx_code_digest", "copies_in_flight", "StubDriver", "stub_driver"]
+           "compile_call", "ptx_code_digest", "copies_in_flight", "loop_instructions", "StubDriver", "stub_driver"]
 
 
 @dataclass
@@ -63,12 +63,14 @@ class Variant:
     constexprs: dict = field(default_factory=dict)
     code_digest: str = ""      # of the PTX instructions, without debug info (:func:`ptx_code_digest`)
     copies_in_flight: Optional[int] = None  # :func:`copies_in_flight` of the main loop (None: no staged copies)
+    loop_instructions: Optional[int] = None  # :func:`loop_instructions` of the cubin (None: no MMA loop)
 
     def row(self) -> str:
         cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
         return (f"{self.kernel:<22} sm_{self.arch} {cfg:<38} regs {self.registers:>3}  spill {self.spill_bytes:>5} B  "
                 f"smem {self.shared_bytes:>6} B  {self.tensor_cores:<5}  async loads {self.async_copies:>2}  "
-                f"in flight {'-' if self.copies_in_flight is None else self.copies_in_flight}")
+                f"in flight {'-' if self.copies_in_flight is None else self.copies_in_flight}  "
+                f"loop {'-' if self.loop_instructions is None else self.loop_instructions}")
 
 
 def _jit_fn(kernel):
@@ -274,6 +276,28 @@ def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
     return (int(regs.group(1)) if regs else -1), spill
 
 
+def loop_instructions(cubin: bytes) -> Optional[int]:
+    """SASS instructions of the main loop in ``cubin`` (the loop, closed by a backward branch, that
+    holds the MMAs): what each iteration issues per warp besides the MMAs' own work. None without
+    cuobjdump or without such a loop."""
+    tool = _tool("cuobjdump")
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
+    code = [(int(m.group(1), 16), line) for line in sass.splitlines()
+            if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line))]
+    for address, line in code:
+        branch = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", line)
+        if branch and int(branch.group(1), 16) < address:
+            body = [text for at, text in code if int(branch.group(1), 16) <= at <= address]
+            if any("MMA" in text for text in body):
+                return len(body)  # an inner loop closes before the loops around it
+    return None
+
+
 def specialisation(fn, values: dict) -> tuple[dict, dict, dict]:
     """(signature, constants, attributes) that Triton's JIT compiles ``fn`` for, given every
     argument's value by name: a launch with the same three reuses the compiled kernel."""
@@ -365,7 +389,7 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
         dtype = next(t[1:] for t in signature.values() if t.startswith("*"))
         variants.append(Variant(fn.__name__, arch, {**cfg, **{k: v for k, v in shown.items() if k != "BLOCK_M"}},
                                 regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs,
-                                ptx_code_digest(ptx), copies_in_flight(ptx)))
+                                ptx_code_digest(ptx), copies_in_flight(ptx), loop_instructions(compiled.asm["cubin"])))
     return variants
 
 

@@ -1241,6 +1241,11 @@ def test_copies_in_flight_reads_the_main_loop():
     assert aot.copies_in_flight(ptx(0)) == 0
     assert aot.copies_in_flight(ptx(2).replace("wgmma.mma_async", "fma.rn.f32")) is None  # no MMA loop
     assert aot.copies_in_flight("\tmma.sync.aligned.m16n8k16 {%r1};\n\tret;\n") is None  # no loop
+    # the SASS count of a compiled forward: its main loop, MMAs and the address work around them
+    label, call = aot.layer_calls(64, 64, 8, density=1.0, dtype=torch.bfloat16)[0]
+    for v in aot.compile_call(call, 90):
+        if v.kernel == "stripe_fwd_kernel" and v.tensor_cores == "wgmma":
+            assert 20 < v.loop_instructions < 1000, v.row()
 
 
 def test_tile_grad_weight_compiles_with_and_without_atomics():
