@@ -260,15 +260,22 @@ def _tool(name: str) -> Optional[str]:
     return bundled if os.path.exists(bundled) else shutil.which(name)
 
 
-def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
-    """(registers, local-memory bytes) of the kernel in ``cubin``, read with cuobjdump."""
+def _cuobjdump(cubin: bytes, flag: str) -> Optional[str]:
+    """cuobjdump's output for ``cubin`` (None where the tool is missing)."""
     tool = _tool("cuobjdump")
     if tool is None:
-        return -1, -1
+        return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        return subprocess.run([tool, flag, f.name], capture_output=True, text=True).stdout
+
+
+def _resources(cubin: bytes, arch: int) -> tuple[int, int]:
+    """(registers, local-memory bytes) of the kernel in ``cubin``, read with cuobjdump."""
+    out = _cuobjdump(cubin, "--dump-resource-usage")
+    if out is None:
+        return -1, -1
     regs = re.search(r"REG:(\d+)", out)
     stack = re.search(r"STACK:(\d+)", out)
     local = re.search(r"LOCAL:(\d+)", out)
@@ -280,13 +287,9 @@ def loop_instructions(cubin: bytes) -> Optional[int]:
     """SASS instructions of the main loop in ``cubin`` (the loop, closed by a backward branch, that
     holds the MMAs): what each iteration issues per warp besides the MMAs' own work. None without
     cuobjdump or without such a loop."""
-    tool = _tool("cuobjdump")
-    if tool is None:
+    sass = _cuobjdump(cubin, "-sass")
+    if sass is None:
         return None
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     code = [(int(m.group(1), 16), line) for line in sass.splitlines()
             if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*)", line))]
     for address, line in code:

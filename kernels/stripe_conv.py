@@ -533,7 +533,13 @@ def _dy_tap(hp, wp, dh_ptr, dw_ptr, k, m_ok, Ho, Wo):
     (offsets ``dh_ptr[k]``, ``dw_ptr[k]``), and where it lies inside dy."""
     ho = hp + tl.load(dh_ptr + k)
     wo = wp + tl.load(dw_ptr + k)
-    return ho, wo, m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+    return ho, wo, _dy_inside(ho, wo, m_ok, Ho, Wo)
+
+
+@triton.jit
+def _dy_inside(ho, wo, m_ok, Ho, Wo):
+    """Which of the dy pixels (ho, wo) lie inside dy (and belong to pixels of the block)."""
+    return m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
 
 
 @triton.jit
@@ -597,7 +603,7 @@ def stripe_dgrad_kernel(
                 chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, kk + 1, k_end, offs_r, USE_DOT)
             ho = hp + dh
             wo = wp + dw
-            ok = m_ok & (ho >= 0) & (ho < Ho) & (wo >= 0) & (wo < Wo)
+            ok = _dy_inside(ho, wo, m_ok, Ho, Wo)
             dy_off = dy_row + ho * sdh + wo * sdw
             if USE_DOT:
                 rows = r0 + offs_r
