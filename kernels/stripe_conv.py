@@ -710,6 +710,27 @@ def stripe_gather_columns_kernel(
     tl.store(dst_ptr + offs_m[:, None] * NCOL + offs_n[None, :], v, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e, e_end, UMAX, offs_t,
+                      ROW_RUNS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Entry ``e`` of a phase's (tile, union position) list: its dy offsets (dh, dw), the tile's first dy
+    column and its packed weight rows (the first of a run with ROW_RUNS, else one per filter, -1: absent);
+    past ``e_end`` (the read-ahead of an entry that does not come) zeros and absent rows."""
+    here = e < e_end
+    t = tl.load(ent_t_ptr + e, mask=here, other=0)
+    u = tl.load(ent_u_ptr + e, mask=here, other=0)
+    dh = tl.load(ent_dh_ptr + e, mask=here, other=0)
+    dw = tl.load(ent_dw_ptr + e, mask=here, other=0)
+    col0 = tl.multiple_of(tl.load(dy_col0_ptr + t, mask=here, other=0), BLOCK_T)
+    if ROW_RUNS:
+        rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T, mask=here, other=0)
+    else:
+        # (a vector mask from the scalar: the interpreter makes ``here & vector`` an int32 mask)
+        rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t, mask=offs_t < tl.where(here, BLOCK_T, 0),
+                       other=-1)
+    return dh, dw, col0, rows
+
+
 @triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_TILES_KEY, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_tiles_kernel(
@@ -736,24 +757,32 @@ def stripe_dgrad_tiles_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
         e_begin = tl.load(ent_off_ptr + phase * G + g)
         e_end = tl.load(ent_off_ptr + phase * G + g + 1)
+        # Loop invariants, as in the forward: each pixel's dy offset, the tile columns, the weight block of
+        # a row run; phase pixels past Mp get a row far above dy, masked by the same unsigned comparison
+        # as the borders. The entry tables are read one iteration ahead (see stripe_fwd_kernel).
+        dy_base = b * sdb + hp * sdh + wp * sdw
+        hp_in = tl.where(m_ok, hp, -(1 << 30))
+        dy_cols = offs_t * sdc
+        w_block = offs_t[:, None] * CG + offs_c[None, :]
+        if INT64_INDEX:
+            w_block = w_block.to(tl.int64)
+        dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
+                                               e_begin, e_end, UMAX, offs_t, ROW_RUNS, BLOCK_T)
         for e in range(e_begin, e_end):
-            t = tl.load(ent_t_ptr + e)
-            u = tl.load(ent_u_ptr + e)
-            ho, wo, ok = _dy_tap(hp, wp, ent_dh_ptr, ent_dw_ptr, e, m_ok, Ho, Wo)
-            col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
-            dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + ((col0 + offs_t) * sdc)[None, :],
-                          mask=ok[:, None], other=0.0)
+            dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
+                ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
+                ROW_RUNS, BLOCK_T)
+            ok = _inside(hp_in + dh, Ho, INT64_INDEX) & _inside(wp + dw, Wo, INT64_INDEX)
+            dy_off = (dy_base + (dh * sdh + dw * sdw + col0 * sdc))[:, None] + dy_cols[None, :]
+            dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0)
+            if INT64_INDEX:
+                rows = rows.to(tl.int64)
             if ROW_RUNS:  # consecutive packed rows, none absent (as in the forward)
-                rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T)
-                if INT64_INDEX:
-                    rows = rows.to(tl.int64)
-                wt = tl.load(w_ptr + (rows + offs_t)[:, None] * CG + offs_c[None, :], mask=c_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + (w_block + rows * CG), mask=c_ok[None, :], other=0.0)
             else:
-                rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
-                if INT64_INDEX:
-                    rows = rows.to(tl.int64)
                 wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
                              mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
+            dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
 
