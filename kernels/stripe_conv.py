@@ -157,6 +157,19 @@ def _pixel_coords(offs, H, W, INT64_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _pixel_step(b, h, w, step_b, step_h, step_w, H, W):
+    """(b, h, w) advanced by a step of flat pixels whose own coordinates are (step_b, step_h, step_w),
+    with step_h < H and step_w < W: one carry per axis instead of two divisions per pixel."""
+    w = w + step_w
+    carry = w >= W
+    w = tl.where(carry, w - W, w)
+    h = h + step_h + carry.to(h.dtype)
+    carry = h >= H
+    h = tl.where(carry, h - H, h)
+    return b + step_b + carry.to(b.dtype), h, w
+
+
+@triton.jit
 def _inside(v, n, INT64_INDEX: tl.constexpr):
     """0 <= v < n in one unsigned comparison (a negative v wraps above any n)."""
     if INT64_INDEX:
@@ -829,20 +842,22 @@ def stripe_wgrad_tiles_kernel(
     m_start = split * CHUNK
     m_end = tl.minimum(M, m_start + CHUNK)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
+    # Each block of pixels advances the last one's coordinates (no division per pixel in the loop).
+    offs_m = m_start + tl.arange(0, BLOCK_M)
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
+    step_b, step_h, step_w = BLOCK_M // (Ho * Wo), (BLOCK_M // Wo) % Ho, BLOCK_M % Wo
     for m0 in range(m_start, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < m_end
-        if INT64_INDEX:
-            offs_m = offs_m.to(tl.int64)
-        b, ho, wo = _pixel_coords(offs_m, Ho, Wo, False)  # offs_m is widened already where needed
-        hi = ho * SH - PT + i * DH
-        wi = wo * SW - PL + j * DW
-        x_ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+        hi = ho * SH + (i * DH - PT)
+        wi = wo * SW + (j * DW - PL)
+        x_ok = m_ok & _inside(hi, H, INT64_INDEX) & _inside(wi, W, INT64_INDEX)
         xt = tl.load(x_ptr + x_ch[:, None] + (b * sxb + hi * sxh + wi * sxw)[None, :],
                      mask=c_ok[:, None] & x_ok[None, :], other=0.0)
         dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + dy_col[None, :], mask=m_ok[:, None],
                       other=0.0)
         acc = tl.dot(xt, dyt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        offs_m += BLOCK_M
+        b, ho, wo = _pixel_step(b, ho, wo, step_b, step_h, step_w, Ho, Wo)
 
     rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
     if INT64_INDEX:

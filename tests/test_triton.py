@@ -88,6 +88,10 @@ CASES = dict([
     _case("block_n32_s2", C=16, N=48, block_n=32, density=0.4, stride=(2, 2), H=8, W=8, channels_last=True),
     _case("splitk_atomic", H=20, W=20, C=16, N=16, density=0.4),
     _case("splitk_deterministic", H=20, W=20, C=16, N=16, density=0.4, deterministic=True),
+    # Grad weight over two pixel blocks in one split (BLOCK_M = 128 under the interpreter; 210 and 180 output
+    # pixels): the tile kernel advances (b, ho, wo) by BLOCK_M's own coordinates, carrying across rows and images.
+    _case("wgrad_pixel_steps", B=7, H=5, W=6, C=16, N=16),
+    _case("wgrad_pixel_steps_s2_int64", B=9, H=7, W=9, stride=(2, 2), C=16, N=16, int64=True, channels_last=True),
     _case("fp64", dtype="float64"),
     _case("fp64_depthwise", dtype="float64", C=4, N=4, groups=4, stride=(2, 2), H=6, W=6),
     _case("mask_update", mask_update=True),
@@ -156,6 +160,8 @@ CASES = dict([
     _case("tiles_backward_aligned", pick="tiles", mask_blocks=8, channels_last=True, N=32, dy_in_place=True),
     _case("tiles_backward_splitk", pick="tiles", H=20, W=20, C=16, N=16, density=0.4, channels_last=True,
           dy_in_place=True),
+    _case("tiles_backward_pixel_steps", pick="tiles", B=7, H=5, W=6, C=16, N=16, channels_last=True, dy_in_place=True),
+    _case("tiles_backward_pixel_steps_s2", pick="tiles", B=9, H=7, W=9, stride=(2, 2), C=16, N=32, density=0.4),
     _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
     _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
           channels_last=True, dy_in_place=True),
