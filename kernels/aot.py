@@ -13,8 +13,8 @@ spill bytes, shared memory, whether the main loop uses tensor cores (``wgmma`` o
 instructions: a change to the kernels' source that leaves every digest as it was leaves the code
 the GPU runs as it was (how a refactor is checked without a GPU).
 
-Command line: ``python -m stripeconv.kernels.aot [--arch 90]`` prints that table for a set of
-representative layers.
+Command line: ``python -m stripeconv.kernels.aot [--arch 90] [--every-candidate]`` prints that table
+for a set of representative layers.
 """
 from __future__ import annotations
 
@@ -396,11 +396,15 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
     return variants
 
 
-def compile_call(call: Callable[[], Any], arch: int = 90) -> list[Variant]:
-    """Compile every kernel variant that ``call`` would launch, for ``sm_<arch>``."""
-    variants = []
-    for launch in capture_launches(call):
-        variants.extend(compile_launch(launch, arch))
+def compile_call(call: Callable[[], Any], arch: int = 90, every_candidate: bool = False) -> list[Variant]:
+    """Compile every kernel variant that ``call`` would launch, for ``sm_<arch>`` (with
+    ``every_candidate``, those of every candidate the first call on a GPU times), each once."""
+    variants, seen = [], set()
+    for launch in capture_launches(call, every_candidate=every_candidate):
+        for variant in compile_launch(launch, arch):
+            if (variant.kernel, variant.row(), variant.code_digest) not in seen:
+                seen.add((variant.kernel, variant.row(), variant.code_digest))
+                variants.append(variant)
     return variants
 
 
@@ -437,16 +441,20 @@ def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (80, 89, 90, ...)")
     parser.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--every-candidate", action="store_true",
+                        help="every candidate gpu_select times (tile widths, subtile groups, the tile backward), "
+                             "not only the first")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     import datetime
     import triton
 
     print(f"# ahead-of-time compile for sm_{args.arch}, {args.dtype}, triton {triton.__version__}, "
-          f"torch {torch.__version__}, {datetime.date.today().isoformat()} (compiled only, nothing ran on a GPU)")
+          f"torch {torch.__version__}, {datetime.date.today().isoformat()}"
+          f"{', every candidate' if args.every_candidate else ''} (compiled only, nothing ran on a GPU)")
     for label, call in _representative_calls(dtype):
         print(f"# {label} ({args.dtype})")
-        for variant in compile_call(call, args.arch):
+        for variant in compile_call(call, args.arch, args.every_candidate):
             print("  " + variant.row())
     return 0
 

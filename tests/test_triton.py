@@ -1009,6 +1009,18 @@ def test_code_digest_follows_the_instructions_only():
     assert set(first).isdisjoint(v.code_digest for v in aot.compile_call(nchw[0][1], 90))  # planes store
 
 
+def test_compile_call_covers_every_candidate_once():
+    """With every_candidate, compile_call compiles the candidates the first GPU call times (here the tile
+    backward and its dy gather beside the per-position grad input), each variant once."""
+    aot = _aot()
+    dgrad = aot.layer_calls(32, 32, 8, density=0.5, dtype=torch.bfloat16, channels_last=False)[1][1]
+    first = {v.kernel for v in aot.compile_call(dgrad, 90)}
+    every = aot.compile_call(dgrad, 90, every_candidate=True)
+    assert first == {"stripe_dgrad_kernel"}
+    assert {"stripe_dgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_gather_columns_kernel"} <= {v.kernel for v in every}
+    assert len({(v.kernel, v.row(), v.code_digest) for v in every}) == len(every)
+
+
 def test_compiles_int64_offsets_for_hopper(monkeypatch):
     """The int64-offset variants (tensors of 2**31 elements or more) compile too, on both paths."""
     aot = _aot()
