@@ -397,15 +397,13 @@ def _subtile_store(out_ptr, bias_ptr, acc, ch_ptr, offs_n, out_row, m_ok, soc, I
 
 
 @triton.jit
-def _subtile_operands(x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, it, n_it, t, UMAX, KC, KW, CG, H, W,
+def _subtile_operands(x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, u, c0, t, UMAX, KW, CG, H, W,
                       DH, DW, h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr):
-    """Iteration ``it``'s input tile, subtile bits and the SUB weight tiles (8 values; unused ones are
-    zeros the compiler drops). Past the last iteration it reads the last one again (the prefetch of an
-    iteration that does not come: its values go unused, and no mask needs a scalar condition)."""
-    it = tl.maximum(tl.minimum(it, n_it - 1), 0)
-    u = it // KC
-    c0 = (it - u * KC) * BLOCK_K
+    """The input tile of union entry ``u`` and channels ``c0 + [0, BLOCK_K)``, the entry's subtile bits and
+    the SUB weight tiles (8 values; unused ones are zeros the compiler drops). The caller keeps ``u`` inside
+    the union: the prefetch past the last iteration reads the last entry again (its values go unused, and
+    no mask needs a scalar condition)."""
     p = tl.load(sup_pos_ptr + t * UMAX + u)
     bits = tl.load(sup_bits_ptr + t * UMAX + u)
     i = p // KW
@@ -470,16 +468,24 @@ def stripe_fwd_sub_kernel(
     acc6 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     acc7 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     # The dots are conditional, which Triton's software pipeliner does not handle: the loop prefetches
-    # by hand instead, issuing the loads of iteration it + 1 before the dots of iteration it.
-    KC = tl.cdiv(CG, BLOCK_K)
-    n_it = npos * KC
+    # by hand instead, issuing the loads of iteration it + 1 before the dots of iteration it. The union
+    # entry u and channel block c0 advance as counters (as in stripe_fwd_kernel).
+    n_it = npos * tl.cdiv(CG, BLOCK_K)
+    last_u = tl.maximum(npos - 1, 0)
+    u = 0
+    c0 = 0
     xt, bits, w0, w1, w2, w3, w4, w5, w6, w7 = _subtile_operands(
-        x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, 0, n_it, t, UMAX, KC, KW, CG, H, W, DH, DW,
+        x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, 0, 0, t, UMAX, KW, CG, H, W, DH, DW,
         h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
     for it in range(0, n_it):
+        c0 += BLOCK_K
+        wrap = c0 >= CG
+        u = tl.where(wrap, u + 1, u)
+        c0 = tl.where(wrap, 0, c0)
         xn, bn, v0, v1, v2, v3, v4, v5, v6, v7 = _subtile_operands(
-            x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, it + 1, n_it, t, UMAX, KC, KW, CG, H, W, DH, DW,
-            h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB, BLOCK_N, BLOCK_K, EVEN_K, INT64_INDEX)
+            x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, tl.minimum(u, last_u), c0, t, UMAX, KW, CG, H,
+            W, DH, DW, h_base, w_base, x_row, m_ok, offs_n, offs_k, sxc, sxh, sxw, SUB, BLOCK_N, BLOCK_K, EVEN_K,
+            INT64_INDEX)
         acc0 = _subtile_dot(acc0, xt, w0, bits, 0, SUB, INPUT_PRECISION, ACC_DTYPE)
         acc1 = _subtile_dot(acc1, xt, w1, bits, 1, SUB, INPUT_PRECISION, ACC_DTYPE)
         acc2 = _subtile_dot(acc2, xt, w2, bits, 2, SUB, INPUT_PRECISION, ACC_DTYPE)
