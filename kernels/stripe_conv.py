@@ -170,6 +170,17 @@ def _pixel_step(b, h, w, step_b, step_h, step_w, H, W):
 
 
 @triton.jit
+def _fwd_pixel_block(pid_m, g, B, Ho, Wo, CG, sxb, sxc, SH, SW, PT, PL, INT64_INDEX: tl.constexpr,
+                     BLOCK_M: tl.constexpr):
+    """A forward program's output pixels (block ``pid_m``, their mask and (b, ho, wo)), the top-left
+    corner of each one's input window and its offset in x for filter group ``g``."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < B * Ho * Wo
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
+    return offs_m, m_ok, b, ho, wo, ho * SH - PT, wo * SW - PL, b * sxb + g * CG * sxc
+
+
+@triton.jit
 def _inside(v, n, INT64_INDEX: tl.constexpr):
     """0 <= v < n in one unsigned comparison (a negative v wraps above any n)."""
     if INT64_INDEX:
@@ -224,13 +235,8 @@ def stripe_fwd_kernel(
         npos = tl.load(tile_npos_ptr + t)
     g = tl.load(tile_grp_ptr + t)
 
-    M = B * Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
-    h_base = ho * SH - PT
-    w_base = wo * SW - PL
-    x_row = b * sxb + g * CG * sxc
+    offs_m, m_ok, b, ho, wo, h_base, w_base, x_row = _fwd_pixel_block(pid_m, g, B, Ho, Wo, CG, sxb, sxc, SH, SW, PT,
+                                                                      PL, INT64_INDEX, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     rows_tile = w_rows_ptr + t * UMAX * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
@@ -450,13 +456,8 @@ def stripe_fwd_sub_kernel(
     npos = tl.load(sup_npos_ptr + t)
     g = tl.load(sup_grp_ptr + t)
 
-    M = B * Ho * Wo
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
-    h_base = ho * SH - PT
-    w_base = wo * SW - PL
-    x_row = b * sxb + g * CG * sxc
+    offs_m, m_ok, b, ho, wo, h_base, w_base, x_row = _fwd_pixel_block(pid_m, g, B, Ho, Wo, CG, sxb, sxc, SH, SW, PT,
+                                                                      PL, INT64_INDEX, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
