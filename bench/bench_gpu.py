@@ -313,7 +313,8 @@ def plan_kernels(layers, masks, dtype, args, sm_count: int) -> list:
 
     calls = [call for layer in layers
              for call in precompile_calls(layer, masks[layer[0]], dtype, backward=not args.no_backward)]
-    return tb.kernels_module("precompile").plan(calls, sm_count=sm_count)
+    tma = not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] >= 9  # without a GPU: an H100's plan
+    return tb.kernels_module("precompile").plan(calls, sm_count=sm_count, tma=tma)
 
 
 def run_layer(layer, args, dtype, device, peaks, masks, results):

@@ -115,11 +115,13 @@ def _recording(sink: list) -> Iterator[None]:
         host._kernels = saved
 
 
-def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candidate: bool = False) -> list[Launch]:
+def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candidate: bool = False,
+                     tma: bool = True) -> list[Launch]:
     """Run ``call`` (host code of the triton backend on CPU tensors) and return its launches.
 
     ``sm_count`` stands in for the GPU's multiprocessor count, which sizes the split-K of grad
-    weight (132: an H100 / H200). On CPU tensors the host code launches only its first stripe
+    weight (132: an H100 / H200), and ``tma`` for whether it copies tensor boxes (sm_90 and later:
+    the TMA forward is a candidate). On CPU tensors the host code launches only its first stripe
     candidate (tile width); with ``every_candidate`` it launches each one, as the first call on a
     GPU does while it times them.
     """
@@ -133,15 +135,15 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candida
         return stripes[0], True
 
     sink: list[Launch] = []
-    saved = host._num_sms, gpu_select.choice, host._settled
-    host._num_sms = lambda device: sm_count
+    saved = host._num_sms, gpu_select.choice, host._settled, host._tma_capable
+    host._num_sms, host._tma_capable = (lambda device: sm_count), (lambda device: tma)
     if every_candidate:  # and no settled calls, which would launch their one choice
         gpu_select.choice, host._settled = each_candidate, {}
     try:
         with _recording(sink):
             call()
     finally:
-        host._num_sms, gpu_select.choice, host._settled = saved
+        host._num_sms, gpu_select.choice, host._settled, host._tma_capable = saved
     return sink
 
 
@@ -230,6 +232,10 @@ def stub_driver(arch: int = 90, sm_count: int = 132, keep_calls: bool = True) ->
         vars(driver).update(saved)
 
 
+_TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+               torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}
+
+
 def _specialise(value, specialise: bool = True) -> tuple[str, Any]:
     """(signature type, constant or divisibility hint) as Triton's JIT derives them; integers in a
     kernel's ``do_not_specialize`` (``specialise=False``) get their type alone."""
@@ -247,9 +253,9 @@ def _specialise(value, specialise: bool = True) -> tuple[str, Any]:
     if isinstance(value, float):
         return "fp32", None
     if isinstance(value, torch.Tensor):
-        name = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-                torch.int32: "i32", torch.int64: "i64", torch.bool: "i1", torch.int8: "i8"}[value.dtype]
-        return "*" + name, True  # torch allocations are 16-byte aligned
+        return "*" + _TYPE_NAMES[value.dtype], True  # torch allocations are 16-byte aligned
+    if type(value).__name__ == "TensorDescriptor":  # host-side TMA descriptor: its dtype and box are compiled in
+        return f"tensordesc<{_TYPE_NAMES[value.base.dtype]}[{', '.join(map(str, value.block_shape))}]>", None
     raise TypeError(f"cannot specialise an argument of type {type(value).__name__}")
 
 
@@ -388,7 +394,7 @@ def compile_launch(launch: Launch, arch: int = 90, configs: Optional[list] = Non
         asyncs = len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx))
         shown = {k: v for k, v in constexprs.items()
                  if k.startswith("BLOCK") or k in ("USE_DOT", "ATOMIC", "HAS_BIAS")}
-        cfg = {**({"BLOCK_M": config.kwargs.get("BLOCK_M")} if config is not None else {}), **options}
+        cfg = {**({"BLOCK_M": values.get("BLOCK_M")} if config is not None else {}), **options}
         dtype = next(t[1:] for t in signature.values() if t.startswith("*"))
         variants.append(Variant(fn.__name__, arch, {**cfg, **{k: v for k, v in shown.items() if k != "BLOCK_M"}},
                                 regs, spill, compiled.metadata.shared, tensor_cores, asyncs, dtype, constexprs,
@@ -400,7 +406,7 @@ def compile_call(call: Callable[[], Any], arch: int = 90, every_candidate: bool 
     """Compile every kernel variant that ``call`` would launch, for ``sm_<arch>`` (with
     ``every_candidate``, those of every candidate the first call on a GPU times), each once."""
     variants, seen = [], set()
-    for launch in capture_launches(call, every_candidate=every_candidate):
+    for launch in capture_launches(call, every_candidate=every_candidate, tma=arch >= 90):
         for variant in compile_launch(launch, arch):
             if (variant.kernel, variant.row(), variant.code_digest) not in seen:
                 seen.add((variant.kernel, variant.row(), variant.code_digest))

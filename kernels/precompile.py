@@ -35,6 +35,13 @@ class _TensorArg:
     dtype: torch.dtype
 
 
+@dataclass(frozen=True)
+class _DescriptorArg:
+    """A host-side tensor descriptor (TMA): its dtype and box enter the specialisation."""
+    dtype: torch.dtype
+    block_shape: tuple
+
+
 @dataclass
 class Job:
     """One kernel variant under one autotuning configuration; picklable for a worker process."""
@@ -52,12 +59,34 @@ def _config_kwargs(config) -> dict:
     return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-def plan(calls: Iterable[Callable[[], Any]], sm_count: int = 132) -> list[Job]:
+def _job_arg(value):
+    if isinstance(value, torch.Tensor):
+        return _TensorArg(value.dtype)
+    if type(value).__name__ == "TensorDescriptor":
+        return _DescriptorArg(value.base.dtype, tuple(value.block_shape))
+    return value
+
+
+def _launch_arg(value, device: str):
+    """A stand-in for a job's argument on ``device`` that Triton specialises as the recorded one."""
+    if isinstance(value, _TensorArg):
+        return torch.empty(16, dtype=value.dtype, device=device)
+    if isinstance(value, _DescriptorArg):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        box = list(value.block_shape)
+        base = torch.empty(box, dtype=value.dtype, device=device)
+        return TensorDescriptor(base, box, list(base.stride()), box)
+    return value
+
+
+def plan(calls: Iterable[Callable[[], Any]], sm_count: int = 132, tma: bool = True) -> list[Job]:
     """One job per distinct compiled variant that ``calls`` would need on a GPU with ``sm_count``
-    multiprocessors: every tile width the first call times, every autotuning configuration."""
+    multiprocessors (that copies tensor boxes, ``tma``: sm_90 and later): every tile width the first
+    call times, every autotuning configuration."""
     jobs, seen = [], set()
     for call in calls:
-        for launch in aot.capture_launches(call, sm_count=sm_count, every_candidate=True):
+        for launch in aot.capture_launches(call, sm_count=sm_count, every_candidate=True, tma=tma):
             fn = aot._jit_fn(launch.kernel)
             values = dict(inspect.signature(fn.fn).bind_partial(*launch.args, **launch.kwargs).arguments)
             for config in aot.tuned_configs(launch):
@@ -68,8 +97,7 @@ def plan(calls: Iterable[Callable[[], Any]], sm_count: int = 132) -> list[Job]:
                 if key in seen:
                     continue
                 seen.add(key)
-                args = tuple(_TensorArg(a.dtype) if isinstance(a, torch.Tensor) else a for a in launch.args)
-                jobs.append(Job(fn.__name__, args, dict(launch.kwargs), cfg))
+                jobs.append(Job(fn.__name__, tuple(map(_job_arg, launch.args)), dict(launch.kwargs), cfg))
     return jobs
 
 
@@ -78,7 +106,7 @@ def _compile(job: Job, device: str = "cuda") -> float:
     from ..backends import triton_backend as host
 
     jit = aot._jit_fn(getattr(host._check_kernels(), job.kernel))
-    args = [torch.empty(16, dtype=a.dtype, device=device) if isinstance(a, _TensorArg) else a for a in job.args]
+    args = [_launch_arg(a, device) for a in job.args]
     start = time.perf_counter()
     jit.warmup(*args, grid=(1,), **job.kwargs, **job.config)
     return time.perf_counter() - start

@@ -80,6 +80,7 @@ if INTERPRET:
     SUB_FWD_CONFIGS = [_cfg(128, 4, 1)]
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
+    TMA_FWD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
 else:
     # The last two depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
     FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4)]
@@ -87,6 +88,8 @@ else:
     SUB_FWD_CONFIGS = [_cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(64, 8, 3)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
+    # The host fixes the TMA forward's pixel rectangle (the input descriptor's box): only warps and stages vary.
+    TMA_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (4, 3), (8, 4), (4, 4))]
 
 # Autotuning key: shape buckets and density bucket are passed as (otherwise unused) integer
 # arguments so the key stays small; tensor dtypes are added to the key by triton itself. The
@@ -101,6 +104,7 @@ SUB_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_K"
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
+TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "BLOCK_M", "TW"]
 WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
@@ -124,6 +128,14 @@ def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
         return list(configs)
     small = m <= SMALL_M
     return [c for c in configs if c.kwargs["BLOCK_M"] != (256 if small else 32)]
+
+
+def tma_configs_for(configs, named_args: dict, **kwargs) -> list:
+    """The TMA forward's configurations worth timing: 4 warps hold at most a 128 x 64 fp32 accumulator
+    without spilling (the early prune)."""
+    block = kwargs.get("BLOCK_M", named_args.get("BLOCK_M")) * kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
+    kept = [c for c in configs if c.num_warps >= 8 or block <= 128 * 64]
+    return kept or list(configs)
 
 
 def tuning_bench(fn, quantiles=None):
@@ -204,6 +216,28 @@ def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr,
     return p, rows
 
 
+@triton.jit
+def _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K: tl.constexpr, ROW_RUNS: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] weight tile of channels ``c0 + offs_k`` at packed ``rows`` (see _fwd_tables);
+    zeros for absent rows and channels past CG."""
+    if ROW_RUNS:
+        # The tile's filters keep the position in consecutive packed rows: one [BLOCK_N, CG] block of rows
+        # from the first (``w_block``: its offsets from there), no row table, no absent rows to mask.
+        w_off = w_block + (rows * CG + c0)
+        kept = offs_n < offs_n.shape[0]
+    else:
+        w_off = rows[None, :] * CG + (c0 + offs_k)[:, None]
+        kept = rows >= 0
+    if EVEN_K:
+        if ROW_RUNS:
+            wt = tl.load(w_ptr + w_off)
+        else:
+            wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
+    else:
+        wt = tl.load(w_ptr + w_off, mask=kept[None, :] & (c0 + offs_k < CG)[:, None], other=0.0)
+    return wt
+
+
 # reset_to_zero: a split-K launch adds into its output, so the tuner zeroes it before each timing run
 # and before the launch that counts (the other launches overwrite it anyway).
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by={"early_config_prune": fwd_configs_for},
@@ -282,24 +316,11 @@ def stripe_fwd_kernel(
             x_off = (x_base + (i * DH * sxh + j * DW * sxw))[:, None] + (c0 * sxc + x_cols)[None, :]
             if INT64_INDEX:
                 rows = rows.to(tl.int64)
-            if ROW_RUNS:
-                # The tile's filters keep position u in consecutive packed rows: one [BLOCK_N, CG] block
-                # of rows from the first, no row table, no absent rows to mask.
-                w_off = w_block + (rows * CG + c0)
-                kept = offs_n < BLOCK_N
-            else:
-                w_off = rows[None, :] * CG + (c0 + offs_k)[:, None]
-                kept = rows >= 0
             if EVEN_K:
                 xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
-                if ROW_RUNS:
-                    wt = tl.load(w_ptr + w_off)
-                else:
-                    wt = tl.load(w_ptr + w_off, mask=kept[None, :], other=0.0)
             else:
-                k_ok = c0 + offs_k < CG
-                xt = tl.load(x_ptr + x_off, mask=ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + w_off, mask=kept[None, :] & k_ok[:, None], other=0.0)
+                xt = tl.load(x_ptr + x_off, mask=ok[:, None] & (c0 + offs_k < CG)[None, :], other=0.0)
+            wt = _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K, ROW_RUNS)
             u, c0, p, rows = u_next, c0_next, p_next, rows_next
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
     else:
@@ -346,6 +367,74 @@ def stripe_fwd_kernel(
         tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---- forward with the input tiles loaded by the tensor memory accelerator ---------------------
+# Hopper and later GPUs copy a box of a tensor into shared memory in one instruction (TMA), zero-filling
+# what lies outside the tensor, negative coordinates included: a [1, TH, TW, BLOCK_K] box of the NHWC
+# input at (b, h0 + i*DH - PT, w0 + j*DW - PL, c0) is the input tile of a TH x TW rectangle of output
+# pixels at position (i, j), borders and all, with no per-pixel addresses or masks in the kernel. So a
+# program computes a rectangle of one image's output pixels (the host picks TW to waste the fewest
+# pixels at the image's edges) and stride 1 only (a box has no element stride).
+
+@triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_FWD_KEY, prune_configs_by={"early_config_prune": tma_configs_for},
+                 **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_fwd_tma_kernel(
+    w_ptr, x_desc, bias_ptr, out_ptr,
+    tile_pos_ptr, tile_npos_ptr, tile_ch_ptr, w_rows_ptr,
+    Ho, Wo, CG, T, UMAX,
+    sob, soc, soh, sow,
+    PT, PL, DH, DW, KW: tl.constexpr,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+    STORE: tl.constexpr, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr,
+    BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    TH: tl.constexpr = BLOCK_M // TW
+    pid = tl.program_id(0)
+    t = pid % T  # tile fastest, as in stripe_fwd_kernel
+    rect = pid // T
+    tiles_w = tl.cdiv(Wo, TW)
+    tiles_h = tl.cdiv(Ho, TH)
+    h0 = (rect // tiles_w) % tiles_h * TH
+    w0 = rect % tiles_w * TW
+    b = rect // (tiles_w * tiles_h)
+    if NPOS > 0:
+        npos = NPOS
+    else:
+        npos = tl.load(tile_npos_ptr + t)
+
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_tile = w_rows_ptr + t * UMAX * BLOCK_N
+    w_block = offs_n[None, :] * CG + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    KC = tl.cdiv(CG, BLOCK_K)
+    last_u = tl.maximum(npos - 1, 0)
+    u = 0
+    c0 = 0
+    p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, 0, offs_n, NPOS, ROW_RUNS)
+    for it in range(0, npos * KC):  # union entry u, channel block c0: counters, tables one ahead
+        c0_next = c0 + BLOCK_K
+        wrap = c0_next >= CG
+        u_next = tl.where(wrap, u + 1, u)
+        c0_next = tl.where(wrap, 0, c0_next)
+        p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n,
+                                        NPOS, ROW_RUNS)
+        i = p // KW
+        j = p - i * KW
+        xt = x_desc.load([b, h0 + i * DH - PT, w0 + j * DW - PL, c0]).reshape(BLOCK_M, BLOCK_K)
+        wt = _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K, ROW_RUNS)
+        u, c0, p, rows = u_next, c0_next, p_next, rows_next
+        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    ho = h0 + offs_m // TW
+    wo = w0 + offs_m % TW
+    m_ok = (ho < Ho) & (wo < Wo)
+    _subtile_store(out_ptr, bias_ptr, acc, tile_ch_ptr + t * BLOCK_N, offs_n, b * sob + ho * soh + wo * sow, m_ok,
+                   soc, 0, 1, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
 
 
 # ---- forward over groups of filter tiles --------------------------------------------------------

@@ -44,8 +44,9 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     by_kernel = {}
     for job in jobs:
         by_kernel.setdefault(job.kernel, []).append(job)
-    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_dgrad_kernel", "stripe_wgrad_kernel",
-                              "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel", "stripe_gather_columns_kernel"}
+    assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel", "stripe_dgrad_kernel",
+                              "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel",
+                              "stripe_gather_columns_kernel"}
     # every tile width the first call on a GPU times, each under every configuration of the tuner
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
     assert len(widths) > 1
@@ -61,6 +62,11 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
                if tb.subtile_count(plan, 1) > 1}
     assert grouped and {(job.kwargs["BLOCK_N"], job.kwargs["SUB"]) for job in by_kernel["stripe_fwd_sub_kernel"]} == grouped
     assert len(by_kernel["stripe_fwd_sub_kernel"]) == len(grouped) * len(kernels.stripe_fwd_sub_kernel.configs)
+    # the TMA forward (stride 1, channels_last) of every width, its descriptor recorded by dtype and box
+    tma = by_kernel["stripe_fwd_tma_kernel"]
+    assert {job.kwargs["BLOCK_N"] for job in tma} == widths
+    assert {job.args[1] for job in tma} == {precompile._DescriptorArg(torch.bfloat16, (1, 8, 8, 32))}
+    assert not any(job.kernel == "stripe_fwd_tma_kernel" for job in precompile.plan(calls, tma=False))
     assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {
         c.kwargs["BLOCK_M"] for c in kernels.stripe_dgrad_kernel.configs}
     # the same calls again: nothing new
@@ -69,6 +75,21 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     before = dict(tb._settled)
     precompile.plan(calls)
     assert tb._settled == before
+
+
+def test_job_arguments_stand_in_for_tensors_and_descriptors(precompile):
+    """A worker rebuilds each recorded argument as one that Triton specialises the same way: a tensor of its
+    dtype, a tensor descriptor of its dtype and box."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    base = torch.empty(2, 8, 8, 32, dtype=torch.float16)
+    recorded = (base, TensorDescriptor(base, list(base.shape), list(base.stride()), [1, 4, 8, 32]), 7)
+    job_args = tuple(map(precompile._job_arg, recorded))
+    assert job_args == (precompile._TensorArg(torch.float16), precompile._DescriptorArg(torch.float16, (1, 4, 8, 32)), 7)
+    tensor, descriptor, seven = (precompile._launch_arg(a, "cpu") for a in job_args)
+    assert tensor.dtype == torch.float16 and seven == 7
+    assert isinstance(descriptor, TensorDescriptor) and descriptor.base.dtype == torch.float16
+    assert list(descriptor.block_shape) == [1, 4, 8, 32]
 
 
 def test_plan_of_a_new_geometry_adds_jobs(precompile):
@@ -137,7 +158,8 @@ def test_precompiled_variants_are_loaded_not_compiled(precompile, tmp_path, monk
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     mask, calls = _calls(c=48, n=80, hw=10, density=0.37, batch=3, seed=11)  # a shape no other test uses
-    stats = precompile.precompile(precompile.plan(calls, sm_count=sms), workers=4)
+    tma = torch.cuda.get_device_capability()[0] >= 9
+    stats = precompile.precompile(precompile.plan(calls, sm_count=sms, tma=tma), workers=4)
     assert stats["failed"] == 0, stats
     compiled = precompile.compiled_count(str(tmp_path))
     assert compiled == stats["jobs"]

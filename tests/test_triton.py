@@ -148,6 +148,18 @@ CASES = dict([
     _case("subtiles_fp16_dil2", pick="x4", dtype="float16", N=64, dilation=(2, 2), padding=(2, 2, 2, 2), H=7, W=6),
     _case("subtiles_bf16_x8_gpu", pick="x8", dtype="bfloat16", gpu_only=True, C=64, N=128, density=0.2,
           channels_last=True, H=12, W=12),
+    # The TMA forward: each program a TH x TW rectangle of one image's output pixels, its input tiles boxes of
+    # the NHWC input with the borders zero-filled (negative coordinates included); stride 1 only.
+    _case("tma", pick="_tma", channels_last=True, H=9, W=11),  # 8x16 rectangles: 7 of 16 columns past the edge
+    _case("tma_wide_image", pick="_tma", channels_last=True, B=1, H=3, W=40, C=32, N=16, bias=False),
+    _case("tma_aligned_dil2_asym", pick="_tma", mask_blocks=8, channels_last=True, dilation=(2, 2),
+          padding=(2, 1, 0, 3), H=8, W=7, N=48),
+    _case("tma_row_runs_uneven_k", pick="_tma", density=1.0, channels_last=True, C=24, N=32, block_n=32, k=(3, 5),
+          padding=(1, 1, 2, 2), H=5, W=6),  # 24 channels in 32-wide blocks: the box zero-fills the last 8
+    _case("tma_bf16_empty_filters", pick="_tma", dtype="bfloat16", channels_last=True, empty_filters=12, N=64,
+          block_n=64, density=0.3, H=6, W=6),
+    _case("tma_settled_reordered", pick="_tma", warm_call=True, reordered=True, channels_last=True, N=48,
+          density=0.4, k=(1, 1), padding=(0, 0, 0, 0)),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).

@@ -485,6 +485,89 @@ def _subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Op
     return launch
 
 
+# The TMA forward (stripe_fwd_tma_kernel): a program's output pixels are a TH x TW rectangle of one image,
+# the box of the input descriptor. Its widths, and the pixels per program (64 where an image has fewer).
+TMA_WIDTHS = (8, 16, 32, 64, 128)
+
+
+def _tensor_descriptor():
+    """Triton's host-side tensor descriptor (``triton.tools.tensor_descriptor``), or None where this triton has none."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    return TensorDescriptor
+
+
+def _tma_capable(device: torch.device) -> bool:
+    """Whether ``device`` copies tensor boxes (TMA: compute capability 9.0 and later; the interpreter emulates it)."""
+    if _interpreting():
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_offered(plan: ForwardPlan, input: Tensor, weight: Tensor, stride, groups: int, out_numel: int) -> bool:
+    """Whether the TMA forward can run ``plan`` for this call: tensor-core tiles, stride 1, one group, a
+    channels_last 16-bit or fp32 input whose pixels are 16-byte multiples (a descriptor's strides), and
+    offsets that fit in int32 (the kernel has no int64 variant)."""
+    c = input.shape[1]
+    return (plan.block_n >= 16 and plan.kept > 0 and tuple(stride) == (1, 1) and groups == 1
+            and input.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and output_memory_format(input) == torch.channels_last and c * input.element_size() % 16 == 0
+            and max(input.numel(), weight.numel(), out_numel) < 2**31
+            and _tensor_descriptor() is not None and _tma_capable(input.device))
+
+
+def _tma_rectangle(ho: int, wo: int) -> tuple[int, int]:
+    """(BLOCK_M, TW): pixels per program and the width of their TH x TW rectangle, the one that covers the
+    Ho x Wo image with the fewest padding pixels (the wider on a tie: longer rows per box)."""
+    block_m = 128 if ho * wo > 64 else 64
+
+    def covered(tw):
+        th = block_m // tw
+        return triton_cdiv(ho, th) * th * triton_cdiv(wo, tw) * tw, -tw
+    return block_m, min((tw for tw in TMA_WIDTHS if tw <= block_m), key=covered)
+
+
+def _tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation,
+                  out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward on ``plan``'s tiles with TMA input boxes (``stripe_fwd_tma_kernel``) for every call shaped like
+    this one (:func:`_tma_offered` holds); stores as :func:`_stripe_launcher` does into a channels_last output."""
+    b, c, h, w = input.shape
+    n, kh, kw = plan.mask_shape
+    ho, wo = out_hw
+    out_shape = (b, n, ho, wo)
+    block_k = _dot_block(c)
+    block_m, tw = _tma_rectangle(ho, wo)
+    box = [1, block_m // tw, tw, block_k]
+    out = torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.w_rows)
+    scalars = (ho, wo, c, plan.num_tiles, plan.umax, *out.stride(), padding[0], padding[2], dilation[0],
+               dilation[1], kw)
+    precision, acc = _precision(input.dtype)
+    constants = dict(
+        **_keys(b * ho * wo, c, n, plan.density, kh, kw, (1, 1)),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=c % block_k == 0,
+        STORE=STORE_RUNS if plan.aligned else STORE_SCATTER, NPOS=kh * kw if plan.all_positions else 0,
+        ROW_RUNS=plan.row_runs, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
+    )
+    programs = b * triton_cdiv(ho, block_m // tw) * triton_cdiv(wo, tw) * plan.num_tiles
+    kernel = _TunedLaunch("stripe_fwd_tma_kernel", (programs,), constants, fixed=gpu_select.deterministic(),
+                          bound=(*tables, *scalars))
+    descriptor = _tensor_descriptor()
+
+    def launch(input, weight, bias):
+        x = input
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
+        x_desc = descriptor(x, [b, h, w, c], [x.stride(0), x.stride(2), x.stride(3), 1], box)
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
+        return out
+    return launch
+
+
 # The forward's split-K candidate: where few output pixels leave most multiprocessors idle
 # (batch 1, late CIFAR layers), several programs share each output tile's reduction.
 SPLIT_K_MAX = 8
@@ -593,6 +676,8 @@ def forward(
             sub = subtile_plan(plan, mask, groups, device)
             launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = _subtile_launcher(
                 sub, input, weight, bias, stride, padding, dilation, (ho, wo))
+        if _tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
+            launchers[name + "_tma"] = _tma_launcher(plan, input, weight, bias, padding, dilation, (ho, wo))
         split = _split_k(plan, b * ho * wo, c // groups, _num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
