@@ -24,6 +24,13 @@ The kernels:
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
 
+``stripe_fwd_tma_kernel``
+    The forward for stride 1 on GPUs with a tensor memory accelerator (compute capability 9.0 on):
+    a program's output pixels are a TH x TW rectangle of one image, and each input tile is one
+    [1, TH, TW, BLOCK_K] box of the NHWC input's tensor descriptor at the position's offset, which
+    the hardware zero-fills where it lies outside the image (negative coordinates too): no
+    per-pixel addresses or border masks. Weights, tables and the store are the forward's.
+
 ``stripe_fwd_sub_kernel``
     The forward over groups of SUB narrow tiles (16 to 64 filters, up to 128 columns in all): one
     program loads each input tile once for the union of its subtiles' positions and multiplies it
@@ -89,7 +96,7 @@ else:
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
     # The host fixes the TMA forward's pixel rectangle (the input descriptor's box): only warps and stages vary.
-    TMA_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (4, 3), (8, 4), (4, 4))]
+    TMA_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (4, 3), (8, 4))]
 
 # Autotuning key: shape buckets and density bucket are passed as (otherwise unused) integer
 # arguments so the key stays small; tensor dtypes are added to the key by triton itself. The

@@ -13,6 +13,10 @@ Triton would not launch the same compiled kernel, or would do more than launch i
 device, a tensor of another dtype, or one that is not 16-byte aligned where the recorded one was
 (Triton compiles an aligned variant for aligned pointers), launch hooks installed (profilers such
 as proton read them) or pre-run hooks on the JIT function.
+
+A leading argument may also be a host-side tensor descriptor (TMA): Triton compiles in its dtype and
+box, which the caller keeps, and its launcher encodes the descriptor on every call, so a new one is
+passed as it is; the check is its base tensor's dtype.
 """
 from __future__ import annotations
 
@@ -55,13 +59,13 @@ class CompiledLaunch:
     """One recorded launch of a compiled kernel, repeated with new leading tensors: ``launch(tensors)``."""
 
     __slots__ = ("_runner", "_grid", "_function", "_metadata", "_rest", "_device", "_dtypes", "_aligned", "_jit",
-                 "_driver", "_hooks")
+                 "_driver", "_hooks", "_boxes")
 
     def __init__(self, runner: Callable, grid: tuple, function: Any, metadata: Any, rest: tuple, device: int,
-                 dtypes: tuple, aligned: tuple, jit: Any, driver: Any, hooks: Any):
+                 dtypes: tuple, aligned: tuple, jit: Any, driver: Any, hooks: Any, boxes: bool = False):
         self._runner, self._grid, self._function, self._metadata = runner, grid, function, metadata
         self._rest, self._device, self._dtypes, self._aligned = rest, device, dtypes, aligned
-        self._jit, self._driver, self._hooks = jit, driver, hooks
+        self._jit, self._driver, self._hooks, self._boxes = jit, driver, hooks, boxes
 
     def __call__(self, tensors: tuple) -> bool:
         """Launch with ``tensors`` in place of the recorded leading tensors; False (nothing launched)
@@ -70,8 +74,9 @@ class CompiledLaunch:
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
         if _active(enter) or _active(leave) or getattr(self._jit, "pre_run_hooks", None):
             return False
-        for t, dtype in zip(tensors, self._dtypes):
-            if t.dtype is not dtype:
+        checked = tuple(map(_tensor_of, tensors)) if self._boxes else tensors
+        for t, dtype in zip(checked, self._dtypes):
+            if t is None or t.dtype is not dtype:
                 return False
         for i in self._aligned:
             if tensors[i].data_ptr() % _ALIGNMENT:
@@ -130,9 +135,18 @@ def _from_call(call: tuple, runner: Callable, compiled: Any, jit: Any, tensors: 
     device = driver.get_current_device()
     if stream != driver.get_current_stream(device):
         return None
-    if not all(isinstance(t, Tensor) for t in tensors):
+    checked = tuple(map(_tensor_of, tensors))
+    if not all(isinstance(t, Tensor) for t in checked):
         return None
-    dtypes = tuple(t.dtype for t in tensors)
-    aligned = tuple(i for i, t in enumerate(tensors) if t.data_ptr() % _ALIGNMENT == 0)
+    dtypes = tuple(t.dtype for t in checked)
+    aligned = tuple(i for i, t in enumerate(tensors) if isinstance(t, Tensor) and t.data_ptr() % _ALIGNMENT == 0)
     return CompiledLaunch(runner, tuple(grid), function, metadata, tuple(kernel_args[len(tensors):]), device, dtypes,
-                          aligned, jit, driver, _hook_owner())
+                          aligned, jit, driver, _hook_owner(), boxes=any(t is not c for t, c in zip(tensors, checked)))
+
+
+def _tensor_of(arg) -> Optional[Tensor]:
+    """The tensor a leading argument passes: itself, or a tensor descriptor's base (None for anything else)."""
+    if isinstance(arg, Tensor):
+        return arg
+    base = getattr(arg, "base", None) if type(arg).__name__ == "TensorDescriptor" else None
+    return base if isinstance(base, Tensor) else None
