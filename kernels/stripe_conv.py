@@ -224,6 +224,19 @@ def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr,
 
 
 @triton.jit
+def _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG, offs_n, NPOS: tl.constexpr,
+                    ROW_RUNS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The next iteration's union entry and channel block (counters: no division) and its table values
+    (:func:`_fwd_tables`; past the union's end, the last entry's, unused)."""
+    c0_next = c0 + BLOCK_K
+    wrap = c0_next >= CG
+    u_next = tl.where(wrap, u + 1, u)
+    c0_next = tl.where(wrap, 0, c0_next)
+    p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n, NPOS,
+                                    ROW_RUNS)
+    return u_next, c0_next, p_next, rows_next
+
+@triton.jit
 def _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K: tl.constexpr, ROW_RUNS: tl.constexpr):
     """The [BLOCK_K, BLOCK_N] weight tile of channels ``c0 + offs_k`` at packed ``rows`` (see _fwd_tables);
     zeros for absent rows and channels past CG."""
@@ -311,12 +324,8 @@ def stripe_fwd_kernel(
         c0 = (it_begin - u * KC) * BLOCK_K
         p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u, last_u), offs_n, NPOS, ROW_RUNS)
         for it in range(it_begin, it_end):
-            c0_next = c0 + BLOCK_K
-            wrap = c0_next >= CG
-            u_next = tl.where(wrap, u + 1, u)
-            c0_next = tl.where(wrap, 0, c0_next)
-            p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n,
-                                            NPOS, ROW_RUNS)
+            u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG,
+                                                                 offs_n, NPOS, ROW_RUNS, BLOCK_K)
             i = p // KW
             j = p - i * KW
             ok = _inside(h_in + i * DH, H, INT64_INDEX) & _inside(w_base + j * DW, W, INT64_INDEX)
@@ -423,12 +432,8 @@ def stripe_fwd_tma_kernel(
     c0 = 0
     p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, 0, offs_n, NPOS, ROW_RUNS)
     for it in range(0, npos * KC):  # union entry u, channel block c0: counters, tables one ahead
-        c0_next = c0 + BLOCK_K
-        wrap = c0_next >= CG
-        u_next = tl.where(wrap, u + 1, u)
-        c0_next = tl.where(wrap, 0, c0_next)
-        p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n,
-                                        NPOS, ROW_RUNS)
+        u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG,
+                                                             offs_n, NPOS, ROW_RUNS, BLOCK_K)
         i = p // KW
         j = p - i * KW
         xt = x_desc.load([b, h0 + i * DH - PT, w0 + j * DW - PL, c0]).reshape(BLOCK_M, BLOCK_K)

@@ -84,19 +84,17 @@ def test_settled_launch_hands_the_launcher_what_triton_does(tb, stub):
     assert calls[-2][9] is tensors[0] and calls[-2][10] is tensors[1]
 
 
-def test_settled_forward_launches_directly(tb, stub, monkeypatch):
-    """The forward's autotuned kernel (its configuration fixed by deterministic mode: the stub cannot time
-    configurations), through the backend's settled calls: fresh tensors reach the launcher directly."""
+def _five_settled_forwards(tb, stub, monkeypatch, tuner, bias) -> tuple[list, list]:
+    """Five forwards of one shape (deterministic mode: the stub cannot time configurations) on fresh inputs;
+    the launcher's calls and the inputs. The first three go through ``tuner``'s JIT function, the rest not."""
     from stripeconv import packing
 
     monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(32, 3, 3, generator=gen) < 0.5
     packed = packing.pack_weight(torch.randn(32, 16, 3, 3, generator=gen).bfloat16(), mask)
-    bias = torch.zeros(32, dtype=torch.bfloat16)
     conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
     _, calls = stub
-    tuner = tb._kernels.stripe_fwd_kernel
     inputs = [torch.randn(2, 16, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
               for _ in range(5)]
     with _through_triton_counted(tuner.fn) as through_triton:
@@ -104,6 +102,14 @@ def test_settled_forward_launches_directly(tb, stub, monkeypatch):
             tb.forward(x, packed, bias, mask, *conv)
     tb.clear_cache()
     assert len(calls) == 5 and len(through_triton) == 3, "the fourth and fifth launch went through triton"
+    return calls, inputs
+
+
+def test_settled_forward_launches_directly(tb, stub, monkeypatch):
+    """The forward's autotuned kernel (its configuration fixed by deterministic mode: the stub cannot time
+    configurations), through the backend's settled calls: fresh tensors reach the launcher directly."""
+    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, tb._kernels.stripe_fwd_kernel,
+                                           torch.zeros(32, dtype=torch.bfloat16))
     assert calls[-1][9] is inputs[-1] and calls[-2][9] is inputs[-2]
     # The tensors (input, weight, bias, output) aside, the direct launch is the third one, which went through triton.
     _same_call(calls[-1][:9] + calls[-1][13:], calls[2][:9] + calls[2][13:])
@@ -112,27 +118,12 @@ def test_settled_forward_launches_directly(tb, stub, monkeypatch):
 def test_settled_tma_forward_launches_its_new_descriptor_directly(tb, stub, monkeypatch):
     """The TMA forward's leading arguments include the input's tensor descriptor, made anew for each call:
     from the third launch on, each new descriptor reaches the launcher as it is (triton encodes it there)."""
-    from stripeconv import packing
-
-    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
     monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
     monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
         next(name for name in candidates if name.endswith("_tma")), True) if key[0] == "fwd" else choice(
         key, candidates, device))
-    gen = torch.Generator().manual_seed(1)
-    mask = torch.rand(32, 3, 3, generator=gen) < 0.5
-    packed = packing.pack_weight(torch.randn(32, 16, 3, 3, generator=gen).bfloat16(), mask)
-    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
-    _, calls = stub
-    tuner = tb._kernels.stripe_fwd_tma_kernel
-    inputs = [torch.randn(2, 16, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
-              for _ in range(5)]
-    with _through_triton_counted(tuner.fn) as through_triton:
-        for x in inputs:
-            tb.forward(x, packed, None, mask, *conv)
-    tb.clear_cache()
-    assert len(calls) == 5 and len(through_triton) == 3, "the fourth and fifth launch went through triton"
+    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, tb._kernels.stripe_fwd_tma_kernel, None)
     descriptors = [call[10] for call in calls]
     assert all(type(d).__name__ == "TensorDescriptor" for d in descriptors)
     assert [d.base for d in descriptors[-2:]] == inputs[-2:] and descriptors[-1] is not descriptors[-2]
