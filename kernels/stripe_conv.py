@@ -209,6 +209,16 @@ def _inside(v, n, INT64_INDEX: tl.constexpr):
 
 
 @triton.jit
+def _window_at(p, h_base, w_base, m_ok, KW, DH, DW, H, W):
+    """Input row and column of kernel position ``p`` for output pixels whose window starts at (h_base, w_base),
+    and whether the pixel reads inside the input (False also where ``m_ok`` is)."""
+    i = p // KW
+    j = p - i * KW
+    hi = h_base + i * DH
+    wi = w_base + j * DW
+    return hi, wi, m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+
+@triton.jit
 def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr):
     """Kernel position and packed weight rows of union entry ``u`` of tile ``t``: the first row of a run
     (ROW_RUNS) or one row per column (-1: zero); with NPOS > 0 the position is ``u`` itself."""
@@ -347,11 +357,7 @@ def stripe_fwd_kernel(
                 p = u
             else:
                 p = tl.load(tile_pos_ptr + t * UMAX + u)
-            i = p // KW
-            j = p - i * KW
-            hi = h_base + i * DH
-            wi = w_base + j * DW
-            ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            hi, wi, ok = _window_at(p, h_base, w_base, m_ok, KW, DH, DW, H, W)
             xv = tl.load(x_ptr + x_row + hi * sxh + wi * sxw + c * sxc, mask=ok, other=0.0).to(ACC_DTYPE)
             rows = tl.load(rows_tile + u * BLOCK_N + offs_n)
             if INT64_INDEX:
@@ -513,11 +519,7 @@ def _subtile_operands(x_ptr, w_ptr, sup_pos_ptr, sup_bits_ptr, sup_rows_ptr, u, 
     no mask needs a scalar condition)."""
     p = tl.load(sup_pos_ptr + t * UMAX + u)
     bits = tl.load(sup_bits_ptr + t * UMAX + u)
-    i = p // KW
-    j = p - i * KW
-    hi = h_base + i * DH
-    wi = w_base + j * DW
-    ok = m_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+    hi, wi, ok = _window_at(p, h_base, w_base, m_ok, KW, DH, DW, H, W)
     ck = c0 + offs_k
     k_ok = ck < CG
     x_off = (x_row + hi * sxh + wi * sxw)[:, None] + ck[None, :] * sxc
