@@ -58,6 +58,8 @@ The kernels:
     The gradients over the forward's filter tiles instead of per-position row lists: dy is first
     gathered into tile order (``stripe_gather_columns_kernel``), so every load is a contiguous
     row; they compute the pruned stripes inside each tile's union, as the forward does.
+    ``stripe_dgrad_tiles_tma_kernel`` is the grad input's variant for stride 1 with dy's tiles
+    loaded as TMA boxes over rectangles of input pixels, as ``stripe_fwd_tma_kernel`` loads x's.
 
 Offsets are int32 (fewer registers: the pipeliner keeps the addresses of every stage in flight)
 unless ``INT64_INDEX``, which the host sets for tensors with 2**31 or more elements.
@@ -112,6 +114,7 @@ DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
 TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "BLOCK_M", "TW"]
+TMA_DGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BLOCK_M", "TW"]
 WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
@@ -399,6 +402,61 @@ def stripe_fwd_kernel(
 # program computes a rectangle of one image's output pixels (the host picks TW to waste the fewest
 # pixels at the image's edges) and stride 1 only (a box has no element stride).
 
+@triton.jit
+def _rectangle(rect, H, W, BLOCK_M: tl.constexpr, TW: tl.constexpr):
+    """Image b and top-left pixel (h0, w0) of the ``rect``-th TH x TW rectangle (TH = BLOCK_M // TW) of
+    B images of H x W pixels, row-major within an image."""
+    TH: tl.constexpr = BLOCK_M // TW
+    tiles_w = tl.cdiv(W, TW)
+    tiles_h = tl.cdiv(H, TH)
+    h0 = (rect // tiles_w) % tiles_h * TH
+    w0 = rect % tiles_w * TW
+    b = rect // (tiles_w * tiles_h)
+    return b, h0, w0
+
+
+@triton.jit
+def _rectangle_pixels(h0, w0, H, W, BLOCK_M: tl.constexpr, TW: tl.constexpr):
+    """The rectangle's pixels (h, w), in the row-major order of a reshaped box, and which lie inside the image."""
+    offs_m = tl.arange(0, BLOCK_M)
+    h = h0 + offs_m // TW
+    w = w0 + offs_m % TW
+    return h, w, (h < H) & (w < W)
+
+
+# A reshaped 4-d box is not a layout that wgmma's A operand reads from shared memory, so Triton (3.6, 3.9)
+# copies it into registers first (ldmatrix, register-A wgmma that waits for each MMA); as the B operand it
+# is read in place. With 64 or more columns in the other operand (wgmma's minimum M) the TMA kernels take
+# their products transposed, acc^T = w^T box^T, and turn the accumulator around once at the end.
+
+@triton.jit
+def _box_acc(BLOCK_M: tl.constexpr, N: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """The zero accumulator of a TMA kernel's [BLOCK_M, N] result, [N, BLOCK_M] where it is taken transposed."""
+    if N >= 64:
+        acc = tl.zeros((N, BLOCK_M), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_M, N), dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _box_dot(acc, box, wt, N: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """acc + box @ wt for a [BLOCK_M, K] box and a [K, N] weight tile, in :func:`_box_acc`'s orientation."""
+    if N >= 64:
+        acc = tl.dot(tl.trans(wt), tl.trans(box), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    else:
+        acc = tl.dot(box, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+    return acc
+
+
+@triton.jit
+def _box_result(acc, N: tl.constexpr):
+    """The [BLOCK_M, N] result of a :func:`_box_acc` accumulator."""
+    if N >= 64:
+        acc = tl.trans(acc)
+    return acc
+
+
 @triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_FWD_KEY, prune_configs_by={"early_config_prune": tma_configs_for},
                  **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
@@ -413,15 +471,9 @@ def stripe_fwd_tma_kernel(
     STORE: tl.constexpr, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    TH: tl.constexpr = BLOCK_M // TW
     pid = tl.program_id(0)
     t = pid % T  # tile fastest, as in stripe_fwd_kernel
-    rect = pid // T
-    tiles_w = tl.cdiv(Wo, TW)
-    tiles_h = tl.cdiv(Ho, TH)
-    h0 = (rect // tiles_w) % tiles_h * TH
-    w0 = rect % tiles_w * TW
-    b = rect // (tiles_w * tiles_h)
+    b, h0, w0 = _rectangle(pid // T, Ho, Wo, BLOCK_M, TW)
     if NPOS > 0:
         npos = NPOS
     else:
@@ -431,7 +483,7 @@ def stripe_fwd_tma_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     rows_tile = w_rows_ptr + t * UMAX * BLOCK_N
     w_block = offs_n[None, :] * CG + offs_k[:, None]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    acc = _box_acc(BLOCK_M, BLOCK_N, ACC_DTYPE)
     KC = tl.cdiv(CG, BLOCK_K)
     last_u = tl.maximum(npos - 1, 0)
     u = 0
@@ -445,12 +497,10 @@ def stripe_fwd_tma_kernel(
         xt = x_desc.load([b, h0 + i * DH - PT, w0 + j * DW - PL, c0]).reshape(BLOCK_M, BLOCK_K)
         wt = _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K, ROW_RUNS)
         u, c0, p, rows = u_next, c0_next, p_next, rows_next
-        acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = _box_dot(acc, xt, wt, BLOCK_N, INPUT_PRECISION, ACC_DTYPE)
 
-    offs_m = tl.arange(0, BLOCK_M)
-    ho = h0 + offs_m // TW
-    wo = w0 + offs_m % TW
-    m_ok = (ho < Ho) & (wo < Wo)
+    acc = _box_result(acc, BLOCK_N)
+    ho, wo, m_ok = _rectangle_pixels(h0, w0, Ho, Wo, BLOCK_M, TW)
     _subtile_store(out_ptr, bias_ptr, acc, tile_ch_ptr + t * BLOCK_N, offs_n, b * sob + ho * soh + wo * sow, m_ok,
                    soc, 0, 1, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
 
@@ -854,6 +904,20 @@ def _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr,
     return dh, dw, col0, rows
 
 
+@triton.jit
+def _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr):
+    """The [BLOCK_T, BLOCK_N] weight tile of an entry's packed ``rows``: a block of consecutive rows from the
+    first with ROW_RUNS (none absent, as in the forward), else one row per filter (zeros where absent)."""
+    if INT64_INDEX:
+        rows = rows.to(tl.int64)
+    if ROW_RUNS:
+        wt = tl.load(w_ptr + (w_block + rows * CG), mask=c_ok[None, :], other=0.0)
+    else:
+        wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :], mask=(rows >= 0)[:, None] & c_ok[None, :],
+                     other=0.0)
+    return wt
+
+
 @triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_TILES_KEY, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_tiles_kernel(
@@ -898,16 +962,53 @@ def stripe_dgrad_tiles_kernel(
             ok = _inside(hp_in + dh, Ho, INT64_INDEX) & _inside(wp + dw, Wo, INT64_INDEX)
             dy_off = (dy_base + (dh * sdh + dw * sdw + col0 * sdc))[:, None] + dy_cols[None, :]
             dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0)
-            if INT64_INDEX:
-                rows = rows.to(tl.int64)
-            if ROW_RUNS:  # consecutive packed rows, none absent (as in the forward)
-                wt = tl.load(w_ptr + (w_block + rows * CG), mask=c_ok[None, :], other=0.0)
-            else:
-                wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
-                             mask=(rows >= 0)[:, None] & c_ok[None, :], other=0.0)
+            wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX, ROW_RUNS)
             dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
+
+
+# Grad input with dy's tiles loaded by the TMA, as in stripe_fwd_tma_kernel: at stride 1 the dy pixels an
+# entry reads for a TH x TW rectangle of input pixels are a [1, TH, TW, BLOCK_T] box of dy (or of dy
+# gathered into tile order) at (b, h0 + dh, w0 + dw, col0), zero-filled outside dy.
+
+@triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_DGRAD_KEY, prune_configs_by={"early_config_prune": tma_configs_for},
+                 **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_dgrad_tiles_tma_kernel(
+    dy_desc, w_ptr, dx_ptr, w_rows_ptr, dy_col0_ptr,
+    ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr,
+    H, W, CG, NCB, UMAX, E,
+    sxb, sxc, sxh, sxw,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_RUNS: tl.constexpr,
+    BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Grad input over the forward's filter tiles (``stripe_dgrad_tiles_kernel`` at stride 1, one group): a
+    program computes a TH x TW rectangle of one image's input pixels and BLOCK_N channels, over the E
+    (tile, union position) entries."""
+    pid = tl.program_id(0)
+    c0 = pid % NCB * BLOCK_N  # channel blocks fastest: the programs of a rectangle read the same dy boxes
+    b, h0, w0 = _rectangle(pid // NCB, H, W, BLOCK_M, TW)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_c = c0 + tl.arange(0, BLOCK_N)
+    c_ok = offs_c < CG
+    w_block = offs_t[:, None] * CG + offs_c[None, :]
+    acc = _box_acc(BLOCK_M, BLOCK_N, ACC_DTYPE)
+    dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
+                                           0, E, UMAX, offs_t, ROW_RUNS, BLOCK_T)
+    for e in range(0, E):  # the entry tables read one iteration ahead (see stripe_fwd_kernel)
+        dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
+            ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, E, UMAX, offs_t,
+            ROW_RUNS, BLOCK_T)
+        dyt = dy_desc.load([b, h0 + dh, w0 + dw, col0]).reshape(BLOCK_M, BLOCK_T)
+        wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, False, ROW_RUNS)
+        dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
+        acc = _box_dot(acc, dyt, wt, BLOCK_N, INPUT_PRECISION, ACC_DTYPE)
+    acc = _box_result(acc, BLOCK_N)
+    hi, wi, m_ok = _rectangle_pixels(h0, w0, H, W, BLOCK_M, TW)
+    dx_ptrs = dx_ptr + (b * sxb + hi * sxh + wi * sxw)[:, None] + offs_c[None, :] * sxc  # (b: one image)
+    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
 
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)

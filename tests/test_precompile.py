@@ -44,6 +44,7 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     by_kernel = {}
     for job in jobs:
         by_kernel.setdefault(job.kernel, []).append(job)
+    # (no TMA grad input: it is offered for 64 input channels and more)
     assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel", "stripe_dgrad_kernel",
                               "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel",
                               "stripe_gather_columns_kernel"}
@@ -75,6 +76,17 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     before = dict(tb._settled)
     precompile.plan(calls)
     assert tb._settled == before
+
+
+def test_plan_holds_the_tma_grad_input_of_wide_tiles(precompile):
+    """At density 1 over 64 channels the backward's tiles are 64 filters wide or more: the TMA grad input is
+    offered, its descriptor of dy recorded with the tile width as the box's channels."""
+    mask, calls = _calls(c=64, n=64, density=1.0)
+    jobs = [job for job in precompile.plan(calls) if job.kernel == "stripe_dgrad_tiles_tma_kernel"]
+    assert jobs and all(job.kwargs["BLOCK_T"] == job.args[0].block_shape[3] for job in jobs)
+    assert {job.args[0] for job in jobs} <= {precompile._DescriptorArg(torch.bfloat16, (1, 8, 8, width))
+                                              for width in (64, 128)}
+    assert not any(job.kernel.endswith("_tma_kernel") for job in precompile.plan(calls, tma=False))
 
 
 def test_job_arguments_stand_in_for_tensors_and_descriptors(precompile):

@@ -158,6 +158,9 @@ CASES = dict([
           padding=(1, 1, 2, 2), H=5, W=6),  # 24 channels in 32-wide blocks: the box zero-fills the last 8
     _case("tma_bf16_empty_filters", pick="_tma", dtype="bfloat16", channels_last=True, empty_filters=12, N=64,
           block_n=64, density=0.3, H=6, W=6),
+    # 64 filters and more: the product taken transposed (the box as wgmma's B operand), fp32 and 128 wide
+    _case("tma_transposed_fp32_w128", pick="_tma", channels_last=True, C=16, N=136, block_n=128, density=0.6,
+          H=5, W=6),
     _case("tma_settled_reordered", pick="_tma", warm_call=True, reordered=True, channels_last=True, N=48,
           density=0.4, k=(1, 1), padding=(0, 0, 0, 0)),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
@@ -177,6 +180,24 @@ CASES = dict([
     _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
     _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
           channels_last=True, dy_in_place=True),
+    # The tile grad input with TMA boxes of dy (stride 1, one group; offered for tiles of 64 filters or more over
+    # 33 channels or more): each program a TH x TW rectangle of one image's input pixels; the boxes zero-fill
+    # dy's borders and the columns past its last channel.
+    _case("tiles_tma", pick="tiles_tma", channels_last=True, C=48, N=96, block_n=64, density=0.4, H=9, W=11),
+    _case("tiles_tma_in_place", pick="tiles_tma", reordered=True, channels_last=True, C=40, N=128, block_n=64,
+          density=0.3, H=6, W=7, dy_in_place=True),
+    _case("tiles_tma_nchw_dil2_asym_c80", pick="tiles_tma", dilation=(2, 2), padding=(2, 1, 0, 3), H=8, W=7, C=80,
+          N=64, block_n=64),
+    _case("tiles_tma_row_runs_uneven_k", pick="tiles_tma", density=1.0, channels_last=True, C=40, N=64, block_n=64,
+          k=(3, 5), padding=(1, 1, 2, 2), H=5, W=6, dy_in_place=True),
+    _case("tiles_tma_partial_tile", pick="tiles_tma", density=1.0, channels_last=True, C=36, N=72, block_n=64, H=5,
+          W=5),
+    _case("tiles_tma_bf16_empty_filters", pick="tiles_tma", dtype="bfloat16", channels_last=True, empty_filters=12,
+          C=48, N=64, block_n=64, density=0.3, H=6, W=6, dy_in_place=True),  # one tile of 64 channels in order
+    _case("tiles_tma_w128_in_place_fp16", pick="tiles_tma", dtype="float16", reordered=True, channels_last=True,
+          C=64, N=128, block_n=128, density=0.4, H=5, W=5, dy_in_place=True),
+    _case("tiles_tma_settled_k1", pick="tiles_tma", warm_call=True, reordered=True, channels_last=True, C=48, N=64,
+          block_n=64, density=0.4, k=(1, 1), padding=(0, 0, 0, 0), dy_in_place=True),
     _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
           H=10, W=8),
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -287,13 +308,19 @@ def _tuner_runs(tb):
             del kernel.run
 
 
+# A case's ``pick`` for the backward: the candidate each gradient runs (a forward pick names the forward's).
+PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"}}
+
+
 @contextlib.contextmanager
-def _candidate_picked(tb, part: str, ops: tuple):
-    """``ops`` (of fwd, dgrad, wgrad) run their candidate whose name contains ``part`` (there must be one)."""
+def _candidate_picked(tb, parts: dict):
+    """The ops in ``parts`` (of fwd, dgrad, wgrad) run their first candidate whose name contains the op's part
+    (there must be one)."""
     choice = tb.gpu_select.choice
 
     def pick(key, candidates, device):
-        if key[0] not in ops:
+        part = parts.get(key[0])
+        if part is None:
             return choice(key, candidates, device)
         names = [name for name in candidates if part in name]
         assert names, f"no {key[0]} candidate named *{part}*: {sorted(candidates)}"
@@ -357,7 +384,7 @@ def run_case(name: str, device: str) -> str:
         tb._needs_int64 = lambda *tensors: True
     stack = contextlib.ExitStack()
     if c["pick"]:
-        stack.enter_context(_candidate_picked(tb, c["pick"], ("dgrad", "wgrad") if c["pick"] == "tiles" else ("fwd",)))
+        stack.enter_context(_candidate_picked(tb, PICKS.get(c["pick"], {"fwd": c["pick"]})))
     tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] or c["deterministic"] else []
     gathers = stack.enter_context(_gathers_counted(tb))
     try:
@@ -453,7 +480,7 @@ def run_case(name: str, device: str) -> str:
                     errors.append("deterministic grad_weight differs between two runs")
                 if tuner_runs:  # a timed pick of configuration can differ in another process
                     errors.append(f"deterministic mode launched {len(tuner_runs)} kernels through the autotuner")
-        if c["pick"] == "tiles" and len(gathers) != (0 if c["dy_in_place"] else 1):
+        if c["pick"] in PICKS and len(gathers) != (0 if c["dy_in_place"] else 1):
             errors.append(f"the tile backward gathered dy {len(gathers)} times, expected "
                           f"{'none (dy read in place)' if c['dy_in_place'] else 'once for both gradients'}")
         errors.append(_close("forward", y, ref, c["dtype"]))
@@ -617,11 +644,11 @@ def test_cuda(name):
         pytest.skip("no CUDA device")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process; the GPU kernels are not compiled")
-    if CASES[name]["pick"] == "_tma":
+    if CASES[name]["pick"].endswith("_tma"):
         from stripeconv.backends import triton_backend as tb
 
         if not tb._tma_capable(torch.device("cuda")) or tb._tensor_descriptor() is None:
-            pytest.skip("the TMA forward needs compute capability 9.0 and a triton with tensor descriptors")
+            pytest.skip("the TMA kernels need compute capability 9.0 and a triton with tensor descriptors")
     msg = run_case(name, "cuda")
     assert not msg, msg
 

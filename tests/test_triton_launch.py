@@ -131,6 +131,36 @@ def test_settled_tma_forward_launches_its_new_descriptor_directly(tb, stub, monk
     _same_call(calls[-1][:9] + calls[-1][13:], calls[2][:9] + calls[2][13:])
 
 
+def test_settled_tma_grad_input_launches_its_new_descriptor_directly(tb, stub, monkeypatch):
+    """The TMA grad input's descriptor of dy (read in place: filters in tile order) is new for each call, and
+    reaches the launcher as it is from the third launch on."""
+    from stripeconv import packing
+    from stripeconv.backends.triton_plans import filter_order
+
+    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
+    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    choice = tb.gpu_select.choice
+    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
+        "stripe_tiles_tma", True) if key[0] == "dgrad" else choice(key, candidates, device))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 3, 3, generator=gen) < 0.9  # 64-wide tiles (offered from 64 filters over 64 channels)
+    mask = mask[filter_order(mask)]
+    packed = packing.pack_weight(torch.randn(64, 64, 3, 3, generator=gen).bfloat16(), mask)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, calls = stub
+    dys = [torch.randn(2, 64, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+           for _ in range(5)]
+    with _through_triton_counted(tb._kernels.stripe_dgrad_tiles_tma_kernel.fn) as through_triton:
+        for dy in dys:
+            tb.grad_input(dy, packed, mask, (2, 64, 8, 8), *conv)
+    tb.clear_cache()
+    launches = [call for call in calls if type(call[9]).__name__ == "TensorDescriptor"]
+    assert len(launches) == 5 and len(through_triton) == 3, "the fourth and fifth launch went through triton"
+    assert all(call[9].base is dy for call, dy in zip(launches, dys)) and launches[-1][9] is not launches[-2][9]
+    # The tensors (descriptor, weight, dx) aside, the direct launch is the third one, which went through triton.
+    _same_call(launches[-1][:9] + launches[-1][12:], launches[2][:9] + launches[2][12:])
+
+
 def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
     from stripeconv.backends import _triton_launch
 
