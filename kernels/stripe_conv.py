@@ -29,7 +29,8 @@ The kernels:
     a program's output pixels are a TH x TW rectangle of one image, and each input tile is one
     [1, TH, TW, BLOCK_K] box of the NHWC input's tensor descriptor at the position's offset, which
     the hardware zero-fills where it lies outside the image (negative coordinates too): no
-    per-pixel addresses or border masks. Weights, tables and the store are the forward's.
+    per-pixel addresses or border masks. Weights, tables and the store are the forward's. From 64
+    filters on, the product is taken transposed so that wgmma reads the box from shared memory.
 
 ``stripe_fwd_sub_kernel``
     The forward over groups of SUB narrow tiles (16 to 64 filters, up to 128 columns in all): one
