@@ -161,6 +161,9 @@ CASES = dict([
     # 64 filters and more: the product taken transposed (the box as wgmma's B operand), fp32 and 128 wide
     _case("tma_transposed_fp32_w128", pick="_tma", channels_last=True, C=16, N=136, block_n=128, density=0.6,
           H=5, W=6),
+    # Consecutive packed rows per tile and position (ROW_RUNS), 128 filters wide
+    _case("tma_row_runs_bf16_w128", pick="_tma", dtype="bfloat16", density=1.0, channels_last=True, C=48, N=128,
+          block_n=128, H=5, W=6),
     _case("tma_settled_reordered", pick="_tma", warm_call=True, reordered=True, channels_last=True, N=48,
           density=0.4, k=(1, 1), padding=(0, 0, 0, 0)),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
@@ -196,6 +199,8 @@ CASES = dict([
           C=48, N=64, block_n=64, density=0.3, H=6, W=6, dy_in_place=True),  # one tile of 64 channels in order
     _case("tiles_tma_w128_in_place_fp16", pick="tiles_tma", dtype="float16", reordered=True, channels_last=True,
           C=64, N=128, block_n=128, density=0.4, H=5, W=5, dy_in_place=True),
+    _case("tiles_tma_row_runs_bf16_c72", pick="tiles_tma", dtype="bfloat16", density=1.0, channels_last=True,
+          C=72, N=64, block_n=64, H=5, W=6, dy_in_place=True),  # two channel blocks, the second 8 wide
     _case("tiles_tma_settled_k1", pick="tiles_tma", warm_call=True, reordered=True, channels_last=True, C=48, N=64,
           block_n=64, density=0.4, k=(1, 1), padding=(0, 0, 0, 0), dy_in_place=True),
     _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
