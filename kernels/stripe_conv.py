@@ -114,7 +114,8 @@ SUB_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_K"
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
 DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS"]
-TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "BLOCK_M", "TW"]
+TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SH", "SW", "BLOCK_M",
+                          "TW"]
 TMA_DGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BLOCK_M", "TW"]
 WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
@@ -397,11 +398,14 @@ def stripe_fwd_kernel(
 
 # ---- forward with the input tiles loaded by the tensor memory accelerator ---------------------
 # Hopper and later GPUs copy a box of a tensor into shared memory in one instruction (TMA), zero-filling
-# what lies outside the tensor, negative coordinates included: a [1, TH, TW, BLOCK_K] box of the NHWC
-# input at (b, h0 + i*DH - PT, w0 + j*DW - PL, c0) is the input tile of a TH x TW rectangle of output
-# pixels at position (i, j), borders and all, with no per-pixel addresses or masks in the kernel. So a
-# program computes a rectangle of one image's output pixels (the host picks TW to waste the fewest
-# pixels at the image's edges) and stride 1 only (a box has no element stride).
+# what lies outside the tensor, negative coordinates included: at stride 1, a [1, TH, TW, BLOCK_K] box of
+# the NHWC input at (b, h0 + i*DH - PT, w0 + j*DW - PL, c0) is the input tile of a TH x TW rectangle of
+# output pixels at position (i, j), borders and all, with no per-pixel addresses or masks in the kernel.
+# So a program computes a rectangle of one image's output pixels (the host picks TW to waste the fewest
+# pixels at the image's edges). A box has no element stride; for stride 2 the descriptor views the input
+# as [B, H/SH, SH, W/SW, SW*C] (row parity its own dimension, column parity folded into the channels), and
+# a position's tile is the [1, TH, 1, TW, BLOCK_K] box of its parities. The descriptor is 5-d at stride 1
+# too ([B, H, 1, W, C]).
 
 @triton.jit
 def _rectangle(rect, H, W, BLOCK_M: tl.constexpr, TW: tl.constexpr):
@@ -469,7 +473,7 @@ def stripe_fwd_tma_kernel(
     PT, PL, DH, DW, KW: tl.constexpr,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
-    STORE: tl.constexpr, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr,
+    STORE: tl.constexpr, NPOS: tl.constexpr, ROW_RUNS: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -494,8 +498,10 @@ def stripe_fwd_tma_kernel(
         u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG,
                                                              offs_n, NPOS, ROW_RUNS, BLOCK_K)
         i = p // KW
-        j = p - i * KW
-        xt = x_desc.load([b, h0 + i * DH - PT, w0 + j * DW - PL, c0]).reshape(BLOCK_M, BLOCK_K)
+        off_h = i * DH - PT  # the input pixel of output pixel (ho, wo) is (SH * ho + off_h, SW * wo + off_w)
+        off_w = (p - i * KW) * DW - PL
+        xt = x_desc.load([b, h0 + (off_h >> (SH - 1)), off_h & (SH - 1), w0 + (off_w >> (SW - 1)),
+                          (off_w & (SW - 1)) * CG + c0]).reshape(BLOCK_M, BLOCK_K)
         wt = _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K, ROW_RUNS)
         u, c0, p, rows = u_next, c0_next, p_next, rows_next
         acc = _box_dot(acc, xt, wt, BLOCK_N, INPUT_PRECISION, ACC_DTYPE)

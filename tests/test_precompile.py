@@ -66,7 +66,7 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     # the TMA forward (stride 1, channels_last) of every width, its descriptor recorded by dtype and box
     tma = by_kernel["stripe_fwd_tma_kernel"]
     assert {job.kwargs["BLOCK_N"] for job in tma} == widths
-    assert {job.args[1] for job in tma} == {precompile._DescriptorArg(torch.bfloat16, (1, 8, 8, 32))}
+    assert {job.args[1] for job in tma} == {precompile._DescriptorArg(torch.bfloat16, (1, 8, 1, 8, 32))}
     assert not any(job.kernel == "stripe_fwd_tma_kernel" for job in precompile.plan(calls, tma=False))
     assert {job.config["BLOCK_M"] for job in by_kernel["stripe_dgrad_kernel"]} == {
         c.kwargs["BLOCK_M"] for c in kernels.stripe_dgrad_kernel.configs}

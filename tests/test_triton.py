@@ -161,6 +161,14 @@ CASES = dict([
     # 64 filters and more: the product taken transposed (the box as wgmma's B operand), fp32 and 128 wide
     _case("tma_transposed_fp32_w128", pick="_tma", channels_last=True, C=16, N=136, block_n=128, density=0.6,
           H=5, W=6),
+    # Stride 2 (even input extents): boxes of the input's parity view [B, H/2, 2, W/2, 2C]
+    _case("tma_s2", pick="_tma", channels_last=True, stride=(2, 2), H=8, W=10),
+    _case("tma_s2x1_dil2_asym", pick="_tma", channels_last=True, stride=(2, 1), dilation=(2, 2),
+          padding=(2, 1, 0, 3), H=10, W=7, N=48),
+    _case("tma_s1x2_bf16_w64_k5", pick="_tma", dtype="bfloat16", channels_last=True, stride=(1, 2), k=(5, 5),
+          padding=(2, 2, 2, 2), C=32, N=64, block_n=64, density=0.4, H=7, W=12),
+    _case("tma_s2_row_runs_w128", pick="_tma", density=1.0, channels_last=True, stride=(2, 2), C=32, N=128,
+          block_n=128, H=6, W=6, bias=False),
     # Consecutive packed rows per tile and position (ROW_RUNS), 128 filters wide
     _case("tma_row_runs_bf16_w128", pick="_tma", dtype="bfloat16", density=1.0, channels_last=True, C=48, N=128,
           block_n=128, H=5, W=6),
@@ -1400,3 +1408,23 @@ def test_tuners_zero_what_their_kernels_add_into():
         assert atomic == (name in adds_into), f"{name}: update this test's list of kernels that add atomically"
         if atomic:
             assert adds_into[name] in tuner.reset_to_zero, (name, tuner.reset_to_zero)
+
+
+@pytest.mark.parametrize("stride, hw, c, offered", [
+    ((1, 1), (7, 9), 24, True), ((2, 2), (8, 10), 32, True), ((2, 1), (8, 7), 24, True),
+    ((2, 2), (7, 8), 32, False),   # odd height: no parity view
+    ((1, 2), (8, 9), 32, False),   # odd width
+    ((1, 2), (8, 8), 24, False),   # 24 channels in 32-wide blocks would reach into the other column parity's
+    ((3, 3), (9, 9), 32, False),
+])
+def test_tma_forward_is_offered_for_strides_its_descriptor_can_view(stride, hw, c, offered, monkeypatch):
+    from stripeconv.backends import triton_backend as tb
+
+    if tb._tensor_descriptor() is None:
+        pytest.skip("this triton has no tensor descriptors")
+    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = torch.empty(2, c, *hw).to(memory_format=torch.channels_last)
+    weight = torch.empty(int(mask.sum()), c)
+    assert tb._tma_offered(_plan(mask), x, weight, stride, 1, 2 * 32 * 4 * 4) is offered
+    assert not tb._tma_offered(_plan(mask), x.contiguous(), weight, stride, 1, 2 * 32 * 4 * 4)  # NCHW

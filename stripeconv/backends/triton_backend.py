@@ -506,20 +506,25 @@ def _tma_capable(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def _tma_boxes(t: Tensor, row: int, stride, groups: int, *numels: int) -> bool:
+def _tma_boxes(t: Tensor, row: int, groups: int, *numels: int) -> bool:
     """Whether a TMA kernel can read ``t`` (a 16-bit or fp32 tensor whose pixels hold ``row`` elements) as boxes
-    of a tensor descriptor for a stride-1 convolution of one group: the strides of a descriptor are 16-byte
+    of a tensor descriptor for a convolution of one group: the strides of a descriptor are 16-byte
     multiples, and every offset (``numels``) fits in int32 (the TMA kernels have no int64 variant)."""
-    return (tuple(stride) == (1, 1) and groups == 1 and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (groups == 1 and t.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and row * t.element_size() % 16 == 0 and max(numels) < 2**31
             and _tensor_descriptor() is not None and _tma_capable(t.device))
 
 
 def _tma_offered(plan: ForwardPlan, input: Tensor, weight: Tensor, stride, groups: int, out_numel: int) -> bool:
-    """Whether the TMA forward can run ``plan`` for this call: tensor-core tiles and a channels_last input
-    that :func:`_tma_boxes` can read."""
+    """Whether the TMA forward can run ``plan`` for this call: tensor-core tiles, a channels_last input that
+    :func:`_tma_boxes` can read, and strides of 1 or 2; a stride of 2 where the input's extent is even (the
+    descriptor's parity view), across the width with channel blocks that divide the channels (a box must not
+    reach into the other column parity's channels)."""
+    (sh, sw), (_, _, h, w), c = stride, input.shape, input.shape[1]
     return (plan.block_n >= 16 and plan.kept > 0 and output_memory_format(input) == torch.channels_last
-            and _tma_boxes(input, input.shape[1], stride, groups, input.numel(), weight.numel(), out_numel))
+            and sh in (1, 2) and sw in (1, 2) and h % sh == 0 and w % sw == 0
+            and (sw == 1 or c % _dot_block(c) == 0)
+            and _tma_boxes(input, c, groups, input.numel(), weight.numel(), out_numel))
 
 
 def _tma_rectangle(ho: int, wo: int) -> tuple[int, int]:
@@ -533,8 +538,8 @@ def _tma_rectangle(ho: int, wo: int) -> tuple[int, int]:
     return block_m, min((tw for tw in TMA_WIDTHS if tw <= block_m), key=covered)
 
 
-def _tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], padding, dilation,
-                  out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+def _tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                  dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles with TMA input boxes (``stripe_fwd_tma_kernel``) for every call shaped like
     this one (:func:`_tma_offered` holds); stores as :func:`_stripe_launcher` does into a channels_last output."""
     b, c, h, w = input.shape
@@ -543,17 +548,18 @@ def _tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Option
     out_shape = (b, n, ho, wo)
     block_k = _dot_block(c)
     block_m, tw = _tma_rectangle(ho, wo)
-    box = [1, block_m // tw, tw, block_k]
+    sh, sw = stride
+    box = [1, block_m // tw, 1, tw, block_k]  # of the input as [B, H/SH, SH, W/SW, SW*C]
     out = torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
     tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.w_rows)
     scalars = (ho, wo, c, plan.num_tiles, plan.umax, *out.stride(), padding[0], padding[2], dilation[0],
                dilation[1], kw)
     precision, acc = _precision(input.dtype)
     constants = dict(
-        **_keys(b * ho * wo, c, n, plan.density, kh, kw, (1, 1)),
+        **_keys(b * ho * wo, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=c % block_k == 0,
         STORE=STORE_RUNS if plan.aligned else STORE_SCATTER, NPOS=kh * kw if plan.all_positions else 0,
-        ROW_RUNS=plan.row_runs, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
+        ROW_RUNS=plan.row_runs, SH=sh, SW=sw, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
     )
     programs = b * triton_cdiv(ho, block_m // tw) * triton_cdiv(wo, tw) * plan.num_tiles
     kernel = _TunedLaunch("stripe_fwd_tma_kernel", (programs,), constants, fixed=gpu_select.deterministic(),
@@ -564,7 +570,8 @@ def _tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Option
         x = input
         if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
-        x_desc = descriptor(x, [b, h, w, c], [x.stride(0), x.stride(2), x.stride(3), 1], box)
+        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
+                            [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], box)
         out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
@@ -681,7 +688,7 @@ def forward(
             launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = _subtile_launcher(
                 sub, input, weight, bias, stride, padding, dilation, (ho, wo))
         if _tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
-            launchers[name + "_tma"] = _tma_launcher(plan, input, weight, bias, padding, dilation, (ho, wo))
+            launchers[name + "_tma"] = _tma_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
         split = _split_k(plan, b * ho * wo, c // groups, _num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = _stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
@@ -1028,8 +1035,8 @@ def _tma_dy_offered(plan: TilesBackwardPlan, grad_output: Tensor, weight: Tensor
     158 / 249 for 64- / 128-filter tiles), and the product is taken transposed only from 64 channels on."""
     in_place, _, _, dy = _dy_layout(plan, grad_output)
     row = grad_output.shape[1] if in_place else plan.cols.numel()
-    return (plan.fwd.block_n >= 64 and _dot_block(input_shape[1]) >= 64
-            and _tma_boxes(grad_output, row, stride, groups, dy.numel(), weight.numel(), math.prod(input_shape)))
+    return (plan.fwd.block_n >= 64 and _dot_block(input_shape[1]) >= 64 and tuple(stride) == (1, 1)
+            and _tma_boxes(grad_output, row, groups, dy.numel(), weight.numel(), math.prod(input_shape)))
 
 
 def _grad_input_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, weight: Tensor,
