@@ -25,11 +25,12 @@ The kernels:
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
 
 ``stripe_fwd_tma_kernel``
-    The forward for stride 1 on GPUs with a tensor memory accelerator (compute capability 9.0 on):
+    The forward for strides 1 and 2 on GPUs with a tensor memory accelerator (compute capability 9.0 on):
     a program's output pixels are a TH x TW rectangle of one image, and each input tile is one
     [1, TH, TW, BLOCK_K] box of the NHWC input's tensor descriptor at the position's offset, which
     the hardware zero-fills where it lies outside the image (negative coordinates too): no
-    per-pixel addresses or border masks. Weights, tables and the store are the forward's. From 64
+    per-pixel addresses or border masks (stride 2: a box of the input's parity view, see below).
+    Weights, tables and the store are the forward's. From 64
     filters on, the product is taken transposed so that wgmma reads the box from shared memory.
 
 ``stripe_fwd_sub_kernel``
