@@ -61,7 +61,9 @@ The kernels:
     gathered into tile order (``stripe_gather_columns_kernel``), so every load is a contiguous
     row; they compute the pruned stripes inside each tile's union, as the forward does.
     ``stripe_dgrad_tiles_tma_kernel`` is the grad input's variant for stride 1 with dy's tiles
-    loaded as TMA boxes over rectangles of input pixels, as ``stripe_fwd_tma_kernel`` loads x's.
+    loaded as TMA boxes over rectangles of input pixels, as ``stripe_fwd_tma_kernel`` loads x's;
+    ``stripe_wgrad_tiles_tma_kernel`` the grad weight's for strides 1 and 2, x's and dy's tiles both
+    boxes over rectangles of output pixels.
 
 Offsets are int32 (fewer registers: the pipeliner keeps the addresses of every stage in flight)
 unless ``INT64_INDEX``, which the host sets for tensors with 2**31 or more elements.
@@ -119,6 +121,7 @@ TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPO
                           "TW"]
 TMA_DGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BLOCK_M", "TW"]
 WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC"]
+TMA_WGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_T", "BLOCK_C", "ATOMIC", "SH", "SW", "DY_ROWS", "BLOCK_M", "TW"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of
 # a benchmark suite). Every other integer keeps its specialisation, which decides vector widths
@@ -1078,7 +1081,15 @@ def stripe_wgrad_tiles_kernel(
         offs_m += BLOCK_M
         b, ho, wo = _pixel_step(b, ho, wo, step_b, step_h, step_w, Ho, Wo)
 
-    rows = tl.load(w_rows_ptr + (t * UMAX + u) * BLOCK_T + offs_t)
+    _store_wgrad_tile(dw_ptr, acc, w_rows_ptr + (t * UMAX + u) * BLOCK_T, offs_t, offs_c, c_ok, CG, ATOMIC,
+                      INT64_INDEX)
+
+
+@triton.jit
+def _store_wgrad_tile(dw_ptr, acc, rows_ptr, offs_t, offs_c, c_ok, CG, ATOMIC: tl.constexpr, INT64_INDEX: tl.constexpr):
+    """Puts a [BLOCK_C, BLOCK_T] grad-weight tile into the packed rows its filters keep (``rows_ptr``: one per
+    filter, -1 where absent, dropped): added atomically into fp32 with ATOMIC, else stored in dw's dtype."""
+    rows = tl.load(rows_ptr + offs_t)
     if INT64_INDEX:
         rows = rows.to(tl.int64)
     dw_ptrs = dw_ptr + rows[None, :] * CG + offs_c[:, None]
@@ -1086,6 +1097,77 @@ def stripe_wgrad_tiles_kernel(
         tl.atomic_add(dw_ptrs, acc, mask=c_ok[:, None] & (rows >= 0)[None, :])
     else:
         tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & (rows >= 0)[None, :])
+
+
+# Grad weight with both operands loaded by the TMA: over rectangles of output pixels, dy's tile is the
+# [1, TH, TW, BLOCK_T] box of the rectangle (zero past dy's edges, so the x pixels of a partial rectangle
+# add nothing) and x's the forward's box of the position, in the same parity view for stride 2. The product
+# is [channels, pixels] x [pixels, filters]: one operand transposed, the reshaped x box as wgmma's A operand,
+# copied to registers (see _box_acc) and so one MMA at a time. Where rectangles are whole rows of dy
+# (TW = Wo, TH divides Ho: DY_ROWS) they are runs of BLOCK_M consecutive pixels, dy's tile is a plain 2-d
+# box, and from 64 filters on the product turns around, [filters, pixels] x [pixels, channels], with both
+# operands read from shared memory (async wgmma).
+
+@triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_WGRAD_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
+@triton.jit(do_not_specialize=UNSPECIALISED)
+def stripe_wgrad_tiles_tma_kernel(
+    dy_desc, x_desc, dw_ptr, w_rows_ptr, dy_col0_ptr,
+    ent_t_ptr, ent_u_ptr, tile_pos_ptr,
+    Ho, Wo, CG, NCB, UMAX, CHUNK, R,
+    PT, PL, DH, DW, KW: tl.constexpr,
+    KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
+    ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, SH: tl.constexpr,
+    SW: tl.constexpr, DY_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Grad weight over the forward's filter tiles (``stripe_wgrad_tiles_kernel`` for strides 1 and 2, one
+    group): per (tile, union position) entry and BLOCK_C channels a product over the R TH x TW rectangles of
+    output pixels, split-K over CHUNK rectangles (grid axis 1)."""
+    TH: tl.constexpr = BLOCK_M // TW
+    FILTERS_ON_M: tl.constexpr = DY_ROWS and BLOCK_T >= 64
+    pid = tl.program_id(0)
+    e = pid // NCB
+    c0 = (pid - e * NCB) * BLOCK_C
+    t = tl.load(ent_t_ptr + e)
+    u = tl.load(ent_u_ptr + e)
+    p = tl.load(tile_pos_ptr + t * UMAX + u)
+    col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
+    i = p // KW
+    off_h = i * DH - PT  # as in stripe_fwd_tma_kernel: the box coordinates of the position's input pixels
+    off_w = (p - i * KW) * DW - PL
+    xh, xph = off_h >> (SH - 1), off_h & (SH - 1)
+    xw, xc = off_w >> (SW - 1), (off_w & (SW - 1)) * CG + c0
+
+    r = tl.program_id(1) * CHUNK
+    r_end = tl.minimum(R, r + CHUNK)
+    b, h0, w0 = _rectangle(r, Ho, Wo, BLOCK_M, TW)
+    if FILTERS_ON_M:
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
+    for rect in range(r, r_end):  # each rectangle steps from the last one (no division in the loop)
+        xt = x_desc.load([b, h0 + xh, xph, w0 + xw, xc]).reshape(BLOCK_M, BLOCK_C)
+        if DY_ROWS:
+            dyt = dy_desc.load([rect * BLOCK_M, col0])
+        else:
+            dyt = dy_desc.load([b, h0, w0, col0]).reshape(BLOCK_M, BLOCK_T)
+        if FILTERS_ON_M:
+            acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        else:
+            acc = tl.dot(tl.trans(xt), dyt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        w0 += TW
+        row_done = w0 >= Wo
+        w0 = tl.where(row_done, 0, w0)
+        h0 = tl.where(row_done, h0 + TH, h0)
+        image_done = h0 >= Ho
+        h0 = tl.where(image_done, 0, h0)
+        b = tl.where(image_done, b + 1, b)
+
+    if FILTERS_ON_M:
+        acc = tl.trans(acc)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    _store_wgrad_tile(dw_ptr, acc, w_rows_ptr + (t * UMAX + u) * BLOCK_T, tl.arange(0, BLOCK_T), offs_c,
+                      offs_c < CG, CG, ATOMIC, False)
 
 
 @triton.jit

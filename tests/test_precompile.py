@@ -47,7 +47,7 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     # (no TMA grad input: it is offered for 64 input channels and more)
     assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel", "stripe_dgrad_kernel",
                               "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel",
-                              "stripe_gather_columns_kernel"}
+                              "stripe_wgrad_tiles_tma_kernel", "stripe_gather_columns_kernel"}
     # every tile width the first call on a GPU times, each under every configuration of the tuner
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
     assert len(widths) > 1
@@ -87,6 +87,21 @@ def test_plan_holds_the_tma_grad_input_of_wide_tiles(precompile):
     assert {job.args[0] for job in jobs} <= {precompile._DescriptorArg(torch.bfloat16, (1, 8, 8, width))
                                               for width in (64, 128)}
     assert not any(job.kernel.endswith("_tma_kernel") for job in precompile.plan(calls, tma=False))
+
+
+def test_plan_holds_the_tma_grad_weight_with_its_two_descriptors(precompile):
+    """The TMA grad weight's jobs record x's box (the forward's parity view) and dy's: a 2-d box of BLOCK_M
+    consecutive pixels where the rectangles are whole rows of dy (8 x 8 pixels: 8 rows of 8), else a 4-d one."""
+    for hw, stride, rows in ((8, 1, True), (10, 1, False), (12, 2, False)):
+        _, calls = _calls(hw=hw, stride=stride)
+        jobs = [job for job in precompile.plan(calls) if job.kernel == "stripe_wgrad_tiles_tma_kernel"]
+        assert jobs and {job.kwargs["DY_ROWS"] for job in jobs} == {rows}
+        assert {job.kwargs["SH"] for job in jobs} == {stride}
+        for job in jobs:
+            dy_box, x_box = job.args[0].block_shape, job.args[1].block_shape
+            block_m, tw, width = job.kwargs["BLOCK_M"], job.kwargs["TW"], job.kwargs["BLOCK_T"]
+            assert x_box == (1, block_m // tw, 1, tw, 32)
+            assert dy_box == ((block_m, width) if rows else (1, block_m // tw, tw, width))
 
 
 def test_job_arguments_stand_in_for_tensors_and_descriptors(precompile):

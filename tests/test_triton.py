@@ -211,6 +211,25 @@ CASES = dict([
           C=72, N=64, block_n=64, H=5, W=6, dy_in_place=True),  # two channel blocks, the second 8 wide
     _case("tiles_tma_settled_k1", pick="tiles_tma", warm_call=True, reordered=True, channels_last=True, C=48, N=64,
           block_n=64, density=0.4, k=(1, 1), padding=(0, 0, 0, 0), dy_in_place=True),
+    # The tile grad weight with TMA boxes of dy and x (strides 1 and 2, one group; the cases above run it too):
+    # rectangles of output pixels, split-K over runs of them, x's boxes in the forward's parity view.
+    _case("wgrad_tma_s2", pick="wgrad_tma", channels_last=True, stride=(2, 2), H=8, W=10, N=48, density=0.4),
+    _case("wgrad_tma_s2x1_dil2_asym_nchw", pick="wgrad_tma", stride=(2, 1), dilation=(2, 2), padding=(2, 1, 0, 3),
+          H=10, W=7, C=24, N=32, block_n=32),
+    # 24 channels in 32-wide blocks at a column stride of 2: the box of column parity 1 reaches past the channels
+    _case("wgrad_tma_s1x2_c24_bf16", pick="wgrad_tma", dtype="bfloat16", channels_last=True, stride=(1, 2), k=(3, 5),
+          padding=(1, 1, 2, 2), H=7, W=12, C=24, N=64, block_n=64, density=0.5, dy_in_place=True),
+    _case("wgrad_tma_splitk_in_place", pick="wgrad_tma", B=3, H=20, W=20, C=16, N=16, density=0.5,
+          channels_last=True, dy_in_place=True),  # 2 splits of 9 rectangles, crossing images
+    _case("wgrad_tma_s2_row_runs_w128_in_place", pick="wgrad_tma", density=1.0, channels_last=True, stride=(2, 2),
+          C=32, N=128, block_n=128, H=6, W=6, bias=False, dy_in_place=True),
+    # Rectangles of whole rows (TW = Wo): dy's tiles are 2-d boxes of consecutive pixels, and from 64 filters on
+    # the product is [filters, pixels] x [pixels, channels]
+    _case("wgrad_tma_rows_w64", pick="wgrad_tma", channels_last=True, H=8, W=8, C=32, N=128, block_n=64, density=0.4),
+    _case("wgrad_tma_rows_s2_in_place_w16", pick="wgrad_tma", reordered=True, channels_last=True, B=3, stride=(2, 2),
+          H=16, W=16, N=32, density=0.4, dy_in_place=True),
+    _case("wgrad_tma_rows_splitk_w128_bf16", pick="wgrad_tma", dtype="bfloat16", reordered=True, channels_last=True,
+          B=4, H=16, W=16, C=16, N=128, block_n=128, density=0.4, dy_in_place=True),  # 2 splits of 4 rectangles
     _case("tiles_backward_fp64", pick="tiles", dtype="float64", C=16, N=16, stride=(3, 3), padding=(0, 0, 0, 0),
           H=10, W=8),
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
@@ -322,7 +341,8 @@ def _tuner_runs(tb):
 
 
 # A case's ``pick`` for the backward: the candidate each gradient runs (a forward pick names the forward's).
-PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"}}
+PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles_tma"},
+         "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}}
 
 
 @contextlib.contextmanager
@@ -337,7 +357,7 @@ def _candidate_picked(tb, parts: dict):
             return choice(key, candidates, device)
         names = [name for name in candidates if part in name]
         assert names, f"no {key[0]} candidate named *{part}*: {sorted(candidates)}"
-        return names[0], True
+        return ("stripe_" + part if "stripe_" + part in names else names[0]), True
     tb.gpu_select.choice = pick
     try:
         yield
@@ -1039,7 +1059,10 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
         launches = aot.capture_launches(lambda: (tb.grad_input(dy, packed, m, x.shape, *conv),
                                                  tb.grad_weight(dy, x, packed, m, *conv)), every_candidate=True)
         names = [launch.name for launch in launches]
-        assert names.count("stripe_gather_columns_kernel") == (0 if ordered else 1), names  # one for both
+        # one gather for both gradients; a second grad weight candidate of the same call (the TMA one, where
+        # offered: only while candidates are timed) gathers again
+        gathers = 1 + names.count("stripe_wgrad_tiles_tma_kernel")
+        assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
         assert len(tiles) == 2, names
         for launch in tiles:
@@ -1400,11 +1423,13 @@ def test_tuners_zero_what_their_kernels_add_into():
     from stripeconv.backends import triton_backend as tb
 
     kernels = tb._check_kernels()
-    adds_into = {"stripe_fwd_kernel": "out_ptr", "stripe_wgrad_kernel": "dw_ptr", "stripe_wgrad_tiles_kernel": "dw_ptr"}
+    adds_into = {"stripe_fwd_kernel": "out_ptr", "stripe_wgrad_kernel": "dw_ptr", "stripe_wgrad_tiles_kernel": "dw_ptr",
+                 "stripe_wgrad_tiles_tma_kernel": "dw_ptr"}
     tuned = [name for name in dir(kernels) if name.endswith("_kernel") and hasattr(getattr(kernels, name), "configs")]
     for name in tuned:
         tuner = getattr(kernels, name)
-        atomic = "tl.atomic_add(" in inspect.getsource(tuner.fn.fn)
+        source = inspect.getsource(tuner.fn.fn)  # (_store_wgrad_tile adds atomically for the grad weights)
+        atomic = "tl.atomic_add(" in source or "_store_wgrad_tile(" in source
         assert atomic == (name in adds_into), f"{name}: update this test's list of kernels that add atomically"
         if atomic:
             assert adds_into[name] in tuner.reset_to_zero, (name, tuner.reset_to_zero)
@@ -1428,3 +1453,28 @@ def test_tma_forward_is_offered_for_strides_its_descriptor_can_view(stride, hw, 
     weight = torch.empty(int(mask.sum()), c)
     assert tb._tma_offered(_plan(mask), x, weight, stride, 1, 2 * 32 * 4 * 4) is offered
     assert not tb._tma_offered(_plan(mask), x.contiguous(), weight, stride, 1, 2 * 32 * 4 * 4)  # NCHW
+
+
+@pytest.mark.parametrize("stride, hw, groups, offered", [
+    ((1, 1), (7, 9), 1, True), ((2, 2), (8, 10), 1, True),
+    ((1, 2), (8, 8), 1, True),    # 48 channels in 64-wide blocks: the rows past them are not stored
+    ((2, 2), (7, 8), 1, False),   # odd height: no parity view
+    ((3, 3), (9, 9), 1, False), ((1, 1), (8, 8), 2, False),
+])
+def test_tma_grad_weight_is_offered_for_strides_its_descriptors_can_view(stride, hw, groups, offered, monkeypatch):
+    from stripeconv.backends import triton_backend as tb
+
+    if tb._tensor_descriptor() is None:
+        pytest.skip("this triton has no tensor descriptors")
+    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    x = torch.empty(2, 48, *hw).to(memory_format=torch.channels_last)
+    weight = torch.empty(int(mask.sum()), 48 // groups)
+    conv = (stride, (1, 1, 1, 1), (1, 1))
+    plan = tb._backward_tiles(mask, weight, 48, groups, *conv, torch.device("cpu"))
+    assert plan is not None
+    ho, wo = tb._out_hw(*hw, 3, 3, stride, (1, 1, 1, 1), (1, 1))
+    dy = torch.empty(2, 32, ho, wo).to(memory_format=torch.channels_last)
+    assert tb._tma_wgrad_offered(plan, dy, x, weight, stride, groups) is offered
+    assert tb._tma_wgrad_offered(plan, dy, x.contiguous(), weight, stride, groups) is offered  # NCHW x: copied
+    assert not tb._tma_wgrad_offered(plan, dy.double(), x.double(), weight.double(), stride, groups)

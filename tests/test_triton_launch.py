@@ -161,6 +161,37 @@ def test_settled_tma_grad_input_launches_its_new_descriptor_directly(tb, stub, m
     _same_call(launches[-1][:9] + launches[-1][12:], launches[2][:9] + launches[2][12:])
 
 
+def test_settled_tma_grad_weight_launches_its_new_descriptors_directly(tb, stub, monkeypatch):
+    """The TMA grad weight makes descriptors of dy (read in place) and of x for each call; both reach the
+    launcher as they are from the third launch on (one configuration: the stub cannot time them)."""
+    from stripeconv import packing
+    from stripeconv.backends.triton_plans import filter_order
+
+    kernel = tb._kernels.stripe_wgrad_tiles_tma_kernel
+    monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
+    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    choice = tb.gpu_select.choice
+    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
+        "stripe_tiles_tma", True) if key[0] == "wgrad" else choice(key, candidates, device))
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.rand(64, 3, 3, generator=gen) < 0.9
+    mask = mask[filter_order(mask)]
+    packed = packing.pack_weight(torch.randn(64, 32, 3, 3, generator=gen).bfloat16(), mask)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1), 1)
+    _, calls = stub
+    dys, xs = ([torch.randn(2, c, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+                for _ in range(5)] for c in (64, 32))
+    with _through_triton_counted(kernel.fn) as through_triton:
+        for dy, x in zip(dys, xs):
+            tb.grad_weight(dy, x, packed, mask, *conv)
+    tb.clear_cache()
+    launches = [call for call in calls if type(call[9]).__name__ == "TensorDescriptor"]
+    assert len(launches) == 5 and len(through_triton) == 3, "the fourth and fifth launch went through triton"
+    assert all(call[9].base is dy and call[10].base is x for call, dy, x in zip(launches, dys, xs))
+    # The tensors (two descriptors, dw) aside, the direct launch is the third one, which went through triton.
+    _same_call(launches[-1][:9] + launches[-1][12:], launches[2][:9] + launches[2][12:])
+
+
 def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
     from stripeconv.backends import _triton_launch
 

@@ -834,6 +834,9 @@ def grad_weight(
     if tiles is not None and not deterministic and grad_output.numel() and input.numel():
         launchers["stripe_tiles"] = _grad_weight_tiles_launcher(tiles, grad_output, input, weight, stride, padding,
                                                                 dilation)
+        if _tma_wgrad_offered(tiles, grad_output, input, weight, stride, groups):
+            launchers["stripe_tiles_tma"] = _grad_weight_tiles_tma_launcher(tiles, grad_output, input, weight, stride,
+                                                                            padding, dilation)
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
         n, kh, kw = mask.shape
 
@@ -1099,9 +1102,7 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
     block_c = _dot_block(cg)
     ncb = triton_cdiv(cg, block_c)
     programs = plan.num_all * ncb
-    split = max(1, min(triton_cdiv(4 * _num_sms(input.device), max(1, programs)), triton_cdiv(m, 512)))
-    chunk = triton_cdiv(triton_cdiv(m, split), 256) * 256
-    split = triton_cdiv(m, chunk)
+    split, chunk = _wgrad_split(programs, m, input.device, 256)
     acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
     copy_x = not input.is_contiguous(memory_format=torch.channels_last)
     x = _meta_like(input, copy_x)
@@ -1127,5 +1128,87 @@ def _grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, wei
         x = input.contiguous(memory_format=torch.channels_last) if copy_x else input
         buf = (torch.zeros if atomic else torch.empty)((s, cg), dtype=buf_dtype, device=weight.device)
         kernel(dy, x, buf)
+        return buf.to(weight.dtype)
+    return launch
+
+
+def _wgrad_split(programs: int, pixels: int, device, granule: int) -> tuple[int, int]:
+    """(split, chunk): split-K over ``pixels`` (in chunks of ``granule``) that brings grad weight's grid of
+    ``programs`` to ~4 programs per multiprocessor, each split reducing over at least ~512 pixels."""
+    split = max(1, min(triton_cdiv(4 * _num_sms(device), max(1, programs)), triton_cdiv(pixels, 512)))
+    chunk = triton_cdiv(triton_cdiv(pixels, split), granule) * granule
+    return triton_cdiv(pixels, chunk), chunk
+
+
+def _tma_wgrad_offered(plan: TilesBackwardPlan, grad_output: Tensor, input: Tensor, weight: Tensor, stride,
+                       groups: int) -> bool:
+    """Whether the TMA grad weight is offered for this call: one group, strides of 1 or 2 (an even input extent
+    where 2: the forward's parity view), and dy (in place or gathered) and x that :func:`_tma_boxes` can read.
+    A channel block may reach past the input's channels (into the other column parity's at stride 2): those
+    rows of the product are not stored."""
+    (sh, sw), (_, c, h, w) = stride, input.shape
+    in_place, _, _, dy = _dy_layout(plan, grad_output)
+    row = grad_output.shape[1] if in_place else plan.cols.numel()
+    return (sh in (1, 2) and sw in (1, 2) and h % sh == 0 and w % sw == 0
+            and _tma_boxes(grad_output, row, groups, dy.numel(), weight.numel())
+            and _tma_boxes(input, c, groups, input.numel()))
+
+
+def _grad_weight_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, input: Tensor, weight: Tensor,
+                                    stride, padding, dilation) -> Callable:
+    """Grad weight over the forward's tiles with TMA boxes of dy and x (``stripe_wgrad_tiles_tma_kernel``) for
+    every call shaped like this one (:func:`_tma_wgrad_offered` holds): ``launch(grad_output, input, weight)``;
+    split-K partial sums are added atomically, a single split stores each row once."""
+    b, c, h, w = input.shape
+    fwd = plan.fwd
+    n, kh, kw = fwd.mask_shape
+    ho, wo = grad_output.shape[2:]
+    s = weight.shape[0]
+    sh, sw = stride
+    block_c = _dot_block(c)
+    ncb = triton_cdiv(c, block_c)
+    block_m, tw = _tma_rectangle(ho, wo)
+    rectangles = b * triton_cdiv(ho, block_m // tw) * triton_cdiv(wo, tw)
+    split, chunk = _wgrad_split(plan.num_all * ncb, rectangles * block_m, input.device, block_m)
+    chunk //= block_m
+    in_place, col0, _, _ = _dy_layout(plan, grad_output)
+    gather = None if in_place else _DyGather(plan, grad_output)
+    row = n if in_place else plan.cols.numel()
+    # Rectangles of whole rows are runs of consecutive pixels: dy's tiles are boxes of dy as [pixels, row].
+    dy_rows = tw == wo and ho % (block_m // tw) == 0
+    dy_shape, dy_box = ([b * ho * wo, row], [block_m, fwd.block_n]) if dy_rows else (
+        [b, ho, wo, row], [1, block_m // tw, tw, fwd.block_n])
+    x_box = [1, block_m // tw, 1, tw, block_c]  # of the input as [B, H/SH, SH, W/SW, SW*C], as in the forward
+    tables = (fwd.w_rows, col0, plan.all_t, plan.all_u, fwd.tile_pos)
+    scalars = (ho, wo, c, ncb, fwd.umax, chunk, rectangles, padding[0], padding[2], dilation[0], dilation[1], kw)
+    precision, acc = _precision(input.dtype)
+    atomic = split > 1
+    buf_dtype = (torch.float64 if weight.dtype == torch.float64 else torch.float32) if atomic else weight.dtype
+    constants = dict(
+        **_keys(b * ho * wo, c, n, fwd.density, kh, kw, stride),
+        ATOMIC=atomic, INPUT_PRECISION=precision, ACC_DTYPE=acc, SH=sh, SW=sw, DY_ROWS=dy_rows,
+        BLOCK_M=block_m, TW=tw, BLOCK_T=fwd.block_n, BLOCK_C=block_c,
+    )
+    kernel = _TunedLaunch("stripe_wgrad_tiles_tma_kernel", (plan.num_all * ncb, split), constants,
+                          bound=(*tables, *scalars))
+    descriptor = _tensor_descriptor()
+
+    def launch(grad_output, input, weight):
+        if in_place:
+            dy = grad_output
+            if dy.data_ptr() % 16:
+                dy = dy.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
+        else:
+            dy = _gathered_dy(grad_output, plan, False, gather)  # [pixels, columns]
+        pixel = dy.stride(3) if in_place else row
+        dy_strides = [pixel, 1] if dy_rows else [ho * wo * pixel, wo * pixel, pixel, 1]
+        dy_desc = descriptor(dy, dy_shape, dy_strides, dy_box)
+        x = input
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.channels_last)
+        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
+                            [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], x_box)
+        buf = (torch.zeros if atomic else torch.empty)((s, c), dtype=buf_dtype, device=weight.device)
+        kernel(dy_desc, x_desc, buf)
         return buf.to(weight.dtype)
     return launch
