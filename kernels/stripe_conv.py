@@ -1086,27 +1086,34 @@ def stripe_wgrad_tiles_kernel(
 
 
 @triton.jit
-def _store_wgrad_tile(dw_ptr, acc, rows_ptr, offs_t, offs_c, c_ok, CG, ATOMIC: tl.constexpr, INT64_INDEX: tl.constexpr):
-    """Puts a [BLOCK_C, BLOCK_T] grad-weight tile into the packed rows its filters keep (``rows_ptr``: one per
-    filter, -1 where absent, dropped): added atomically into fp32 with ATOMIC, else stored in dw's dtype."""
+def _store_wgrad_tile(dw_ptr, acc, rows_ptr, offs_t, offs_c, c_ok, CG, ATOMIC: tl.constexpr, INT64_INDEX: tl.constexpr,
+                      FILTERS_FIRST: tl.constexpr = False):
+    """Puts a [BLOCK_C, BLOCK_T] grad-weight tile ([BLOCK_T, BLOCK_C] with FILTERS_FIRST) into the packed rows
+    its filters keep (``rows_ptr``: one per filter, -1 where absent, dropped): added atomically into fp32
+    with ATOMIC, else stored in dw's dtype."""
     rows = tl.load(rows_ptr + offs_t)
     if INT64_INDEX:
         rows = rows.to(tl.int64)
-    dw_ptrs = dw_ptr + rows[None, :] * CG + offs_c[:, None]
-    if ATOMIC:
-        tl.atomic_add(dw_ptrs, acc, mask=c_ok[:, None] & (rows >= 0)[None, :])
+    if FILTERS_FIRST:
+        dw_ptrs = dw_ptr + rows[:, None] * CG + offs_c[None, :]
+        keep = (rows >= 0)[:, None] & c_ok[None, :]
     else:
-        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=c_ok[:, None] & (rows >= 0)[None, :])
+        dw_ptrs = dw_ptr + rows[None, :] * CG + offs_c[:, None]
+        keep = c_ok[:, None] & (rows >= 0)[None, :]
+    if ATOMIC:
+        tl.atomic_add(dw_ptrs, acc, mask=keep)
+    else:
+        tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=keep)
 
 
 # Grad weight with both operands loaded by the TMA: over rectangles of output pixels, dy's tile is the
 # [1, TH, TW, BLOCK_T] box of the rectangle (zero past dy's edges, so the x pixels of a partial rectangle
 # add nothing) and x's the forward's box of the position, in the same parity view for stride 2. The product
-# is [channels, pixels] x [pixels, filters]: one operand transposed, the reshaped x box as wgmma's A operand,
-# copied to registers (see _box_acc) and so one MMA at a time. Where rectangles are whole rows of dy
-# (TW = Wo, TH divides Ho: DY_ROWS) they are runs of BLOCK_M consecutive pixels, dy's tile is a plain 2-d
-# box, and from 64 filters on the product turns around, [filters, pixels] x [pixels, channels], with both
-# operands read from shared memory (async wgmma).
+# is [filters, pixels] x [pixels, channels] with dy's tile transposed: a reshaped box as wgmma's A operand is
+# copied to registers (see _box_acc), and ptxas then runs one MMA at a time; with the filters on the M side
+# the 16- and 32-wide tiles take mma.sync instead (shorter loops, sm_90, triton 3.6), and where rectangles
+# are whole rows of dy (TW = Wo, TH divides Ho: DY_ROWS) they are runs of BLOCK_M consecutive pixels, dy's
+# tile is a plain 2-d box, and the 64- and 128-wide tiles read both operands from shared memory (async wgmma).
 
 @triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_WGRAD_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
@@ -1124,7 +1131,6 @@ def stripe_wgrad_tiles_tma_kernel(
     group): per (tile, union position) entry and BLOCK_C channels a product over the R TH x TW rectangles of
     output pixels, split-K over CHUNK rectangles (grid axis 1)."""
     TH: tl.constexpr = BLOCK_M // TW
-    FILTERS_ON_M: tl.constexpr = DY_ROWS and BLOCK_T >= 64
     pid = tl.program_id(0)
     e = pid // NCB
     c0 = (pid - e * NCB) * BLOCK_C
@@ -1141,20 +1147,14 @@ def stripe_wgrad_tiles_tma_kernel(
     r = tl.program_id(1) * CHUNK
     r_end = tl.minimum(R, r + CHUNK)
     b, h0, w0 = _rectangle(r, Ho, Wo, BLOCK_M, TW)
-    if FILTERS_ON_M:
-        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC_DTYPE)
     for rect in range(r, r_end):  # each rectangle steps from the last one (no division in the loop)
         xt = x_desc.load([b, h0 + xh, xph, w0 + xw, xc]).reshape(BLOCK_M, BLOCK_C)
         if DY_ROWS:
             dyt = dy_desc.load([rect * BLOCK_M, col0])
         else:
             dyt = dy_desc.load([b, h0, w0, col0]).reshape(BLOCK_M, BLOCK_T)
-        if FILTERS_ON_M:
-            acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-        else:
-            acc = tl.dot(tl.trans(xt), dyt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        acc = tl.dot(tl.trans(dyt), xt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         w0 += TW
         row_done = w0 >= Wo
         w0 = tl.where(row_done, 0, w0)
@@ -1163,11 +1163,10 @@ def stripe_wgrad_tiles_tma_kernel(
         h0 = tl.where(image_done, 0, h0)
         b = tl.where(image_done, b + 1, b)
 
-    if FILTERS_ON_M:
-        acc = tl.trans(acc)
     offs_c = c0 + tl.arange(0, BLOCK_C)
+    # (filters first: each kept row's channels are contiguous in dw)
     _store_wgrad_tile(dw_ptr, acc, w_rows_ptr + (t * UMAX + u) * BLOCK_T, tl.arange(0, BLOCK_T), offs_c,
-                      offs_c < CG, CG, ATOMIC, False)
+                      offs_c < CG, CG, ATOMIC, False, FILTERS_FIRST=True)
 
 
 @triton.jit
