@@ -804,6 +804,7 @@ def main(argv=None):
         "deterministic": gpu_select.deterministic(), "args": {k: v for k, v in vars(args).items()},
         # settled Triton launches through the compiled kernel's launcher, or (0) Triton's own path
         "triton_direct_launch": os.environ.get("STRIPECONV_TRITON_DIRECT", "1").strip() != "0",
+        "triton_excluded": list(gpu_select.excluded()),  # STRIPECONV_TRITON_EXCLUDE
         "cuda_kernels": {"timed": args.cuda_kernels, "check": cuda_check},
         "layers_done": [], "layers_skipped": [],
     }

@@ -36,6 +36,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import stripeconv  # noqa: E402
+from stripeconv.backends import gpu_select  # noqa: E402
 from bench_cpu import summary  # noqa: E402
 from bench_cpu_network import MODELS, build, dense_masked  # noqa: E402
 from profile_summary import format_summary, profile_calls  # noqa: E402
@@ -136,7 +137,8 @@ def main(argv=None) -> dict:
             "stripe_layers": len(masks), "reordered_layers": reordered, "density": kept / total, "dtype": str(dtype).replace("torch.", ""),
             "calls": args.calls, "rounds": args.rounds,
             # settled Triton launches through the compiled kernel's launcher, or (0) Triton's own path
-            "triton_direct_launch": os.environ.get("STRIPECONV_TRITON_DIRECT", "1").strip() != "0"}
+            "triton_direct_launch": os.environ.get("STRIPECONV_TRITON_DIRECT", "1").strip() != "0",
+            "triton_excluded": list(gpu_select.excluded())}
     print(f"# {args.model}, {len(masks)} stripe layers ({reordered} with filters in tile order) at density "
           f"{kept / total:.3f} ({backend} backend), "
           f"{meta['dtype']}, channels_last, {device_name}, torch {torch.__version__}, {meta['date']}"

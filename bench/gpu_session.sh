@@ -14,6 +14,8 @@
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
+# Where a kernel variant fails on the GPU (a test names it), STRIPECONV_TRITON_EXCLUDE='*_tma' (say)
+# before the command leaves it out of every choice; the JSON records it as triton_excluded.
 #
 # A machine left idle for 30 s is given back and the next command gets a bare one. The benchmark
 # then runs from the source tree: the Triton kernels need no build; the CUDA C++ column needs

@@ -21,6 +21,7 @@ def _fresh(monkeypatch):
     gpu_select.clear()
     monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
     monkeypatch.delenv("STRIPECONV_DETERMINISTIC", raising=False)
+    monkeypatch.delenv("STRIPECONV_TRITON_EXCLUDE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     yield
     gpu_select.clear()
@@ -80,6 +81,29 @@ def test_never_times_only_the_stripe_kernels(monkeypatch):
     assert gpu_select.choose(("o",), _candidates(), CUDA) == "dense"
     assert sorted((d["mode"], d["choice"]) for d in gpu_select.decisions()) == [("auto", "dense"),
                                                                                  ("never", "stripe32")]
+
+
+def test_excluded_variants_are_neither_timed_nor_chosen(monkeypatch):
+    times = {"stripe64": 2.0, "stripe64_tma": 0.5, "stripe32": 1.5, "stripe32x8": 0.4, "dense": 3.0}
+    calls = _fake_timer(monkeypatch, times)
+    candidates = {name: (lambda name=name: name) for name in times}
+    assert gpu_select.choose(("x",), candidates, CUDA) == "stripe32x8"
+    monkeypatch.setenv("STRIPECONV_TRITON_EXCLUDE", " *_tma, stripe*x* ")
+    assert gpu_select.excluded() == ("*_tma", "stripe*x*")
+    calls.clear()
+    # Kept per exclusion: the same key is timed again without the excluded names.
+    assert gpu_select.choose(("x",), candidates, CUDA) == "stripe32"
+    assert sorted(calls) == ["dense", "stripe32", "stripe64"]
+    assert sorted((d["excluded"], d["choice"]) for d in gpu_select.decisions()) == [
+        ([], "stripe32x8"), (["*_tma", "stripe*x*"], "stripe32")]
+    # Deterministic mode takes the first stripe candidate left.
+    monkeypatch.setenv("STRIPECONV_TRITON_EXCLUDE", "stripe64*")
+    monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
+    assert gpu_select.choose(("y",), candidates, CUDA) == "stripe32"
+    # "dense" is STRIPECONV_GPU_DENSE's to rule out; patterns that leave no stripe kernel are an error.
+    monkeypatch.setenv("STRIPECONV_TRITON_EXCLUDE", "stripe*,dense")
+    with pytest.raises(ValueError, match="leaves none of the stripe kernels stripe64, stripe64_tma"):
+        gpu_select.choose(("z",), candidates, CUDA)
 
 
 def test_settled_and_generation(monkeypatch):

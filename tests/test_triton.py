@@ -896,7 +896,8 @@ def settled_calls(monkeypatch):
     aot = _aot()
     from stripeconv.backends import triton_backend as tb
 
-    for name in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE", "STRIPECONV_DETERMINISTIC"):
+    for name in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE", "STRIPECONV_DETERMINISTIC",
+                 "STRIPECONV_TRITON_EXCLUDE"):
         monkeypatch.delenv(name, raising=False)
     tb.clear_cache()
     yield aot, tb
@@ -944,6 +945,11 @@ def test_settled_forward_calls(settled_calls, monkeypatch):
     monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", "16")
     assert grows(lambda: call(nchw())).kwargs["BLOCK_N"] == 16
     monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N")
+    widths = tb.triton_plans.tile_widths(mask, 1, "cpu")
+    assert len(widths) > 1 and first.kwargs["BLOCK_N"] == widths[0]
+    monkeypatch.setenv("STRIPECONV_TRITON_EXCLUDE", f"stripe{widths[0]}*")
+    assert grows(lambda: call(nchw())).kwargs["BLOCK_N"] == widths[1]
+    monkeypatch.delenv("STRIPECONV_TRITON_EXCLUDE")
     tf32 = torch.backends.cuda.matmul.allow_tf32  # a torch flag, not an attribute monkeypatch can restore
     try:
         torch.backends.cuda.matmul.allow_tf32 = not tf32

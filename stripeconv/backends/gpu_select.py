@@ -18,6 +18,11 @@ captured, an undecided key takes the stripe kernels without timing.
 stripe kernels, never dense; the benchmarks time the kernels this way) or ``always`` (dense
 wherever it applies; tests use it to check the dense path). Decisions are kept per mode.
 
+``STRIPECONV_TRITON_EXCLUDE`` leaves stripe-kernel variants out of every choice: comma-separated
+shell patterns over the candidates' names (``*_tma`` drops the TMA variants, ``stripe*x*`` the
+subtile ones), e.g. to compare a GPU's timings with and without them or to step around a variant
+that fails there. Decisions are kept per exclusion too.
+
 In deterministic mode (:func:`deterministic`) nothing is timed: timings vary from run to run, and
 candidates that sum in another order round differently, so a timed choice could give another
 process other bits. The choice is then fixed: the first stripe candidate (the default tile width),
@@ -26,6 +31,7 @@ or dense under ``always``.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import statistics
 import threading
 from typing import Callable
@@ -35,10 +41,10 @@ from torch import Tensor
 
 from ._environ import getenv
 
-__all__ = ["mode", "deterministic", "choose", "choice", "generation", "decisions", "clear"]
+__all__ = ["mode", "excluded", "deterministic", "choose", "choice", "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
-_decisions: dict[tuple, str] = {}  # (mode, key) -> name
+_decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
 _times: dict[tuple, dict[str, float]] = {}
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
@@ -52,6 +58,22 @@ def mode() -> str:
     if value not in _MODES:
         raise ValueError(f"STRIPECONV_GPU_DENSE must be one of {', '.join(_MODES)}, got {value!r}")
     return value
+
+
+def excluded() -> tuple[str, ...]:
+    """The name patterns of ``STRIPECONV_TRITON_EXCLUDE`` (none by default)."""
+    value = getenv("STRIPECONV_TRITON_EXCLUDE", "")
+    return tuple(p for p in (part.strip() for part in value.split(",")) if p) if value else ()
+
+
+def _pool(candidates: dict, m: str) -> list[str]:
+    patterns = excluded()
+    names = [name for name in candidates
+             if name == "dense" or not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if not any(name != "dense" for name in names):
+        raise ValueError(f"STRIPECONV_TRITON_EXCLUDE={','.join(patterns)!r} leaves none of the stripe kernels "
+                         f"{', '.join(n for n in candidates if n != 'dense')}; expected patterns that keep at least one")
+    return [name for name in names if name != "dense"] if m == "never" else names
 
 
 def deterministic() -> bool:
@@ -97,11 +119,12 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     m = mode()
     if m == "always" and "dense" in candidates:
         return "dense", True
-    pool = [name for name in candidates if name != "dense"] if m == "never" else list(candidates)
+    pool = _pool(candidates, m)
     if len(pool) == 1 or deterministic():
         return pool[0], True
+    slot = (m, excluded(), key)
     with _lock:
-        hit = _decisions.get((m, key))
+        hit = _decisions.get(slot)
     if hit is not None:
         return hit, True
     if device.type != "cuda":
@@ -123,8 +146,8 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         raise next(iter(errors.values()))
     best = min(times, key=times.get)
     with _lock:
-        _decisions[(m, key)] = best
-        _times[(m, key)] = times
+        _decisions[slot] = best
+        _times[slot] = times
     return best, True
 
 
@@ -134,10 +157,11 @@ def generation() -> int:
 
 
 def decisions() -> list[dict]:
-    """Every timed decision so far: the key, the mode, the candidates' median times (ms) and the choice."""
+    """Every timed decision so far: the key, the mode, the excluded name patterns, the candidates'
+    median times (ms) and the choice."""
     with _lock:
-        return [{"key": key, "mode": m, "times_ms": dict(_times[(m, key)]), "choice": name}
-                for (m, key), name in _decisions.items()]
+        return [{"key": slot[2], "mode": slot[0], "excluded": list(slot[1]), "times_ms": dict(_times[slot]),
+                 "choice": name} for slot, name in _decisions.items()]
 
 
 def clear() -> None:

@@ -635,7 +635,8 @@ def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
     # The TF32 setting changes only fp32 launches (and costs ~1.5 us to read).
     tf32 = _tf32_matmul() if tensors[0].dtype == torch.float32 else None
     return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
-            mask.shape, *extra, gpu_select.mode(), gpu_select.deterministic(), gpu_select.generation(), tf32)
+            mask.shape, *extra, gpu_select.mode(), gpu_select.excluded(), gpu_select.deterministic(),
+            gpu_select.generation(), tf32)
 
 
 def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device):
