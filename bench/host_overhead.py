@@ -38,7 +38,7 @@ TUNED_KERNELS = ("stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_k
                  "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_dgrad_tiles_tma_kernel",
                  "stripe_wgrad_tiles_kernel", "stripe_wgrad_tiles_tma_kernel")
 PLAIN_KERNELS = ("stripe_gather_columns_kernel",)  # no autotuner
-GPU_CONFIGS = 4  # autotuning configurations per kernel on a GPU (kernels/stripe_conv.py)
+GPU_CONFIGS = 4  # autotuning configurations per kernel on a GPU (kernels/_tuning.py)
 
 
 def _no_launches(kernels) -> None:

@@ -1180,7 +1180,7 @@ def test_tuning_keys_hold_the_tile_shape_and_code_path():
         pytest.skip(tb._import_error)
     for kernel, extra in ((sc.stripe_fwd_kernel, ("BLOCK_N", "BLOCK_K")), (sc.stripe_dgrad_kernel, ("BLOCK_N", "BLOCK_K")),
                           (sc.stripe_wgrad_kernel, ("BLOCK_R", "BLOCK_C", "ATOMIC"))):
-        assert set(sc.TUNE_KEY) | {"USE_DOT", "INPUT_PRECISION", "INT64_INDEX"} | set(extra) <= set(kernel.keys)
+        assert set(tb.kernels_module("_tuning").TUNE_KEY) | {"USE_DOT", "INPUT_PRECISION", "INT64_INDEX"} | set(extra) <= set(kernel.keys)
 
 
 def test_tuning_key_arguments_compile_no_extra_variants():
@@ -1216,11 +1216,12 @@ def test_autotuning_times_each_configuration_briefly(monkeypatch):
         pytest.skip(tb._import_error)
     if "do_bench" not in inspect.signature(triton.autotune).parameters:
         pytest.skip(f"triton {triton.__version__} times configurations its own way")
+    tuning_bench = tb.kernels_module("_tuning").tuning_bench
     for kernel in (sc.stripe_fwd_kernel, sc.stripe_dgrad_kernel, sc.stripe_wgrad_kernel):
-        assert kernel.do_bench is sc.tuning_bench
+        assert kernel.do_bench is tuning_bench
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: calls.append(kw) or [1.0, 0.9, 1.1])
-    assert sc.tuning_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
+    assert tuning_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 0.9, 1.1]
     assert calls == [{"warmup": 5, "rep": 25, "quantiles": (0.5, 0.2, 0.8)}]
 
 

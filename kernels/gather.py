@@ -1,0 +1,30 @@
+"""dy's columns gathered into the forward's tile order: ``stripe_gather_columns_kernel``."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from ._indexing import _pixel_coords
+
+
+@triton.jit
+def stripe_gather_columns_kernel(
+    src_ptr, dst_ptr, cols_ptr,
+    M, Ho, Wo, NCOL,
+    ssb, ssc, ssh, ssw,
+    INT64_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dst[m, j] = src[pixel m, channel cols[j]] (0 where cols[j] < 0): dy in the forward's tile
+    order, [pixels, T * BLOCK_T] contiguous, so that the tile kernels of the backward load
+    contiguous rows of filters (a gather of 2-byte channels inside them is several times slower)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < NCOL
+    if INT64_INDEX:
+        offs_m = offs_m.to(tl.int64)
+    b, ho, wo = _pixel_coords(offs_m, Ho, Wo, False)  # offs_m is widened already where needed
+    col = tl.load(cols_ptr + offs_n, mask=n_ok, other=-1)
+    src = src_ptr + (b * ssb + ho * ssh + wo * ssw)[:, None] + col[None, :] * ssc
+    v = tl.load(src, mask=m_ok[:, None] & (col >= 0)[None, :], other=0.0)
+    tl.store(dst_ptr + offs_m[:, None] * NCOL + offs_n[None, :], v, mask=m_ok[:, None] & n_ok[None, :])
