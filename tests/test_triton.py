@@ -1392,6 +1392,27 @@ def test_subtile_forward_is_offered_per_narrow_width_and_compiles_for_hopper():
             assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
 
 
+def test_subtile_groups_are_tiles_that_keep_alike_positions():
+    """The subtile forward's groups hold each tile once, and reads the input once per group and position
+    of its union: grouping tiles by the positions they keep reads it less often than runs of the plan's
+    tiles (heaviest first), over random masks of 512 filters at densities 0.1-0.3."""
+    from stripeconv.backends import triton_plans as tp
+
+    grouped = runs = 0
+    for seed, density in enumerate((0.1, 0.2, 0.3) * 2):
+        mask = torch.rand(512, 3, 3, generator=torch.Generator().manual_seed(seed)) < density
+        plan = tp.forward_plan(mask, 1, 16)
+        sub = tp.subtile_count(plan, 1)
+        groups = tp.subtile_plan(plan, mask, 1, "cpu")
+        assert sub == 8 and groups.num_tiles == plan.num_tiles // sub and groups.computed == plan.computed
+        assert sorted(groups.sup_ch[groups.sup_ch >= 0].tolist()) == list(range(512))
+        keeps = [set(plan.tile_pos[t, :plan.tile_npos[t]].tolist()) for t in range(plan.num_tiles)]
+        assert groups.x_reads == int(groups.sup_npos.sum())
+        grouped += groups.x_reads
+        runs += sum(len(set().union(*keeps[k:k + sub])) for k in range(0, plan.num_tiles, sub))
+    assert grouped < runs
+
+
 def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
     """A batch-1 layer with a long reduction gets a split-K forward candidate (not in deterministic mode,
     not for a batch that fills the GPU); it compiles for sm_90 on the tensor cores with atomic adds."""

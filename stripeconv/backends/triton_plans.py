@@ -406,7 +406,8 @@ def _build_grad_weight(mask_cpu: Tensor, groups: int, block: int, conv: tuple, d
 class SubtilePlan:
     """The forward's tiles of one width in groups of ``sub`` tiles of one filter group, for the subtile
     forward (one program per group of tiles and pixel block: each input tile is loaded once for the
-    group's union of positions and multiplied by the subtiles that keep that position). It computes
+    group's union of positions and multiplied by the subtiles that keep that position; tiles are grouped
+    by the positions they keep, as filters are into tiles). It computes
     the stripes its tiles compute (the same tile efficiency) and reads x ``x_reads`` times per pixel
     block (the sum of the groups' unions) instead of ``sum_t |union_t|``."""
 
@@ -430,15 +431,22 @@ class SubtilePlan:
 
 def _build_subtiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, device) -> SubtilePlan:
     sub, in_order = conv
+    kh, kw = mask_cpu.shape[1:]
     fwd = _build_forward(mask_cpu, groups, block_n, "cpu", in_order=in_order)
     t_all, u_all = fwd.num_tiles, fwd.umax
     tile_pos, tile_npos = fwd.tile_pos.numpy(), fwd.tile_npos.numpy()
     tile_ch, tile_grp = fwd.tile_ch.numpy(), fwd.tile_grp.numpy()
     w_rows = fwd.w_rows.numpy().reshape(t_all, u_all, block_n)
-    sets = []  # the plan's tiles (heaviest first) of each filter group, in runs of ``sub``
+    sets = []  # the plan's tiles of each filter group in sets of ``sub``, clustered by the positions they keep
     for g in range(groups):
         tiles = [t for t in range(t_all) if tile_grp[t] == g]
-        sets.extend((g, tiles[k:k + sub]) for k in range(0, len(tiles), sub))
+        if len(tiles) > sub:
+            keeps = np.zeros((len(tiles), kh * kw), dtype=bool)
+            for i, t in enumerate(tiles):
+                keeps[i, tile_pos[t, :tile_npos[t]]] = True
+            sets.extend((g, [tiles[i] for i in sorted(c)]) for c in _clustered(keeps, sub, nested=False))
+        else:
+            sets.append((g, tiles))
     unions = [sorted({int(p) for t in tiles for p in tile_pos[t, :tile_npos[t]]}) for _, tiles in sets]
     order = sorted(range(len(sets)), key=lambda k: -len(unions[k]))
     num, umax, width = len(sets), max([1] + [len(u) for u in unions]), sub * block_n
