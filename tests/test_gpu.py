@@ -206,7 +206,10 @@ def test_reordered_model_matches_the_original(device, dtype):
     model = model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
     reordered = stripeconv.reorder_filters(model)
     assert triton_plans.forward_plans(reordered[0].stripe_mask, 1, device)[0].aligned
-    assert not triton_plans.forward_plans(model[0].stripe_mask, 1, device)[0].aligned
+    # the tiles of the fewest stripes: runs of channels after the reorder, scattered before
+    fewest = [min(triton_plans.forward_plans(m[0].stripe_mask, 1, device), key=lambda p: p.computed)
+              for m in (reordered, model)]
+    assert fewest[0].aligned and fewest[0].runs and not fewest[1].aligned
     x = _input(device, dtype)
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     ya, yb = model(xa), reordered(xb)

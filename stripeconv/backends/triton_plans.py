@@ -631,7 +631,7 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
     2-byte values or go through a second pass, so tiles of consecutive filters (aligned for channel
     counts divisible by 8) stand in for a width's clustered tiles where they compute at most 5 % more
     stripes (masks whose filters :func:`filter_order` sorted), join ahead of the clustered tiles where
-    they compute at most 20 % more, and join at the first width when none is aligned and they compute
+    they compute at most 25 % more, and join at the first width when none is aligned and they compute
     at most 25 % more than the best."""
     def build():
         plans = []
@@ -641,7 +641,7 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
                 in_order = cached_plan("fwd_in_order", mask, groups, w, device)
                 if in_order.aligned and in_order.computed <= 1.05 * plan.computed:
                     plan = in_order
-                elif in_order.aligned and in_order.computed <= 1.2 * plan.computed:
+                elif in_order.aligned and in_order.computed <= 1.25 * plan.computed:
                     plans.append(in_order)  # (filter_order makes one width's tiles exact, the others close)
             plans.append(plan)
         if not any(p.aligned for p in plans):
