@@ -110,9 +110,9 @@ def _tiles_by_subsets(pat: np.ndarray, block_n: int) -> list[list[int]]:
     """Set-cover greedy over sets of positions: each tile takes the set S that computes the fewest
     stripes per filter it holds (|S| / min(block_n, free filters keeping only positions of S)), then
     up to block_n of those filters, the ones keeping the most positions first, and fills up with the
-    filters that widen S least. Random masks of
-    many filters at low density: up to a third fewer stripes than growing tiles from a seed filter
-    (which does better where few filters leave it little to choose from)."""
+    filters that widen S least. On random masks of many filters at low density it computes up to a
+    third fewer stripes than growing tiles from a seed filter (which does better where few filters
+    leave it little to choose from)."""
     nf, npos = pat.shape
     codes = pat.astype(np.int64) @ (np.int64(1) << np.arange(npos, dtype=np.int64))
     sets = np.arange(1 << npos)
