@@ -127,9 +127,9 @@ def _peaks(name: str, dtype: torch.dtype, args) -> tuple[float, float]:
     if dtype in (torch.float16, torch.bfloat16):
         peak = entry["16bit"]
     else:
-        from stripeconv.backends.triton_backend import _tf32_matmul
+        from stripeconv.backends._triton_runtime import tf32_matmul
 
-        peak = entry["tf32"] if _tf32_matmul() else entry["fp32"]
+        peak = entry["tf32"] if tf32_matmul() else entry["fp32"]
     return (args.peak_tflops or peak) * 1e12, (args.bandwidth or entry["bw"]) * 1e12
 
 
@@ -701,10 +701,10 @@ def _print_plan(args) -> None:
     132 multiprocessors): what precompiling or the first launches will cost."""
     import collections
 
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import _triton_runtime
 
-    if tb._load_kernels() is None:
-        sys.exit(f"the Triton kernels do not load: {tb._import_error}")
+    if _triton_runtime.load_kernels() is None:
+        sys.exit(f"the Triton kernels do not load: {_triton_runtime._import_error}")
     gen = torch.Generator().manual_seed(args.seed)
     layers = _selected_layers(args)
     masks = {layer[0]: layer_masks(layer, args, gen) for layer in layers}
@@ -762,8 +762,7 @@ def main(argv=None):
         import triton
     except ImportError:
         sys.exit("bench_gpu.py needs triton (pip install 'triton>=3.2')")
-    from stripeconv.backends import gpu_select
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import _triton_runtime, gpu_select, triton_backend as tb
 
     ok, reason = tb.is_available()
     if not ok:
@@ -799,7 +798,7 @@ def main(argv=None):
         "device": dev_name, "sm_count": sms,
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
-        "dtype": args.dtype, "allow_tf32": tb._tf32_matmul(),
+        "dtype": args.dtype, "allow_tf32": _triton_runtime.tf32_matmul(),
         "peak_tflops": peaks[0] / 1e12, "bandwidth_tbs": peaks[1] / 1e12,
         "deterministic": gpu_select.deterministic(), "args": {k: v for k, v in vars(args).items()},
         # settled Triton launches through the compiled kernel's launcher, or (0) Triton's own path
@@ -830,7 +829,7 @@ def main(argv=None):
             meta["layers_skipped"].append(layer[0])
             continue
         t_layer = time.time()
-        with tb._dense_precision(dtype):  # fp32: cuDNN at the stripe kernels' precision
+        with _triton_runtime.dense_precision(dtype):  # fp32: cuDNN at the stripe kernels' precision
             run_layer(layer, args, dtype, device, peaks, masks[layer[0]], results)
         longest = max(longest, time.time() - t_layer)
         meta["layer_s"][layer[0]] = round(time.time() - t_layer, 1)

@@ -100,17 +100,17 @@ def main(argv=None) -> dict:
     args.calls = args.calls or (10 if args.network else 100)
     args.repeats = args.repeats or 3
 
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import _triton_runtime, triton_backend as tb
 
-    kernels = tb._load_kernels()
+    kernels = _triton_runtime.load_kernels()
     if kernels is None:
-        sys.exit(f"the triton backend cannot load its kernels: {tb._import_error}")
+        sys.exit(f"the triton backend cannot load its kernels: {_triton_runtime._import_error}")
     stack = _triton_launches(kernels, tb, not args.no_direct) if args.triton_launch else contextlib.ExitStack()
     if not args.triton_launch:
         _no_launches(kernels)
     if args.through_autotuner:
-        tb._TunedLaunch.__call__ = (
-            lambda self, *a: getattr(tb._kernels, self.name)[self.grid](*a, *self.bound, **self.constants))
+        _triton_runtime.TunedLaunch.__call__ = (
+            lambda self, *a: getattr(kernels, self.name)[self.grid](*a, *self.bound, **self.constants))
     torch.set_num_threads(1)
     with stack:
         results = network(args) if args.network else single_calls(args, tb)

@@ -17,7 +17,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import stripeconv
-from stripeconv.backends import triton_backend as tb
+from stripeconv.backends import _triton_runtime, triton_backend as tb
 from stripeconv.backends import triton_plans as tp
 from stripeconv.packing import pack_weight
 
@@ -165,7 +165,7 @@ def main():
             with torch.cuda.graph(g):
                 f()
             tg = bench(g.replay)
-            cfg = tb._kernels.stripe_fwd_kernel.best_config
+            cfg = _triton_runtime._kernels.stripe_fwd_kernel.best_config
             line += f" | bn{bn} {t * 1e3:6.1f} graph {tg * 1e3:6.1f} eff {tp.forward_plan(mask, 1, bn).efficiency:.2f} " \
                     f"[{cfg.kwargs.get('BLOCK_M')},{cfg.num_warps},{cfg.num_stages}]"
         del os.environ["STRIPECONV_TRITON_BLOCK_N"]

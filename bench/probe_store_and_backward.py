@@ -61,9 +61,9 @@ def backward_profile():
                 torch.autograd.grad(f(), (x, w), gy)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10), flush=True)
-        from stripeconv.backends import triton_backend as tb
+        from stripeconv.backends import _triton_runtime
         for k in ("stripe_dgrad_kernel", "stripe_wgrad_kernel"):
-            c = getattr(tb._kernels, k).best_config
+            c = getattr(_triton_runtime._kernels, k).best_config
             print(k, c, flush=True)
 
 torch.backends.cudnn.benchmark = True

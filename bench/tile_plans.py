@@ -41,10 +41,10 @@ def _direct_efficiency(mask: torch.Tensor) -> float:
 
 def _backward_runs(mask: torch.Tensor) -> bool:
     """The tile backward reads dy in place: its plan has runs (a 16-bit layer, 64 input channels)."""
-    from stripeconv.backends.triton_backend import _backward_tiles
+    from stripeconv.backends._triton_backward_tiles import backward_tiles
 
     weight = torch.empty(int(mask.sum()), 64, dtype=torch.bfloat16)
-    plan = _backward_tiles(mask, weight, 64, 1, (1, 1), (1, 1, 1, 1), (1, 1), "cpu")
+    plan = backward_tiles(mask, weight, 64, 1, (1, 1), (1, 1, 1, 1), (1, 1), "cpu")
     return plan is not None and plan.fwd.runs
 
 

@@ -96,9 +96,9 @@ class _Recorder:
 
 @contextlib.contextmanager
 def _recording(sink: list) -> Iterator[None]:
-    from ..backends import triton_backend as host
+    from ..backends import _triton_runtime as runtime
 
-    real = host._check_kernels()
+    real = runtime.check_kernels()
 
     class Namespace:
         tl = real.tl
@@ -107,12 +107,12 @@ def _recording(sink: list) -> Iterator[None]:
     for name in dir(real):
         if name.startswith("stripe_") and name.endswith("_kernel"):
             setattr(ns, name, _Recorder(getattr(real, name), sink))
-    saved = host._kernels
-    host._kernels = ns
+    saved = runtime._kernels
+    runtime._kernels = ns
     try:
         yield
     finally:
-        host._kernels = saved
+        runtime._kernels = saved
 
 
 def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candidate: bool = False,
@@ -125,7 +125,7 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candida
     candidate (tile width); with ``every_candidate`` it launches each one, as the first call on a
     GPU does while it times them.
     """
-    from ..backends import gpu_select
+    from ..backends import _triton_runtime as runtime, gpu_select
     from ..backends import triton_backend as host
 
     def each_candidate(key, candidates, device):
@@ -135,15 +135,15 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candida
         return stripes[0], True
 
     sink: list[Launch] = []
-    saved = host._num_sms, gpu_select.choice, host._settled, host._tma_capable
-    host._num_sms, host._tma_capable = (lambda device: sm_count), (lambda device: tma)
+    saved = runtime.num_sms, gpu_select.choice, host._settled, runtime.tma_capable
+    runtime.num_sms, runtime.tma_capable = (lambda device: sm_count), (lambda device: tma)
     if every_candidate:  # and no settled calls, which would launch their one choice
         gpu_select.choice, host._settled = each_candidate, {}
     try:
         with _recording(sink):
             call()
     finally:
-        host._num_sms, gpu_select.choice, host._settled, host._tma_capable = saved
+        runtime.num_sms, gpu_select.choice, host._settled, runtime.tma_capable = saved
     return sink
 
 

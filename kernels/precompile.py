@@ -103,9 +103,9 @@ def plan(calls: Iterable[Callable[[], Any]], sm_count: int = 132, tma: bool = Tr
 
 def _compile(job: Job, device: str = "cuda") -> float:
     """Compile ``job`` through Triton's JIT without launching it; seconds spent."""
-    from ..backends import triton_backend as host
+    from ..backends import _triton_runtime as runtime
 
-    jit = aot._jit_fn(getattr(host._check_kernels(), job.kernel))
+    jit = aot._jit_fn(getattr(runtime.check_kernels(), job.kernel))
     args = [_launch_arg(a, device) for a in job.args]
     start = time.perf_counter()
     jit.warmup(*args, grid=(1,), **job.kwargs, **job.config)
@@ -136,7 +136,7 @@ def precompile(jobs: list[Job], workers: Optional[int] = None,
     else:
         # spawn: a forked child cannot use the parent's CUDA context
         # (the initializer imports this module in each worker, from a source checkout too)
-        from ..backends.triton_backend import kernels_module
+        from ..backends._triton_runtime import kernels_module
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=kernels_module, initargs=("precompile",)) as pool:

@@ -77,10 +77,10 @@ def require_compiling_triton_kernels():
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 in this process: the interpreter compiles nothing")
-    from stripeconv.backends import triton_backend as tb
+    from stripeconv.backends import _triton_runtime, triton_backend as tb
 
-    if tb._load_kernels() is None:
-        pytest.skip(tb._import_error)
+    if _triton_runtime.load_kernels() is None:
+        pytest.skip(_triton_runtime._import_error)
     return tb
 
 

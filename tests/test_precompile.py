@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import require_compiling_triton_kernels
-from stripeconv.backends import triton_backend as tb
+from stripeconv.backends import _triton_runtime, triton_backend as tb
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def _calls(c=32, n=48, hw=8, density=0.5, batch=2, seed=0, stride=1):
 def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     mask, calls = _calls()
     jobs = precompile.plan(calls)
-    kernels = tb._check_kernels()
+    kernels = _triton_runtime.check_kernels()
     by_kernel = {}
     for job in jobs:
         by_kernel.setdefault(job.kernel, []).append(job)
@@ -87,7 +87,7 @@ def test_plan_holds_the_tma_grad_input_of_wide_tiles(precompile):
     jobs = [job for job in precompile.plan(calls) if job.kernel == "stripe_dgrad_tiles_tma_kernel"]
     assert jobs and all(job.kwargs["BLOCK_T"] == job.args[0].block_shape[3] for job in jobs)
     assert {job.args[0] for job in jobs} <= {precompile._DescriptorArg(torch.bfloat16, (1, 8, 8, width))
-                                              for width in (64, 128)}
+                                             for width in (64, 128)}
     assert not any(job.kernel.endswith("_tma_kernel") for job in precompile.plan(calls, tma=False))
 
 

@@ -32,6 +32,8 @@ if __name__ != "__main__":
 import torch
 import torch.nn.functional as F
 
+from stripeconv.backends import _triton_backward_tiles, _triton_forward, _triton_runtime, _triton_shapes
+
 # ------------------------------------------------------------------------------------------
 # The cases
 # ------------------------------------------------------------------------------------------
@@ -326,8 +328,8 @@ def _double_backward_case(c, device, gen) -> str:
 def _tuner_runs(tb):
     """A list that grows by one for each launch made through an autotuner (settled calls skip it)."""
     runs = []
-    kernels = [getattr(tb._kernels, name) for name in ("stripe_fwd_kernel", "stripe_dgrad_kernel",
-                                                        "stripe_wgrad_kernel")]
+    kernels = [getattr(_triton_runtime._kernels, name) for name in ("stripe_fwd_kernel", "stripe_dgrad_kernel",
+                                                                    "stripe_wgrad_kernel")]
     for kernel in kernels:
         def counted(*args, _run=kernel.run, **kwargs):
             runs.append(1)
@@ -368,16 +370,16 @@ def _candidate_picked(tb, parts: dict):
 @contextlib.contextmanager
 def _gathers_counted(tb):
     """Counts the tile backward's gathers of dy into tile order (a list of their shapes)."""
-    gather, shapes = tb._gather_dy, []
+    gather, shapes = _triton_backward_tiles.gather_dy, []
 
     def counted(grad_output, launch):
         shapes.append(tuple(grad_output.shape))
         return gather(grad_output, launch)
-    tb._gather_dy = counted
+    _triton_backward_tiles.gather_dy = counted
     try:
         yield shapes
     finally:
-        tb._gather_dy = gather
+        _triton_backward_tiles.gather_dy = gather
 
 
 def _module_of(c, mask, w, bias):
@@ -408,13 +410,13 @@ def run_case(name: str, device: str) -> str:
     mask_cpu = mask.cpu()
     w64 = pack_weight(dense, mask_cpu).contiguous()
     old_env = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_DETERMINISTIC",
-                                               "STRIPECONV_GPU_DENSE")}
+                                              "STRIPECONV_GPU_DENSE")}
     os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
     os.environ["STRIPECONV_GPU_DENSE"] = c["dense"]
     os.environ["STRIPECONV_DETERMINISTIC"] = "1" if c["deterministic"] else "0"
-    needs_int64 = tb._needs_int64
+    needs_int64 = _triton_shapes.needs_int64
     if c["int64"]:
-        tb._needs_int64 = lambda *tensors: True
+        _triton_shapes.needs_int64 = lambda *tensors: True
     stack = contextlib.ExitStack()
     if c["pick"]:
         stack.enter_context(_candidate_picked(tb, PICKS.get(c["pick"], {"fwd": c["pick"]})))
@@ -525,7 +527,7 @@ def run_case(name: str, device: str) -> str:
         return "; ".join(e for e in errors if e)
     finally:
         stack.close()
-        tb._needs_int64 = needs_int64
+        _triton_shapes.needs_int64 = needs_int64
         for k, v in old_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -575,7 +577,7 @@ def _fix_interpreter_bf16_dot() -> str:
             return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
 
         interpreter.InterpreterBuilder.create_dot = lambda self, a, b, *rest: create_dot(self, widened(a),
-                                                                                        widened(b), *rest)
+                                                                                         widened(b), *rest)
         if _interpreter_bf16_dot_error() < 1e-3:
             return ""
     except Exception as exc:  # internals of another triton version
@@ -678,9 +680,7 @@ def test_cuda(name):
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process; the GPU kernels are not compiled")
     if CASES[name]["pick"].endswith("_tma"):
-        from stripeconv.backends import triton_backend as tb
-
-        if not tb._tma_capable(torch.device("cuda")) or tb._tensor_descriptor() is None:
+        if not _triton_runtime.tma_capable(torch.device("cuda")) or _triton_runtime.tensor_descriptor() is None:
             pytest.skip("the TMA kernels need compute capability 9.0 and a triton with tensor descriptors")
     msg = run_case(name, "cuda")
     assert not msg, msg
@@ -698,7 +698,7 @@ def test_availability_reason():
     from stripeconv.backends import triton_backend as tb
 
     ok, reason = tb.is_available()
-    if tb._load_kernels() is None:  # e.g. triton < 3.3 without a GPU driver: says why, does not raise
+    if _triton_runtime.load_kernels() is None:  # e.g. triton < 3.3 without a GPU driver: says why, does not raise
         assert not ok and ("failed to load" in reason or "too old" in reason)
     elif torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         assert ok, reason
@@ -714,9 +714,9 @@ def test_too_old_triton_is_refused_with_the_version_it_needs(monkeypatch):
     from stripeconv.backends import triton_backend as tb
 
     monkeypatch.setattr(triton, "__version__", "3.1.0")
-    monkeypatch.setattr(tb, "_kernels", None)
-    monkeypatch.setattr(tb, "_import_error", None)
-    assert tb._load_kernels() is None
+    monkeypatch.setattr(_triton_runtime, "_kernels", None)
+    monkeypatch.setattr(_triton_runtime, "_import_error", None)
+    assert _triton_runtime.load_kernels() is None
     ok, reason = tb.is_available()
     assert not ok and "triton 3.1.0 is too old" in reason and ">= 3.2" in reason
 
@@ -809,15 +809,13 @@ def test_forward_plans_follow_mask_version_and_tile_widths():
 
 def test_int64_indexing_only_where_offsets_need_it():
     """Offsets past int32 (big or strided tensors; meta tensors cost no memory) take the int64 kernels."""
-    from stripeconv.backends import triton_backend as tb
-
     small = torch.randn(2, 3, 4, 5)
-    assert not tb._needs_int64(small, small.contiguous(memory_format=torch.channels_last), torch.empty(0))
-    assert not tb._needs_int64(torch.zeros(1).expand(2**31 + 1))  # stride 0: one element
-    assert not tb._needs_int64(torch.empty(2**31 - 1, device="meta"))  # last offset 2**31 - 2
-    assert tb._needs_int64(small, torch.empty(2**31, device="meta"))
-    assert tb._needs_int64(torch.empty(2**16, 2**16, device="meta").t())  # transposed: not dense
-    assert tb._needs_int64(torch.empty(4, 2**30, device="meta")[::2])  # 2 rows, 2**31 apart
+    assert not _triton_shapes.needs_int64(small, small.contiguous(memory_format=torch.channels_last), torch.empty(0))
+    assert not _triton_shapes.needs_int64(torch.zeros(1).expand(2**31 + 1))  # stride 0: one element
+    assert not _triton_shapes.needs_int64(torch.empty(2**31 - 1, device="meta"))  # last offset 2**31 - 2
+    assert _triton_shapes.needs_int64(small, torch.empty(2**31, device="meta"))
+    assert _triton_shapes.needs_int64(torch.empty(2**16, 2**16, device="meta").t())  # transposed: not dense
+    assert _triton_shapes.needs_int64(torch.empty(4, 2**30, device="meta")[::2])  # 2 rows, 2**31 apart
 
 
 # ---- compile for GPUs without a GPU (catches GPU-only compile errors on CPU-only CI) ---------
@@ -830,11 +828,10 @@ def _aot():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as exc:  # pragma: no cover - other triton versions
         pytest.skip(f"no ahead-of-time compiler in this triton ({exc})")
-    from stripeconv.backends import triton_backend as tb
     from stripeconv.kernels import aot
 
-    if tb._load_kernels() is None:
-        pytest.skip(tb._import_error)
+    if _triton_runtime.load_kernels() is None:
+        pytest.skip(_triton_runtime._import_error)
     return aot
 
 
@@ -1001,7 +998,6 @@ def test_deterministic_launch_takes_the_first_configuration_that_fits(monkeypatc
     import types
 
     import triton
-    from stripeconv.backends import triton_backend as tb
     from triton.runtime.errors import OutOfResources
 
     launched = []
@@ -1022,16 +1018,16 @@ def test_deterministic_launch_takes_the_first_configuration_that_fits(monkeypatc
         def __getitem__(self, grid):
             raise AssertionError("a deterministic launch went through the autotuner")
 
-    monkeypatch.setattr(tb, "_kernels", types.SimpleNamespace(stripe_wgrad_kernel=Tuner()))
+    monkeypatch.setattr(_triton_runtime, "_kernels", types.SimpleNamespace(stripe_wgrad_kernel=Tuner()))
     too_big = 256
-    launch = tb._TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)
+    launch = _triton_runtime.TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)
     launch("x")
     launch("y")
     assert launched == [((4, 2), ("x",), 256, 8, False), ((4, 2), ("x",), 64, 4, False),
                         ((4, 2), ("y",), 64, 4, False)]
     too_big = 1  # no configuration fits: the launch fails with the GPU's reason
     with pytest.raises(OutOfResources, match="shared memory"):
-        tb._TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)("z")
+        _triton_runtime.TunedLaunch("stripe_wgrad_kernel", (4, 2), {"ATOMIC": False}, fixed=True)("z")
 
 
 def test_compiles_for_hopper():
@@ -1112,9 +1108,7 @@ def test_compile_call_covers_every_candidate_once():
 def test_compiles_int64_offsets_for_hopper(monkeypatch):
     """The int64-offset variants (tensors of 2**31 elements or more) compile too, on both paths."""
     aot = _aot()
-    from stripeconv.backends import triton_backend as tb
-
-    monkeypatch.setattr(tb, "_needs_int64", lambda *tensors: True)
+    monkeypatch.setattr(_triton_shapes, "needs_int64", lambda *tensors: True)
     calls = aot.layer_calls(64, 64, 8, stride=2, density=0.5, dtype=torch.bfloat16)
     calls += aot.layer_calls(16, 16, 8, density=0.5, groups=16, dtype=torch.bfloat16)
     compiled = set()
@@ -1156,17 +1150,15 @@ def test_tf32_only_when_allowed():
 
 def test_dense_handover_runs_fp32_at_the_stripe_kernels_precision():
     """cuDNN's fp32 convs default to TF32; the hand-over runs them at the matmul flag's precision."""
-    from stripeconv.backends import triton_backend as tb
-
     old_matmul, old_cudnn = torch.backends.cuda.matmul.allow_tf32, torch._C._get_cudnn_allow_tf32()
     try:
         for matmul_tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
             torch._C._set_cudnn_allow_tf32(not matmul_tf32)
-            with tb._dense_precision(torch.float32):
+            with _triton_runtime.dense_precision(torch.float32):
                 assert torch._C._get_cudnn_allow_tf32() == matmul_tf32
             assert torch._C._get_cudnn_allow_tf32() == (not matmul_tf32)  # restored
-            with tb._dense_precision(torch.bfloat16):  # no TF32 question for 16-bit inputs
+            with _triton_runtime.dense_precision(torch.bfloat16):  # no TF32 question for 16-bit inputs
                 assert torch._C._get_cudnn_allow_tf32() == (not matmul_tf32)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old_matmul
@@ -1177,9 +1169,9 @@ def test_tuning_keys_hold_the_tile_shape_and_code_path():
     """A configuration tuned for one tile width or code path is never reused for another."""
     from stripeconv.backends import triton_backend as tb
 
-    sc = tb._load_kernels()
+    sc = _triton_runtime.load_kernels()
     if sc is None:
-        pytest.skip(tb._import_error)
+        pytest.skip(_triton_runtime._import_error)
     for kernel, extra in ((sc.stripe_fwd_kernel, ("BLOCK_N", "BLOCK_K")), (sc.stripe_dgrad_kernel, ("BLOCK_N", "BLOCK_K")),
                           (sc.stripe_wgrad_kernel, ("BLOCK_R", "BLOCK_C", "ATOMIC"))):
         assert set(tb.kernels_module("_tuning").TUNE_KEY) | {"USE_DOT", "INPUT_PRECISION", "INT64_INDEX"} | set(extra) <= set(kernel.keys)
@@ -1213,9 +1205,9 @@ def test_autotuning_times_each_configuration_briefly(monkeypatch):
     import triton.testing
     from stripeconv.backends import triton_backend as tb
 
-    sc = tb._load_kernels()
+    sc = _triton_runtime.load_kernels()
     if sc is None:
-        pytest.skip(tb._import_error)
+        pytest.skip(_triton_runtime._import_error)
     if "do_bench" not in inspect.signature(triton.autotune).parameters:
         pytest.skip(f"triton {triton.__version__} times configurations its own way")
     tuning_bench = tb.kernels_module("_tuning").tuning_bench
@@ -1233,9 +1225,9 @@ def test_interpreter_checked_before_cuda(monkeypatch):
     from stripeconv.backends import triton_backend as tb
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(tb, "_interpreting", lambda: True)
-    monkeypatch.setattr(tb, "_check_interpreter", lambda: "this interpreter cannot run the kernels")
-    if tb._load_kernels() is None:
+    monkeypatch.setattr(_triton_runtime, "interpreting", lambda: True)
+    monkeypatch.setattr(_triton_runtime, "check_interpreter", lambda: "this interpreter cannot run the kernels")
+    if _triton_runtime.load_kernels() is None:
         pytest.skip("triton kernels do not load here")
     assert tb.is_available() == (False, "this interpreter cannot run the kernels")
 
@@ -1254,24 +1246,25 @@ def test_one_gather_of_dy_serves_both_gradients(monkeypatch):
     from stripeconv.backends import triton_backend as tb
 
     gathers = []
-    monkeypatch.setattr(tb, "_gather_dy", lambda dy, launch: gathers.append(dy) or torch.zeros(1))
-    monkeypatch.setattr(tb, "_last_gather", None)
+    monkeypatch.setattr(_triton_backward_tiles, "gather_dy", lambda dy, launch: gathers.append(dy) or torch.zeros(1))
+    monkeypatch.setattr(_triton_backward_tiles, "_last_gather", None)
     plan, other_plan = object(), object()
     dy = torch.ones(2, 3)
-    kept = tb._gathered_dy(dy, plan, True, None)
-    assert tb._gathered_dy(dy, plan, False, None) is kept and len(gathers) == 1  # grad weight reuses it
-    tb._gathered_dy(dy, plan, False, None)  # taken once: a third call gathers again
-    assert len(gathers) == 2 and tb._last_gather is None
+    kept = _triton_backward_tiles.gathered_dy(dy, plan, True, None)
+    # grad weight reuses it
+    assert _triton_backward_tiles.gathered_dy(dy, plan, False, None) is kept and len(gathers) == 1
+    _triton_backward_tiles.gathered_dy(dy, plan, False, None)  # taken once: a third call gathers again
+    assert len(gathers) == 2 and _triton_backward_tiles._last_gather is None
     for changed in (lambda: dy.clone(), lambda: dy.add_(1)):  # another tensor, or the same one written to
-        tb._gathered_dy(dy, plan, True, None)
+        _triton_backward_tiles.gathered_dy(dy, plan, True, None)
         probe = changed()
-        tb._gathered_dy(probe if probe is not dy else dy, plan, False, None)
-    tb._gathered_dy(dy, plan, True, None)
-    tb._gathered_dy(dy, other_plan, False, None)
-    assert len(gathers) == 8 and tb._last_gather is None
-    tb._gathered_dy(dy, plan, True, None)
+        _triton_backward_tiles.gathered_dy(probe if probe is not dy else dy, plan, False, None)
+    _triton_backward_tiles.gathered_dy(dy, plan, True, None)
+    _triton_backward_tiles.gathered_dy(dy, other_plan, False, None)
+    assert len(gathers) == 8 and _triton_backward_tiles._last_gather is None
+    _triton_backward_tiles.gathered_dy(dy, plan, True, None)
     tb.clear_cache()  # holds no tensor after the caches are cleared
-    assert tb._last_gather is None
+    assert _triton_backward_tiles._last_gather is None
 
 
 def test_aligned_runs_only_for_runs_of_eight_consecutive_channels():
@@ -1450,9 +1443,7 @@ def test_tuners_zero_what_their_kernels_add_into():
     import inspect
 
     _aot()
-    from stripeconv.backends import triton_backend as tb
-
-    kernels = tb._check_kernels()
+    kernels = _triton_runtime.check_kernels()
     adds_into = {"stripe_fwd_kernel": "out_ptr", "stripe_wgrad_kernel": "dw_ptr", "stripe_wgrad_tiles_kernel": "dw_ptr",
                  "stripe_wgrad_tiles_tma_kernel": "dw_ptr"}
     tuned = [name for name in dir(kernels) if name.endswith("_kernel") and hasattr(getattr(kernels, name), "configs")]
@@ -1473,16 +1464,14 @@ def test_tuners_zero_what_their_kernels_add_into():
     ((3, 3), (9, 9), 32, False),
 ])
 def test_tma_forward_is_offered_for_strides_its_descriptor_can_view(stride, hw, c, offered, monkeypatch):
-    from stripeconv.backends import triton_backend as tb
-
-    if tb._tensor_descriptor() is None:
+    if _triton_runtime.tensor_descriptor() is None:
         pytest.skip("this triton has no tensor descriptors")
-    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
     x = torch.empty(2, c, *hw).to(memory_format=torch.channels_last)
     weight = torch.empty(int(mask.sum()), c)
-    assert tb._tma_offered(_plan(mask), x, weight, stride, 1, 2 * 32 * 4 * 4) is offered
-    assert not tb._tma_offered(_plan(mask), x.contiguous(), weight, stride, 1, 2 * 32 * 4 * 4)  # NCHW
+    assert _triton_forward.tma_offered(_plan(mask), x, weight, stride, 1, 2 * 32 * 4 * 4) is offered
+    assert not _triton_forward.tma_offered(_plan(mask), x.contiguous(), weight, stride, 1, 2 * 32 * 4 * 4)  # NCHW
 
 
 @pytest.mark.parametrize("stride, hw, groups, offered", [
@@ -1492,19 +1481,18 @@ def test_tma_forward_is_offered_for_strides_its_descriptor_can_view(stride, hw, 
     ((3, 3), (9, 9), 1, False), ((1, 1), (8, 8), 2, False),
 ])
 def test_tma_grad_weight_is_offered_for_strides_its_descriptors_can_view(stride, hw, groups, offered, monkeypatch):
-    from stripeconv.backends import triton_backend as tb
-
-    if tb._tensor_descriptor() is None:
+    if _triton_runtime.tensor_descriptor() is None:
         pytest.skip("this triton has no tensor descriptors")
-    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     mask = torch.rand(32, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.5
     x = torch.empty(2, 48, *hw).to(memory_format=torch.channels_last)
     weight = torch.empty(int(mask.sum()), 48 // groups)
     conv = (stride, (1, 1, 1, 1), (1, 1))
-    plan = tb._backward_tiles(mask, weight, 48, groups, *conv, torch.device("cpu"))
+    plan = _triton_backward_tiles.backward_tiles(mask, weight, 48, groups, *conv, torch.device("cpu"))
     assert plan is not None
-    ho, wo = tb._out_hw(*hw, 3, 3, stride, (1, 1, 1, 1), (1, 1))
+    ho, wo = _triton_shapes.out_hw(*hw, 3, 3, stride, (1, 1, 1, 1), (1, 1))
     dy = torch.empty(2, 32, ho, wo).to(memory_format=torch.channels_last)
-    assert tb._tma_wgrad_offered(plan, dy, x, weight, stride, groups) is offered
-    assert tb._tma_wgrad_offered(plan, dy, x.contiguous(), weight, stride, groups) is offered  # NCHW x: copied
-    assert not tb._tma_wgrad_offered(plan, dy.double(), x.double(), weight.double(), stride, groups)
+    assert _triton_backward_tiles.tma_wgrad_offered(plan, dy, x, weight, stride, groups) is offered
+    # an NCHW x is copied
+    assert _triton_backward_tiles.tma_wgrad_offered(plan, dy, x.contiguous(), weight, stride, groups) is offered
+    assert not _triton_backward_tiles.tma_wgrad_offered(plan, dy.double(), x.double(), weight.double(), stride, groups)

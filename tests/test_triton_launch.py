@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import require_compiling_triton_kernels
+from stripeconv.backends import _triton_runtime
 
 
 @pytest.fixture
@@ -50,7 +51,8 @@ def _gather_launch(tb):
     cols = torch.arange(16, dtype=torch.int32) % 9 - 1
     strides = torch.empty(2, 8, 4, 4).to(memory_format=torch.channels_last).stride()
     constants = dict(INT64_INDEX=False, BLOCK_M=64, BLOCK_N=64)
-    return tb._TunedLaunch("stripe_gather_columns_kernel", (1, 1), constants, bound=(cols, 32, 4, 4, 16, *strides))
+    return _triton_runtime.TunedLaunch("stripe_gather_columns_kernel", (1, 1), constants,
+                                       bound=(cols, 32, 4, 4, 16, *strides))
 
 
 def _gather_tensors(offset: int = 0):
@@ -71,7 +73,7 @@ def _same_call(direct: tuple, triton: tuple) -> None:
 def test_settled_launch_hands_the_launcher_what_triton_does(tb, stub):
     _, calls = stub
     launch = _gather_launch(tb)
-    jit = tb._kernels.stripe_gather_columns_kernel
+    jit = _triton_runtime._kernels.stripe_gather_columns_kernel
     with _through_triton_counted(jit) as through_triton:
         for _ in range(2):  # compile, launch and keep the compiled kernel; record
             launch(*_gather_tensors())
@@ -108,7 +110,7 @@ def _five_settled_forwards(tb, stub, monkeypatch, tuner, bias) -> tuple[list, li
 def test_settled_forward_launches_directly(tb, stub, monkeypatch):
     """The forward's autotuned kernel (its configuration fixed by deterministic mode: the stub cannot time
     configurations), through the backend's settled calls: fresh tensors reach the launcher directly."""
-    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, tb._kernels.stripe_fwd_kernel,
+    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, _triton_runtime._kernels.stripe_fwd_kernel,
                                            torch.zeros(32, dtype=torch.bfloat16))
     assert calls[-1][9] is inputs[-1] and calls[-2][9] is inputs[-2]
     # The tensors (input, weight, bias, output) aside, the direct launch is the third one, which went through triton.
@@ -118,12 +120,12 @@ def test_settled_forward_launches_directly(tb, stub, monkeypatch):
 def test_settled_tma_forward_launches_its_new_descriptor_directly(tb, stub, monkeypatch):
     """The TMA forward's leading arguments include the input's tensor descriptor, made anew for each call:
     from the third launch on, each new descriptor reaches the launcher as it is (triton encodes it there)."""
-    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
     monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
         next(name for name in candidates if name.endswith("_tma")), True) if key[0] == "fwd" else choice(
         key, candidates, device))
-    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, tb._kernels.stripe_fwd_tma_kernel, None)
+    calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, _triton_runtime._kernels.stripe_fwd_tma_kernel, None)
     descriptors = [call[10] for call in calls]
     assert all(type(d).__name__ == "TensorDescriptor" for d in descriptors)
     assert [d.base for d in descriptors[-2:]] == inputs[-2:] and descriptors[-1] is not descriptors[-2]
@@ -138,7 +140,7 @@ def test_settled_tma_grad_input_launches_its_new_descriptor_directly(tb, stub, m
     from stripeconv.backends.triton_plans import filter_order
 
     monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
-    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
     monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
         "stripe_tiles_tma", True) if key[0] == "dgrad" else choice(key, candidates, device))
@@ -150,7 +152,7 @@ def test_settled_tma_grad_input_launches_its_new_descriptor_directly(tb, stub, m
     _, calls = stub
     dys = [torch.randn(2, 64, 8, 8, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
            for _ in range(5)]
-    with _through_triton_counted(tb._kernels.stripe_dgrad_tiles_tma_kernel.fn) as through_triton:
+    with _through_triton_counted(_triton_runtime._kernels.stripe_dgrad_tiles_tma_kernel.fn) as through_triton:
         for dy in dys:
             tb.grad_input(dy, packed, mask, (2, 64, 8, 8), *conv)
     tb.clear_cache()
@@ -167,9 +169,9 @@ def test_settled_tma_grad_weight_launches_its_new_descriptors_directly(tb, stub,
     from stripeconv import packing
     from stripeconv.backends.triton_plans import filter_order
 
-    kernel = tb._kernels.stripe_wgrad_tiles_tma_kernel
+    kernel = _triton_runtime._kernels.stripe_wgrad_tiles_tma_kernel
     monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
-    monkeypatch.setattr(tb, "_tma_capable", lambda device: True)
+    monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
     monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
         "stripe_tiles_tma", True) if key[0] == "wgrad" else choice(key, candidates, device))
@@ -197,7 +199,7 @@ def test_direct_launch_hands_back_where_triton_would_launch_otherwise(tb, stub):
 
     driver, calls = stub
     launch = _gather_launch(tb)
-    jit = tb._kernels.stripe_gather_columns_kernel
+    jit = _triton_runtime._kernels.stripe_gather_columns_kernel
     for _ in range(2):
         launch(*_gather_tensors())
     assert launch._fast
@@ -248,7 +250,7 @@ def test_no_direct_launch_where_the_recorded_call_is_not_ours(tb, stub):
     from stripeconv.backends import _triton_launch
 
     launch = _gather_launch(tb)
-    jit = tb._kernels.stripe_gather_columns_kernel
+    jit = _triton_runtime._kernels.stripe_gather_columns_kernel
     tensors = _gather_tensors()
     compiled = jit[launch.grid](*tensors, *launch.bound, **launch.constants)
     other = _gather_tensors()
@@ -268,7 +270,7 @@ def test_no_direct_launch_where_the_recorded_call_is_not_ours(tb, stub):
 def test_direct_launches_can_be_switched_off(tb, stub, monkeypatch):
     monkeypatch.setenv("STRIPECONV_TRITON_DIRECT", "0")
     launch = _gather_launch(tb)
-    with _through_triton_counted(tb._kernels.stripe_gather_columns_kernel) as through_triton:
+    with _through_triton_counted(_triton_runtime._kernels.stripe_gather_columns_kernel) as through_triton:
         for _ in range(4):
             launch(*_gather_tensors())
     assert len(through_triton) == 4 and launch._fast is False

@@ -1,0 +1,193 @@
+"""Launchers of the Triton forward kernels: plain, subtile, TMA and split-K, each worked out once per call
+signature (everything but the tensors), then ``launch(input, weight, bias)``."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops import output_memory_format
+from . import _triton_runtime as runtime, _triton_shapes as shapes, gpu_select
+from .triton_plans import ForwardPlan, SubtilePlan
+
+# How the forward kernel stores its [pixels, filters] tile (the STORE constant): the tile's filters are
+# in any channel order, and 2-byte stores scattered over a channels_last row are slow (on an H100,
+# 3-4x the kernel's time); runs of consecutive channels or NCHW planes store 16-byte vectors.
+STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
+
+
+def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                    dilation, out_hw, via_planes: bool = False,
+                    split_k: int = 1) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
+    bias or not): all launch arguments but the tensors are worked out here, once.
+
+    A channels_last output is stored in place when ``plan`` is aligned (runs of 8 channels) and
+    scattered otherwise; with ``via_planes`` the kernel writes NCHW planes and a copy makes them
+    channels_last (a second pass over the output instead of scattered stores). With ``split_k`` > 1
+    that many programs share each output tile's reduction and add into a zeroed channels_last buffer
+    of the accumulator's dtype (the output itself for fp32 and fp64), cast to the output afterwards."""
+    b, c, h, w = input.shape
+    n, kh, kw = plan.mask_shape
+    ho, wo = out_hw
+    out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
+    if split_k > 1:
+        store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), torch.channels_last
+    elif out_format == torch.contiguous_format:
+        store, kernel_format = STORE_PLANES, out_format
+    elif via_planes:
+        store, kernel_format = STORE_PLANES, torch.contiguous_format
+    else:
+        store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), out_format
+
+    if plan.kept == 0:  # every stripe pruned: the output is the bias (and a launch would have no rows to read)
+        def bias_only(input, weight, bias):
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+            return out.zero_() if bias is None else out.copy_(bias.view(1, n, 1, 1).expand_as(out))
+        return bias_only
+
+    cg = weight.shape[1]
+    m = b * ho * wo
+    bn = plan.block_n
+    use_dot = bn >= 16
+    block_k = shapes.dot_block(cg) if use_dot else 1
+    copy_input = not input.is_contiguous(memory_format=torch.channels_last)
+    x = shapes.meta_like(input, copy_input)
+    out = torch.empty(out_shape, device="meta", memory_format=kernel_format)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
+    scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
+    precision, acc = runtime.precision(input.dtype)
+    constants = dict(
+        **shapes.tuning_keys(m, c, n, plan.density, kh, kw, stride),
+        HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
+        EVEN_K=cg % block_k == 0, INT64_INDEX=shapes.needs_int64(x, out, torch.empty(weight.shape, device="meta")),
+        STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and plan.row_runs,
+        SPLIT_K=split_k, BLOCK_N=bn, BLOCK_K=block_k,
+    )
+    kernel = runtime.TunedLaunch("stripe_fwd_kernel",
+                                 lambda meta: (shapes.cdiv(m, meta["BLOCK_M"]) * plan.num_tiles, split_k),
+                                 constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
+    # split-K partial sums add up in the accumulator's precision (fp64 for fp64, fp32 otherwise)
+    out_dtype = None if split_k == 1 else torch.float64 if input.dtype == torch.float64 else torch.float32
+
+    def launch(input, weight, bias):
+        x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
+        if out_dtype is None:
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        else:
+            out = torch.empty(out_shape, dtype=out_dtype, device=input.device, memory_format=kernel_format).zero_()
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
+        if out_dtype is not None:
+            out = out.to(input.dtype)
+        return out.contiguous(memory_format=out_format)
+    return launch
+
+
+def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                     dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward over ``plan``'s groups of tiles (``stripe_fwd_sub_kernel``) for every call shaped like
+    this one; stores as :func:`stripe_launcher` does without ``via_planes`` (no split-K)."""
+    b, c, h, w = input.shape
+    n, kh, kw = plan.mask_shape
+    ho, wo = out_hw
+    out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
+    store = STORE_PLANES if out_format == torch.contiguous_format else STORE_RUNS if plan.aligned else STORE_SCATTER
+    cg = weight.shape[1]
+    m = b * ho * wo
+    block_k = shapes.dot_block(cg)
+    copy_input = not input.is_contiguous(memory_format=torch.channels_last)
+    x = shapes.meta_like(input, copy_input)
+    out = torch.empty(out_shape, device="meta", memory_format=out_format)
+    tables = (plan.sup_pos, plan.sup_npos, plan.sup_bits, plan.sup_ch, plan.sup_grp, plan.sup_rows)
+    scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
+               stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
+    precision, acc = runtime.precision(input.dtype)
+    constants = dict(
+        **shapes.tuning_keys(m, c, n, plan.density, kh, kw, stride),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=cg % block_k == 0,
+        INT64_INDEX=shapes.needs_int64(x, out, torch.empty(weight.shape, device="meta")), STORE=store, SUB=plan.sub,
+        BLOCK_N=plan.block_n, BLOCK_K=block_k,
+    )
+    kernel = runtime.TunedLaunch("stripe_fwd_sub_kernel",
+                                 lambda meta: (shapes.cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,), constants,
+                                 fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
+
+    def launch(input, weight, bias):
+        x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
+        return out
+    return launch
+
+
+def tma_offered(plan: ForwardPlan, input: Tensor, weight: Tensor, stride, groups: int, out_numel: int) -> bool:
+    """Whether the TMA forward can run ``plan`` for this call: tensor-core tiles, a channels_last input that
+    :func:`._triton_runtime.tma_boxes` can read, and strides of 1 or 2; a stride of 2 where the input's extent
+    is even (the descriptor's parity view), across the width with channel blocks that divide the channels (a
+    box must not reach into the other column parity's channels)."""
+    (sh, sw), (_, _, h, w), c = stride, input.shape, input.shape[1]
+    return (plan.block_n >= 16 and plan.kept > 0 and output_memory_format(input) == torch.channels_last
+            and sh in (1, 2) and sw in (1, 2) and h % sh == 0 and w % sw == 0
+            and (sw == 1 or c % shapes.dot_block(c) == 0)
+            and runtime.tma_boxes(input, c, groups, input.numel(), weight.numel(), out_numel))
+
+
+def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                 dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+    """The forward on ``plan``'s tiles with TMA input boxes (``stripe_fwd_tma_kernel``) for every call shaped like
+    this one (:func:`tma_offered` holds); stores as :func:`stripe_launcher` does into a channels_last output."""
+    b, c, h, w = input.shape
+    n, kh, kw = plan.mask_shape
+    ho, wo = out_hw
+    out_shape = (b, n, ho, wo)
+    block_k = shapes.dot_block(c)
+    block_m, tw = shapes.tma_rectangle(ho, wo)
+    sh, sw = stride
+    box = [1, block_m // tw, 1, tw, block_k]  # of the input as [B, H/SH, SH, W/SW, SW*C]
+    out = torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.w_rows)
+    scalars = (ho, wo, c, plan.num_tiles, plan.umax, *out.stride(), padding[0], padding[2], dilation[0],
+               dilation[1], kw)
+    precision, acc = runtime.precision(input.dtype)
+    constants = dict(
+        **shapes.tuning_keys(b * ho * wo, c, n, plan.density, kh, kw, stride),
+        HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=c % block_k == 0,
+        STORE=STORE_RUNS if plan.aligned else STORE_SCATTER, NPOS=kh * kw if plan.all_positions else 0,
+        ROW_RUNS=plan.row_runs, SH=sh, SW=sw, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
+    )
+    programs = b * shapes.cdiv(ho, block_m // tw) * shapes.cdiv(wo, tw) * plan.num_tiles
+    kernel = runtime.TunedLaunch("stripe_fwd_tma_kernel", (programs,), constants, fixed=gpu_select.deterministic(),
+                                 bound=(*tables, *scalars))
+    descriptor = runtime.tensor_descriptor()
+
+    def launch(input, weight, bias):
+        x = input
+        if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
+        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
+                            [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], box)
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+        # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
+        kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
+        return out
+    return launch
+
+
+# The forward's split-K candidate: where few output pixels leave most multiprocessors idle
+# (batch 1, late CIFAR layers), several programs share each output tile's reduction.
+SPLIT_K_MAX = 8
+
+
+def split_k(plan: ForwardPlan, m: int, cg: int, sms: int) -> int:
+    """Splits of each tile's reduction that bring the forward's programs (at 64-pixel blocks) to about
+    two per multiprocessor, each split keeping at least 4 iterations of BLOCK_K channels; 1 where the
+    programs fill the GPU already or the reduction is short. A power of two (2, 4 or 8): each count
+    is a compiled variant of the kernel."""
+    programs = shapes.cdiv(m, 64) * plan.num_tiles
+    iterations = plan.umax * shapes.cdiv(cg, shapes.dot_block(cg))
+    split = max(1, min(SPLIT_K_MAX, shapes.cdiv(2 * sms, programs), iterations // 4))
+    return 1 << (split.bit_length() - 1)
