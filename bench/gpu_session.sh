@@ -14,6 +14,11 @@
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
+# A session with 30 minutes of device time (the machine's start counts) and 10 minutes a command fits
+# three commands, the targets first (random and centre-biased masks; no CUDA C++ build):
+#   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick
+#   BENCH_BUDGET_S=270 BENCH_MASKS=random,realistic bash bench/gpu_session.sh vgg16 resnet50
+#   BENCH_BUDGET_S=250 BENCH_MASKS=random,realistic bash bench/gpu_session.sh batch1,resnet56 network
 # Where a kernel variant fails on the GPU (a test names it), STRIPECONV_TRITON_EXCLUDE='*_tma' (say)
 # before the command leaves it out of every choice; the JSON records it as triton_excluded.
 #
@@ -69,7 +74,7 @@ for step in "$@"; do
         2>&1 | tee "$OUT/gpu_tests.log" | tail -40
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)
-      "$PY" bench/bench_gpu.py --quick --graphs --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
+      "$PY" bench/bench_gpu.py --quick --graphs --budget-s "$BUDGET" --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
       "$PY" bench/bench_gpu_network.py --profile 5 --budget-s "$((BUDGET / 2))" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
