@@ -27,14 +27,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_gpu  # noqa: E402  (beside this script: the suites and the masks)
 
-from stripeconv.backends import triton_plans as tp  # noqa: E402
+from stripeconv.backends import _tile_clustering, triton_plans as tp  # noqa: E402
 
 
 def _direct_efficiency(mask: torch.Tensor) -> float:
     """Best tile efficiency over the offered widths with only the sort and the greedy clustering."""
     n = mask.shape[0]
     pat = mask.reshape(n, -1).numpy()
-    computed = min(min(tp._computed(pat, tiles, w) for tiles in (tp._tiles_sorted(pat, w), tp._tiles_greedy(pat, w)))
+    computed = min(min(_tile_clustering.computed_stripes(pat, tiles, w)
+                       for tiles in (_tile_clustering.tiles_sorted(pat, w), _tile_clustering.tiles_greedy(pat, w)))
                    for w in tp.tile_widths(mask))
     return int(mask.sum()) / computed
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import stripeconv
 from stripeconv import StripeConv2d, models, reorder_filters, reorderable
-from stripeconv.backends import triton_plans as tp
+from stripeconv.backends import _tile_clustering, triton_plans as tp
 
 
 def _random_masks(model: nn.Module, density: float, gen: torch.Generator) -> dict:
@@ -111,8 +111,9 @@ def test_nested_clustering_lowers_the_work_of_sparse_masks():
         mask = torch.rand(256, 3, 3, generator=torch.Generator().manual_seed(seed)) < 0.1
         pat = mask.reshape(256, -1).numpy()
         for width in (16, 32):
-            direct += min(tp._computed(pat, tiles, width) for tiles in (tp._tiles_sorted(pat, width),
-                                                                       tp._tiles_greedy(pat, width)))
+            direct += min(_tile_clustering.computed_stripes(pat, tiles, width)
+                          for tiles in (_tile_clustering.tiles_sorted(pat, width),
+                                        _tile_clustering.tiles_greedy(pat, width)))
             nested += tp.forward_plan(mask, 1, width).computed
     assert nested < 0.9 * direct
 
@@ -127,18 +128,19 @@ def test_set_cover_clustering_lowers_the_work_of_random_masks(monkeypatch):
             mask = torch.rand(512, 3, 3, generator=torch.Generator().manual_seed(seed)) < density
             pat = mask.reshape(512, -1).numpy()
             for width in (16, 32):
-                tiles = tp._tiles_by_subsets(pat, width)
+                tiles = _tile_clustering.tiles_by_subsets(pat, width)
                 assert sorted(f for t in tiles for f in t) == list(range(512))
                 assert all(len(t) == width for t in tiles[:-1]) and 0 < len(tiles[-1]) <= width
-                direct += min(tp._computed(pat, t, width) for t in (tp._tiles_sorted(pat, width),
-                                                                   tp._tiles_greedy(pat, width)))
-                cover += tp._computed(pat, tiles, width)
-                assert tp.forward_plan(mask, 1, width).computed <= tp._computed(pat, tiles, width)
+                direct += min(_tile_clustering.computed_stripes(pat, t, width)
+                              for t in (_tile_clustering.tiles_sorted(pat, width),
+                                        _tile_clustering.tiles_greedy(pat, width)))
+                cover += _tile_clustering.computed_stripes(pat, tiles, width)
+                assert tp.forward_plan(mask, 1, width).computed <= _tile_clustering.computed_stripes(pat, tiles, width)
         assert cover < at_most * direct, (density, cover / direct)
     # kernels of more than 12 positions (2**13 sets and up) leave it out
     def enumerate_sets(pat, width):
         raise AssertionError(f"set-cover clustering over {pat.shape[1]} positions")
-    monkeypatch.setattr(tp, "_tiles_by_subsets", enumerate_sets)
+    monkeypatch.setattr(_tile_clustering, "tiles_by_subsets", enumerate_sets)
     wide = torch.rand(64, 5, 5, generator=torch.Generator().manual_seed(0)) < 0.3
     assert 0 < tp.forward_plan(wide, 1, 16).computed <= 64 * 25
     with pytest.raises(AssertionError, match="over 9 positions"):

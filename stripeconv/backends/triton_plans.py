@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import _tile_clustering as clustering
 from ._environ import getenv
 from ._masks import clear, mask_key, memo
 
@@ -64,91 +65,6 @@ def default_block_n(out_per_group: int) -> int:
     return max(2, next_pow2(out_per_group))
 
 
-def _tiles_greedy(pat: np.ndarray, block_n: int) -> list[list[int]]:
-    """Greedy clustering: seed with the heaviest free filter, add the filters that grow the
-    union least (all zero-growth filters at once)."""
-    nf, npos = pat.shape
-    cnt = pat.sum(1)
-    free = np.ones(nf, dtype=bool)
-    tiles = []
-    while free.any():
-        idx = np.nonzero(free)[0]
-        seed = idx[np.argmax(cnt[idx])]
-        union = pat[seed].copy()
-        members = [int(seed)]
-        free[seed] = False
-        while len(members) < block_n and free.any():
-            idx = np.nonzero(free)[0]
-            grow = (pat[idx] & ~union).sum(1)
-            zero = idx[grow == 0]
-            if len(zero):
-                take = zero[np.argsort(-cnt[zero], kind="stable")][: block_n - len(members)]
-            else:
-                score = grow * (npos + 1) - cnt[idx]  # least growth, then most kept stripes
-                take = idx[[int(np.argmin(score))]]
-            members.extend(int(k) for k in take)
-            free[take] = False
-            union |= pat[take].any(0)
-        tiles.append(members)
-    return tiles
-
-
-def _tiles_sorted(pat: np.ndarray, block_n: int) -> list[list[int]]:
-    """Sort filters by bit pattern (most frequently kept position = most significant bit)."""
-    nf, npos = pat.shape
-    order = np.argsort(-pat.sum(0), kind="stable")
-    keys = [tuple(row) for row in pat[:, order].astype(np.int8)]
-    ranked = sorted(range(nf), key=lambda k: keys[k], reverse=True)
-    return [ranked[s:s + block_n] for s in range(0, nf, block_n)]
-
-
-# The set-cover clustering enumerates every set of kernel positions: up to 2**12 of them.
-_SUBSET_POSITIONS_MAX = 12
-
-
-def _tiles_by_subsets(pat: np.ndarray, block_n: int) -> list[list[int]]:
-    """Set-cover greedy over sets of positions: each tile takes the set S that computes the fewest
-    stripes per filter it holds (|S| / min(block_n, free filters keeping only positions of S)), then
-    up to block_n of those filters, the ones keeping the most positions first, and fills up with the
-    filters that widen S least. On random masks of many filters at low density it computes up to a
-    third fewer stripes than growing tiles from a seed filter (which does better where few filters
-    leave it little to choose from)."""
-    nf, npos = pat.shape
-    codes = pat.astype(np.int64) @ (np.int64(1) << np.arange(npos, dtype=np.int64))
-    sets = np.arange(1 << npos)
-    sizes = ((sets[:, None] >> np.arange(npos)) & 1).sum(1)
-    free = np.ones(nf, dtype=bool)
-    tiles = []
-    while free.any():
-        within = np.bincount(codes[free], minlength=1 << npos)
-        for b in range(npos):  # subset sums: within[S] = free filters whose positions all lie in S
-            upper = ((sets >> b) & 1) == 1
-            within[upper] += within[sets[upper] ^ (1 << b)]
-        fill = np.minimum(within, block_n)
-        cost = np.where(fill > 0, sizes / np.maximum(fill, 1), np.inf)
-        best = np.lexsort((-fill, cost))[0]  # fewest stripes per filter, then the fullest tile
-        members = np.nonzero(free & ((codes & ~best) == 0))[0]
-        take = [int(f) for f in members[np.argsort(-sizes[codes[members]], kind="stable")][:block_n]]
-        free[take] = False
-        # Fill the tile up (full tiles but the last, as consecutive runs of filters make them) with the
-        # filters that widen its set least.
-        union = int(best)
-        while len(take) < block_n and free.any():
-            rest = np.nonzero(free)[0]
-            grow = sizes[codes[rest] | union] - sizes[union]
-            f = int(rest[np.lexsort((-sizes[codes[rest]], grow))[0]])
-            take.append(f)
-            free[f] = False
-            union |= int(codes[f])
-        tiles.append(take)
-    return tiles
-
-
-def _tiles_in_order(nf: int, block_n: int) -> list[list[int]]:
-    """Consecutive filters: tiles whose output channels are contiguous (see ``ForwardPlan.aligned``)."""
-    return [list(range(s, min(nf, s + block_n))) for s in range(0, nf, block_n)]
-
-
 def _aligned_runs(tile_ch: np.ndarray) -> bool:
     """Every aligned group of 8 columns of every tile holds 8 consecutive channels starting at a
     multiple of 8, or only padding (-1): the forward kernel then stores 16-byte vectors."""
@@ -159,66 +75,6 @@ def _aligned_runs(tile_ch: np.ndarray) -> bool:
     padding = (runs == -1).all(-1)
     consecutive = (runs == first + np.arange(8)).all(-1) & (first[..., 0] % 8 == 0)
     return bool((padding | consecutive).all())
-
-
-def _computed(pat: np.ndarray, tiles: list[list[int]], block_n: int) -> int:
-    return sum(int(pat[t].any(0).sum()) * block_n for t in tiles)
-
-
-def _clustered(pat: np.ndarray, block_n: int, nested: bool = True) -> list[list[int]]:
-    """The forward's tiles of ``pat``'s filters: the candidate that computes the fewest stripes of a
-    sort by pattern, the greedy growth, the set-cover greedy (kernels of up to 12 positions) and
-    (``nested``) tiles of wider clusterings split in turn."""
-    nf = len(pat)
-    cand = [_tiles_sorted(pat, block_n)]
-    if nf > block_n:
-        cand.append(_tiles_greedy(pat, block_n))
-        if pat.shape[1] <= _SUBSET_POSITIONS_MAX:
-            cand.append(_tiles_by_subsets(pat, block_n))
-        # Sparse masks: splitting wider tiles often beats clustering at the narrow width directly
-        # (random masks at density 0.1: up to ~15 % fewer stripes at width 16).
-        wider = [w for w in (64, 32, 16, 8, 4) if block_n < w <= next_pow2(nf) // 2] if nested else []
-        if wider:
-            order = _nested_order(pat, np.arange(nf), wider + [block_n])
-            cand.append([order[s:s + block_n] for s in range(0, nf, block_n)])
-    return min(cand, key=lambda tiles: _computed(pat, tiles, block_n))
-
-
-def _nested_order(pat: np.ndarray, filters: np.ndarray, widths: list[int]) -> list[int]:
-    """``filters`` in tiles of ``widths[0]`` (a partial tile last), each tile ordered the same way at
-    the next width: for every width, consecutive runs of the result are clustered tiles."""
-    if not widths or len(filters) <= 1:
-        return [int(f) for f in filters]
-    if len(filters) > widths[0]:
-        tiles = _clustered(pat[filters], widths[0], nested=False)
-    else:
-        tiles = [list(range(len(filters)))]
-    tiles.sort(key=lambda t: len(t) < widths[0])  # stable: full tiles keep their order, a partial one goes last
-    return [f for t in tiles for f in _nested_order(pat, filters[sorted(t)], widths[1:])]
-
-
-def _grouped_order(pat: np.ndarray, widths: list[int]) -> list[int]:
-    """Filters ordered for ``widths`` (``widths[0]`` first): runs of ``widths[0]`` are that width's
-    clustered tiles (a partial one last), each ordered in turn for the narrower widths; runs of each
-    wider width are groups of the narrower runs, clustered by the positions they keep."""
-    base = widths[0]
-    tiles = _clustered(pat, base) if len(pat) > base else [list(range(len(pat)))]
-    tiles.sort(key=lambda t: len(t) < base)  # stable: full tiles keep their order, a partial one goes last
-    narrower = sorted((w for w in widths if w < base), reverse=True)
-    runs = [_nested_order(pat, np.array(sorted(t), dtype=np.int64), narrower) for t in tiles]
-    size = base
-    for width in sorted(w for w in widths if w > base):
-        full = [r for r in runs if len(r) == size]
-        rest = [f for r in runs if len(r) < size for f in r]
-        per = width // size
-        if len(full) > per:
-            groups = _clustered(np.array([pat[r].any(0) for r in full]), per, nested=False)
-            groups.sort(key=lambda g: len(g) < per)
-        else:
-            groups = [list(range(len(full)))]
-        runs = [[f for i in g for f in full[i]] for g in groups] + ([rest] if rest else [])
-        size = width
-    return [f for r in runs for f in r]
 
 
 @dataclass
@@ -293,7 +149,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order
     tiles = []  # (group, [filters])
     for g in range(groups):
         pat = pat_all[g * ng:(g + 1) * ng]
-        best = _tiles_in_order(ng, block_n) if in_order else _clustered(pat, block_n)
+        best = clustering.tiles_in_order(ng, block_n) if in_order else clustering.clustered(pat, block_n)
         tiles.extend((g, [g * ng + k for k in sorted(t)]) for t in best)
     unions = [np.nonzero(pat_all[f].any(0))[0] for _, f in tiles]
     order = sorted(range(len(tiles)), key=lambda k: -len(unions[k]))  # heavy tiles first
@@ -444,7 +300,7 @@ def _build_subtiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, de
             keeps = np.zeros((len(tiles), kh * kw), dtype=bool)
             for i, t in enumerate(tiles):
                 keeps[i, tile_pos[t, :tile_npos[t]]] = True
-            sets.extend((g, [tiles[i] for i in sorted(c)]) for c in _clustered(keeps, sub, nested=False))
+            sets.extend((g, [tiles[i] for i in sorted(c)]) for c in clustering.clustered(keeps, sub, nested=False))
         else:
             sets.append((g, tiles))
     unions = [sorted({int(p) for t in tiles for p in tile_pos[t, :tile_npos[t]]}) for _, tiles in sets]
@@ -675,7 +531,7 @@ def filter_order(mask: Tensor, groups: int = 1) -> Tensor:
     widths = tile_widths(mask_cpu, groups, "cpu") if n and mask_cpu.any() else []
     widths = sorted(widths, key=lambda w: forward_plan(mask_cpu, groups, w, "cpu").computed)
     order = [g * ng + f for g in range(groups)
-             for f in (_grouped_order(pat[g * ng:(g + 1) * ng], widths) if widths else range(ng))]
+             for f in (clustering.grouped_order(pat[g * ng:(g + 1) * ng], widths) if widths else range(ng))]
     return torch.tensor(order, dtype=torch.long)
 
 
