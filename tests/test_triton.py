@@ -148,6 +148,14 @@ CASES = dict([
     _case("subtiles_empty_filters_int64", pick="x4", N=64, empty_filters=20, int64=True, channels_last=True,
           H=6, W=6),
     _case("subtiles_fp16_dil2", pick="x4", dtype="float16", N=64, dilation=(2, 2), padding=(2, 2, 2, 2), H=7, W=6),
+    # 8-wide subtiles (tensor-core dots 8 columns wide; STRIPECONV_TRITON_BLOCK_N=8 pins them)
+    _case("subtiles_narrow8", pick="stripe8x", block_n=8, N=64, density=0.2, H=6, W=6),
+    _case("subtiles_narrow8_reordered_nhwc", pick="stripe8x8_aligned", block_n=8, reordered=True, channels_last=True,
+          N=64, density=0.2, H=5, W=5),
+    _case("subtiles_narrow8_groups_uneven_k", pick="stripe8x", block_n=8, C=40, N=48, groups=2, bias=False,
+          density=0.3, stride=(2, 2), H=7, W=8),
+    _case("subtiles_narrow8_bf16_gpu", pick="stripe8x", block_n=8, dtype="bfloat16", gpu_only=True, C=64, N=128,
+          density=0.2, channels_last=True, H=10, W=10),
     _case("subtiles_bf16_x8_gpu", pick="x8", dtype="bfloat16", gpu_only=True, C=64, N=128, density=0.2,
           channels_last=True, H=12, W=12),
     # The TMA forward: each program a TH x TW rectangle of one image's output pixels, its input tiles boxes of

@@ -710,11 +710,42 @@ def test_subtile_forward_is_offered_per_narrow_width_and_compiles_for_hopper():
     launches = aot.capture_launches(call, every_candidate=True)
     subs = [launch for launch in launches if launch.name == "stripe_fwd_sub_kernel"]
     widths = {launch.kwargs["BLOCK_N"] for launch in launches if launch.name == "stripe_fwd_kernel"}
+    # 128 filters: every width's tiles in one group of 128 columns; the 8-wide tiles in groups of 8
     assert len(widths) > 1 and {(launch.kwargs["BLOCK_N"], launch.kwargs["SUB"]) for launch in subs} == {
-        (w, 128 // w) for w in widths}  # 128 filters: every width's tiles in one group of 128 columns
+        (w, 128 // w) for w in widths} | {(8, 8)}
     for launch in subs:
         for v in aot.compile_launch(launch, 90):
-            assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
+            # dots 8 columns wide: wgmma from triton 3.9 on (triton 3.6: mma.sync)
+            wgmma = v.tensor_cores == "wgmma" or (launch.kwargs["BLOCK_N"] == 8 and v.tensor_cores == "mma")
+            assert wgmma and v.spill_bytes == 0, (label, v.row())
+
+
+def test_narrow_tiles_join_where_they_compute_fewer_stripes(monkeypatch):
+    """8-wide tiles (subtile forward only) are offered where they compute at least 10 % fewer stripes than
+    the offered widths: random masks at low density, not dense ones, narrow layers or a pinned width.
+    filter_order orders each tile's filters into clustered runs of 8, so that after it the 8-wide tiles of
+    consecutive filters (vector stores) do about the work of the clustered ones, and the wider widths'
+    tiles compute what they computed before."""
+    from stripeconv.backends import triton_plans as tp
+
+    monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N", raising=False)
+    kept = computed = computed_runs = 0
+    for seed in range(3):
+        mask = torch.rand(256, 3, 3, generator=torch.Generator().manual_seed(seed)) < 0.2
+        best = min(p.computed for p in tp.forward_plans(mask, 1, "cpu"))
+        (narrow,) = tp.narrow_plans(mask, 1, "cpu")
+        assert narrow.block_n == 8 and narrow.computed < 0.9 * best and tp.subtile_count(narrow, 1) == 8
+        reordered = mask[tp.filter_order(mask)]
+        assert min(p.computed for p in tp.forward_plans(reordered, 1, "cpu")) <= best
+        runs = [p for p in tp.narrow_plans(reordered, 1, "cpu") if p.aligned]
+        assert runs and runs[0].in_order
+        kept, computed = kept + int(mask.sum()), computed + narrow.computed
+        computed_runs += runs[0].computed
+    assert computed_runs <= 1.1 * computed and kept / computed > 0.6  # 16-wide tiles: ~0.5
+    assert tp.narrow_plans(torch.ones(256, 3, 3, dtype=torch.bool), 1, "cpu") == []
+    assert tp.narrow_plans(torch.rand(12, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.2, 1, "cpu") == []
+    monkeypatch.setenv("STRIPECONV_TRITON_BLOCK_N", "16")
+    assert tp.narrow_plans(torch.rand(256, 3, 3, generator=torch.Generator().manual_seed(0)) < 0.2, 1, "cpu") == []
 
 
 def test_subtile_groups_are_tiles_that_keep_alike_positions():

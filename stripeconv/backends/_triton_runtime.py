@@ -106,6 +106,16 @@ def check_kernels():
     return _kernels
 
 
+@functools.lru_cache(maxsize=None)
+def narrow_dots() -> bool:
+    """Whether this triton's ``tl.dot`` takes operands 8 columns wide (on tensor cores, padded), which the
+    8-wide tiles of the subtile forward need: triton >= 3.6 (3.2 and 3.3 ask for 16; 3.4 and 3.5 are not
+    checked) and its interpreter."""
+    import triton
+
+    return interpreting() or TorchVersion(triton.__version__) >= (3, 6)
+
+
 def tf32_matmul() -> bool:
     """torch's TF32 setting for fp32 matmuls. Read through ``fp32_precision`` where this torch has it:
     once that API has set the flag (``torch.backends.cuda.matmul.fp32_precision = "tf32"``),

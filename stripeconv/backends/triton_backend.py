@@ -61,7 +61,7 @@ from ._triton_forward import split_k, stripe_launcher, subtile_launcher, tma_lau
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, best_tile_efficiency, cached_plan, default_block_n,
-    forward_plan, forward_plans, subtile_count, subtile_plan, tile_efficiency, tile_widths,
+    forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency, tile_widths,
 )
 
 NAME = "triton"
@@ -181,7 +181,7 @@ def forward(
         if channels_last and not plan.aligned:
             launchers[name + "_planes"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                           (ho, wo), via_planes=True)
-        if subtile_count(plan, groups) > 1:
+        if subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             sub = subtile_plan(plan, mask, groups, device)
             launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
                 sub, input, weight, bias, stride, padding, dilation, (ho, wo))
@@ -191,6 +191,11 @@ def forward(
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                           (ho, wo), split_k=split)
+    for plan in narrow_plans(mask, groups, device) if runtime.narrow_dots() else ():
+        counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
+        sub = subtile_plan(plan, mask, groups, device)
+        launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
+            sub, input, weight, bias, stride, padding, dilation, (ho, wo))
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),

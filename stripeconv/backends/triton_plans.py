@@ -38,7 +38,7 @@ from ._masks import clear, mask_key, memo
 
 __all__ = [
     "ForwardPlan", "SubtilePlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan",
-    "default_block_n", "subtile_count", "subtile_plan",
+    "default_block_n", "subtile_count", "subtile_plan", "narrow_plans",
     "forward_plan", "tile_efficiency", "tile_widths", "best_tile_efficiency", "filter_order", "clear_cache",
 ]
 
@@ -337,15 +337,44 @@ def _build_subtiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, de
     )
 
 
+# The subtile kernel holds up to 8 accumulators, one per tile.
+SUBTILES_MAX = 8
+# Tiles of 8 filters, which only the subtile forward runs (8 per program, tensor-core dots 8 columns
+# wide): at low density they compute far fewer stripes than 16-wide ones (random masks of 256 filters
+# at density 0.2: kept / computed 0.64 against 0.49; at 0.1: 0.59 against 0.40).
+NARROW_WIDTH = 8
+
+
 def subtile_count(plan: ForwardPlan, groups: int) -> int:
     """Tiles of ``plan`` per program of the subtile forward: as many as make up to 128 columns (the
-    accumulator of a 128-wide tile), a power of two, at most the tiles of a filter group; 1 where
-    there is nothing to group (or the tiles are too narrow for tensor cores)."""
+    accumulator of a 128-wide tile), at most 8, a power of two, at most the tiles of a filter group; 1
+    where there is nothing to group (or the tiles are narrower than 8 filters)."""
     per_group = -(-(plan.mask_shape[0] // groups) // plan.block_n)
-    if plan.block_n < 16 or plan.kept == 0:
+    if plan.block_n < NARROW_WIDTH or plan.kept == 0:
         return 1
-    sub = min(128 // plan.block_n, per_group)
+    sub = min(SUBTILES_MAX, 128 // plan.block_n, per_group)
     return 1 << (sub.bit_length() - 1)
+
+
+def narrow_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
+    """The 8-wide tiles the subtile forward runs beside the widths of :func:`tile_widths`: where they
+    compute at least 10 % fewer stripes than the best of those and a filter group holds at least two
+    of them (none with ``STRIPECONV_TRITON_BLOCK_N`` set). As in :func:`forward_plans`, tiles of
+    consecutive filters (whose runs of 8 channels store 16-byte vectors) stand in for the clustered
+    ones where they compute at most 5 % more stripes and join ahead of them at most 25 % more."""
+    def build():
+        ng = mask.shape[0] // groups
+        if getenv("STRIPECONV_TRITON_BLOCK_N") or default_block_n(ng) < 16 or ng < 2 * NARROW_WIDTH:
+            return []
+        plan = forward_plan(mask, groups, NARROW_WIDTH, device)
+        if plan.kept == 0 or plan.computed >= 0.9 * min(p.computed for p in forward_plans(mask, groups, device)):
+            return []
+        in_order = cached_plan("fwd_in_order", mask, groups, NARROW_WIDTH, device)
+        if plan.aligned or not in_order.aligned or in_order.computed > 1.25 * plan.computed:
+            return [plan]
+        return [in_order] if in_order.computed <= 1.05 * plan.computed else [in_order, plan]
+    key = ("fwd_narrow", *mask_key(mask), groups, str(device), getenv("STRIPECONV_TRITON_BLOCK_N"))
+    return memo(key, mask, build)
 
 
 def subtile_plan(plan: ForwardPlan, mask: Tensor, groups: int, device) -> SubtilePlan:
@@ -515,8 +544,8 @@ def filter_order(mask: Tensor, groups: int = 1) -> Tensor:
 
     Filters are clustered into tiles as the forward clusters them at the width that computes the
     fewest stripes (which the backward's tiles then match exactly), each tile is ordered in turn for
-    the narrower widths, and runs of tiles are grouped by the positions they keep for the wider
-    ones; groups keep their filters. With the filters in this order
+    the narrower widths (and for :func:`narrow_plans`' 8-wide tiles where those are offered), and runs
+    of tiles are grouped by the positions they keep for the wider ones; groups keep their filters. With the filters in this order
     (:func:`stripeconv.reorder_filters` permutes a model's layers so, without changing what it
     computes), tiles of consecutive filters do about the work of the clustered ones and, for
     channel counts divisible by 8, store 16-byte vectors into channels_last outputs. Host-only.
@@ -530,6 +559,8 @@ def filter_order(mask: Tensor, groups: int = 1) -> Tensor:
     pat = mask_cpu.reshape(n, -1).numpy()
     widths = tile_widths(mask_cpu, groups, "cpu") if n and mask_cpu.any() else []
     widths = sorted(widths, key=lambda w: forward_plan(mask_cpu, groups, w, "cpu").computed)
+    if widths and narrow_plans(mask_cpu, groups, "cpu"):
+        widths.append(NARROW_WIDTH)  # narrower than every offered width: each tile's filters in clustered runs of 8
     order = [g * ng + f for g in range(groups)
              for f in (clustering.grouped_order(pat[g * ng:(g + 1) * ng], widths) if widths else range(ng))]
     return torch.tensor(order, dtype=torch.long)
