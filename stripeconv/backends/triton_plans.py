@@ -545,9 +545,9 @@ def filter_order(mask: Tensor, groups: int = 1) -> Tensor:
     Filters are clustered into tiles as the forward clusters them at the width that computes the
     fewest stripes (which the backward's tiles then match exactly), each tile is ordered in turn for
     the narrower widths (and for :func:`narrow_plans`' 8-wide tiles where those are offered), and runs
-    of tiles are grouped by the positions they keep for the wider ones; groups keep their filters. With the filters in this order
-    (:func:`stripeconv.reorder_filters` permutes a model's layers so, without changing what it
-    computes), tiles of consecutive filters do about the work of the clustered ones and, for
+    of tiles are grouped by the positions they keep for the wider ones; groups keep their filters.
+    With the filters in this order (:func:`stripeconv.reorder_filters` permutes a model's layers so,
+    without changing what it computes), tiles of consecutive filters do about the work of the clustered ones and, for
     channel counts divisible by 8, store 16-byte vectors into channels_last outputs. Host-only.
     """
     if mask.dim() != 3 or mask.shape[0] % groups:
