@@ -174,6 +174,11 @@ def forward(
     device = input.device
     launchers, counts = {}, []
     channels_last = output_memory_format(input) == torch.channels_last
+
+    def add_subtiles(plan):
+        sub = subtile_plan(plan, mask, groups, device)
+        launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
+            sub, input, weight, bias, stride, padding, dilation, (ho, wo))
     for plan in forward_plans(mask, groups, device):
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
         name = f"stripe{plan.block_n}" + ("_aligned" if plan.aligned else "")
@@ -182,9 +187,7 @@ def forward(
             launchers[name + "_planes"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                           (ho, wo), via_planes=True)
         if subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
-            sub = subtile_plan(plan, mask, groups, device)
-            launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
-                sub, input, weight, bias, stride, padding, dilation, (ho, wo))
+            add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
             launchers[name + "_tma"] = tma_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
         split = split_k(plan, b * ho * wo, c // groups, runtime.num_sms(device))
@@ -193,9 +196,7 @@ def forward(
                                                           (ho, wo), split_k=split)
     for plan in narrow_plans(mask, groups, device) if runtime.narrow_dots() else ():
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
-        sub = subtile_plan(plan, mask, groups, device)
-        launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
-            sub, input, weight, bias, stride, padding, dilation, (ho, wo))
+        add_subtiles(plan)
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
