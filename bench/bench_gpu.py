@@ -111,6 +111,7 @@ BATCH1 = [  # latency
     ("b1.r50.layer3", 1, 256, 256, 14, 3, 1, 1),
     ("b1.r50.layer4", 1, 512, 512, 7, 3, 1, 1),
 ]
+METHODS = ("triton", "stripeconv", "cuda", "reference", "published")  # the stripe-conv columns of a cell
 SUITES = {"vgg16": VGG16_CIFAR, "resnet56": RESNET56_CIFAR, "resnet50": RESNET50_224, "batch1": BATCH1}
 
 # Dense tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s) of the SXM parts; --peak-tflops and
@@ -203,6 +204,38 @@ def published_swp_conv(x, packed, bias, rows, n: int, stride: int, pad: int, out
         block = F.pad(y[:, first:first + filters.numel()], (pad, pad, pad, pad))
         out[:, filters] += block[:, :, i:i + span:stride, j:j + span:stride]
     return out if bias is None else out + bias.view(1, -1, 1, 1)
+
+
+def cell_errors(call, x, packed, bias, mask, w_dense, gy, stride: int, pad: int, backward: bool) -> dict:
+    """How far one call of ``call(x)`` (with ``backward`` its gradients with respect to ``x``, the packed
+    rows and the bias too) is from the oracle: F.conv2d on the masked dense weight in fp64. Each as
+    the largest error over the oracle's largest magnitude (``gpu_select.disagreement``)."""
+    from stripeconv.backends import gpu_select
+    from stripeconv.packing import pack_weight
+
+    with torch.enable_grad():
+        y = call(x)
+        got = {"out": y}
+        if backward:
+            got.update(zip(("grad_input", "grad_weight", "grad_bias"), torch.autograd.grad(y, (x, packed, bias), gy)))
+        leaves = [t.detach().double().contiguous().requires_grad_(backward)
+                  for t in (x, w_dense * mask[:, None], bias)]
+        ref = F.conv2d(*leaves, stride, pad)
+        want = {"out": ref}
+        if backward:
+            gx, gw, gb = torch.autograd.grad(ref, leaves, gy.double())
+            want.update(grad_input=gx, grad_weight=pack_weight(gw, mask), grad_bias=gb)
+    return {name: gpu_select.disagreement(got[name], want[name]) for name in got}
+
+
+def check_cell(timing: dict, errors: dict, dtype: torch.dtype) -> None:
+    """Record ``cell_errors`` in a method's timing, and ``wrong``: whether any of them strays further
+    than rounding explains (``gpu_select.tolerance``). A wrong cell's speedup counts for nothing."""
+    from stripeconv.backends import gpu_select
+
+    limit = gpu_select.tolerance(dtype)
+    timing["max_rel_error"] = errors
+    timing["wrong"] = any(e is not None and not e <= limit for e in errors.values())
 
 
 def _bench(fn, args) -> dict:
@@ -411,6 +444,12 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y
                         entry[method] = timed(op_fn, backward, host=method != "reference")
+
+                        def op_call(x):
+                            conv = backends.eager_conv2d(x) or ops.stripe_conv2d
+                            return conv(x, packed, bias, mask, (s, s), (p, p, p, p), (1, 1), 1)
+                        check_cell(entry[method], cell_errors(op_call, x_rot.next(), packed, bias, mask, w_dense,
+                                                              gy, s, p, backward), dtype)
                     except Exception as exc:  # keep the run going, record the failure
                         entry[method] = {"error": f"{type(exc).__name__}: {exc}"}
                     finally:
@@ -427,6 +466,9 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                         return y
                     try:
                         entry["published"] = timed(published_fn, backward, host=False)
+                        check_cell(entry["published"], cell_errors(
+                            lambda x: published_swp_conv(x, packed, bias, rows, n, s, p, ho), x_rot.next(), packed,
+                            bias, mask, w_dense, gy, s, p, backward), dtype)
                     except Exception as exc:
                         entry["published"] = {"error": f"{type(exc).__name__}: {exc}"}
                 results.append(entry)
@@ -440,12 +482,18 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                 print(f"{kind:>9} {real_density:5.2f} {1 / max(real_density, 1e-9):5.1f} {eff:5.2f} {mode:>7} | "
                       f"{dn:9.4f} {tri:10.4f} {entry['triton'].get('iqr_ms', float('nan')):7.4f} {dn / tri:7.2f} | "
                       f"{dn / auto:6.2f} {dn / cuda:6.2f} | {cpm:9.4f} {dn / cpm:7.2f} | {ref:8.3f} {pub:8.3f} | "
-                      f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}", flush=True)
+                      f"{fl_f * 1e3:9.2f} {fl_b * 1e3:9.2f}" + _wrong_note(entry), flush=True)
                 if args.graphs and not args.cpu_smoke:
                     g = {m: entry.get(m, {}).get("graph_ms", float("nan")) for m in ("dense", "triton", "stripeconv")}
                     print(f"{'':>9} {'':>5} {'':>5} {'':>5} {'graph':>7} | {g['dense']:9.4f} {g['triton']:10.4f} "
                           f"{'':>7} {g['dense'] / g['triton']:7.2f} | {g['dense'] / g['stripeconv']:6.2f}  "
                           f"(CUDA graph replay: GPU time only)", flush=True)
+
+
+def _wrong_note(entry: dict) -> str:
+    bad = [f"{m} {max(e for e in entry[m]['max_rel_error'].values() if e is not None):.1e}"
+           for m in METHODS if entry.get(m, {}).get("wrong")]
+    return f"  WRONG RESULT: {', '.join(bad)}" if bad else ""
 
 
 def plot(results, path):
@@ -470,7 +518,7 @@ def plot(results, path):
                                 ("random-reordered", "o:"), ("realistic-reordered", "s:")):
                 pts = sorted((r["target_density"], r["dense"]["median_ms"] / r["triton"]["median_ms"])
                              for r in sel if r["mask"] == kind or (r["target_density"] >= 1 and kind == "random")
-                             if "median_ms" in r["triton"])
+                             if "median_ms" in r["triton"] and not r["triton"].get("wrong"))
                 if pts:
                     ax.plot(*zip(*pts), style, label=f"triton {kind}")
             cp = sorted({(r["target_density"], r["dense"]["median_ms"] / r["chanprune"]["median_ms"]) for r in sel})
@@ -510,11 +558,21 @@ def summarize(results: list, method: str = "stripeconv") -> None:
     """Geometric-mean speedups over layers and the target check, for ``method``."""
     def speedup(r, m, key="median_ms"):
         t, dense = r.get(m, {}).get(key), r["dense"].get(key)
-        return dense / t if t and dense else None
+        return dense / t if t and dense and not r[m].get("wrong") else None
 
     if not results:
         print("\nno results")
         return
+    for m in METHODS:
+        bad = [r for r in results if r.get(m, {}).get("wrong")]
+        if bad:
+            cells = ", ".join(f"{r['layer']} {r['mask']} d={r['target_density']} {r['mode']}" for r in bad)
+            print(f"\n{m}: {len(bad)} cells with a wrong result (against F.conv2d on the masked weight; their times "
+                  f"are left out below): {cells}")
+    unchecked = sum(1 for r in results for m in ("triton", "stripeconv") if "median_ms" in r.get(m, {})
+                    and "max_rel_error" not in r[m])
+    if unchecked:
+        print(f"\n{unchecked} timings of runs that did not check their results (older files)")
     print("\nsummary: geometric mean speedup vs cuDNN over layers (triton = kernels only, "
           "stripeconv = with the dense hand-over)")
     keys = sorted({(r["mask"], r["target_density"], r["mode"]) for r in results}, key=lambda t: (t[2], t[0], -t[1]))

@@ -73,6 +73,11 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
         for method in ("dense", "chanprune", "triton", "stripeconv"):
             assert ("host_ms" in r[method]) == eager_latency and r[method].get("host_ms", 1) > 0, (method, r)
         assert "host_ms" not in r["reference"] and "host_ms" not in r["published"]
+        for method in ("triton", "stripeconv", "reference", "published"):  # each checked against the oracle
+            errors = r[method]["max_rel_error"]
+            assert set(errors) == ({"out", "grad_input", "grad_weight", "grad_bias"} if r["mode"] == "fwd+bwd"
+                                   else {"out"}), (method, r)
+            assert not r[method]["wrong"] and all(e < 1e-4 for e in errors.values()), (method, r)
         assert 0 < r["tile_efficiency"] <= 1
         assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
     assert "summary: geometric mean speedup" in out
@@ -100,6 +105,50 @@ def test_published_swp_path_matches_the_oracle():
         got = bench.published_swp_conv(x, pack_weight(weight, mask), bias, bench.published_rows(mask), 16, stride, 1,
                                        want.shape[-1])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_result_is_flagged_and_its_speedup_left_out(capsys):
+    """A cell whose stripe conv strays from F.conv2d on the masked weight is marked wrong, however
+    fast it was, and the summary and target check count only the others."""
+    import torch
+
+    bench = _bench_module()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 6, 6, generator=gen).requires_grad_(True)
+    w_dense, bias = torch.randn(16, 8, 3, 3, generator=gen), torch.randn(16, generator=gen).requires_grad_(True)
+    mask = torch.rand(16, 3, 3, generator=gen) < 0.5
+    from stripeconv.packing import pack_weight, unpack_weight
+
+    packed = pack_weight(w_dense, mask).requires_grad_(True)
+    gy = torch.randn(2, 16, 6, 6, generator=gen)
+
+    def right(x):
+        return torch.nn.functional.conv2d(x, unpack_weight(packed, mask), bias, 1, 1)
+
+    def one_position_missed(x):  # the centre position's stripes never added
+        centre = mask.clone()
+        centre[:, 1, 1] = False
+        return torch.nn.functional.conv2d(x, unpack_weight(packed, mask) * centre[:, None], bias, 1, 1)
+    timings = {}
+    for name, call in (("right", right), ("wrong", one_position_missed)):
+        timings[name] = {"median_ms": 1.0}
+        bench.check_cell(timings[name], bench.cell_errors(call, x, packed, bias, mask, w_dense, gy, 1, 1, True),
+                         torch.float32)
+    assert not timings["right"]["wrong"] and max(timings["right"]["max_rel_error"].values()) < 1e-5
+    assert timings["wrong"]["wrong"] and timings["wrong"]["max_rel_error"]["out"] > 0.1
+
+    def row(triton):
+        return {"layer": "vgg.conv2_2", "mask": "random", "target_density": 0.5, "density": 0.5, "mode": "fwd",
+                "batch": 256, "tile_efficiency": 1.0, "dense": {"median_ms": 10.0}, "triton": triton,
+                "stripeconv": triton}
+    bench.summarize([row({**timings["wrong"], "median_ms": 0.1})])
+    out = capsys.readouterr().out
+    assert "triton: 1 cells with a wrong result" in out and "vgg.conv2_2 random d=0.5 fwd" in out
+    assert "targets (triton)" not in out and "triton  " not in out  # 100x counted nowhere
+    bench.summarize([row({**timings["right"], "median_ms": 5.0})])
+    out = capsys.readouterr().out
+    assert "wrong result" not in out and "triton  2.00x" in out
+    assert re.search(r"fwd >= 0.85/d +1 / 1 ", out)
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):

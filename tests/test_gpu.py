@@ -92,6 +92,33 @@ def test_dense_handover_choices_agree(device, choice, monkeypatch):
         assert gpu_select.decisions(), "the first CUDA call of a shape times the candidates"
 
 
+# (input channels, filters, plane, batch, stride, density): wide tiles with TMA boxes, narrow and 8-wide
+# subtiles, stride 2, split-K at batch 1, density 1.
+VARIANT_SHAPES = [(64, 128, 16, 8, 1, 0.2), (64, 128, 16, 8, 1, 1.0), (128, 64, 14, 4, 2, 0.3),
+                  (64, 256, 8, 1, 1, 0.1), (16, 16, 32, 8, 1, 0.5)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: kernel variants are timed and "
+                    "checked against cuDNN on CUDA devices only (the check itself: tests/test_gpu_select.py)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=lambda s: "c{}n{}hw{}b{}s{}d{}".format(*s))
+def test_every_timed_kernel_variant_agrees_with_cudnn(shape, dtype, monkeypatch):
+    """The first call of a shape checks every stripe-kernel variant it times against cuDNN's dense
+    conv (gpu_select): on this GPU none may be rejected, in the forward and both gradients."""
+    device = torch.device("cuda")
+    c, n, hw, batch, stride, density = shape
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    gpu_select.clear()
+    layer = _layer(device, dtype, c=c, n=n, density=density, stride=stride, seed=hw)
+    x = _input(device, dtype, c=c, hw=hw, batch=batch).requires_grad_()
+    layer(x).square().sum().backward()
+    decisions = gpu_select.decisions()
+    assert {d["key"][0] for d in decisions} == {"fwd", "dgrad", "wgrad"}
+    rejected = {(d["key"][0], name): error for d in decisions for name, error in d["rejected"].items()}
+    assert not rejected, f"kernel variants that disagree with cuDNN: {rejected}"
+    assert sum(len(d["times_ms"]) for d in decisions) > len(decisions), "more than one variant was checked"
+
+
 def test_torch_compile_fullgraph(device):
     layer = _layer(device)
     compiled = torch.compile(layer, fullgraph=True)

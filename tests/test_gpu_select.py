@@ -256,3 +256,72 @@ def test_timing_gives_the_gpu_a_head_start(monkeypatch):
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)), raising=False)
     assert gpu_select._time_ms(lambda: log.append("call"), repeats=2) == 1.0
     assert log == ["call"] + [("sleep", gpu_select._HEAD_START_CYCLES), "start", "call", "end"] * 2
+
+
+def _tensor_candidates(results: dict):
+    return {name: (lambda value=value: value.clone()) for name, value in results.items()}
+
+
+def test_a_candidate_with_a_wrong_result_is_never_chosen(monkeypatch):
+    """Each candidate's result is compared with the dense conv's (the oracle) before it is timed: one
+    that differs by more than rounding is left out, however fast, with a warning naming it."""
+    gen = torch.Generator().manual_seed(0)
+    right = torch.randn(2, 8, 5, 5, generator=gen).to(torch.bfloat16)
+    rounded = (right.float() * (1 + 2 ** -9)).to(torch.bfloat16)  # another summation order's rounding
+    wrong = right.clone()
+    wrong[:, 3] = 0  # a tile of filters never stored
+    candidates = _tensor_candidates({"stripe64": rounded, "stripe32": wrong, "stripe16": right, "dense": right})
+    name_of = {id(fn): name for name, fn in candidates.items()}
+    times = {"stripe64": 2.0, "stripe32": 1.0, "stripe16": 1.5, "dense": 3.0}
+    calls = []
+    monkeypatch.setattr(gpu_select, "_time_ms",
+                        lambda fn, repeats=5: calls.append(name_of[id(fn)]) or times[name_of[id(fn)]])
+    with pytest.warns(RuntimeWarning, match=r"'stripe32' kernel's result for fwd differs from the 'dense'"):
+        assert gpu_select.choose(("fwd", 1), candidates, CUDA) == "stripe16"
+    assert "stripe32" not in calls and sorted(calls) == ["dense", "stripe16", "stripe64"]
+    (entry,) = gpu_select.decisions()
+    assert set(entry["rejected"]) == {"stripe32"} and entry["rejected"]["stripe32"] > 0.1
+    assert "stripe32" not in entry["times_ms"]
+
+
+def test_the_dense_oracle_checks_the_stripe_kernels_also_where_it_cannot_be_chosen(monkeypatch):
+    """Under STRIPECONV_GPU_DENSE=never the dense conv still runs once as the oracle; if every stripe
+    kernel disagrees with it, the call fails rather than return a wrong result."""
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    right = torch.linspace(-1, 1, 60).view(1, 3, 4, 5)
+    timed = []
+    monkeypatch.setattr(gpu_select, "_time_ms", lambda fn, repeats=5: timed.append(fn) or 1.0)
+    ran = []
+    candidates = {"stripe64": lambda: ran.append("stripe64") or right + 0.5,
+                  "stripe32": lambda: ran.append("stripe32") or right.flip(-1),
+                  "dense": lambda: ran.append("dense") or right.clone()}
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="every stripe kernel's result"):
+        gpu_select.choose(("fwd", 2), candidates, CUDA)
+    assert ran == ["dense", "stripe64", "stripe32"] and timed == []
+    candidates["stripe32"] = lambda: right.clone()
+    with pytest.warns(RuntimeWarning, match="'stripe64'"):
+        assert gpu_select.choose(("fwd", 3), candidates, CUDA) == "stripe32"
+
+
+def test_without_a_dense_candidate_the_first_stripe_kernel_is_the_reference(monkeypatch):
+    monkeypatch.setattr(gpu_select, "_time_ms", lambda fn, repeats=5: 1.0)
+    right = torch.randn(4, 16)
+    with pytest.warns(RuntimeWarning, match="'stripe32'.*'stripe64'"):
+        assert gpu_select.choose(("dgrad",), _tensor_candidates({"stripe64": right, "stripe32": -right}),
+                                 CUDA) == "stripe64"
+
+
+def test_disagreement():
+    x = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
+    assert gpu_select.disagreement(x.clone(), x) == 0.0
+    assert gpu_select.disagreement(x + torch.tensor([[0.0, 0.0], [0.0, 0.2]]), x) == pytest.approx(0.05)
+    assert gpu_select.disagreement(x.contiguous().t().contiguous().t(), x) == 0.0  # layouts do not matter
+    assert gpu_select.disagreement(x.view(4), x) == float("inf")  # a wrong shape
+    assert gpu_select.disagreement(torch.full_like(x, float("nan")), x) == float("inf")
+    assert gpu_select.disagreement(x, torch.full_like(x, float("inf"))) is None  # inputs that overflow: no verdict
+    assert gpu_select.disagreement(torch.zeros(0), torch.zeros(0)) is None
+    assert gpu_select.disagreement("stripe64", "dense") is None
+    zeros = torch.zeros(3)
+    assert gpu_select.disagreement(zeros, zeros) == 0.0 and gpu_select.disagreement(zeros + 1, zeros) == float("inf")
+    assert gpu_select.tolerance(torch.bfloat16) == gpu_select.tolerance(torch.float16) > gpu_select.tolerance(
+        torch.float32)

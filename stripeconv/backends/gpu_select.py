@@ -7,6 +7,12 @@ of a new key times every candidate's GPU work with CUDA events (the stream is he
 host queues the call, so launch overhead is not counted) and caches the fastest, so each layer runs
 whichever is faster on this GPU and is never much slower than the dense conv it replaces.
 
+Before a candidate is timed, its result on the call's own tensors is compared with the dense conv's
+(cuDNN on the scattered weight: the oracle the tests use; where there is no dense candidate, the
+first stripe kernel's). A candidate whose result strays further than rounding explains (a kernel
+variant miscompiled or mislaunched on this GPU) is left out of the choice with a warning, and
+:func:`decisions` lists it, so a wrong kernel is never picked for being fast.
+
 A key holds everything the times depend on: the op, shapes, dtype, memory format, conv
 geometry, and the kept / computed stripe counts of the candidates' plans (so two masks of the
 same layer with the same counts share a decision). The dense candidates scatter the packed rows
@@ -34,18 +40,21 @@ import contextlib
 import fnmatch
 import statistics
 import threading
-from typing import Callable
+import warnings
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from ._environ import getenv
 
-__all__ = ["mode", "excluded", "deterministic", "choose", "choice", "generation", "decisions", "clear"]
+__all__ = ["mode", "excluded", "deterministic", "tolerance", "disagreement", "choose", "choice", "generation",
+           "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
 _times: dict[tuple, dict[str, float]] = {}
+_rejected: dict[tuple, dict[str, float]] = {}  # candidates whose result disagreed: name -> disagreement
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
 _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: CUDA errors
@@ -105,6 +114,57 @@ def _time_ms(fn: Callable[[], Tensor], repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+# How far a candidate's result may stray from the reference's, as a fraction of the reference's
+# largest magnitude. Candidates sum in other orders and round their fp32 sums to the output dtype,
+# so 16-bit results differ by about an ulp (2**-8 relative), TF32 ones by ~1e-3; a wrong kernel (a
+# position missed, a tile misread or stored twice) is off by the size of a whole term, 1e-1 or more.
+_TOLERANCE = {torch.float16: 3e-2, torch.bfloat16: 3e-2}
+_TOLERANCE_DEFAULT = 1e-2  # fp32, TF32 included
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The disagreement (see :func:`disagreement`) beyond which a candidate of ``dtype`` is rejected."""
+    return _TOLERANCE.get(dtype, _TOLERANCE_DEFAULT)
+
+
+def disagreement(result, reference) -> Optional[float]:
+    """Largest ``|result - reference|`` over the largest ``|reference|``: 0 for equal results, ``inf``
+    for a wrong shape or a non-finite value the reference does not have. None where the two cannot
+    be told apart this way: not tensors, empty, or a reference that itself holds inf or nan."""
+    if not (isinstance(result, Tensor) and isinstance(reference, Tensor)) or reference.numel() == 0:
+        return None
+    if result.shape != reference.shape:
+        return float("inf")
+    reference = reference.detach().float()
+    if not bool(torch.isfinite(reference).all()):
+        return None
+    scale = reference.abs().max()
+    error = (result.detach().float() - reference).abs().max()
+    if not bool(torch.isfinite(error)):
+        return float("inf")
+    return float(error / scale) if float(scale) > 0 else (0.0 if float(error) == 0 else float("inf"))
+
+
+def _reference_result(name: str, candidates: dict) -> Optional[Tensor]:
+    """The reference candidate's result (a copy: no later call may overwrite it), or None where it
+    fails here; the candidate's own timing then records why."""
+    try:
+        result = candidates[name]()
+    except Exception as exc:
+        if isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc):
+            raise
+        return None
+    return result.detach().clone() if isinstance(result, Tensor) else result
+
+
+def _warn_rejected(key: tuple, name: str, reference: str, error: float, limit: float) -> None:
+    warnings.warn(f"stripeconv: the {name!r} kernel's result for {key[0] if key else 'a call'} differs from the "
+                  f"{reference!r} candidate's by {error:.2e} of its largest magnitude (expected at most {limit:.0e}); "
+                  f"it is left out of the choice for this shape. Please report it with the GPU, the torch and triton "
+                  f"versions and this key: {key!r}. STRIPECONV_TRITON_EXCLUDE={name} leaves it out without checking.",
+                  RuntimeWarning, stacklevel=4)
+
+
 def choose(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> str:
     """Name of the candidate to run for ``key``; the first candidate is the stripe kernel.
 
@@ -131,23 +191,40 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         return pool[0], True
     if torch.cuda.is_current_stream_capturing():
         return pool[0], False
-    times, errors = {}, {}
+    times, errors, rejected = {}, {}, {}
+    # The oracle: the dense conv, also where it is not a choice ("never"); else the first stripe kernel.
+    reference_name = "dense" if "dense" in candidates else pool[0]
     # Events on the stream of the tensors' device (torch.cuda.Event records on the current device).
     other_device = device.index is not None and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if other_device else contextlib.nullcontext():
+        reference = _reference_result(reference_name, candidates)
         for name in pool:
             try:
+                if name != reference_name and reference is not None:
+                    error = disagreement(candidates[name](), reference)
+                    limit = tolerance(reference.dtype) if isinstance(reference, Tensor) else 0.0
+                    if error is not None and not error <= limit:
+                        rejected[name] = error
+                        _warn_rejected(key, name, reference_name, error, limit)
+                        continue
                 times[name] = _time_ms(candidates[name])
             except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
                 if isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc):
                     raise  # a device fault leaves the context unusable: not a candidate to skip
                 errors[name] = exc
+        del reference
     if not times:
-        raise next(iter(errors.values()))
+        if errors:
+            raise next(iter(errors.values()))
+        raise RuntimeError(f"every stripe kernel's result for {key!r} differs from the {reference_name!r} candidate's "
+                           f"({', '.join(f'{n}: {e:.2e}' for n, e in rejected.items())} of its largest magnitude); "
+                           f"expected at most {_TOLERANCE_DEFAULT:.0e}-{max(_TOLERANCE.values()):.0e}. "
+                           f"STRIPECONV_GPU_DENSE=auto lets the dense conv run instead")
     best = min(times, key=times.get)
     with _lock:
         _decisions[slot] = best
         _times[slot] = times
+        _rejected[slot] = rejected
     return best, True
 
 
@@ -158,10 +235,11 @@ def generation() -> int:
 
 def decisions() -> list[dict]:
     """Every timed decision so far: the key, the mode, the excluded name patterns, the candidates'
-    median times (ms) and the choice."""
+    median times (ms), the candidates rejected for a wrong result (name -> disagreement, see
+    :func:`disagreement`) and the choice."""
     with _lock:
         return [{"key": slot[2], "mode": slot[0], "excluded": list(slot[1]), "times_ms": dict(_times[slot]),
-                 "choice": name} for slot, name in _decisions.items()]
+                 "rejected": dict(_rejected.get(slot, {})), "choice": name} for slot, name in _decisions.items()]
 
 
 def clear() -> None:
@@ -170,4 +248,5 @@ def clear() -> None:
     with _lock:
         _decisions.clear()
         _times.clear()
+        _rejected.clear()
         _generation += 1
