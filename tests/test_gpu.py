@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from stripeconv import StripeConv2d
 from stripeconv.backends import gpu_select
 
+
 @pytest.fixture(params=["cpu", "cuda"])
 def device(request):
     if request.param == "cuda" and not torch.cuda.is_available():
@@ -92,21 +93,23 @@ def test_dense_handover_choices_agree(device, choice, monkeypatch):
         assert gpu_select.decisions(), "the first CUDA call of a shape times the candidates"
 
 
-# (input channels, filters, plane, batch, stride, density): wide tiles with TMA boxes, narrow and 8-wide
-# subtiles, stride 2, split-K at batch 1, density 1.
-VARIANT_SHAPES = [(64, 128, 16, 8, 1, 0.2), (64, 128, 16, 8, 1, 1.0), (128, 64, 14, 4, 2, 0.3),
-                  (64, 256, 8, 1, 1, 0.1), (16, 16, 32, 8, 1, 0.5)]
+# (input channels, filters, plane, batch, stride, density, dtype): wide tiles with TMA boxes, narrow and
+# 8-wide subtiles, stride 2, split-K at batch 1, density 1; bf16 throughout (the fast path), fp32 twice.
+VARIANT_CASES = [(64, 128, 16, 8, 1, 0.2, torch.bfloat16), (64, 128, 16, 8, 1, 1.0, torch.bfloat16),
+                 (128, 64, 14, 4, 2, 0.3, torch.bfloat16), (64, 256, 8, 1, 1, 0.1, torch.bfloat16),
+                 (16, 16, 32, 8, 1, 0.5, torch.bfloat16), (64, 128, 16, 8, 1, 0.2, torch.float32),
+                 (128, 64, 14, 4, 2, 0.3, torch.float32)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: kernel variants are timed and "
                     "checked against cuDNN on CUDA devices only (the check itself: tests/test_gpu_select.py)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", VARIANT_SHAPES, ids=lambda s: "c{}n{}hw{}b{}s{}d{}".format(*s))
-def test_every_timed_kernel_variant_agrees_with_cudnn(shape, dtype, monkeypatch):
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=lambda s: "c{}n{}hw{}b{}s{}d{}_{}".format(
+    *s[:6], str(s[6]).split(".")[-1]))
+def test_every_timed_kernel_variant_agrees_with_cudnn(case, monkeypatch):
     """The first call of a shape checks every stripe-kernel variant it times against cuDNN's dense
     conv (gpu_select): on this GPU none may be rejected, in the forward and both gradients."""
     device = torch.device("cuda")
-    c, n, hw, batch, stride, density = shape
+    c, n, hw, batch, stride, density, dtype = case
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
     gpu_select.clear()
     layer = _layer(device, dtype, c=c, n=n, density=density, stride=stride, seed=hw)
