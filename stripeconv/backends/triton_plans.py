@@ -366,8 +366,12 @@ def narrow_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
         ng = mask.shape[0] // groups
         if getenv("STRIPECONV_TRITON_BLOCK_N") or default_block_n(ng) < 16 or ng < 2 * NARROW_WIDTH:
             return []
+        offered = forward_plans(mask, groups, device)
+        best = min(p.computed for p in offered)
+        if offered[0].kept >= 0.9 * best:  # no tiles compute fewer stripes than are kept: nothing to win
+            return []
         plan = forward_plan(mask, groups, NARROW_WIDTH, device)
-        if plan.kept == 0 or plan.computed >= 0.9 * min(p.computed for p in forward_plans(mask, groups, device)):
+        if plan.kept == 0 or plan.computed >= 0.9 * best:
             return []
         in_order = cached_plan("fwd_in_order", mask, groups, NARROW_WIDTH, device)
         if plan.aligned or not in_order.aligned or in_order.computed > 1.25 * plan.computed:
