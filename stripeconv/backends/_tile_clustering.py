@@ -4,6 +4,8 @@ stripes / stripes computed). Filters are given as a bool ``[filters, positions]`
 clustering is a list of tiles, each a list of filter indices. Host code only (numpy)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -49,6 +51,14 @@ def tiles_sorted(pat: np.ndarray, block_n: int) -> list[list[int]]:
 SUBSET_POSITIONS_MAX = 12
 
 
+@functools.lru_cache(maxsize=None)
+def _subset_tables(npos: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The size of every set of ``npos`` positions (indexed by its bit code), and per position the
+    codes of the sets holding it."""
+    bits = (np.arange(1 << npos)[:, None] >> np.arange(npos)) & 1
+    return bits.sum(1), [np.nonzero(bits[:, b])[0] for b in range(npos)]
+
+
 def tiles_by_subsets(pat: np.ndarray, block_n: int) -> list[list[int]]:
     """Set-cover greedy over sets of positions: each tile takes the set S that computes the fewest
     stripes per filter it holds (|S| / min(block_n, free filters keeping only positions of S)), then
@@ -58,15 +68,13 @@ def tiles_by_subsets(pat: np.ndarray, block_n: int) -> list[list[int]]:
     leave it little to choose from)."""
     nf, npos = pat.shape
     codes = pat.astype(np.int64) @ (np.int64(1) << np.arange(npos, dtype=np.int64))
-    sets = np.arange(1 << npos)
-    sizes = ((sets[:, None] >> np.arange(npos)) & 1).sum(1)
+    sizes, with_bit = _subset_tables(npos)
     free = np.ones(nf, dtype=bool)
     tiles = []
     while free.any():
         within = np.bincount(codes[free], minlength=1 << npos)
-        for b in range(npos):  # subset sums: within[S] = free filters whose positions all lie in S
-            upper = ((sets >> b) & 1) == 1
-            within[upper] += within[sets[upper] ^ (1 << b)]
+        for b, upper in enumerate(with_bit):  # subset sums: within[S] = free filters whose positions all lie in S
+            within[upper] += within[upper ^ (1 << b)]
         fill = np.minimum(within, block_n)
         cost = np.where(fill > 0, sizes / np.maximum(fill, 1), np.inf)
         best = np.lexsort((-fill, cost))[0]  # fewest stripes per filter, then the fullest tile
