@@ -311,7 +311,14 @@ def test_without_a_dense_candidate_the_first_stripe_kernel_is_the_reference(monk
                                  CUDA) == "stripe64"
 
 
-def test_disagreement():
+@pytest.mark.parametrize("chunk", [1 << 24, 1])  # whole tensors, and one row of dim 0 at a time
+def test_disagreement(monkeypatch, chunk):
+    monkeypatch.setattr(gpu_select, "_COMPARE_CHUNK", chunk)
+    big = torch.randn(6, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    off = big.clone()
+    off[4, 2, 3, 1] += 0.25  # in the fifth chunk of one-row chunks
+    assert gpu_select.disagreement(off, big) == pytest.approx(0.25 / big.abs().max().item())
+    assert gpu_select.disagreement(torch.tensor(3.0), torch.tensor(2.0)) == 0.5  # 0-d tensors
     x = torch.tensor([[1.0, -4.0], [2.0, 0.5]])
     assert gpu_select.disagreement(x.clone(), x) == 0.0
     assert gpu_select.disagreement(x + torch.tensor([[0.0, 0.0], [0.0, 0.2]]), x) == pytest.approx(0.05)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 import statistics
 import threading
 import warnings
@@ -127,6 +128,9 @@ def tolerance(dtype: torch.dtype) -> float:
     return _TOLERANCE.get(dtype, _TOLERANCE_DEFAULT)
 
 
+_COMPARE_CHUNK = 1 << 24  # elements compared at a time: fp32 copies of a chunk, not of a whole activation
+
+
 def disagreement(result, reference) -> Optional[float]:
     """Largest ``|result - reference|`` over the largest ``|reference|``: 0 for equal results, ``inf``
     for a wrong shape or a non-finite value the reference does not have. None where the two cannot
@@ -135,14 +139,23 @@ def disagreement(result, reference) -> Optional[float]:
         return None
     if result.shape != reference.shape:
         return float("inf")
-    reference = reference.detach().float()
-    if not bool(torch.isfinite(reference).all()):
+    result, reference = result.detach(), reference.detach()
+    if reference.dim() == 0:
+        result, reference = result.reshape(1), reference.reshape(1)
+    step = max(1, _COMPARE_CHUNK // max(1, reference[0].numel()))  # slices along dim 0: views, any layout
+    scale = error = reference.new_zeros((), dtype=torch.float32)
+    finite = torch.ones((), dtype=torch.bool, device=reference.device)
+    for start in range(0, reference.shape[0], step):
+        ref = reference[start:start + step].float()
+        finite &= torch.isfinite(ref).all()
+        scale = torch.maximum(scale, ref.abs().amax())
+        error = torch.maximum(error, (result[start:start + step].float() - ref).abs().amax())  # nan stays nan
+    if not bool(finite):
         return None
-    scale = reference.abs().max()
-    error = (result.detach().float() - reference).abs().max()
-    if not bool(torch.isfinite(error)):
+    scale, error = float(scale), float(error)
+    if not math.isfinite(error):
         return float("inf")
-    return float(error / scale) if float(scale) > 0 else (0.0 if float(error) == 0 else float("inf"))
+    return error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
 
 
 def _reference_result(name: str, candidates: dict) -> Optional[Tensor]:
