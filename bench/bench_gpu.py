@@ -496,6 +496,21 @@ def _wrong_note(entry: dict) -> str:
     return f"  WRONG RESULT: {', '.join(bad)}" if bad else ""
 
 
+def report_rejected(decisions: list) -> None:
+    """Print the kernel variants gpu_select left out for a wrong result (``rejected`` of its decisions)."""
+    rejected = {}
+    for d in decisions:
+        for name, error in d.get("rejected", {}).items():
+            rejected.setdefault(name, []).append((error, d["key"]))
+    if not rejected:
+        return
+    print("\nkernel variants rejected for a result that differs from cuDNN's (never chosen; "
+          "largest error over the largest magnitude):")
+    for name, cases in sorted(rejected.items()):
+        worst, key = max(cases, key=lambda c: c[0])
+        print(f"  {name:<24} {len(cases):3d} call shapes, worst {worst:.2e}: {key}")
+
+
 def plot(results, path):
     try:
         import matplotlib
@@ -662,6 +677,7 @@ def _from_json(paths: list, out: str) -> None:
         print(f"{meta['date']}  {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
               f"CUDA {meta['cuda']}  {meta['dtype']}  {len(meta.get('layers_done', []))} layers  ({path})")
         skipped += meta.get("layers_skipped", [])
+        report_rejected(meta.get("dispatch_decisions", []))
         for r in data["results"]:
             key = (r["layer"], r["mask"], r["target_density"], r["mode"])
             replaced += key in rows
@@ -901,6 +917,7 @@ def main(argv=None):
         print(f"\nbudget of {args.budget_s:.0f} s reached: skipped {', '.join(meta['layers_skipped'])}")
     _write(jpath, meta, results)
     print(f"\nraw timings written to {jpath}")
+    report_rejected(meta.get("dispatch_decisions", []))
     summarize(results)
     plot(results, os.path.join(args.out, f"bench_gpu_{stamp}.png"))
 

@@ -149,6 +149,12 @@ def test_a_wrong_result_is_flagged_and_its_speedup_left_out(capsys):
     out = capsys.readouterr().out
     assert "wrong result" not in out and "triton  2.00x" in out
     assert re.search(r"fwd >= 0.85/d +1 / 1 ", out)
+    bench.report_rejected([{"key": "('fwd', 1)", "rejected": {"stripe64_tma": 0.4}},
+                           {"key": "('fwd', 2)", "rejected": {"stripe64_tma": 0.9}}, {"key": "k", "rejected": {}}])
+    out = capsys.readouterr().out
+    assert re.search(r"stripe64_tma +2 call shapes, worst 9.00e-01: \('fwd', 2\)", out)
+    bench.report_rejected([{"key": "k", "rejected": {}}])
+    assert capsys.readouterr().out == ""
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):

@@ -93,12 +93,10 @@ def test_dense_handover_choices_agree(device, choice, monkeypatch):
         assert gpu_select.decisions(), "the first CUDA call of a shape times the candidates"
 
 
-# (input channels, filters, plane, batch, stride, density, dtype): wide tiles with TMA boxes, narrow and
-# 8-wide subtiles, stride 2, split-K at batch 1, density 1; bf16 throughout (the fast path), fp32 twice.
-VARIANT_CASES = [(64, 128, 16, 8, 1, 0.2, torch.bfloat16), (64, 128, 16, 8, 1, 1.0, torch.bfloat16),
-                 (128, 64, 14, 4, 2, 0.3, torch.bfloat16), (64, 256, 8, 1, 1, 0.1, torch.bfloat16),
-                 (16, 16, 32, 8, 1, 0.5, torch.bfloat16), (64, 128, 16, 8, 1, 0.2, torch.float32),
-                 (128, 64, 14, 4, 2, 0.3, torch.float32)]
+# (input channels, filters, plane, batch, stride, density, dtype): wide, narrow and 8-wide subtiles with
+# TMA boxes; stride 2; split-K at batch 1 in fp32. bench_gpu.py checks the same way on its layers.
+VARIANT_CASES = [(64, 128, 16, 8, 1, 0.2, torch.bfloat16), (128, 64, 14, 4, 2, 0.3, torch.bfloat16),
+                 (64, 256, 8, 1, 1, 0.1, torch.float32)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: kernel variants are timed and "
