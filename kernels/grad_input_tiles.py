@@ -98,44 +98,55 @@ def stripe_dgrad_tiles_kernel(
         _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
 
 
-# Grad input with dy's tiles loaded by the TMA, as in stripe_fwd_tma_kernel: at stride 1 the dy pixels an
-# entry reads for a TH x TW rectangle of input pixels are a [1, TH, TW, BLOCK_T] box of dy (or of dy
-# gathered into tile order) at (b, h0 + dh, w0 + dw, col0), zero-filled outside dy.
+# Grad input with dy's tiles loaded by the TMA, as in stripe_fwd_tma_kernel. A program computes a TH x TW
+# rectangle of one output phase's input pixels (rh + SH * hp, rw + SW * wp): an entry of the phase reads dy at
+# (hp + dh, wp + dw), so its dy pixels for the rectangle are a [1, TH, TW, BLOCK_T] box of dy (or of dy gathered
+# into tile order) at (b, hp0 + dh, wp0 + dw, col0), zero-filled outside dy, at any stride.
 
 @triton.autotune(configs=TMA_FWD_CONFIGS, key=TMA_DGRAD_KEY, prune_configs_by={"early_config_prune": tma_configs_for},
                  **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_tiles_tma_kernel(
     dy_desc, w_ptr, dx_ptr, w_rows_ptr, dy_col0_ptr,
-    ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr,
-    H, W, CG, NCB, UMAX, E,
+    ent_off_ptr, ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr,
+    B, H, W, CG, NCB, UMAX,
     sxb, sxc, sxh, sxw,
+    SH, SW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, TW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Grad input over the forward's filter tiles (``stripe_dgrad_tiles_kernel`` at stride 1, one group): a
-    program computes a TH x TW rectangle of one image's input pixels and BLOCK_N channels, over the E
-    (tile, union position) entries."""
+    """Grad input over the forward's filter tiles (``stripe_dgrad_tiles_kernel``, one group): a program
+    computes a TH x TW rectangle of one image's pixels of the output phase on grid axis 1 and BLOCK_N
+    channels, over that phase's (tile, union position) entries. Axis 0 covers phase (0, 0)'s rectangles,
+    the most of any phase; a smaller phase's programs past its own rectangles do nothing."""
     pid = tl.program_id(0)
+    phase = tl.program_id(1)
+    rh = phase // SW
+    rw = phase - rh * SW
+    Hp = (H - rh + SH - 1) // SH
+    Wp = (W - rw + SW - 1) // SW
     c0 = pid % NCB * BLOCK_N  # channel blocks fastest: the programs of a rectangle read the same dy boxes
-    b, h0, w0 = _rectangle(pid // NCB, H, W, BLOCK_M, TW)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_c = c0 + tl.arange(0, BLOCK_N)
-    c_ok = offs_c < CG
-    w_block = offs_t[:, None] * CG + offs_c[None, :]
-    acc = _box_acc(BLOCK_M, BLOCK_N, ACC_DTYPE)
-    dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
-                                           0, E, UMAX, offs_t, ROW_RUNS, BLOCK_T)
-    for e in range(0, E):  # the entry tables read one iteration ahead (see stripe_fwd_kernel)
-        dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
-            ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, E, UMAX, offs_t,
-            ROW_RUNS, BLOCK_T)
-        dyt = dy_desc.load([b, h0 + dh, w0 + dw, col0]).reshape(BLOCK_M, BLOCK_T)
-        wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, False, ROW_RUNS)
-        dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
-        acc = _box_dot(acc, dyt, wt, BLOCK_N, INPUT_PRECISION, ACC_DTYPE)
-    acc = _box_result(acc, BLOCK_N)
-    hi, wi, m_ok = _rectangle_pixels(h0, w0, H, W, BLOCK_M, TW)
-    dx_ptrs = dx_ptr + (b * sxb + hi * sxh + wi * sxw)[:, None] + offs_c[None, :] * sxc  # (b: one image)
-    tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+    b, h0, w0 = _rectangle(pid // NCB, Hp, Wp, BLOCK_M, TW)
+    if b < B:
+        offs_t = tl.arange(0, BLOCK_T)
+        offs_c = c0 + tl.arange(0, BLOCK_N)
+        c_ok = offs_c < CG
+        w_block = offs_t[:, None] * CG + offs_c[None, :]
+        acc = _box_acc(BLOCK_M, BLOCK_N, ACC_DTYPE)
+        e_begin = tl.load(ent_off_ptr + phase)
+        e_end = tl.load(ent_off_ptr + phase + 1)
+        dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
+                                               e_begin, e_end, UMAX, offs_t, ROW_RUNS, BLOCK_T)
+        for e in range(e_begin, e_end):  # the entry tables read one iteration ahead (see stripe_fwd_kernel)
+            dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
+                ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
+                ROW_RUNS, BLOCK_T)
+            dyt = dy_desc.load([b, h0 + dh, w0 + dw, col0]).reshape(BLOCK_M, BLOCK_T)
+            wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, False, ROW_RUNS)
+            dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
+            acc = _box_dot(acc, dyt, wt, BLOCK_N, INPUT_PRECISION, ACC_DTYPE)
+        acc = _box_result(acc, BLOCK_N)
+        hp, wp, m_ok = _rectangle_pixels(h0, w0, Hp, Wp, BLOCK_M, TW)
+        dx_ptrs = dx_ptr + (b * sxb + (rh + hp * SH) * sxh + (rw + wp * SW) * sxw)[:, None] + offs_c[None, :] * sxc
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])

@@ -63,8 +63,8 @@ The kernels:
     The gradients over the forward's filter tiles instead of per-position row lists: dy is first
     gathered into tile order (``stripe_gather_columns_kernel``), so every load is a contiguous
     row; they compute the pruned stripes inside each tile's union, as the forward does.
-    ``stripe_dgrad_tiles_tma_kernel`` is the grad input's variant for stride 1 with dy's tiles
-    loaded as TMA boxes over rectangles of input pixels, as ``stripe_fwd_tma_kernel`` loads x's;
+    ``stripe_dgrad_tiles_tma_kernel`` is the grad input's variant with dy's tiles loaded as TMA
+    boxes over rectangles of one output phase's input pixels, as ``stripe_fwd_tma_kernel`` loads x's;
     ``stripe_wgrad_tiles_tma_kernel`` the grad weight's for strides 1 and 2, x's and dy's tiles both
     boxes over rectangles of output pixels.
 

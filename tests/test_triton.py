@@ -201,9 +201,9 @@ CASES = dict([
     _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
     _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
           channels_last=True, dy_in_place=True),
-    # The tile grad input with TMA boxes of dy (stride 1, one group; offered for tiles of 64 filters or more over
-    # 33 channels or more): each program a TH x TW rectangle of one image's input pixels; the boxes zero-fill
-    # dy's borders and the columns past its last channel.
+    # The tile grad input with TMA boxes of dy (one group; offered for tiles of 64 filters or more over 33 channels
+    # or more): each program a TH x TW rectangle of one image's input pixels of one output phase; the boxes
+    # zero-fill dy's borders and the columns past its last channel.
     _case("tiles_tma", pick="tiles_tma", channels_last=True, C=48, N=96, block_n=64, density=0.4, H=9, W=11),
     _case("tiles_tma_in_place", pick="tiles_tma", reordered=True, channels_last=True, C=40, N=128, block_n=64,
           density=0.3, H=6, W=7, dy_in_place=True),
@@ -221,6 +221,16 @@ CASES = dict([
           C=72, N=64, block_n=64, H=5, W=6, dy_in_place=True),  # two channel blocks, the second 8 wide
     _case("tiles_tma_settled_k1", pick="tiles_tma", warm_call=True, reordered=True, channels_last=True, C=48, N=64,
           block_n=64, density=0.4, k=(1, 1), padding=(0, 0, 0, 0), dy_in_place=True),
+    # Strides above 1: phases of unequal sizes (odd planes), a phase without entries (1x1 kernel at stride 2: its
+    # pixels get zeros), stride 3 with dilation.
+    _case("tiles_tma_s2", pick="dgrad_tma", channels_last=True, stride=(2, 2), C=48, N=96, block_n=64, density=0.4,
+          H=9, W=11),
+    _case("tiles_tma_s2x1_reordered_bf16", pick="dgrad_tma", dtype="bfloat16", reordered=True, channels_last=True,
+          stride=(2, 1), C=40, N=128, block_n=64, density=0.3, H=7, W=6, dy_in_place=True),
+    _case("tiles_tma_s3_dil2_asym_nchw", pick="dgrad_tma", stride=(3, 3), dilation=(2, 2), padding=(2, 1, 0, 3),
+          H=10, W=8, C=80, N=64, block_n=64),
+    _case("tiles_tma_s2_k1_empty_phases", pick="dgrad_tma", density=1.0, channels_last=True, stride=(2, 2), k=(1, 1),
+          padding=(0, 0, 0, 0), C=48, N=64, block_n=64, H=7, W=7, dy_in_place=True),
     # The tile grad weight with TMA boxes of dy and x (strides 1 and 2, one group; the cases above run it too):
     # rectangles of output pixels, split-K over runs of them, x's boxes in the forward's parity view.
     _case("wgrad_tma_s2", pick="wgrad_tma", channels_last=True, stride=(2, 2), H=8, W=10, N=48, density=0.4),
@@ -352,7 +362,7 @@ def _tuner_runs(tb):
 
 # A case's ``pick`` for the backward: the candidate each gradient runs (a forward pick names the forward's).
 PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles_tma"},
-         "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}}
+         "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}, "dgrad_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"}}
 
 
 @contextlib.contextmanager

@@ -133,19 +133,20 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
 
 def tma_dy_offered(plan: TilesBackwardPlan, grad_output: Tensor, weight: Tensor, input_shape, stride,
                    groups: int) -> bool:
-    """Whether the TMA grad input is offered for this call: stride 1, one group, dy (read in place, or gathered
-    into tile order) that :func:`._triton_runtime.tma_boxes` can read, and tiles of 64 filters or more over 64 or
-    more input channels. Narrower ones compile to longer loops than ``stripe_dgrad_tiles_kernel``'s (sm_90, triton 3.6,
-    8 warps: 112 / 125 SASS instructions against 95 / 117 for 16- / 32-filter tiles; 141 / 173 against
-    158 / 249 for 64- / 128-filter tiles), and the product is taken transposed only from 64 channels on."""
+    """Whether the TMA grad input is offered for this call: one group, dy (read in place, or gathered into tile
+    order) that :func:`._triton_runtime.tma_boxes` can read, and tiles of 64 filters or more over 64 or more
+    input channels (any stride: a program's rectangle lies in one output phase). Narrower ones compile to longer
+    loops than ``stripe_dgrad_tiles_kernel``'s (sm_90, triton 3.6, 8 warps: 112 / 125 SASS instructions against
+    95 / 117 for 16- / 32-filter tiles; 141 / 173 against 158 / 249 for 64- / 128-filter tiles), and the
+    product is taken transposed only from 64 channels on."""
     in_place, _, _, dy = dy_layout(plan, grad_output)
     row = grad_output.shape[1] if in_place else plan.cols.numel()
-    return (plan.fwd.block_n >= 64 and shapes.dot_block(input_shape[1]) >= 64 and tuple(stride) == (1, 1)
+    return (plan.fwd.block_n >= 64 and shapes.dot_block(input_shape[1]) >= 64
             and runtime.tma_boxes(grad_output, row, groups, dy.numel(), weight.numel(), math.prod(input_shape)))
 
 
 def grad_input_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, weight: Tensor,
-                                  input_shape) -> Callable:
+                                  input_shape, stride) -> Callable:
     """Grad input over the forward's tiles with TMA boxes of dy (``stripe_dgrad_tiles_tma_kernel``) for every
     call shaped like this one (:func:`tma_dy_offered` holds): ``launch(grad_output, weight)``."""
     b, c, h, w = input_shape
@@ -155,22 +156,24 @@ def grad_input_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, 
     dx_shape, dx_format = (b, c, h, w), output_memory_format(grad_output)
     block_n = shapes.dot_block(c)
     ncb = shapes.cdiv(c, block_n)
-    block_m, tw = shapes.tma_rectangle(h, w)
+    sh, sw = stride
+    hp0, wp0 = shapes.cdiv(h, sh), shapes.cdiv(w, sw)  # phase (0, 0), the largest
+    block_m, tw = shapes.tma_rectangle(hp0, wp0)
     in_place, col0, _, _ = dy_layout(plan, grad_output)
     gather = None if in_place else DyGather(plan, grad_output)
     row = n if in_place else plan.cols.numel()
     box = [1, block_m // tw, tw, fwd.block_n]
     dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
-    tables = (fwd.w_rows, col0, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
-    scalars = (h, w, c, ncb, fwd.umax, plan.ent_t.numel(), *dx.stride())
+    tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
+    scalars = (b, h, w, c, ncb, fwd.umax, *dx.stride(), sh, sw)
     precision, acc = runtime.precision(grad_output.dtype)
     constants = dict(
-        **shapes.tuning_keys(b * h * w, c, n, fwd.density, kh, kw, (1, 1)),
+        **shapes.tuning_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc, ROW_RUNS=fwd.row_runs,
         BLOCK_M=block_m, TW=tw, BLOCK_N=block_n, BLOCK_T=fwd.block_n,
     )
-    programs = b * shapes.cdiv(h, block_m // tw) * shapes.cdiv(w, tw) * ncb
-    kernel = runtime.TunedLaunch("stripe_dgrad_tiles_tma_kernel", (programs,), constants,
+    programs = b * shapes.cdiv(hp0, block_m // tw) * shapes.cdiv(wp0, tw) * ncb
+    kernel = runtime.TunedLaunch("stripe_dgrad_tiles_tma_kernel", (programs, sh * sw), constants,
                                  fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
     descriptor = runtime.tensor_descriptor()
 

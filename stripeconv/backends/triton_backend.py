@@ -232,7 +232,8 @@ def grad_input(
         launchers["stripe_tiles"] = grad_input_tiles_launcher(tiles, grad_output, weight, input_shape, stride,
                                                               groups)
         if tma_dy_offered(tiles, grad_output, weight, input_shape, stride, groups):
-            launchers["stripe_tiles_tma"] = grad_input_tiles_tma_launcher(tiles, grad_output, weight, input_shape)
+            launchers["stripe_tiles_tma"] = grad_input_tiles_tma_launcher(tiles, grad_output, weight, input_shape,
+                                                                           stride)
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight):
             w_dense = _dense_weight(weight, mask, device)
