@@ -94,9 +94,10 @@ def test_dense_handover_choices_agree(device, choice, monkeypatch):
 
 
 # (input channels, filters, plane, batch, stride, density, dtype): wide, narrow and 8-wide subtiles with
-# TMA boxes; stride 2; split-K at batch 1 in fp32. bench_gpu.py checks the same way on its layers.
+# TMA boxes; stride 2 (at density 1 with TMA boxes of dy); split-K at batch 1 in fp32. bench_gpu.py checks the
+# same way on its layers.
 VARIANT_CASES = [(64, 128, 16, 8, 1, 0.2, torch.bfloat16), (128, 64, 14, 4, 2, 0.3, torch.bfloat16),
-                 (64, 256, 8, 1, 1, 0.1, torch.float32)]
+                 (128, 128, 15, 4, 2, 1.0, torch.bfloat16), (64, 256, 8, 1, 1, 0.1, torch.float32)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: kernel variants are timed and "
