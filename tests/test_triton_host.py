@@ -470,11 +470,19 @@ def test_tf32_only_when_allowed():
         torch.backends.cuda.matmul.allow_tf32 = old
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):  # torch's newer API: reading allow_tf32 after it raises
+        from stripeconv.backends._triton_runtime import tf32_matmul
+
         try:
             for precision, want in (("ieee", "ieee"), ("tf32", "tf32")):
                 matmul.fp32_precision = precision
                 (launch,) = aot.capture_launches(call)
                 assert launch.kwargs["INPUT_PRECISION"] == want
+            matmul.allow_tf32 = True  # the legacy flag, then the new API over it: its last word counts
+            assert tf32_matmul()
+            matmul.fp32_precision = "ieee"
+            assert not tf32_matmul()
+            matmul.fp32_precision = "tf32"
+            assert tf32_matmul()
         finally:
             matmul.fp32_precision = "none"
             matmul.allow_tf32 = old
