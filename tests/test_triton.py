@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +43,7 @@ BASE = dict(B=2, C=16, N=32, H=7, W=7, k=(3, 3), stride=(1, 1), padding=(1, 1, 1
             groups=1, bias=True, density=0.5, dtype="float32", channels_last=False, block_n=16,
             empty_filters=0, via_op=False, via_module=False, via_compile=False, deterministic=False, gpu_only=False, mask_update=False,
             dense="never", double_backward=False, weight_transposed=False, int64=False, warm_call=False,
-            mask_blocks=1, reordered=False, pick="", dy_in_place=False)
+            mask_blocks=1, reordered=False, pick="", dy_in_place=False, timed_choice=False)
 
 
 def _case(name, **kw):
@@ -184,6 +185,10 @@ CASES = dict([
           block_n=128, H=5, W=6),
     _case("tma_settled_reordered", pick="_tma", warm_call=True, reordered=True, channels_last=True, N=48,
           density=0.4, k=(1, 1), padding=(0, 0, 0, 0)),
+    # gpu_select's timed choice on the real candidates (a stand-in timer, every candidate run here): one whose
+    # result is wrong, although timed fastest, is rejected against the dense conv, and the others' results agree.
+    _case("timed_choice_rejects_a_wrong_variant", timed_choice=True, channels_last=True, N=48, density=0.4, H=6,
+          W=6, dense="never"),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
@@ -386,6 +391,39 @@ def _candidate_picked(tb, parts: dict):
 
 
 @contextlib.contextmanager
+def _wrong_planes_timed_fastest(tb):
+    """gpu_select times candidates on CPU too, with a timer that runs each once and makes the forward's
+    ``_planes`` variants fastest; those variants return their result with one channel zeroed."""
+    select, stripe_launcher = tb.gpu_select, tb.stripe_launcher
+
+    def wrong_planes(*args, via_planes=False, **kwargs):
+        launch = stripe_launcher(*args, via_planes=via_planes, **kwargs)
+        if not via_planes:
+            return launch
+
+        def wrong(*call_args):
+            out = launch(*call_args).clone()
+            out[:, 0] = 0
+            return out
+        wrong.planes = True
+        return wrong
+
+    def timer(fn, repeats=5):
+        fn()
+        return 0.5 if getattr(fn.func, "planes", False) else 1.0
+    saved = select._TIMED_DEVICES, select._time_ms
+    select._TIMED_DEVICES, select._time_ms, tb.stripe_launcher = ("cuda", "cpu"), timer, wrong_planes
+    select.clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the rejection's
+            yield
+    finally:
+        (select._TIMED_DEVICES, select._time_ms), tb.stripe_launcher = saved, stripe_launcher
+        select.clear()
+
+
+@contextlib.contextmanager
 def _gathers_counted(tb):
     """Counts the tile backward's gathers of dy into tile order (a list of their shapes)."""
     gather, shapes = _triton_backward_tiles.gather_dy, []
@@ -439,6 +477,8 @@ def run_case(name: str, device: str) -> str:
     if c["pick"]:
         stack.enter_context(_candidate_picked(tb, PICKS.get(c["pick"], {"fwd": c["pick"]})))
     tuner_runs = stack.enter_context(_tuner_runs(tb)) if c["warm_call"] or c["deterministic"] else []
+    if c["timed_choice"]:
+        stack.enter_context(_wrong_planes_timed_fastest(tb))
     gathers = stack.enter_context(_gathers_counted(tb))
     try:
         x = x64.to(device, dtype)
@@ -533,6 +573,15 @@ def run_case(name: str, device: str) -> str:
                     errors.append("deterministic grad_weight differs between two runs")
                 if tuner_runs:  # a timed pick of configuration can differ in another process
                     errors.append(f"deterministic mode launched {len(tuner_runs)} kernels through the autotuner")
+        if c["timed_choice"]:
+            decisions = {d["key"][0]: d for d in tb.gpu_select.decisions()}
+            if set(decisions) != {"fwd", "dgrad", "wgrad"}:
+                errors.append(f"timed decisions for {sorted(decisions)}, expected fwd, dgrad and wgrad")
+            elif not any(name.endswith("_planes") for name in decisions["fwd"]["rejected"]) \
+                    or decisions["fwd"]["choice"].endswith("_planes"):
+                errors.append(f"the wrong _planes forward was not rejected: {decisions['fwd']}")
+            elif any(d["rejected"] for op, d in decisions.items() if op != "fwd"):
+                errors.append(f"right gradient candidates rejected: {decisions}")
         if c["pick"] in PICKS and len(gathers) != (0 if c["dy_in_place"] else 1):
             errors.append(f"the tile backward gathered dy {len(gathers)} times, expected "
                           f"{'none (dy read in place)' if c['dy_in_place'] else 'once for both gradients'}")

@@ -59,6 +59,7 @@ _rejected: dict[tuple, dict[str, float]] = {}  # candidates whose result disagre
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
 _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: CUDA errors
+_TIMED_DEVICES = ("cuda",)  # elsewhere the first candidate runs untimed (tests add "cpu", with a timer of their own)
 
 
 def mode() -> str:
@@ -200,9 +201,9 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         hit = _decisions.get(slot)
     if hit is not None:
         return hit, True
-    if device.type != "cuda":
+    if device.type not in _TIMED_DEVICES:
         return pool[0], True
-    if torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return pool[0], False
     times, errors, rejected = {}, {}, {}
     # The oracle: the dense conv, also where it is not a choice ("never"); else the first stripe kernel.
