@@ -16,6 +16,10 @@ driver's launch) comes on top in every mode.
     python bench/host_overhead.py --triton-launch       # with Triton's launch path, as on a GPU
     python bench/host_overhead.py --network resnet56    # a whole CIFAR network, eager and torch.compile'd
 
+The settled calls include a layer whose shape the dense hand-over serves (``STRIPECONV_GPU_DENSE=always``:
+cuDNN's conv on a GPU, the CPU conv here) next to ``nn.Conv2d`` on the same input: both run the same
+conv, so their difference is the op's host work where a GPU runs cuDNN either way.
+
 Every call is timed from a range of Python call depths (see ``DEPTHS``): per depth the fastest of
 ``--repeats`` runs of ``--calls`` calls; printed are the minimum, median and maximum over the
 depths, in microseconds. ``--network`` times forwards (batch ``--batch``, channels_last, random masks of ``--density`` on
@@ -179,17 +183,31 @@ def single_calls(args, tb) -> dict:
     print(f"host work per call, {results['layer']}, {results['launch']}, "
           f"from {len(DEPTHS)} call depths: min / median / max over depths")
     results["depths"] = list(DEPTHS)
+    # The dense hand-over settled (STRIPECONV_GPU_DENSE=always): cuDNN's conv in the op's clothes. Its
+    # difference to nn.Conv2d on the same input is the op's host work (both run the same CPU conv here).
+    conv = torch.nn.Conv2d(c, c, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
+
+    def conv2d_forward():
+        with torch.no_grad():
+            conv(x1)
+    handover = {"layer forward, dense hand-over": layer_forward, "nn.Conv2d forward, batch 1": conv2d_forward}
     import stripeconv
 
-    previous = stripeconv.get_backend()
+    previous, previous_dense = stripeconv.get_backend(), os.environ.get("STRIPECONV_GPU_DENSE")
     stripeconv.set_backend("triton")  # the layer's calls; the others call the backend directly
     try:
-        for name, call in calls.items():
+        for name, call in [*calls.items(), *handover.items()]:
+            if name in handover:
+                os.environ["STRIPECONV_GPU_DENSE"] = "always"
             best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
             results["us"][name] = _spread(best)
             print(f"  {name:<32} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
     finally:
         stripeconv.set_backend(previous)
+        if previous_dense is None:
+            os.environ.pop("STRIPECONV_GPU_DENSE", None)
+        else:
+            os.environ["STRIPECONV_GPU_DENSE"] = previous_dense
     return results
 
 

@@ -28,7 +28,8 @@ def _run(tmp_path, *options) -> dict:
 
 
 CALLS = {"forward, batch 1", "grad input, batch 32", "grad weight, batch 32", "layer forward, batch 1",
-         "layer forward+backward, batch 1", "dense weight, kept", "dense weight, scattered"}
+         "layer forward+backward, batch 1", "dense weight, kept", "dense weight, scattered",
+         "layer forward, dense hand-over", "nn.Conv2d forward, batch 1"}
 
 
 @pytest.mark.parametrize("through_autotuner", [False, True])
