@@ -64,10 +64,13 @@ for step in "$@"; do
     test)
       # The GPU cases; CI runs the CPU, interpreter, emulation and nvcc compile-only ones. Each
       # Triton case compiles a few kernels (~1-2 s each), so they run in parallel where
-      # pytest-xdist is installed, and the step is capped.
+      # pytest-xdist is installed, and the step is capped. -v logs each result as it comes, so a run
+      # the cap cuts short still says which passed and which failed; tests/test_gpu.py (every timed
+      # kernel variant against cuDNN) goes first.
       par=""; "$PY" -c "import xdist" 2>/dev/null && par="-n 8"
-      STRIPECONV_GPU_TESTS_ONLY=1 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -q -rs $par -p no:cacheprovider \
-        tests/test_triton.py::test_cuda tests/test_gpu.py tests/test_cuda_backend.py tests/test_gpu_select.py \
+      STRIPECONV_GPU_TESTS_ONLY=1 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v --tb=short -rs $par \
+        -p no:cacheprovider tests/test_gpu.py tests/test_triton.py::test_cuda tests/test_cuda_backend.py \
+        tests/test_gpu_select.py \
         tests/test_precompile.py tests/test_module.py::test_set_stripe_mask_inside_a_training_loop \
         tests/test_module.py::test_compiled_layer_with_dynamic_stripe_counts \
         tests/test_module.py::test_autocast_runs_like_conv2d \
