@@ -159,13 +159,19 @@ def disagreement(result, reference) -> Optional[float]:
     return error / scale if scale > 0 else (0.0 if error == 0 else float("inf"))
 
 
+def _device_fault(exc: Exception) -> bool:
+    """Whether ``exc`` left the CUDA context unusable (not a candidate to skip, unlike triton's OutOfResources
+    for a GPU with less shared memory)."""
+    return isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc)
+
+
 def _reference_result(name: str, candidates: dict) -> Optional[Tensor]:
     """The reference candidate's result (a copy: no later call may overwrite it), or None where it
     fails here; the candidate's own timing then records why."""
     try:
         result = candidates[name]()
     except Exception as exc:
-        if isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc):
+        if _device_fault(exc):
             raise
         return None
     return result.detach().clone() if isinstance(result, Tensor) else result
@@ -212,28 +218,27 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     other_device = device.index is not None and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if other_device else contextlib.nullcontext():
         reference = _reference_result(reference_name, candidates)
+        limit = tolerance(reference.dtype) if isinstance(reference, Tensor) else 0.0
         for name in pool:
             try:
                 if name != reference_name and reference is not None:
                     error = disagreement(candidates[name](), reference)
-                    limit = tolerance(reference.dtype) if isinstance(reference, Tensor) else 0.0
                     if error is not None and not error <= limit:
                         rejected[name] = error
                         _warn_rejected(key, name, reference_name, error, limit)
                         continue
                 times[name] = _time_ms(candidates[name])
             except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
-                if isinstance(exc, _DEVICE_FAULT) or "CUDA error" in str(exc):
-                    raise  # a device fault leaves the context unusable: not a candidate to skip
+                if _device_fault(exc):
+                    raise
                 errors[name] = exc
         del reference
     if not times:
         if errors:
             raise next(iter(errors.values()))
         raise RuntimeError(f"every stripe kernel's result for {key!r} differs from the {reference_name!r} candidate's "
-                           f"({', '.join(f'{n}: {e:.2e}' for n, e in rejected.items())} of its largest magnitude); "
-                           f"expected at most {_TOLERANCE_DEFAULT:.0e}-{max(_TOLERANCE.values()):.0e}. "
-                           f"STRIPECONV_GPU_DENSE=auto lets the dense conv run instead")
+                           f"({', '.join(f'{n}: {e:.2e}' for n, e in rejected.items())} of its largest magnitude; "
+                           f"expected at most {limit:.0e}). STRIPECONV_GPU_DENSE=auto lets the dense conv run instead")
     best = min(times, key=times.get)
     with _lock:
         _decisions[slot] = best
