@@ -285,10 +285,9 @@ class SubtilePlan:
     aligned: bool
 
 
-def _build_subtiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, device) -> SubtilePlan:
-    sub, in_order = conv
-    kh, kw = mask_cpu.shape[1:]
-    fwd = _build_forward(mask_cpu, groups, block_n, "cpu", in_order=in_order)
+def _build_subtiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple, device) -> SubtilePlan:
+    sub, _ = conv
+    kh, kw = fwd.mask_shape[1:]
     t_all, u_all = fwd.num_tiles, fwd.umax
     tile_pos, tile_npos = fwd.tile_pos.numpy(), fwd.tile_npos.numpy()
     tile_ch, tile_grp = fwd.tile_ch.numpy(), fwd.tile_grp.numpy()
@@ -407,10 +406,9 @@ class TilesBackwardPlan:
     num_all: int
 
 
-def _build_backward_tiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tuple, device) -> TilesBackwardPlan:
-    (sh, sw), (pt, pl), (dh, dw), in_order = conv
-    n, kh, kw = mask_cpu.shape
-    fwd = _build_forward(mask_cpu, groups, block_n, "cpu", in_order=in_order)
+def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple, device) -> TilesBackwardPlan:
+    (sh, sw), (pt, pl), (dh, dw), _ = conv
+    n, kh, kw = fwd.mask_shape
     tile_pos, tile_npos, tile_grp = fwd.tile_pos.numpy(), fwd.tile_npos.numpy(), fwd.tile_grp.numpy()
     pairs = [(t, u) for t in range(fwd.num_tiles) for u in range(int(tile_npos[t]))]
     entries, offsets = [], [0]
@@ -428,8 +426,7 @@ def _build_backward_tiles(mask_cpu: Tensor, groups: int, block_n: int, conv: tup
                 offsets.append(len(entries))
     ent = np.array(entries, dtype=np.int64).reshape(-1, 4)
     al = np.array(pairs, dtype=np.int64).reshape(-1, 2)
-    on_device = ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
-                                                  ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows")}})
+    on_device = _forward_on(fwd, device)
     return TilesBackwardPlan(
         fwd=on_device, cols=on_device.tile_ch.reshape(-1),
         gathered_col0=_dev(np.arange(fwd.num_tiles) * block_n, device), col0=on_device.tile_ch[:, 0].contiguous(),
@@ -455,15 +452,29 @@ def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device)
                      gather=_dev(np.argsort(np.where(rid >= 0, rid, s), kind="stable")[:s], device, np.int64))
 
 
+def _forward_on(fwd: ForwardPlan, device) -> ForwardPlan:
+    """``fwd`` with its index tensors on ``device``."""
+    return ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
+                                             ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows")}})
+
+
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
              "fwd_in_order": lambda m, g, b, conv, d: _build_forward(m, g, b, d, in_order=True),
-             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense,
-             "bwd_tiles": _build_backward_tiles, "fwd_sub": _build_subtiles}
+             "dgrad": _build_grad_input, "wgrad": _build_grad_weight, "dense": _build_dense}
+# Plans over the forward's tiles of one width (``conv`` ends with its in_order): built from its host copy.
+_FROM_FORWARD = {"bwd_tiles": _build_backward_tiles, "fwd_sub": _build_subtiles}
 
 
 def cached_plan(kind: str, mask: Tensor, groups: int, block: int, device, conv: tuple = ()):
-    """The ``kind`` plan (``fwd``, ``dgrad``, ``wgrad``, ``dense``) of ``mask``, built on its first request."""
+    """The ``kind`` plan (``fwd``, ``dgrad``, ``wgrad``, ``dense``, ...) of ``mask``, built on its first request.
+    A forward plan's clustering runs once per mask and width: on the host, whatever device asks, and the
+    plans built over its tiles (subtiles, the tile backward) start from that host copy."""
     def build():
+        if kind in _FROM_FORWARD:
+            host = cached_plan("fwd_in_order" if conv[-1] else "fwd", mask, groups, block, "cpu")
+            return _FROM_FORWARD[kind](host, groups, block, conv, device)
+        if kind in ("fwd", "fwd_in_order") and str(device) != "cpu":
+            return _forward_on(cached_plan(kind, mask, groups, block, "cpu"), device)
         mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # the one host sync per mask
         return _BUILDERS[kind](mask_cpu, groups, block, conv, device)
     return memo((kind, *mask_key(mask), groups, block, str(device), conv), mask, build)
