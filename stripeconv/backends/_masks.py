@@ -10,7 +10,10 @@ from torch import Tensor
 
 from ..decompose import scatter_rows
 
-_SIZE = 512
+# Entries, least recently used out: a layer's plans take ~20 (each tile width on the host and on the device,
+# subtile groups, the backward's), so a first step keeps those of ~50 layers between its forward and backward.
+# A settled call reads none; what stays in use (the dense hand-over's index maps) is touched every step.
+_SIZE = 1024
 _cache: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
 _lock = threading.Lock()
 
