@@ -87,10 +87,12 @@ def tiles_by_subsets(pat: np.ndarray, block_n: int) -> list[list[int]]:
         while len(take) < block_n and free.any():
             rest = np.nonzero(free)[0]
             grow = sizes[codes[rest] | union] - sizes[union]
-            f = int(rest[np.lexsort((-sizes[codes[rest]], grow))[0]])
-            take.append(f)
-            free[f] = False
-            union |= int(codes[f])
+            order = np.lexsort((-sizes[codes[rest]], grow))
+            # Filters inside the set leave it as it is: all of them at once, in the order one at a time takes them.
+            picked = rest[order[:max(1, np.count_nonzero(grow == 0))]][:block_n - len(take)]
+            take.extend(int(f) for f in picked)
+            free[picked] = False
+            union |= int(np.bitwise_or.reduce(codes[picked]))
         tiles.append(take)
     return tiles
 
