@@ -9,16 +9,24 @@ from ._tuning import DGRAD_CONFIGS, DGRAD_KEY, UNSPECIALISED, _TUNE_EXTRAS
 
 
 @triton.jit
-def _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N: tl.constexpr):
-    """A grad-input program's work: output phase (rh, rw) on grid axis 1 (the input pixels
-    (rh + SH * hp, rw + SW * wp), Mp = B * Hp * Wp of them), then group g and channel block c0
-    (axis 0, fastest) and the block pid_m of phase pixels."""
-    pid = tl.program_id(0)
+def _output_phase(H, W, SH, SW):
+    """This program's output phase (grid axis 1): its index, (rh, rw), and the Hp x Wp plane of its input
+    pixels (rh + SH * hp, rw + SW * wp)."""
     phase = tl.program_id(1)
     rh = phase // SW
     rw = phase - rh * SW
     Hp = (H - rh + SH - 1) // SH
     Wp = (W - rw + SW - 1) // SW
+    return phase, rh, rw, Hp, Wp
+
+
+@triton.jit
+def _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N: tl.constexpr):
+    """A grad-input program's work: output phase (rh, rw) on grid axis 1 (the input pixels
+    (rh + SH * hp, rw + SW * wp), Mp = B * Hp * Wp of them), then group g and channel block c0
+    (axis 0, fastest) and the block pid_m of phase pixels."""
+    pid = tl.program_id(0)
+    phase, rh, rw, Hp, Wp = _output_phase(H, W, SH, SW)
     Mp = B * Hp * Wp
     ncol = G * NCB
     pid_c = pid % ncol

@@ -10,7 +10,7 @@ from ._tma_boxes import _box_acc, _box_dot, _box_result, _rectangle, _rectangle_
 from ._tuning import (
     DGRAD_CONFIGS, DGRAD_TILES_KEY, TMA_DGRAD_KEY, TMA_FWD_CONFIGS, UNSPECIALISED, _TUNE_EXTRAS, tma_configs_for
 )
-from .grad_input import _dgrad_pixels, _dgrad_program, _store_dx
+from .grad_input import _dgrad_pixels, _dgrad_program, _output_phase, _store_dx
 
 
 @triton.jit
@@ -121,11 +121,7 @@ def stripe_dgrad_tiles_tma_kernel(
     channels, over that phase's (tile, union position) entries. Axis 0 covers phase (0, 0)'s rectangles,
     the most of any phase; a smaller phase's programs past its own rectangles do nothing."""
     pid = tl.program_id(0)
-    phase = tl.program_id(1)
-    rh = phase // SW
-    rw = phase - rh * SW
-    Hp = (H - rh + SH - 1) // SH
-    Wp = (W - rw + SW - 1) // SW
+    phase, rh, rw, Hp, Wp = _output_phase(H, W, SH, SW)
     c0 = pid % NCB * BLOCK_N  # channel blocks fastest: the programs of a rectangle read the same dy boxes
     b, h0, w0 = _rectangle(pid // NCB, Hp, Wp, BLOCK_M, TW)
     if b < B:
