@@ -10,6 +10,19 @@ from ._tma_boxes import _rectangle
 from ._tuning import TMA_FWD_CONFIGS, TMA_WGRAD_KEY, UNSPECIALISED, WGRAD_CONFIGS, WGRAD_TILES_KEY, _TUNE_EXTRAS
 
 
+@triton.jit
+def _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C: tl.constexpr):
+    """This program's first channel c0 (channel blocks fastest on grid axis 0), and its (tile, union position)
+    entry: tile t, union index u and kernel position p."""
+    pid = tl.program_id(0)
+    e = pid // NCB
+    c0 = (pid - e * NCB) * BLOCK_C
+    t = tl.load(ent_t_ptr + e)
+    u = tl.load(ent_u_ptr + e)
+    p = tl.load(tile_pos_ptr + t * UMAX + u)
+    return c0, t, u, p
+
+
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_wgrad_tiles_kernel(
@@ -30,13 +43,8 @@ def stripe_wgrad_tiles_kernel(
     fp32 rows that the tile's filters keep (the others are dropped); with a single split (not
     ``ATOMIC``) each kept row is written once, in the buffer's dtype. dy's columns as in
     ``stripe_dgrad_tiles_kernel``."""
-    pid = tl.program_id(0)
+    c0, t, u, p = _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C)
     split = tl.program_id(1)
-    e = pid // NCB
-    c0 = (pid - e * NCB) * BLOCK_C
-    t = tl.load(ent_t_ptr + e)
-    u = tl.load(ent_u_ptr + e)
-    p = tl.load(tile_pos_ptr + t * UMAX + u)
     g = tl.load(tile_grp_ptr + t)
     i = p // KW
     j = p - i * KW
@@ -119,12 +127,7 @@ def stripe_wgrad_tiles_tma_kernel(
     group): per (tile, union position) entry and BLOCK_C channels a product over the R TH x TW rectangles of
     output pixels, split-K over CHUNK rectangles (grid axis 1)."""
     TH: tl.constexpr = BLOCK_M // TW
-    pid = tl.program_id(0)
-    e = pid // NCB
-    c0 = (pid - e * NCB) * BLOCK_C
-    t = tl.load(ent_t_ptr + e)
-    u = tl.load(ent_u_ptr + e)
-    p = tl.load(tile_pos_ptr + t * UMAX + u)
+    c0, t, u, p = _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C)
     col0 = tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T)
     i = p // KW
     off_h = i * DH - PT  # as in stripe_fwd_tma_kernel: the box coordinates of the position's input pixels
