@@ -64,18 +64,15 @@ def _dy_inside(ho, wo, m_ok, Ho, Wo):
 
 
 @triton.jit
-def _dgrad_chunk(r0_ptr, r1_ptr, dh_ptr, dw_ptr, filt_ptr, k, k_end, offs_r, USE_DOT: tl.constexpr):
-    """Chunk ``k``'s packed rows [r0, r1), dy offsets (dh, dw) and, for the tensor-core path, the
-    filter of each row (zeros past ``k_end``: the read-ahead of a chunk that does not come)."""
+def _dgrad_chunk(r0_ptr, r1_ptr, dh_ptr, dw_ptr, filt_ptr, k, k_end, offs_r):
+    """Chunk ``k``'s packed rows [r0, r1), dy offsets (dh, dw) and the filter of each row (zeros past
+    ``k_end``: the read-ahead of a chunk that does not come)."""
     here = k < k_end
     r0 = tl.load(r0_ptr + k, mask=here, other=0)
     r1 = tl.load(r1_ptr + k, mask=here, other=0)
     dh = tl.load(dh_ptr + k, mask=here, other=0)
     dw = tl.load(dw_ptr + k, mask=here, other=0)
-    if USE_DOT:
-        n = tl.load(filt_ptr + r0 + offs_r, mask=r0 + offs_r < r1, other=0)
-    else:
-        n = r0
+    n = tl.load(filt_ptr + r0 + offs_r, mask=r0 + offs_r < r1, other=0)
     return r0, r1, dh, dw, n
 
 
@@ -113,20 +110,20 @@ def stripe_dgrad_kernel(
         # position reads dy relative to the phase pixel (hp, wp).
         k_begin = tl.load(chunk_off_ptr + phase * G + g)
         k_end = tl.load(chunk_off_ptr + phase * G + g + 1)
-        offs_r = tl.arange(0, BLOCK_K)
-        # Each chunk's table entries are read one chunk ahead, into registers, as in the forward (a table
-        # read that addresses the same iteration's tiles serialises the pipeliner's stages).
-        r0_next, r1_next, dh_next, dw_next, n_next = _dgrad_chunk(
-            chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, k_begin, k_end, offs_r, USE_DOT)
-        for kk in range(k_begin, k_end):
-            r0, r1, dh, dw, n = r0_next, r1_next, dh_next, dw_next, n_next
+        if USE_DOT:
+            offs_r = tl.arange(0, BLOCK_K)
+            # Each chunk's table entries are read one chunk ahead, into registers, as in the forward (a
+            # table read that addresses the same iteration's tiles serialises the pipeliner's stages).
             r0_next, r1_next, dh_next, dw_next, n_next = _dgrad_chunk(
-                chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, kk + 1, k_end, offs_r, USE_DOT)
-            ho = hp + dh
-            wo = wp + dw
-            ok = _dy_inside(ho, wo, m_ok, Ho, Wo)
-            dy_off = dy_row + ho * sdh + wo * sdw
-            if USE_DOT:
+                chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, k_begin, k_end, offs_r)
+            for kk in range(k_begin, k_end):
+                r0, r1, dh, dw, n = r0_next, r1_next, dh_next, dw_next, n_next
+                r0_next, r1_next, dh_next, dw_next, n_next = _dgrad_chunk(
+                    chunk_r0_ptr, chunk_r1_ptr, chunk_dh_ptr, chunk_dw_ptr, filt_ptr, kk + 1, k_end, offs_r)
+                ho = hp + dh
+                wo = wp + dw
+                ok = _dy_inside(ho, wo, m_ok, Ho, Wo)
+                dy_off = dy_row + ho * sdh + wo * sdw
                 rows = r0 + offs_r
                 r_ok = rows < r1
                 if INT64_INDEX:
@@ -137,10 +134,19 @@ def stripe_dgrad_kernel(
                 wt = tl.load(w_ptr + rows[:, None] * CG + offs_c[None, :],
                              mask=r_ok[:, None] & c_ok[None, :], other=0.0)
                 acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            else:
+        else:
+            # Channel counts too small for tensor cores: each chunk is every row of one position, walked
+            # one row at a time. Its table entries are read in the iteration that uses them: the rows'
+            # loop takes its bounds from them, and bounds carried over from the previous iteration
+            # computed wrong results on sm_90.
+            for kk in range(k_begin, k_end):
+                r0 = tl.load(chunk_r0_ptr + kk)
+                r1 = tl.load(chunk_r1_ptr + kk)
+                ho, wo, ok = _dy_tap(hp, wp, chunk_dh_ptr, chunk_dw_ptr, kk, m_ok, Ho, Wo)
+                dy_off = dy_row + ho * sdh + wo * sdw
                 for r in range(r0, r1):
-                    n = tl.load(filt_ptr + r)
-                    dv = tl.load(dy_ptr + dy_off + n * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
+                    f = tl.load(filt_ptr + r)
+                    dv = tl.load(dy_ptr + dy_off + f * sdc, mask=ok, other=0.0).to(ACC_DTYPE)
                     wv = tl.load(w_ptr + r * CG + offs_c, mask=c_ok, other=0.0).to(ACC_DTYPE)
                     acc += dv[:, None] * wv[None, :]
         _store_dx(dx_ptr, acc, b, hp, wp, rh, rw, g, offs_c, m_ok, c_ok, CG, sxb, sxc, sxh, sxw, SH, SW)
