@@ -74,13 +74,13 @@ def test_never_times_only_the_stripe_kernels(monkeypatch):
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
     assert gpu_select.choice(("o",), _candidates(), CUDA) == ("stripe32", True)
     assert sorted(calls) == ["stripe32", "stripe64"]
-    assert gpu_select.choose(("o",), {"stripe64": lambda: 0, "dense": lambda: 0}, CUDA) == "stripe64"
-    assert len(calls) == 2
+    assert gpu_select.choose(("o1",), {"stripe64": lambda: 0, "dense": lambda: 0}, CUDA) == "stripe64"
+    assert len(calls) == 2  # a lone stripe kernel is not timed
     # Decisions are kept per mode: "auto" times the same key again, dense included.
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "auto")
     assert gpu_select.choose(("o",), _candidates(), CUDA) == "dense"
-    assert sorted((d["mode"], d["choice"]) for d in gpu_select.decisions()) == [("auto", "dense"),
-                                                                                 ("never", "stripe32")]
+    assert sorted((d["mode"], d["choice"], d["times_ms"] == {}) for d in gpu_select.decisions()) == [
+        ("auto", "dense", False), ("never", "stripe32", False), ("never", "stripe64", True)]
 
 
 def test_excluded_variants_are_neither_timed_nor_chosen(monkeypatch):
@@ -301,6 +301,27 @@ def test_the_dense_oracle_checks_the_stripe_kernels_also_where_it_cannot_be_chos
     candidates["stripe32"] = lambda: right.clone()
     with pytest.warns(RuntimeWarning, match="'stripe64'"):
         assert gpu_select.choose(("fwd", 3), candidates, CUDA) == "stripe32"
+
+
+def test_a_lone_stripe_kernel_is_checked_against_the_dense_oracle(monkeypatch):
+    """Under "never" a shape with one stripe kernel (small channel counts offer no tile variants) is not
+    timed, but the dense conv still checks it once: a wrong result fails the call instead of training on
+    it, a right one settles without timing."""
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    monkeypatch.setattr(gpu_select, "_time_ms", lambda fn, repeats=5: pytest.fail("a lone candidate was timed"))
+    right = torch.linspace(-1, 1, 60).view(1, 3, 4, 5)
+    ran = []
+    candidates = {"stripe": lambda: ran.append("stripe") or right * 2, "dense": lambda: ran.append("dense") or right}
+    with pytest.warns(RuntimeWarning, match="'stripe'"), pytest.raises(RuntimeError, match="every stripe kernel"):
+        gpu_select.choose(("dgrad", 1), candidates, CUDA)
+    assert ran == ["dense", "stripe"]
+    candidates["stripe"] = lambda: ran.append("stripe") or right + 1e-4
+    assert gpu_select.choice(("dgrad", 2), candidates, CUDA) == ("stripe", True)
+    assert gpu_select.choose(("dgrad", 2), candidates, CUDA) == "stripe"  # decided: nothing runs again
+    assert ran == ["dense", "stripe", "dense", "stripe"]
+    assert [d["times_ms"] for d in gpu_select.decisions()] == [{}]
+    # Without a dense candidate (asymmetric padding) there is nothing to check it against.
+    assert gpu_select.choose(("dgrad", 3), {"stripe": lambda: pytest.fail("ran")}, CUDA) == "stripe"
 
 
 def test_without_a_dense_candidate_the_first_stripe_kernel_is_the_reference(monkeypatch):

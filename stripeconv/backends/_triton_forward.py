@@ -17,6 +17,12 @@ from .triton_plans import ForwardPlan, SubtilePlan
 STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
 
 
+def bias_output(out_shape, input: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The output of a conv that reads no input: the bias (or zeros) at every pixel, in the input's memory format."""
+    out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=output_memory_format(input))
+    return out.zero_() if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
+
+
 def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
                     dilation, out_hw, via_planes: bool = False,
                     split_k: int = 1) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
@@ -42,10 +48,7 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
         store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), out_format
 
     if plan.kept == 0:  # every stripe pruned: the output is the bias (and a launch would have no rows to read)
-        def bias_only(input, weight, bias):
-            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
-            return out.zero_() if bias is None else out.copy_(bias.view(1, n, 1, 1).expand_as(out))
-        return bias_only
+        return lambda input, weight, bias: bias_output(out_shape, input, bias)
 
     cg = weight.shape[1]
     m = b * ho * wo

@@ -200,7 +200,9 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     if m == "always" and "dense" in candidates:
         return "dense", True
     pool = _pool(candidates, m)
-    if len(pool) == 1 or deterministic():
+    # A lone stripe kernel has nothing to be timed against, but where the dense conv runs as the oracle
+    # alone ("never") it is still checked once.
+    if deterministic() or (len(pool) == 1 and (pool[0] == "dense" or "dense" not in candidates)):
         return pool[0], True
     slot = (m, excluded(), key)
     with _lock:
@@ -211,7 +213,7 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         return pool[0], True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return pool[0], False
-    times, errors, rejected = {}, {}, {}
+    times, errors, rejected, accepted = {}, {}, {}, []
     # The oracle: the dense conv, also where it is not a choice ("never"); else the first stripe kernel.
     reference_name = "dense" if "dense" in candidates else pool[0]
     # Events on the stream of the tensors' device (torch.cuda.Event records on the current device).
@@ -227,19 +229,21 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
                         rejected[name] = error
                         _warn_rejected(key, name, reference_name, error, limit)
                         continue
-                times[name] = _time_ms(candidates[name])
+                if len(pool) > 1:
+                    times[name] = _time_ms(candidates[name])
+                accepted.append(name)
             except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
                 if _device_fault(exc):
                     raise
                 errors[name] = exc
         del reference
-    if not times:
+    if not accepted:
         if errors:
             raise next(iter(errors.values()))
         raise RuntimeError(f"every stripe kernel's result for {key!r} differs from the {reference_name!r} candidate's "
                            f"({', '.join(f'{n}: {e:.2e}' for n, e in rejected.items())} of its largest magnitude; "
                            f"expected at most {limit:.0e}). STRIPECONV_GPU_DENSE=auto lets the dense conv run instead")
-    best = min(times, key=times.get)
+    best = min(times, key=times.get) if times else accepted[0]
     with _lock:
         _decisions[slot] = best
         _times[slot] = times

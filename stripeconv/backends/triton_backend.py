@@ -57,7 +57,7 @@ from ._triton_backward_tiles import (
     backward_tiles, forget_gathered, grad_input_tiles_launcher, grad_input_tiles_tma_launcher,
     grad_weight_tiles_launcher, grad_weight_tiles_tma_launcher, tma_dy_offered, tma_wgrad_offered,
 )
-from ._triton_forward import split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
+from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, best_tile_efficiency, cached_plan, default_block_n,
@@ -171,6 +171,8 @@ def forward(
     ho, wo = shapes.out_hw(h, w, kh, kw, stride, padding, dilation)
     if b * n * ho * wo == 0:
         return shapes.like_input((b, n, ho, wo), input)
+    if c == 0:  # no input channels: the output is the bias (the subtile kernel's first loads assume a channel)
+        return bias_output((b, n, ho, wo), input, bias)
     device = input.device
     launchers, counts = {}, []
     channels_last = output_memory_format(input) == torch.channels_last
