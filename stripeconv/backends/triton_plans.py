@@ -525,14 +525,18 @@ def tile_widths(mask: Tensor, groups: int = 1, device: Optional[Union[str, torch
 
 
 def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
-    """The plans of :func:`tile_widths`, in its order (one cache lookup a call instead of one a width).
+    """The plans of :func:`tile_widths`, in its order (one cache lookup a call instead of one a width),
+    then tiles of consecutive filters that are always timed beside them.
 
     An aligned plan stores 16-byte vectors into a channels_last output, where the others scatter
     2-byte values or go through a second pass, so tiles of consecutive filters (aligned for channel
     counts divisible by 8) stand in for a width's clustered tiles where they compute at most 5 % more
-    stripes (masks whose filters :func:`filter_order` sorted), join ahead of the clustered tiles where
-    they compute at most 25 % more, and join at the first width when none is aligned and they compute
-    at most 25 % more than the best."""
+    stripes (masks whose filters :func:`filter_order` sorted) and join ahead of them where they compute
+    at most 25 % more. Consecutive tiles at the first width, and at 128 for 128 filters a group or more,
+    join last whatever they compute: their union of positions grows towards the whole kernel as the
+    density falls, but on an H100 at batch 64-256 a plan that scatters or writes planes took about twice
+    the time of an aligned plan computing every stripe (bench/results/h100_20261124), so at low
+    densities the aligned tiles are the fastest stripe kernel."""
     def build():
         plans = []
         for w in tile_widths(mask, groups, device):
@@ -544,10 +548,13 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
                 elif in_order.aligned and in_order.computed <= 1.25 * plan.computed:
                     plans.append(in_order)  # (filter_order makes one width's tiles exact, the others close)
             plans.append(plan)
-        if not any(p.aligned for p in plans):
-            in_order = cached_plan("fwd_in_order", mask, groups, plans[0].block_n, device)
-            if in_order.aligned and in_order.computed <= 1.25 * min(p.computed for p in plans):
-                plans.append(in_order)
+        ng = mask.shape[0] // groups
+        wide = plans[0].block_n == 64 and ng >= 128 and not getenv("STRIPECONV_TRITON_BLOCK_N")
+        for w in dict.fromkeys((plans[0].block_n, 128 if wide else 0)):
+            if w and not any(p.aligned and p.block_n == w for p in plans):
+                in_order = cached_plan("fwd_in_order", mask, groups, w, device)
+                if in_order.aligned and in_order.kept:
+                    plans.append(in_order)
         return plans
     key = ("fwd_widths", *mask_key(mask), groups, str(device), getenv("STRIPECONV_TRITON_BLOCK_N"))
     return memo(key, mask, build)
