@@ -52,6 +52,16 @@ def test_times_once_and_caches_the_fastest(monkeypatch):
     assert entry["choice"] == "stripe32" and entry["times_ms"]["dense"] == 3.0
 
 
+def test_a_decision_for_other_candidates_is_taken_again(monkeypatch):
+    """Two layers of one shape whose masks offer different candidates may share a key: a decision naming a
+    candidate the call does not have is not returned, the call's own candidates are timed."""
+    calls = _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.5, "stripe_tiles": 1.0, "dense": 3.0})
+    assert gpu_select.choose(("k",), _candidates(), CUDA) == "stripe32"
+    others = {"stripe64": lambda: "stripe64", "stripe_tiles": lambda: "stripe_tiles", "dense": lambda: "dense"}
+    assert gpu_select.choose(("k",), others, CUDA) == "stripe_tiles"
+    assert sorted(calls[3:]) == ["dense", "stripe64", "stripe_tiles"]
+
+
 def test_dense_wins_when_faster(monkeypatch):
     _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 2.5, "dense": 1.0})
     assert gpu_select.choose(("dense-wins",), _candidates(), CUDA) == "dense"

@@ -209,6 +209,13 @@ CASES = dict([
     # The tile grad input with TMA boxes of dy (one group; offered for tiles of 64 filters or more over 33 channels
     # or more): each program a TH x TW rectangle of one image's input pixels of one output phase; the boxes
     # zero-fill dy's borders and the columns past its last channel.
+    # Tiles of consecutive filters beside a clustered mask's tiles: dy read in place where channels_last
+    _case("tiles_runs", pick="tiles_runs", channels_last=True, N=48, density=0.4, dy_in_place=True),
+    _case("tiles_runs_s2_groups", pick="tiles_runs", channels_last=True, stride=(2, 2), H=8, W=9, C=32, N=64,
+          groups=2, density=0.3, bias=False, dy_in_place=True),
+    _case("tiles_runs_nchw_bf16", pick="tiles_runs", dtype="bfloat16", N=32, density=0.5),  # NCHW dy: gathered
+    _case("tiles_runs_tma", pick="tiles_runs_tma", channels_last=True, C=48, N=128, block_n=64, density=0.4, H=9,
+          W=11, dy_in_place=True),
     _case("tiles_tma", pick="tiles_tma", channels_last=True, C=48, N=96, block_n=64, density=0.4, H=9, W=11),
     _case("tiles_tma_in_place", pick="tiles_tma", reordered=True, channels_last=True, C=40, N=128, block_n=64,
           density=0.3, H=6, W=7, dy_in_place=True),
@@ -367,7 +374,9 @@ def _tuner_runs(tb):
 
 # A case's ``pick`` for the backward: the candidate each gradient runs (a forward pick names the forward's).
 PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles_tma"},
-         "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}, "dgrad_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"}}
+         "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}, "dgrad_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"},
+         "tiles_runs": {"dgrad": "tiles_runs", "wgrad": "tiles_runs"},
+         "tiles_runs_tma": {"dgrad": "tiles_runs_tma", "wgrad": "tiles_runs_tma"}}
 
 
 @contextlib.contextmanager

@@ -697,12 +697,13 @@ def test_tile_grad_weight_compiles_with_and_without_atomics():
         label, call = aot.layer_calls(128, 128, 16, density=0.3, dtype=torch.bfloat16, batch=batch)[2]
         launches = [launch for launch in aot.capture_launches(call, every_candidate=True)
                     if launch.name == "stripe_wgrad_tiles_kernel"]
-        assert len(launches) == 1, label
-        atomic = launches[0].kwargs["ATOMIC"]
-        assert launches[0].args[2].dtype == (torch.float32 if atomic else torch.bfloat16)
-        for v in aot.compile_launch(launches[0], 90):
-            assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
-        seen.add(atomic)
+        assert len(launches) == 2, label  # the clustered tiles and the tiles of consecutive filters
+        for launch in launches:
+            atomic = launch.kwargs["ATOMIC"]
+            assert launch.args[2].dtype == (torch.float32 if atomic else torch.bfloat16)
+            for v in aot.compile_launch(launch, 90):
+                assert v.tensor_cores == "wgmma" and v.spill_bytes == 0, (label, v.row())
+            seen.add(atomic)
     assert seen == {False, True}
 
 
@@ -868,3 +869,27 @@ def test_tma_grad_weight_is_offered_for_strides_its_descriptors_can_view(stride,
     # an NCHW x is copied
     assert _triton_backward_tiles.tma_wgrad_offered(plan, dy, x.contiguous(), weight, stride, groups) is offered
     assert not _triton_backward_tiles.tma_wgrad_offered(plan, dy.double(), x.double(), weight.double(), stride, groups)
+
+
+def test_tiles_of_consecutive_filters_join_the_backward_where_the_clustered_tiles_gather_dy(monkeypatch):
+    """Beside the tile backward over the fewest stripes, whose clustered tiles gather dy, the tiles of
+    consecutive filters at the forward's first width read dy in place; where the fewest-stripe tiles are
+    runs of channels already (a dense mask) nothing joins."""
+    from stripeconv.backends import triton_plans as tp
+
+    monkeypatch.delenv("STRIPECONV_TRITON_BLOCK_N", raising=False)
+    conv = ((1, 1), (1, 1, 1, 1), (1, 1))
+    mask = torch.rand(128, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.3
+    weight = torch.empty(int(mask.sum()), 64, dtype=torch.bfloat16)
+    clustered = _triton_backward_tiles.backward_tiles(mask, weight, 64, 1, *conv, "cpu")
+    runs = _triton_backward_tiles.backward_tiles_in_place(mask, weight, 64, 1, *conv, "cpu")
+    assert not clustered.fwd.runs and runs.fwd.runs and runs.fwd.in_order
+    assert runs.fwd.block_n == tp.forward_plans(mask, 1, "cpu")[0].block_n
+    assert runs.fwd.kept == clustered.fwd.kept == int(mask.sum()) and runs.fwd.computed > clustered.fwd.computed
+    signature = _triton_backward_tiles.tiles_signature(clustered, runs)
+    assert signature == ((clustered.fwd.block_n, clustered.fwd.computed, False), (runs.fwd.block_n, runs.fwd.computed,
+                                                                                   True))
+    dense = torch.ones(128, 3, 3, dtype=torch.bool)
+    weight = torch.empty(128 * 9, 64, dtype=torch.bfloat16)
+    assert _triton_backward_tiles.backward_tiles(dense, weight, 64, 1, *conv, "cpu").fwd.runs
+    assert _triton_backward_tiles.backward_tiles_in_place(dense, weight, 64, 1, *conv, "cpu") is None

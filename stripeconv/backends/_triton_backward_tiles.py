@@ -32,6 +32,29 @@ def backward_tiles(mask: Tensor, weight: Tensor, c: int, groups: int, stride, pa
     return cached_plan("bwd_tiles", mask, groups, best.block_n, device, conv)
 
 
+def backward_tiles_in_place(mask: Tensor, weight: Tensor, c: int, groups: int, stride, padding, dilation,
+                            device) -> Optional[TilesBackwardPlan]:
+    """Tiles of consecutive filters at the forward's first width, which read dy in place, offered beside
+    :func:`backward_tiles` where that plan gathers dy; None where it reads dy in place already (or there
+    is none). Their union of positions grows towards the whole kernel as the density falls, but on an H100
+    (bench/results/h100_20261124, ResNet-50 layer1) the tile grad input over runs of channels took about
+    half the time of the clustered tiles with dy gathered, as the forward's aligned tiles did."""
+    clustered = backward_tiles(mask, weight, c, groups, stride, padding, dilation, device)
+    if clustered is None or clustered.fwd.runs:
+        return None
+    width = forward_plans(mask, groups, device)[0].block_n
+    in_order = cached_plan("fwd_in_order", mask, groups, width, device)
+    if width < 16 or not in_order.runs or in_order.kept == 0:
+        return None
+    return cached_plan("bwd_tiles", mask, groups, width, device,
+                       (tuple(stride), (padding[0], padding[2]), tuple(dilation), True))
+
+
+def tiles_signature(*plans: Optional[TilesBackwardPlan]) -> tuple:
+    """What tells the offered tile plans apart in a gradient's choice key (width, stripes computed, dy in place)."""
+    return tuple((p.fwd.block_n, p.fwd.computed, p.fwd.runs) for p in plans if p is not None)
+
+
 def dy_layout(plan: TilesBackwardPlan, grad_output: Tensor) -> tuple[bool, Tensor, tuple, Tensor]:
     """How the tile kernels read dy: (in place, first column of each tile, dy's [b, c, h, w] strides, a
     tensor shaped like what they read). In place where every tile is a run of consecutive channels

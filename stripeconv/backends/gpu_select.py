@@ -207,7 +207,7 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     slot = (m, excluded(), key)
     with _lock:
         hit = _decisions.get(slot)
-    if hit is not None:
+    if hit in candidates:  # (a decision for other candidates under the same key is taken again)
         return hit, True
     if device.type not in _TIMED_DEVICES:
         return pool[0], True

@@ -54,8 +54,9 @@ from ._dense_weights import dense_weight as _dense_weight
 from ._environ import getenv
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
-    backward_tiles, forget_gathered, grad_input_tiles_launcher, grad_input_tiles_tma_launcher,
-    grad_weight_tiles_launcher, grad_weight_tiles_tma_launcher, tma_dy_offered, tma_wgrad_offered,
+    backward_tiles, backward_tiles_in_place, forget_gathered, grad_input_tiles_launcher,
+    grad_input_tiles_tma_launcher, grad_weight_tiles_launcher, grad_weight_tiles_tma_launcher, tiles_signature,
+    tma_dy_offered, tma_wgrad_offered,
 )
 from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
@@ -230,12 +231,14 @@ def grad_input(
     launchers = {"stripe": grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding, dilation,
                                                groups)}
     tiles = backward_tiles(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
-    if tiles is not None and grad_output.numel() and math.prod(input_shape):
-        launchers["stripe_tiles"] = grad_input_tiles_launcher(tiles, grad_output, weight, input_shape, stride,
-                                                              groups)
-        if tma_dy_offered(tiles, grad_output, weight, input_shape, stride, groups):
-            launchers["stripe_tiles_tma"] = grad_input_tiles_tma_launcher(tiles, grad_output, weight, input_shape,
-                                                                           stride)
+    runs = backward_tiles_in_place(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
+    for suffix, plan in (("", tiles), ("_runs", runs)):
+        if plan is not None and grad_output.numel() and math.prod(input_shape):
+            launchers["stripe_tiles" + suffix] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
+                                                                           stride, groups)
+            if tma_dy_offered(plan, grad_output, weight, input_shape, stride, groups):
+                launchers[f"stripe_tiles{suffix}_tma"] = grad_input_tiles_tma_launcher(
+                    plan, grad_output, weight, input_shape, stride)
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight):
             w_dense = _dense_weight(weight, mask, device)
@@ -245,7 +248,7 @@ def grad_input(
             return dx.contiguous(memory_format=output_memory_format(grad_output))
         launchers["dense"] = dense
     select_key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
-                                                                  tuple(dilation), groups))
+                                                                  tuple(dilation), groups, tiles_signature(tiles, runs)))
     return _run_chosen(key, mask, launchers, select_key, (grad_output, weight), device)
 
 
@@ -273,12 +276,14 @@ def grad_weight(
     launchers = {"stripe": grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
                                                 deterministic)}
     tiles = backward_tiles(mask, weight, input.shape[1], groups, stride, padding, dilation, device)
-    if tiles is not None and not deterministic and grad_output.numel() and input.numel():
-        launchers["stripe_tiles"] = grad_weight_tiles_launcher(tiles, grad_output, input, weight, stride, padding,
-                                                               dilation)
-        if tma_wgrad_offered(tiles, grad_output, input, weight, stride, groups):
-            launchers["stripe_tiles_tma"] = grad_weight_tiles_tma_launcher(tiles, grad_output, input, weight, stride,
-                                                                           padding, dilation)
+    runs = backward_tiles_in_place(mask, weight, input.shape[1], groups, stride, padding, dilation, device)
+    for suffix, plan in (("", tiles), ("_runs", runs)):
+        if plan is not None and not deterministic and grad_output.numel() and input.numel():
+            launchers["stripe_tiles" + suffix] = grad_weight_tiles_launcher(plan, grad_output, input, weight, stride,
+                                                                            padding, dilation)
+            if tma_wgrad_offered(plan, grad_output, input, weight, stride, groups):
+                launchers[f"stripe_tiles{suffix}_tma"] = grad_weight_tiles_tma_launcher(
+                    plan, grad_output, input, weight, stride, padding, dilation)
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
         n, kh, kw = mask.shape
 
@@ -289,6 +294,7 @@ def grad_weight(
             gather = cached_plan("dense", mask, 1, 0, device).gather
             return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
         launchers["dense"] = dense
-    select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding),
-                                                                         tuple(dilation), groups, deterministic))
+    select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding), tuple(dilation),
+                                                                         groups, deterministic,
+                                                                         tiles_signature(tiles, runs)))
     return _run_chosen(key, mask, launchers, select_key, (grad_output, input, weight), device)
