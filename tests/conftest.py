@@ -10,6 +10,8 @@ from torch import nn
 import stripeconv
 from stripeconv.packing import pack_weight
 
+pytest_plugins = ["_cuda_fault"]
+
 CPU_BACKENDS = [name for name in ("reference", "dense", "cpu") if name in stripeconv.available_backends()]
 
 
