@@ -548,10 +548,9 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
                 elif in_order.aligned and in_order.computed <= 1.25 * plan.computed:
                     plans.append(in_order)  # (filter_order makes one width's tiles exact, the others close)
             plans.append(plan)
-        ng = mask.shape[0] // groups
-        wide = plans[0].block_n == 64 and ng >= 128 and not getenv("STRIPECONV_TRITON_BLOCK_N")
-        for w in dict.fromkeys((plans[0].block_n, 128 if wide else 0)):
-            if w and not any(p.aligned and p.block_n == w for p in plans):
+        wide = plans[0].block_n == 64 and mask.shape[0] // groups >= 128 and not getenv("STRIPECONV_TRITON_BLOCK_N")
+        for w in [plans[0].block_n] + ([128] if wide else []):
+            if not any(p.aligned and p.block_n == w for p in plans):
                 in_order = cached_plan("fwd_in_order", mask, groups, w, device)
                 if in_order.aligned and in_order.kept:
                     plans.append(in_order)
