@@ -66,9 +66,10 @@ for step in "$@"; do
     test)
       # The GPU cases; CI runs the CPU, interpreter, emulation and nvcc compile-only ones. Each
       # Triton case compiles a few kernels (~1-2 s each), so they run in parallel where
-      # pytest-xdist is installed, and the step is capped. -v logs each result as it comes, so a run
-      # the cap cuts short still says which passed and which failed; tests/test_gpu.py (every timed
-      # kernel variant against cuDNN) goes first.
+      # pytest-xdist is installed, and the step is capped. -v logs each result as it comes and each
+      # failure's message follows at once (tests/_test_run_report.py), so a run the cap cuts short
+      # still says which passed, which failed and why; tests/test_gpu.py (every timed kernel variant
+      # against cuDNN) goes first.
       par=""; "$PY" -c "import xdist" 2>/dev/null && par="-n 16"
       STRIPECONV_GPU_TESTS_ONLY=1 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v --tb=short -rs $par \
         -p no:cacheprovider tests/test_gpu.py tests/test_triton.py::test_cuda tests/test_cuda_backend.py \

@@ -10,7 +10,7 @@ from torch import nn
 import stripeconv
 from stripeconv.packing import pack_weight
 
-pytest_plugins = ["_cuda_fault"]
+pytest_plugins = ["_test_run_report"]
 
 CPU_BACKENDS = [name for name in ("reference", "dense", "cpu") if name in stripeconv.available_backends()]
 

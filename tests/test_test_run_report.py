@@ -1,4 +1,4 @@
-"""The plugin that stops a test process's later tests after a CUDA fault (tests/_cuda_fault.py)."""
+"""The plugin that keeps a GPU test run legible (tests/_test_run_report.py)."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import sys
 import textwrap
 
 
-def test_tests_after_a_cuda_fault_fail_at_once_naming_it(tmp_path):
+def test_failures_show_as_they_happen_and_tests_after_a_cuda_fault_fail_at_once(tmp_path):
     (tmp_path / "test_faults.py").write_text(textwrap.dedent('''
         def test_before():
             pass
@@ -22,9 +22,11 @@ def test_tests_after_a_cuda_fault_fail_at_once_naming_it(tmp_path):
             pass
     '''))
     env = {**os.environ, "PYTHONPATH": os.path.dirname(__file__)}
-    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "_cuda_fault", "-p", "no:cacheprovider", "-q", "-rA",
+    run = subprocess.run([sys.executable, "-m", "pytest", "-p", "_test_run_report", "-p", "no:cacheprovider", "-q", "-rA",
                           "test_faults.py"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     out = run.stdout
+    # each failure as it happens, before pytest's summary
+    assert "failed: test_faults.py::test_other_error (call): RuntimeError: some other error" in run.stderr
     assert "PASSED test_faults.py::test_before" in out
     assert "FAILED test_faults.py::test_other_error" in out and "FAILED test_faults.py::test_faulting" in out
     assert "ERROR test_faults.py::test_after" in out
