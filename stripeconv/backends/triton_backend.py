@@ -286,12 +286,12 @@ def grad_weight(
                     plan, grad_output, input, weight, stride, padding, dilation)
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
         n, kh, kw = mask.shape
+        gather = cached_plan("dense", mask, 1, 0, device).gather  # the kept rows of the dense gradient (per mask)
 
         def dense(grad_output, input, weight):
             with runtime.dense_precision(input.dtype):
                 dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
                                                  (padding[0], padding[2]), dilation, groups)
-            gather = cached_plan("dense", mask, 1, 0, device).gather
             return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
         launchers["dense"] = dense
     select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding), tuple(dilation),
