@@ -882,7 +882,7 @@ def test_tiles_of_consecutive_filters_join_the_backward_where_the_clustered_tile
     mask = torch.rand(128, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.3
     weight = torch.empty(int(mask.sum()), 64, dtype=torch.bfloat16)
     clustered = _triton_backward_tiles.backward_tiles(mask, weight, 64, 1, *conv, "cpu")
-    runs = _triton_backward_tiles.backward_tiles_in_place(mask, weight, 64, 1, *conv, "cpu")
+    runs = _triton_backward_tiles.backward_tiles_in_place(clustered, mask, 1, *conv, "cpu")
     assert not clustered.fwd.runs and runs.fwd.runs and runs.fwd.in_order
     assert runs.fwd.block_n == tp.forward_plans(mask, 1, "cpu")[0].block_n
     assert runs.fwd.kept == clustered.fwd.kept == int(mask.sum()) and runs.fwd.computed > clustered.fwd.computed
@@ -891,5 +891,6 @@ def test_tiles_of_consecutive_filters_join_the_backward_where_the_clustered_tile
                                                                                    True))
     dense = torch.ones(128, 3, 3, dtype=torch.bool)
     weight = torch.empty(128 * 9, 64, dtype=torch.bfloat16)
-    assert _triton_backward_tiles.backward_tiles(dense, weight, 64, 1, *conv, "cpu").fwd.runs
-    assert _triton_backward_tiles.backward_tiles_in_place(dense, weight, 64, 1, *conv, "cpu") is None
+    dense_tiles = _triton_backward_tiles.backward_tiles(dense, weight, 64, 1, *conv, "cpu")
+    assert dense_tiles.fwd.runs
+    assert _triton_backward_tiles.backward_tiles_in_place(dense_tiles, dense, 1, *conv, "cpu") is None

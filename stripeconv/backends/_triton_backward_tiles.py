@@ -32,14 +32,13 @@ def backward_tiles(mask: Tensor, weight: Tensor, c: int, groups: int, stride, pa
     return cached_plan("bwd_tiles", mask, groups, best.block_n, device, conv)
 
 
-def backward_tiles_in_place(mask: Tensor, weight: Tensor, c: int, groups: int, stride, padding, dilation,
-                            device) -> Optional[TilesBackwardPlan]:
+def backward_tiles_in_place(clustered: Optional[TilesBackwardPlan], mask: Tensor, groups: int, stride, padding,
+                            dilation, device) -> Optional[TilesBackwardPlan]:
     """Tiles of consecutive filters at the forward's first width, which read dy in place, offered beside
-    :func:`backward_tiles` where that plan gathers dy; None where it reads dy in place already (or there
-    is none). Their union of positions grows towards the whole kernel as the density falls, but on an H100
+    ``clustered`` (what :func:`backward_tiles` returned) where that plan gathers dy; None where it reads dy
+    in place already (or there is none). Their union of positions grows towards the whole kernel as the density falls, but on an H100
     (bench/results/h100_20261124, ResNet-50 layer1) the tile grad input over runs of channels took about
     half the time of the clustered tiles with dy gathered, as the forward's aligned tiles did."""
-    clustered = backward_tiles(mask, weight, c, groups, stride, padding, dilation, device)
     if clustered is None or clustered.fwd.runs:
         return None
     width = forward_plans(mask, groups, device)[0].block_n

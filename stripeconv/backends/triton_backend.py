@@ -231,7 +231,7 @@ def grad_input(
     launchers = {"stripe": grad_input_launcher(grad_output, weight, mask, input_shape, stride, padding, dilation,
                                                groups)}
     tiles = backward_tiles(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
-    runs = backward_tiles_in_place(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
+    runs = backward_tiles_in_place(tiles, mask, groups, stride, padding, dilation, device)
     for suffix, plan in (("", tiles), ("_runs", runs)):
         if plan is not None and grad_output.numel() and math.prod(input_shape):
             launchers["stripe_tiles" + suffix] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
@@ -276,7 +276,7 @@ def grad_weight(
     launchers = {"stripe": grad_weight_launcher(grad_output, input, weight, mask, stride, padding, dilation, groups,
                                                 deterministic)}
     tiles = backward_tiles(mask, weight, input.shape[1], groups, stride, padding, dilation, device)
-    runs = backward_tiles_in_place(mask, weight, input.shape[1], groups, stride, padding, dilation, device)
+    runs = backward_tiles_in_place(tiles, mask, groups, stride, padding, dilation, device)
     for suffix, plan in (("", tiles), ("_runs", runs)):
         if plan is not None and not deterministic and grad_output.numel() and input.numel():
             launchers["stripe_tiles" + suffix] = grad_weight_tiles_launcher(plan, grad_output, input, weight, stride,
