@@ -18,7 +18,8 @@ the stripe network's largest error against the dense network on the masked weigh
 raw JSON (device, versions, date, every timing) to ``--out``. Each timing records the frames
 torch.compile compiled while it ran (nonzero: a guard failing on every call). ``--profile N``
 profiles N calls of each network after its timing (bench/profile_summary.py): host and device
-time per call, launches, the events that block the host on the device, and the costliest ops.
+time per call, launches, the events that block the host on the device, and the costliest ops; and the
+Python functions that took the most host time of their own (cProfile), where a call's Python goes.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import stripeconv  # noqa: E402
 from stripeconv.backends import gpu_select  # noqa: E402
 from bench_cpu import summary  # noqa: E402
 from bench_cpu_network import MODELS, build, dense_masked  # noqa: E402
-from profile_summary import format_summary, profile_calls  # noqa: E402
+from profile_summary import format_python_profile, format_summary, profile_calls, python_profile_calls  # noqa: E402
 
 MODES = ("eager", "compile", "reduce-overhead")
 
@@ -171,12 +172,17 @@ def main(argv=None) -> dict:
                         if args.profile:
                             row[name]["profile"] = profile_calls(lambda: (step_begin(), run(x)), args.profile,
                                                                  cuda=device.type == "cuda")
+                            sync()
+                            row[name]["python_profile"] = python_profile_calls(lambda: (step_begin(), run(x)),
+                                                                               args.profile)
+                            sync()
                     row["speedup"] = row["dense"]["median_ms"] / row["stripe"]["median_ms"]
                     rows.append(row)
                     print(f"{batch:>5} {mode:<16} {row['dense']['median_ms']:9.3f} {row['stripe']['median_ms']:10.3f} "
                           f"{row['speedup']:7.2f}x {total / max(kept, 1):8.2f}x {row['stripe_error']:8.1e}")
                     for name in ("dense", "stripe") if args.profile else ():
                         print(format_summary(row[name]["profile"], title=f"      {name:6s} profile: "))
+                        print(format_python_profile(row[name]["python_profile"], title=f"      {name:6s} python: "))
                     _write(path, {**meta, "rows": rows})  # after every row: a run cut short keeps what it measured
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark

@@ -68,6 +68,43 @@ def profile_calls(fn: Callable[[], object], calls: int = 5, cuda: bool = False, 
     }
 
 
+def python_profile_calls(fn: Callable[[], object], calls: int = 5, top: int = 12) -> dict:
+    """Profile ``calls`` back-to-back calls of ``fn`` (already warm) with cProfile: the Python functions
+    that took the most time of their own, per call. Where a call's host time goes inside Python (a
+    launch path, a cache lookup, argument checks), which torch.profiler shows only as the op around it.
+    cProfile's own cost per Python call inflates every function alike, so compare the rows, not the sum
+    with the unprofiled time."""
+    import cProfile
+    import pstats
+
+    if calls < 1:
+        raise ValueError(f"calls must be at least 1, got {calls}")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+
+    def row(where, entry) -> dict:
+        file, line, name = where
+        return {"function": f"{'/'.join(file.split('/')[-2:])}:{line}({name})", "calls_per_call": entry[1] / calls,
+                "own_us_per_call": entry[2] / calls * 1e6, "cumulative_us_per_call": entry[3] / calls * 1e6}
+
+    ranked = sorted(stats.items(), key=lambda item: -item[1][2])
+    return {"calls": calls, "own_us_per_call": sum(entry[2] for entry in stats.values()) / calls * 1e6,
+            "top_own": [row(where, entry) for where, entry in ranked[:top]]}
+
+
+def format_python_profile(summary: dict, title: str = "") -> str:
+    """:func:`python_profile_calls`' result as a few lines of text for a log."""
+    lines = [f"{title}{summary['own_us_per_call']:.0f} us of Python per call under cProfile"]
+    for r in summary["top_own"]:
+        lines.append(f"    {r['own_us_per_call']:8.1f} us own {r['cumulative_us_per_call']:9.1f} us cumulative  "
+                     f"x{r['calls_per_call']:<6g} {r['function'][:90]}")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict, title: str = "") -> str:
     """The summary as a few lines of text for a log."""
     lines = [f"{title}host {summary['host_ms_per_call']:.3f} ms, device {summary['device_ms_per_call']:.3f} ms, "

@@ -54,6 +54,12 @@ def test_profile_and_recompile_count(tmp_path, capsys):
             assert prof["calls"] == 2 and prof["host_ms_per_call"] > 0 and prof["blocking"] == []
         ops = {r["name"] for r in row["stripe"]["profile"]["top_host"]}
         assert any(op.startswith("stripeconv") for op in ops), ops  # the stripe convs are where the time goes
-    assert "stripe profile: host" in capsys.readouterr().out
+        python = row["stripe"]["python_profile"]
+        assert python["calls"] == 2 and python["own_us_per_call"] > 0
+        assert python["top_own"] == sorted(python["top_own"], key=lambda r: -r["own_us_per_call"])
+        functions = [r["function"] for r in python["top_own"]]
+        assert row["mode"] != "eager" or any("stripeconv/" in f or "backends/" in f for f in functions), functions
+    out = capsys.readouterr().out
+    assert "stripe profile: host" in out and "stripe python:" in out
     with pytest.raises(SystemExit):
         bench_gpu_network.main(["--cpu-smoke", "--profile", "-1", "--out", str(tmp_path)])

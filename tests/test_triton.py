@@ -140,6 +140,13 @@ CASES = dict([
     _case("splitk_forward_nchw_bf16_s2", pick="_splitk", dtype="bfloat16", C=64, N=32, stride=(2, 2), H=8, W=9),
     _case("splitk_forward_groups_no_bias", pick="_splitk", C=32, N=32, groups=2, bias=False, channels_last=True),
     _case("splitk_forward_fp64_dense", pick="_splitk", dtype="float64", density=1.0, C=32, N=16),
+    # Few output pixels: tiles re-clustered so that the longest union of positions is shorter (more, partly
+    # empty tiles; on CPU the budget is 2 * 4 "multiprocessors" over the 32-pixel blocks)
+    _case("balanced_tiles", pick="_balanced", B=1, H=4, W=4, C=16, N=48, density=0.25, channels_last=True),
+    _case("balanced_tiles_nchw_groups_s2", pick="_balanced", B=1, H=7, W=8, C=32, N=64, groups=2, density=0.3,
+          stride=(2, 2), bias=False),
+    _case("balanced_tiles_bf16_int64", pick="_balanced", dtype="bfloat16", int64=True, B=1, H=5, W=5, C=24, N=48,
+          density=0.2, channels_last=True, empty_filters=6),
     # The subtile forward: groups of narrow tiles per program, each input tile loaded once for the group's
     # union and multiplied by the subtiles that keep its position (per-position bits, skipped dots).
     _case("subtiles_x4", pick="x4", N=64, density=0.3, H=6, W=6),

@@ -646,6 +646,76 @@ def test_row_runs_only_where_every_tile_reads_consecutive_rows():
     assert all(plan.row_runs for plan in forward_plans(torch.ones(32, 3, 3, dtype=torch.bool), 2, "cpu"))
 
 
+def test_balanced_tiles_shorten_the_longest_union_within_the_budget():
+    """For few output pixels every forward program runs at once and the longest tile sets the time: the
+    balanced plans hold every filter once, in at most the budget's tiles, with a shorter longest union than
+    the clustered plan of their width (which leaves one tile of about every position at density 0.1);
+    none where the budget leaves no room or every tile already holds every position."""
+    from stripeconv.backends import _tile_clustering as clustering
+    from stripeconv.backends import triton_plans as tp
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(512, 3, 3, generator=g) < 0.1
+    clustered = {p.block_n: p for p in tp.forward_plans(mask, 1, "cpu") if not p.in_order}
+    plans = tp.balanced_plans(mask, 1, "cpu", 132)
+    assert {p.block_n for p in plans} == set(clustered), (sorted(clustered), [p.block_n for p in plans])
+    most = int(mask.reshape(512, -1).sum(1).max())
+    for plan in plans:
+        base = clustered[plan.block_n]
+        assert plan.balanced and not base.balanced and base.umax == 9
+        assert most <= plan.umax < base.umax and base.num_tiles < plan.num_tiles <= 132
+        channels = plan.tile_ch[plan.tile_ch >= 0]
+        assert sorted(channels.tolist()) == list(range(512)) and plan.kept == base.kept
+        assert plan.computed == int(plan.tile_npos.sum()) * plan.block_n > base.computed
+        assert plan.tile_npos.tolist() == sorted(plan.tile_npos.tolist(), reverse=True)  # longest first
+    assert tp.balanced_plans(mask, 1, "cpu", 8) == []  # every width's clustering has 8 tiles or more
+    assert tp.balanced_plans(torch.ones(64, 3, 3, dtype=torch.bool), 1, "cpu", 132) == []
+    grouped = tp.balanced_plans(torch.rand(64, 3, 3, generator=g) < 0.3, 2, "cpu", 64)
+    for plan in grouped:  # a tile holds one group's filters
+        for row, group in zip(plan.tile_ch.tolist(), plan.tile_grp.tolist()):
+            assert {f // 32 for f in row if f >= 0} == {group}
+    # the two ways: splitting a tile in two shortens it unless one filter keeps its whole union
+    pat = (torch.rand(16, 9, generator=g) < 0.3).numpy()
+    pat[:, 4] = True
+    first, second = clustering.halves(pat)
+    assert sorted(first + second) == list(range(16))
+    assert max(pat[first].any(0).sum(), pat[second].any(0).sum()) < pat.any(0).sum()
+    pat[:, 8] = False
+    tiles = clustering.capped(pat, 1, 4, 8)  # capped sets: no tile's union wider than the fewest that fit 8 tiles
+    longest = max(pat[t].any(0).sum() for t in tiles)
+    assert len(tiles) <= 8 and sorted(f for t in tiles for f in t) == list(range(16)) and longest < 8
+    fewest = int(pat.sum(1).max())  # no cap below what one filter keeps
+    assert longest == fewest or len(clustering.tiles_by_subsets(pat, 4, int(longest) - 1)) > 8
+    assert len(clustering.capped(pat, 1, 4, 16)) <= 16 and clustering.capped(pat, 1, 4, 2) is None
+    pat[0] = pat.any(0)
+    assert clustering.halves(pat) is None and clustering.halves(pat[:1]) is None
+    pat[0, 8] = True  # a filter keeps every position: no cap below the kernel's size
+    assert clustering.capped(pat, 1, 16, 16) is None
+
+
+def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
+    """A batch-1 layer whose tiles all run at once gets the balanced forward candidates; a batch that
+    fills the GPU many times over does not."""
+    aot = _aot()
+    from stripeconv.backends import gpu_select
+    from stripeconv.backends import triton_backend as tb
+
+    offered, choice = [], gpu_select.choice
+
+    def record(key, candidates, device):
+        if key[0] == "fwd":
+            offered.append(sorted(candidates))
+        return choice(key, candidates, device)
+    monkeypatch.setattr(gpu_select, "choice", record)
+    for batch, balanced in ((1, True), (64, False)):
+        tb.clear_cache()
+        offered.clear()
+        label, call = aot.layer_calls(512, 512, 7, density=0.1, dtype=torch.bfloat16, batch=batch)[0]
+        aot.capture_launches(call)
+        assert any(name.endswith("_balanced") for name in offered[0]) == balanced, (label, offered)
+    tb.clear_cache()
+
+
 def test_forward_times_small_pixel_blocks_only_for_few_pixels():
     """The forward's tuner times BLOCK_M = 32 for launches over few output pixels (batch 1, small planes:
     more programs for the GPU's multiprocessors) and BLOCK_M = 256 for many, never both; the tuner itself

@@ -61,7 +61,8 @@ from ._triton_backward_tiles import (
 from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .triton_plans import (
-    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, best_tile_efficiency, cached_plan, default_block_n,
+    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, balanced_plans, best_tile_efficiency, cached_plan,
+    default_block_n,
     forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency, tile_widths,
 )
 
@@ -101,6 +102,12 @@ def _symmetric(padding) -> bool:
 def _select_key(op: str, *tensors: Tensor, extra: tuple = ()) -> tuple:
     return (op, *[(tuple(t.shape), t.dtype, t.is_contiguous(memory_format=torch.channels_last), str(t.device))
                   for t in tensors], *extra)
+
+
+def _balance_budget(pixels: int, device) -> int:
+    """Forward tiles that run at once on ``device`` beside each other for a call of ``pixels`` output pixels:
+    two programs a multiprocessor, in pixel blocks of 32 (the smallest the tuner tries)."""
+    return 2 * runtime.num_sms(device) // shapes.cdiv(pixels, 32)
 
 
 def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device) -> Callable:
@@ -200,6 +207,10 @@ def forward(
     for plan in narrow_plans(mask, groups, device) if runtime.narrow_dots() else ():
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
         add_subtiles(plan)
+    for plan in balanced_plans(mask, groups, device, _balance_budget(b * ho * wo, device)):
+        counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned, plan.umax))
+        launchers[f"stripe{plan.block_n}_balanced"] = stripe_launcher(plan, input, weight, bias, stride, padding,
+                                                                      dilation, (ho, wo))
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),

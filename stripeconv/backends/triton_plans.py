@@ -38,7 +38,7 @@ from ._masks import clear, mask_key, memo
 
 __all__ = [
     "ForwardPlan", "SubtilePlan", "GradInputPlan", "GradWeightPlan", "TilesBackwardPlan", "DensePlan",
-    "default_block_n", "subtile_count", "subtile_plan", "narrow_plans",
+    "default_block_n", "subtile_count", "subtile_plan", "narrow_plans", "balanced_plans",
     "forward_plan", "tile_efficiency", "tile_widths", "best_tile_efficiency", "filter_order", "clear_cache",
 ]
 
@@ -98,6 +98,7 @@ class ForwardPlan:
     runs: bool = False  # every tile is a full run of BLOCK_N consecutive channels (so starts at a multiple of it)
     all_positions: bool = False  # every tile's union is every kernel position (tile_pos[t] = 0, 1, ..., kh*kw - 1)
     row_runs: bool = False  # every (tile, union position) reads consecutive packed rows, none absent (:func:`_row_runs`)
+    balanced: bool = False  # the longest tiles of a clustering split to shorten the longest (:func:`balanced_plans`)
 
     @property
     def efficiency(self) -> float:
@@ -141,16 +142,24 @@ def _row_ids(mask_cpu: Tensor) -> np.ndarray:
 
 def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order: bool = False) -> ForwardPlan:
     n, kh, kw = mask_cpu.shape
-    npos = kh * kw
     ng = n // groups
-    pat_all = mask_cpu.reshape(n, npos).numpy().astype(bool)
-    rid = _row_ids(mask_cpu)
-    s = int(pat_all.sum())
+    pat_all = mask_cpu.reshape(n, kh * kw).numpy().astype(bool)
     tiles = []  # (group, [filters])
     for g in range(groups):
         pat = pat_all[g * ng:(g + 1) * ng]
         best = clustering.tiles_in_order(ng, block_n) if in_order else clustering.clustered(pat, block_n)
         tiles.extend((g, [g * ng + k for k in sorted(t)]) for t in best)
+    return _forward_from_tiles(mask_cpu, tiles, block_n, device, in_order=in_order)
+
+
+def _forward_from_tiles(mask_cpu: Tensor, tiles: list, block_n: int, device, in_order: bool = False,
+                        balanced: bool = False) -> ForwardPlan:
+    """The plan's tables for ``tiles``, (group, [filters]) pairs of at most ``block_n`` filters."""
+    n, kh, kw = mask_cpu.shape
+    npos = kh * kw
+    pat_all = mask_cpu.reshape(n, npos).numpy().astype(bool)
+    rid = _row_ids(mask_cpu)
+    s = int(pat_all.sum())
     unions = [np.nonzero(pat_all[f].any(0))[0] for _, f in tiles]
     order = sorted(range(len(tiles)), key=lambda k: -len(unions[k]))  # heavy tiles first
     num_tiles = len(tiles)
@@ -181,7 +190,7 @@ def _build_forward(mask_cpu: Tensor, groups: int, block_n: int, device, in_order
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
         in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
-        all_positions=bool((tile_npos == npos).all()), row_runs=_row_runs(w_rows, tile_npos),
+        all_positions=bool((tile_npos == npos).all()), row_runs=_row_runs(w_rows, tile_npos), balanced=balanced,
     )
 
 
@@ -556,6 +565,45 @@ def forward_plans(mask: Tensor, groups: int, device) -> list[ForwardPlan]:
                     plans.append(in_order)
         return plans
     key = ("fwd_widths", *mask_key(mask), groups, str(device), getenv("STRIPECONV_TRITON_BLOCK_N"))
+    return memo(key, mask, build)
+
+
+def balanced_plans(mask: Tensor, groups: int, device, max_tiles: int) -> list[ForwardPlan]:
+    """For a call whose forward programs all run at once (few output pixels): tiles of at most
+    ``max_tiles`` whose longest union of positions is shorter than that of the clustered plans of
+    :func:`forward_plans`, one plan per width where one is found. Such a kernel lasts as long as its
+    longest program, and every clustering leaves a last tile of the filters that fit no other, whose
+    union is about every position whatever the density (a 512-filter layer at density 0.1 in 16-wide
+    tiles: 9 positions, where the mean is under 2). The shorter of two ways is taken (the longest
+    union, then the stripes computed): the set-cover clustering with its sets capped at the fewest
+    positions it can keep to ``max_tiles`` (:func:`._tile_clustering.capped`, tiles left partly
+    empty), and the clustered plan's longest tiles split in two while that shortens the longest
+    (:func:`._tile_clustering.balanced`). Both compute more stripes in all."""
+    def build():
+        plans = []
+        pat = None
+        for plan in forward_plans(mask, groups, device):
+            if plan.in_order or plan.all_positions or plan.num_tiles >= max_tiles:
+                continue
+            if pat is None:
+                mask_cpu = mask.detach().to("cpu", torch.bool).contiguous()  # once per mask and budget
+                pat = mask_cpu.reshape(mask_cpu.shape[0], -1).numpy()
+            host = cached_plan("fwd", mask, groups, plan.block_n, "cpu")
+            filters = [[int(f) for f in row if f >= 0] for row in host.tile_ch.numpy()]
+            ng = pat.shape[0] // groups
+            options = [clustering.balanced(pat, filters, max_tiles),
+                       clustering.capped(pat, groups, plan.block_n, max_tiles)]
+
+            def longest(tiles):
+                return max(int(pat[t].any(0).sum()) for t in tiles), clustering.computed_stripes(pat, tiles,
+                                                                                                   plan.block_n)
+            best = min((t for t in options if t), key=longest)
+            if longest(best)[0] >= plan.umax:
+                continue
+            tiles = [(t[0] // ng, sorted(t)) for t in best]
+            plans.append(_forward_from_tiles(mask_cpu, tiles, plan.block_n, device, balanced=True))
+        return plans
+    key = ("fwd_balanced", *mask_key(mask), groups, str(device), max_tiles, getenv("STRIPECONV_TRITON_BLOCK_N"))
     return memo(key, mask, build)
 
 
