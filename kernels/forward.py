@@ -69,13 +69,39 @@ def _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K: tl.co
     return wt
 
 
-# reset_to_zero: a split-K launch adds into its output, so the tuner zeroes it before each timing run
-# and before the launch that counts (the other launches overwrite it anyway).
+@triton.jit
+def _split_k_sum(acc, ws_ptr, count_ptr, tile, t, offs_m, m_ok, M, T, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K without atomic adds into the output: each split stores its partial sums into its slice of
+    the fp32 workspace ``[SPLIT_K, M, T * BLOCK_N]`` and counts itself in at its output tile; the split
+    that arrives last adds the slices in split order (the same sum whichever arrives last) and returns
+    ``(sum, m_ok)``, the others ``(acc, no row)``: the rows to store. The host zeroes the counts before
+    each launch, and the last split zeroes its tile's count again (the tuner launches the kernel several
+    times)."""
+    split = tl.program_id(1)
+    rows = offs_m.to(tl.int64)[:, None]
+    cols = (t * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
+    width = T * BLOCK_N
+    tl.store(ws_ptr + (split * M + rows) * width + cols, acc, mask=m_ok[:, None])
+    # Every thread's partial sums are stored before the count (release); the last split reads the
+    # others' past its L1 (.cg) after it (acquire).
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
+    if arrived == SPLIT_K - 1:
+        acc = tl.zeros_like(acc)
+        for s in tl.static_range(SPLIT_K):
+            acc += tl.load(ws_ptr + (s * M + rows) * width + cols, mask=m_ok[:, None], other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(count_ptr + tile, 0)
+    # (the comparison per row: Triton's interpreter makes an int of a row mask and a scalar bool)
+    return acc, m_ok & ((offs_m * 0 + arrived) == SPLIT_K - 1)
+
+
+# reset_to_zero: a split-K launch counts its splits in ``count_ptr``; the tuner zeroes the counts before each
+# timing run (the kernel leaves them zero, but a run the tuner stops midway would not).
 @triton.autotune(configs=FWD_CONFIGS, key=FWD_KEY, prune_configs_by={"early_config_prune": fwd_configs_for},
-                 reset_to_zero=["out_ptr"], **_TUNE_EXTRAS)
+                 reset_to_zero=["count_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, out_ptr,
+    x_ptr, w_ptr, bias_ptr, out_ptr, ws_ptr, count_ptr,
     tile_pos_ptr, tile_npos_ptr, tile_ch_ptr, tile_grp_ptr, w_rows_ptr,
     B, H, W, Ho, Wo, CG, T, UMAX,
     sxb, sxc, sxh, sxw,
@@ -166,6 +192,8 @@ def stripe_fwd_kernel(
             wv = tl.load(w_ptr + rows * CG + c, mask=rows >= 0, other=0.0).to(ACC_DTYPE)
             acc += xv[:, None] * wv[None, :]
 
+    if SPLIT_K > 1:
+        acc, m_ok = _split_k_sum(acc, ws_ptr, count_ptr, pid, t, offs_m, m_ok, B * Ho * Wo, T, SPLIT_K, BLOCK_N)
     ch = tl.load(tile_ch_ptr + t * BLOCK_N + offs_n)  # original channel, -1 for padding columns
     if STORE == 1:
         # The host guarantees runs of 8 consecutive channels starting at multiples of 8 (and runs of
@@ -173,10 +201,7 @@ def stripe_fwd_kernel(
         ch = tl.max_contiguous(tl.multiple_of(ch, 8), 8)
     n_ok = ch >= 0
     if HAS_BIAS:
-        bv = tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(ACC_DTYPE)
-        if SPLIT_K > 1:
-            bv = tl.where(tl.program_id(1) == 0, bv, 0.0)  # added once, by the first split
-        acc += bv[None, :]
+        acc += tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
     if STORE == 2:
         # Contiguous NCHW output: each column is a run of pixels of one plane, stored as vectors
         # whatever the channel order.
@@ -186,10 +211,7 @@ def stripe_fwd_kernel(
         out_ptrs = out_ptr + (b * sob + pix)[:, None] + ch[None, :] * soc
     else:
         out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
-    if SPLIT_K > 1:  # partial sums into a zeroed output of the accumulator's dtype
-        tl.atomic_add(out_ptrs, acc, mask=m_ok[:, None] & n_ok[None, :])
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit

@@ -22,7 +22,8 @@ The kernels:
     ``ROW_RUNS`` (every tile's rows at each position are consecutive, e.g. at density 1) the tile
     reads a plain block of rows from the first one instead.
     With ``SPLIT_K`` > 1 (few output pixels: more programs for the GPU) grid axis 1 splits each tile's
-    iterations, and the splits add atomically into a zeroed output of the accumulator's dtype.
+    iterations; each split stores its partial sums into a fp32 workspace and counts itself in, and the
+    split that arrives last adds them up in split order (deterministic) and stores the tile.
     Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
     of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.

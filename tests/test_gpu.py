@@ -121,6 +121,36 @@ def test_every_timed_kernel_variant_agrees_with_cudnn(case, monkeypatch):
     assert sum(len(d["times_ms"]) for d in decisions) > len(decisions), "more than one variant was checked"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the splits of one output tile race "
+                    "only on a GPU (the interpreter runs programs one at a time: tests/test_triton.py, splitk_*)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_split_k_forward_repeats_bit_for_bit(dtype):
+    """The split-K forward's last split to arrive at an output tile adds the splits' partial sums in split
+    order: whichever finishes last, every launch returns the same bits, and they agree with the oracle.
+    A split that read another's partial sums before they were stored (the barrier and the acquire-release
+    count are what prevent it) would show as a launch that differs."""
+    from stripeconv.backends import _triton_forward, triton_backend as tb, triton_plans
+
+    device = torch.device("cuda")
+    gen = torch.Generator().manual_seed(3)
+    for n, c, hw, density in ((512, 512, 7, 0.5), (256, 256, 4, 0.2)):
+        mask = (torch.rand(n, 3, 3, generator=gen) < density).to(device)
+        layer = StripeConv2d(c, n, 3, padding=1, stripe_mask=mask).to(device=device, dtype=dtype)
+        x = _input(device, dtype, c=c, hw=hw, batch=1)
+        plan = triton_plans.forward_plans(mask, 1, device)[0]
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        split = _triton_forward.split_k(plan, hw * hw, c, sms)
+        assert split > 1, (n, hw, split)
+        launch = _triton_forward.stripe_launcher(plan, x, layer.packed_weight, layer.bias, (1, 1), (1, 1, 1, 1),
+                                                 (1, 1), (hw, hw), split_k=split)
+        with torch.no_grad():
+            first = launch(x, layer.packed_weight, layer.bias)
+            torch.testing.assert_close(first.double().cpu(), _oracle(layer, x), atol=_tol(dtype), rtol=_tol(dtype))
+            for _ in range(300):
+                assert torch.equal(launch(x, layer.packed_weight, layer.bias), first)
+    tb.clear_cache()
+
+
 def test_torch_compile_fullgraph(device):
     layer = _layer(device)
     compiled = torch.compile(layer, fullgraph=True)

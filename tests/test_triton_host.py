@@ -214,7 +214,7 @@ def test_forward_reads_the_packed_weight_in_place():
     x = torch.randn(2, 32, 8, 8, generator=gen).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
     for weight in (packed, packed.t().contiguous().t()):
         (launch,) = aot.capture_launches(lambda: tb.forward(x, weight, None, mask, [1, 1], [1, 1, 1, 1], [1, 1], 1))
-        w_arg, rows_arg = launch.args[1], launch.args[8]
+        w_arg, rows_arg = launch.args[1], launch.args[10]
         assert torch.equal(w_arg, packed) and w_arg.is_contiguous()
         assert (w_arg.data_ptr() == weight.data_ptr()) == weight.is_contiguous()
         plan = tb.forward_plans(mask, 1, x.device)[0]
@@ -254,13 +254,13 @@ def test_settled_forward_calls(settled_calls, monkeypatch):
     nchw = lambda: torch.randn(2, 32, 8, 8, generator=gen)  # noqa: E731
     first, second = call(nchw()), call(nchw())
     assert len(tb._settled) == 1
-    assert all(a is b for a, b in zip(first.args[4:9], second.args[4:9]))  # the plan's tables
-    assert first.args[9:] == second.args[9:] and first.kwargs == second.kwargs
+    assert all(a is b for a, b in zip(first.args[6:11], second.args[6:11]))  # the plan's tables
+    assert first.args[11:] == second.args[11:] and first.kwargs == second.kwargs
     x, weight = nchw(), torch.randn(int(mask.sum()), 32, generator=gen)
     launch = call(x, weight=weight)
     assert len(tb._settled) == 1
     assert torch.equal(launch.args[0], x) and launch.args[0].is_contiguous(memory_format=torch.channels_last)
-    assert launch.args[1] is weight and launch.args[8] is first.args[8]
+    assert launch.args[1] is weight and launch.args[10] is first.args[10]
 
     def grows(make):
         before = len(tb._settled)
@@ -291,7 +291,7 @@ def test_settled_forward_calls(settled_calls, monkeypatch):
     with torch.no_grad():
         mask[:4] = True  # same tensor, new contents: a new plan
     launch = grows(lambda: call(nchw()))
-    assert launch.args[8] is not old_rows and torch.equal(launch.args[8], tb.forward_plans(mask, 1, "cpu")[0].w_rows)
+    assert launch.args[10] is not old_rows and torch.equal(launch.args[10], tb.forward_plans(mask, 1, "cpu")[0].w_rows)
     tb.clear_cache()
     assert not tb._settled
 
@@ -880,20 +880,22 @@ def test_split_k_forward_is_offered_for_few_pixels_and_compiles_for_hopper():
 
 
 def test_tuners_zero_what_their_kernels_add_into():
-    """A kernel that adds atomically into a buffer (split-K forward, grad weight) runs several times
-    while its tuner times configurations: the tuner must zero the buffer before each run and before the
-    launch whose result counts, or the first call of a shape returns a multiple of the answer."""
+    """A kernel that adds atomically into a buffer (grad weight; the split-K forward's counts of arrived
+    splits) runs several times while its tuner times configurations: the tuner must zero the buffer before
+    each run and before the launch whose result counts, or the first call of a shape returns a multiple of
+    the answer (or, for the counts, no split finds itself last)."""
     import inspect
 
     _aot()
     kernels = _triton_runtime.check_kernels()
-    adds_into = {"stripe_fwd_kernel": "out_ptr", "stripe_wgrad_kernel": "dw_ptr", "stripe_wgrad_tiles_kernel": "dw_ptr",
-                 "stripe_wgrad_tiles_tma_kernel": "dw_ptr"}
+    adds_into = {"stripe_fwd_kernel": "count_ptr", "stripe_wgrad_kernel": "dw_ptr",
+                 "stripe_wgrad_tiles_kernel": "dw_ptr", "stripe_wgrad_tiles_tma_kernel": "dw_ptr"}
     tuned = [name for name in dir(kernels) if name.endswith("_kernel") and hasattr(getattr(kernels, name), "configs")]
     for name in tuned:
         tuner = getattr(kernels, name)
-        source = inspect.getsource(tuner.fn.fn)  # (_store_wgrad_tile adds atomically for the grad weights)
-        atomic = "tl.atomic_add(" in source or "_store_wgrad_tile(" in source
+        # (_store_wgrad_tile adds atomically for the grad weights, _split_k_sum counts the forward's splits)
+        source = inspect.getsource(tuner.fn.fn)
+        atomic = any(call in source for call in ("tl.atomic_add(", "_store_wgrad_tile(", "_split_k_sum("))
         assert atomic == (name in adds_into), f"{name}: update this test's list of kernels that add atomically"
         if atomic:
             assert adds_into[name] in tuner.reset_to_zero, (name, tuner.reset_to_zero)

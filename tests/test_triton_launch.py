@@ -113,8 +113,9 @@ def test_settled_forward_launches_directly(tb, stub, monkeypatch):
     calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, _triton_runtime._kernels.stripe_fwd_kernel,
                                            torch.zeros(32, dtype=torch.bfloat16))
     assert calls[-1][9] is inputs[-1] and calls[-2][9] is inputs[-2]
-    # The tensors (input, weight, bias, output) aside, the direct launch is the third one, which went through triton.
-    _same_call(calls[-1][:9] + calls[-1][13:], calls[2][:9] + calls[2][13:])
+    # The tensors (input, weight, bias, output, split-K workspace and counts) aside, the direct launch is the third
+    # one, which went through triton.
+    _same_call(calls[-1][:9] + calls[-1][15:], calls[2][:9] + calls[2][15:])
 
 
 def test_settled_tma_forward_launches_its_new_descriptor_directly(tb, stub, monkeypatch):

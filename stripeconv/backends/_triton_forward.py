@@ -32,15 +32,14 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     A channels_last output is stored in place when ``plan`` is aligned (runs of 8 channels) and
     scattered otherwise; with ``via_planes`` the kernel writes NCHW planes and a copy makes them
     channels_last (a second pass over the output instead of scattered stores). With ``split_k`` > 1
-    that many programs share each output tile's reduction and add into a zeroed channels_last buffer
-    of the accumulator's dtype (the output itself for fp32 and fp64), cast to the output afterwards."""
+    that many programs share each output tile's reduction: their partial sums go to a workspace of
+    the accumulator's dtype, and the last of them to finish adds them up and stores the tile (one
+    launch beside zeroing the tiles' counts)."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
     out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
-    if split_k > 1:
-        store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), torch.channels_last
-    elif out_format == torch.contiguous_format:
+    if out_format == torch.contiguous_format:
         store, kernel_format = STORE_PLANES, out_format
     elif via_planes:
         store, kernel_format = STORE_PLANES, torch.contiguous_format
@@ -72,19 +71,21 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     kernel = runtime.TunedLaunch("stripe_fwd_kernel",
                                  lambda meta: (shapes.cdiv(m, meta["BLOCK_M"]) * plan.num_tiles, split_k),
                                  constants, fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
-    # split-K partial sums add up in the accumulator's precision (fp64 for fp64, fp32 otherwise)
-    out_dtype = None if split_k == 1 else torch.float64 if input.dtype == torch.float64 else torch.float32
+    # Split-K: partial sums in the accumulator's precision (fp64 for fp64, fp32 otherwise), one slice of
+    # [M, tiles * BLOCK_N] per split, and a count per output tile at the smallest pixel block (32).
+    acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    workspace, counts = split_k * m * plan.num_tiles * bn, shapes.cdiv(m, 32) * plan.num_tiles
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        if out_dtype is None:
-            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
-        else:
-            out = torch.empty(out_shape, dtype=out_dtype, device=input.device, memory_format=kernel_format).zero_()
+        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        if split_k > 1:
+            ws = torch.empty(workspace, dtype=acc_dtype, device=input.device)
+            count = torch.zeros(counts, dtype=torch.int32, device=input.device)
+        else:  # unused
+            ws = count = out
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
-        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
-        if out_dtype is not None:
-            out = out.to(input.dtype)
+        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out, ws, count)
         return out.contiguous(memory_format=out_format)
     return launch
 

@@ -98,7 +98,7 @@ class ForwardPlan:
     runs: bool = False  # every tile is a full run of BLOCK_N consecutive channels (so starts at a multiple of it)
     all_positions: bool = False  # every tile's union is every kernel position (tile_pos[t] = 0, 1, ..., kh*kw - 1)
     row_runs: bool = False  # every (tile, union position) reads consecutive packed rows, none absent (:func:`_row_runs`)
-    balanced: bool = False  # the longest tiles of a clustering split to shorten the longest (:func:`balanced_plans`)
+    balanced: bool = False  # tiles re-clustered to shorten the longest union (:func:`balanced_plans`)
 
     @property
     def efficiency(self) -> float:
