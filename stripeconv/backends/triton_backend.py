@@ -62,8 +62,8 @@ from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_laun
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, balanced_plans, best_tile_efficiency, cached_plan,
-    default_block_n,
-    forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency, tile_widths,
+    default_block_n, forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency,
+    tile_widths,
 )
 
 NAME = "triton"
