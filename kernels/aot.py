@@ -128,7 +128,7 @@ def capture_launches(call: Callable[[], Any], sm_count: int = 132, every_candida
     from ..backends import _triton_runtime as runtime, gpu_select
     from ..backends import triton_backend as host
 
-    def each_candidate(key, candidates, device):
+    def each_candidate(key, candidates, device, captured=None):
         stripes = [name for name in candidates if name != "dense"]
         for name in stripes:
             candidates[name]()

@@ -84,9 +84,20 @@ def test_nothing_kept_for_inference_tensors_or_while_capturing(monkeypatch):
         frozen = weight.clone()  # an inference tensor: no version counter to check
     _assert_dense(dw.dense_weight(frozen, mask, CPU), frozen, mask)
     assert len(dw._kept) == 0
-    monkeypatch.setattr(dw, "_capturing", lambda weight: True)  # a graph must replay the scatter
+    monkeypatch.setattr(dw, "capturing", lambda weight: True)  # a graph must replay the scatter
     first = dw.dense_weight(weight, mask, CPU)
     assert dw.dense_weight(weight, mask, CPU) is not first and len(dw._kept) == 0
+
+
+def test_keep_false_scatters_every_call_as_a_graph_replays_it():
+    """What gpu_select times as the hand-over's work in a CUDA graph: a fresh scatter, nothing kept or reused."""
+    weight, mask = _layer()
+    first = dw.dense_weight(weight, mask, CPU, keep=False)
+    _assert_dense(first, weight, mask)
+    again = dw.dense_weight(weight, mask, CPU, keep=False)
+    assert again is not first and len(dw._kept) == 0
+    kept = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU, keep=False) is not kept
 
 
 def test_another_stream_scatters_again(monkeypatch):

@@ -190,6 +190,75 @@ def test_cuda_graph_capture_and_replay(device):
         assert (static_y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
 
 
+def test_graph_replays_a_stripe_kernel_where_dense_wins_only_eagerly(monkeypatch):
+    """Where the dense hand-over is timed fastest with its weight kept but slowest when it scatters the
+    weight (as every replay of a CUDA graph does), the captured forward and grad input run stripe kernels:
+    replays after in-place weight updates match the oracle, and eager calls still run the dense conv."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    from stripeconv.backends import triton_backend as tb
+
+    monkeypatch.delenv("STRIPECONV_GPU_DENSE", raising=False)
+    time_ms, dense_launcher = gpu_select._time_ms, tb._dense_launcher
+
+    def timed_dense(*args, keep=True, **kwargs):
+        launch = dense_launcher(*args, keep=keep, **kwargs)
+
+        def dense(*call_args):
+            return launch(*call_args)
+        dense.ms = 0.0 if keep else 1e3
+        return dense
+
+    def timer(fn, repeats=5):  # dense: fastest with its weight kept, slowest scattering it; stripe kernels timed
+        if fn.func.__qualname__ == "grad_input.<locals>.dense":
+            fn()
+            return 0.0 if fn.keywords.get("keep", True) else 1e3
+        if hasattr(fn.func, "ms"):
+            fn()
+            return fn.func.ms
+        return time_ms(fn, repeats)
+    monkeypatch.setattr(tb, "_dense_launcher", timed_dense)
+    monkeypatch.setattr(gpu_select, "_time_ms", timer)
+    tb.clear_cache()
+    gpu_select.clear()
+    device = torch.device("cuda")
+    layer = _layer(device, seed=7)
+    static_x = _input(device, torch.float32).requires_grad_()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            layer.zero_grad(set_to_none=True)
+            layer(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(side)
+    decided = {d["key"][0]: d for d in gpu_select.decisions()}
+    for op in ("fwd", "dgrad"):
+        assert decided[op]["choice"] == "dense" and decided[op]["captured_choice"].startswith("stripe"), decided[op]
+    layer.zero_grad(set_to_none=False)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = layer(static_x)
+        static_y.sum().backward()
+    for seed in (5, 6):
+        with torch.no_grad():
+            static_x.copy_(_input(device, torch.float32, seed=seed))
+            layer.packed_weight.mul_(-0.5)  # what a kept dense weight would miss
+        static_x.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_x = static_x.detach().double().cpu().requires_grad_()
+        ref = F.conv2d(ref_x, layer.weight.detach().double().cpu(), layer.bias.detach().double().cpu(), 1, 1)
+        ref.sum().backward()
+        assert (static_y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
+        assert (static_x.grad.double().cpu() - ref_x.grad).abs().max() <= 2e-3 * max(1.0, ref_x.grad.abs().max().item())
+    with torch.no_grad():  # eager again: the dense conv on the current weight
+        y = layer(static_x)
+    ref = _oracle(layer, static_x)
+    assert (y.double().cpu() - ref).abs().max() <= 2e-3 * max(1.0, ref.abs().max().item())
+    tb.clear_cache()
+    gpu_select.clear()
+
+
 def test_fine_tuning_reduces_the_loss(device):
     torch.manual_seed(0)
     net = nn.Sequential(

@@ -116,6 +116,40 @@ def test_excluded_variants_are_neither_timed_nor_chosen(monkeypatch):
         gpu_select.choose(("z",), candidates, CUDA)
 
 
+def test_captured_variants_decide_the_choice_under_capture(monkeypatch):
+    """A candidate's captured variant (the dense hand-over scattering its weight, as a CUDA graph replays it)
+    is timed beside it: the eager choice ignores it, the choice under capture takes it in place of the
+    candidate's eager time."""
+    times = {"stripe64": 2.0, "stripe32": 1.5, "dense": 1.0, "dense scattered": 1.8}
+    calls = _fake_timer(monkeypatch, times)
+    captured = {"dense": lambda: "dense scattered"}
+    assert gpu_select.choose(("c",), _candidates(), CUDA, captured) == "dense"
+    assert sorted(calls) == ["dense", "dense scattered", "stripe32", "stripe64"]
+    assert gpu_select.captured_choice(("c",)) == "stripe32"
+    (entry,) = gpu_select.decisions()
+    assert entry["captured_times_ms"] == {"dense": 1.8} and entry["captured_choice"] == "stripe32"
+    assert "dense scattered" not in entry["times_ms"]
+    # Where the scatter costs little, dense stays the choice under capture too.
+    times["dense scattered"] = 1.2
+    assert gpu_select.choose(("d",), _candidates(), CUDA, captured) == "dense"
+    assert gpu_select.captured_choice(("d",)) == "dense"
+    # Per mode: "never" times no dense candidate, so it has no choice under capture of its own.
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+    assert gpu_select.choose(("c",), _candidates(), CUDA, captured) == "stripe32"
+    assert gpu_select.captured_choice(("c",)) is None
+    monkeypatch.delenv("STRIPECONV_GPU_DENSE")
+    # A key decided again (its choice is not among the call's candidates) for candidates without captured
+    # variants forgets its choice under capture.
+    times.update({"dense": 3.0, "dense scattered": 3.5, "stripe_tiles": 0.5})
+    assert gpu_select.choose(("e",), _candidates(), CUDA, captured) == "stripe32"
+    assert gpu_select.captured_choice(("e",)) == "stripe32"
+    others = {"stripe64": lambda: "stripe64", "stripe_tiles": lambda: "stripe_tiles", "dense": lambda: "dense"}
+    assert gpu_select.choose(("e",), others, CUDA) == "stripe_tiles"
+    assert gpu_select.captured_choice(("e",)) is None
+    gpu_select.clear()
+    assert gpu_select.captured_choice(("d",)) is None
+
+
 def test_settled_and_generation(monkeypatch):
     _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.0, "dense": 0.5})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

@@ -392,10 +392,10 @@ def _candidate_picked(tb, parts: dict):
     (there must be one)."""
     choice = tb.gpu_select.choice
 
-    def pick(key, candidates, device):
+    def pick(key, candidates, device, captured=None):
         part = parts.get(key[0])
         if part is None:
-            return choice(key, candidates, device)
+            return choice(key, candidates, device, captured)
         names = [name for name in candidates if part in name]
         assert names, f"no {key[0]} candidate named *{part}*: {sorted(candidates)}"
         return ("stripe_" + part if "stripe_" + part in names else names[0]), True

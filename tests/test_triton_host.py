@@ -323,6 +323,62 @@ def test_settled_gradient_calls(settled_calls, monkeypatch):
     assert len(tb._settled) == 4 and not wgrad.kwargs["ATOMIC"] and dgrad.kwargs == first_dgrad.kwargs
 
 
+def test_a_dense_choice_runs_the_fastest_stripe_kernel_under_capture(settled_calls, monkeypatch):
+    """The dense hand-over keeps its scattered weight between eager calls, but a CUDA graph replays the
+    scatter: where dense wins only with the weight kept, a call captured into a graph runs the stripe
+    kernel that is fastest under capture, and eager calls keep running dense (forward and grad input)."""
+    aot, tb = settled_calls
+    from stripeconv.backends import _triton_runtime, gpu_select
+
+    dense_launcher = tb._dense_launcher
+
+    def timed_dense(*args, keep=True, **kwargs):  # dense: 1 ms with its weight kept, 3 ms scattering it
+        launch = dense_launcher(*args, keep=keep, **kwargs)
+
+        def dense(*call_args):
+            return launch(*call_args)
+        dense.ms = 1.0 if keep else 3.0
+        return dense
+
+    def timer(fn, repeats=5):  # every stripe kernel 2 ms: the first one wins
+        fn()
+        if fn.func.__qualname__ == "grad_input.<locals>.dense":  # its captured variant passes keep=False
+            return 1.0 if fn.keywords.get("keep", True) else 3.0
+        return getattr(fn.func, "ms", 2.0)
+    monkeypatch.setattr(tb, "_dense_launcher", timed_dense)
+    monkeypatch.setattr(gpu_select, "_TIMED_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(gpu_select, "_time_ms", timer)
+    monkeypatch.setattr(gpu_select, "disagreement", lambda result, reference: 0.0)  # stubbed launches compute nothing
+    capturing = []
+    monkeypatch.setattr(_triton_runtime, "capturing", lambda tensor: bool(capturing))
+    gpu_select.clear()
+
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(32, 3, 3, generator=gen) < 0.5
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    x = torch.randn(2, 16, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+    gy = torch.randn(2, 32, 8, 8, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(int(mask.sum()), 16, generator=gen)
+
+    def launches():
+        return aot.capture_launches(lambda: (tb.forward(x, weight, None, mask, *geometry),
+                                             tb.grad_input(gy, weight, mask, list(x.shape), *geometry)))
+    launches()  # decided: every candidate timed
+    decided = {d["key"][0]: d for d in gpu_select.decisions()}
+    for op in ("fwd", "dgrad"):
+        stripes = [name for name in decided[op]["times_ms"] if name != "dense"]
+        assert decided[op]["choice"] == "dense" and decided[op]["captured_choice"] == stripes[0]
+        assert decided[op]["captured_times_ms"] == {"dense": 3.0}
+    assert launches() == []  # eager: the dense conv (on CPU here), no kernel
+    capturing.append(True)
+    forward, dgrad = launches()
+    assert forward.name == "stripe_fwd_kernel" and forward.args[0] is x and forward.args[1] is weight
+    assert dgrad.name.startswith("stripe_dgrad") and dgrad.args[0] is gy
+    assert len(tb._settled) == 2
+    capturing.clear()
+    assert launches() == []
+
+
 def test_deterministic_launch_takes_the_first_configuration_that_fits(monkeypatch):
     """Deterministic mode never times configurations (a timed pick can differ between processes, and
     grad weight's pixel block orders its sums): a launch runs the kernel's first configuration this
@@ -702,10 +758,10 @@ def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
 
     offered, choice = [], gpu_select.choice
 
-    def record(key, candidates, device):
+    def record(key, candidates, device, captured=None):
         if key[0] == "fwd":
             offered.append(sorted(candidates))
-        return choice(key, candidates, device)
+        return choice(key, candidates, device, captured)
     monkeypatch.setattr(gpu_select, "choice", record)
     for batch, balanced in ((1, True), (64, False)):
         tb.clear_cache()

@@ -18,7 +18,9 @@ with ``STRIPECONV_GPU_DENSE_CACHE_MB=0``. That variable bounds the kept dense we
 
 Nothing is kept while a CUDA stream is being captured (a graph must replay the scatter, or it
 would keep reading the weight as it was at capture, whatever an optimiser writes between
-replays), nor for inference tensors (no version counter to check).
+replays), nor for inference tensors (no version counter to check). So the hand-over costs a graph
+replay the scatter's three launches on top of cuDNN's conv: :mod:`.gpu_select` times it that way
+too, and a captured call runs a stripe kernel where that is faster.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._environ import getenv
 from ._masks import mask_key
+from ._triton_runtime import capturing
 from .triton_plans import cached_plan
 
 __all__ = ["dense_weight", "clear"]
@@ -41,10 +44,6 @@ def _stream(weight: Tensor):
     return torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else None
 
 
-def _capturing(weight: Tensor) -> bool:
-    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
 def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
     """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free."""
     n, kh, kw = mask.shape
@@ -55,11 +54,12 @@ def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
     return rows.index_select(0, index).view(n, kh, kw, cg).permute(0, 3, 1, 2)
 
 
-def dense_weight(weight: Tensor, mask: Tensor, device) -> Tensor:
+def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True) -> Tensor:
     """The dense weight of the packed rows ``weight`` under ``mask``, scattered on the first call and
-    reused while ``weight`` holds the same values (see the module docstring)."""
+    reused while ``weight`` holds the same values (see the module docstring); with ``keep=False``
+    scattered on every call, as in a CUDA graph."""
     budget = _budget_bytes()
-    if not budget or weight.is_inference() or _capturing(weight):
+    if not (keep and budget) or weight.is_inference() or capturing(weight):
         return _scatter(weight, mask, device)
     state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight))
     kept = _kept.get(weight)

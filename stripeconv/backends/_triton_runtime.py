@@ -132,6 +132,11 @@ def tf32_matmul() -> bool:
     return bool(matmul.allow_tf32)
 
 
+def capturing(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a CUDA tensor and the current CUDA stream is being captured into a graph."""
+    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 @contextlib.contextmanager
 def dense_precision(dtype: torch.dtype):
     """cuDNN's fp32 convs (TF32 by default: ``torch.backends.cudnn.allow_tf32``) at the precision of the

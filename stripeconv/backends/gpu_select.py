@@ -20,6 +20,12 @@ into a dense weight (and gather the dense grad weight back) through cached index
 host sync, so a cached decision is usable under CUDA graph capture. While a stream is being
 captured, an undecided key takes the stripe kernels without timing.
 
+A candidate may do other GPU work where a CUDA graph replays it: the dense conv keeps its scattered
+weight between eager calls, but in a graph it scatters on every replay (see :mod:`._dense_weights`).
+The caller then passes that work as the candidate's ``captured`` variant; it is timed beside the
+candidate, and the fastest under capture (:func:`captured_choice`) is kept next to the eager choice,
+so a call captured into a graph can run a stripe kernel where the dense conv wins only in eager mode.
+
 ``STRIPECONV_GPU_DENSE`` overrides the choice: ``auto`` (default), ``never`` (the fastest of the
 stripe kernels, never dense; the benchmarks time the kernels this way) or ``always`` (dense
 wherever it applies; tests use it to check the dense path). Decisions are kept per mode.
@@ -49,13 +55,15 @@ from torch import Tensor
 
 from ._environ import getenv
 
-__all__ = ["mode", "excluded", "deterministic", "tolerance", "disagreement", "choose", "choice", "generation",
-           "decisions", "clear"]
+__all__ = ["mode", "excluded", "deterministic", "tolerance", "disagreement", "choose", "choice", "captured_choice",
+           "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
 _times: dict[tuple, dict[str, float]] = {}
 _rejected: dict[tuple, dict[str, float]] = {}  # candidates whose result disagreed: name -> disagreement
+_captured: dict[tuple, str] = {}  # (mode, excluded, key) -> the choice for a call captured into a CUDA graph
+_captured_times: dict[tuple, dict[str, float]] = {}  # name -> its captured variant's time
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
 _lock = threading.Lock()
 _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: CUDA errors
@@ -185,17 +193,23 @@ def _warn_rejected(key: tuple, name: str, reference: str, error: float, limit: f
                   RuntimeWarning, stacklevel=4)
 
 
-def choose(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> str:
+def choose(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device,
+           captured: Optional[dict[str, Callable[[], Tensor]]] = None) -> str:
     """Name of the candidate to run for ``key``; the first candidate is the stripe kernel.
 
     Candidates named ``dense`` are the dense conv; the rest are stripe-kernel variants.
+    ``captured``: as for :func:`choice`.
     """
-    return choice(key, candidates, device)[0]
+    return choice(key, candidates, device, captured)[0]
 
 
-def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device) -> tuple[str, bool]:
+def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device,
+           captured: Optional[dict[str, Callable[[], Tensor]]] = None) -> tuple[str, bool]:
     """:func:`choose`, and whether the answer is settled: every later call of ``key`` in this mode
-    gets it until :func:`clear` (False only for an undecided key while a CUDA stream is captured)."""
+    gets it until :func:`clear` (False only for an undecided key while a CUDA stream is captured).
+
+    ``captured`` maps candidates to the work they do where a CUDA graph replays them, if other than
+    their eager call's; when timed, the fastest under capture becomes :func:`captured_choice`."""
     m = mode()
     if m == "always" and "dense" in candidates:
         return "dense", True
@@ -213,7 +227,7 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         return pool[0], True
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return pool[0], False
-    times, errors, rejected, accepted = {}, {}, {}, []
+    times, errors, rejected, accepted, graph_times = {}, {}, {}, [], {}
     # The oracle: the dense conv, also where it is not a choice ("never"); else the first stripe kernel.
     reference_name = "dense" if "dense" in candidates else pool[0]
     # Events on the stream of the tensors' device (torch.cuda.Event records on the current device).
@@ -231,6 +245,8 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
                         continue
                 if len(pool) > 1:
                     times[name] = _time_ms(candidates[name])
+                    if captured and name in captured:
+                        graph_times[name] = _time_ms(captured[name])
                 accepted.append(name)
             except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
                 if _device_fault(exc):
@@ -244,11 +260,25 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
                            f"({', '.join(f'{n}: {e:.2e}' for n, e in rejected.items())} of its largest magnitude; "
                            f"expected at most {limit:.0e}). STRIPECONV_GPU_DENSE=auto lets the dense conv run instead")
     best = min(times, key=times.get) if times else accepted[0]
+    under_capture = {**times, **graph_times}
     with _lock:
         _decisions[slot] = best
         _times[slot] = times
         _rejected[slot] = rejected
+        if graph_times:
+            _captured[slot] = min(under_capture, key=under_capture.get)
+            _captured_times[slot] = graph_times
+        else:  # a key decided again for other candidates
+            _captured.pop(slot, None)
+            _captured_times.pop(slot, None)
     return best, True
+
+
+def captured_choice(key: tuple) -> Optional[str]:
+    """The candidate to run for ``key`` where a CUDA graph captures the call, in the current mode, if it
+    was timed apart from the eager choice (see :func:`choice`'s ``captured``); None where it was not."""
+    with _lock:
+        return _captured.get((mode(), excluded(), key))
 
 
 def generation() -> int:
@@ -259,10 +289,17 @@ def generation() -> int:
 def decisions() -> list[dict]:
     """Every timed decision so far: the key, the mode, the excluded name patterns, the candidates'
     median times (ms), the candidates rejected for a wrong result (name -> disagreement, see
-    :func:`disagreement`) and the choice."""
+    :func:`disagreement`) and the choice; where candidates had captured variants, also their times
+    (``captured_times_ms``) and the choice under CUDA graph capture (``captured_choice``)."""
     with _lock:
-        return [{"key": slot[2], "mode": slot[0], "excluded": list(slot[1]), "times_ms": dict(_times[slot]),
-                 "rejected": dict(_rejected.get(slot, {})), "choice": name} for slot, name in _decisions.items()]
+        entries = []
+        for slot, name in _decisions.items():
+            entry = {"key": slot[2], "mode": slot[0], "excluded": list(slot[1]), "times_ms": dict(_times[slot]),
+                     "rejected": dict(_rejected.get(slot, {})), "choice": name}
+            if slot in _captured:
+                entry.update(captured_times_ms=dict(_captured_times[slot]), captured_choice=_captured[slot])
+            entries.append(entry)
+        return entries
 
 
 def clear() -> None:
@@ -272,4 +309,6 @@ def clear() -> None:
         _decisions.clear()
         _times.clear()
         _rejected.clear()
+        _captured.clear()
+        _captured_times.clear()
         _generation += 1

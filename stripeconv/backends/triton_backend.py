@@ -110,10 +110,11 @@ def _balance_budget(pixels: int, device) -> int:
     return 2 * runtime.num_sms(device) // shapes.cdiv(pixels, 32)
 
 
-def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device) -> Callable:
-    """cuDNN's dense conv on the packed rows scattered into a dense weight."""
+def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device, keep: bool = True) -> Callable:
+    """cuDNN's dense conv on the packed rows scattered into a dense weight (kept between calls, or with
+    ``keep=False`` scattered on every call, as a CUDA graph replays it)."""
     def launch(input, weight, bias):
-        w_dense = _dense_weight(weight, mask, device)
+        w_dense = _dense_weight(weight, mask, device, keep)
         with runtime.dense_precision(input.dtype):
             return F.conv2d(input, w_dense, bias, stride, (padding[0], padding[2]), dilation, groups)
     return launch
@@ -144,15 +145,30 @@ def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
             gpu_select.generation(), tf32)
 
 
-def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device):
-    """Run the launcher :mod:`.gpu_select` picks for ``select_key``; remember it for ``key`` once settled."""
+def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device,
+                captured: Optional[dict[str, Callable]] = None):
+    """Run the launcher :mod:`.gpu_select` picks for ``select_key``; remember it for ``key`` once settled.
+    ``captured``: launchers that do other work where a CUDA graph replays them (the dense hand-over's
+    scatter), timed for the choice under capture."""
     candidates = {name: functools.partial(launch, *args) for name, launch in launchers.items()}
-    name, settled = gpu_select.choice(select_key, candidates, device)
+    variants = {name: functools.partial(launch, *args) for name, launch in (captured or {}).items()}
+    name, settled = gpu_select.choice(select_key, candidates, device, variants)
+    launch = launchers[name]
     if settled:
+        in_graph = gpu_select.captured_choice(select_key)
+        if in_graph is not None and in_graph != name:
+            launch = _capture_aware(launch, launchers[in_graph])
         if len(_settled) >= _SETTLED_SIZE:
             _settled.clear()
-        _settled[key] = (mask, launchers[name])
-    return launchers[name](*args)
+        _settled[key] = (mask, launch)
+    return launch(*args)
+
+
+def _capture_aware(eager: Callable, in_graph: Callable) -> Callable:
+    """``eager``, but ``in_graph`` while the current CUDA stream is being captured."""
+    def launch(*args):
+        return (in_graph if runtime.capturing(args[0]) else eager)(*args)
+    return launch
 
 
 def forward(
@@ -211,11 +227,13 @@ def forward(
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned, plan.umax))
         launchers[f"stripe{plan.block_n}_balanced"] = stripe_launcher(plan, input, weight, bias, stride, padding,
                                                                       dilation, (ho, wo))
+    captured = {}
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
+        captured["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device, keep=False)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
                                                           tuple(dilation), groups, tuple(counts)))
-    return _run_chosen(key, mask, launchers, select_key, (input, weight, bias), device)
+    return _run_chosen(key, mask, launchers, select_key, (input, weight, bias), device, captured)
 
 
 def grad_input(
@@ -250,17 +268,19 @@ def grad_input(
             if tma_dy_offered(plan, grad_output, weight, input_shape, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_input_tiles_tma_launcher(
                     plan, grad_output, weight, input_shape, stride)
+    captured = {}
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
-        def dense(grad_output, weight):
-            w_dense = _dense_weight(weight, mask, device)
+        def dense(grad_output, weight, keep=True):
+            w_dense = _dense_weight(weight, mask, device, keep)
             with runtime.dense_precision(grad_output.dtype):
                 dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
                                                 dilation, groups)
             return dx.contiguous(memory_format=output_memory_format(grad_output))
         launchers["dense"] = dense
+        captured["dense"] = functools.partial(dense, keep=False)
     select_key = _select_key("dgrad", grad_output, weight, extra=(tuple(input_shape), tuple(stride), tuple(padding),
                                                                   tuple(dilation), groups, tiles_signature(tiles, runs)))
-    return _run_chosen(key, mask, launchers, select_key, (grad_output, weight), device)
+    return _run_chosen(key, mask, launchers, select_key, (grad_output, weight), device, captured)
 
 
 def grad_weight(
