@@ -123,7 +123,7 @@ def test_settled_tma_forward_launches_its_new_descriptor_directly(tb, stub, monk
     from the third launch on, each new descriptor reaches the launcher as it is (triton encodes it there)."""
     monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
-    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
+    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device, captured=None: (
         next(name for name in candidates if name.endswith("_tma")), True) if key[0] == "fwd" else choice(
         key, candidates, device))
     calls, inputs = _five_settled_forwards(tb, stub, monkeypatch, _triton_runtime._kernels.stripe_fwd_tma_kernel, None)
@@ -143,7 +143,7 @@ def test_settled_tma_grad_input_launches_its_new_descriptor_directly(tb, stub, m
     monkeypatch.setenv("STRIPECONV_DETERMINISTIC", "1")
     monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
-    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
+    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device, captured=None: (
         "stripe_tiles_tma", True) if key[0] == "dgrad" else choice(key, candidates, device))
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(64, 3, 3, generator=gen) < 0.9  # 64-wide tiles (offered from 64 filters over 64 channels)
@@ -174,7 +174,7 @@ def test_settled_tma_grad_weight_launches_its_new_descriptors_directly(tb, stub,
     monkeypatch.setattr(kernel, "configs", kernel.configs[:1])
     monkeypatch.setattr(_triton_runtime, "tma_capable", lambda device: True)
     choice = tb.gpu_select.choice
-    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device: (
+    monkeypatch.setattr(tb.gpu_select, "choice", lambda key, candidates, device, captured=None: (
         "stripe_tiles_tma", True) if key[0] == "wgrad" else choice(key, candidates, device))
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(64, 3, 3, generator=gen) < 0.9
