@@ -72,6 +72,9 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from profile_summary import format_python_profile, python_profile_calls  # noqa: E402  (beside this script)
 
 DENSITIES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 _T_START = time.time()  # --budget-s counts from here: imports and the CUDA self-check take slot time too
@@ -386,7 +389,9 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
             return y
         return fwd
 
-    def timed(fn, backward, host=True):
+    profiled = set()  # (column, mode) whose Python this layer has profiled
+
+    def timed(fn, backward, host=True, column=None):
         ctx = torch.enable_grad() if backward else torch.no_grad()
         with ctx:
             t = _bench(fn, args)
@@ -394,11 +399,17 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                 t["host_ms"] = _host_latency_ms(fn, args)
             if args.graphs and not args.cpu_smoke:
                 t.update(_graph_bench(fn))
+            mode = "fwd+bwd" if backward else "fwd"
+            if args.profile_host and column is not None and (column, mode) not in profiled:
+                profiled.add((column, mode))  # a layer's first cell of each column and mode
+                t["python_profile"] = python_profile_calls(fn, calls=args.profile_host)
+                print(format_python_profile(t["python_profile"], title=f"  {column} {mode} python: ", rows=4),
+                      flush=True)
             return t
 
     modes = [("fwd", False)] + ([] if args.no_backward else [("fwd+bwd", True)])
     _gy(n)
-    dense_t = {m: timed(dense_fn(w_dense, bias, bw_), bw_) for m, bw_ in modes}
+    dense_t = {m: timed(dense_fn(w_dense, bias, bw_), bw_, column="dense") for m, bw_ in modes}
     f_flops, f_bytes = floors(1.0)
     print(f"\n== {name}: B={b} C={c} N={n} {hw}x{hw} k={k} s={s}  (dense floors: FLOPs/peak "
           f"{f_flops * 1e3:.2f} us, bytes/bw {f_bytes * 1e3:.2f} us)")
@@ -443,7 +454,8 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                             if backward:
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y
-                        entry[method] = timed(op_fn, backward, host=method != "reference")
+                        entry[method] = timed(op_fn, backward, host=method != "reference",
+                                              column=method if method in ("triton", "stripeconv") else None)
 
                         def op_call(x):
                             conv = backends.eager_conv2d(x) or ops.stripe_conv2d
@@ -820,6 +832,9 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="added to the output file names")
     ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                     help="no measuring: merge these result files, print the summary and plot")
+    ap.add_argument("--profile-host", type=int, default=0, metavar="CALLS",
+                    help="profile the Python of CALLS calls of each layer's first cell per mode (dense, triton, "
+                         "stripeconv columns) with cProfile: python_profile in the JSON (0: off)")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run two tiny layers on CPU through the Triton interpreter to check the script")
     args = ap.parse_args(argv)

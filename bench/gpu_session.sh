@@ -3,7 +3,8 @@
 # 10-minute slot. Logs and raw JSON go to $OUT (default bench/results/).
 #
 #   bash bench/gpu_session.sh build test quick      # build, GPU tests (capped at 5 min), 3-layer run
-# Every timing step also replays each cell as a CUDA graph (GPU time without host work); the suite
+# Every timing step also replays each cell as a CUDA graph (GPU time without host work) and the suite
+# steps profile the host's Python of each layer's first cell (python_profile in the JSON); the suite
 # steps time the masks of BENCH_MASKS (default random,realistic,random-reordered,grouped: grouped
 # masks, 32 filters per pattern, have tile efficiency 1, what the kernels reach without wasted tiles).
 #   bash bench/gpu_session.sh vgg16                 # one suite per step (budgeted: 7 min; precompiling
@@ -97,7 +98,7 @@ for step in "$@"; do
       done ;;
     *)
       "$PY" bench/bench_gpu.py --suites "$step" --graphs --masks "$MASKS" --skip-reference --budget-s "$BUDGET" \
-        --out "$OUT" --tag "_${step//,/_}" \
+        --profile-host 20 --out "$OUT" --tag "_${step//,/_}" \
         2>&1 | tee "$OUT/bench_${step//,/_}.log" | tail -80
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
   esac

@@ -96,10 +96,10 @@ def python_profile_calls(fn: Callable[[], object], calls: int = 5, top: int = 12
             "top_own": [row(where, entry) for where, entry in ranked[:top]]}
 
 
-def format_python_profile(summary: dict, title: str = "") -> str:
-    """:func:`python_profile_calls`' result as a few lines of text for a log."""
+def format_python_profile(summary: dict, title: str = "", rows: "int | None" = None) -> str:
+    """:func:`python_profile_calls`' result as a few lines of text for a log (the first ``rows`` functions)."""
     lines = [f"{title}{summary['own_us_per_call']:.0f} us of Python per call under cProfile"]
-    for r in summary["top_own"]:
+    for r in summary["top_own"][:rows]:
         lines.append(f"    {r['own_us_per_call']:8.1f} us own {r['cumulative_us_per_call']:9.1f} us cumulative  "
                      f"x{r['calls_per_call']:<6g} {r['function'][:90]}")
     return "\n".join(lines)

@@ -167,6 +167,24 @@ def test_budget_stops_before_the_next_layer(tmp_path):
     assert "budget of 0 s reached" in out
 
 
+def test_profile_host_profiles_each_layers_first_cell_per_column_and_mode(tmp_path):
+    """--profile-host records cProfile's view of the host's Python (the functions with the most time of their
+    own) for the dense, triton and stripeconv columns, once per layer and mode."""
+    _require_interpreter()
+    out = _run("--cpu-smoke", "--out", str(tmp_path), "--skip-reference", "--profile-host", "2")
+    (jpath,) = tmp_path.glob("bench_gpu_*.json")
+    results = json.loads(jpath.read_text())["results"]
+    for layer in ("smoke.s1", "smoke.s2"):
+        for mode in ("fwd", "fwd+bwd"):
+            cells = [r for r in results if r["layer"] == layer and r["mode"] == mode]
+            for column in ("dense", "triton", "stripeconv"):
+                profiles = [r[column].get("python_profile") for r in cells]
+                assert profiles[0]["calls"] == 2 and profiles[0]["top_own"], (layer, mode, column)
+                if column != "dense":  # the dense column's timing is one per layer and mode, shared by its cells
+                    assert all(p is None for p in profiles[1:]), (layer, mode, column)
+    assert out.count("triton fwd+bwd python:") == 2
+
+
 def test_grouped_masks_share_patterns():
     bench = _bench_module()
     gen = __import__("torch").Generator().manual_seed(0)
