@@ -74,7 +74,7 @@ for step in "$@"; do
       par=""; "$PY" -c "import xdist" 2>/dev/null && par="-n 16"
       STRIPECONV_GPU_TESTS_ONLY=1 timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -v --tb=short -rs $par \
         -p no:cacheprovider tests/test_gpu.py tests/test_triton.py::test_cuda tests/test_cuda_backend.py \
-        tests/test_gpu_select.py \
+        tests/test_gpu_select.py tests/test_dense_grads.py \
         tests/test_precompile.py tests/test_module.py::test_set_stripe_mask_inside_a_training_loop \
         tests/test_module.py::test_compiled_layer_with_dynamic_stripe_counts \
         tests/test_module.py::test_autocast_runs_like_conv2d \

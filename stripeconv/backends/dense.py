@@ -54,6 +54,21 @@ def forward(input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor,
     return stripe_conv2d_dense(input, weight, bias, mask, stride, padding, dilation, groups, scatter_index(mask))
 
 
+def conv2d_grad_input(input_shape: Sequence[int], weight: Tensor, grad_output: Tensor, stride: Sequence[int],
+                      padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """``torch.nn.grad.conv2d_input`` (the framework's grad input of a conv, ``padding`` per side of height and
+    width), without its copies of ``grad_output``: the framework's backward converts grad_output to the
+    memory format its input suggests, and conv2d_input's stand-in input (one element, expanded) suggests
+    NCHW, so a channels_last grad_output went to NCHW and back (two transposes of it, as slow as the
+    conv itself on small layers). Here the stand-in is an uninitialised input in grad_output's format."""
+    from ..ops import output_memory_format
+
+    input = torch.empty(tuple(input_shape), dtype=grad_output.dtype, device=grad_output.device,
+                        memory_format=output_memory_format(grad_output))
+    return torch.ops.aten.convolution_backward(grad_output, input, weight, None, list(stride), list(padding),
+                                               list(dilation), False, [0, 0], groups, (True, False, False))[0]
+
+
 def grad_input(grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape: Sequence[int], stride: Sequence[int],
                padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     check_rows(weight, mask)
@@ -63,7 +78,7 @@ def grad_input(grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape: S
     pt, pb, pl, pr = padding
     padded = (b, c, h + pt + pb, w + pl + pr)
     dense = dense_weight(weight, mask, scatter_index(mask)).to(grad_output.dtype)
-    grad = torch.nn.grad.conv2d_input(padded, dense, grad_output, list(stride), 0, list(dilation), groups)
+    grad = conv2d_grad_input(padded, dense, grad_output, stride, (0, 0), dilation, groups)
     return grad[:, :, pt:pt + h, pl:pl + w]
 
 

@@ -51,6 +51,7 @@ from torch import Tensor
 from ..ops import output_memory_format
 from . import _dense_weights, _triton_runtime as runtime, _triton_shapes as shapes, gpu_select, triton_plans
 from ._dense_weights import dense_weight as _dense_weight
+from .dense import conv2d_grad_input
 from ._environ import getenv
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
@@ -273,8 +274,8 @@ def grad_input(
         def dense(grad_output, weight, keep=True):
             w_dense = _dense_weight(weight, mask, device, keep)
             with runtime.dense_precision(grad_output.dtype):
-                dx = torch.nn.grad.conv2d_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]),
-                                                dilation, groups)
+                dx = conv2d_grad_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]), dilation,
+                                       groups)
             return dx.contiguous(memory_format=output_memory_format(grad_output))
         launchers["dense"] = dense
         captured["dense"] = functools.partial(dense, keep=False)
