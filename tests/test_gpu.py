@@ -162,12 +162,8 @@ def test_torch_compile_fullgraph(device):
     assert layer.packed_weight.grad is not None and x.grad is not None
 
 
-def test_cuda_graph_capture_and_replay(device):
-    if device.type != "cuda":
-        pytest.skip("CUDA graphs need a CUDA device")
-    layer = _layer(device)
-    static_x = _input(device, torch.float32).requires_grad_()
-    # Warm up on a side stream: mask metadata, autotuning and the dense/stripe choice happen here.
+def _warm_up(layer, static_x) -> None:
+    """Two training steps on a side stream: mask metadata, autotuning and the dense/stripe choice happen here."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -175,11 +171,25 @@ def test_cuda_graph_capture_and_replay(device):
             layer.zero_grad(set_to_none=True)
             layer(static_x).sum().backward()
     torch.cuda.current_stream().wait_stream(side)
+
+
+def _captured_step(layer, static_x):
+    """A CUDA graph of one forward and backward of ``layer`` on ``static_x``, and its output tensor."""
     layer.zero_grad(set_to_none=False)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = layer(static_x)
         static_y.sum().backward()
+    return graph, static_y
+
+
+def test_cuda_graph_capture_and_replay(device):
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device")
+    layer = _layer(device)
+    static_x = _input(device, torch.float32).requires_grad_()
+    _warm_up(layer, static_x)
+    graph, static_y = _captured_step(layer, static_x)
     for seed in (5, 6):
         with torch.no_grad():
             static_x.copy_(_input(device, torch.float32, seed=seed))
@@ -224,21 +234,11 @@ def test_graph_replays_a_stripe_kernel_where_dense_wins_only_eagerly(monkeypatch
     device = torch.device("cuda")
     layer = _layer(device, seed=7)
     static_x = _input(device, torch.float32).requires_grad_()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            layer.zero_grad(set_to_none=True)
-            layer(static_x).sum().backward()
-    torch.cuda.current_stream().wait_stream(side)
+    _warm_up(layer, static_x)
     decided = {d["key"][0]: d for d in gpu_select.decisions()}
     for op in ("fwd", "dgrad"):
         assert decided[op]["choice"] == "dense" and decided[op]["captured_choice"].startswith("stripe"), decided[op]
-    layer.zero_grad(set_to_none=False)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = layer(static_x)
-        static_y.sum().backward()
+    graph, static_y = _captured_step(layer, static_x)
     for seed in (5, 6):
         with torch.no_grad():
             static_x.copy_(_input(device, torch.float32, seed=seed))
