@@ -11,7 +11,9 @@ Which runs: on CUDA every call picks, per shape, the fastest of the stripe kerne
 offered tile width and cuDNN's dense conv on the scattered weight, timed once per key by
 :mod:`stripeconv.backends.gpu_select` (``STRIPECONV_GPU_DENSE`` overrides). Once that choice is
 settled, a call shaped like an earlier one (same op, shapes, strides, dtypes, mask version, conv
-geometry, bias or not) skips all of this: it reuses the launch worked out for the first one.
+geometry, bias or not) skips all of this: it reuses the launch worked out for the first one. A call
+captured into a CUDA graph runs the candidate fastest there, which differs where cuDNN won with its
+dense weight kept between calls (a graph replays the weight's scatter: see :mod:`.gpu_select`).
 
 NCHW operands are copied to channels_last once per call (the kernels' vector loads need
 contiguous channels); results keep the caller's memory format.
