@@ -41,7 +41,7 @@ import torch
 TUNED_KERNELS = ("stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel", "stripe_dgrad_kernel",
                  "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_dgrad_tiles_tma_kernel",
                  "stripe_wgrad_tiles_kernel", "stripe_wgrad_tiles_tma_kernel")
-PLAIN_KERNELS = ("stripe_gather_columns_kernel",)  # no autotuner
+PLAIN_KERNELS = ("stripe_gather_columns_kernel", "stripe_scatter_rows_kernel")  # no autotuner
 GPU_CONFIGS = 4  # autotuning configurations per kernel on a GPU (kernels/_tuning.py)
 
 

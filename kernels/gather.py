@@ -1,4 +1,5 @@
-"""dy's columns gathered into the forward's tile order: ``stripe_gather_columns_kernel``."""
+"""Gathers: dy's columns into the forward's tile order (``stripe_gather_columns_kernel``) and the packed
+rows into a dense weight (``stripe_scatter_rows_kernel``)."""
 from __future__ import annotations
 
 import triton
@@ -28,3 +29,24 @@ def stripe_gather_columns_kernel(
     src = src_ptr + (b * ssb + ho * ssh + wo * ssw)[:, None] + col[None, :] * ssc
     v = tl.load(src, mask=m_ok[:, None] & (col >= 0)[None, :], other=0.0)
     tl.store(dst_ptr + offs_m[:, None] * NCOL + offs_n[None, :], v, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def stripe_scatter_rows_kernel(
+    src_ptr, dst_ptr, rows_ptr,
+    R, CG,
+    INT64_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """dst[r, c] = src[rows[r], c] (0 where rows[r] < 0): the packed [S, CG] rows scattered into a dense
+    weight of R = N * kh * kw rows in one launch (the cuDNN hand-over's weight, which a CUDA graph
+    scatters again on every replay)."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = offs_r < R
+    c_ok = offs_c < CG
+    row = tl.load(rows_ptr + offs_r, mask=r_ok, other=-1)
+    if INT64_INDEX:
+        offs_r = offs_r.to(tl.int64)
+        row = row.to(tl.int64)
+    v = tl.load(src_ptr + row[:, None] * CG + offs_c[None, :], mask=(row >= 0)[:, None] & c_ok[None, :], other=0.0)
+    tl.store(dst_ptr + offs_r[:, None] * CG + offs_c[None, :], v, mask=r_ok[:, None] & c_ok[None, :])

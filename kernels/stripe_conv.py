@@ -69,6 +69,10 @@ The kernels:
     ``stripe_wgrad_tiles_tma_kernel`` the grad weight's for strides 1 and 2, x's and dy's tiles both
     boxes over rectangles of output pixels.
 
+``stripe_scatter_rows_kernel``
+    The packed rows scattered into a dense weight (zeros for pruned stripes) in one launch: the weight
+    of the cuDNN hand-over, which a CUDA graph scatters again on every replay.
+
 Offsets are int32 (fewer registers: the pipeliner keeps the addresses of every stage in flight)
 unless ``INT64_INDEX``, which the host sets for tensors with 2**31 or more elements.
 
@@ -84,7 +88,7 @@ from ._tuning import INTERPRET
 from .forward import stripe_fwd_kernel
 from .forward_subtiles import stripe_fwd_sub_kernel
 from .forward_tma import stripe_fwd_tma_kernel
-from .gather import stripe_gather_columns_kernel
+from .gather import stripe_gather_columns_kernel, stripe_scatter_rows_kernel
 from .grad_input import stripe_dgrad_kernel
 from .grad_input_tiles import stripe_dgrad_tiles_kernel, stripe_dgrad_tiles_tma_kernel
 from .grad_weight import stripe_wgrad_kernel
@@ -92,8 +96,8 @@ from .grad_weight_tiles import stripe_wgrad_tiles_kernel, stripe_wgrad_tiles_tma
 
 __all__ = ["INTERPRET", "interpreter_probe", "stripe_dgrad_kernel", "stripe_dgrad_tiles_kernel",
            "stripe_dgrad_tiles_tma_kernel", "stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel",
-           "stripe_gather_columns_kernel", "stripe_wgrad_kernel", "stripe_wgrad_tiles_kernel",
-           "stripe_wgrad_tiles_tma_kernel", "tl"]
+           "stripe_gather_columns_kernel", "stripe_scatter_rows_kernel", "stripe_wgrad_kernel",
+           "stripe_wgrad_tiles_kernel", "stripe_wgrad_tiles_tma_kernel", "tl"]
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """Dense weights of the Triton backend's cuDNN hand-over, scattered once per version of the packed rows.
 
 Where :mod:`.gpu_select` hands a shape to cuDNN (density 1 layers, batch 1, small planes), each
-call needs the dense ``[N, C/g, kh, kw]`` weight. Scattering it from the packed rows is three
-launches (a zero row, a concatenation, a gather) and about as much host work as a whole stripe
-kernel call, repeated on every call although an inference model's weights never change.
+call needs the dense ``[N, C/g, kh, kw]`` weight. Scattering it from the packed rows is a launch
+(three with torch's ops alone: a zero row, a concatenation, a gather) and about as much host work
+as a whole stripe kernel call, repeated on every call although an inference model's weights never change.
 
 So the dense weight is kept beside the packed weight it came from, in a mapping that holds the
 packed tensor weakly (its entry goes when the tensor does) and checks on each use that the tensor
@@ -19,7 +19,7 @@ with ``STRIPECONV_GPU_DENSE_CACHE_MB=0``. That variable bounds the kept dense we
 Nothing is kept while a CUDA stream is being captured (a graph must replay the scatter, or it
 would keep reading the weight as it was at capture, whatever an optimiser writes between
 replays), nor for inference tensors (no version counter to check). So the hand-over costs a graph
-replay the scatter's three launches on top of cuDNN's conv: :mod:`.gpu_select` times it that way
+replay the scatter (one launch of ``stripe_scatter_rows_kernel``) on top of cuDNN's conv: :mod:`.gpu_select` times it that way
 too, and a captured call runs a stripe kernel where that is faster.
 """
 from __future__ import annotations
@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._environ import getenv
-from ._masks import mask_key
+from . import _triton_runtime as runtime, _triton_shapes as shapes
+from ._masks import mask_key, memo
 from ._triton_runtime import capturing
 from .triton_plans import cached_plan
 
@@ -45,13 +46,33 @@ def _stream(weight: Tensor):
 
 
 def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
-    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free."""
+    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free: one
+    launch of ``stripe_scatter_rows_kernel`` where the Triton kernels run, else a gather by index."""
     n, kh, kw = mask.shape
-    index = cached_plan("dense", mask, 1, 0, device).scatter
     cg = weight.shape[1]
-    # Every stripe kept: the scatter is a permutation of the rows, no zero row to read.
-    rows = weight if weight.shape[0] == n * kh * kw else torch.cat([weight, weight.new_zeros(1, cg)])
-    return rows.index_select(0, index).view(n, kh, kw, cg).permute(0, 3, 1, 2)
+    plan = cached_plan("dense", mask, 1, 0, device)
+    if (weight.is_cuda or runtime.interpreting()) and runtime.load_kernels() is not None:
+        dense = torch.empty((n * kh * kw, cg), dtype=weight.dtype, device=weight.device)
+        _scatter_launch(mask, plan, cg, device)(weight.contiguous(), dense)
+    else:
+        # Every stripe kept: the scatter is a permutation of the rows, no zero row to read.
+        rows = weight if weight.shape[0] == n * kh * kw else torch.cat([weight, weight.new_zeros(1, cg)])
+        dense = rows.index_select(0, plan.scatter)
+    return dense.view(n, kh, kw, cg).permute(0, 3, 1, 2)
+
+
+def _scatter_launch(mask: Tensor, plan, cg: int, device) -> "runtime.TunedLaunch":
+    """The scatter kernel's launch for ``mask``'s dense plan and ``cg`` channels, worked out once per mask."""
+    def build():
+        r = plan.rows.numel()
+        return runtime.TunedLaunch(
+            "stripe_scatter_rows_kernel", (shapes.cdiv(r, _SCATTER_ROWS), shapes.cdiv(cg, _SCATTER_CHANNELS)),
+            dict(INT64_INDEX=shapes.needs_int64(torch.empty((r, cg), device="meta")), BLOCK_R=_SCATTER_ROWS,
+                 BLOCK_C=_SCATTER_CHANNELS), bound=(plan.rows, r, cg))
+    return memo(("scatter_rows", *mask_key(mask), cg, str(device)), mask, build)
+
+
+_SCATTER_ROWS, _SCATTER_CHANNELS = 32, 64  # a program's block of the dense weight
 
 
 def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True) -> Tensor:

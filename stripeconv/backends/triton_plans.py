@@ -451,6 +451,7 @@ class DensePlan:
 
     scatter: Tensor       # [N * kh * kw] int64 packed row of each (filter, position), S = pruned
     gather: Tensor        # [S] int64 (filter, position) of each packed row
+    rows: Tensor          # [N * kh * kw] int32 packed row of each (filter, position), -1 = pruned
 
 
 def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device) -> DensePlan:
@@ -458,7 +459,8 @@ def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device)
     rid = _row_ids(mask_cpu).T.reshape(-1)  # [N * P]: (filter, position) order
     s = int(mask_cpu.sum())
     return DensePlan(scatter=_dev(np.where(rid >= 0, rid, s), device, np.int64),
-                     gather=_dev(np.argsort(np.where(rid >= 0, rid, s), kind="stable")[:s], device, np.int64))
+                     gather=_dev(np.argsort(np.where(rid >= 0, rid, s), kind="stable")[:s], device, np.int64),
+                     rows=_dev(rid, device, np.int32))
 
 
 def _forward_on(fwd: ForwardPlan, device) -> ForwardPlan:
