@@ -19,8 +19,8 @@ with ``STRIPECONV_GPU_DENSE_CACHE_MB=0``. That variable bounds the kept dense we
 Nothing is kept while a CUDA stream is being captured (a graph must replay the scatter, or it
 would keep reading the weight as it was at capture, whatever an optimiser writes between
 replays), nor for inference tensors (no version counter to check). So the hand-over costs a graph
-replay the scatter (one launch of ``stripe_scatter_rows_kernel``) on top of cuDNN's conv: :mod:`.gpu_select` times it that way
-too, and a captured call runs a stripe kernel where that is faster.
+replay the scatter (one launch of ``stripe_scatter_rows_kernel``) on top of cuDNN's conv:
+:mod:`.gpu_select` times it that way too, and a captured call runs a stripe kernel where that is faster.
 """
 from __future__ import annotations
 
@@ -28,10 +28,9 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._environ import getenv
 from . import _triton_runtime as runtime, _triton_shapes as shapes
+from ._environ import getenv
 from ._masks import mask_key, memo
-from ._triton_runtime import capturing
 from .triton_plans import cached_plan
 
 __all__ = ["dense_weight", "clear"]
@@ -80,7 +79,7 @@ def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True) -> Ten
     reused while ``weight`` holds the same values (see the module docstring); with ``keep=False``
     scattered on every call, as in a CUDA graph."""
     budget = _budget_bytes()
-    if not (keep and budget) or weight.is_inference() or capturing(weight):
+    if not (keep and budget) or weight.is_inference() or runtime.capturing(weight):
         return _scatter(weight, mask, device)
     state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight))
     kept = _kept.get(weight)

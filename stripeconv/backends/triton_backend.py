@@ -53,7 +53,6 @@ from torch import Tensor
 from ..ops import output_memory_format
 from . import _dense_weights, _triton_runtime as runtime, _triton_shapes as shapes, gpu_select, triton_plans
 from ._dense_weights import dense_weight as _dense_weight
-from .dense import conv2d_grad_input
 from ._environ import getenv
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
@@ -63,6 +62,7 @@ from ._triton_backward_tiles import (
 )
 from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
+from .dense import conv2d_grad_input
 from .triton_plans import (
     DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, balanced_plans, best_tile_efficiency, cached_plan,
     default_block_n, forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency,
