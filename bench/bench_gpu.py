@@ -389,7 +389,11 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
             return y
         return fwd
 
-    profiled = set()  # (column, mode) whose Python this layer has profiled
+    # Cells whose host Python --profile-host records: the dense conv once per mode, and the op's columns
+    # at the layer's first and last density (density 1, where the stripe kernels run, and the lowest,
+    # where the choice may be cuDNN), first mask kind
+    profiled_cells = ({tuple(masks[0][:2]), next((d, k) for d, k, _ in masks if d == masks[-1][0])}
+                      if masks else set())
 
     def timed(fn, backward, host=True, column=None):
         ctx = torch.enable_grad() if backward else torch.no_grad()
@@ -400,8 +404,7 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
             if args.graphs and not args.cpu_smoke:
                 t.update(_graph_bench(fn))
             mode = "fwd+bwd" if backward else "fwd"
-            if args.profile_host and column is not None and (column, mode) not in profiled:
-                profiled.add((column, mode))  # a layer's first cell of each column and mode
+            if args.profile_host and column is not None:
                 t["python_profile"] = python_profile_calls(fn, calls=args.profile_host)
                 print(format_python_profile(t["python_profile"], title=f"  {column} {mode} python: ", rows=4),
                       flush=True)
@@ -455,7 +458,8 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y
                         entry[method] = timed(op_fn, backward, host=method != "reference",
-                                              column=method if method in ("triton", "stripeconv") else None)
+                                              column=method if method in ("triton", "stripeconv")
+                                              and (density, kind) in profiled_cells else None)
 
                         def op_call(x):
                             conv = backends.eager_conv2d(x) or ops.stripe_conv2d
@@ -833,8 +837,9 @@ def main(argv=None):
     ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                     help="no measuring: merge these result files, print the summary and plot")
     ap.add_argument("--profile-host", type=int, default=0, metavar="CALLS",
-                    help="profile the Python of CALLS calls of each layer's first cell per mode (dense, triton, "
-                         "stripeconv columns) with cProfile: python_profile in the JSON (0: off)")
+                    help="profile the Python of CALLS calls with cProfile (python_profile in the JSON; 0: off): the "
+                         "dense column once per layer and mode, the triton and stripeconv columns at each layer's "
+                         "first and lowest density")
     ap.add_argument("--cpu-smoke", action="store_true",
                     help="no GPU: run two tiny layers on CPU through the Triton interpreter to check the script")
     args = ap.parse_args(argv)

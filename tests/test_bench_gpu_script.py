@@ -167,22 +167,26 @@ def test_budget_stops_before_the_next_layer(tmp_path):
     assert "budget of 0 s reached" in out
 
 
-def test_profile_host_profiles_each_layers_first_cell_per_column_and_mode(tmp_path):
+def test_profile_host_profiles_the_first_and_lowest_density_cells(tmp_path):
     """--profile-host records cProfile's view of the host's Python (the functions with the most time of their
-    own) for the dense, triton and stripeconv columns, once per layer and mode."""
+    own): the dense column once per layer and mode, the triton and stripeconv columns at a layer's first
+    density and at the first mask kind of its lowest (where the op may hand the shape to cuDNN)."""
     _require_interpreter()
-    out = _run("--cpu-smoke", "--out", str(tmp_path), "--skip-reference", "--profile-host", "2")
+    out = _run("--cpu-smoke", "--out", str(tmp_path), "--skip-reference", "--profile-host", "2", "--masks",
+               "random,realistic")
     (jpath,) = tmp_path.glob("bench_gpu_*.json")
     results = json.loads(jpath.read_text())["results"]
     for layer in ("smoke.s1", "smoke.s2"):
         for mode in ("fwd", "fwd+bwd"):
             cells = [r for r in results if r["layer"] == layer and r["mode"] == mode]
+            assert [(r["target_density"], r["mask"]) for r in cells] == [(1.0, "random"), (0.3, "random"),
+                                                                          (0.3, "realistic")]
             for column in ("dense", "triton", "stripeconv"):
                 profiles = [r[column].get("python_profile") for r in cells]
-                assert profiles[0]["calls"] == 2 and profiles[0]["top_own"], (layer, mode, column)
+                assert all(p is not None and p["calls"] == 2 and p["top_own"] for p in profiles[:2]), (layer, column)
                 if column != "dense":  # the dense column's timing is one per layer and mode, shared by its cells
-                    assert all(p is None for p in profiles[1:]), (layer, mode, column)
-    assert out.count("triton fwd+bwd python:") == 2
+                    assert profiles[2] is None, (layer, mode, column)
+    assert out.count("triton fwd+bwd python:") == 4
 
 
 def test_grouped_masks_share_patterns():
