@@ -40,8 +40,16 @@ __all__ = ["dense_weight", "clear"]
 _kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+# The current stream's handle without building a torch.cuda.Stream (CUDA builds of torch; Triton reads it so too)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
 def _stream(weight: Tensor):
-    return torch.cuda.current_stream(weight.device).cuda_stream if weight.is_cuda else None
+    if not weight.is_cuda:
+        return None
+    if _raw_stream is not None:
+        return _raw_stream(weight.device.index)
+    return torch.cuda.current_stream(weight.device).cuda_stream
 
 
 def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
