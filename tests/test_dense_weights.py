@@ -46,6 +46,13 @@ def test_scattered_once_and_reused_while_the_weight_is_unchanged(density):
     assert first.is_contiguous(memory_format=torch.channels_last)  # the layout cuDNN reads channels_last input with
 
 
+def test_every_stripe_pruned_gives_zeros():
+    mask = torch.zeros(5, 3, 3, dtype=torch.bool)
+    weight = torch.empty(0, 4)
+    got = dw.dense_weight(weight, mask, CPU)
+    assert got.shape == (5, 4, 3, 3) and not got.any()
+
+
 def test_an_in_place_write_scatters_again():
     weight, mask = _layer()
     first = dw.dense_weight(weight, mask, CPU).clone()

@@ -274,6 +274,7 @@ CASES = dict([
     _case("dense_handover", dense="always", channels_last=True, density=0.6),
     _case("dense_handover_groups_s2", dense="always", C=32, N=32, groups=2, stride=(2, 2), H=8, W=8),
     _case("dense_handover_via_op", dense="always", via_op=True, bias=False),
+    _case("dense_handover_density0", dense="always", density=0.0, channels_last=True),  # nothing to scatter
     _case("dense_handover_asym_pad", dense="always", stride=(1, 2), padding=(1, 1, 0, 2), H=6, W=9),  # stripe only
     _case("fp16", dtype="float16", gpu_only=True, C=32, N=64, block_n=64),
     _case("bf16", dtype="bfloat16", gpu_only=True, C=32, N=64, block_n=64, channels_last=True),

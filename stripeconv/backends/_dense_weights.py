@@ -58,7 +58,9 @@ def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
     n, kh, kw = mask.shape
     cg = weight.shape[1]
     plan = cached_plan("dense", mask, 1, 0, device)
-    if (weight.is_cuda or runtime.interpreting()) and runtime.load_kernels() is not None:
+    if weight.numel() == 0:  # every stripe pruned (or no channels): nothing to read
+        dense = weight.new_zeros((n * kh * kw, cg))
+    elif (weight.is_cuda or runtime.interpreting()) and runtime.load_kernels() is not None:
         dense = torch.empty((n * kh * kw, cg), dtype=weight.dtype, device=weight.device)
         _scatter_launch(mask, plan, cg, device)(weight.contiguous(), dense)
     else:
