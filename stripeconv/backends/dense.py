@@ -59,8 +59,8 @@ def conv2d_grad_input(input_shape: Sequence[int], weight: Tensor, grad_output: T
     """``torch.nn.grad.conv2d_input`` (the framework's grad input of a conv, ``padding`` per side of height and
     width), without its copies of ``grad_output``: the framework's backward converts grad_output to the
     memory format its input suggests, and conv2d_input's stand-in input (one element, expanded) suggests
-    NCHW, so a channels_last grad_output was copied into NCHW first (on small layers as slow as the
-    conv itself). Here the stand-in is an uninitialised input in grad_output's format."""
+    NCHW, so a channels_last grad_output was copied into NCHW first. Here the stand-in is an
+    uninitialised input in grad_output's format."""
     from ..ops import output_memory_format
 
     input = torch.empty(tuple(input_shape), dtype=grad_output.dtype, device=grad_output.device,
