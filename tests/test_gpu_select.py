@@ -133,6 +133,16 @@ def test_captured_variants_decide_the_choice_under_capture(monkeypatch):
     times["dense scattered"] = 1.2
     assert gpu_select.choose(("d",), _candidates(), CUDA, captured) == "dense"
     assert gpu_select.captured_choice(("d",)) == "dense"
+    # A captured variant that cannot run is no choice under capture; the candidate keeps its eager choice.
+    class OutOfResources(Exception):  # not a device fault (test_a_candidate_that_cannot_run_here_is_dropped)
+        pass
+
+    def failing():
+        raise OutOfResources("the scatter's launch does not fit")
+    assert gpu_select.choose(("f",), _candidates(), CUDA, {"dense": failing}) == "dense"
+    assert gpu_select.captured_choice(("f",)) == "stripe32"
+    (entry,) = [d for d in gpu_select.decisions() if d["key"] == ("f",)]
+    assert entry["captured_times_ms"] == {} and entry["captured_choice"] == "stripe32"
     # Per mode: "never" times no dense candidate, so it has no choice under capture of its own.
     monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
     assert gpu_select.choose(("c",), _candidates(), CUDA, captured) == "stripe32"

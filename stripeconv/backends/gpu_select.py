@@ -245,9 +245,9 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
                         continue
                 if len(pool) > 1:
                     times[name] = _time_ms(candidates[name])
-                    if captured and name in captured:
-                        graph_times[name] = _time_ms(captured[name])
                 accepted.append(name)
+                if len(pool) > 1 and captured and name in captured:
+                    graph_times[name] = _captured_time_ms(captured[name])
             except Exception as exc:  # e.g. triton's OutOfResources for a GPU with less shared memory
                 if _device_fault(exc):
                     raise
@@ -267,11 +267,22 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
         _rejected[slot] = rejected
         if graph_times:
             _captured[slot] = min(under_capture, key=under_capture.get)
-            _captured_times[slot] = graph_times
+            _captured_times[slot] = {name: t for name, t in graph_times.items() if math.isfinite(t)}
         else:  # a key decided again for other candidates
             _captured.pop(slot, None)
             _captured_times.pop(slot, None)
     return best, True
+
+
+def _captured_time_ms(fn: Callable[[], Tensor]) -> float:
+    """:func:`_time_ms` of a candidate's captured variant; inf where it cannot run (it is then no choice
+    under capture, while the candidate keeps its eager time)."""
+    try:
+        return _time_ms(fn)
+    except Exception as exc:
+        if _device_fault(exc):
+            raise
+        return math.inf
 
 
 def captured_choice(key: tuple) -> Optional[str]:
