@@ -15,8 +15,10 @@ forwards between two synchronisations, host work included, as a serving loop pay
 
 Prints, per batch and way of running, dense and stripe latency, the speedup next to 1/density, and
 the stripe network's largest error against the dense network on the masked weights; writes the
-raw JSON (device, versions, date, every timing) to ``--out``. Each timing records the frames
-torch.compile compiled while it ran (nonzero: a guard failing on every call). ``--profile N``
+raw JSON (device, versions, date, every timing, and each layer's stripe / cuDNN choice as
+``dispatch_decisions``, with the choice under CUDA graph capture where it differs) to ``--out``.
+Each timing records the frames torch.compile compiled while it ran (nonzero: a guard failing on
+every call). ``--profile N``
 profiles N calls of each network after its timing (bench/profile_summary.py): host and device
 time per call, launches, the events that block the host on the device, and the costliest ops; and the
 Python functions that took the most host time of their own (cProfile), where a call's Python goes.
@@ -186,7 +188,9 @@ def main(argv=None) -> dict:
                     _write(path, {**meta, "rows": rows})  # after every row: a run cut short keeps what it measured
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
-    result = {**meta, "rows": rows}
+    # each layer's stripe / cuDNN choice, and where it differs under CUDA graph capture (captured_choice)
+    decisions = [{**d, "key": repr(d["key"])} for d in gpu_select.decisions()]
+    result = {**meta, "rows": rows, "dispatch_decisions": decisions}
     _write(path, result)
     print(f"# wrote {path}")
     return result
