@@ -18,10 +18,10 @@ the stripe network's largest error against the dense network on the masked weigh
 raw JSON (device, versions, date, every timing, and each layer's stripe / cuDNN choice as
 ``dispatch_decisions``, with the choice under CUDA graph capture where it differs) to ``--out``.
 Each timing records the frames torch.compile compiled while it ran (nonzero: a guard failing on
-every call). ``--profile N``
-profiles N calls of each network after its timing (bench/profile_summary.py): host and device
-time per call, launches, the events that block the host on the device, and the costliest ops; and the
-Python functions that took the most host time of their own (cProfile), where a call's Python goes.
+every call). ``--profile N`` profiles N calls of each network after its timing
+(bench/profile_summary.py): host and device time per call, launches, the events that block the host
+on the device, and the costliest ops; and the Python functions that took the most host time of their
+own (cProfile), where a call's Python goes.
 """
 from __future__ import annotations
 
