@@ -209,6 +209,11 @@ def stripe_fwd_kernel(
         if INT64_INDEX:
             pix = pix.to(tl.int64)
         out_ptrs = out_ptr + (b * sob + pix)[:, None] + ch[None, :] * soc
+    elif STORE == 3:
+        # Tile order: a channels_last buffer of T * BLOCK_N channels (soc == 1), each tile's columns one
+        # run, stored as vectors (padding columns too: no column mask); a gather puts them in channel order.
+        out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + (t * BLOCK_N + offs_n)[None, :]
+        n_ok = offs_n < BLOCK_N
     else:
         out_ptrs = out_ptr + (b * sob + ho * soh + wo * sow)[:, None] + ch[None, :] * soc
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -218,7 +223,9 @@ def stripe_fwd_kernel(
 def _subtile_store(out_ptr, bias_ptr, acc, ch_ptr, offs_n, out_row, m_ok, soc, I: tl.constexpr,
                    SUB: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, STORE: tl.constexpr,
                    ACC_DTYPE: tl.constexpr):
-    """Subtile ``I``'s columns into their original channels (bias added), stored as the forward stores."""
+    """Subtile ``I``'s columns into their original channels (bias added), stored as the forward stores;
+    STORE == 3 (tile order): into columns ``I * BLOCK_N + offs_n`` past ``out_row``, which holds the
+    program's first column."""
     if I < SUB:
         ch = tl.load(ch_ptr + I * BLOCK_N + offs_n)  # -1 for padding columns
         if STORE == 1:  # aligned runs of 8 consecutive channels: 16-byte vector stores
@@ -226,5 +233,9 @@ def _subtile_store(out_ptr, bias_ptr, acc, ch_ptr, offs_n, out_row, m_ok, soc, I
         n_ok = ch >= 0
         if HAS_BIAS:
             acc += tl.load(bias_ptr + ch, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
-        tl.store(out_ptr + out_row[:, None] + ch[None, :] * soc, acc.to(out_ptr.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if STORE == 3:
+            tl.store(out_ptr + out_row[:, None] + (I * BLOCK_N + offs_n)[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & (offs_n < BLOCK_N)[None, :])
+        else:
+            tl.store(out_ptr + out_row[:, None] + ch[None, :] * soc, acc.to(out_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & n_ok[None, :])

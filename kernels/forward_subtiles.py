@@ -144,6 +144,8 @@ def stripe_fwd_sub_kernel(
         out_row = b * sob + pix
     else:
         out_row = b * sob + ho * soh + wo * sow
+        if STORE == 3:  # tile order: the group's first column
+            out_row += t * SUB * BLOCK_N
     ch = sup_ch_ptr + t * SUB * BLOCK_N
     _subtile_store(out_ptr, bias_ptr, acc0, ch, offs_n, out_row, m_ok, soc, 0, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
     _subtile_store(out_ptr, bias_ptr, acc1, ch, offs_n, out_row, m_ok, soc, 1, SUB, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)

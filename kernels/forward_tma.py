@@ -55,5 +55,8 @@ def stripe_fwd_tma_kernel(
 
     acc = _box_result(acc, BLOCK_N)
     ho, wo, m_ok = _rectangle_pixels(h0, w0, Ho, Wo, BLOCK_M, TW)
-    _subtile_store(out_ptr, bias_ptr, acc, tile_ch_ptr + t * BLOCK_N, offs_n, b * sob + ho * soh + wo * sow, m_ok,
-                   soc, 0, 1, BLOCK_N, HAS_BIAS, STORE, ACC_DTYPE)
+    out_row = b * sob + ho * soh + wo * sow
+    if STORE == 3:  # tile order: the tile's first column
+        out_row += t * BLOCK_N
+    _subtile_store(out_ptr, bias_ptr, acc, tile_ch_ptr + t * BLOCK_N, offs_n, out_row, m_ok, soc, 0, 1, BLOCK_N,
+                   HAS_BIAS, STORE, ACC_DTYPE)

@@ -198,6 +198,20 @@ CASES = dict([
           W=6, dense="never"),
     _case("planes", channels_last=True, pick="_planes", stride=(2, 2), H=8, W=9, N=48),
     _case("planes_int64_groups", channels_last=True, pick="_planes", int64=True, C=16, N=24, groups=2),
+    # Tile order: the kernel stores each tile's columns as one run of a [pixels, tiles * BLOCK_N] buffer (padding
+    # columns too), and a gather puts them in channel order (bias added by the kernel, by channel).
+    _case("gathered", channels_last=True, pick="_gathered", stride=(2, 2), H=8, W=9, N=48),
+    _case("gathered_int64_groups_no_bias", channels_last=True, pick="_gathered", int64=True, C=16, N=24, groups=2,
+          bias=False),
+    _case("gathered_bf16_empty_filters", channels_last=True, pick="_gathered", dtype="bfloat16", empty_filters=10,
+          N=40, density=0.3),
+    _case("gathered_settled", channels_last=True, pick="_gathered", warm_call=True, N=48, density=0.4),
+    _case("subtiles_x4_gathered", pick="x4_gathered", N=64, density=0.3, channels_last=True, H=6, W=6),
+    _case("subtiles_narrow8_gathered_groups", pick="stripe8x4_gathered", block_n=8, C=32, N=64, groups=2,
+          density=0.3, channels_last=True, H=5, W=6),
+    _case("tma_gathered", pick="_tma_gathered", channels_last=True, H=9, W=11),
+    _case("tma_gathered_s2_w64_empty_filters", pick="_tma_gathered", dtype="bfloat16", channels_last=True,
+          stride=(2, 2), H=8, W=10, C=32, N=96, block_n=64, density=0.4, empty_filters=12),
     # The backward over the forward's filter tiles (dy gathered into tile order, contiguous loads).
     _case("tiles_backward", pick="tiles", channels_last=True, N=48, density=0.4),
     _case("tiles_backward_nchw_s2", pick="tiles", stride=(2, 2), H=8, W=9, C=16, N=20),
@@ -763,7 +777,7 @@ def test_cuda(name):
         pytest.skip("no CUDA device")
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("TRITON_INTERPRET=1 is set in this process; the GPU kernels are not compiled")
-    if CASES[name]["pick"].endswith("_tma"):
+    if "tma" in CASES[name]["pick"]:
         if not _triton_runtime.tma_capable(torch.device("cuda")) or _triton_runtime.tensor_descriptor() is None:
             pytest.skip("the TMA kernels need compute capability 9.0 and a triton with tensor descriptors")
     msg = run_case(name, "cuda")

@@ -6,6 +6,7 @@ The kernels' results are checked in test_triton.py."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -1022,3 +1023,66 @@ def test_tiles_of_consecutive_filters_join_the_backward_where_the_clustered_tile
     dense_tiles = _triton_backward_tiles.backward_tiles(dense, weight, 64, 1, *conv, "cpu")
     assert dense_tiles.fwd.runs
     assert _triton_backward_tiles.backward_tiles_in_place(dense_tiles, dense, 1, *conv, "cpu") is None
+
+
+def test_tile_order_columns_invert_the_tiles():
+    """``order_cols`` names each channel's column in tile order (the gather after a tile-order store): the
+    inverse of the tile tables, for clustered, in-order, grouped, balanced and subtile plans."""
+    from stripeconv.backends import triton_plans as tp
+
+    gen = torch.Generator().manual_seed(4)
+    mask = torch.rand(96, 3, 3, generator=gen) < 0.3
+    mask[5] = False  # a filter without stripes still has a column (its bias)
+    plans = [tp.forward_plan(mask, groups, width) for groups in (1, 2) for width in (16, 32)]
+    plans += tp.forward_plans(mask, 1, "cpu") + tp.balanced_plans(mask, 2, "cpu", 64)
+    for plan in plans:
+        tables = [(plan.tile_ch, plan.order_cols)]
+        if tp.subtile_count(plan, 1) > 1:
+            sub = tp.subtile_plan(plan, mask, 1, "cpu")
+            tables.append((sub.sup_ch, sub.order_cols))
+        for table, cols in tables:
+            assert (cols >= 0).all() and (table.flatten()[cols.long()] == torch.arange(96)).all(), plan.block_n
+
+
+def test_tile_order_stores_are_offered_for_scattered_columns_and_compile_to_vector_stores(monkeypatch):
+    """Where a plan's columns are in no channel order and the output is channels_last, the plain, subtile
+    and TMA forwards are offered once more storing tile order (followed by the column gather); their sm_90
+    compiles store 16-byte vectors, without spills, where the scattering variants store 2-byte elements."""
+    aot = _aot()
+    import triton
+
+    from stripeconv.backends import triton_backend as tb
+
+    ptx = []
+    compile_ = triton.compile
+
+    def recording(*args, **kwargs):
+        compiled = compile_(*args, **kwargs)
+        ptx.append(compiled.asm["ptx"])
+        return compiled
+    monkeypatch.setattr(triton, "compile", recording)
+
+    def launches(channels_last):
+        label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16,
+                                      channels_last=channels_last)[0]
+        tb.clear_cache()
+        return aot.capture_launches(call, every_candidate=True, tma=True)
+    assert not [launch for launch in launches(False) if launch.kwargs.get("STORE") == 3]  # NCHW: planes
+    every = launches(True)
+    tiled = [launch for launch in every if launch.kwargs.get("STORE") == 3]
+    assert {launch.name for launch in tiled} == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel"}
+    assert "stripe_gather_columns_kernel" in {launch.name for launch in every}
+    # as many tile-order forwards as scattering ones (STORE 0; no split-K or balanced tiles for 4096 pixels)
+    assert len(tiled) == len([launch for launch in every if launch.kwargs.get("STORE") == 0
+                              and launch.kwargs.get("SPLIT_K", 1) == 1])
+    for launch in (next(launch for launch in tiled if launch.name == name) for name in
+                   ("stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel")):
+        scattering = next(other for other in every if other.name == launch.name and other.kwargs.get("STORE") == 0
+                          and other.kwargs["BLOCK_N"] == launch.kwargs["BLOCK_N"]
+                          and other.kwargs.get("SPLIT_K", 1) == 1)
+        for stored, expected in ((launch, "st.global.v4.b32"), (scattering, "st.global.b16")):
+            ptx.clear()
+            variant = aot.compile_launch(stored, 90, configs=aot.tuned_configs(stored)[:1])[0]
+            assert variant.spill_bytes == 0, variant.row()
+            stores = set(re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx[-1]))
+            assert stores == {expected}, (variant.row(), stores)

@@ -103,12 +103,8 @@ class DyGather:
     def __init__(self, plan: TilesBackwardPlan, grad_output: Tensor):
         b, _, ho, wo = grad_output.shape
         self.shape = (b * ho * wo, plan.cols.numel())
-        m, ncol = self.shape
-        self.kernel = runtime.TunedLaunch(
-            "stripe_gather_columns_kernel", (shapes.cdiv(m, 64), shapes.cdiv(ncol, 64)),
-            dict(INT64_INDEX=shapes.needs_int64(grad_output, torch.empty(self.shape, device="meta")),
-                 BLOCK_M=64, BLOCK_N=64),
-            bound=(plan.cols, m, ho, wo, ncol, *grad_output.stride()))
+        self.kernel = runtime.column_gather(
+            plan.cols, grad_output, shapes.needs_int64(grad_output, torch.empty(self.shape, device="meta")))
 
     def __call__(self, grad_output: Tensor) -> Tensor:
         dyt = torch.empty(self.shape, dtype=grad_output.dtype, device=grad_output.device)

@@ -13,8 +13,30 @@ from .triton_plans import ForwardPlan, SubtilePlan
 
 # How the forward kernel stores its [pixels, filters] tile (the STORE constant): the tile's filters are
 # in any channel order, and 2-byte stores scattered over a channels_last row are slow (on an H100,
-# 3-4x the kernel's time); runs of consecutive channels or NCHW planes store 16-byte vectors.
-STORE_SCATTER, STORE_RUNS, STORE_PLANES = 0, 1, 2
+# 3-4x the kernel's time); runs of consecutive channels, NCHW planes and tile order store 16-byte vectors.
+STORE_SCATTER, STORE_RUNS, STORE_PLANES, STORE_TILES = 0, 1, 2, 3
+
+
+class TileOrder:
+    """A channels_last output stored in tile order (``STORE_TILES``: ``ncol`` columns, each tile's filters
+    one run), then put in channel order by one gather launch (``order_cols``: each channel's column), whose
+    scattered 2-byte reads go through the cache where the kernel's scattered stores would not."""
+
+    def __init__(self, order_cols: Tensor, ncol: int, out_shape: tuple):
+        b, _, ho, wo = out_shape
+        self.out_shape = out_shape
+        self.meta = torch.empty((b, ncol, ho, wo), device="meta", memory_format=torch.channels_last)
+        self.gather = runtime.column_gather(
+            order_cols, self.meta, shapes.needs_int64(self.meta, torch.empty(out_shape, device="meta")))
+
+    def buffer(self, like: Tensor) -> Tensor:
+        return torch.empty(self.meta.shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+    def in_channel_order(self, buffer: Tensor) -> Tensor:
+        out = torch.empty(self.out_shape, dtype=buffer.dtype, device=buffer.device,
+                          memory_format=torch.channels_last)
+        self.gather(buffer, out)
+        return out
 
 
 def bias_output(out_shape, input: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -24,14 +46,15 @@ def bias_output(out_shape, input: Tensor, bias: Optional[Tensor]) -> Tensor:
 
 
 def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                    dilation, out_hw, via_planes: bool = False,
-                    split_k: int = 1) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                    dilation, out_hw, via_planes: bool = False, split_k: int = 1,
+                    gathered: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
     bias or not): all launch arguments but the tensors are worked out here, once.
 
     A channels_last output is stored in place when ``plan`` is aligned (runs of 8 channels) and
     scattered otherwise; with ``via_planes`` the kernel writes NCHW planes and a copy makes them
-    channels_last (a second pass over the output instead of scattered stores). With ``split_k`` > 1
+    channels_last (a second pass over the output instead of scattered stores); with ``gathered`` it stores
+    tile order and a gather puts the columns in channel order (:class:`TileOrder`). With ``split_k`` > 1
     that many programs share each output tile's reduction: their partial sums go to a workspace of
     the accumulator's dtype, and the last of them to finish adds them up and stores the tile (one
     launch beside zeroing the tiles' counts)."""
@@ -43,6 +66,8 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
         store, kernel_format = STORE_PLANES, out_format
     elif via_planes:
         store, kernel_format = STORE_PLANES, torch.contiguous_format
+    elif gathered:
+        store, kernel_format = STORE_TILES, out_format
     else:
         store, kernel_format = (STORE_RUNS if plan.aligned else STORE_SCATTER), out_format
 
@@ -56,7 +81,8 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     block_k = shapes.dot_block(cg) if use_dot else 1
     copy_input = not input.is_contiguous(memory_format=torch.channels_last)
     x = shapes.meta_like(input, copy_input)
-    out = torch.empty(out_shape, device="meta", memory_format=kernel_format)
+    tile_order = TileOrder(plan.order_cols, plan.num_tiles * bn, out_shape) if store == STORE_TILES else None
+    out = tile_order.meta if tile_order else torch.empty(out_shape, device="meta", memory_format=kernel_format)
     tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
     scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
@@ -78,7 +104,10 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        if tile_order:
+            out = tile_order.buffer(input)
+        else:
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
         if split_k > 1:
             ws = torch.empty(workspace, dtype=acc_dtype, device=input.device)
             count = torch.zeros(counts, dtype=torch.int32, device=input.device)
@@ -86,25 +115,30 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
             ws = count = out
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out, ws, count)
+        if tile_order:
+            return tile_order.in_channel_order(out)
         return out.contiguous(memory_format=out_format)
     return launch
 
 
 def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                     dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                     dilation, out_hw, gathered: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward over ``plan``'s groups of tiles (``stripe_fwd_sub_kernel``) for every call shaped like
     this one; stores as :func:`stripe_launcher` does without ``via_planes`` (no split-K)."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
     out_shape, out_format = (b, n, ho, wo), output_memory_format(input)
-    store = STORE_PLANES if out_format == torch.contiguous_format else STORE_RUNS if plan.aligned else STORE_SCATTER
+    store = (STORE_PLANES if out_format == torch.contiguous_format else STORE_TILES if gathered
+             else STORE_RUNS if plan.aligned else STORE_SCATTER)
     cg = weight.shape[1]
     m = b * ho * wo
     block_k = shapes.dot_block(cg)
     copy_input = not input.is_contiguous(memory_format=torch.channels_last)
     x = shapes.meta_like(input, copy_input)
-    out = torch.empty(out_shape, device="meta", memory_format=out_format)
+    width = plan.num_tiles * plan.sub * plan.block_n
+    tile_order = TileOrder(plan.order_cols, width, out_shape) if store == STORE_TILES else None
+    out = tile_order.meta if tile_order else torch.empty(out_shape, device="meta", memory_format=out_format)
     tables = (plan.sup_pos, plan.sup_npos, plan.sup_bits, plan.sup_ch, plan.sup_grp, plan.sup_rows)
     scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
@@ -121,10 +155,13 @@ def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Opt
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        if tile_order:
+            out = tile_order.buffer(input)
+        else:
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
-        return out
+        return tile_order.in_channel_order(out) if tile_order else out
     return launch
 
 
@@ -141,7 +178,7 @@ def tma_offered(plan: ForwardPlan, input: Tensor, weight: Tensor, stride, groups
 
 
 def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                 dilation, out_hw) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                 dilation, out_hw, gathered: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles with TMA input boxes (``stripe_fwd_tma_kernel``) for every call shaped like
     this one (:func:`tma_offered` holds); stores as :func:`stripe_launcher` does into a channels_last output."""
     b, c, h, w = input.shape
@@ -152,7 +189,8 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
     block_m, tw = shapes.tma_rectangle(ho, wo)
     sh, sw = stride
     box = [1, block_m // tw, 1, tw, block_k]  # of the input as [B, H/SH, SH, W/SW, SW*C]
-    out = torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
+    tile_order = TileOrder(plan.order_cols, plan.num_tiles * plan.block_n, out_shape) if gathered else None
+    out = tile_order.meta if tile_order else torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
     tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.w_rows)
     scalars = (ho, wo, c, plan.num_tiles, plan.umax, *out.stride(), padding[0], padding[2], dilation[0],
                dilation[1], kw)
@@ -160,7 +198,8 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
     constants = dict(
         **shapes.tuning_keys(b * ho * wo, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=c % block_k == 0,
-        STORE=STORE_RUNS if plan.aligned else STORE_SCATTER, NPOS=kh * kw if plan.all_positions else 0,
+        STORE=STORE_TILES if gathered else STORE_RUNS if plan.aligned else STORE_SCATTER,
+        NPOS=kh * kw if plan.all_positions else 0,
         ROW_RUNS=plan.row_runs, SH=sh, SW=sw, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
     )
     programs = b * shapes.cdiv(ho, block_m // tw) * shapes.cdiv(wo, tw) * plan.num_tiles
@@ -174,10 +213,13 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
         x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
                             [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], box)
-        out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+        if tile_order:
+            out = tile_order.buffer(input)
+        else:
+            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
-        return out
+        return tile_order.in_channel_order(out) if tile_order else out
     return launch
 
 

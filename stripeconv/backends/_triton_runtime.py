@@ -280,6 +280,22 @@ class TunedLaunch:
             self._direct = (kernel, jit, config.all_kwargs())
 
 
+# Pixels and columns of one program of ``stripe_gather_columns_kernel``.
+GATHER_BLOCK = 64
+
+
+def column_gather(cols: Tensor, src: Tensor, int64_index: bool) -> TunedLaunch:
+    """``launch(src, dst)``: ``dst[m, j] = src[pixel m, channel cols[j]]`` (0 where ``cols[j] < 0``) for
+    every ``src`` shaped and strided like this one (``[B, C, Ho, Wo]``, meta is fine), ``dst`` a contiguous
+    ``[B * Ho * Wo, cols.numel()]`` (a channels_last tensor's memory). Reads scatter within a pixel's
+    channels, writes are contiguous rows."""
+    b, _, ho, wo = src.shape
+    m, ncol = b * ho * wo, cols.numel()
+    return TunedLaunch("stripe_gather_columns_kernel", (-(-m // GATHER_BLOCK), -(-ncol // GATHER_BLOCK)),
+                       dict(INT64_INDEX=int64_index, BLOCK_M=GATHER_BLOCK, BLOCK_N=GATHER_BLOCK),
+                       bound=(cols, m, ho, wo, ncol, *src.stride()))
+
+
 def _launch_first_fitting(jit, grid, args: tuple, constants: dict, configs: Sequence) -> dict:
     """Launch ``jit`` with the first of ``configs`` this GPU can run (as the autotuner does, a
     configuration that needs more registers or shared memory than there are is skipped); return its kwargs."""

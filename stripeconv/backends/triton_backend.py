@@ -206,19 +206,30 @@ def forward(
 
     def add_subtiles(plan):
         sub = subtile_plan(plan, mask, groups, device)
-        launchers[f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")] = subtile_launcher(
-            sub, input, weight, bias, stride, padding, dilation, (ho, wo))
+        name = f"stripe{plan.block_n}x{sub.sub}" + ("_aligned" if sub.aligned else "")
+        launchers[name] = subtile_launcher(sub, input, weight, bias, stride, padding, dilation, (ho, wo))
+        if channels_last and not sub.aligned:
+            launchers[name + "_gathered"] = subtile_launcher(sub, input, weight, bias, stride, padding, dilation,
+                                                             (ho, wo), gathered=True)
     for plan in forward_plans(mask, groups, device):
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
         name = f"stripe{plan.block_n}" + ("_aligned" if plan.aligned else "")
         launchers[name] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
-        if channels_last and not plan.aligned:
+        # Columns in no channel order: two more ways to store them as vectors, NCHW planes and tile order
+        # (each with a second pass over the output)
+        scattered = channels_last and not plan.aligned
+        if scattered:
             launchers[name + "_planes"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                           (ho, wo), via_planes=True)
+            launchers[name + "_gathered"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
+                                                            (ho, wo), gathered=True)
         if subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
             launchers[name + "_tma"] = tma_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
+            if scattered:
+                launchers[name + "_tma_gathered"] = tma_launcher(plan, input, weight, bias, stride, padding,
+                                                                 dilation, (ho, wo), gathered=True)
         split = split_k(plan, b * ho * wo, c // groups, runtime.num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,

@@ -89,6 +89,7 @@ class ForwardPlan:
     tile_ch: Tensor       # [T, BLOCK_N] int32 original channel of each column, -1 = padding
     tile_grp: Tensor      # [T] int32 group of each tile
     w_rows: Tensor        # [T * UMAX * BLOCK_N] int32 packed row of each (tile, union position, column), -1 = zero
+    order_cols: Tensor    # [N] int32 column of each channel in tile order (``tile_ch`` flattened), for the gather
     kept: int
     computed: int
     density: float
@@ -187,11 +188,22 @@ def _forward_from_tiles(mask_cpu: Tensor, tiles: list, block_n: int, device, in_
 
     return ForwardPlan(
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
-        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)), kept=s,
+        tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)),
+        order_cols=dev(tile_order_cols(tile_ch, n)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
         in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
         all_positions=bool((tile_npos == npos).all()), row_runs=_row_runs(w_rows, tile_npos), balanced=balanced,
     )
+
+
+def tile_order_cols(tile_ch: np.ndarray, n: int) -> np.ndarray:
+    """[N] int32 column of each of ``n`` channels in the tile order of ``tile_ch`` (the channel of each
+    column, per tile: the table flattened), -1 for a channel in no column."""
+    flat = tile_ch.reshape(-1)
+    cols = np.full(n, -1, dtype=np.int32)
+    stored = np.nonzero(flat >= 0)[0]
+    cols[flat[stored]] = stored
+    return cols
 
 
 def _row_runs(w_rows: np.ndarray, tile_npos: np.ndarray) -> bool:
@@ -286,6 +298,7 @@ class SubtilePlan:
     sup_ch: Tensor        # [T, SUB * BLOCK_N] int32 original channel of each column, -1 = padding
     sup_grp: Tensor       # [T] int32
     sup_rows: Tensor      # [T * UMAX * SUB * BLOCK_N] int32 packed row, -1 = zero
+    order_cols: Tensor    # [N] int32 column of each channel in the groups' tile order (``sup_ch`` flattened)
     kept: int
     computed: int
     x_reads: int
@@ -340,6 +353,7 @@ def _build_subtiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple, de
     return SubtilePlan(
         block_n=block_n, sub=sub, num_tiles=num, umax=umax, sup_pos=dev(sup_pos), sup_npos=dev(sup_npos),
         sup_bits=dev(sup_bits), sup_ch=dev(sup_ch), sup_grp=dev(sup_grp), sup_rows=dev(sup_rows.reshape(-1)),
+        order_cols=dev(tile_order_cols(sup_ch, fwd.mask_shape[0])),
         kept=fwd.kept, computed=fwd.computed, x_reads=int(sup_npos.sum()), density=fwd.density,
         mask_shape=fwd.mask_shape, aligned=fwd.aligned,
     )
@@ -466,7 +480,8 @@ def _build_dense(mask_cpu: Tensor, groups: int, block: int, conv: tuple, device)
 def _forward_on(fwd: ForwardPlan, device) -> ForwardPlan:
     """``fwd`` with its index tensors on ``device``."""
     return ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
-                                             ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows")}})
+                                             ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows",
+                                              "order_cols")}})
 
 
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
