@@ -26,7 +26,9 @@ The kernels:
     split that arrives last adds them up in split order (deterministic) and stores the tile.
     Borders are masked loads. Bias is added in the epilogue; the store (``STORE``) puts the tile's
     columns back in their original channels: as 16-byte vectors where the tile holds aligned runs
-    of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered.
+    of 8 consecutive channels, into NCHW planes (each column a run of pixels), or scattered; or it
+    stores tile order (each tile's columns one run of a channels_last buffer) for
+    ``stripe_gather_columns_kernel`` to put in channel order.
 
 ``stripe_fwd_tma_kernel``
     The forward for strides 1 and 2 on GPUs with a tensor memory accelerator (compute capability 9.0 on):
@@ -68,6 +70,10 @@ The kernels:
     boxes over rectangles of one output phase's input pixels, as ``stripe_fwd_tma_kernel`` loads x's;
     ``stripe_wgrad_tiles_tma_kernel`` the grad weight's for strides 1 and 2, x's and dy's tiles both
     boxes over rectangles of output pixels.
+
+``stripe_gather_columns_kernel``
+    Columns gathered by a table: dy into the forward's tile order for the tile backward, a forward's
+    tile-order output into channel order.
 
 ``stripe_scatter_rows_kernel``
     The packed rows scattered into a dense weight (zeros for pruned stripes) in one launch: the weight
