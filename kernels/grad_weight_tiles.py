@@ -23,18 +23,26 @@ def _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C: tl
     return c0, t, u, p
 
 
+@triton.jit
+def _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, hi, wi, ok, H, W, sxh, sxw, INT64_INDEX: tl.constexpr):
+    """x's [BLOCK_C, BLOCK_M] tile at input pixels (hi, wi): zeros past the borders and where not ``ok``."""
+    ok = ok & _inside(hi, H, INT64_INDEX) & _inside(wi, W, INT64_INDEX)
+    return tl.load(x_ptr + x_ch[:, None] + (x_pix + hi * sxh + wi * sxw)[None, :], mask=c_ok[:, None] & ok[None, :],
+                   other=0.0)
+
+
 @triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_wgrad_tiles_kernel(
     dy_ptr, x_ptr, dw_ptr, w_rows_ptr, dy_col0_ptr,
-    ent_t_ptr, ent_u_ptr, tile_pos_ptr, tile_grp_ptr,
+    ent_t_ptr, ent_u_ptr, ent_n_ptr, tile_pos_ptr, tile_grp_ptr,
     B, H, W, Ho, Wo, CG, NCB, UMAX, CHUNK,
     sdb, sdc, sdh, sdw,
     sxb, sxc, sxh, sxw,
     SH, SW, PT, PL, DH, DW, KW,
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    PER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Grad weight over the forward's filter tiles: per (tile, position of its union) a
     [channels, pixels] x [pixels, BLOCK_T filters] product (channels on the M side: BLOCK_C = 64 makes
@@ -42,12 +50,31 @@ def stripe_wgrad_tiles_kernel(
     with a 16 or 32-wide tile is not), split-K over pixels (grid axis 1) and added atomically into the
     fp32 rows that the tile's filters keep (the others are dropped); with a single split (not
     ``ATOMIC``) each kept row is written once, in the buffer's dtype. dy's columns as in
-    ``stripe_dgrad_tiles_kernel``."""
+    ``stripe_dgrad_tiles_kernel``.
+
+    With PER = 2 or 3 a program takes that many consecutive entries of one tile's union
+    (``ent_u[e]`` on, ``ent_n[e]`` of them): each block of dy is loaded once for all of them, and their
+    x tiles, the same pixels shifted by a position, largely share cache lines. An entry past
+    ``ent_n[e]`` multiplies zeros and is not stored."""
     c0, t, u, p = _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C)
     split = tl.program_id(1)
     g = tl.load(tile_grp_ptr + t)
+    if PER > 1:
+        count = tl.load(ent_n_ptr + tl.program_id(0) // NCB)
+        # per pixel (Triton's interpreter makes an int of a pixel mask and a scalar bool)
+        count_m = tl.arange(0, BLOCK_M) * 0 + count
+        p1 = tl.load(tile_pos_ptr + t * UMAX + u + tl.minimum(1, count - 1))
+        i1 = p1 // KW
+        off_h1 = i1 * DH - PT
+        off_w1 = (p1 - i1 * KW) * DW - PL
+    if PER > 2:
+        p2 = tl.load(tile_pos_ptr + t * UMAX + u + tl.minimum(2, count - 1))
+        i2 = p2 // KW
+        off_h2 = i2 * DH - PT
+        off_w2 = (p2 - i2 * KW) * DW - PL
     i = p // KW
-    j = p - i * KW
+    off_h = i * DH - PT
+    off_w = (p - i * KW) * DW - PL
     offs_t = tl.arange(0, BLOCK_T)
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < CG
@@ -60,25 +87,42 @@ def stripe_wgrad_tiles_kernel(
     m_start = split * CHUNK
     m_end = tl.minimum(M, m_start + CHUNK)
     acc = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
+    if PER > 1:
+        acc1 = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
+    if PER > 2:
+        acc2 = tl.zeros((BLOCK_C, BLOCK_T), dtype=ACC_DTYPE)
     # Each block of pixels advances the last one's coordinates (no division per pixel in the loop).
     offs_m = m_start + tl.arange(0, BLOCK_M)
     b, ho, wo = _pixel_coords(offs_m, Ho, Wo, INT64_INDEX)
     step_b, step_h, step_w = BLOCK_M // (Ho * Wo), (BLOCK_M // Wo) % Ho, BLOCK_M % Wo
     for m0 in range(m_start, m_end, BLOCK_M):
         m_ok = offs_m < m_end
-        hi = ho * SH + (i * DH - PT)
-        wi = wo * SW + (j * DW - PL)
-        x_ok = m_ok & _inside(hi, H, INT64_INDEX) & _inside(wi, W, INT64_INDEX)
-        xt = tl.load(x_ptr + x_ch[:, None] + (b * sxb + hi * sxh + wi * sxw)[None, :],
-                     mask=c_ok[:, None] & x_ok[None, :], other=0.0)
         dyt = tl.load(dy_ptr + (b * sdb + ho * sdh + wo * sdw)[:, None] + dy_col[None, :], mask=m_ok[:, None],
                       other=0.0)
+        x_pix = b * sxb
+        h0 = ho * SH
+        w0 = wo * SW
+        xt = _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, h0 + off_h, w0 + off_w, m_ok, H, W, sxh, sxw, INT64_INDEX)
         acc = tl.dot(xt, dyt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if PER > 1:
+            xt = _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, h0 + off_h1, w0 + off_w1, m_ok & (count_m > 1), H, W, sxh,
+                               sxw, INT64_INDEX)
+            acc1 = tl.dot(xt, dyt, acc1, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
+        if PER > 2:
+            xt = _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, h0 + off_h2, w0 + off_w2, m_ok & (count_m > 2), H, W, sxh,
+                               sxw, INT64_INDEX)
+            acc2 = tl.dot(xt, dyt, acc2, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
         offs_m += BLOCK_M
         b, ho, wo = _pixel_step(b, ho, wo, step_b, step_h, step_w, Ho, Wo)
 
-    _store_wgrad_tile(dw_ptr, acc, w_rows_ptr + (t * UMAX + u) * BLOCK_T, offs_t, offs_c, c_ok, CG, ATOMIC,
-                      INT64_INDEX)
+    rows = w_rows_ptr + (t * UMAX + u) * BLOCK_T
+    _store_wgrad_tile(dw_ptr, acc, rows, offs_t, offs_c, c_ok, CG, ATOMIC, INT64_INDEX)
+    if PER > 1:
+        if count > 1:
+            _store_wgrad_tile(dw_ptr, acc1, rows + BLOCK_T, offs_t, offs_c, c_ok, CG, ATOMIC, INT64_INDEX)
+    if PER > 2:
+        if count > 2:
+            _store_wgrad_tile(dw_ptr, acc2, rows + 2 * BLOCK_T, offs_t, offs_c, c_ok, CG, ATOMIC, INT64_INDEX)
 
 
 @triton.jit

@@ -227,6 +227,19 @@ CASES = dict([
     _case("tiles_backward_row_runs", pick="tiles", mask_blocks=16, N=48, channels_last=True, dy_in_place=True),
     _case("tiles_backward_row_runs_int64_s2", pick="tiles", density=1.0, int64=True, stride=(2, 2), H=8, W=8,
           channels_last=True, dy_in_place=True),
+    # Grad weight over runs of up to 3 union entries of a tile a program (dy loaded once for them; a run
+    # shorter than 3 multiplies zeros for the rest and stores only its own rows)
+    _case("wgrad_pos3", pick="wgrad_pos3", channels_last=True, N=48, density=0.4),
+    _case("wgrad_pos3_nchw_s2_asym_dil", pick="wgrad_pos3", stride=(2, 2), padding=(1, 0, 2, 1), dilation=(2, 1),
+          H=9, W=8, C=16, N=20),
+    _case("wgrad_pos3_groups_int64_k5", pick="wgrad_pos3", int64=True, C=32, N=32, groups=2, k=(5, 5),
+          padding=(2, 2, 2, 2), density=0.3, channels_last=True, bias=False, dy_in_place=True),
+    _case("wgrad_pos3_splitk", pick="wgrad_pos3", H=20, W=20, C=16, N=16, density=0.6, channels_last=True,
+          dy_in_place=True),
+    _case("wgrad_pos3_runs_in_place", pick="tiles_runs_pos3", channels_last=True, N=48, density=0.4,
+          dy_in_place=True),
+    _case("wgrad_pos3_bf16_empty_filters", pick="wgrad_pos3", dtype="bfloat16", empty_filters=12, N=48,
+          density=0.5, channels_last=True),
     # The tile grad input with TMA boxes of dy (one group; offered for tiles of 64 filters or more over 33 channels
     # or more): each program a TH x TW rectangle of one image's input pixels of one output phase; the boxes
     # zero-fill dy's borders and the columns past its last channel.
@@ -398,7 +411,9 @@ def _tuner_runs(tb):
 PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "tiles_tma", "wgrad": "tiles_tma"},
          "wgrad_tma": {"dgrad": "tiles", "wgrad": "tiles_tma"}, "dgrad_tma": {"dgrad": "tiles_tma", "wgrad": "tiles"},
          "tiles_runs": {"dgrad": "tiles_runs", "wgrad": "tiles_runs"},
-         "tiles_runs_tma": {"dgrad": "tiles_runs_tma", "wgrad": "tiles_runs_tma"}}
+         "tiles_runs_tma": {"dgrad": "tiles_runs_tma", "wgrad": "tiles_runs_tma"},
+         "wgrad_pos3": {"dgrad": "tiles", "wgrad": "tiles_pos3"},
+         "tiles_runs_pos3": {"dgrad": "tiles_runs", "wgrad": "tiles_runs_pos3"}}
 
 
 @contextlib.contextmanager

@@ -452,12 +452,13 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
         launches = aot.capture_launches(lambda: (tb.grad_input(dy, packed, m, x.shape, *conv),
                                                  tb.grad_weight(dy, x, packed, m, *conv)), every_candidate=True)
         names = [launch.name for launch in launches]
-        # one gather for both gradients; a second grad weight candidate of the same call (the TMA one, where
-        # offered: only while candidates are timed) gathers again
-        gathers = 1 + names.count("stripe_wgrad_tiles_tma_kernel")
+        # one gather for both gradients; each further grad weight candidate of the same call (three positions a
+        # program, the TMA one where offered: only while candidates are timed) gathers again
+        gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
-        assert len(tiles) == 2, names
+        assert len(tiles) == 3, names
+        assert sorted(launch.kwargs["PER"] for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel") == [1, 3]
         for launch in tiles:
             variants = aot.compile_launch(launch, 90)
             assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
@@ -817,14 +818,16 @@ def test_copies_in_flight_reads_the_main_loop():
 
 def test_tile_grad_weight_compiles_with_and_without_atomics():
     """A single split stores each kept row once in the weight's dtype; several add atomically into fp32.
-    Both compile for sm_90 on wgmma without spilling."""
+    Both compile for sm_90 on wgmma without spilling, one and three union positions a program."""
     aot = _aot()
     seen = set()
     for batch in (1, 8):
         label, call = aot.layer_calls(128, 128, 16, density=0.3, dtype=torch.bfloat16, batch=batch)[2]
         launches = [launch for launch in aot.capture_launches(call, every_candidate=True)
                     if launch.name == "stripe_wgrad_tiles_kernel"]
-        assert len(launches) == 2, label  # the clustered tiles and the tiles of consecutive filters
+        # the clustered tiles and the tiles of consecutive filters, each one and three positions a program
+        assert sorted((launch.args[4] is launches[0].args[4], launch.kwargs["PER"]) for launch in launches) == [
+            (False, 1), (False, 3), (True, 1), (True, 3)], label
         for launch in launches:
             atomic = launch.kwargs["ATOMIC"]
             assert launch.args[2].dtype == (torch.float32 if atomic else torch.bfloat16)

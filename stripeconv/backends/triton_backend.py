@@ -64,7 +64,7 @@ from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_laun
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .dense import conv2d_grad_input
 from .triton_plans import (
-    DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, balanced_plans, best_tile_efficiency, cached_plan,
+    WGRAD_PER, DensePlan, ForwardPlan, GradInputPlan, GradWeightPlan, balanced_plans, best_tile_efficiency, cached_plan,
     default_block_n, forward_plan, forward_plans, narrow_plans, subtile_count, subtile_plan, tile_efficiency,
     tile_widths,
 )
@@ -326,6 +326,9 @@ def grad_weight(
         if plan is not None and not deterministic and grad_output.numel() and input.numel():
             launchers["stripe_tiles" + suffix] = grad_weight_tiles_launcher(plan, grad_output, input, weight, stride,
                                                                             padding, dilation)
+            if plan.num_runs < plan.num_all:  # some tile keeps several positions: dy loaded once for up to 3
+                launchers[f"stripe_tiles{suffix}_pos{WGRAD_PER}"] = grad_weight_tiles_launcher(
+                    plan, grad_output, input, weight, stride, padding, dilation, per=WGRAD_PER)
             if tma_wgrad_offered(plan, grad_output, input, weight, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_weight_tiles_tma_launcher(
                     plan, grad_output, input, weight, stride, padding, dilation)

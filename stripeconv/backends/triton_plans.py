@@ -408,6 +408,10 @@ def subtile_plan(plan: ForwardPlan, mask: Tensor, groups: int, device) -> Subtil
     return cached_plan("fwd_sub", mask, groups, plan.block_n, device, (subtile_count(plan, groups), plan.in_order))
 
 
+# Union entries of one tile whose grad weight one program of ``stripe_wgrad_tiles_kernel`` computes (``PER``).
+WGRAD_PER = 3
+
+
 @dataclass
 class TilesBackwardPlan:
     """The backward over the forward's filter tiles (``fwd``): dy gathered into tile order by ``cols``
@@ -427,6 +431,10 @@ class TilesBackwardPlan:
     all_t: Tensor         # [A] int32 every (tile, union position) pair, for grad weight
     all_u: Tensor
     num_all: int
+    runs_t: Tensor        # [R] int32 runs of up to WGRAD_PER consecutive entries of one tile's union: tile,
+    runs_u: Tensor        # first union index
+    runs_n: Tensor        # and length (grad weight loads dy once per run)
+    num_runs: int
 
 
 def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple, device) -> TilesBackwardPlan:
@@ -449,6 +457,8 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
                 offsets.append(len(entries))
     ent = np.array(entries, dtype=np.int64).reshape(-1, 4)
     al = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+    runs = np.array([(t, u, min(WGRAD_PER, int(tile_npos[t]) - u)) for t in range(fwd.num_tiles)
+                     for u in range(0, int(tile_npos[t]), WGRAD_PER)], dtype=np.int64).reshape(-1, 3)
     on_device = _forward_on(fwd, device)
     return TilesBackwardPlan(
         fwd=on_device, cols=on_device.tile_ch.reshape(-1),
@@ -456,6 +466,8 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
         ent_off=_dev(offsets, device), ent_t=_dev(ent[:, 0], device),
         ent_u=_dev(ent[:, 1], device), ent_dh=_dev(ent[:, 2], device), ent_dw=_dev(ent[:, 3], device),
         all_t=_dev(al[:, 0], device), all_u=_dev(al[:, 1], device), num_all=len(al),
+        runs_t=_dev(runs[:, 0], device), runs_u=_dev(runs[:, 1], device), runs_n=_dev(runs[:, 2], device),
+        num_runs=len(runs),
     )
 
 
