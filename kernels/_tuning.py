@@ -82,6 +82,23 @@ def tma_configs_for(configs, named_args: dict, **kwargs) -> list:
     return kept or list(configs)
 
 
+# Shared memory one block may use on sm_90 (227 KB); staged 16-bit operands beyond it cannot compile there.
+SHARED_BYTES = 227 * 1024
+
+
+def wgrad_tiles_configs_for(configs, named_args: dict, **kwargs) -> list:
+    """The tile grad weight's configurations whose staged 16-bit operands (a [BLOCK_M, BLOCK_T] block of dy
+    and PER [BLOCK_M, BLOCK_C] blocks of x a stage) fit a block's shared memory (the early prune): three
+    positions a program over 128-wide tiles do not at BLOCK_M = 128, three stages."""
+    get = {**named_args, **kwargs}.get
+    per, block_t, block_c = get("PER", 1), get("BLOCK_T"), get("BLOCK_C")
+    if block_t is None or block_c is None:
+        return list(configs)
+    kept = [c for c in configs
+            if c.num_stages * c.kwargs["BLOCK_M"] * (block_t + per * block_c) * 2 <= SHARED_BYTES]
+    return kept or list(configs)
+
+
 def tuning_bench(fn, quantiles=None):
     """Times one configuration while autotuning. Triton's default spends 25 ms warming up and
     100 ms measuring each one; these kernels run for microseconds to a few milliseconds, so a

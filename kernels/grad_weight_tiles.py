@@ -7,7 +7,9 @@ import triton.language as tl
 
 from ._indexing import _inside, _pixel_coords, _pixel_step
 from ._tma_boxes import _rectangle
-from ._tuning import TMA_FWD_CONFIGS, TMA_WGRAD_KEY, UNSPECIALISED, WGRAD_CONFIGS, WGRAD_TILES_KEY, _TUNE_EXTRAS
+from ._tuning import (
+    TMA_FWD_CONFIGS, TMA_WGRAD_KEY, UNSPECIALISED, WGRAD_CONFIGS, WGRAD_TILES_KEY, _TUNE_EXTRAS, wgrad_tiles_configs_for,
+)
 
 
 @triton.jit
@@ -31,7 +33,8 @@ def _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, hi, wi, ok, H, W, sxh, sxw, INT64_IN
                    other=0.0)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"], **_TUNE_EXTRAS)
+@triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"],
+                 prune_configs_by={"early_config_prune": wgrad_tiles_configs_for}, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_wgrad_tiles_kernel(
     dy_ptr, x_ptr, dw_ptr, w_rows_ptr, dy_col0_ptr,

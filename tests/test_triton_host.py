@@ -1089,3 +1089,17 @@ def test_tile_order_stores_are_offered_for_scattered_columns_and_compile_to_vect
             assert variant.spill_bytes == 0, variant.row()
             stores = set(re.findall(r"st\.global(?:\.[a-z0-9]+)*", ptx[-1]))
             assert stores == {expected}, (variant.row(), stores)
+
+
+def test_tile_grad_weight_times_only_configurations_whose_stages_fit_shared_memory():
+    """Three positions a program stage a dy block and three x blocks: over 128-wide tiles that exceeds a block's
+    shared memory at BLOCK_M = 128 with three stages, so the tuner does not try it; narrower tiles keep all."""
+    from stripeconv.kernels import _tuning
+
+    def kept(**kwargs):
+        return [(c.kwargs["BLOCK_M"], c.num_stages) for c in
+                _tuning.wgrad_tiles_configs_for(_tuning.WGRAD_CONFIGS, {}, BLOCK_C=64, **kwargs)]
+    every = [(c.kwargs["BLOCK_M"], c.num_stages) for c in _tuning.WGRAD_CONFIGS]
+    assert kept(PER=1, BLOCK_T=128) == kept(PER=3, BLOCK_T=64) == every
+    assert kept(PER=3, BLOCK_T=128) == [cfg for cfg in every if cfg[0] * cfg[1] * (128 + 3 * 64) * 2 <= 227 * 1024]
+    assert 0 < len(kept(PER=3, BLOCK_T=128)) < len(every) or len(every) == 1
