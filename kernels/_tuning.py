@@ -48,7 +48,8 @@ DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOC
 TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SH", "SW", "BLOCK_M",
                           "TW"]
 TMA_DGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BLOCK_M", "TW"]
-WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC", "PER"]
+WGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_T", "BLOCK_C", "ATOMIC", "PER", "BY_POSITION",
+                                "RUN"]
 TMA_WGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_T", "BLOCK_C", "ATOMIC", "SH", "SW", "DY_ROWS", "BLOCK_M", "TW"]
 # The KEY_* arguments are never read, but Triton compiles a new variant of a kernel whenever an
 # integer argument is 1 or changes its divisibility by 16: exempt them (half of the compiles of

@@ -309,11 +309,13 @@ def loop_instructions(cubin: bytes) -> Optional[int]:
 
 def specialisation(fn, values: dict) -> tuple[dict, dict, dict]:
     """(signature, constants, attributes) that Triton's JIT compiles ``fn`` for, given every
-    argument's value by name: a launch with the same three reuses the compiled kernel."""
+    argument's value by name (or its default): a launch with the same three reuses the compiled kernel."""
     signature, constexprs, attrs = {}, {}, {}
+    defaults = {name: p.default for name, p in inspect.signature(fn.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
     for index, param in enumerate(fn.params):
         name = param.name
-        value = values[name]
+        value = values[name] if name in values else defaults[name]
         if param.is_constexpr:
             signature[name] = "constexpr"
             constexprs[name] = value

@@ -46,6 +46,7 @@ def stripe_wgrad_tiles_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     ATOMIC: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr,
     PER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BY_POSITION: tl.constexpr = False, RUN: tl.constexpr = 1,
 ):
     """Grad weight over the forward's filter tiles: per (tile, position of its union) a
     [channels, pixels] x [pixels, BLOCK_T filters] product (channels on the M side: BLOCK_C = 64 makes
@@ -58,10 +59,29 @@ def stripe_wgrad_tiles_kernel(
     With PER = 2 or 3 a program takes that many consecutive entries of one tile's union
     (``ent_u[e]`` on, ``ent_n[e]`` of them): each block of dy is loaded once for all of them, and their
     x tiles, the same pixels shifted by a position, largely share cache lines. An entry past
-    ``ent_n[e]`` multiplies zeros and is not stored."""
-    c0, t, u, p = _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C)
+    ``ent_n[e]`` multiplies zeros and is not stored.
+
+    BY_POSITION: each entry e is one kernel position (``ent_t[e]``) of one group (``ent_u[e]``) and the
+    BLOCK_T dy columns of several tiles whose unions hold it, in runs of RUN (a tile's width): their dy
+    columns ``dy_col0[e * BLOCK_T + j]`` and packed rows ``w_rows[e * BLOCK_T + j]``. x's tile is loaded
+    once for them all, where the (tile, position) entries load it once per tile: narrow tiles keep the
+    stripes computed few, and this keeps the x tiles read per product as few as a wide tile's."""
+    tl.static_assert(not BY_POSITION or PER == 1)
+    offs_t = tl.arange(0, BLOCK_T)
+    if BY_POSITION:
+        e = tl.program_id(0) // NCB
+        c0 = (tl.program_id(0) - e * NCB) * BLOCK_C
+        p = tl.load(ent_t_ptr + e)
+        g = tl.load(ent_u_ptr + e)
+        cols = tl.load(dy_col0_ptr + e * BLOCK_T + offs_t)
+        dy_col = tl.max_contiguous(tl.multiple_of(cols, RUN), RUN) * sdc
+        rows = w_rows_ptr + e * BLOCK_T
+    else:
+        c0, t, u, p = _wgrad_tile_entry(ent_t_ptr, ent_u_ptr, tile_pos_ptr, NCB, UMAX, BLOCK_C)
+        g = tl.load(tile_grp_ptr + t)
+        dy_col = (tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T) + offs_t) * sdc
+        rows = w_rows_ptr + (t * UMAX + u) * BLOCK_T
     split = tl.program_id(1)
-    g = tl.load(tile_grp_ptr + t)
     if PER > 1:
         count = tl.load(ent_n_ptr + tl.program_id(0) // NCB)
         # per pixel (Triton's interpreter makes an int of a pixel mask and a scalar bool)
@@ -78,13 +98,11 @@ def stripe_wgrad_tiles_kernel(
     i = p // KW
     off_h = i * DH - PT
     off_w = (p - i * KW) * DW - PL
-    offs_t = tl.arange(0, BLOCK_T)
     offs_c = c0 + tl.arange(0, BLOCK_C)
     c_ok = offs_c < CG
     if INT64_INDEX:
         offs_c = offs_c.to(tl.int64)
     x_ch = (g * CG + offs_c) * sxc
-    dy_col = (tl.multiple_of(tl.load(dy_col0_ptr + t), BLOCK_T) + offs_t) * sdc
 
     M = B * Ho * Wo
     m_start = split * CHUNK
@@ -118,7 +136,6 @@ def stripe_wgrad_tiles_kernel(
         offs_m += BLOCK_M
         b, ho, wo = _pixel_step(b, ho, wo, step_b, step_h, step_w, Ho, Wo)
 
-    rows = w_rows_ptr + (t * UMAX + u) * BLOCK_T
     _store_wgrad_tile(dw_ptr, acc, rows, offs_t, offs_c, c_ok, CG, ATOMIC, INT64_INDEX)
     if PER > 1:
         if count > 1:

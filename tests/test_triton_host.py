@@ -431,14 +431,26 @@ def test_compiles_for_hopper():
     assert {atomic for k, _, atomic in launched if k == "stripe_wgrad_kernel"} == {True, False}, launched
 
 
-def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
+def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypatch):
     """The tile gradient kernels compile for sm_90 without spilling, both on wgmma (grad weight with the
     narrow tiles of a density-0.3 mask too), reading dy gathered into tile order for a random mask and
-    in place once its filters are in tile order."""
+    in place once its filters are in tile order; the grad weight by position reads its dy columns (runs
+    of a tile's width through a table) as 16-byte copies, as the grad weight over tiles does."""
     aot = _aot()
+    import triton
+
     from stripeconv import packing
     from stripeconv.backends import triton_backend as tb
     from stripeconv.backends.triton_plans import filter_order
+
+    ptx = []
+    compile_ = triton.compile
+
+    def recording(*args, **kwargs):
+        compiled = compile_(*args, **kwargs)
+        ptx.append(compiled.asm["ptx"])
+        return compiled
+    monkeypatch.setattr(triton, "compile", recording)
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(96, 3, 3, generator=g) < 0.3
@@ -457,14 +469,21 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place():
         gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
-        assert len(tiles) == 3, names
-        assert sorted(launch.kwargs["PER"] for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel") == [1, 3]
+        assert len(tiles) == 4, names
+        wgrad = sorted((launch.kwargs["PER"], launch.kwargs.get("BY_POSITION", False), launch.kwargs["BLOCK_T"])
+                       for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel")
+        assert wgrad == [(1, False, 16), (1, True, 64), (3, False, 16)], wgrad
         for launch in tiles:
+            ptx.clear()
             variants = aot.compile_launch(launch, 90)
             assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
             assert all(v.tensor_cores == "wgmma" for v in variants), [v.row() for v in variants]
             assert all(v.copies_in_flight >= 1 for v in variants), [v.row() for v in variants]
-            assert launch.name != "stripe_wgrad_tiles_kernel" or launch.kwargs["BLOCK_T"] < 64, launch.kwargs
+            if launch.name == "stripe_wgrad_tiles_kernel":  # x and dy staged by vector copies, no 2-byte loads
+                copies = {int(size, 16) for text in ptx
+                          for size in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", text)}
+                assert 0x10 in copies and min(copies) >= 8, (launch.kwargs, copies)
+                assert not any(re.search(r"ld\.global(\.\w+)*\.[bu]16", text) for text in ptx), launch.kwargs
     tb.clear_cache()
 
 
@@ -818,16 +837,20 @@ def test_copies_in_flight_reads_the_main_loop():
 
 def test_tile_grad_weight_compiles_with_and_without_atomics():
     """A single split stores each kept row once in the weight's dtype; several add atomically into fp32.
-    Both compile for sm_90 on wgmma without spilling, one and three union positions a program."""
+    Both compile for sm_90 on wgmma without spilling: one and three union positions a program, and one
+    position for the tiles that keep it."""
     aot = _aot()
     seen = set()
     for batch in (1, 8):
         label, call = aot.layer_calls(128, 128, 16, density=0.3, dtype=torch.bfloat16, batch=batch)[2]
         launches = [launch for launch in aot.capture_launches(call, every_candidate=True)
                     if launch.name == "stripe_wgrad_tiles_kernel"]
-        # the clustered tiles and the tiles of consecutive filters, each one and three positions a program
-        assert sorted((launch.args[4] is launches[0].args[4], launch.kwargs["PER"]) for launch in launches) == [
-            (False, 1), (False, 3), (True, 1), (True, 3)], label
+        # the clustered tiles (16 wide) and the tiles of consecutive filters (64 wide), each one and three positions
+        # a program and by position (two and four tiles side by side)
+        by_position = [launch.kwargs.get("BY_POSITION", False) for launch in launches]
+        assert sorted((launch.kwargs["RUN"] if by else launch.kwargs["BLOCK_T"], launch.kwargs["BLOCK_T"],
+                       launch.kwargs["PER"]) for launch, by in zip(launches, by_position)) == [
+            (16, 16, 1), (16, 16, 3), (16, 32, 1), (64, 64, 1), (64, 64, 3), (64, 128, 1)], label
         for launch in launches:
             atomic = launch.kwargs["ATOMIC"]
             assert launch.args[2].dtype == (torch.float32 if atomic else torch.bfloat16)

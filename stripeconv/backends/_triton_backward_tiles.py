@@ -212,11 +212,12 @@ def grad_input_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, 
 
 
 def grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weight, stride, padding,
-                               dilation, per: int = 1) -> Callable:
+                               dilation, per: int = 1, by_position: bool = False) -> Callable:
     """Grad weight over the forward's tiles for every call shaped like this one: ``launch(grad_output, input,
     weight)``; split-K partial sums are added atomically (so it is not offered in deterministic mode),
     a single split stores each row once. With ``per`` = :data:`~.triton_plans.WGRAD_PER` each program takes a
-    run of up to that many union entries of one tile (``plan.runs_*``), loading dy once for them."""
+    run of up to that many union entries of one tile (``plan.runs_*``), loading dy once for them; with
+    ``by_position`` one kernel position and the tiles that keep it (``plan.bypos_*``), loading x once for them."""
     b, c, h, w = input.shape
     fwd = plan.fwd
     n, kh, kw = fwd.mask_shape
@@ -225,15 +226,23 @@ def grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weig
     s, m = weight.shape[0], b * ho * wo
     block_c = shapes.dot_block(cg)
     ncb = shapes.cdiv(cg, block_c)
-    entries = (plan.runs_t, plan.runs_u, plan.runs_n) if per > 1 else (plan.all_t, plan.all_u, plan.all_u)
-    programs = (plan.num_runs if per > 1 else plan.num_all) * ncb
+    if by_position:
+        entries, count = (plan.bypos_p, plan.bypos_g, plan.bypos_g), plan.num_bypos
+    elif per > 1:
+        entries, count = (plan.runs_t, plan.runs_u, plan.runs_n), plan.num_runs
+    else:
+        entries, count = (plan.all_t, plan.all_u, plan.all_u), plan.num_all
+    programs = count * ncb
     split, chunk = wgrad_split(programs, m, input.device, 256)
     acc_torch = torch.float64 if weight.dtype == torch.float64 else torch.float32
     copy_x = not input.is_contiguous(memory_format=torch.channels_last)
     x = shapes.meta_like(input, copy_x)
     in_place, col0, dy_strides, dy = dy_layout(plan, grad_output)
     gather = None if in_place else DyGather(plan, grad_output)
-    tables = (fwd.w_rows, col0, *entries, fwd.tile_pos, fwd.tile_grp)  # (entry lengths unread for per = 1)
+    rows = fwd.w_rows
+    if by_position:  # each entry's own rows and dy columns
+        rows, col0 = plan.bypos_rows, (plan.bypos_ch if in_place else plan.bypos_cols)
+    tables = (rows, col0, *entries, fwd.tile_pos, fwd.tile_grp)  # (entry lengths unread for per = 1)
     scalars = (b, h, w, ho, wo, cg, ncb, fwd.umax, chunk, *dy_strides, *x.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = runtime.precision(input.dtype)
@@ -244,7 +253,8 @@ def grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weig
         **shapes.tuning_keys(m, c, n, fwd.density, kh, kw, stride),
         ATOMIC=atomic, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         INT64_INDEX=shapes.needs_int64(dy, x, torch.empty((s, cg), device="meta")),
-        PER=per, BLOCK_T=fwd.block_n, BLOCK_C=block_c,
+        PER=per, BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BLOCK_C=block_c,
+        **(dict(BY_POSITION=True, RUN=fwd.block_n) if by_position else {}),
     )
     kernel = runtime.TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants, bound=(*tables, *scalars))
 

@@ -329,6 +329,9 @@ def grad_weight(
             if plan.num_runs < plan.num_all:  # some tile keeps several positions: dy loaded once for up to 3
                 launchers[f"stripe_tiles{suffix}_pos{WGRAD_PER}"] = grad_weight_tiles_launcher(
                     plan, grad_output, input, weight, stride, padding, dilation, per=WGRAD_PER)
+            if plan.bypos_width:  # several tiles keep a position: x loaded once for them
+                launchers[f"stripe_tiles{suffix}_bypos"] = grad_weight_tiles_launcher(
+                    plan, grad_output, input, weight, stride, padding, dilation, by_position=True)
             if tma_wgrad_offered(plan, grad_output, input, weight, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_weight_tiles_tma_launcher(
                     plan, grad_output, input, weight, stride, padding, dilation)

@@ -410,6 +410,10 @@ def subtile_plan(plan: ForwardPlan, mask: Tensor, groups: int, device) -> Subtil
 
 # Union entries of one tile whose grad weight one program of ``stripe_wgrad_tiles_kernel`` computes (``PER``).
 WGRAD_PER = 3
+# Columns of dy one program of the grad weight by position multiplies at most (``BY_POSITION``: the tiles keeping
+# one position side by side), and the share of them that may be padding.
+BY_POSITION_COLUMNS = 128
+BY_POSITION_PADDING = 1.25
 
 
 @dataclass
@@ -435,6 +439,15 @@ class TilesBackwardPlan:
     runs_u: Tensor        # first union index
     runs_n: Tensor        # and length (grad weight loads dy once per run)
     num_runs: int
+    # Grad weight by position: each entry one kernel position of one group and up to bypos_width / BLOCK_T
+    # tiles whose unions hold it, side by side (x's tile loaded once for all of them); bypos_width 0: not offered.
+    bypos_width: int
+    bypos_p: Tensor       # [Q] int32 kernel position of each entry
+    bypos_g: Tensor       # [Q] int32 its group
+    bypos_rows: Tensor    # [Q * bypos_width] int32 packed row of each column, -1 = dropped (padding included)
+    bypos_cols: Tensor    # [Q * bypos_width] int32 its column of the gathered dy
+    bypos_ch: Tensor      # [Q * bypos_width] int32 its channel (dy read in place; meaningful where fwd.runs)
+    num_bypos: int
 
 
 def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple, device) -> TilesBackwardPlan:
@@ -459,6 +472,7 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
     al = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     runs = np.array([(t, u, min(WGRAD_PER, int(tile_npos[t]) - u)) for t in range(fwd.num_tiles)
                      for u in range(0, int(tile_npos[t]), WGRAD_PER)], dtype=np.int64).reshape(-1, 3)
+    bypos = _by_position(fwd, groups, block_n)
     on_device = _forward_on(fwd, device)
     return TilesBackwardPlan(
         fwd=on_device, cols=on_device.tile_ch.reshape(-1),
@@ -468,7 +482,45 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
         all_t=_dev(al[:, 0], device), all_u=_dev(al[:, 1], device), num_all=len(al),
         runs_t=_dev(runs[:, 0], device), runs_u=_dev(runs[:, 1], device), runs_n=_dev(runs[:, 2], device),
         num_runs=len(runs),
+        bypos_width=bypos[0], bypos_p=_dev(bypos[1], device), bypos_g=_dev(bypos[2], device),
+        bypos_rows=_dev(bypos[3], device), bypos_cols=_dev(bypos[4], device), bypos_ch=_dev(bypos[5], device),
+        num_bypos=len(bypos[1]),
     )
+
+
+def _by_position(fwd: ForwardPlan, groups: int, block_n: int) -> tuple:
+    """The grad weight's entries by position (see :class:`TilesBackwardPlan`): (width, position, group, rows,
+    gathered columns, channels), width 0 and empty tables where no width of two tiles or more fits
+    :data:`BY_POSITION_COLUMNS` with at most :data:`BY_POSITION_PADDING` times the tiles' own columns."""
+    tile_pos, tile_npos, tile_grp = fwd.tile_pos.numpy(), fwd.tile_npos.numpy(), fwd.tile_grp.numpy()
+    w_rows, tile_ch = fwd.w_rows.numpy().reshape(fwd.num_tiles, fwd.umax, block_n), fwd.tile_ch.numpy()
+    # (group, position) -> [(tile, union index)], tiles in order
+    holders: dict = {}
+    for t in range(fwd.num_tiles):
+        for u in range(int(tile_npos[t])):
+            holders.setdefault((int(tile_grp[t]), int(tile_pos[t, u])), []).append((t, u))
+    tiles_kept = sum(len(v) for v in holders.values())
+    empty = (0, [], [], [], [], [])
+    width = next((w for w in (BY_POSITION_COLUMNS, BY_POSITION_COLUMNS // 2, BY_POSITION_COLUMNS // 4)
+                  if w >= 2 * block_n and sum(-(-len(v) // (w // block_n)) for v in holders.values()) * (w // block_n)
+                  <= BY_POSITION_PADDING * tiles_kept), 0)
+    if not width or not tiles_kept:
+        return empty
+    per = width // block_n
+    lane = np.arange(block_n)
+    pos, grp, rows, cols, chans = [], [], [], [], []
+    for (g, p), held in sorted(holders.items()):
+        for s in range(0, len(held), per):
+            slots = held[s:s + per]
+            pos.append(p)
+            grp.append(g)
+            pad = per - len(slots)
+            rows.extend([*(w_rows[t, u] for t, u in slots), *[np.full(block_n, -1)] * pad])
+            # padding reads the first tile's columns again (in bounds) and stores nothing
+            cols.extend([*(t * block_n + lane for t, _ in slots), *[slots[0][0] * block_n + lane] * pad])
+            first = [max(0, int(tile_ch[t, 0])) + lane for t, _ in slots]
+            chans.extend([*first, *[first[0]] * pad])
+    return width, pos, grp, np.concatenate(rows), np.concatenate(cols), np.concatenate(chans)
 
 
 @dataclass
