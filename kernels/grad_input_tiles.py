@@ -35,6 +35,21 @@ def _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr,
 
 
 @triton.jit
+def _dgrad_position_entry(ent_dh_ptr, ent_dw_ptr, dy_cols_ptr, w_rows_ptr, e, e_end, offs_t, RUN: tl.constexpr,
+                          BLOCK_T: tl.constexpr):
+    """Entry ``e`` of a phase's by-position list: its dy offsets (dh, dw), and per column its dy column (runs
+    of RUN consecutive columns, each starting at a multiple of RUN) and packed weight row (-1: absent); past
+    ``e_end`` zeros and absent rows."""
+    here = e < e_end
+    dh = tl.load(ent_dh_ptr + e, mask=here, other=0)
+    dw = tl.load(ent_dw_ptr + e, mask=here, other=0)
+    live = offs_t < tl.where(here, BLOCK_T, 0)  # (a vector mask from the scalar, as in _dgrad_tile_entry)
+    cols = tl.load(dy_cols_ptr + e * BLOCK_T + offs_t, mask=live, other=0)
+    rows = tl.load(w_rows_ptr + e * BLOCK_T + offs_t, mask=live, other=-1)
+    return dh, dw, tl.max_contiguous(tl.multiple_of(cols, RUN), RUN), rows
+
+
+@triton.jit
 def _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr):
     """The [BLOCK_T, BLOCK_N] weight tile of an entry's packed ``rows``: a block of consecutive rows from the
     first with ROW_RUNS (none absent, as in the forward), else one row per filter (zeros where absent)."""
@@ -60,13 +75,20 @@ def stripe_dgrad_tiles_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
+    BY_POSITION: tl.constexpr = False, RUN: tl.constexpr = 1,
 ):
     """Grad input over the forward's filter tiles: for each (tile, position of its union) that lines
     up with this program's output phase, a [pixels, BLOCK_T filters] x [BLOCK_T, channels] product.
     Tile t reads dy's columns ``dy_col0[t]`` .. + BLOCK_T, a multiple of BLOCK_T: dy gathered into tile
     order (``stripe_gather_columns_kernel``), or dy itself where every tile is a full run of
     consecutive channels; either way every load is a contiguous row. The work spent on pruned stripes
-    is the forward's (1 - tile efficiency)."""
+    is the forward's (1 - tile efficiency).
+
+    BY_POSITION: each entry of the phase is one kernel position and the BLOCK_T columns of the tiles that
+    keep it, side by side in runs of RUN (a tile's width): dy columns ``dy_col0[e * BLOCK_T + j]``, packed
+    rows ``w_rows[e * BLOCK_T + j]`` (ROW_RUNS off). Narrow tiles then make products BLOCK_T deep instead
+    of RUN, in as many fewer iterations."""
+    tl.static_assert(not (BY_POSITION and ROW_RUNS))
     phase, rh, rw, g, c0, pid_m, Mp, Hp, Wp = _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N)
     if pid_m * BLOCK_M < Mp:
         b, hp, wp, m_ok, offs_c, c_ok = _dgrad_pixels(pid_m, Mp, Hp, Wp, c0, CG, INT64_INDEX, BLOCK_M, BLOCK_N)
@@ -83,14 +105,25 @@ def stripe_dgrad_tiles_kernel(
         w_block = offs_t[:, None] * CG + offs_c[None, :]
         if INT64_INDEX:
             w_block = w_block.to(tl.int64)
-        dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
-                                               e_begin, e_end, UMAX, offs_t, ROW_RUNS, BLOCK_T)
+        if BY_POSITION:  # col0: the entry's column of each filter
+            dh, dw, col0, rows = _dgrad_position_entry(ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e_begin,
+                                                       e_end, offs_t, RUN, BLOCK_T)
+        else:
+            dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr,
+                                                   w_rows_ptr, e_begin, e_end, UMAX, offs_t, ROW_RUNS, BLOCK_T)
         for e in range(e_begin, e_end):
-            dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
-                ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
-                ROW_RUNS, BLOCK_T)
+            if BY_POSITION:
+                dh_next, dw_next, col0_next, rows_next = _dgrad_position_entry(
+                    ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, offs_t, RUN, BLOCK_T)
+            else:
+                dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
+                    ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
+                    ROW_RUNS, BLOCK_T)
             ok = _inside(hp_in + dh, Ho, INT64_INDEX) & _inside(wp + dw, Wo, INT64_INDEX)
-            dy_off = (dy_base + (dh * sdh + dw * sdw + col0 * sdc))[:, None] + dy_cols[None, :]
+            if BY_POSITION:
+                dy_off = (dy_base + (dh * sdh + dw * sdw))[:, None] + (col0 * sdc)[None, :]
+            else:
+                dy_off = (dy_base + (dh * sdh + dw * sdw + col0 * sdc))[:, None] + dy_cols[None, :]
             dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0)
             wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX, ROW_RUNS)
             dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next

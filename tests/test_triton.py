@@ -240,23 +240,25 @@ CASES = dict([
           dy_in_place=True),
     _case("wgrad_pos3_bf16_empty_filters", pick="wgrad_pos3", dtype="bfloat16", empty_filters=12, N=48,
           density=0.5, channels_last=True),
-    # Grad weight by position: one kernel position a program and the tiles whose unions hold it side by side
-    # (x's tile loaded once for them; padding columns of a partial group multiply and are not stored)
+    # By position: one kernel position per entry and the tiles whose unions hold it side by side (grad weight
+    # loads x's tile once for them, grad input takes one product over them; padding columns of a partial
+    # entry multiply and are not stored). Grad input's entries per output phase (strides 2 and 3).
     _case("wgrad_bypos", pick="wgrad_bypos", channels_last=True, N=64, density=0.5),
-    _case("wgrad_bypos_nchw_s2_asym_dil", pick="wgrad_bypos", stride=(2, 2), padding=(1, 0, 2, 1), dilation=(2, 1),
-          H=9, W=8, N=64, density=0.6),
-    _case("wgrad_bypos_groups_int64_k5", pick="wgrad_bypos", int64=True, C=32, N=128, groups=2, k=(5, 5),
-          padding=(2, 2, 2, 2), density=0.5, channels_last=True, bias=False, H=6, W=6),
     _case("wgrad_bypos_splitk", pick="wgrad_bypos", H=20, W=20, N=64, density=0.6, channels_last=True),
-    _case("wgrad_bypos_w32", pick="wgrad_bypos", N=64, density=0.3, channels_last=True),
-    _case("wgrad_bypos_tiles32_w128", pick="wgrad_bypos", block_n=32, N=128, density=0.4, channels_last=True, H=5,
-          W=6),
-    _case("wgrad_bypos_reordered_in_place", pick="wgrad_bypos", reordered=True, channels_last=True, N=64, density=0.5,
+    _case("dgrad_bypos_w32", pick="dgrad_bypos", N=64, density=0.3, channels_last=True),
+    _case("dgrad_bypos_s3_nopad", pick="dgrad_bypos", stride=(3, 3), padding=(0, 0, 0, 0), H=10, W=8, N=64,
+          density=0.6),
+    _case("bypos_nchw_s2_asym_dil", pick="bypos", stride=(2, 2), padding=(1, 0, 2, 1), dilation=(2, 1), H=9, W=8,
+          N=64, density=0.6),
+    _case("bypos_groups_int64_k5", pick="bypos", int64=True, C=32, N=128, groups=2, k=(5, 5), padding=(2, 2, 2, 2),
+          density=0.5, channels_last=True, bias=False, H=6, W=6, dy_in_place=True),
+    _case("bypos_w32", pick="bypos", N=64, density=0.3, channels_last=True, stride=(2, 2), H=8, W=8),
+    _case("bypos_tiles32_w128", pick="bypos", block_n=32, N=128, density=0.4, channels_last=True, H=5, W=6),
+    _case("bypos_reordered_in_place", pick="bypos", reordered=True, channels_last=True, N=64, density=0.5,
           dy_in_place=True),
-    _case("wgrad_bypos_runs_in_place", pick="tiles_runs_bypos", channels_last=True, N=64, density=0.5,
-          dy_in_place=True),
-    _case("wgrad_bypos_bf16_empty_filters", pick="wgrad_bypos", dtype="bfloat16", empty_filters=12, N=64,
-          density=0.6, channels_last=True),
+    _case("bypos_runs_in_place", pick="tiles_runs_bypos", channels_last=True, N=64, density=0.5, dy_in_place=True),
+    _case("bypos_bf16_empty_filters", pick="bypos", dtype="bfloat16", empty_filters=12, N=64, density=0.6,
+          channels_last=True),
     # The tile grad input with TMA boxes of dy (one group; offered for tiles of 64 filters or more over 33 channels
     # or more): each program a TH x TW rectangle of one image's input pixels of one output phase; the boxes
     # zero-fill dy's borders and the columns past its last channel.
@@ -432,7 +434,9 @@ PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "
          "wgrad_pos3": {"dgrad": "tiles", "wgrad": "tiles_pos3"},
          "tiles_runs_pos3": {"dgrad": "tiles_runs", "wgrad": "tiles_runs_pos3"},
          "wgrad_bypos": {"dgrad": "tiles", "wgrad": "tiles_bypos"},
-         "tiles_runs_bypos": {"dgrad": "tiles_runs", "wgrad": "tiles_runs_bypos"}}
+         "dgrad_bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles"},
+         "bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles_bypos"},
+         "tiles_runs_bypos": {"dgrad": "tiles_runs_bypos", "wgrad": "tiles_runs_bypos"}}
 
 
 @contextlib.contextmanager

@@ -434,8 +434,8 @@ def test_compiles_for_hopper():
 def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypatch):
     """The tile gradient kernels compile for sm_90 without spilling, both on wgmma (grad weight with the
     narrow tiles of a density-0.3 mask too), reading dy gathered into tile order for a random mask and
-    in place once its filters are in tile order; the grad weight by position reads its dy columns (runs
-    of a tile's width through a table) as 16-byte copies, as the grad weight over tiles does."""
+    in place once its filters are in tile order; the kernels by position read their dy columns (runs of a
+    tile's width through a table) as 16-byte copies, as the kernels over tiles do."""
     aot = _aot()
     import triton
 
@@ -469,7 +469,10 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
         gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
-        assert len(tiles) == 4, names
+        assert len(tiles) == 5, names
+        dgrad = sorted((launch.kwargs.get("BY_POSITION", False), launch.kwargs["BLOCK_T"])
+                       for launch in tiles if launch.name == "stripe_dgrad_tiles_kernel")
+        assert dgrad == [(False, 16), (True, 64)], dgrad
         wgrad = sorted((launch.kwargs["PER"], launch.kwargs.get("BY_POSITION", False), launch.kwargs["BLOCK_T"])
                        for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel")
         assert wgrad == [(1, False, 16), (1, True, 64), (3, False, 16)], wgrad
@@ -479,11 +482,11 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
             assert any(v.spill_bytes == 0 for v in variants), [v.row() for v in variants]
             assert all(v.tensor_cores == "wgmma" for v in variants), [v.row() for v in variants]
             assert all(v.copies_in_flight >= 1 for v in variants), [v.row() for v in variants]
-            if launch.name == "stripe_wgrad_tiles_kernel":  # x and dy staged by vector copies, no 2-byte loads
-                copies = {int(size, 16) for text in ptx
-                          for size in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", text)}
-                assert 0x10 in copies and min(copies) >= 8, (launch.kwargs, copies)
-                assert not any(re.search(r"ld\.global(\.\w+)*\.[bu]16", text) for text in ptx), launch.kwargs
+            # x, dy and the weights staged by vector copies, no 2-byte loads
+            copies = {int(size, 16) for text in ptx
+                      for size in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (\w+)", text)}
+            assert 0x10 in copies and min(copies) >= 8, (launch.name, launch.kwargs, copies)
+            assert not any(re.search(r"ld\.global(\.\w+)*\.[bu]16", text) for text in ptx), launch.kwargs
     tb.clear_cache()
 
 

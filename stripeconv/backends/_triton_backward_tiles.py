@@ -84,6 +84,8 @@ def gathered_dy(grad_output: Tensor, plan: TilesBackwardPlan, keep: bool, gather
     global _last_gather
     hit, _last_gather = _last_gather, None
     if hit is not None and hit[0] is grad_output and hit[1] == grad_output._version and hit[2] is plan:
+        if keep:  # another grad input (a candidate being timed) took it: still there for grad weight
+            _last_gather = hit
         return hit[3]
     dyt = gather_dy(grad_output, gather)
     if keep:
@@ -113,8 +115,9 @@ class DyGather:
 
 
 def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, input_shape, stride,
-                              groups: int) -> Callable:
-    """Grad input over the forward's tiles for every call shaped like this one: ``launch(grad_output, weight)``."""
+                              groups: int, by_position: bool = False) -> Callable:
+    """Grad input over the forward's tiles for every call shaped like this one: ``launch(grad_output, weight)``;
+    with ``by_position`` over the entries of one kernel position and the tiles that keep it (``plan.bypos_*``)."""
     b, c, h, w = input_shape
     fwd = plan.fwd
     n, kh, kw = fwd.mask_shape
@@ -128,14 +131,20 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
     dx = torch.empty(dx_shape, device="meta", memory_format=torch.channels_last)
     in_place, col0, dy_strides, dy = dy_layout(plan, grad_output)
     gather = None if in_place else DyGather(plan, grad_output)
-    tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
+    if by_position:  # (the tile and union tables are not read)
+        tables = (plan.bypos_rows, plan.bypos_ch if in_place else plan.bypos_cols, plan.bypos_off, plan.bypos_p,
+                  plan.bypos_g, plan.bypos_dh, plan.bypos_dw)
+    else:
+        tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
     scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, *dy_strides, *dx.stride(), sh, sw)
     precision, acc = runtime.precision(grad_output.dtype)
     constants = dict(
         **shapes.tuning_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=shapes.needs_int64(dy, torch.empty(weight.shape, device="meta"), dx), ROW_RUNS=fwd.row_runs,
-        BLOCK_N=block_n, BLOCK_T=fwd.block_n,
+        INT64_INDEX=shapes.needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
+        ROW_RUNS=fwd.row_runs and not by_position, BLOCK_N=block_n,
+        BLOCK_T=plan.bypos_width if by_position else fwd.block_n,
+        **(dict(BY_POSITION=True, RUN=fwd.block_n) if by_position else {}),
     )
     kernel = runtime.TunedLaunch("stripe_dgrad_tiles_kernel",
                                  lambda meta: (shapes.cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,

@@ -279,6 +279,9 @@ def grad_input(
         if plan is not None and grad_output.numel() and math.prod(input_shape):
             launchers["stripe_tiles" + suffix] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
                                                                            stride, groups)
+            if plan.bypos_width:  # several tiles keep a position: products over all of them at once
+                launchers[f"stripe_tiles{suffix}_bypos"] = grad_input_tiles_launcher(
+                    plan, grad_output, weight, input_shape, stride, groups, by_position=True)
             if tma_dy_offered(plan, grad_output, weight, input_shape, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_input_tiles_tma_launcher(
                     plan, grad_output, weight, input_shape, stride)

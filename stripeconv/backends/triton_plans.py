@@ -439,11 +439,16 @@ class TilesBackwardPlan:
     runs_u: Tensor        # first union index
     runs_n: Tensor        # and length (grad weight loads dy once per run)
     num_runs: int
-    # Grad weight by position: each entry one kernel position of one group and up to bypos_width / BLOCK_T
-    # tiles whose unions hold it, side by side (x's tile loaded once for all of them); bypos_width 0: not offered.
+    # By position: each entry one kernel position of one group and up to bypos_width / BLOCK_T tiles whose
+    # unions hold it, side by side (grad weight loads x's tile once for them, grad input multiplies them in one
+    # product); bypos_width 0: not offered. Entries in order of (output phase, group, position): each position
+    # lines up with one output phase of grad input.
     bypos_width: int
     bypos_p: Tensor       # [Q] int32 kernel position of each entry
     bypos_g: Tensor       # [Q] int32 its group
+    bypos_off: Tensor     # [PHASES * G + 1] int32: entries of (phase, group) k are off[k]..off[k+1]
+    bypos_dh: Tensor      # [Q] int32 dy row/column grad input reads, relative to the phase pixel
+    bypos_dw: Tensor
     bypos_rows: Tensor    # [Q * bypos_width] int32 packed row of each column, -1 = dropped (padding included)
     bypos_cols: Tensor    # [Q * bypos_width] int32 its column of the gathered dy
     bypos_ch: Tensor      # [Q * bypos_width] int32 its channel (dy read in place; meaningful where fwd.runs)
@@ -472,7 +477,7 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
     al = np.array(pairs, dtype=np.int64).reshape(-1, 2)
     runs = np.array([(t, u, min(WGRAD_PER, int(tile_npos[t]) - u)) for t in range(fwd.num_tiles)
                      for u in range(0, int(tile_npos[t]), WGRAD_PER)], dtype=np.int64).reshape(-1, 3)
-    bypos = _by_position(fwd, groups, block_n)
+    bypos = _by_position(fwd, groups, block_n, conv)
     on_device = _forward_on(fwd, device)
     return TilesBackwardPlan(
         fwd=on_device, cols=on_device.tile_ch.reshape(-1),
@@ -482,16 +487,17 @@ def _build_backward_tiles(fwd: ForwardPlan, groups: int, block_n: int, conv: tup
         all_t=_dev(al[:, 0], device), all_u=_dev(al[:, 1], device), num_all=len(al),
         runs_t=_dev(runs[:, 0], device), runs_u=_dev(runs[:, 1], device), runs_n=_dev(runs[:, 2], device),
         num_runs=len(runs),
-        bypos_width=bypos[0], bypos_p=_dev(bypos[1], device), bypos_g=_dev(bypos[2], device),
-        bypos_rows=_dev(bypos[3], device), bypos_cols=_dev(bypos[4], device), bypos_ch=_dev(bypos[5], device),
-        num_bypos=len(bypos[1]),
+        bypos_width=bypos["width"], num_bypos=len(bypos["p"]),
+        **{"bypos_" + name: _dev(bypos[name], device) for name in ("p", "g", "off", "dh", "dw", "rows", "cols", "ch")},
     )
 
 
-def _by_position(fwd: ForwardPlan, groups: int, block_n: int) -> tuple:
-    """The grad weight's entries by position (see :class:`TilesBackwardPlan`): (width, position, group, rows,
-    gathered columns, channels), width 0 and empty tables where no width of two tiles or more fits
-    :data:`BY_POSITION_COLUMNS` with at most :data:`BY_POSITION_PADDING` times the tiles' own columns."""
+def _by_position(fwd: ForwardPlan, groups: int, block_n: int, conv: tuple) -> dict:
+    """The backward's entries by position (see :class:`TilesBackwardPlan`), width 0 and no entries where no
+    width of two tiles or more fits :data:`BY_POSITION_COLUMNS` with at most :data:`BY_POSITION_PADDING`
+    times the tiles' own columns."""
+    (sh, sw), (pt, pl), (dh, dw), _ = conv
+    kw = fwd.mask_shape[2]
     tile_pos, tile_npos, tile_grp = fwd.tile_pos.numpy(), fwd.tile_npos.numpy(), fwd.tile_grp.numpy()
     w_rows, tile_ch = fwd.w_rows.numpy().reshape(fwd.num_tiles, fwd.umax, block_n), fwd.tile_ch.numpy()
     # (group, position) -> [(tile, union index)], tiles in order
@@ -500,27 +506,42 @@ def _by_position(fwd: ForwardPlan, groups: int, block_n: int) -> tuple:
         for u in range(int(tile_npos[t])):
             holders.setdefault((int(tile_grp[t]), int(tile_pos[t, u])), []).append((t, u))
     tiles_kept = sum(len(v) for v in holders.values())
-    empty = (0, [], [], [], [], [])
     width = next((w for w in (BY_POSITION_COLUMNS, BY_POSITION_COLUMNS // 2, BY_POSITION_COLUMNS // 4)
                   if w >= 2 * block_n and sum(-(-len(v) // (w // block_n)) for v in holders.values()) * (w // block_n)
-                  <= BY_POSITION_PADDING * tiles_kept), 0)
-    if not width or not tiles_kept:
-        return empty
+                  <= BY_POSITION_PADDING * tiles_kept), 0) if tiles_kept else 0
+    tables: dict = {name: [] for name in ("p", "g", "dh", "dw", "rows", "cols", "ch")}
+    tables.update(width=width, off=[0])
+    if not width:
+        tables["off"] = []
+        return tables
     per = width // block_n
     lane = np.arange(block_n)
-    pos, grp, rows, cols, chans = [], [], [], [], []
-    for (g, p), held in sorted(holders.items()):
-        for s in range(0, len(held), per):
-            slots = held[s:s + per]
-            pos.append(p)
-            grp.append(g)
-            pad = per - len(slots)
-            rows.extend([*(w_rows[t, u] for t, u in slots), *[np.full(block_n, -1)] * pad])
-            # padding reads the first tile's columns again (in bounds) and stores nothing
-            cols.extend([*(t * block_n + lane for t, _ in slots), *[slots[0][0] * block_n + lane] * pad])
-            first = [max(0, int(tile_ch[t, 0])) + lane for t, _ in slots]
-            chans.extend([*first, *[first[0]] * pad])
-    return width, pos, grp, np.concatenate(rows), np.concatenate(cols), np.concatenate(chans)
+    for rh in range(sh):
+        for rw in range(sw):
+            for g in range(groups):
+                for p in range(fwd.mask_shape[1] * kw):
+                    i, j = divmod(p, kw)
+                    th, tw = rh + pt - i * dh, rw + pl - j * dw
+                    held = holders.get((g, p), [])
+                    if th % sh or tw % sw:  # this position's taps miss the phase's pixels (it lines up with another)
+                        continue
+                    for s in range(0, len(held), per):
+                        slots = held[s:s + per]
+                        pad = per - len(slots)
+                        tables["p"].append(p)
+                        tables["g"].append(g)
+                        tables["dh"].append(th // sh)
+                        tables["dw"].append(tw // sw)
+                        tables["rows"].extend([*(w_rows[t, u] for t, u in slots), *[np.full(block_n, -1)] * pad])
+                        # padding reads the first tile's columns again (in bounds) and keeps no row
+                        tables["cols"].extend([*(t * block_n + lane for t, _ in slots),
+                                               *[slots[0][0] * block_n + lane] * pad])
+                        first = [max(0, int(tile_ch[t, 0])) + lane for t, _ in slots]
+                        tables["ch"].extend([*first, *[first[0]] * pad])
+                tables["off"].append(len(tables["p"]))
+    for name in ("rows", "cols", "ch"):
+        tables[name] = np.concatenate(tables[name])
+    return tables
 
 
 @dataclass
