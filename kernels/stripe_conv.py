@@ -69,7 +69,10 @@ The kernels:
     ``stripe_dgrad_tiles_tma_kernel`` is the grad input's variant with dy's tiles loaded as TMA
     boxes over rectangles of one output phase's input pixels, as ``stripe_fwd_tma_kernel`` loads x's;
     ``stripe_wgrad_tiles_tma_kernel`` the grad weight's for strides 1 and 2, x's and dy's tiles both
-    boxes over rectangles of output pixels.
+    boxes over rectangles of output pixels. With ``BY_POSITION`` both take entries of one kernel position
+    and the tiles that keep it side by side (their dy columns and packed rows through per-entry tables,
+    in runs of a tile's width): grad weight loads x's tile once for all of them, grad input multiplies
+    them in one deeper product.
 
 ``stripe_gather_columns_kernel``
     Columns gathered by a table: dy into the forward's tile order for the tile backward, a forward's
