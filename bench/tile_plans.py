@@ -9,7 +9,10 @@ layer), prints and records:
   and union position, and with those tiles in the subtile forward's groups;
 - whether the first forward candidate stores 16-byte vectors into channels_last outputs
   (``aligned``) and whether the tile backward reads dy in place (``runs``), before and after
-  the filters are put in ``filter_order`` (what ``stripeconv.reorder_filters`` does to a model).
+  the filters are put in ``filter_order`` (what ``stripeconv.reorder_filters`` does to a model);
+- the tile backward's entries: (tile, union position) pairs, one x tile loaded per pair by the tile
+  grad weight, and the entries by position where offered (one x tile for all the tiles keeping a
+  position), with the columns they compute over the pairs' columns (their padding).
 
     python bench/tile_plans.py --suites vgg16,resnet50,resnet56 --json bench/results/tile_plans.json
 """
@@ -40,13 +43,29 @@ def _direct_efficiency(mask: torch.Tensor) -> float:
     return int(mask.sum()) / computed
 
 
-def _backward_runs(mask: torch.Tensor) -> bool:
-    """The tile backward reads dy in place: its plan has runs (a 16-bit layer, 64 input channels)."""
+def _backward_plan(mask: torch.Tensor):
+    """The tile backward's plan (a 16-bit layer, 64 input channels), or None where it is not offered."""
     from stripeconv.backends._triton_backward_tiles import backward_tiles
 
     weight = torch.empty(int(mask.sum()), 64, dtype=torch.bfloat16)
-    plan = backward_tiles(mask, weight, 64, 1, (1, 1), (1, 1, 1, 1), (1, 1), "cpu")
+    return backward_tiles(mask, weight, 64, 1, (1, 1), (1, 1, 1, 1), (1, 1), "cpu")
+
+
+def _backward_runs(mask: torch.Tensor) -> bool:
+    """The tile backward reads dy in place: its plan has runs."""
+    plan = _backward_plan(mask)
     return plan is not None and plan.fwd.runs
+
+
+def _backward_entries(mask: torch.Tensor) -> dict:
+    """The tile backward's (tile, union position) pairs and its entries by position (0 where not offered),
+    with the columns those compute over the pairs' columns."""
+    plan = _backward_plan(mask)
+    if plan is None:
+        return {"tile_entries": 0, "bypos_entries": 0, "bypos_width": 0, "bypos_columns_ratio": None}
+    pairs = plan.num_all * plan.fwd.block_n
+    return {"tile_entries": plan.num_all, "bypos_entries": plan.num_bypos, "bypos_width": plan.bypos_width,
+            "bypos_columns_ratio": plan.num_bypos * plan.bypos_width / pairs if plan.bypos_width else None}
 
 
 def _input_reads(mask: torch.Tensor) -> tuple[int, int]:
@@ -91,6 +110,7 @@ def layer_rows(name: str, n: int, k: int, densities, kinds, seed: int) -> list[d
                 "dy_in_place": _backward_runs(mask),
                 "dy_in_place_reordered": _backward_runs(ordered),
                 "input_reads": reads, "input_reads_subtiles": reads_grouped,
+                **_backward_entries(mask),
             })
     return rows
 
@@ -135,6 +155,10 @@ def main(argv=None) -> dict:
                 "dy_in_place_reordered": sum(r["dy_in_place_reordered"] for r in sel) / len(sel),
                 "input_reads_ratio": statistics.fmean(r["input_reads"] / r["input_reads_subtiles"] for r in sel),
             }
+            bypos = [r for r in sel if r["bypos_width"]]
+            summary[d].update(bypos_offered=len(bypos) / len(sel), bypos_entries_ratio=statistics.fmean(
+                r["tile_entries"] / r["bypos_entries"] for r in bypos) if bypos else None,
+                bypos_columns_ratio=statistics.fmean(r["bypos_columns_ratio"] for r in bypos) if bypos else None)
             s = summary[d]
             print(f"density {d:4.2f}: mean tile efficiency {s['efficiency_direct']:.3f} -> {s['efficiency']:.3f} "
                   f"(with 8-wide subtiles {s['efficiency_narrow']:.3f}; after filter_order, aligned ones "
@@ -142,6 +166,10 @@ def main(argv=None) -> dict:
                   f"aligned {s['aligned']:.0%} -> {s['aligned_reordered']:.0%}; dy in place {s['dy_in_place']:.0%} -> "
                   f"{s['dy_in_place_reordered']:.0%}; input tile loads {s['input_reads_ratio']:.1f}x fewer in subtile "
                   f"groups (of {len(sel)} masks)")
+            if bypos:
+                print(f"              backward by position offered for {s['bypos_offered']:.0%}: "
+                      f"{s['bypos_entries_ratio']:.1f}x fewer entries (x tile loads of grad weight), "
+                      f"{s['bypos_columns_ratio']:.2f}x the columns")
     results = {"rows": rows, "summary": {str(k): v for k, v in summary.items()},
                "command": "python bench/tile_plans.py " + " ".join(argv if argv is not None else sys.argv[1:])}
     if args.json:
