@@ -168,6 +168,21 @@ def _aot():
     return aot
 
 
+def _ptx_recorded(monkeypatch) -> list:
+    """A list that gets the PTX of every kernel compiled from now on (``triton.compile`` wrapped)."""
+    import triton
+
+    ptx = []
+    compile_ = triton.compile
+
+    def recording(*args, **kwargs):
+        compiled = compile_(*args, **kwargs)
+        ptx.append(compiled.asm["ptx"])
+        return compiled
+    monkeypatch.setattr(triton, "compile", recording)
+    return ptx
+
+
 def _aot_calls(aot):
     """Calls whose launches cover every kernel branch: tensor-core and scalar paths, all dtypes,
     both layouts, stride 2 phases, split-K with atomics and with per-split buffers."""
@@ -437,20 +452,11 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
     in place once its filters are in tile order; the kernels by position read their dy columns (runs of a
     tile's width through a table) as 16-byte copies, as the kernels over tiles do."""
     aot = _aot()
-    import triton
-
     from stripeconv import packing
     from stripeconv.backends import triton_backend as tb
     from stripeconv.backends.triton_plans import filter_order
 
-    ptx = []
-    compile_ = triton.compile
-
-    def recording(*args, **kwargs):
-        compiled = compile_(*args, **kwargs)
-        ptx.append(compiled.asm["ptx"])
-        return compiled
-    monkeypatch.setattr(triton, "compile", recording)
+    ptx = _ptx_recorded(monkeypatch)
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(96, 3, 3, generator=g) < 0.3
@@ -1078,18 +1084,9 @@ def test_tile_order_stores_are_offered_for_scattered_columns_and_compile_to_vect
     and TMA forwards are offered once more storing tile order (followed by the column gather); their sm_90
     compiles store 16-byte vectors, without spills, where the scattering variants store 2-byte elements."""
     aot = _aot()
-    import triton
-
     from stripeconv.backends import triton_backend as tb
 
-    ptx = []
-    compile_ = triton.compile
-
-    def recording(*args, **kwargs):
-        compiled = compile_(*args, **kwargs)
-        ptx.append(compiled.asm["ptx"])
-        return compiled
-    monkeypatch.setattr(triton, "compile", recording)
+    ptx = _ptx_recorded(monkeypatch)
 
     def launches(channels_last):
         label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16,
