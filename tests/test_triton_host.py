@@ -476,10 +476,10 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
         assert len(tiles) == 5, names
-        dgrad = sorted((launch.kwargs.get("BY_POSITION", False), launch.kwargs["BLOCK_T"])
+        dgrad = sorted((launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"])
                        for launch in tiles if launch.name == "stripe_dgrad_tiles_kernel")
         assert dgrad == [(False, 16), (True, 64)], dgrad
-        wgrad = sorted((launch.kwargs["PER"], launch.kwargs.get("BY_POSITION", False), launch.kwargs["BLOCK_T"])
+        wgrad = sorted((launch.kwargs["PER"], launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"])
                        for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel")
         assert wgrad == [(1, False, 16), (1, True, 64), (3, False, 16)], wgrad
         for launch in tiles:
@@ -856,7 +856,7 @@ def test_tile_grad_weight_compiles_with_and_without_atomics():
                     if launch.name == "stripe_wgrad_tiles_kernel"]
         # the clustered tiles (16 wide) and the tiles of consecutive filters (64 wide), each one and three positions
         # a program and by position (two and four tiles side by side)
-        by_position = [launch.kwargs.get("BY_POSITION", False) for launch in launches]
+        by_position = [launch.kwargs["BY_POSITION"] for launch in launches]
         assert sorted((launch.kwargs["RUN"] if by else launch.kwargs["BLOCK_T"], launch.kwargs["BLOCK_T"],
                        launch.kwargs["PER"]) for launch, by in zip(launches, by_position)) == [
             (16, 16, 1), (16, 16, 3), (16, 32, 1), (64, 64, 1), (64, 64, 3), (64, 128, 1)], label

@@ -143,8 +143,8 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
         INT64_INDEX=shapes.needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
         ROW_RUNS=fwd.row_runs and not by_position, BLOCK_N=block_n,
-        BLOCK_T=plan.bypos_width if by_position else fwd.block_n,
-        **(dict(BY_POSITION=True, RUN=fwd.block_n) if by_position else {}),
+        BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BY_POSITION=by_position,
+        RUN=fwd.block_n if by_position else 1,
     )
     kernel = runtime.TunedLaunch("stripe_dgrad_tiles_kernel",
                                  lambda meta: (shapes.cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,
@@ -262,8 +262,8 @@ def grad_weight_tiles_launcher(plan: TilesBackwardPlan, grad_output, input, weig
         **shapes.tuning_keys(m, c, n, fwd.density, kh, kw, stride),
         ATOMIC=atomic, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         INT64_INDEX=shapes.needs_int64(dy, x, torch.empty((s, cg), device="meta")),
-        PER=per, BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BLOCK_C=block_c,
-        **(dict(BY_POSITION=True, RUN=fwd.block_n) if by_position else {}),
+        PER=per, BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BLOCK_C=block_c, BY_POSITION=by_position,
+        RUN=fwd.block_n if by_position else 1,
     )
     kernel = runtime.TunedLaunch("stripe_wgrad_tiles_kernel", (programs, split), constants, bound=(*tables, *scalars))
 
