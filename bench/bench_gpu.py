@@ -60,6 +60,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -527,6 +528,45 @@ def report_rejected(decisions: list) -> None:
         print(f"  {name:<24} {len(cases):3d} call shapes, worst {worst:.2e}: {key}")
 
 
+def candidate_family(name: str) -> str:
+    """A kernel candidate's name with its tile widths left out: ``stripe64_gathered`` -> ``stripe{w}_gathered``."""
+    return re.sub(r"\d+", "{w}", name)
+
+
+def report_candidates(decisions: list) -> None:
+    """Print, per op and candidate family over gpu_select's decisions that timed cuDNN too (the op's own
+    choice, not the stripe-only column's): in how many it was timed and chosen, how often it beat cuDNN,
+    and the median of its time over the fastest other candidate's, cuDNN included (under 1: it was the
+    fastest; a family's best width per decision)."""
+    stats = {}
+    for d in decisions:
+        times = d.get("times_ms") or {}
+        if "dense" not in times or len(times) < 2:
+            continue
+        op = str(d["key"]).split("'")[1] if "'" in str(d["key"]) else "?"
+        best = {}
+        for name, t in times.items():
+            fam = candidate_family(name)
+            best[fam] = min(t, best.get(fam, math.inf))
+        for fam, t in best.items():
+            if fam == "dense":
+                continue
+            others = min((u for f, u in best.items() if f != fam), default=math.inf)
+            entry = stats.setdefault((op, fam), {"timed": 0, "chosen": 0, "beats_dense": 0, "ratios": []})
+            entry["timed"] += 1
+            entry["chosen"] += candidate_family(d.get("choice", "")) == fam
+            entry["beats_dense"] += t < times["dense"]
+            entry["ratios"].append(t / others)
+    if not stats:
+        return
+    print("\nkernel candidates in gpu_select's decisions beside cuDNN (per op; time over the fastest other "
+          "candidate, median; a family's best width per decision):")
+    print(f"  {'op':<6} {'candidate':<28} {'timed':>6} {'chosen':>7} {'beat cuDNN':>10} {'vs best other':>13}")
+    for (op, fam), e in sorted(stats.items()):
+        print(f"  {op:<6} {fam:<28} {e['timed']:6d} {e['chosen']:7d} {e['beats_dense']:10d} "
+              f"{statistics.median(e['ratios']):12.2f}x")
+
+
 def plot(results, path):
     try:
         import matplotlib
@@ -692,13 +732,14 @@ def _from_json(paths: list, out: str) -> None:
             loaded.append((path, json.load(f)))
     # --quick runs first, so that a full run of the same layer replaces them; else command-line order
     loaded.sort(key=lambda pd: not pd[1]["meta"].get("args", {}).get("quick", False))
-    rows, replaced, skipped = {}, 0, []
+    rows, replaced, skipped, decisions = {}, 0, [], []
     for path, data in loaded:
         meta = data["meta"]
         print(f"{meta['date']}  {meta['device']}  torch {meta['torch']}  triton {meta['triton']}  "
               f"CUDA {meta['cuda']}  {meta['dtype']}  {len(meta.get('layers_done', []))} layers  ({path})")
         skipped += meta.get("layers_skipped", [])
         report_rejected(meta.get("dispatch_decisions", []))
+        decisions += meta.get("dispatch_decisions", [])
         for r in data["results"]:
             key = (r["layer"], r["mask"], r["target_density"], r["mode"])
             replaced += key in rows
@@ -709,6 +750,7 @@ def _from_json(paths: list, out: str) -> None:
     missing = sorted(set(skipped) - {r["layer"] for r in results})
     if missing:
         print(f"layers never measured (budget): {', '.join(missing)}")
+    report_candidates(decisions)
     summarize(results)
     plot(results, out)
 
@@ -943,6 +985,7 @@ def main(argv=None):
     _write(jpath, meta, results)
     print(f"\nraw timings written to {jpath}")
     report_rejected(meta.get("dispatch_decisions", []))
+    report_candidates(meta.get("dispatch_decisions", []))
     summarize(results)
     plot(results, os.path.join(args.out, f"bench_gpu_{stamp}.png"))
 

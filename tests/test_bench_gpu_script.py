@@ -157,6 +157,26 @@ def test_a_wrong_result_is_flagged_and_its_speedup_left_out(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_candidate_report_counts_families_beside_cudnn(capsys):
+    """Per op and candidate family (widths left out): decisions timed, chosen, faster than cuDNN, and the median
+    of its time over the fastest other candidate's; decisions that did not time cuDNN are left out."""
+    bench = _bench_module()
+    assert bench.candidate_family("stripe16x8_gathered") == "stripe{w}x{w}_gathered"
+    bench.report_candidates([
+        {"key": "('fwd', 1)", "times_ms": {"stripe64": 2.0, "stripe16": 1.0, "dense": 4.0}, "choice": "stripe16"},
+        {"key": "('fwd', 2)", "times_ms": {"stripe64": 3.0, "stripe64_gathered": 1.0, "dense": 2.0},
+         "choice": "stripe64_gathered"},
+        {"key": "('fwd', 3)", "times_ms": {"stripe64": 1.0, "stripe64_gathered": 9.0}, "choice": "stripe64"},
+        {"key": "('wgrad', 1)", "times_ms": {"stripe_tiles_bypos": 3.0, "dense": 1.0}, "choice": "dense"}])
+    out = capsys.readouterr().out
+    # stripe{w}: best width 1.0 against dense 4.0 (0.25x), then 3.0 against the gathered 1.0 (3x): median 1.625x
+    assert re.search(r"fwd +stripe\{w\} +2 +1 +1 +1.62x", out), out
+    assert re.search(r"fwd +stripe\{w\}_gathered +1 +1 +1 +0.50x", out), out
+    assert re.search(r"wgrad +stripe_tiles_bypos +1 +0 +0 +3.00x", out), out
+    bench.report_candidates([{"key": "('fwd', 3)", "times_ms": {"stripe64": 1.0, "stripe32": 2.0}}])
+    assert capsys.readouterr().out == ""
+
+
 def test_budget_stops_before_the_next_layer(tmp_path):
     _require_interpreter()
     out = _run("--cpu-smoke", "--out", str(tmp_path), "--budget-s", "0", "--no-backward", "--skip-reference",
