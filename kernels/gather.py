@@ -17,9 +17,13 @@ def stripe_gather_columns_kernel(
 ):
     """dst[m, j] = src[pixel m, channel cols[j]] (0 where cols[j] < 0): dy in the forward's tile
     order, [pixels, T * BLOCK_T] contiguous, so that the tile kernels of the backward load
-    contiguous rows of filters (a gather of 2-byte channels inside them is several times slower)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    contiguous rows of filters (a gather of 2-byte channels inside them is several times slower).
+    The column blocks of one pixel block are consecutive programs: they read the same source rows
+    (each column block's channels are scattered over them) while those are in cache."""
+    ncb = tl.cdiv(NCOL, BLOCK_N)
+    pid_m = tl.program_id(0) // ncb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) - pid_m * ncb) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < NCOL
     if INT64_INDEX:

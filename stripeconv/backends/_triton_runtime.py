@@ -291,7 +291,7 @@ def column_gather(cols: Tensor, src: Tensor, int64_index: bool) -> TunedLaunch:
     channels, writes are contiguous rows."""
     b, _, ho, wo = src.shape
     m, ncol = b * ho * wo, cols.numel()
-    return TunedLaunch("stripe_gather_columns_kernel", (-(-m // GATHER_BLOCK), -(-ncol // GATHER_BLOCK)),
+    return TunedLaunch("stripe_gather_columns_kernel", ((-(-m // GATHER_BLOCK)) * (-(-ncol // GATHER_BLOCK)),),
                        dict(INT64_INDEX=int64_index, BLOCK_M=GATHER_BLOCK, BLOCK_N=GATHER_BLOCK),
                        bound=(cols, m, ho, wo, ncol, *src.stride()))
 
