@@ -50,6 +50,18 @@ def _dgrad_position_entry(ent_dh_ptr, ent_dw_ptr, dy_cols_ptr, w_rows_ptr, e, e_
 
 
 @triton.jit
+def _dgrad_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e, e_end, UMAX, offs_t,
+                 ROW_RUNS: tl.constexpr, BY_POSITION: tl.constexpr, RUN: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Entry ``e``: :func:`_dgrad_position_entry` with BY_POSITION (its ``col0`` a column per filter), else
+    :func:`_dgrad_tile_entry`."""
+    if BY_POSITION:
+        return _dgrad_position_entry(ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e, e_end, offs_t, RUN, BLOCK_T)
+    else:
+        return _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e, e_end, UMAX,
+                                 offs_t, ROW_RUNS, BLOCK_T)
+
+
+@triton.jit
 def _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr):
     """The [BLOCK_T, BLOCK_N] weight tile of an entry's packed ``rows``: a block of consecutive rows from the
     first with ROW_RUNS (none absent, as in the forward), else one row per filter (zeros where absent)."""
@@ -105,20 +117,12 @@ def stripe_dgrad_tiles_kernel(
         w_block = offs_t[:, None] * CG + offs_c[None, :]
         if INT64_INDEX:
             w_block = w_block.to(tl.int64)
-        if BY_POSITION:  # col0: the entry's column of each filter
-            dh, dw, col0, rows = _dgrad_position_entry(ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e_begin,
-                                                       e_end, offs_t, RUN, BLOCK_T)
-        else:
-            dh, dw, col0, rows = _dgrad_tile_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr,
-                                                   w_rows_ptr, e_begin, e_end, UMAX, offs_t, ROW_RUNS, BLOCK_T)
+        dh, dw, col0, rows = _dgrad_entry(ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr,
+                                          e_begin, e_end, UMAX, offs_t, ROW_RUNS, BY_POSITION, RUN, BLOCK_T)
         for e in range(e_begin, e_end):
-            if BY_POSITION:
-                dh_next, dw_next, col0_next, rows_next = _dgrad_position_entry(
-                    ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, offs_t, RUN, BLOCK_T)
-            else:
-                dh_next, dw_next, col0_next, rows_next = _dgrad_tile_entry(
-                    ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
-                    ROW_RUNS, BLOCK_T)
+            dh_next, dw_next, col0_next, rows_next = _dgrad_entry(
+                ent_t_ptr, ent_u_ptr, ent_dh_ptr, ent_dw_ptr, dy_col0_ptr, w_rows_ptr, e + 1, e_end, UMAX, offs_t,
+                ROW_RUNS, BY_POSITION, RUN, BLOCK_T)
             ok = _inside(hp_in + dh, Ho, INT64_INDEX) & _inside(wp + dw, Wo, INT64_INDEX)
             if BY_POSITION:
                 dy_off = (dy_base + (dh * sdh + dw * sdw))[:, None] + (col0 * sdc)[None, :]
