@@ -17,6 +17,13 @@ from .triton_plans import ForwardPlan, SubtilePlan
 STORE_SCATTER, STORE_RUNS, STORE_PLANES, STORE_TILES = 0, 1, 2, 3
 
 
+def _new_output(tile_order: "Optional[TileOrder]", out_shape: tuple, like: Tensor, memory_format) -> Tensor:
+    """What a forward launch stores into: the tile-order buffer, else an output of ``memory_format``."""
+    if tile_order:
+        return tile_order.buffer(like)
+    return torch.empty(out_shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
+
+
 class TileOrder:
     """A channels_last output stored in tile order (``STORE_TILES``: ``ncol`` columns, each tile's filters
     one run), then put in channel order by one gather launch (``order_cols``: each channel's column), whose
@@ -104,10 +111,7 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        if tile_order:
-            out = tile_order.buffer(input)
-        else:
-            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format)
+        out = _new_output(tile_order, out_shape, input, kernel_format)
         if split_k > 1:
             ws = torch.empty(workspace, dtype=acc_dtype, device=input.device)
             count = torch.zeros(counts, dtype=torch.int32, device=input.device)
@@ -155,10 +159,7 @@ def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Opt
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        if tile_order:
-            out = tile_order.buffer(input)
-        else:
-            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format)
+        out = _new_output(tile_order, out_shape, input, out_format)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
         return tile_order.in_channel_order(out) if tile_order else out
@@ -213,10 +214,7 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
         x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
                             [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], box)
-        if tile_order:
-            out = tile_order.buffer(input)
-        else:
-            out = torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+        out = _new_output(tile_order, out_shape, input, torch.channels_last)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
         return tile_order.in_channel_order(out) if tile_order else out
