@@ -9,8 +9,10 @@ So the dense weight is kept beside the packed weight it came from, in a mapping 
 packed tensor weakly (its entry goes when the tensor does) and checks on each use that the tensor
 still holds what it held: the same storage, strides and version counter (every in-place write, an
 optimiser step included, bumps it), the same mask (:func:`._masks.mask_key`) and the same stream
-(a weight scattered on one stream is not read on another before that stream has written it).
-Training steps rebuild it once per step, and the backward's grad input reuses the forward's. As in
+(a weight scattered on one stream is not read on another before that stream has written it),
+and the same layout. The weight takes the data's layout (channels_last, or NCHW for NCHW data): cuDNN
+computes in channels_last where either the data or the weight is, so a channels_last weight would
+make it copy NCHW data into channels_last and the op copy the result back. Training steps rebuild it once per step, and the backward's grad input reuses the forward's. As in
 the CPU backend's cache, an in-place write through ``.data`` (which has a version counter of its
 own) is not seen: :func:`stripeconv.backends.triton_backend.clear_cache` after such writes, or run
 with ``STRIPECONV_GPU_DENSE_CACHE_MB=0``. That variable bounds the kept dense weights' memory
@@ -52,9 +54,10 @@ def _stream(weight: Tensor):
     return torch.cuda.current_stream(weight.device).cuda_stream
 
 
-def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
-    """Packed rows -> dense [N, C/g, kh, kw] weight (memory in [N, kh, kw, C/g] order), sync-free: one
-    launch of ``stripe_scatter_rows_kernel`` where the Triton kernels run, else a gather by index."""
+def _scatter(weight: Tensor, mask: Tensor, device, memory_format: torch.memory_format) -> Tensor:
+    """Packed rows -> dense [N, C/g, kh, kw] weight in ``memory_format``, sync-free: one launch of
+    ``stripe_scatter_rows_kernel`` where the Triton kernels run, else a gather by index (both write
+    [N, kh, kw, C/g] order, channels_last; NCHW takes a copy)."""
     n, kh, kw = mask.shape
     cg = weight.shape[1]
     plan = cached_plan("dense", mask, 1, 0, device)
@@ -67,7 +70,10 @@ def _scatter(weight: Tensor, mask: Tensor, device) -> Tensor:
         # Every stripe kept: the scatter is a permutation of the rows, no zero row to read.
         rows = weight if weight.shape[0] == n * kh * kw else torch.cat([weight, weight.new_zeros(1, cg)])
         dense = rows.index_select(0, plan.scatter)
-    return dense.view(n, kh, kw, cg).permute(0, 3, 1, 2)
+    dense = dense.view(n, kh, kw, cg).permute(0, 3, 1, 2)  # channels_last strides
+    # NCHW: a copy with NCHW strides (where a dimension of 1 makes both layouts' conditions hold, the
+    # framework reads the layout off the strides)
+    return dense if memory_format == torch.channels_last else dense.clone(memory_format=torch.contiguous_format)
 
 
 def _scatter_launch(mask: Tensor, plan, cg: int, device) -> "runtime.TunedLaunch":
@@ -84,21 +90,22 @@ def _scatter_launch(mask: Tensor, plan, cg: int, device) -> "runtime.TunedLaunch
 _SCATTER_ROWS, _SCATTER_CHANNELS = 32, 64  # a program's block of the dense weight
 
 
-def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True) -> Tensor:
-    """The dense weight of the packed rows ``weight`` under ``mask``, scattered on the first call and
-    reused while ``weight`` holds the same values (see the module docstring); with ``keep=False``
-    scattered on every call, as in a CUDA graph."""
+def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True,
+                 memory_format: torch.memory_format = torch.channels_last) -> Tensor:
+    """The dense weight of the packed rows ``weight`` under ``mask`` in ``memory_format`` (the data's:
+    see the module docstring), scattered on the first call and reused while ``weight`` holds the same
+    values; with ``keep=False`` scattered on every call, as in a CUDA graph."""
     budget = _budget_bytes()
     if not (keep and budget) or weight.is_inference() or runtime.capturing(weight):
-        return _scatter(weight, mask, device)
-    state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight))
+        return _scatter(weight, mask, device, memory_format)
+    state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight), memory_format)
     kept = _kept.get(weight)
     if kept is not None:
         if kept[0] == state:
             return kept[1]
         del _kept[weight]  # stale: its memory does not count against the budget
     with torch.no_grad():  # a constant of the dense conv: its gradient comes back through the op's own backward
-        dense = _scatter(weight, mask, device)
+        dense = _scatter(weight, mask, device, memory_format)
     if sum(entry[1].nbytes for entry in _kept.values()) + dense.nbytes <= budget:
         _kept[weight] = (state, dense, mask)
     return dense

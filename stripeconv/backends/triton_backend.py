@@ -117,7 +117,7 @@ def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device
     """cuDNN's dense conv on the packed rows scattered into a dense weight (kept between calls, or with
     ``keep=False`` scattered on every call, as a CUDA graph replays it)."""
     def launch(input, weight, bias):
-        w_dense = _dense_weight(weight, mask, device, keep)
+        w_dense = _dense_weight(weight, mask, device, keep, output_memory_format(input))
         with runtime.dense_precision(input.dtype):
             return F.conv2d(input, w_dense, bias, stride, (padding[0], padding[2]), dilation, groups)
     return launch
@@ -288,7 +288,7 @@ def grad_input(
     captured = {}
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight, keep=True):
-            w_dense = _dense_weight(weight, mask, device, keep)
+            w_dense = _dense_weight(weight, mask, device, keep, output_memory_format(grad_output))
             with runtime.dense_precision(grad_output.dtype):
                 dx = conv2d_grad_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]), dilation,
                                        groups)
