@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import random
 import sys
@@ -225,6 +226,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", default="0:10", help="seeds: N, A:B (A..B-1), comma-separated (default 0:10)")
     ap.add_argument("--verbose", action="store_true", help="list every candidate run")
+    ap.add_argument("--json", action="store_true", help="one JSON object a geometry (seed, geometry, candidates, "
+                    "failures) instead of the text")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
         ap.error("run under TRITON_INTERPRET=1 (Triton's interpreter on CPU tensors)")
@@ -237,11 +240,16 @@ def main(argv=None) -> int:
     for seed in seeds(args.seeds):
         g = geometry(seed)
         if no_bf16 and g["dtype"] == torch.bfloat16:
-            print(f"{describe(g)}: skipped ({no_bf16})", flush=True)
+            print(json.dumps({"seed": seed, "skipped": no_bf16}) if args.json else f"{describe(g)}: skipped ({no_bf16})",
+                  flush=True)
             continue
         start = time.perf_counter()
         failures, ran = run(g)
         failed += bool(failures)
+        if args.json:
+            print(json.dumps({"seed": seed, "geometry": describe(g), "candidates": ran, "failures": failures}),
+                  flush=True)
+            continue
         print(f"{describe(g)}: {len(ran)} candidates, {'FAILED' if failures else 'ok'} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)
         for line in (ran if args.verbose else ()):

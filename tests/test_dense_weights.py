@@ -157,3 +157,23 @@ def test_strides_are_part_of_what_is_checked():
     again = dw.dense_weight(weight, mask, CPU)
     _assert_dense(again, weight, mask)
     assert not torch.equal(again, first)
+
+
+@pytest.mark.parametrize("n, c, k", [(6, 4, 3), (16, 1, 3), (8, 4, 1), (16, 1, 1)])  # 1s: both layouts' conditions hold
+def test_nchw_data_gets_an_nchw_weight(n, c, k):
+    """cuDNN (and oneDNN) compute in channels_last where the data or the weight is, so NCHW data gets a
+    weight with NCHW strides: otherwise the conv would copy the data into channels_last and its result
+    (channels_last) would be copied back into the op's NCHW output."""
+    gen = torch.Generator().manual_seed(n + c + k)
+    mask = torch.rand(n, k, k, generator=gen) < 0.6
+    mask[0, 0, 0] = True
+    weight = torch.randn(int(mask.sum()), c, generator=gen)
+    nchw = dw.dense_weight(weight, mask, CPU, memory_format=torch.contiguous_format)
+    _assert_dense(nchw, weight, mask)
+    assert nchw.stride() == torch.empty(nchw.shape).stride()
+    assert dw.dense_weight(weight, mask, CPU, memory_format=torch.contiguous_format) is nchw  # kept
+    channels_last = dw.dense_weight(weight, mask, CPU)  # the other layout: scattered again
+    _assert_dense(channels_last, weight, mask)
+    assert channels_last.stride() == torch.empty(nchw.shape, memory_format=torch.channels_last).stride()
+    x = torch.randn(2, c, 5, 5)
+    assert torch.nn.functional.conv2d(x, nchw, padding=k // 2).is_contiguous()
