@@ -276,6 +276,9 @@ CASES = dict([
           N=64, block_n=64),
     _case("tiles_tma_row_runs_uneven_k", pick="tiles_tma", density=1.0, channels_last=True, C=40, N=64, block_n=64,
           k=(3, 5), padding=(1, 1, 2, 2), H=5, W=6, dy_in_place=True),
+    # one output pixel: channels_last dy and x of [B, C, 1, 1] keep NCHW strides, 2 bytes, which a descriptor refuses
+    _case("tiles_tma_one_pixel", pick="tiles_tma", reordered=True, channels_last=True, C=64, N=64, block_n=64, B=1,
+          H=3, W=1, k=(3, 1), padding=(0, 0, 0, 0), density=0.5, dy_in_place=True),
     _case("tiles_tma_partial_tile", pick="tiles_tma", density=1.0, channels_last=True, C=36, N=72, block_n=64, H=5,
           W=5),
     _case("tiles_tma_bf16_empty_filters", pick="tiles_tma", dtype="bfloat16", channels_last=True, empty_filters=12,

@@ -205,14 +205,13 @@ def grad_input_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor, 
     descriptor = runtime.tensor_descriptor()
 
     def launch(grad_output, weight):
-        if in_place:
+        if in_place:  # (channels_last strides, whatever its dimensions of size 1 have)
             dy = grad_output
             if dy.data_ptr() % 16:
                 dy = dy.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
-            dy_desc = descriptor(dy, [b, ho, wo, row], [dy.stride(0), dy.stride(2), dy.stride(3), 1], box)
         else:
             dy = gathered_dy(grad_output, plan, True, gather)  # [pixels, columns], freshly allocated
-            dy_desc = descriptor(dy, [b, ho, wo, row], [ho * wo * row, wo * row, row, 1], box)
+        dy_desc = descriptor(dy, [b, ho, wo, row], [ho * wo * row, wo * row, row, 1], box)
         dx = torch.empty(dx_shape, dtype=grad_output.dtype, device=grad_output.device,
                          memory_format=torch.channels_last)
         kernel(dy_desc, weight.contiguous(), dx)
@@ -336,6 +335,9 @@ def grad_weight_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor,
     kernel = runtime.TunedLaunch("stripe_wgrad_tiles_tma_kernel", (plan.num_all * ncb, split), constants,
                                  bound=(*tables, *scalars))
     descriptor = runtime.tensor_descriptor()
+    dy_strides = [row, 1] if dy_rows else [ho * wo * row, wo * row, row, 1]
+    s0, _, s2, s3 = shapes.channels_last_strides(input.shape)
+    x_strides = [s0, sh * s2, s2, sw * s3, 1]
 
     def launch(grad_output, input, weight):
         if in_place:
@@ -344,14 +346,11 @@ def grad_weight_tiles_tma_launcher(plan: TilesBackwardPlan, grad_output: Tensor,
                 dy = dy.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
         else:
             dy = gathered_dy(grad_output, plan, False, gather)  # [pixels, columns]
-        pixel = dy.stride(3) if in_place else row
-        dy_strides = [pixel, 1] if dy_rows else [ho * wo * pixel, wo * pixel, pixel, 1]
-        dy_desc = descriptor(dy, dy_shape, dy_strides, dy_box)
+        dy_desc = descriptor(dy, dy_shape, dy_strides, dy_box)  # (in place: channels_last strides, as for x)
         x = input
         if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)
-        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
-                            [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], x_box)
+        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c], x_strides, x_box)
         buf = (torch.zeros if atomic else torch.empty)((s, c), dtype=buf_dtype, device=weight.device)
         kernel(dy_desc, x_desc, buf)
         return buf.to(weight.dtype)

@@ -207,13 +207,14 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
     kernel = runtime.TunedLaunch("stripe_fwd_tma_kernel", (programs,), constants, fixed=gpu_select.deterministic(),
                                  bound=(*tables, *scalars))
     descriptor = runtime.tensor_descriptor()
+    s0, _, s2, s3 = shapes.channels_last_strides(input.shape)
+    x_strides = [s0, sh * s2, s2, sw * s3, 1]
 
     def launch(input, weight, bias):
         x = input
         if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
-        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c],
-                            [x.stride(0), sh * x.stride(2), x.stride(2), sw * x.stride(3), 1], box)
+        x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c], x_strides, box)
         out = _new_output(tile_order, out_shape, input, torch.channels_last)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)

@@ -72,6 +72,15 @@ def _max_offset(t: Tensor) -> int:
 TMA_WIDTHS = (8, 16, 32, 64, 128)
 
 
+def channels_last_strides(shape) -> tuple[int, int, int, int]:
+    """The strides of a channels_last ``[B, C, H, W]`` tensor of ``shape`` as ``.contiguous(memory_format=
+    torch.channels_last)`` gives them where no dimension is 1. A tensor that is contiguous in channels_last may
+    have any stride along a dimension of size 1 (``[B, C, 1, 1]`` keeps its NCHW ones); a tensor descriptor
+    (TMA) wants 16-byte multiples, and these address the same elements."""
+    _, c, h, w = shape
+    return h * w * c, 1, w * c, c
+
+
 def tma_rectangle(ho: int, wo: int) -> tuple[int, int]:
     """(BLOCK_M, TW): pixels per program and the width of their TH x TW rectangle, the one that covers the
     Ho x Wo image with the fewest padding pixels (the wider on a tie: longer rows per box)."""
