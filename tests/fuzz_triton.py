@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OPS = ("fwd", "dgrad", "wgrad")
 # Largest |error| over the largest |oracle| (at least 1) a dtype may show: fp32 and 16-bit rounding of
 # the inputs are in the oracle, the kernels' fp32 sums and the final rounding are not.
-TOLERANCE = {torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 2e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
 
 
 def geometry(seed: int) -> dict:
@@ -61,9 +61,10 @@ def geometry(seed: int) -> dict:
                 kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
                 density=rng.choice((0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)),
                 mask=rng.choice(("random", "random", "blocks", "centre", "reordered", "empty_filters")),
-                dtype=rng.choice((torch.float32, torch.float32, torch.float16, torch.bfloat16)),
+                dtype=rng.choice((torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64)),
                 channels_last=rng.random() < 0.7, bias=rng.random() < 0.7,
-                block_n=rng.choice((None, None, "16", "32", "64")), int64=rng.random() < 0.1)
+                block_n=rng.choice((None, None, "16", "32", "64")), int64=rng.random() < 0.1,
+                deterministic=rng.random() < 0.15, weight_transposed=rng.random() < 0.15)
 
 
 def describe(g: dict) -> str:
@@ -72,7 +73,8 @@ def describe(g: dict) -> str:
             f"d{g['dilation'][0]}x{g['dilation'][1]} g{g['groups']}, {g['mask']} density {g['density']}, "
             f"{str(g['dtype']).replace('torch.', '')}, {'channels_last' if g['channels_last'] else 'NCHW'}"
             f"{', bias' if g['bias'] else ''}{', BLOCK_N ' + g['block_n'] if g['block_n'] else ''}"
-            f"{', int64 offsets' if g['int64'] else ''}")
+            f"{', int64 offsets' if g['int64'] else ''}{', deterministic' if g['deterministic'] else ''}"
+            f"{', packed weight transposed' if g['weight_transposed'] else ''}")
 
 
 def make_mask(g: dict, gen: torch.Generator) -> torch.Tensor:
@@ -156,13 +158,15 @@ def every_candidate(expected: dict, dtype, layouts: dict, failures: list, ran: l
 def environment(g: dict):
     from stripeconv.backends import _triton_shapes
 
-    saved = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE")}
+    saved = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE",
+                                            "STRIPECONV_DETERMINISTIC")}
     needs_int64 = _triton_shapes.needs_int64
     if g["block_n"]:
         os.environ["STRIPECONV_TRITON_BLOCK_N"] = g["block_n"]
     else:
         os.environ.pop("STRIPECONV_TRITON_BLOCK_N", None)
     os.environ["STRIPECONV_GPU_DENSE"] = "auto"
+    os.environ["STRIPECONV_DETERMINISTIC"] = "1" if g["deterministic"] else "0"
     if g["int64"]:
         _triton_shapes.needs_int64 = lambda *tensors: True
     try:
@@ -188,6 +192,8 @@ def run(g: dict) -> tuple[list[str], list[str]]:
     dense = torch.randn(g["out_channels"], g["in_channels"] // g["groups"], *g["kernel"], generator=gen,
                         dtype=torch.float64)
     w = pack_weight(dense, mask).contiguous().to(dtype)
+    if g["weight_transposed"]:  # the same rows, column-major
+        w = w.t().contiguous().t()
     x = torch.randn(g["batch"], g["in_channels"], *g["size"], generator=gen).to(dtype).contiguous(
         memory_format=memory_format)
     bias = torch.randn(g["out_channels"], generator=gen).to(dtype) if g["bias"] else None
