@@ -173,7 +173,7 @@ def single_calls(args, tb) -> dict:
         "layer forward+backward, batch 1": layer_training_step,
         # the dense hand-over's weight: kept per version of the packed rows, or scattered on every call
         "dense weight, kept": lambda: _dense_weights.dense_weight(weight, mask, weight.device),
-        "dense weight, scattered": lambda: _dense_weights._scatter(weight, mask, weight.device),
+        "dense weight, scattered": lambda: _dense_weights._scatter(weight, mask, weight.device, torch.channels_last),
     }
     from bench_cpu import machine_info  # beside this script
 

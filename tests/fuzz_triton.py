@@ -64,7 +64,8 @@ def geometry(seed: int) -> dict:
                 dtype=rng.choice((torch.float32, torch.float32, torch.float16, torch.bfloat16, torch.float64)),
                 channels_last=rng.random() < 0.7, bias=rng.random() < 0.7,
                 block_n=rng.choice((None, None, "16", "32", "64")), int64=rng.random() < 0.1,
-                deterministic=rng.random() < 0.15, weight_transposed=rng.random() < 0.15)
+                deterministic=rng.random() < 0.15, weight_transposed=rng.random() < 0.15,
+                mask_update=rng.random() < 0.3)
 
 
 def describe(g: dict) -> str:
@@ -74,7 +75,8 @@ def describe(g: dict) -> str:
             f"{str(g['dtype']).replace('torch.', '')}, {'channels_last' if g['channels_last'] else 'NCHW'}"
             f"{', bias' if g['bias'] else ''}{', BLOCK_N ' + g['block_n'] if g['block_n'] else ''}"
             f"{', int64 offsets' if g['int64'] else ''}{', deterministic' if g['deterministic'] else ''}"
-            f"{', packed weight transposed' if g['weight_transposed'] else ''}")
+            f"{', packed weight transposed' if g['weight_transposed'] else ''}"
+            f"{', mask written in place' if g['mask_update'] else ''}")
 
 
 def make_mask(g: dict, gen: torch.Generator) -> torch.Tensor:
@@ -217,9 +219,11 @@ def run(g: dict) -> tuple[list[str], list[str]]:
     mask = make_mask(g, gen)
     dense = torch.randn(g["out_channels"], g["in_channels"] // g["groups"], *g["kernel"], generator=gen,
                         dtype=torch.float64)
-    w = pack_weight(dense, mask).contiguous().to(g["dtype"])
-    if g["weight_transposed"]:  # the same rows, column-major
-        w = w.t().contiguous().t()
+
+    def packed():
+        w = pack_weight(dense, mask).contiguous().to(g["dtype"])
+        return w.t().contiguous().t() if g["weight_transposed"] else w  # the same rows, column-major
+    w = packed()
     state = data(g, mask, w, gen)
     failures, ran = [], []
     args = (g["stride"], g["padding"], g["dilation"], g["groups"])
@@ -246,7 +250,7 @@ def run(g: dict) -> tuple[list[str], list[str]]:
             check("the first call", op, call)
         settled = state["settled"]
         for round in range(SETTLED_ROUNDS):
-            state = {**data(g, mask, w, gen), "settled": settled}
+            state.update(data(g, mask, w, gen), settled=settled)  # (the dict every_candidate reads)
             (_, fwd), (_, dgrad), (_, wgrad) = calls(state)
             check(f"settled call {round + 1}", "fwd", fwd)
             check(f"settled call {round + 1}", "dgrad", dgrad)
@@ -254,6 +258,12 @@ def run(g: dict) -> tuple[list[str], list[str]]:
                 state["gy"].mul_(-0.5)
                 state["expected"]["wgrad"] = state["expected"]["wgrad"] * -0.5
             check(f"settled call {round + 1}", "wgrad", wgrad)
+        if g["mask_update"]:  # the same mask tensor written in place (a pruning step): every plan made anew
+            mask.copy_(make_mask(g, gen))
+            w = packed()
+            state.update(data(g, mask, w, gen))
+            for op, call in calls(state):
+                check("after the mask changed", op, call)
     tb.clear_cache()
     return failures, ran
 
