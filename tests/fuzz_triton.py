@@ -23,6 +23,7 @@ import random
 import sys
 import time
 import warnings
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -162,28 +163,17 @@ def every_candidate(state: dict, failures: list, ran: list, pick: random.Random)
 
 @contextlib.contextmanager
 def environment(g: dict):
+    """The settings geometry ``g`` runs under (restored afterwards)."""
     from stripeconv.backends import _triton_shapes
 
-    saved = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_GPU_DENSE",
-                                            "STRIPECONV_DETERMINISTIC")}
-    needs_int64 = _triton_shapes.needs_int64
-    if g["block_n"]:
-        os.environ["STRIPECONV_TRITON_BLOCK_N"] = g["block_n"]
-    else:
+    settings = {"STRIPECONV_GPU_DENSE": "auto", "STRIPECONV_DETERMINISTIC": "1" if g["deterministic"] else "0"}
+    with mock.patch.dict(os.environ, settings), contextlib.ExitStack() as stack:
         os.environ.pop("STRIPECONV_TRITON_BLOCK_N", None)
-    os.environ["STRIPECONV_GPU_DENSE"] = "auto"
-    os.environ["STRIPECONV_DETERMINISTIC"] = "1" if g["deterministic"] else "0"
-    if g["int64"]:
-        _triton_shapes.needs_int64 = lambda *tensors: True
-    try:
+        if g["block_n"]:
+            os.environ["STRIPECONV_TRITON_BLOCK_N"] = g["block_n"]
+        if g["int64"]:
+            stack.enter_context(mock.patch.object(_triton_shapes, "needs_int64", lambda *tensors: True))
         yield
-    finally:
-        _triton_shapes.needs_int64 = needs_int64
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def data(g: dict, mask: torch.Tensor, w: torch.Tensor, gen: torch.Generator) -> dict:
