@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -11,6 +12,10 @@ import stripeconv
 from stripeconv.packing import pack_weight
 
 pytest_plugins = ["_test_run_report"]
+
+# Every kernel variant the Triton backend has is offered (and so checked), also those a GPU's choice
+# leaves out by default; test_triton_host.py checks the default pool.
+os.environ.setdefault("STRIPECONV_TRITON_CANDIDATES", "all")
 
 CPU_BACKENDS = [name for name in ("reference", "dense", "cpu") if name in stripeconv.available_backends()]
 

@@ -166,7 +166,8 @@ def environment(g: dict):
     """The settings geometry ``g`` runs under (restored afterwards)."""
     from stripeconv.backends import _triton_shapes
 
-    settings = {"STRIPECONV_GPU_DENSE": "auto", "STRIPECONV_DETERMINISTIC": "1" if g["deterministic"] else "0"}
+    settings = {"STRIPECONV_GPU_DENSE": "auto", "STRIPECONV_DETERMINISTIC": "1" if g["deterministic"] else "0",
+                "STRIPECONV_TRITON_CANDIDATES": "all"}
     with mock.patch.dict(os.environ, settings), contextlib.ExitStack() as stack:
         os.environ.pop("STRIPECONV_TRITON_BLOCK_N", None)
         if g["block_n"]:

@@ -802,6 +802,40 @@ def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
     tb.clear_cache()
 
 
+def test_default_pool_leaves_out_the_variants_that_never_won(monkeypatch):
+    """By default the forward offers no subtile variant and no TMA variant storing scattered channels (on
+    the H100 runs never within 14 % of the fastest); STRIPECONV_TRITON_CANDIDATES=all offers them, and
+    the setting is part of the settled call's key."""
+    aot = _aot()
+    from stripeconv.backends import gpu_select
+    from stripeconv.backends import triton_backend as tb
+
+    offered, choice = [], gpu_select.choice
+
+    def record(key, candidates, device, captured=None):
+        if key[0] == "fwd":
+            offered.append(set(candidates))
+        return choice(key, candidates, device, captured)
+    monkeypatch.setattr(gpu_select, "choice", record)
+    label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16)[0]
+    pools = {}
+    for setting in ("default", "all"):
+        monkeypatch.setenv("STRIPECONV_TRITON_CANDIDATES", setting)
+        offered.clear()
+        aot.capture_launches(call, tma=True)  # settles the call: a second one would not choose again
+        pools[setting] = offered[0]
+    subtile = re.compile(r"stripe\d+x\d+")
+    scattered_tma = re.compile(r"stripe\d+_tma$")
+    assert not [name for name in pools["default"] if subtile.match(name) or scattered_tma.match(name)], pools
+    assert any(subtile.match(name) for name in pools["all"]) and any(scattered_tma.match(name) for name in pools["all"])
+    assert pools["default"] < pools["all"]
+    assert {name for name in pools["default"] if "_tma" in name}, pools  # the tile-order TMA forward stays
+    monkeypatch.setenv("STRIPECONV_TRITON_CANDIDATES", "some")
+    with pytest.raises(ValueError, match="STRIPECONV_TRITON_CANDIDATES must be 'default' or 'all', got 'some'"):
+        gpu_select.every_candidate()
+    tb.clear_cache()
+
+
 def test_forward_times_small_pixel_blocks_only_for_few_pixels():
     """The forward's tuner times BLOCK_M = 32 for launches over few output pixels (batch 1, small planes:
     more programs for the GPU's multiprocessors) and BLOCK_M = 256 for many, never both; the tuner itself

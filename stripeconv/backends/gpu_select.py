@@ -30,6 +30,13 @@ so a call captured into a graph can run a stripe kernel where the dense conv win
 stripe kernels, never dense; the benchmarks time the kernels this way) or ``always`` (dense
 wherever it applies; tests use it to check the dense path). Decisions are kept per mode.
 
+``STRIPECONV_TRITON_CANDIDATES=all`` offers every stripe-kernel variant the backend has, also those
+left out by default because they never came within 14 % of the fastest on the H100 runs of the
+benchmark (``bench/results/h100_20261124``): the subtile forward (``stripe*x*``: 0 best of 918
+timings, never within 1.14x) and the TMA forward storing scattered channels (``stripe*_tma`` of an
+unaligned plan: 0 best of 540). :func:`every_candidate` reads it; the tests and the fuzzer set it,
+so that every kernel stays checked.
+
 ``STRIPECONV_TRITON_EXCLUDE`` leaves stripe-kernel variants out of every choice: comma-separated
 shell patterns over the candidates' names (``*_tma`` drops the TMA variants, ``stripe*x*`` the
 subtile ones), e.g. to compare a GPU's timings with and without them or to step around a variant
@@ -55,7 +62,7 @@ from torch import Tensor
 
 from ._environ import getenv
 
-__all__ = ["mode", "excluded", "deterministic", "tolerance", "disagreement", "choose", "choice", "captured_choice",
+__all__ = ["mode", "excluded", "every_candidate", "deterministic", "tolerance", "disagreement", "choose", "choice", "captured_choice",
            "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
@@ -83,6 +90,15 @@ def excluded() -> tuple[str, ...]:
     """The name patterns of ``STRIPECONV_TRITON_EXCLUDE`` (none by default)."""
     value = getenv("STRIPECONV_TRITON_EXCLUDE", "")
     return tuple(p for p in (part.strip() for part in value.split(",")) if p) if value else ()
+
+
+def every_candidate() -> bool:
+    """Whether ``STRIPECONV_TRITON_CANDIDATES`` is ``all`` (every kernel variant offered) rather than
+    ``default`` (unset: the variants that were ever competitive)."""
+    value = getenv("STRIPECONV_TRITON_CANDIDATES", "default").strip().lower() or "default"
+    if value not in ("default", "all"):
+        raise ValueError(f"STRIPECONV_TRITON_CANDIDATES must be 'default' or 'all', got {value!r}")
+    return value == "all"
 
 
 def _pool(candidates: dict, m: str) -> list[str]:

@@ -144,8 +144,8 @@ def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
     # The TF32 setting changes only fp32 launches (and costs ~1.5 us to read).
     tf32 = runtime.tf32_matmul() if tensors[0].dtype == torch.float32 else None
     return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
-            mask.shape, *extra, gpu_select.mode(), gpu_select.excluded(), gpu_select.deterministic(),
-            gpu_select.generation(), tf32)
+            mask.shape, *extra, gpu_select.mode(), gpu_select.excluded(), gpu_select.every_candidate(),
+            gpu_select.deterministic(), gpu_select.generation(), tf32)
 
 
 def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device,
@@ -203,6 +203,8 @@ def forward(
     device = input.device
     launchers, counts = {}, []
     channels_last = output_memory_format(input) == torch.channels_last
+    # (the variants that never won on an H100 join only when asked for: see gpu_select.every_candidate)
+    every = gpu_select.every_candidate()
 
     def add_subtiles(plan):
         sub = subtile_plan(plan, mask, groups, device)
@@ -223,10 +225,12 @@ def forward(
                                                           (ho, wo), via_planes=True)
             launchers[name + "_gathered"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                             (ho, wo), gathered=True)
-        if subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
+        if every and subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
-            launchers[name + "_tma"] = tma_launcher(plan, input, weight, bias, stride, padding, dilation, (ho, wo))
+            if every or not scattered:
+                launchers[name + "_tma"] = tma_launcher(plan, input, weight, bias, stride, padding, dilation,
+                                                        (ho, wo))
             if scattered:
                 launchers[name + "_tma_gathered"] = tma_launcher(plan, input, weight, bias, stride, padding,
                                                                  dilation, (ho, wo), gathered=True)
@@ -234,7 +238,7 @@ def forward(
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                           (ho, wo), split_k=split)
-    for plan in narrow_plans(mask, groups, device) if runtime.narrow_dots() else ():
+    for plan in narrow_plans(mask, groups, device) if every and runtime.narrow_dots() else ():
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned))
         add_subtiles(plan)
     for plan in balanced_plans(mask, groups, device, _balance_budget(b * ho * wo, device)):
@@ -246,7 +250,7 @@ def forward(
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
         captured["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device, keep=False)
     select_key = _select_key("fwd", input, weight, extra=(bias is not None, tuple(stride), tuple(padding),
-                                                          tuple(dilation), groups, tuple(counts)))
+                                                          tuple(dilation), groups, tuple(counts), every))
     return _run_chosen(key, mask, launchers, select_key, (input, weight, bias), device, captured)
 
 
