@@ -779,12 +779,9 @@ def test_balanced_tiles_shorten_the_longest_union_within_the_budget():
     assert clustering.capped(pat, 1, 16, 16) is None
 
 
-def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
-    """A batch-1 layer whose tiles all run at once gets the balanced forward candidates; a batch that
-    fills the GPU many times over does not."""
-    aot = _aot()
+def _forward_pools_recorded(monkeypatch) -> list:
+    """A list that gets the sorted candidate names of each forward choice made from now on."""
     from stripeconv.backends import gpu_select
-    from stripeconv.backends import triton_backend as tb
 
     offered, choice = [], gpu_select.choice
 
@@ -793,6 +790,16 @@ def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
             offered.append(sorted(candidates))
         return choice(key, candidates, device, captured)
     monkeypatch.setattr(gpu_select, "choice", record)
+    return offered
+
+
+def test_balanced_tiles_are_offered_for_few_pixels_only(monkeypatch):
+    """A batch-1 layer whose tiles all run at once gets the balanced forward candidates; a batch that
+    fills the GPU many times over does not."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    offered = _forward_pools_recorded(monkeypatch)
     for batch, balanced in ((1, True), (64, False)):
         tb.clear_cache()
         offered.clear()
@@ -810,20 +817,14 @@ def test_default_pool_leaves_out_the_variants_that_never_won(monkeypatch):
     from stripeconv.backends import gpu_select
     from stripeconv.backends import triton_backend as tb
 
-    offered, choice = [], gpu_select.choice
-
-    def record(key, candidates, device, captured=None):
-        if key[0] == "fwd":
-            offered.append(set(candidates))
-        return choice(key, candidates, device, captured)
-    monkeypatch.setattr(gpu_select, "choice", record)
+    offered = _forward_pools_recorded(monkeypatch)
     label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16)[0]
     pools = {}
     for setting in ("default", "all"):
         monkeypatch.setenv("STRIPECONV_TRITON_CANDIDATES", setting)
         offered.clear()
         aot.capture_launches(call, tma=True)  # settles the call: a second one would not choose again
-        pools[setting] = offered[0]
+        pools[setting] = set(offered[0])
     subtile = re.compile(r"stripe\d+x\d+")
     scattered_tma = re.compile(r"stripe\d+_tma$")
     assert not [name for name in pools["default"] if subtile.match(name) or scattered_tma.match(name)], pools
