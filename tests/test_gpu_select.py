@@ -308,8 +308,35 @@ def test_timing_gives_the_gpu_a_head_start(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: log.append(("sleep", cycles)), raising=False)
+    monkeypatch.setattr(gpu_select, "_l2_flush", lambda: lambda: log.append("flush"))
     assert gpu_select._time_ms(lambda: log.append("call"), repeats=2) == 1.0
-    assert log == ["call"] + [("sleep", gpu_select._HEAD_START_CYCLES), "start", "call", "end"] * 2
+    assert log == ["call"] + ["flush", ("sleep", gpu_select._HEAD_START_CYCLES), "start", "call", "end"] * 2
+
+
+def test_the_cache_flush_writes_twice_the_l2(monkeypatch):
+    """The flush before each timed call writes twice the device's L2 (256 MB where it does not say)."""
+    made = []
+
+    class Props:
+        L2_cache_size = 50 << 20
+
+    def empty(size, dtype=None, device=None):
+        made.append((size, dtype, device))
+        return torch.ones(4, dtype=dtype)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props())
+    monkeypatch.setattr(torch, "empty", empty)
+    flush = gpu_select._l2_flush()
+    assert made == [(100 << 20, torch.int8, "cuda")]
+    assert not flush().any()  # zeroes its buffer
+    Props.L2_cache_size = 0
+    gpu_select._l2_flush()
+    assert made[-1][0] == gpu_select._FLUSH_BYTES_DEFAULT
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(torch, "empty", out_of_memory)
+    assert gpu_select._l2_flush()() is None  # no room for the buffer: no flush, the timing goes on
 
 
 def _tensor_candidates(results: dict):
