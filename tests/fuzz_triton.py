@@ -241,6 +241,8 @@ def run(g: dict) -> tuple[list[str], list[str]]:
             check("the first call", op, call)
         settled = state["settled"]
         for round in range(SETTLED_ROUNDS):
+            if round:  # the packed rows written in place (an optimiser step): what is kept of them is made anew
+                w.mul_(-0.5)
             state.update(data(g, mask, w, gen), settled=settled)  # (the dict every_candidate reads)
             (_, fwd), (_, dgrad), (_, wgrad) = calls(state)
             check(f"settled call {round + 1}", "fwd", fwd)

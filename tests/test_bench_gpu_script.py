@@ -256,14 +256,16 @@ def test_precompile_plan_covers_every_cell_of_a_layer():
     fwd = precompile.plan(bench.precompile_calls(layer, masks, torch.bfloat16, backward=False))
     both = precompile.plan(bench.precompile_calls(layer, masks, torch.bfloat16, backward=True))
     # (stride 2 over an 8x8 input: the TMA forward's and grad weight's parity view; the TMA grad input is
-    # stride 1 only; the gather puts a forward's tile-order output in channel order)
+    # stride 1 only; the gather puts a forward's tile-order output in channel order, the row scatter makes the
+    # tile-major weight)
+    gathers = {"stripe_gather_columns_kernel", "stripe_scatter_rows_kernel"}
     assert {job.kernel for job in fwd} == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel",
-                                           "stripe_gather_columns_kernel"}
+                                           *gathers}
     assert {job.kernel for job in both} == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel",
                                             "stripe_dgrad_kernel", "stripe_wgrad_kernel",
                                             "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel",
-                                            "stripe_wgrad_tiles_tma_kernel", "stripe_gather_columns_kernel"}
-    assert all(job.kwargs["HAS_BIAS"] for job in fwd if job.kernel != "stripe_gather_columns_kernel")  # (a bias)
+                                            "stripe_wgrad_tiles_tma_kernel", *gathers}
+    assert all(job.kwargs["HAS_BIAS"] for job in fwd if job.kernel not in gathers)  # (a bias)
 
 
 def test_plan_only_counts_variants_without_a_gpu():

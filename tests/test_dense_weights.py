@@ -1,4 +1,5 @@
-"""The dense weights of the Triton backend's cuDNN hand-over (stripeconv.backends._dense_weights).
+"""The weights the Triton backend derives from the packed rows (stripeconv.backends._dense_weights): the
+dense weight of the cuDNN hand-over and the forward's tile-major weight.
 
 Scattered once per version of the packed rows and reused; every change to what they hold (an
 in-place write, another mask, another stream) scatters them again. The dense conv's numerics on the
@@ -177,3 +178,53 @@ def test_nchw_data_gets_an_nchw_weight(n, c, k):
     assert channels_last.stride() == torch.empty(nchw.shape, memory_format=torch.channels_last).stride()
     x = torch.randn(2, c, 5, 5)
     assert torch.nn.functional.conv2d(x, nchw, padding=k // 2).is_contiguous()
+
+
+class _TilePlan:
+    """A stand-in forward plan: a row table (-1: a zero row), as the tile-major weight reads it."""
+
+    def __init__(self, rows):
+        self.w_rows = torch.tensor(rows, dtype=torch.int32)
+
+
+def _gathered_rows(plan, made: list):
+    def gather(weight):
+        made.append(weight._version)
+        rows = torch.cat([weight, weight.new_zeros(1, weight.shape[1])])
+        return rows[torch.where(plan.w_rows >= 0, plan.w_rows, weight.shape[0]).long()]
+    return gather
+
+
+def test_tile_weights_are_kept_per_weight_version_and_plan(monkeypatch):
+    weight, mask = _layer()
+    plan, other = _TilePlan([2, -1, 0, 1]), _TilePlan([0, 0, -1, 3])
+    made = []
+    first = dw.tile_weight(weight, mask, plan, _gathered_rows(plan, made))
+    torch.testing.assert_close(first, torch.stack([weight[2], torch.zeros(4), weight[0], weight[1]]))
+    assert dw.tile_weight(weight, mask, plan, _gathered_rows(plan, made)) is first and len(made) == 1
+    # another plan, an in-place write (an optimiser step), keep=False (a graph's replay): made again
+    assert dw.tile_weight(weight, mask, other, _gathered_rows(other, made)) is not first and len(made) == 2
+    with torch.no_grad():
+        weight.mul_(2)
+    again = dw.tile_weight(weight, mask, other, _gathered_rows(other, made))
+    torch.testing.assert_close(again, torch.stack([weight[0], weight[0], torch.zeros(4), weight[3]]))
+    assert len(made) == 3
+    dw.tile_weight(weight, mask, other, _gathered_rows(other, made), keep=False)
+    assert len(made) == 4
+    assert dw.tile_weight(weight, mask, other, _gathered_rows(other, made)) is again and len(made) == 4
+    dw.clear()
+    assert dw.tile_weight(weight, mask, other, _gathered_rows(other, made)) is not again and len(made) == 5
+
+
+def test_tile_and_dense_weights_share_the_memory_budget(monkeypatch):
+    weight, mask = _layer(n=64, c=256)  # a dense weight of 64 * 256 * 9 fp32: 0.56 MB
+    plan = _TilePlan(list(range(int(mask.sum()))) * 2)
+    made = []
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE_CACHE_MB", "1")
+    dense = dw.dense_weight(weight, mask, CPU)
+    assert dw.dense_weight(weight, mask, CPU) is dense
+    tiles = dw.tile_weight(weight, mask, plan, _gathered_rows(plan, made))  # as large again: over the budget
+    assert tiles.nbytes + dense.nbytes > 1 << 20
+    assert dw.tile_weight(weight, mask, plan, _gathered_rows(plan, made)) is not tiles and len(made) == 2
+    monkeypatch.setenv("STRIPECONV_GPU_DENSE_CACHE_MB", "0")
+    assert dw.dense_weight(weight, mask, CPU) is not dense

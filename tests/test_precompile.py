@@ -47,14 +47,15 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     # (no TMA grad input: it is offered for 64 input channels and more)
     assert set(by_kernel) == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel", "stripe_dgrad_kernel",
                               "stripe_wgrad_kernel", "stripe_dgrad_tiles_kernel", "stripe_wgrad_tiles_kernel",
-                              "stripe_wgrad_tiles_tma_kernel", "stripe_gather_columns_kernel"}
+                              "stripe_wgrad_tiles_tma_kernel", "stripe_gather_columns_kernel",
+                              "stripe_scatter_rows_kernel"}  # (the forward's tile-major weight)
     # every tile width the first call on a GPU times, each under every configuration of the tuner
     widths = {plan.block_n for plan in tb.forward_plans(mask, 1, torch.device("cpu"))}
     assert len(widths) > 1
     assert {job.kwargs["BLOCK_N"] for job in by_kernel["stripe_fwd_kernel"]} == widths
-    # each way of storing a tile (vector runs, scatter, NCHW planes) and the split-K candidate (few
-    # pixels) is its own variant of a width
-    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"], job.kwargs["SPLIT_K"])
+    # each way of storing a tile (vector runs, scatter, NCHW planes), of reading its weights (row table or
+    # tile-major) and the split-K candidate (few pixels) is its own variant of a width
+    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"], job.kwargs["SPLIT_K"], job.kwargs["ROW_RUNS"])
                 for job in by_kernel["stripe_fwd_kernel"]}
     # (the forward's tuner times one of its two pixel-count-specific configurations: BLOCK_M 32 or 256)
     assert len(by_kernel["stripe_fwd_kernel"]) == len(variants) * (len(kernels.stripe_fwd_kernel.configs) - 1)

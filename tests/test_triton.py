@@ -206,6 +206,17 @@ CASES = dict([
     _case("gathered_bf16_empty_filters", channels_last=True, pick="_gathered", dtype="bfloat16", empty_filters=10,
           N=40, density=0.3),
     _case("gathered_settled", channels_last=True, pick="_gathered", warm_call=True, N=48, density=0.4),
+    # The tile-major weight: the packed rows gathered once into the plan's tile order (zeros for the filters of
+    # a tile that do not keep a position), read a block of rows per (tile, position), kept per weight version.
+    _case("tile_major_weights", channels_last=True, pick="_wtiles", N=48, density=0.4, stride=(2, 2), H=8, W=9),
+    _case("tile_major_weights_gathered_groups", channels_last=True, pick="_gathered_wtiles", C=16, N=48, groups=2,
+          density=0.3, bias=False),
+    _case("tile_major_weights_nchw_int64_bf16", pick="_wtiles", int64=True, dtype="bfloat16", N=40, density=0.5,
+          empty_filters=6),
+    _case("tile_major_weights_settled", channels_last=True, pick="_wtiles", warm_call=True, N=48, density=0.4),
+    _case("tile_major_weights_tma", pick="_tma_wtiles", channels_last=True, N=48, density=0.4, H=9, W=11),
+    _case("tile_major_weights_tma_gathered_s2", pick="_tma_gathered_wtiles", dtype="bfloat16", channels_last=True,
+          stride=(2, 2), H=8, W=10, C=32, N=96, block_n=64, density=0.4, empty_filters=12),
     _case("subtiles_x4_gathered", pick="x4_gathered", N=64, density=0.3, channels_last=True, H=6, W=6),
     _case("subtiles_narrow8_gathered_groups", pick="stripe8x4_gathered", block_n=8, C=32, N=64, groups=2,
           density=0.3, channels_last=True, H=5, W=6),

@@ -1,4 +1,5 @@
-"""Dense weights of the Triton backend's cuDNN hand-over, scattered once per version of the packed rows.
+"""Weights the Triton backend derives from the packed rows, made once per version of them: the dense
+weight of the cuDNN hand-over, and the tile-major weight of the forward (:func:`tile_weight`).
 
 Where :mod:`.gpu_select` hands a shape to cuDNN (density 1 layers, batch 1, small planes), each
 call needs the dense ``[N, C/g, kh, kw]`` weight. Scattering it from the packed rows is a launch
@@ -26,6 +27,8 @@ replay the scatter (one launch of ``stripe_scatter_rows_kernel``) on top of cuDN
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
@@ -35,11 +38,13 @@ from ._environ import getenv
 from ._masks import mask_key, memo
 from .triton_plans import cached_plan
 
-__all__ = ["dense_weight", "clear"]
+__all__ = ["dense_weight", "tile_weight", "clear"]
 
-# packed weight -> ((data_ptr, strides, version, mask key, stream), dense weight, mask); holding the mask keeps
-# its address from going to another mask while the entry can match it
+# packed weight -> ((data_ptr, strides, version, mask key, stream, form), derived weight, what the form's key
+# points to: the mask, and the plan of a tile-major weight); holding them keeps their addresses from going to
+# others while the entry can match them. One table per kind of derived weight.
 _kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_kept_tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 # The current stream's handle without building a torch.cuda.Stream (CUDA builds of torch; Triton reads it so too)
@@ -95,20 +100,39 @@ def dense_weight(weight: Tensor, mask: Tensor, device, keep: bool = True,
     """The dense weight of the packed rows ``weight`` under ``mask`` in ``memory_format`` (the data's:
     see the module docstring), scattered on the first call and reused while ``weight`` holds the same
     values; with ``keep=False`` scattered on every call, as in a CUDA graph."""
+    return _kept_or_made(_kept, weight, mask, keep, memory_format, (mask,),
+                         lambda: _scatter(weight, mask, device, memory_format))
+
+
+def tile_weight(weight: Tensor, mask: Tensor, plan, gather: Callable[[Tensor], Tensor], keep: bool = True) -> Tensor:
+    """The packed rows ``weight`` in the tile order of the forward ``plan`` (``gather``: what makes it, see
+    :func:`._triton_forward.tile_weight_gather`): row ``(t * UMAX + u) * BLOCK_N + n`` holds column ``n`` of
+    tile ``t`` at its union entry ``u``, zeros where that filter does not keep the position, so that the
+    forward reads a (tile, position) as one block of rows. Made on the first call and reused while ``weight``
+    holds the same values, as the dense weight is (see the module docstring); with ``keep=False`` made on
+    every call, as in a CUDA graph."""
+    return _kept_or_made(_kept_tiles, weight, mask, keep, id(plan), (mask, plan), lambda: gather(weight))
+
+
+def _kept_or_made(table: WeakIdKeyDictionary, weight: Tensor, mask: Tensor, keep: bool, form, holds: tuple,
+                  make: Callable[[], Tensor]) -> Tensor:
+    """``table``'s weight derived from ``weight`` in ``form`` while ``weight`` holds what it held when it was
+    made (same storage, strides, version, mask and stream), else ``make()`` (kept where the budget allows)."""
     budget = _budget_bytes()
     if not (keep and budget) or weight.is_inference() or runtime.capturing(weight):
-        return _scatter(weight, mask, device, memory_format)
-    state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight), memory_format)
-    kept = _kept.get(weight)
+        return make()
+    state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight), form)
+    kept = table.get(weight)
     if kept is not None:
         if kept[0] == state:
             return kept[1]
-        del _kept[weight]  # stale: its memory does not count against the budget
-    with torch.no_grad():  # a constant of the dense conv: its gradient comes back through the op's own backward
-        dense = _scatter(weight, mask, device, memory_format)
-    if sum(entry[1].nbytes for entry in _kept.values()) + dense.nbytes <= budget:
-        _kept[weight] = (state, dense, mask)
-    return dense
+        del table[weight]  # stale: its memory does not count against the budget
+    with torch.no_grad():  # a constant of the kernels: the gradient comes back through the op's own backward
+        derived = make()
+    held = sum(entry[1].nbytes for kept_table in (_kept, _kept_tiles) for entry in kept_table.values())
+    if held + derived.nbytes <= budget:
+        table[weight] = (state, derived, holds)
+    return derived
 
 
 _budget = ("256", 256 << 20)  # the variable's last value read and its bytes: parsed once per value
@@ -129,5 +153,6 @@ def _budget_bytes() -> int:
 
 
 def clear() -> None:
-    """Drop every kept dense weight."""
+    """Drop every kept derived weight."""
     _kept.clear()
+    _kept_tiles.clear()

@@ -52,9 +52,38 @@ def bias_output(out_shape, input: Tensor, bias: Optional[Tensor]) -> Tensor:
     return out.zero_() if bias is None else out.copy_(bias.view(1, -1, 1, 1).expand_as(out))
 
 
+def tile_weight_gather(plan: ForwardPlan, cg: int) -> Callable[[Tensor], Tensor]:
+    """``gather(weight)``: the packed rows ``weight`` in ``plan``'s tile order, ``[T * UMAX * BLOCK_N, cg]``
+    (row ``(t * UMAX + u) * BLOCK_N + n``: column ``n`` of tile ``t`` at union entry ``u``, zeros where its
+    filter does not keep the position), by one launch of ``stripe_scatter_rows_kernel`` over the plan's row table."""
+    rows = plan.w_rows.numel()
+    launch = runtime.TunedLaunch(
+        "stripe_scatter_rows_kernel", (shapes.cdiv(rows, _GATHER_ROWS), shapes.cdiv(cg, _GATHER_CHANNELS)),
+        dict(INT64_INDEX=shapes.needs_int64(torch.empty((rows, cg), device="meta")), BLOCK_R=_GATHER_ROWS,
+             BLOCK_C=_GATHER_CHANNELS), bound=(plan.w_rows, rows, cg))
+
+    def gather(weight: Tensor) -> Tensor:
+        tiles = torch.empty((rows, cg), dtype=weight.dtype, device=weight.device)
+        launch(weight.contiguous(), tiles)
+        return tiles
+    return gather
+
+
+_GATHER_ROWS, _GATHER_CHANNELS = 32, 64  # a program's block of the tile-major weight
+
+
+def _tile_major(plan: ForwardPlan, weight: Tensor, tile_weights: Optional[Callable[[Tensor], Tensor]]) -> tuple:
+    """(row table, ROW_RUNS, weight shape the kernel reads) for packed rows read through ``plan``'s row table,
+    or, with ``tile_weights``, from the tile-major weight it makes (each (tile, position) one block of rows)."""
+    if tile_weights is None:
+        return plan.w_rows, plan.row_runs, weight.shape
+    return plan.tile_rows, True, (plan.w_rows.numel(), weight.shape[1])
+
+
 def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                    dilation, out_hw, via_planes: bool = False, split_k: int = 1,
-                    gathered: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                    dilation, out_hw, via_planes: bool = False, split_k: int = 1, gathered: bool = False,
+                    tile_weights: Optional[Callable[[Tensor], Tensor]] = None,
+                    ) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
     bias or not): all launch arguments but the tensors are worked out here, once.
 
@@ -64,7 +93,9 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     tile order and a gather puts the columns in channel order (:class:`TileOrder`). With ``split_k`` > 1
     that many programs share each output tile's reduction: their partial sums go to a workspace of
     the accumulator's dtype, and the last of them to finish adds them up and stores the tile (one
-    launch beside zeroing the tiles' counts)."""
+    launch beside zeroing the tiles' counts). With ``tile_weights`` (packed rows -> the plan's tile-major
+    weight, e.g. :func:`._dense_weights.tile_weight`) the kernel reads that weight, each (tile, position) as
+    one block of rows (``ROW_RUNS``), instead of the packed rows through the row table."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
@@ -90,15 +121,16 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     x = shapes.meta_like(input, copy_input)
     tile_order = TileOrder(plan.order_cols, plan.num_tiles * bn, out_shape) if store == STORE_TILES else None
     out = tile_order.meta if tile_order else torch.empty(out_shape, device="meta", memory_format=kernel_format)
-    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, plan.w_rows)
+    row_table, row_runs, w_shape = _tile_major(plan, weight, tile_weights)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.tile_grp, row_table)
     scalars = (b, h, w, ho, wo, cg, plan.num_tiles, plan.umax, *x.stride(), *out.stride(),
                stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kw)
     precision, acc = runtime.precision(input.dtype)
     constants = dict(
         **shapes.tuning_keys(m, c, n, plan.density, kh, kw, stride),
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        EVEN_K=cg % block_k == 0, INT64_INDEX=shapes.needs_int64(x, out, torch.empty(weight.shape, device="meta")),
-        STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and plan.row_runs,
+        EVEN_K=cg % block_k == 0, INT64_INDEX=shapes.needs_int64(x, out, torch.empty(w_shape, device="meta")),
+        STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and row_runs,
         SPLIT_K=split_k, BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = runtime.TunedLaunch("stripe_fwd_kernel",
@@ -118,7 +150,8 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
         else:  # unused
             ws = count = out
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
-        kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out, ws, count)
+        rows = weight.contiguous() if tile_weights is None else tile_weights(weight)
+        kernel(x, rows, out if bias is None else bias.contiguous(), out, ws, count)
         if tile_order:
             return tile_order.in_channel_order(out)
         return out.contiguous(memory_format=out_format)
@@ -179,9 +212,11 @@ def tma_offered(plan: ForwardPlan, input: Tensor, weight: Tensor, stride, groups
 
 
 def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
-                 dilation, out_hw, gathered: bool = False) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+                 dilation, out_hw, gathered: bool = False, tile_weights: Optional[Callable[[Tensor], Tensor]] = None,
+                 ) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles with TMA input boxes (``stripe_fwd_tma_kernel``) for every call shaped like
-    this one (:func:`tma_offered` holds); stores as :func:`stripe_launcher` does into a channels_last output."""
+    this one (:func:`tma_offered` holds); stores and reads weights as :func:`stripe_launcher` does into a
+    channels_last output."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
@@ -192,7 +227,8 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
     box = [1, block_m // tw, 1, tw, block_k]  # of the input as [B, H/SH, SH, W/SW, SW*C]
     tile_order = TileOrder(plan.order_cols, plan.num_tiles * plan.block_n, out_shape) if gathered else None
     out = tile_order.meta if tile_order else torch.empty(out_shape, device="meta", memory_format=torch.channels_last)
-    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, plan.w_rows)
+    row_table, row_runs, _ = _tile_major(plan, weight, tile_weights)
+    tables = (plan.tile_pos, plan.tile_npos, plan.tile_ch, row_table)
     scalars = (ho, wo, c, plan.num_tiles, plan.umax, *out.stride(), padding[0], padding[2], dilation[0],
                dilation[1], kw)
     precision, acc = runtime.precision(input.dtype)
@@ -201,7 +237,7 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
         HAS_BIAS=bias is not None, INPUT_PRECISION=precision, ACC_DTYPE=acc, EVEN_K=c % block_k == 0,
         STORE=STORE_TILES if gathered else STORE_RUNS if plan.aligned else STORE_SCATTER,
         NPOS=kh * kw if plan.all_positions else 0,
-        ROW_RUNS=plan.row_runs, SH=sh, SW=sw, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
+        ROW_RUNS=row_runs, SH=sh, SW=sw, BLOCK_M=block_m, TW=tw, BLOCK_N=plan.block_n, BLOCK_K=block_k,
     )
     programs = b * shapes.cdiv(ho, block_m // tw) * shapes.cdiv(wo, tw) * plan.num_tiles
     kernel = runtime.TunedLaunch("stripe_fwd_tma_kernel", (programs,), constants, fixed=gpu_select.deterministic(),
@@ -217,7 +253,8 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
         x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c], x_strides, box)
         out = _new_output(tile_order, out_shape, input, torch.channels_last)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
-        kernel(weight.contiguous(), x_desc, out if bias is None else bias.contiguous(), out)
+        rows = weight.contiguous() if tile_weights is None else tile_weights(weight)
+        kernel(rows, x_desc, out if bias is None else bias.contiguous(), out)
         return tile_order.in_channel_order(out) if tile_order else out
     return launch
 

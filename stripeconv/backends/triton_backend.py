@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..ops import output_memory_format
 from . import _dense_weights, _triton_runtime as runtime, _triton_shapes as shapes, gpu_select, triton_plans
-from ._dense_weights import dense_weight as _dense_weight
+from ._dense_weights import dense_weight as _dense_weight, tile_weight
 from ._environ import getenv
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
@@ -60,7 +60,8 @@ from ._triton_backward_tiles import (
     grad_input_tiles_tma_launcher, grad_weight_tiles_launcher, grad_weight_tiles_tma_launcher, tiles_signature,
     tma_dy_offered, tma_wgrad_offered,
 )
-from ._triton_forward import bias_output, split_k, stripe_launcher, subtile_launcher, tma_launcher, tma_offered
+from ._triton_forward import (bias_output, split_k, stripe_launcher, subtile_launcher, tile_weight_gather, tma_launcher,
+                              tma_offered)
 from ._triton_runtime import kernels_module  # noqa: F401  (tools load stripeconv.kernels modules through it)
 from .dense import conv2d_grad_input
 from .triton_plans import (
@@ -205,6 +206,16 @@ def forward(
     channels_last = output_memory_format(input) == torch.channels_last
     # (the variants that never won on an H100 join only when asked for: see gpu_select.every_candidate)
     every = gpu_select.every_candidate()
+    captured = {}
+
+    def add_tile_major(name, plan, make, **kwargs):
+        """``name`` once more reading the plan's tile-major weight (kept per version of the packed rows;
+        made on every call where a CUDA graph replays it), where the row table reads the packed rows."""
+        gather = tile_weight_gather(plan, weight.shape[1])
+        for table, keep in ((launchers, True), (captured, False)):
+            table[name + "_wtiles"] = make(plan, input, weight, bias, stride, padding, dilation, (ho, wo), **kwargs,
+                                           tile_weights=functools.partial(tile_weight, mask=mask, plan=plan,
+                                                                          gather=gather, keep=keep))
 
     def add_subtiles(plan):
         sub = subtile_plan(plan, mask, groups, device)
@@ -225,6 +236,11 @@ def forward(
                                                           (ho, wo), via_planes=True)
             launchers[name + "_gathered"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
                                                             (ho, wo), gathered=True)
+        # Each (tile, position) one block of rows of the tile-major weight instead of rows through the row
+        # table, with the plan's vector stores (in place, or tile order then the gather)
+        tile_major = plan.block_n >= 16 and plan.kept and not plan.row_runs
+        if tile_major:
+            add_tile_major(name + ("_gathered" if scattered else ""), plan, stripe_launcher, gathered=scattered)
         if every and subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
@@ -234,6 +250,11 @@ def forward(
             if scattered:
                 launchers[name + "_tma_gathered"] = tma_launcher(plan, input, weight, bias, stride, padding,
                                                                  dilation, (ho, wo), gathered=True)
+            tiles_shape = (plan.w_rows.numel(), weight.shape[1])
+            if tile_major and tma_offered(plan, input, torch.empty(tiles_shape, device="meta"), stride, groups,
+                                          b * n * ho * wo):
+                add_tile_major(name + ("_tma_gathered" if scattered else "_tma"), plan, tma_launcher,
+                               gathered=scattered)
         split = split_k(plan, b * ho * wo, c // groups, runtime.num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
             launchers[name + "_splitk"] = stripe_launcher(plan, input, weight, bias, stride, padding, dilation,
@@ -245,7 +266,6 @@ def forward(
         counts.append((plan.block_n, plan.kept, plan.computed, plan.aligned, plan.umax))
         launchers[f"stripe{plan.block_n}_balanced"] = stripe_launcher(plan, input, weight, bias, stride, padding,
                                                                       dilation, (ho, wo))
-    captured = {}
     if _symmetric(padding):
         launchers["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device)
         captured["dense"] = _dense_launcher(mask, stride, padding, dilation, groups, device, keep=False)

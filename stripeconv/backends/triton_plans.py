@@ -89,6 +89,7 @@ class ForwardPlan:
     tile_ch: Tensor       # [T, BLOCK_N] int32 original channel of each column, -1 = padding
     tile_grp: Tensor      # [T] int32 group of each tile
     w_rows: Tensor        # [T * UMAX * BLOCK_N] int32 packed row of each (tile, union position, column), -1 = zero
+    tile_rows: Tensor     # [T * UMAX * BLOCK_N] int32 0, 1, 2, ...: the rows of the tile-major weight (w_rows gathered)
     order_cols: Tensor    # [N] int32 column of each channel in tile order (``tile_ch`` flattened), for the gather
     kept: int
     computed: int
@@ -189,6 +190,7 @@ def _forward_from_tiles(mask_cpu: Tensor, tiles: list, block_n: int, device, in_
     return ForwardPlan(
         block_n=block_n, num_tiles=num_tiles, umax=umax, tile_pos=dev(tile_pos), tile_npos=dev(tile_npos),
         tile_ch=dev(tile_ch), tile_grp=dev(tile_grp), w_rows=dev(w_rows.reshape(-1)),
+        tile_rows=dev(np.arange(w_rows.size, dtype=np.int32)),
         order_cols=dev(tile_order_cols(tile_ch, n)), kept=s,
         computed=computed, density=s / max(1, n * npos), mask_shape=(n, kh, kw), aligned=_aligned_runs(tile_ch),
         in_order=in_order, runs=bool((tile_ch == tile_ch[:, :1] + np.arange(block_n)).all()),
@@ -566,7 +568,7 @@ def _forward_on(fwd: ForwardPlan, device) -> ForwardPlan:
     """``fwd`` with its index tensors on ``device``."""
     return ForwardPlan(**{**fwd.__dict__, **{name: getattr(fwd, name).to(device) for name in
                                              ("tile_pos", "tile_npos", "tile_ch", "tile_grp", "w_rows",
-                                              "order_cols")}})
+                                              "tile_rows", "order_cols")}})
 
 
 _BUILDERS = {"fwd": lambda m, g, b, conv, d: _build_forward(m, g, b, d),
