@@ -65,8 +65,8 @@ from torch import Tensor
 
 from ._environ import getenv
 
-__all__ = ["mode", "excluded", "every_candidate", "deterministic", "tolerance", "disagreement", "choose", "choice", "captured_choice",
-           "generation", "decisions", "clear"]
+__all__ = ["mode", "excluded", "every_candidate", "deterministic", "tolerance", "disagreement", "choose", "choice",
+           "captured_choice", "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
