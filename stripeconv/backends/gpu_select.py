@@ -135,11 +135,11 @@ def _l2_flush() -> Callable[[], object]:
     """A function that evicts the current GPU's L2 cache: it writes a buffer twice the cache's size, as
     ``triton.testing.do_bench`` does before each run (and so before each configuration the kernels'
     autotuners time). A call timed again and again on the same tensors finds its weights and inputs in
-    the L2, where a layer of a network reads them from memory: on the 2026-11-24 H100 run the chosen
-    stripe kernels' times with a warm cache were 2-7 us below their times in the benchmark (which
-    rotates inputs through more than the L2) where cuDNN's were 0.5-3.5 us below, the most for the
-    kernels of few programs (batch 1: ResNet-50 layer3 12.4 us warm, 17.8 us cold, cuDNN 13.8 and 15.1),
-    so the choice between them was tilted towards the stripe kernels."""
+    the L2, where a layer of a network reads them from memory: on the 2026-11-24 H100 run, at density 1,
+    the chosen stripe kernels' times with a warm cache were 1.7-7.3 us (median 3.7) below their times
+    in the benchmark's graph replays (which rotate inputs through more than the L2), cuDNN's a median
+    1.4 us (batch 1, ResNet-50 layer3: 12.4 us warm, 17.5 replayed; cuDNN 14.0 and 15.1), so the choice
+    between them was tilted towards the stripe kernels."""
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     size = 2 * int(getattr(props, "L2_cache_size", 0) or 0) or _FLUSH_BYTES_DEFAULT
     try:
