@@ -181,10 +181,13 @@ def test_nchw_data_gets_an_nchw_weight(n, c, k):
 
 
 class _TilePlan:
-    """A stand-in forward plan: a row table (-1: a zero row), as the tile-major weight reads it."""
+    """A stand-in forward plan: a row table (-1: a zero row), as the tile-major weight reads it, and what
+    tells plans of a mask apart (here one tile of two columns over ``len(rows) // 2`` union entries)."""
 
-    def __init__(self, rows):
+    def __init__(self, rows, in_order=False):
         self.w_rows = torch.tensor(rows, dtype=torch.int32)
+        self.block_n, self.in_order, self.balanced = 2, in_order, False
+        self.num_tiles, self.umax, self.computed = 1, len(rows) // 2, len(rows)
 
 
 def _gathered_rows(plan, made: list):
@@ -197,7 +200,7 @@ def _gathered_rows(plan, made: list):
 
 def test_tile_weights_are_kept_per_weight_version_and_plan(monkeypatch):
     weight, mask = _layer()
-    plan, other = _TilePlan([2, -1, 0, 1]), _TilePlan([0, 0, -1, 3])
+    plan, other = _TilePlan([2, -1, 0, 1]), _TilePlan([0, 0, -1, 3], in_order=True)
     made = []
     first = dw.tile_weight(weight, mask, plan, _gathered_rows(plan, made))
     torch.testing.assert_close(first, torch.stack([weight[2], torch.zeros(4), weight[0], weight[1]]))
@@ -212,6 +215,9 @@ def test_tile_weights_are_kept_per_weight_version_and_plan(monkeypatch):
     dw.tile_weight(weight, mask, other, _gathered_rows(other, made), keep=False)
     assert len(made) == 4
     assert dw.tile_weight(weight, mask, other, _gathered_rows(other, made)) is again and len(made) == 4
+    # the grad input's copy of the plan (another object, the same tiles) finds it too
+    copy = _TilePlan([0, 0, -1, 3], in_order=True)
+    assert dw.tile_weight(weight, mask, copy, _gathered_rows(copy, made)) is again and len(made) == 4
     dw.clear()
     assert dw.tile_weight(weight, mask, other, _gathered_rows(other, made)) is not again and len(made) == 5
 

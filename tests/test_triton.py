@@ -217,6 +217,12 @@ CASES = dict([
     _case("tile_major_weights_tma", pick="_tma_wtiles", channels_last=True, N=48, density=0.4, H=9, W=11),
     _case("tile_major_weights_tma_gathered_s2", pick="_tma_gathered_wtiles", dtype="bfloat16", channels_last=True,
           stride=(2, 2), H=8, W=10, C=32, N=96, block_n=64, density=0.4, empty_filters=12),
+    # ... and the tile grad input reading it (the forward's tile-major weight: gathered dy, dy in place)
+    _case("tile_major_weights_grad_input", channels_last=True, pick="dgrad_wtiles", N=64, density=0.3,
+          stride=(2, 2), H=8, W=9),
+    _case("tile_major_weights_grad_input_runs_groups", channels_last=True, pick="dgrad_runs_wtiles", C=32, N=64,
+          groups=2, density=0.4, bias=False, dy_in_place=True),
+    _case("tile_major_weights_grad_input_nchw_int64", pick="dgrad_wtiles", int64=True, N=64, density=0.3),
     _case("subtiles_x4_gathered", pick="x4_gathered", N=64, density=0.3, channels_last=True, H=6, W=6),
     _case("subtiles_narrow8_gathered_groups", pick="stripe8x4_gathered", block_n=8, C=32, N=64, groups=2,
           density=0.3, channels_last=True, H=5, W=6),
@@ -450,7 +456,9 @@ PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "
          "wgrad_bypos": {"dgrad": "tiles", "wgrad": "tiles_bypos"},
          "dgrad_bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles"},
          "bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles_bypos"},
-         "tiles_runs_bypos": {"dgrad": "tiles_runs_bypos", "wgrad": "tiles_runs_bypos"}}
+         "tiles_runs_bypos": {"dgrad": "tiles_runs_bypos", "wgrad": "tiles_runs_bypos"},
+         "dgrad_wtiles": {"dgrad": "tiles_wtiles", "wgrad": "tiles"},
+         "dgrad_runs_wtiles": {"dgrad": "tiles_runs_wtiles", "wgrad": "tiles_runs"}}
 
 
 @contextlib.contextmanager

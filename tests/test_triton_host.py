@@ -477,10 +477,12 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
         gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
-        assert len(tiles) == 5, names
-        dgrad = sorted((launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"])
+        assert len(tiles) == 6, names
+        # (grad input over the tiles twice: weights through the row table, and the tile-major weight as row runs)
+        dgrad = sorted((launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"], launch.kwargs["ROW_RUNS"])
                        for launch in tiles if launch.name == "stripe_dgrad_tiles_kernel")
-        assert dgrad == [(False, 16), (True, 64)], dgrad
+        assert dgrad == [(False, 16, False), (False, 16, True), (True, 64, False)], dgrad
+        assert names.count("stripe_scatter_rows_kernel") == 1, names  # the tile-major weight, made once
         wgrad = sorted((launch.kwargs["PER"], launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"])
                        for launch in tiles if launch.name == "stripe_wgrad_tiles_kernel")
         assert wgrad == [(1, False, 16), (1, True, 64), (3, False, 16)], wgrad

@@ -110,8 +110,11 @@ def tile_weight(weight: Tensor, mask: Tensor, plan, gather: Callable[[Tensor], T
     tile ``t`` at its union entry ``u``, zeros where that filter does not keep the position, so that the
     forward reads a (tile, position) as one block of rows. Made on the first call and reused while ``weight``
     holds the same values, as the dense weight is (see the module docstring); with ``keep=False`` made on
-    every call, as in a CUDA graph."""
-    return _kept_or_made(_kept_tiles, weight, mask, keep, id(plan), (mask, plan), lambda: gather(weight))
+    every call, as in a CUDA graph. The plan is told apart by what fixes its tiles for the mask (width,
+    clustered or in order, tile and union counts), so that the forward's plan and the grad input's copy of
+    it share the weight."""
+    form = (plan.block_n, plan.in_order, plan.balanced, plan.num_tiles, plan.umax, plan.computed)
+    return _kept_or_made(_kept_tiles, weight, mask, keep, form, (mask,), lambda: gather(weight))
 
 
 def _kept_or_made(table: WeakIdKeyDictionary, weight: Tensor, mask: Tensor, keep: bool, form, holds: tuple,

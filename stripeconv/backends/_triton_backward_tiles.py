@@ -115,9 +115,11 @@ class DyGather:
 
 
 def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, input_shape, stride,
-                              groups: int, by_position: bool = False) -> Callable:
+                              groups: int, by_position: bool = False,
+                              tile_weights: Optional[Callable[[Tensor], Tensor]] = None) -> Callable:
     """Grad input over the forward's tiles for every call shaped like this one: ``launch(grad_output, weight)``;
-    with ``by_position`` over the entries of one kernel position and the tiles that keep it (``plan.bypos_*``)."""
+    with ``by_position`` over the entries of one kernel position and the tiles that keep it (``plan.bypos_*``);
+    with ``tile_weights`` reading the forward plan's tile-major weight it makes (as the forward's ``_wtiles``)."""
     b, c, h, w = input_shape
     fwd = plan.fwd
     n, kh, kw = fwd.mask_shape
@@ -135,14 +137,16 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
         tables = (plan.bypos_rows, plan.bypos_ch if in_place else plan.bypos_cols, plan.bypos_off, plan.bypos_p,
                   plan.bypos_g, plan.bypos_dh, plan.bypos_dw)
     else:
-        tables = (fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u, plan.ent_dh, plan.ent_dw)
+        tables = (fwd.tile_rows if tile_weights else fwd.w_rows, col0, plan.ent_off, plan.ent_t, plan.ent_u,
+                  plan.ent_dh, plan.ent_dw)
+    w_shape = (fwd.w_rows.numel(), weight.shape[1]) if tile_weights else weight.shape
     scalars = (b, h, w, ho, wo, cg, groups, ncb, fwd.umax, *dy_strides, *dx.stride(), sh, sw)
     precision, acc = runtime.precision(grad_output.dtype)
     constants = dict(
         **shapes.tuning_keys(b * h * w, c, n, fwd.density, kh, kw, stride),
         INPUT_PRECISION=precision, ACC_DTYPE=acc,
-        INT64_INDEX=shapes.needs_int64(dy, torch.empty(weight.shape, device="meta"), dx),
-        ROW_RUNS=fwd.row_runs and not by_position, BLOCK_N=block_n,
+        INT64_INDEX=shapes.needs_int64(dy, torch.empty(w_shape, device="meta"), dx),
+        ROW_RUNS=(fwd.row_runs or tile_weights is not None) and not by_position, BLOCK_N=block_n,
         BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BY_POSITION=by_position,
         RUN=fwd.block_n if by_position else 1,
     )
@@ -153,7 +157,7 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
     def launch(grad_output, weight):
         dy = grad_output if in_place else gathered_dy(grad_output, plan, True, gather)
         dx = torch.empty(dx_shape, dtype=dy.dtype, device=dy.device, memory_format=torch.channels_last)
-        kernel(dy, weight.contiguous(), dx)
+        kernel(dy, weight.contiguous() if tile_weights is None else tile_weights(weight), dx)
         return dx if dx_format == torch.channels_last else dx.contiguous(memory_format=dx_format)
     return launch
 

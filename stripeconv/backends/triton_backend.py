@@ -299,6 +299,7 @@ def grad_input(
                                                groups)}
     tiles = backward_tiles(mask, weight, input_shape[1], groups, stride, padding, dilation, device)
     runs = backward_tiles_in_place(tiles, mask, groups, stride, padding, dilation, device)
+    tile_major = {}  # what the _wtiles candidates do where a CUDA graph replays them: make the weight anew
     for suffix, plan in (("", tiles), ("_runs", runs)):
         if plan is not None and grad_output.numel() and math.prod(input_shape):
             launchers["stripe_tiles" + suffix] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
@@ -309,7 +310,13 @@ def grad_input(
             if tma_dy_offered(plan, grad_output, weight, input_shape, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_input_tiles_tma_launcher(
                     plan, grad_output, weight, input_shape, stride)
-    captured = {}
+            if plan.fwd.kept and not plan.fwd.row_runs:  # the forward's tile-major weight (shared with its _wtiles)
+                gather = tile_weight_gather(plan.fwd, weight.shape[1])
+                for table, keep in ((launchers, True), (tile_major, False)):
+                    made = functools.partial(tile_weight, mask=mask, plan=plan.fwd, gather=gather, keep=keep)
+                    table[f"stripe_tiles{suffix}_wtiles"] = grad_input_tiles_launcher(
+                        plan, grad_output, weight, input_shape, stride, groups, tile_weights=made)
+    captured = dict(tile_major)
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight, keep=True):
             w_dense = _dense_weight(weight, mask, device, keep, output_memory_format(grad_output))
