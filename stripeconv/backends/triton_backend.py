@@ -208,10 +208,9 @@ def forward(
     every = gpu_select.every_candidate()
     captured = {}
 
-    def add_tile_major(name, plan, make, **kwargs):
+    def add_tile_major(name, plan, make, gather, **kwargs):
         """``name`` once more reading the plan's tile-major weight (kept per version of the packed rows;
         made on every call where a CUDA graph replays it), where the row table reads the packed rows."""
-        gather = tile_weight_gather(plan, weight.shape[1])
         for table, keep in ((launchers, True), (captured, False)):
             table[name + "_wtiles"] = make(plan, input, weight, bias, stride, padding, dilation, (ho, wo), **kwargs,
                                            tile_weights=functools.partial(tile_weight, mask=mask, plan=plan,
@@ -239,8 +238,10 @@ def forward(
         # Each (tile, position) one block of rows of the tile-major weight instead of rows through the row
         # table, with the plan's vector stores (in place, or tile order then the gather)
         tile_major = plan.block_n >= 16 and plan.kept and not plan.row_runs
+        gather = tile_weight_gather(plan, weight.shape[1]) if tile_major else None  # (one for both kernels)
         if tile_major:
-            add_tile_major(name + ("_gathered" if scattered else ""), plan, stripe_launcher, gathered=scattered)
+            add_tile_major(name + ("_gathered" if scattered else ""), plan, stripe_launcher, gather,
+                           gathered=scattered)
         if every and subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
@@ -253,7 +254,7 @@ def forward(
             tiles_shape = (plan.w_rows.numel(), weight.shape[1])
             if tile_major and tma_offered(plan, input, torch.empty(tiles_shape, device="meta"), stride, groups,
                                           b * n * ho * wo):
-                add_tile_major(name + ("_tma_gathered" if scattered else "_tma"), plan, tma_launcher,
+                add_tile_major(name + ("_tma_gathered" if scattered else "_tma"), plan, tma_launcher, gather,
                                gathered=scattered)
         split = split_k(plan, b * ho * wo, c // groups, runtime.num_sms(device))
         if split > 1 and plan.block_n >= 16 and plan.kept and not gpu_select.deterministic():
