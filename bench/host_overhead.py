@@ -14,6 +14,7 @@ driver's launch) comes on top in every mode.
     python bench/host_overhead.py                       # settled calls, as a model's steady state runs them
     python bench/host_overhead.py --through-autotuner   # every launch through the autotuner's key lookup
     python bench/host_overhead.py --triton-launch       # with Triton's launch path, as on a GPU
+    python bench/host_overhead.py --triton-launch --frames   # ... and the Python frames each call pushes
     python bench/host_overhead.py --network resnet56    # a whole CIFAR network, eager and torch.compile'd
 
 The settled calls include a layer whose shape the dense hand-over serves (``STRIPECONV_GPU_DENSE=always``:
@@ -90,6 +91,9 @@ def main(argv=None) -> dict:
                     help="time Triton's launch path too (kernels compiled for sm_90, the driver stubbed out)")
     ap.add_argument("--no-direct", action="store_true",
                     help="with --triton-launch: every launch through the JIT function, none to the compiled kernel")
+    ap.add_argument("--frames", action="store_true",
+                    help="also count the Python frames each settled call pushes (all, and stripeconv's own): "
+                         "in total and at most at one depth (see profile_summary.python_frames)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.triton_launch and args.through_autotuner:
@@ -192,7 +196,9 @@ def single_calls(args, tb) -> dict:
             conv(x1)
     handover = {"layer forward, dense hand-over": layer_forward, "nn.Conv2d forward, batch 1": conv2d_forward}
     import stripeconv
+    from profile_summary import python_frames  # beside this script
 
+    package = os.path.dirname(stripeconv.__file__)
     previous, previous_dense = stripeconv.get_backend(), os.environ.get("STRIPECONV_GPU_DENSE")
     stripeconv.set_backend("triton")  # the layer's calls; the others call the backend directly
     try:
@@ -201,7 +207,12 @@ def single_calls(args, tb) -> dict:
                 os.environ["STRIPECONV_GPU_DENSE"] = "always"
             best = [t * 1e6 for t in _over_depths(call, args.calls, args.repeats)]
             results["us"][name] = _spread(best)
-            print(f"  {name:<32} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us")
+            line = f"  {name:<32} {min(best):6.1f} / {statistics.median(best):6.1f} / {max(best):6.1f} us"
+            if args.frames:
+                frames = results.setdefault("frames", {})[name] = python_frames(call, within=package)
+                line += (f"   {frames['frames']:3d} frames, {frames['most_at_one_depth']:2d} at one depth "
+                         f"(stripeconv: {frames['within_frames']:3d}, {frames['within_most_at_one_depth']:2d})")
+            print(line)
     finally:
         stripeconv.set_backend(previous)
         if previous_dense is None:

@@ -22,6 +22,7 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _IntOr2 = Union[int, tuple[int, int]]
 _FxProxy = torch.fx.Proxy  # what torch.fx.symbolic_trace passes for the input
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript, without its Python call
 
 
 def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
@@ -353,17 +354,13 @@ class StripeConv2d(nn.Module):
         except KeyError:
             return self.packed_weight, self.bias, self.stripe_mask, self.constant_channel_weight
 
-    def _check_input(self, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    def _check_input(self, input: Tensor, weight: Tensor, bias: Optional[Tensor], key: Optional[tuple]) -> None:
+        """Raises what is wrong with a call's input and the layer's tensors. Where they pass, remembers ``key``
+        (the input's and the weights' shapes, dtypes and devices; None: nothing) so that the next eager call
+        with the same key skips the checks: the layer's geometry is fixed at construction, and an input dtype
+        other than the weight's depends on autocast, so such a call is not remembered."""
         if not isinstance(input, Tensor):
             raise TypeError(f"StripeConv2d expects a Tensor input, got {type(input).__name__}")
-        # Eager calls with the input and weights last accepted pass at once (the layer's geometry is
-        # fixed at construction). A dtype other than the weight's depends on autocast: checked each
-        # call. Compiled and traced graphs check at trace time and read no memo (it would become a guard).
-        tracing = torch.compiler.is_compiling() or torch.jit.is_tracing()
-        key = None if tracing else (input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
-                                    None if bias is None else bias.shape, None if bias is None else bias.dtype)
-        if key is not None and key == getattr(self, "_accepted_input", None):
-            return
         # The layer's own tensors, as far as a swapped .data can break them (the mask's row count is
         # the backends' check: it needs the mask's values)
         cg = self.in_channels // self.groups
@@ -399,8 +396,21 @@ class StripeConv2d(nn.Module):
     def _eager_forward(self, input: Tensor) -> Tensor:
         if isinstance(input, _FxProxy):
             return self._fx_forward(input)
-        weight, bias, mask, constant = self._tensors()
-        self._check_input(input, weight, bias)
+        # The common path makes few Python calls: each may cost the interpreter a fresh chunk of its frame
+        # stack (docs/backends.md, "Host work"), so _tensors() is spelled out here. Compiled and traced graphs
+        # check at trace time and remember nothing (a memo would become a guard).
+        params, buffers = self._parameters, self._buffers
+        try:
+            weight, bias, mask, constant = (params["packed_weight"], params["bias"], buffers["stripe_mask"],
+                                            buffers["constant_channel_weight"])
+        except KeyError:
+            weight, bias, mask, constant = self._tensors()
+        compiling = torch.compiler.is_compiling()
+        key = None if compiling or _is_tracing() or not isinstance(input, Tensor) else (
+            input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
+            None if bias is None else bias.shape, None if bias is None else bias.dtype)
+        if key is None or key != self.__dict__.get("_accepted_input"):
+            self._check_input(input, weight, bias, key)
         unbatched = input.dim() == 3
         if unbatched:
             input = input.unsqueeze(0)
@@ -410,11 +420,12 @@ class StripeConv2d(nn.Module):
             t, b, l, r = pads
             input = F.pad(input, (l, r, t, b), mode=self.padding_mode)
             pads = (0, 0, 0, 0)
-        amp = _autocast_dtype(input.device.type)
+        amp = _autocast_dtype(input.device.type) if _any_autocast_enabled() else None
         if amp is not None:  # like nn.Conv2d under torch.autocast: floating operands (not float64) in the amp dtype
             input, weight, bias = (t.to(amp) if t is not None and t.is_floating_point() and t.dtype != torch.float64
                                    else t for t in (input, weight, bias))
-        conv = backends.eager_conv2d(input) or stripe_conv2d  # the same kernels without the op's Python layers
+        # the same kernels without the op's Python layers
+        conv = backends.eager_conv2d(input, compiling) or stripe_conv2d
         out = conv(input, weight, bias, mask, self.stride, pads, self.dilation, self.groups)
         if constant is not None:
             out = out + self._constant_map(input.shape[-2], input.shape[-1], pads)

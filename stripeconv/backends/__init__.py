@@ -39,11 +39,13 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 # layers keep the op, whatever the transforms.
 _DYNAMO_TRACES_TRANSFORM_CHECKS = torch.__version__ >= (2, 6)
 _dispatch_modes_active = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 0)  # FakeTensorMode, ...
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript
 
 _loaded: dict[str, ModuleType] = {}
 _eager_conv2d: dict[str, Callable] = {}
 # device -> the backend chosen for it (keyed by device: device.type costs ~0.4 us a call)
 _default: dict[torch.device, ModuleType] = {}
+_pinned: dict[tuple, ModuleType] = {}  # (pinned name, device) -> its module, where it supports the device
 _selected: Optional[str] = None
 
 
@@ -77,6 +79,7 @@ def set_backend(name: Optional[str]) -> None:
     if name is not None:
         _check_available(name)
     _selected = name
+    _pinned.clear()
 
 
 def get_backend() -> Optional[str]:
@@ -84,7 +87,7 @@ def get_backend() -> Optional[str]:
     return _selected
 
 
-def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
+def eager_conv2d(input: torch.Tensor, compiling: Optional[bool] = None) -> Optional[Callable]:
     """What a module runs an eager ``stripe_conv2d`` call on ``input`` with, or None to call the op.
 
     The same kernels, gradients and layouts as the op, without its Python dispatch layers: the
@@ -92,19 +95,27 @@ def eager_conv2d(input: torch.Tensor) -> Optional[Callable]:
     around any other backend (:mod:`.eager`). Under torch.func transforms and forward-mode AD, the
     op inside an autograd.Function they can differentiate (``ops.transform_conv2d``). None where only the op
     works: for the Python backends under tracing, dispatch modes (fake tensors), for meta tensors and
-    tensor subclasses. Under torch.compile, what :func:`_compiled_conv2d` says.
+    tensor subclasses. Under torch.compile, what :func:`_compiled_conv2d` says. ``compiling``:
+    ``torch.compiler.is_compiling()`` where the caller has asked already.
+
+    On the common path (no transform, the device's default backend) it calls no Python function: each
+    call may cost the interpreter a fresh chunk of its frame stack (docs/backends.md, "Host work").
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() if compiling is None else compiling:
         return _compiled_conv2d(input)
     if _functorch_active() or forward_ad._current_level >= 0:  # torch.func, or dual tensors may come
         from ..ops import transform_conv2d  # the ops import this module
 
         return transform_conv2d
-    module = resolve(input.device)
+    # resolve()'s answers so far
+    module = _default.get(input.device) if _selected is None else _pinned.get((_selected, input.device))
+    if module is None:
+        module = resolve(input.device)
     own = getattr(module, "eager_conv2d", None)
     if own is not None:
         return own
-    if torch.jit.is_tracing() or type(input) is not torch.Tensor or input.is_meta or _dispatch_modes_active():
+    # (torch.jit.is_tracing() without its Python call: this is not TorchScript)
+    if _is_tracing() or type(input) is not torch.Tensor or input.is_meta or _dispatch_modes_active():
         return None
     conv2d = _eager_conv2d.get(module.NAME)
     if conv2d is None:
@@ -145,12 +156,15 @@ def _compiled_conv2d(input: torch.Tensor) -> Optional[Callable]:
 def resolve(device: torch.device) -> ModuleType:
     """The backend module that runs a call on ``device``."""
     if _selected is not None:
-        module = _module(_selected)
-        if not module.supports(device):
-            raise RuntimeError(
-                f"stripeconv backend {_selected!r} cannot run on {device.type} tensors; "
-                f"move the data or call stripeconv.set_backend(None)"
-            )
+        module = _pinned.get((_selected, device))
+        if module is None:
+            module = _module(_selected)
+            if not module.supports(device):
+                raise RuntimeError(
+                    f"stripeconv backend {_selected!r} cannot run on {device.type} tensors; "
+                    f"move the data or call stripeconv.set_backend(None)"
+                )
+            _pinned[_selected, device] = module
         return module
     module = _default.get(device)
     if module is None:

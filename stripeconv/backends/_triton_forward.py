@@ -17,13 +17,6 @@ from .triton_plans import ForwardPlan, SubtilePlan
 STORE_SCATTER, STORE_RUNS, STORE_PLANES, STORE_TILES = 0, 1, 2, 3
 
 
-def _new_output(tile_order: "Optional[TileOrder]", out_shape: tuple, like: Tensor, memory_format) -> Tensor:
-    """What a forward launch stores into: the tile-order buffer, else an output of ``memory_format``."""
-    if tile_order:
-        return tile_order.buffer(like)
-    return torch.empty(out_shape, dtype=like.dtype, device=like.device, memory_format=memory_format)
-
-
 class TileOrder:
     """A channels_last output stored in tile order (``STORE_TILES``: ``ncol`` columns, each tile's filters
     one run), then put in channel order by one gather launch (``order_cols``: each channel's column), whose
@@ -143,7 +136,8 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = _new_output(tile_order, out_shape, input, kernel_format)
+        out = (tile_order.buffer(input) if tile_order else  # (no Python call on the plain path: see TunedLaunch)
+               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format))
         if split_k > 1:
             ws = torch.empty(workspace, dtype=acc_dtype, device=input.device)
             count = torch.zeros(counts, dtype=torch.int32, device=input.device)
@@ -192,7 +186,8 @@ def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Opt
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = _new_output(tile_order, out_shape, input, out_format)
+        out = (tile_order.buffer(input) if tile_order else
+               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format))
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
         return tile_order.in_channel_order(out) if tile_order else out
@@ -251,7 +246,8 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
         if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
         x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c], x_strides, box)
-        out = _new_output(tile_order, out_shape, input, torch.channels_last)
+        out = (tile_order.buffer(input) if tile_order else
+               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last))
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         rows = weight.contiguous() if tile_weights is None else tile_weights(weight)
         kernel(rows, x_desc, out if bias is None else bias.contiguous(), out)

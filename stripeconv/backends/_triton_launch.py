@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
+import torch
 from torch import Tensor
 
 __all__ = ["CompiledLaunch", "record"]
@@ -47,48 +48,59 @@ def _hook_owner():
     return CompiledKernel
 
 
-def _active(hook) -> bool:
-    """Whether a launch hook would do anything (triton >= 3.6 keeps an always-present chain of hooks)."""
-    if hook is None:
-        return False
-    calls = getattr(hook, "calls", None)
-    return calls is None or len(calls) > 0
-
-
 class CompiledLaunch:
     """One recorded launch of a compiled kernel, repeated with new leading tensors: ``launch(tensors)``."""
 
     __slots__ = ("_runner", "_grid", "_function", "_metadata", "_rest", "_device", "_dtypes", "_aligned", "_jit",
-                 "_driver", "_hooks", "_boxes")
+                 "_current_device", "_current_stream", "_hooks", "_boxes")
 
     def __init__(self, runner: Callable, grid: tuple, function: Any, metadata: Any, rest: tuple, device: int,
                  dtypes: tuple, aligned: tuple, jit: Any, driver: Any, hooks: Any, boxes: bool = False):
         self._runner, self._grid, self._function, self._metadata = runner, grid, function, metadata
         self._rest, self._device, self._dtypes, self._aligned = rest, device, dtypes, aligned
-        self._jit, self._driver, self._hooks, self._boxes = jit, driver, hooks, boxes
+        self._jit, self._hooks, self._boxes = jit, hooks, boxes
+        self._current_device, self._current_stream = _device_query(driver), driver.get_current_stream
 
     def __call__(self, tensors: tuple) -> bool:
         """Launch with ``tensors`` in place of the recorded leading tensors; False (nothing launched)
         where Triton's own launch path must run instead."""
+        # Checked inline, without Python calls: every one on a settled launch is host work that may cost
+        # the interpreter a fresh chunk of its frame stack (docs/backends.md, "Host work").
         hooks = self._hooks
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
-        if _active(enter) or _active(leave) or getattr(self._jit, "pre_run_hooks", None):
+        # a hook does something unless it is None or an empty chain (triton >= 3.6 keeps a chain of hooks)
+        if ((enter is not None and getattr(enter, "calls", None) != [])
+                or (leave is not None and getattr(leave, "calls", None) != [])
+                or getattr(self._jit, "pre_run_hooks", None)):
             return False
-        checked = tuple(map(_tensor_of, tensors)) if self._boxes else tensors
-        for t, dtype in zip(checked, self._dtypes):
-            if t is None or t.dtype is not dtype:
+        boxes = self._boxes
+        for t, dtype in zip(tensors, self._dtypes):
+            if boxes and not isinstance(t, Tensor):  # a tensor descriptor: its base's dtype (see _tensor_of)
+                t = getattr(t, "base", None) if type(t).__name__ == "TensorDescriptor" else None
+                if not isinstance(t, Tensor):
+                    return False
+            if t.dtype is not dtype:
                 return False
         for i in self._aligned:
             if tensors[i].data_ptr() % _ALIGNMENT:
                 return False
-        driver = self._driver
-        device = driver.get_current_device()
+        device = self._current_device()
         if device != self._device:
             return False
         g0, g1, g2 = self._grid
-        self._runner(g0, g1, g2, driver.get_current_stream(device), self._function, self._metadata, None, enter,
+        self._runner(g0, g1, g2, self._current_stream(device), self._function, self._metadata, None, enter,
                      leave, *tensors, *self._rest)
         return True
+
+
+def _device_query(driver) -> Callable[[], int]:
+    """The driver's current-device query; where that is ``torch.cuda.current_device`` (Triton's CUDA driver),
+    the torch builtin it ends in, without its Python calls (CUDA is initialised once a kernel has launched)."""
+    query = driver.get_current_device
+    builtin = getattr(torch._C, "_cuda_getDevice", None)
+    if builtin is not None and query is torch.cuda.current_device and torch.cuda.is_initialized():
+        return builtin
+    return query
 
 
 def record(launch: Callable[[], Any], compiled: Any, jit: Any, tensors: tuple, rest: tuple) -> Optional[CompiledLaunch]:

@@ -132,9 +132,13 @@ def tf32_matmul() -> bool:
     return bool(matmul.allow_tf32)
 
 
+# torch.cuda.is_current_stream_capturing() without its Python call (CUDA builds of torch)
+_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
 def capturing(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a CUDA tensor and the current CUDA stream is being captured into a graph."""
-    return tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    return tensor.is_cuda and (_stream_capturing or torch.cuda.is_current_stream_capturing)()
 
 
 @contextlib.contextmanager
@@ -246,6 +250,10 @@ class TunedLaunch:
             if device.type == "cuda" and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
                     return self._launch(tensors)
+        # A settled launch calls the compiled kernel from here, one Python call deep (docs/backends.md, "Host work")
+        fast = self._fast
+        if fast and self._direct[0] is getattr(_kernels, self.name) and fast(tensors):
+            return None
         return self._launch(tensors)
 
     def _launch(self, tensors: tuple) -> None:

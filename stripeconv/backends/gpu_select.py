@@ -63,10 +63,10 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ._environ import getenv
+from ._environ import getenv, raw_lookup
 
-__all__ = ["mode", "excluded", "every_candidate", "deterministic", "tolerance", "disagreement", "choose", "choice",
-           "captured_choice", "generation", "decisions", "clear"]
+__all__ = ["mode", "excluded", "every_candidate", "deterministic", "settings", "tolerance", "disagreement", "choose",
+           "choice", "captured_choice", "generation", "decisions", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
@@ -119,6 +119,31 @@ def deterministic() -> bool:
     ``torch.use_deterministic_algorithms(True)`` or ``STRIPECONV_DETERMINISTIC=1``."""
     return (getenv("STRIPECONV_DETERMINISTIC", "0").strip() not in ("", "0")
             or torch.are_deterministic_algorithms_enabled())
+
+
+# What settings() reads: the variables (the forward's tile width among them: the backward's tile plans
+# follow it) and torch's deterministic flag, compared raw, parsed once per combination of values.
+_SETTING_VARIABLES = ("STRIPECONV_GPU_DENSE", "STRIPECONV_TRITON_EXCLUDE", "STRIPECONV_TRITON_CANDIDATES",
+                      "STRIPECONV_DETERMINISTIC", "STRIPECONV_TRITON_BLOCK_N")
+_raw_get, _raw_keys = raw_lookup(_SETTING_VARIABLES)
+_deterministic_flag = torch._C._get_deterministic_algorithms
+_parsed_settings: dict[tuple, tuple] = {}
+
+
+def settings() -> tuple:
+    """Everything besides its arguments that a settled Triton call depends on, read on every call:
+    :func:`mode`, :func:`excluded`, :func:`every_candidate`, :func:`deterministic`,
+    ``STRIPECONV_TRITON_BLOCK_N`` and :func:`generation`. Where the values are unchanged it calls no
+    Python function: each Python call of a settled call may cost the interpreter a fresh chunk of
+    its frame stack (docs/backends.md, "Host work")."""
+    raw = (*map(_raw_get, _raw_keys), _deterministic_flag())
+    parsed = _parsed_settings.get(raw)
+    if parsed is None:
+        parsed = (mode(), excluded(), every_candidate(), deterministic(), getenv("STRIPECONV_TRITON_BLOCK_N"))
+        if len(_parsed_settings) >= 64:
+            _parsed_settings.clear()
+        _parsed_settings[raw] = parsed
+    return (*parsed, _generation)
 
 
 # GPU cycles the stream sleeps before each timed call (~0.5 ms): the host queues the call's kernels

@@ -53,7 +53,6 @@ from torch import Tensor
 from ..ops import output_memory_format
 from . import _dense_weights, _triton_runtime as runtime, _triton_shapes as shapes, gpu_select, triton_plans
 from ._dense_weights import dense_weight as _dense_weight, tile_weight
-from ._environ import getenv
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
     backward_tiles, backward_tiles_in_place, forget_gathered, grad_input_tiles_launcher,
@@ -142,11 +141,15 @@ def clear_cache() -> None:
 
 
 def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
-    # The TF32 setting changes only fp32 launches (and costs ~1.5 us to read).
+    # A settled call makes few Python calls, in small frames: each may cost the interpreter a fresh chunk of
+    # its frame stack (docs/backends.md, "Host work"). So the key calls nothing but gpu_select.settings(), and
+    # its tensors' part is a loop, not a comprehension (a call of its own before Python 3.12). The TF32 setting
+    # changes only fp32 launches.
+    key = [op]
+    for t in tensors:
+        key.append((t.shape, t.stride(), t.dtype, t.device))
     tf32 = runtime.tf32_matmul() if tensors[0].dtype == torch.float32 else None
-    return (op, *[(t.shape, t.stride(), t.dtype, t.device) for t in tensors], mask.data_ptr(), mask._version,
-            mask.shape, *extra, gpu_select.mode(), gpu_select.excluded(), gpu_select.every_candidate(),
-            gpu_select.deterministic(), gpu_select.generation(), tf32)
+    return (*key, mask.data_ptr(), mask._version, mask.shape, *extra, gpu_select.settings(), tf32)
 
 
 def _run_chosen(key: tuple, mask: Tensor, launchers: dict[str, Callable], select_key: tuple, args: tuple, device,
@@ -187,11 +190,18 @@ def forward(
 ) -> Tensor:
     """The op's forward: the fastest of the stripe kernels (one per offered tile width) and cuDNN's
     dense conv on the scattered weight, as :mod:`.gpu_select` picks per shape."""
+    # (the first call of a signature in a function of its own: a settled call's frame stays small, see _call_key)
     key = _call_key("fwd", mask, (input,), (weight.shape, bias is None, tuple(stride), tuple(padding),
-                                            tuple(dilation), groups, getenv("STRIPECONV_TRITON_BLOCK_N")))
+                                            tuple(dilation), groups))
     settled = _settled.get(key)
     if settled is not None:
         return settled[1](input, weight, bias)
+    return _first_forward(key, input, weight, bias, mask, stride, padding, dilation, groups)
+
+
+def _first_forward(key: tuple, input: Tensor, weight: Tensor, bias: Optional[Tensor], mask: Tensor, stride, padding,
+                   dilation, groups: int) -> Tensor:
+    """:func:`forward` for a call ``key`` that has not settled: its candidates, run as :mod:`.gpu_select` picks."""
     runtime.check_kernels()
     stride, padding, dilation = shapes.conv_ints(stride, padding, dilation)
     b, c, h, w = input.shape
@@ -292,6 +302,12 @@ def grad_input(
     settled = _settled.get(key)
     if settled is not None:
         return settled[1](grad_output, weight)
+    return _first_grad_input(key, grad_output, weight, mask, input_shape, stride, padding, dilation, groups)
+
+
+def _first_grad_input(key: tuple, grad_output: Tensor, weight: Tensor, mask: Tensor, input_shape, stride, padding,
+                      dilation, groups: int) -> Tensor:
+    """:func:`grad_input` for a call ``key`` that has not settled."""
     runtime.check_kernels()
     stride, padding, dilation = shapes.conv_ints(stride, padding, dilation)
     input_shape = [int(v) for v in input_shape]
@@ -349,6 +365,12 @@ def grad_weight(
     settled = _settled.get(key)
     if settled is not None:
         return settled[1](grad_output, input, weight)
+    return _first_grad_weight(key, grad_output, input, weight, mask, stride, padding, dilation, groups)
+
+
+def _first_grad_weight(key: tuple, grad_output: Tensor, input: Tensor, weight: Tensor, mask: Tensor, stride, padding,
+                       dilation, groups: int) -> Tensor:
+    """:func:`grad_weight` for a call ``key`` that has not settled."""
     runtime.check_kernels()
     deterministic = gpu_select.deterministic()
     stride, padding, dilation = shapes.conv_ints(stride, padding, dilation)
