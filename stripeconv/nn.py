@@ -397,8 +397,8 @@ class StripeConv2d(nn.Module):
         if isinstance(input, _FxProxy):
             return self._fx_forward(input)
         # The common path makes few Python calls: each may cost the interpreter a fresh chunk of its frame
-        # stack (docs/backends.md, "Host work"), so _tensors() is spelled out here. Compiled and traced graphs
-        # check at trace time and remember nothing (a memo would become a guard).
+        # stack (docs/backends.md, "Host work and the frame stack"), so _tensors() is spelled out here.
+        # Compiled and traced graphs check at trace time and remember nothing (a memo would become a guard).
         params, buffers = self._parameters, self._buffers
         try:
             weight, bias, mask, constant = (params["packed_weight"], params["bias"], buffers["stripe_mask"],

@@ -47,12 +47,20 @@ def test_host_overhead_with_tritons_launch_path(tmp_path, direct):
     """--triton-launch: the kernels compile for sm_90 and launch through Triton's own path into a stubbed
     driver; settled calls reach the compiled kernels directly unless --no-direct."""
     pytest.importorskip("triton.backends.compiler", reason="this triton has no GPUTarget to compile for")
-    results = _run(tmp_path, "--triton-launch", *([] if direct else ["--no-direct"]), "--calls", "5", "--repeats", "1")
+    results = _run(tmp_path, "--triton-launch", *([] if direct else ["--no-direct", "--frames"]), "--calls", "5",
+                   "--repeats", "1")
     assert "Triton's launch path" in results["launch"]
     assert ("launched directly" in results["launch"]) == direct
     assert set(results["us"]) == CALLS
     for timing in results["us"].values():
         assert 0 < timing["min"] <= timing["median"] <= timing["max"]
+    if not direct:  # --frames: each call's Python frames, the package's own among them
+        assert set(results["frames"]) == CALLS
+        for frames in results["frames"].values():
+            assert 1 <= frames["most_at_one_depth"] <= frames["frames"] == sum(frames["per_depth"])
+            assert frames["within_most_at_one_depth"] <= frames["within_frames"] <= frames["frames"]
+        assert results["frames"]["nn.Conv2d forward, batch 1"]["within_frames"] == 0
+        assert results["frames"]["forward, batch 1"]["within_frames"] > 0
 
 
 def test_host_overhead_network(tmp_path):

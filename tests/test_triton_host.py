@@ -339,6 +339,36 @@ def test_settled_gradient_calls(settled_calls, monkeypatch):
     assert len(tb._settled) == 4 and not wgrad.kwargs["ATOMIC"] and dgrad.kwargs == first_dgrad.kwargs
 
 
+def test_a_settled_call_makes_few_python_calls(settled_calls):
+    """A settled call's host path stays a short chain of the package's Python functions: on CPython 3.11
+    and 3.12 each one may cost an mmap and a munmap of the frame stack on every call, and the most at one
+    depth set that cost where the caller's depth puts a chunk's end among them (docs/backends.md, "Host
+    work and the frame stack"). bf16, as on a GPU (fp32 calls also read the TF32 setting)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+    from profile_summary import python_frames
+
+    import stripeconv
+
+    aot, tb = settled_calls
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(32, 3, 3, generator=gen) < 0.5
+    geometry = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+    nhwc = lambda *shape: torch.randn(*shape, generator=gen).to(torch.bfloat16).contiguous(  # noqa: E731
+        memory_format=torch.channels_last)
+    x, gy, w = nhwc(2, 16, 8, 8), nhwc(2, 32, 8, 8), torch.randn(int(mask.sum()), 16, generator=gen).bfloat16()
+    calls = {"forward": lambda: tb.forward(x, w, None, mask, *geometry),
+             "grad input": lambda: tb.grad_input(gy, w, mask, list(x.shape), *geometry),
+             "grad weight": lambda: tb.grad_weight(gy, x, w, mask, *geometry)}
+    package = os.path.dirname(stripeconv.__file__)
+    for name, call in calls.items():
+        aot.capture_launches(call)  # settles it
+        frames = {}
+        aot.capture_launches(lambda: frames.update(python_frames(call, within=package)))
+        # entry, call key, settings, launch closure, the launch's __call__ and its way into the (stubbed) kernel
+        assert frames["within_frames"] <= 7 and frames["within_most_at_one_depth"] <= 2, (name, frames)
+
 def test_a_dense_choice_runs_the_fastest_stripe_kernel_under_capture(settled_calls, monkeypatch):
     """The dense hand-over keeps its scattered weight between eager calls, but a CUDA graph replays the
     scatter: where dense wins only with the weight kept, a call captured into a graph runs the stripe

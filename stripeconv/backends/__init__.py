@@ -98,8 +98,9 @@ def eager_conv2d(input: torch.Tensor, compiling: Optional[bool] = None) -> Optio
     tensor subclasses. Under torch.compile, what :func:`_compiled_conv2d` says. ``compiling``:
     ``torch.compiler.is_compiling()`` where the caller has asked already.
 
-    On the common path (no transform, the device's default backend) it calls no Python function: each
-    call may cost the interpreter a fresh chunk of its frame stack (docs/backends.md, "Host work").
+    On the common path (no transform, a backend resolved before) it calls no Python function: each call
+    may cost the interpreter a fresh chunk of its frame stack (docs/backends.md, "Host work and the frame
+    stack").
     """
     if torch.compiler.is_compiling() if compiling is None else compiling:
         return _compiled_conv2d(input)

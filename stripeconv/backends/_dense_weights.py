@@ -27,24 +27,28 @@ replay the scatter (one launch of ``stripe_scatter_rows_kernel``) on top of cuDN
 """
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Callable
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import _triton_runtime as runtime, _triton_shapes as shapes
-from ._environ import getenv
+from ._environ import raw_lookup
 from ._masks import mask_key, memo
 from .triton_plans import cached_plan
 
 __all__ = ["dense_weight", "tile_weight", "clear"]
 
-# packed weight -> ((data_ptr, strides, version, mask key, stream, form), derived weight, what the form's key
-# points to: the mask, and the plan of a tile-major weight); holding them keeps their addresses from going to
-# others while the entry can match them. One table per kind of derived weight.
-_kept: WeakIdKeyDictionary = WeakIdKeyDictionary()
-_kept_tiles: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# id(packed weight) -> (weak reference to it, (data_ptr, strides, version, mask key, stream, form), derived
+# weight, what the form's key points to: the mask, and the plan of a tile-major weight); holding them keeps
+# their addresses from going to others while the entry can match them. One table per kind of derived weight.
+# An entry goes when its weight does (the reference's callback). Keyed by id with the reference checked, not a
+# torch.utils.weak.WeakIdKeyDictionary, whose lookup makes four Python calls on every settled call of the
+# hand-over (docs/backends.md, "Host work and the frame stack").
+_kept: dict[int, tuple] = {}
+_kept_tiles: dict[int, tuple] = {}
 
 
 # The current stream's handle without building a torch.cuda.Stream (CUDA builds of torch; Triton reads it so too)
@@ -117,41 +121,53 @@ def tile_weight(weight: Tensor, mask: Tensor, plan, gather: Callable[[Tensor], T
     return _kept_or_made(_kept_tiles, weight, mask, keep, form, (mask,), lambda: gather(weight))
 
 
-def _kept_or_made(table: WeakIdKeyDictionary, weight: Tensor, mask: Tensor, keep: bool, form, holds: tuple,
+def _kept_or_made(table: dict, weight: Tensor, mask: Tensor, keep: bool, form, holds: tuple,
                   make: Callable[[], Tensor]) -> Tensor:
     """``table``'s weight derived from ``weight`` in ``form`` while ``weight`` holds what it held when it was
     made (same storage, strides, version, mask and stream), else ``make()`` (kept where the budget allows)."""
-    budget = _budget_bytes()
+    raw = _budget_raw(_BUDGET_KEY)
+    budget = _budget[1] if raw == _budget[0] else _budget_bytes(raw)
     if not (keep and budget) or weight.is_inference() or runtime.capturing(weight):
         return make()
     state = (weight.data_ptr(), weight.stride(), weight._version, mask_key(mask), _stream(weight), form)
-    kept = table.get(weight)
-    if kept is not None:
-        if kept[0] == state:
-            return kept[1]
-        del table[weight]  # stale: its memory does not count against the budget
+    key = id(weight)
+    kept = table.get(key)
+    if kept is not None and kept[0]() is weight:
+        if kept[1] == state:
+            return kept[2]
+        del table[key]  # stale: its memory does not count against the budget
     with torch.no_grad():  # a constant of the kernels: the gradient comes back through the op's own backward
         derived = make()
-    held = sum(entry[1].nbytes for kept_table in (_kept, _kept_tiles) for entry in kept_table.values())
+    held = sum(entry[2].nbytes for kept_table in (_kept, _kept_tiles) for entry in kept_table.values())
     if held + derived.nbytes <= budget:
-        table[weight] = (state, derived, holds)
+        table[key] = (weakref.ref(weight, _forgetter(table, key)), state, derived, holds)
     return derived
 
 
-_budget = ("256", 256 << 20)  # the variable's last value read and its bytes: parsed once per value
+def _forgetter(table: dict, key: int) -> Callable[[weakref.ref], None]:
+    """The callback that drops ``table[key]`` when its weight goes (unless the id went to another weight's entry)."""
+    def forget(reference: weakref.ref) -> None:
+        entry = table.get(key)
+        if entry is not None and entry[0] is reference:
+            del table[key]
+    return forget
 
 
-def _budget_bytes() -> int:
+_budget_raw, (_BUDGET_KEY,) = raw_lookup(("STRIPECONV_GPU_DENSE_CACHE_MB",))
+_budget = (None, 256 << 20)  # the variable's last raw value read and its bytes: parsed once per value
+
+
+def _budget_bytes(raw) -> int:
+    """The bytes ``STRIPECONV_GPU_DENSE_CACHE_MB`` allows (its raw value ``raw``; unset: 256 MB)."""
     global _budget
-    raw = getenv("STRIPECONV_GPU_DENSE_CACHE_MB", "256")
-    if raw != _budget[0]:
-        value = raw.strip() or "256"
-        try:
-            megabytes = float(value)
-        except ValueError:
-            raise ValueError(f"STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes (0 turns the cache off), "
-                             f"got {value!r}") from None
-        _budget = (raw, max(0, int(megabytes * (1 << 20))))
+    text = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+    value = (text or "").strip() or "256"
+    try:
+        megabytes = float(value)
+    except ValueError:
+        raise ValueError(f"STRIPECONV_GPU_DENSE_CACHE_MB must be a number of megabytes (0 turns the cache off), "
+                         f"got {value!r}") from None
+    _budget = (raw, max(0, int(megabytes * (1 << 20))))
     return _budget[1]
 
 

@@ -64,8 +64,8 @@ class CompiledLaunch:
     def __call__(self, tensors: tuple) -> bool:
         """Launch with ``tensors`` in place of the recorded leading tensors; False (nothing launched)
         where Triton's own launch path must run instead."""
-        # Checked inline, without Python calls: every one on a settled launch is host work that may cost
-        # the interpreter a fresh chunk of its frame stack (docs/backends.md, "Host work").
+        # Checked inline, without Python calls: each one on a settled launch may cost the interpreter a
+        # fresh chunk of its frame stack (docs/backends.md, "Host work and the frame stack").
         hooks = self._hooks
         enter, leave = hooks.launch_enter_hook, hooks.launch_exit_hook
         # a hook does something unless it is None or an empty chain (triton >= 3.6 keeps a chain of hooks)

@@ -8,7 +8,7 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -132,13 +132,13 @@ def tf32_matmul() -> bool:
     return bool(matmul.allow_tf32)
 
 
-# torch.cuda.is_current_stream_capturing() without its Python call (CUDA builds of torch)
-_stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+# torch.cuda.is_current_stream_capturing(), without its Python call where torch is a CUDA build
+stream_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None) or torch.cuda.is_current_stream_capturing
 
 
 def capturing(tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is a CUDA tensor and the current CUDA stream is being captured into a graph."""
-    return tensor.is_cuda and (_stream_capturing or torch.cuda.is_current_stream_capturing)()
+    return tensor.is_cuda and stream_capturing()
 
 
 @contextlib.contextmanager
@@ -162,6 +162,15 @@ def dense_precision(dtype: torch.dtype):
         yield
     finally:
         torch._C._set_cudnn_allow_tf32(old)
+
+
+def at_dense_precision(dtype: torch.dtype, fn: Callable, *args):
+    """``fn(*args)`` under :func:`dense_precision` for ``dtype``, entered only for fp32: a context manager costs
+    a settled call a handful of Python calls (docs/backends.md, "Host work and the frame stack")."""
+    if dtype != torch.float32:
+        return fn(*args)
+    with dense_precision(dtype):
+        return fn(*args)
 
 
 def precision(dtype: torch.dtype):
@@ -250,7 +259,8 @@ class TunedLaunch:
             if device.type == "cuda" and device.index != torch.cuda.current_device():
                 with torch.cuda.device(device):
                     return self._launch(tensors)
-        # A settled launch calls the compiled kernel from here, one Python call deep (docs/backends.md, "Host work")
+        # A settled launch calls the compiled kernel from here, one Python call deep
+        # (docs/backends.md, "Host work and the frame stack")
         fast = self._fast
         if fast and self._direct[0] is getattr(_kernels, self.name) and fast(tensors):
             return None

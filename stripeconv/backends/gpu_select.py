@@ -135,7 +135,7 @@ def settings() -> tuple:
     :func:`mode`, :func:`excluded`, :func:`every_candidate`, :func:`deterministic`,
     ``STRIPECONV_TRITON_BLOCK_N`` and :func:`generation`. Where the values are unchanged it calls no
     Python function: each Python call of a settled call may cost the interpreter a fresh chunk of
-    its frame stack (docs/backends.md, "Host work")."""
+    its frame stack (docs/backends.md, "Host work and the frame stack")."""
     raw = (*map(_raw_get, _raw_keys), _deterministic_flag())
     parsed = _parsed_settings.get(raw)
     if parsed is None:

@@ -118,8 +118,8 @@ def _dense_launcher(mask: Tensor, stride, padding, dilation, groups: int, device
     ``keep=False`` scattered on every call, as a CUDA graph replays it)."""
     def launch(input, weight, bias):
         w_dense = _dense_weight(weight, mask, device, keep, output_memory_format(input))
-        with runtime.dense_precision(input.dtype):
-            return F.conv2d(input, w_dense, bias, stride, (padding[0], padding[2]), dilation, groups)
+        return runtime.at_dense_precision(input.dtype, F.conv2d, input, w_dense, bias, stride,
+                                          (padding[0], padding[2]), dilation, groups)
     return launch
 
 
@@ -142,9 +142,9 @@ def clear_cache() -> None:
 
 def _call_key(op: str, mask: Tensor, tensors: tuple, extra: tuple) -> tuple:
     # A settled call makes few Python calls, in small frames: each may cost the interpreter a fresh chunk of
-    # its frame stack (docs/backends.md, "Host work"). So the key calls nothing but gpu_select.settings(), and
-    # its tensors' part is a loop, not a comprehension (a call of its own before Python 3.12). The TF32 setting
-    # changes only fp32 launches.
+    # its frame stack (docs/backends.md, "Host work and the frame stack"). So the key calls nothing but
+    # gpu_select.settings(), and its tensors' part is a loop, not a comprehension (a call of its own before
+    # Python 3.12). The TF32 setting changes only fp32 launches.
     key = [op]
     for t in tensors:
         key.append((t.shape, t.stride(), t.dtype, t.device))
@@ -337,9 +337,8 @@ def _first_grad_input(key: tuple, grad_output: Tensor, weight: Tensor, mask: Ten
     if _symmetric(padding) and grad_output.numel() and math.prod(input_shape):
         def dense(grad_output, weight, keep=True):
             w_dense = _dense_weight(weight, mask, device, keep, output_memory_format(grad_output))
-            with runtime.dense_precision(grad_output.dtype):
-                dx = conv2d_grad_input(input_shape, w_dense, grad_output, stride, (padding[0], padding[2]), dilation,
-                                       groups)
+            dx = runtime.at_dense_precision(grad_output.dtype, conv2d_grad_input, input_shape, w_dense, grad_output,
+                                            stride, (padding[0], padding[2]), dilation, groups)
             return dx.contiguous(memory_format=output_memory_format(grad_output))
         launchers["dense"] = dense
         captured["dense"] = functools.partial(dense, keep=False)
@@ -397,9 +396,9 @@ def _first_grad_weight(key: tuple, grad_output: Tensor, input: Tensor, weight: T
         gather = cached_plan("dense", mask, 1, 0, device).gather  # the kept rows of the dense gradient (per mask)
 
         def dense(grad_output, input, weight):
-            with runtime.dense_precision(input.dtype):
-                dw = torch.nn.grad.conv2d_weight(input, (n, weight.shape[1], kh, kw), grad_output, stride,
-                                                 (padding[0], padding[2]), dilation, groups)
+            dw = runtime.at_dense_precision(input.dtype, torch.nn.grad.conv2d_weight, input,
+                                            (n, weight.shape[1], kh, kw), grad_output, stride,
+                                            (padding[0], padding[2]), dilation, groups)
             return dw.permute(0, 2, 3, 1).reshape(-1, weight.shape[1]).index_select(0, gather).to(weight.dtype)
         launchers["dense"] = dense
     select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding), tuple(dilation),
