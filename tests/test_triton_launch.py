@@ -86,6 +86,32 @@ def test_settled_launch_hands_the_launcher_what_triton_does(tb, stub):
     assert calls[-2][9] is tensors[0] and calls[-2][10] is tensors[1]
 
 
+def test_a_kernel_stood_in_for_gets_the_launches(tb, stub, monkeypatch):
+    """A settled direct launch goes to the kernel looked up at the call: where a tool stands in for it (as
+    stripeconv.kernels.aot does to record launches), the stand-in gets the launch, not the recorded kernel,
+    and the real kernel is recorded anew once it is back."""
+    _, calls = stub
+    launch = _gather_launch(tb)
+    for _ in range(3):  # compile, keep the compiled kernel, record; then launched directly
+        launch(*_gather_tensors())
+    assert launch._fast and len(calls) == 3
+    stood_in = []
+
+    class StandIn:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: stood_in.append(args)
+    kernels = type("Kernels", (), {"stripe_gather_columns_kernel": StandIn()})()
+    real = _triton_runtime._kernels
+    monkeypatch.setattr(_triton_runtime, "_kernels", kernels)
+    for _ in range(2):
+        launch(*_gather_tensors())
+    assert len(stood_in) == 2 and len(calls) == 3
+    monkeypatch.setattr(_triton_runtime, "_kernels", real)
+    for _ in range(3):
+        launch(*_gather_tensors())
+    assert len(calls) == 6 and launch._fast
+
+
 def _five_settled_forwards(tb, stub, monkeypatch, tuner, bias) -> tuple[list, list]:
     """Five forwards of one shape (deterministic mode: the stub cannot time configurations) on fresh inputs;
     the launcher's calls and the inputs. The first three go through ``tuner``'s JIT function, the rest not."""

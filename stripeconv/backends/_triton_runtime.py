@@ -283,6 +283,8 @@ class TunedLaunch:
                 self._compiled = through_jit()
             return
         args = (*tensors, *self.bound)
+        if self._fast:  # recorded for the kernel a tool has since stood in for (or that came back)
+            self._fast = None
         configs = getattr(kernel, "configs", None)
         jit = getattr(kernel, "fn", None) if configs is not None else kernel
         if self.fixed and configs:
