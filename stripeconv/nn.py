@@ -22,7 +22,6 @@ _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _IntOr2 = Union[int, tuple[int, int]]
 _FxProxy = torch.fx.Proxy  # what torch.fx.symbolic_trace passes for the input
-_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() outside TorchScript, without its Python call
 
 
 def _pair_of(name: str, value: _IntOr2, minimum: int) -> tuple[int, int]:
@@ -406,7 +405,7 @@ class StripeConv2d(nn.Module):
         except KeyError:
             weight, bias, mask, constant = self._tensors()
         compiling = torch.compiler.is_compiling()
-        key = None if compiling or _is_tracing() or not isinstance(input, Tensor) else (
+        key = None if compiling or backends._is_tracing() or not isinstance(input, Tensor) else (
             input.shape, input.dtype, input.device, weight.shape, weight.dtype, weight.device,
             None if bias is None else bias.shape, None if bias is None else bias.dtype)
         if key is None or key != self.__dict__.get("_accepted_input"):

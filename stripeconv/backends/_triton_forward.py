@@ -2,6 +2,7 @@
 signature (everything but the tensors), then ``launch(input, weight, bias)``."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -17,6 +18,14 @@ from .triton_plans import ForwardPlan, SubtilePlan
 STORE_SCATTER, STORE_RUNS, STORE_PLANES, STORE_TILES = 0, 1, 2, 3
 
 
+def _output_maker(tile_order: "Optional[TileOrder]", out_shape: tuple, memory_format) -> Callable[..., Tensor]:
+    """``make(dtype=, device=)``: what a forward launch stores into, the tile-order buffer or an output of
+    ``memory_format``; the plain output without a Python call (docs/backends.md, "Host work and the frame stack")."""
+    if tile_order:
+        return tile_order.buffer
+    return functools.partial(torch.empty, out_shape, memory_format=memory_format)
+
+
 class TileOrder:
     """A channels_last output stored in tile order (``STORE_TILES``: ``ncol`` columns, each tile's filters
     one run), then put in channel order by one gather launch (``order_cols``: each channel's column), whose
@@ -29,8 +38,8 @@ class TileOrder:
         self.gather = runtime.column_gather(
             order_cols, self.meta, shapes.needs_int64(self.meta, torch.empty(out_shape, device="meta")))
 
-    def buffer(self, like: Tensor) -> Tensor:
-        return torch.empty(self.meta.shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    def buffer(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        return torch.empty(self.meta.shape, dtype=dtype, device=device, memory_format=torch.channels_last)
 
     def in_channel_order(self, buffer: Tensor) -> Tensor:
         out = torch.empty(self.out_shape, dtype=buffer.dtype, device=buffer.device,
@@ -133,11 +142,11 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     # [M, tiles * BLOCK_N] per split, and a count per output tile at the smallest pixel block (32).
     acc_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     workspace, counts = split_k * m * plan.num_tiles * bn, shapes.cdiv(m, 32) * plan.num_tiles
+    new_output = _output_maker(tile_order, out_shape, kernel_format)
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = (tile_order.buffer(input) if tile_order else  # (no Python call on the plain path: see TunedLaunch)
-               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=kernel_format))
+        out = new_output(dtype=input.dtype, device=input.device)
         if split_k > 1:
             ws = torch.empty(workspace, dtype=acc_dtype, device=input.device)
             count = torch.zeros(counts, dtype=torch.int32, device=input.device)
@@ -183,11 +192,11 @@ def subtile_launcher(plan: SubtilePlan, input: Tensor, weight: Tensor, bias: Opt
     kernel = runtime.TunedLaunch("stripe_fwd_sub_kernel",
                                  lambda meta: (shapes.cdiv(m, meta["BLOCK_M"]) * plan.num_tiles,), constants,
                                  fixed=gpu_select.deterministic(), bound=(*tables, *scalars))
+    new_output = _output_maker(tile_order, out_shape, out_format)
 
     def launch(input, weight, bias):
         x = input.contiguous(memory_format=torch.channels_last) if copy_input else input
-        out = (tile_order.buffer(input) if tile_order else
-               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=out_format))
+        out = new_output(dtype=input.dtype, device=input.device)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         kernel(x, weight.contiguous(), out if bias is None else bias.contiguous(), out)
         return tile_order.in_channel_order(out) if tile_order else out
@@ -240,14 +249,14 @@ def tma_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optiona
     descriptor = runtime.tensor_descriptor()
     s0, _, s2, s3 = shapes.channels_last_strides(input.shape)
     x_strides = [s0, sh * s2, s2, sw * s3, 1]
+    new_output = _output_maker(tile_order, out_shape, torch.channels_last)
 
     def launch(input, weight, bias):
         x = input
         if not x.is_contiguous(memory_format=torch.channels_last) or x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # a descriptor's base is 16-byte aligned
         x_desc = descriptor(x, [b, h // sh, sh, w // sw, sw * c], x_strides, box)
-        out = (tile_order.buffer(input) if tile_order else
-               torch.empty(out_shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last))
+        out = new_output(dtype=input.dtype, device=input.device)
         # The kernel addresses packed rows as row * CG; the bias pointer is unused without a bias.
         rows = weight.contiguous() if tile_weights is None else tile_weights(weight)
         kernel(rows, x_desc, out if bias is None else bias.contiguous(), out)
