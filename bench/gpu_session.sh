@@ -12,12 +12,14 @@
 #   bash bench/gpu_session.sh batch1,resnet56
 #   bash bench/gpu_session.sh network                  # ResNet-56 latency: eager, compiled, CUDA graphs (as is, reordered;
 #                                                      # the first run also profiles 5 calls of each network)
+#   bash bench/gpu_session.sh dense-grads              # cuDNN's grad input / weight as the op's dense candidates
+#                                                      # call them against autograd's (bench/probe_dense_grads.py)
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
 # A session with 30 minutes of device time (the machine's start counts) and 10 minutes a command fits
 # three commands, the issue's targets first (random and centre-biased masks; no CUDA C++ build):
-#   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick
+#   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick dense-grads
 #   BENCH_BUDGET_S=270 BENCH_MASKS=random,realistic bash bench/gpu_session.sh vgg16 resnet50
 #   BENCH_BUDGET_S=220 BENCH_MASKS=random,realistic bash bench/gpu_session.sh batch1,resnet56 network
 # (On 2026-11-24 these took 346, 407 and 588 s of wall time, 1392 s of the lease with the starts; the third
@@ -82,6 +84,10 @@ for step in "$@"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     quick)
       "$PY" bench/bench_gpu.py --quick --graphs --budget-s "$BUDGET" --out "$OUT" --tag _quick 2>&1 | tee "$OUT/bench_quick.log" | tail -60
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    dense-grads)
+      # The dense candidates' gradients against autograd's convolution_backward (~30 s)
+      "$PY" bench/probe_dense_grads.py --json "$OUT/probe_dense_grads.json" 2>&1 | tee "$OUT/probe_dense_grads.log" | tail -60
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     network)
       "$PY" bench/bench_gpu_network.py --profile 5 --budget-s "$((BUDGET / 2))" --out "$OUT" 2>&1 | tee "$OUT/bench_network.log" | tail -20
