@@ -21,6 +21,7 @@ if INTERPRET:
     SUB_FWD_CONFIGS = [_cfg(128, 4, 1)]
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
+    WGRAD_TILES_CONFIGS = WGRAD_CONFIGS
     TMA_FWD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
 else:
     # The last two depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
@@ -29,6 +30,8 @@ else:
     SUB_FWD_CONFIGS = [_cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(64, 8, 3)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
+    # The tile grad weight's last one holds accumulators that four warps cannot (wgrad_tiles_configs_for)
+    WGRAD_TILES_CONFIGS = WGRAD_CONFIGS + [_cfg(64, 8, 3)]
     # The host fixes the TMA forward's pixel rectangle (the input descriptor's box): only warps and stages vary.
     TMA_FWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((8, 3), (4, 3), (8, 4))]
 
@@ -87,16 +90,28 @@ def tma_configs_for(configs, named_args: dict, **kwargs) -> list:
 SHARED_BYTES = 227 * 1024
 
 
+# fp32 accumulator registers a thread may hold: above, sm_90 compiles of the tile grad weight spill (three
+# positions over a 128-wide tile with four warps: 192 a thread, 255 registers and spills; eight warps: 96, 167)
+ACCUMULATOR_REGISTERS = 128
+
+
 def wgrad_tiles_configs_for(configs, named_args: dict, **kwargs) -> list:
-    """The tile grad weight's configurations whose staged 16-bit operands (a [BLOCK_M, BLOCK_T] block of dy
-    and PER [BLOCK_M, BLOCK_C] blocks of x a stage) fit a block's shared memory (the early prune): three
-    positions a program over 128-wide tiles do not at BLOCK_M = 128, three stages."""
+    """The tile grad weight's configurations (the early prune) whose staged 16-bit operands (a [BLOCK_M, BLOCK_T]
+    block of dy and PER [BLOCK_M, BLOCK_C] blocks of x a stage) fit a block's shared memory (three positions a
+    program over 128-wide tiles do not at BLOCK_M = 128, three stages), and whose PER [BLOCK_C, BLOCK_T] fp32
+    accumulators fit :data:`ACCUMULATOR_REGISTERS` a thread. Eight warps over 64-pixel blocks only where four
+    do not hold the accumulators."""
     get = {**named_args, **kwargs}.get
     per, block_t, block_c = get("PER", 1), get("BLOCK_T"), get("BLOCK_C")
     if block_t is None or block_c is None:
         return list(configs)
-    kept = [c for c in configs
-            if c.num_stages * c.kwargs["BLOCK_M"] * (block_t + per * block_c) * 2 <= SHARED_BYTES]
+
+    def fits(c) -> bool:
+        staged = c.num_stages * c.kwargs["BLOCK_M"] * (block_t + per * block_c) * 2
+        return staged <= SHARED_BYTES and per * block_t * block_c <= ACCUMULATOR_REGISTERS * 32 * c.num_warps
+    kept = [c for c in configs if fits(c)]
+    if any(c.kwargs["BLOCK_M"] == 64 and c.num_warps == 4 for c in kept):
+        kept = [c for c in kept if not (c.kwargs["BLOCK_M"] == 64 and c.num_warps == 8)]
     return kept or list(configs)
 
 

@@ -8,7 +8,8 @@ import triton.language as tl
 from ._indexing import _inside, _pixel_coords, _pixel_step
 from ._tma_boxes import _rectangle
 from ._tuning import (
-    TMA_FWD_CONFIGS, TMA_WGRAD_KEY, UNSPECIALISED, WGRAD_CONFIGS, WGRAD_TILES_KEY, _TUNE_EXTRAS, wgrad_tiles_configs_for,
+    TMA_FWD_CONFIGS, TMA_WGRAD_KEY, UNSPECIALISED, WGRAD_TILES_CONFIGS, WGRAD_TILES_KEY, _TUNE_EXTRAS,
+    wgrad_tiles_configs_for,
 )
 
 
@@ -33,7 +34,7 @@ def _wgrad_x_tile(x_ptr, x_ch, c_ok, x_pix, hi, wi, ok, H, W, sxh, sxw, INT64_IN
                    other=0.0)
 
 
-@triton.autotune(configs=WGRAD_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"],
+@triton.autotune(configs=WGRAD_TILES_CONFIGS, key=WGRAD_TILES_KEY, reset_to_zero=["dw_ptr"],
                  prune_configs_by={"early_config_prune": wgrad_tiles_configs_for}, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_wgrad_tiles_kernel(

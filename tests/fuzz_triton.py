@@ -282,12 +282,16 @@ def main(argv=None) -> int:
     sys.path.insert(0, HERE)
     from test_triton import _fix_interpreter_bf16_dot
 
-    no_bf16 = _fix_interpreter_bf16_dot()
+    from stripeconv.backends import triton_backend
+
+    available, unavailable = triton_backend.is_available()  # e.g. an interpreter that cannot run the kernels
+    no_bf16 = _fix_interpreter_bf16_dot() if available else ""
     failed = 0
     for seed in seeds(args.seeds):
         g = geometry(seed)
-        if no_bf16 and g["dtype"] == torch.bfloat16:
-            print(json.dumps({"seed": seed, "skipped": no_bf16}) if args.json else f"{describe(g)}: skipped ({no_bf16})",
+        skip = unavailable if not available else (no_bf16 if g["dtype"] == torch.bfloat16 else "")
+        if skip:
+            print(json.dumps({"seed": seed, "skipped": skip}) if args.json else f"{describe(g)}: skipped ({skip})",
                   flush=True)
             continue
         start = time.perf_counter()

@@ -21,8 +21,9 @@ def _run(tmp_path, *options) -> dict:
     env.pop("STRIPECONV_BACKEND", None)
     env.pop("TRITON_INTERPRET", None)  # the script switches it on itself unless --triton-launch
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-    if "cannot load its kernels" in proc.stderr + proc.stdout:
-        pytest.skip(f"this triton's interpreter cannot load the kernels: {proc.stderr.strip()}")
+    said = proc.stderr + proc.stdout
+    if "cannot load its kernels" in said or "backend 'triton' is not available" in said:
+        pytest.skip(f"this triton's interpreter cannot run the kernels: {proc.stderr.strip()[-500:]}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return json.loads(out.read_text())
 

@@ -257,6 +257,12 @@ CASES = dict([
           dy_in_place=True),
     _case("wgrad_pos3_bf16_empty_filters", pick="wgrad_pos3", dtype="bfloat16", empty_filters=12, N=48,
           density=0.5, channels_last=True),
+    # The same over the forward's widest tiles where they compute as much (128 filters: 64- and 128-wide tiles,
+    # the backward's narrower; block_n 0 leaves the widths to the backend)
+    _case("wgrad_wide_pos3", pick="wgrad_wide_pos3", block_n=0, density=1.0, N=128, H=5, W=5, channels_last=True,
+          dy_in_place=True),
+    _case("wgrad_wide_pos3_s2_asym_bf16", pick="wgrad_wide_pos3", block_n=0, density=0.9, N=128, H=8, W=7,
+          stride=(2, 2), padding=(1, 0, 2, 1), dtype="bfloat16", bias=False, channels_last=True, dy_in_place=True),
     # By position: one kernel position per entry and the tiles whose unions hold it side by side (grad weight
     # loads x's tile once for them, grad input takes one product over them; padding columns of a partial
     # entry multiply and are not stored). Grad input's entries per output phase (strides 2 and 3).
@@ -452,6 +458,7 @@ PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "
          "tiles_runs": {"dgrad": "tiles_runs", "wgrad": "tiles_runs"},
          "tiles_runs_tma": {"dgrad": "tiles_runs_tma", "wgrad": "tiles_runs_tma"},
          "wgrad_pos3": {"dgrad": "tiles", "wgrad": "tiles_pos3"},
+         "wgrad_wide_pos3": {"dgrad": "tiles", "wgrad": "tiles_wide_pos3"},
          "tiles_runs_pos3": {"dgrad": "tiles_runs", "wgrad": "tiles_runs_pos3"},
          "wgrad_bypos": {"dgrad": "tiles", "wgrad": "tiles_bypos"},
          "dgrad_bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles"},
@@ -558,7 +565,10 @@ def run_case(name: str, device: str) -> str:
     w64 = pack_weight(dense, mask_cpu).contiguous()
     old_env = {k: os.environ.get(k) for k in ("STRIPECONV_TRITON_BLOCK_N", "STRIPECONV_DETERMINISTIC",
                                               "STRIPECONV_GPU_DENSE")}
-    os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
+    if c["block_n"]:
+        os.environ["STRIPECONV_TRITON_BLOCK_N"] = str(c["block_n"])
+    else:  # the backend's own widths (several, e.g. 64 and 128 for 128 filters)
+        os.environ.pop("STRIPECONV_TRITON_BLOCK_N", None)
     os.environ["STRIPECONV_GPU_DENSE"] = c["dense"]
     os.environ["STRIPECONV_DETERMINISTIC"] = "1" if c["deterministic"] else "0"
     needs_int64 = _triton_shapes.needs_int64

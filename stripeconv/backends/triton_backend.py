@@ -55,7 +55,7 @@ from . import _dense_weights, _triton_runtime as runtime, _triton_shapes as shap
 from ._dense_weights import dense_weight as _dense_weight, tile_weight
 from ._triton_backward import grad_input_launcher, grad_weight_launcher
 from ._triton_backward_tiles import (
-    backward_tiles, backward_tiles_in_place, forget_gathered, grad_input_tiles_launcher,
+    backward_tiles, backward_tiles_in_place, backward_tiles_wide, forget_gathered, grad_input_tiles_launcher,
     grad_input_tiles_tma_launcher, grad_weight_tiles_launcher, grad_weight_tiles_tma_launcher, tiles_signature,
     tma_dy_offered, tma_wgrad_offered,
 )
@@ -391,6 +391,14 @@ def _first_grad_weight(key: tuple, grad_output: Tensor, input: Tensor, weight: T
             if tma_wgrad_offered(plan, grad_output, input, weight, stride, groups):
                 launchers[f"stripe_tiles{suffix}_tma"] = grad_weight_tiles_tma_launcher(
                     plan, grad_output, input, weight, stride, padding, dilation)
+    wide = backward_tiles_wide(tiles, mask, groups, stride, padding, dilation, device)
+    if wide is runs or deterministic or not (grad_output.numel() and input.numel()):
+        wide = None
+    if wide is not None and wide.num_runs < wide.num_all:
+        # The widest tiles and dy loaded once for up to 3 positions: the fewest reads of dy and x a product
+        # (backward_tiles_wide; one tile wide, the by-position entries read x as seldom, dy no less)
+        launchers[f"stripe_tiles_wide_pos{WGRAD_PER}"] = grad_weight_tiles_launcher(
+            wide, grad_output, input, weight, stride, padding, dilation, per=WGRAD_PER)
     if _symmetric(padding) and weight.shape[0] and grad_output.numel() and input.numel():
         n, kh, kw = mask.shape
         gather = cached_plan("dense", mask, 1, 0, device).gather  # the kept rows of the dense gradient (per mask)
@@ -403,5 +411,5 @@ def _first_grad_weight(key: tuple, grad_output: Tensor, input: Tensor, weight: T
         launchers["dense"] = dense
     select_key = _select_key("wgrad", grad_output, input, weight, extra=(tuple(stride), tuple(padding), tuple(dilation),
                                                                          groups, deterministic,
-                                                                         tiles_signature(tiles, runs)))
+                                                                         tiles_signature(tiles, runs, wide)))
     return _run_chosen(key, mask, launchers, select_key, (grad_output, input, weight), device)
