@@ -20,26 +20,13 @@ import sys
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_gpu import _graph_bench  # noqa: E402
+
 # (name, batch, channels in, channels out, image size, kernel, stride, padding), bf16, channels_last
 LAYERS = [("vgg.conv1_2", 256, 64, 64, 32, 3, 1, 1), ("vgg.conv2_2", 256, 128, 128, 16, 3, 1, 1),
           ("r50.layer1", 64, 64, 64, 56, 3, 1, 1), ("r50.layer3", 64, 256, 256, 14, 3, 1, 1),
           ("vgg.conv4_x", 256, 512, 512, 4, 3, 1, 1)]
-
-
-def graph_ms(fn) -> float:
-    """Median replay time of ``fn`` captured in a CUDA graph (``do_bench`` empties the L2 before each)."""
-    import triton.testing
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=40)
 
 
 def kernels(fn, calls: int = 5) -> list[tuple[str, float]]:
@@ -90,7 +77,7 @@ def probe_layer(layer: tuple) -> dict:
     out = {"layer": name, "shape": [b, c, n, hw, k, s, p], "variants": {}}
     for label, fn in variants.items():
         cold = gpu_select._time_ms(fn, repeats=9)
-        replay = graph_ms(fn)
+        replay = _graph_bench(fn).get("graph_ms", float("nan"))
         result = fn()
         result = result[0] if isinstance(result, tuple) else result
         fmt = "channels_last" if result is not None and result.dim() == 4 and \
