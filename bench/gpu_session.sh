@@ -19,8 +19,8 @@
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
 # A session with 30 minutes of device time (the machine's start counts) and 10 minutes a command fits
 # three commands, the targets first (random and centre-biased masks; no CUDA C++ build):
-#   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick dense-grads
-#   BENCH_BUDGET_S=270 BENCH_MASKS=random,realistic bash bench/gpu_session.sh vgg16 resnet50
+#   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick
+#   BENCH_BUDGET_S=270 BENCH_MASKS=random,realistic bash bench/gpu_session.sh dense-grads vgg16 resnet50
 #   BENCH_BUDGET_S=220 BENCH_MASKS=random,realistic bash bench/gpu_session.sh batch1,resnet56 network
 # (On 2026-11-24 these took 346, 407 and 588 s of wall time, 1392 s of the lease with the starts; the third
 # step's budget is 220 s since.)
