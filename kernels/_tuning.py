@@ -24,8 +24,10 @@ if INTERPRET:
     WGRAD_TILES_CONFIGS = WGRAD_CONFIGS
     TMA_FWD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
 else:
-    # The last two depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many, 32 for few.
-    FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4)]
+    # The last two of the staged ones depend on the pixel count (fwd_configs_for): BLOCK_M = 256 for many,
+    # 32 for few. One stage (the input through L1, no asynchronous copies) only for the channel-major loop.
+    FWD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(256, 8, 3), _cfg(32, 4, 4),
+                   _cfg(128, 4, 1), _cfg(128, 8, 1), _cfg(64, 4, 1)]
     # SUB subtiles hold SUB * BLOCK_N <= 128 accumulator columns: a 128-wide tile's registers
     SUB_FWD_CONFIGS = [_cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(64, 8, 3)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
@@ -43,7 +45,7 @@ else:
 # another (an OutOfResources raised outside the tuner, where nothing catches it).
 TUNE_KEY = ["KEY_M", "KEY_C", "KEY_N", "KEY_DENSITY", "KEY_CONV"]
 _PATH_KEY = ["USE_DOT", "INPUT_PRECISION", "INT64_INDEX"]
-FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SPLIT_K"]
+FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SPLIT_K", "CHANNEL_MAJOR"]
 SUB_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_K", "STORE", "SUB"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
@@ -69,13 +71,18 @@ SMALL_M = 4096
 
 
 def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
-    """The forward's configurations worth timing for a launch's pixel count (``KEY_M``, a power of two):
-    BLOCK_M = 32 up to :data:`SMALL_M` pixels, BLOCK_M = 256 above (the autotuner's early prune)."""
-    m = kwargs.get("KEY_M", named_args.get("KEY_M"))
+    """The forward's configurations worth timing for a launch (the autotuner's early prune): for the
+    channel-major loop (``CHANNEL_MAJOR``) the one-stage ones, whose input loads go through L1 (Triton
+    stages copies with cp.async.cg, which bypasses it), and the staged ones otherwise; of those, by the
+    pixel count (``KEY_M``, a power of two), BLOCK_M = 32 up to :data:`SMALL_M` pixels, BLOCK_M = 256 above."""
+    get = {**named_args, **kwargs}.get
+    m = get("KEY_M")
     if m is None or len(configs) == 1:
         return list(configs)
+    if get("CHANNEL_MAJOR"):
+        return [c for c in configs if c.num_stages == 1]
     small = m <= SMALL_M
-    return [c for c in configs if c.kwargs["BLOCK_M"] != (256 if small else 32)]
+    return [c for c in configs if c.num_stages > 1 and c.kwargs["BLOCK_M"] != (256 if small else 32)]
 
 
 def tma_configs_for(configs, named_args: dict, **kwargs) -> list:

@@ -35,14 +35,22 @@ def _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, u, offs_n, NPOS: tl.constexpr,
 
 
 @triton.jit
-def _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG, offs_n, NPOS: tl.constexpr,
-                    ROW_RUNS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, npos, CG, offs_n, NPOS: tl.constexpr,
+                    ROW_RUNS: tl.constexpr, BLOCK_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr):
     """The next iteration's union entry and channel block (counters: no division) and its table values
-    (:func:`_fwd_tables`; past the union's end, the last entry's, unused)."""
-    c0_next = c0 + BLOCK_K
-    wrap = c0_next >= CG
-    u_next = tl.where(wrap, u + 1, u)
-    c0_next = tl.where(wrap, 0, c0_next)
+    (:func:`_fwd_tables`; past the union's end, the last entry's, unused). Position-major order: every
+    channel block of an entry, then the next entry; CHANNEL_MAJOR: every entry of a channel block, then
+    the next block."""
+    if CHANNEL_MAJOR:
+        u_next = u + 1
+        wrap = u_next >= npos
+        u_next = tl.where(wrap, 0, u_next)
+        c0_next = tl.where(wrap, c0 + BLOCK_K, c0)
+    else:
+        c0_next = c0 + BLOCK_K
+        wrap = c0_next >= CG
+        u_next = tl.where(wrap, u + 1, u)
+        c0_next = tl.where(wrap, 0, c0_next)
     p_next, rows_next = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u_next, last_u), offs_n, NPOS,
                                     ROW_RUNS)
     return u_next, c0_next, p_next, rows_next
@@ -110,7 +118,7 @@ def stripe_fwd_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, INT64_INDEX: tl.constexpr, STORE: tl.constexpr,
-    NPOS: tl.constexpr, ROW_RUNS: tl.constexpr, SPLIT_K: tl.constexpr,
+    NPOS: tl.constexpr, ROW_RUNS: tl.constexpr, SPLIT_K: tl.constexpr, CHANNEL_MAJOR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -157,22 +165,28 @@ def stripe_fwd_kernel(
         # every staged copy in each iteration (cp.async.wait_group 0: one stage in flight whatever
         # num_stages asks for).
         last_u = tl.maximum(npos - 1, 0)
-        u = it_begin // KC
-        c0 = (it_begin - u * KC) * BLOCK_K
+        if CHANNEL_MAJOR:
+            cb = it_begin // tl.maximum(npos, 1)
+            u = it_begin - cb * npos
+            c0 = cb * BLOCK_K
+        else:
+            u = it_begin // KC
+            c0 = (it_begin - u * KC) * BLOCK_K
         p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, tl.minimum(u, last_u), offs_n, NPOS, ROW_RUNS)
         for it in range(it_begin, it_end):
-            u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG,
-                                                                 offs_n, NPOS, ROW_RUNS, BLOCK_K)
+            u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, npos,
+                                                                 CG, offs_n, NPOS, ROW_RUNS, BLOCK_K, CHANNEL_MAJOR)
             i = p // KW
             j = p - i * KW
             ok = _inside(h_in + i * DH, H, INT64_INDEX) & _inside(w_base + j * DW, W, INT64_INDEX)
             x_off = (x_base + (i * DH * sxh + j * DW * sxw))[:, None] + (c0 * sxc + x_cols)[None, :]
             if INT64_INDEX:
                 rows = rows.to(tl.int64)
-            if EVEN_K:
-                xt = tl.load(x_ptr + x_off, mask=ok[:, None], other=0.0)
+            x_ok = ok[:, None] if EVEN_K else ok[:, None] & (c0 + offs_k < CG)[None, :]
+            if CHANNEL_MAJOR:  # kept in L1 for the next entries' shifted windows of the same channels
+                xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0, cache_modifier=".ca")
             else:
-                xt = tl.load(x_ptr + x_off, mask=ok[:, None] & (c0 + offs_k < CG)[None, :], other=0.0)
+                xt = tl.load(x_ptr + x_off, mask=x_ok, other=0.0)
             wt = _fwd_weight_tile(w_ptr, w_block, rows, c0, offs_k, offs_n, CG, EVEN_K, ROW_RUNS)
             u, c0, p, rows = u_next, c0_next, p_next, rows_next
             acc = tl.dot(xt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)

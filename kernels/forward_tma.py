@@ -42,8 +42,8 @@ def stripe_fwd_tma_kernel(
     c0 = 0
     p, rows = _fwd_tables(tile_pos_ptr, rows_tile, t, UMAX, 0, offs_n, NPOS, ROW_RUNS)
     for it in range(0, npos * KC):  # union entry u, channel block c0: counters, tables one ahead
-        u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, CG,
-                                                             offs_n, NPOS, ROW_RUNS, BLOCK_K)
+        u_next, c0_next, p_next, rows_next = _fwd_next_entry(tile_pos_ptr, rows_tile, t, UMAX, u, c0, last_u, npos,
+                                                             CG, offs_n, NPOS, ROW_RUNS, BLOCK_K, False)
         i = p // KW
         off_h = i * DH - PT  # the input pixel of output pixel (ho, wo) is (SH * ho + off_h, SW * wo + off_w)
         off_w = (p - i * KW) * DW - PL

@@ -54,11 +54,17 @@ def test_plan_holds_every_tile_width_and_configuration_once(precompile):
     assert len(widths) > 1
     assert {job.kwargs["BLOCK_N"] for job in by_kernel["stripe_fwd_kernel"]} == widths
     # each way of storing a tile (vector runs, scatter, NCHW planes), of reading its weights (row table or
-    # tile-major) and the split-K candidate (few pixels) is its own variant of a width
-    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"], job.kwargs["SPLIT_K"], job.kwargs["ROW_RUNS"])
-                for job in by_kernel["stripe_fwd_kernel"]}
-    # (the forward's tuner times one of its two pixel-count-specific configurations: BLOCK_M 32 or 256)
-    assert len(by_kernel["stripe_fwd_kernel"]) == len(variants) * (len(kernels.stripe_fwd_kernel.configs) - 1)
+    # tile-major), the split-K candidate (few pixels) and the channel-major loop is its own variant of a width
+    variants = {(job.kwargs["BLOCK_N"], job.kwargs["STORE"], job.kwargs["SPLIT_K"], job.kwargs["ROW_RUNS"],
+                 job.kwargs["CHANNEL_MAJOR"]) for job in by_kernel["stripe_fwd_kernel"]}
+    channel_major = sum(variant[-1] for variant in variants)
+    assert channel_major
+    # (the forward's tuner times the one-stage configurations for the channel-major loop, the staged ones
+    # otherwise, and of those one of the two pixel-count-specific ones: BLOCK_M 32 or 256)
+    configs = kernels.stripe_fwd_kernel.configs
+    one_stage = sum(c.num_stages == 1 for c in configs)
+    assert len(by_kernel["stripe_fwd_kernel"]) == (channel_major * one_stage
+                                                   + (len(variants) - channel_major) * (len(configs) - one_stage - 1))
     # the subtile forward of every width whose tiles it groups, under each of its configurations
     grouped = {(plan.block_n, tb.subtile_count(plan, 1)) for plan in tb.forward_plans(mask, 1, torch.device("cpu"))
                if tb.subtile_count(plan, 1) > 1}

@@ -206,6 +206,14 @@ CASES = dict([
     _case("gathered_bf16_empty_filters", channels_last=True, pick="_gathered", dtype="bfloat16", empty_filters=10,
           N=40, density=0.3),
     _case("gathered_settled", channels_last=True, pick="_gathered", warm_call=True, N=48, density=0.4),
+    # Channel-major loop (the input through L1): every union entry of a channel block, then the next block.
+    # More than 64 channels a group, so that there are several blocks (the loop order shows).
+    _case("through_l1_nchw_s2_two_blocks", pick="_l1", B=1, C=80, N=32, stride=(2, 2), H=6, W=7),
+    _case("through_l1_aligned_groups_int64", mask_blocks=8, channels_last=True, pick="_aligned_l1", B=1, C=160, N=32,
+          groups=2, int64=True, H=5, W=5),
+    _case("through_l1_gathered_bf16_dil_asym", channels_last=True, pick="_gathered_l1", dtype="bfloat16", B=1, C=136,
+          N=40, dilation=(2, 1), padding=(2, 1, 0, 2), stride=(1, 2), density=0.3, empty_filters=6, H=7, W=8),
+    _case("through_l1_density1_settled", pick="_l1", warm_call=True, density=1.0, B=1, C=128, N=16, H=5, W=5),
     # The tile-major weight: the packed rows gathered once into the plan's tile order (zeros for the filters of
     # a tile that do not keep a position), read a block of rows per (tile, position), kept per weight version.
     _case("tile_major_weights", channels_last=True, pick="_wtiles", N=48, density=0.4, stride=(2, 2), H=8, W=9),

@@ -882,7 +882,8 @@ def test_forward_times_small_pixel_blocks_only_for_few_pixels():
         tuner = launch.kernel
         tuner.nargs = dict(zip(tuner.arg_names, launch.args))
         timed = [c.kwargs["BLOCK_M"] for c in tuner.prune_configs(dict(launch.kwargs))]
-        assert kept in timed and dropped not in timed and len(timed) == len(tuner.configs) - 1, (label, timed)
+        staged = sum(c.num_stages > 1 for c in tuner.configs)  # (the one-stage ones: the channel-major loop's)
+        assert kept in timed and dropped not in timed and len(timed) == staged - 1, (label, timed)
         assert [c.kwargs["BLOCK_M"] for c in aot.tuned_configs(launch)] == timed
 
 
@@ -1168,11 +1169,18 @@ def test_tile_order_stores_are_offered_for_scattered_columns_and_compile_to_vect
     assert {launch.name for launch in tiled} == {"stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel"}
     assert "stripe_gather_columns_kernel" in {launch.name for launch in every}
     # as many tile-order forwards reading the row table as scattering ones (STORE 0; no split-K or balanced tiles
-    # for 4096 pixels), and as many again reading the tile-major weight (plain and TMA forwards)
-    by_rows = [launch for launch in tiled if not launch.kwargs.get("ROW_RUNS")]
+    # for 4096 pixels), and as many again reading the tile-major weight (plain and TMA forwards), and one
+    # channel-major loop a plain scattering one that multiplies on tensor cores
+    channel_major = [launch for launch in tiled if launch.kwargs.get("CHANNEL_MAJOR")]
+    assert len(channel_major) == len([launch for launch in every if launch.name == "stripe_fwd_kernel"
+                                      and launch.kwargs["STORE"] == 0 and launch.kwargs["SPLIT_K"] == 1
+                                      and launch.kwargs["USE_DOT"]])
+    by_rows = [launch for launch in tiled
+               if not launch.kwargs.get("ROW_RUNS") and not launch.kwargs.get("CHANNEL_MAJOR")]
     assert len(by_rows) == len([launch for launch in every if launch.kwargs.get("STORE") == 0
                                 and launch.kwargs.get("SPLIT_K", 1) == 1])
-    assert len(tiled) - len(by_rows) == len([launch for launch in by_rows if launch.name != "stripe_fwd_sub_kernel"])
+    assert len(tiled) - len(by_rows) - len(channel_major) == len([launch for launch in by_rows
+                                                                  if launch.name != "stripe_fwd_sub_kernel"])
     for launch in (next(launch for launch in tiled if launch.name == name) for name in
                    ("stripe_fwd_kernel", "stripe_fwd_sub_kernel", "stripe_fwd_tma_kernel")):
         scattering = next(other for other in every if other.name == launch.name and other.kwargs.get("STORE") == 0
@@ -1206,3 +1214,44 @@ def test_tile_grad_weight_times_only_configurations_that_fit_shared_memory_and_r
     assert kept(PER=3, BLOCK_T=128) == [(64, 8, 3)]
     for m, warps, stages in kept(PER=3, BLOCK_T=128):
         assert m * stages * (128 + 3 * 64) * 2 <= 227 * 1024 and 3 * 128 * 64 <= 128 * 32 * warps
+
+
+def test_forward_times_one_stage_configurations_for_the_channel_major_loop_alone():
+    """The channel-major forward (``_l1`` candidates) reads the input through L1, which Triton's staged copies
+    (cp.async.cg) bypass: its tuner times the one-stage configurations, every other forward launch the staged
+    ones, of which BLOCK_M = 32 only for few pixels and BLOCK_M = 256 only for many."""
+    from stripeconv.kernels import _tuning
+
+    if len(_tuning.FWD_CONFIGS) == 1:
+        pytest.skip("TRITON_INTERPRET=1 in this process: one configuration, nothing to prune")
+
+    def kept(**kwargs):
+        return [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in
+                _tuning.fwd_configs_for(_tuning.FWD_CONFIGS, {}, **kwargs)]
+    for m in (1024, 1 << 20):
+        one_stage = kept(KEY_M=m, CHANNEL_MAJOR=True)
+        assert one_stage and all(stages == 1 for _, _, stages in one_stage)
+        staged = kept(KEY_M=m, CHANNEL_MAJOR=False)
+        assert staged and all(stages > 1 for _, _, stages in staged)
+        assert {block_m for block_m, _, _ in staged} & {32, 256} == ({32} if m <= _tuning.SMALL_M else {256})
+    assert kept(KEY_M=1024) == kept(KEY_M=1024, CHANNEL_MAJOR=False)
+
+
+def test_channel_major_forward_compiles_to_cached_loads_and_tensor_cores(monkeypatch):
+    """The ``_l1`` candidates: sm_90 compiles of every one-stage configuration load the input with L1-cached
+    vector loads (no cp.async, whose 16-byte copies bypass L1) and multiply with wgmma, without spills, for an
+    aligned plan (in place) and a scattered one (tile order)."""
+    aot = _aot()
+    from stripeconv.backends import triton_backend as tb
+
+    ptx = _ptx_recorded(monkeypatch)
+    label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16)[0]
+    tb.clear_cache()
+    major = [launch for launch in aot.capture_launches(call, every_candidate=True)
+             if launch.kwargs.get("CHANNEL_MAJOR")]
+    assert {launch.kwargs["STORE"] for launch in major} == {1, 3}, label
+    for launch in major:
+        for variant in aot.compile_launch(launch, 90):
+            assert variant.config["num_stages"] == 1 and variant.tensor_cores == "wgmma", variant.row()
+            assert variant.async_copies == 0 and variant.spill_bytes == 0, variant.row()
+            assert "ld.global.ca.v4" in ptx[-1], variant.row()

@@ -84,7 +84,7 @@ def _tile_major(plan: ForwardPlan, weight: Tensor, tile_weights: Optional[Callab
 
 def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
                     dilation, out_hw, via_planes: bool = False, split_k: int = 1, gathered: bool = False,
-                    tile_weights: Optional[Callable[[Tensor], Tensor]] = None,
+                    tile_weights: Optional[Callable[[Tensor], Tensor]] = None, through_l1: bool = False,
                     ) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
     """The forward on ``plan``'s tiles for every call shaped like this one (shapes, strides, dtype,
     bias or not): all launch arguments but the tensors are worked out here, once.
@@ -97,7 +97,11 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
     the accumulator's dtype, and the last of them to finish adds them up and stores the tile (one
     launch beside zeroing the tiles' counts). With ``tile_weights`` (packed rows -> the plan's tile-major
     weight, e.g. :func:`._dense_weights.tile_weight`) the kernel reads that weight, each (tile, position) as
-    one block of rows (``ROW_RUNS``), instead of the packed rows through the row table."""
+    one block of rows (``ROW_RUNS``), instead of the packed rows through the row table. With ``through_l1`` a
+    program runs every union entry of a channel block before the next block (``CHANNEL_MAJOR``), with
+    one-stage configurations whose loads go through L1: the shifted windows of one block of input channels
+    follow each other, and all but the first find most of their pixels there, where the staged copies
+    read every window from L2 again."""
     b, c, h, w = input.shape
     n, kh, kw = plan.mask_shape
     ho, wo = out_hw
@@ -133,7 +137,7 @@ def stripe_launcher(plan: ForwardPlan, input: Tensor, weight: Tensor, bias: Opti
         HAS_BIAS=bias is not None, USE_DOT=use_dot, INPUT_PRECISION=precision, ACC_DTYPE=acc,
         EVEN_K=cg % block_k == 0, INT64_INDEX=shapes.needs_int64(x, out, torch.empty(w_shape, device="meta")),
         STORE=store, NPOS=kh * kw if plan.all_positions else 0, ROW_RUNS=use_dot and row_runs,
-        SPLIT_K=split_k, BLOCK_N=bn, BLOCK_K=block_k,
+        SPLIT_K=split_k, CHANNEL_MAJOR=through_l1, BLOCK_N=bn, BLOCK_K=block_k,
     )
     kernel = runtime.TunedLaunch("stripe_fwd_kernel",
                                  lambda meta: (shapes.cdiv(m, meta["BLOCK_M"]) * plan.num_tiles, split_k),

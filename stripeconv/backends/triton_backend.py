@@ -252,6 +252,9 @@ def _first_forward(key: tuple, input: Tensor, weight: Tensor, bias: Optional[Ten
         if tile_major:
             add_tile_major(name + ("_gathered" if scattered else ""), plan, stripe_launcher, gather,
                            gathered=scattered)
+        if plan.block_n >= 16 and plan.kept:  # the input's shifted windows through L1, with the plan's vector stores
+            launchers[name + ("_gathered" if scattered else "") + "_l1"] = stripe_launcher(
+                plan, input, weight, bias, stride, padding, dilation, (ho, wo), gathered=scattered, through_l1=True)
         if every and subtile_count(plan, groups) > 1 and (plan.block_n >= 16 or runtime.narrow_dots()):
             add_subtiles(plan)
         if tma_offered(plan, input, weight, stride, groups, b * n * ho * wo):
