@@ -75,7 +75,8 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from profile_summary import format_python_profile, python_profile_calls  # noqa: E402  (beside this script)
+# (beside this script)
+from profile_summary import format_python_profile, format_summary, profile_calls, python_profile_calls  # noqa: E402
 
 DENSITIES = (1.0, 0.7, 0.5, 0.3, 0.2, 0.1)
 _T_START = time.time()  # --budget-s counts from here: imports and the CUDA self-check take slot time too
@@ -409,6 +410,11 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                 t["python_profile"] = python_profile_calls(fn, calls=args.profile_host)
                 print(format_python_profile(t["python_profile"], title=f"  {column} {mode} python: ", rows=4),
                       flush=True)
+                if backward and not args.cpu_smoke:
+                    # An eager training step took 2-4x its graph replay in the 2026-11-24 run (the dense conv's
+                    # 1.1x): the host's time per call, its launches and anything that waits for the GPU
+                    t["device_profile"] = profile_calls(fn, calls=5, cuda=True, top=6)
+                    print(format_summary(t["device_profile"], title=f"  {column} {mode} profile: "), flush=True)
             return t
 
     modes = [("fwd", False)] + ([] if args.no_backward else [("fwd+bwd", True)])

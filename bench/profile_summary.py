@@ -19,10 +19,12 @@ from typing import Callable
 
 import torch
 
-# Events that make the host wait for the device: the CUDA runtime's synchronising calls and the
-# aten ops that read a device value on the host.
+# Events that make the host wait for the device: the CUDA runtime's synchronising calls, the aten ops
+# that read a device value on the host, and the caching allocator reaching the driver (cudaFree waits
+# for the device; a steady-state call should allocate from the cache alone).
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy ",
-            "cudaMemcpy2D ", "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "Memcpy DtoH")
+            "cudaMemcpy2D ", "aten::item", "aten::_local_scalar_dense", "aten::nonzero", "Memcpy DtoH",
+            "cudaFree", "cudaMalloc")
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
 
 
