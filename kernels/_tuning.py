@@ -20,6 +20,7 @@ if INTERPRET:
     FWD_CONFIGS = [_cfg(128, 4, 1)]
     SUB_FWD_CONFIGS = [_cfg(128, 4, 1)]
     DGRAD_CONFIGS = [_cfg(128, 4, 1)]
+    DGRAD_TILES_CONFIGS = DGRAD_CONFIGS
     WGRAD_CONFIGS = [_cfg(128, 4, 1)]
     WGRAD_TILES_CONFIGS = WGRAD_CONFIGS
     TMA_FWD_CONFIGS = [triton.Config({}, num_warps=4, num_stages=1)]
@@ -31,6 +32,8 @@ else:
     # SUB subtiles hold SUB * BLOCK_N <= 128 accumulator columns: a 128-wide tile's registers
     SUB_FWD_CONFIGS = [_cfg(128, 8, 3), _cfg(64, 4, 4), _cfg(64, 8, 3)]
     DGRAD_CONFIGS = [_cfg(128, 4, 3), _cfg(128, 8, 3), _cfg(64, 4, 4)]
+    # ... and one stage (dy through L1) only where the launch asks for it (through_l1_configs_for)
+    DGRAD_TILES_CONFIGS = DGRAD_CONFIGS + [_cfg(128, 4, 1), _cfg(128, 8, 1), _cfg(64, 4, 1)]
     WGRAD_CONFIGS = [_cfg(64, 4, 3), _cfg(128, 8, 3), _cfg(32, 4, 4)]
     # The tile grad weight's last one holds accumulators that four warps cannot (wgrad_tiles_configs_for)
     WGRAD_TILES_CONFIGS = WGRAD_CONFIGS + [_cfg(64, 8, 3)]
@@ -49,7 +52,8 @@ FWD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RU
 SUB_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_K", "STORE", "SUB"]
 DGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_N", "BLOCK_K"]
 WGRAD_KEY = TUNE_KEY + _PATH_KEY + ["BLOCK_R", "BLOCK_C", "ATOMIC"]
-DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BY_POSITION", "RUN"]
+DGRAD_TILES_KEY = TUNE_KEY + ["INPUT_PRECISION", "INT64_INDEX", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BY_POSITION", "RUN",
+                               "THROUGH_L1"]
 TMA_FWD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_K", "STORE", "NPOS", "ROW_RUNS", "SH", "SW", "BLOCK_M",
                           "TW"]
 TMA_DGRAD_KEY = TUNE_KEY + ["INPUT_PRECISION", "BLOCK_N", "BLOCK_T", "ROW_RUNS", "BLOCK_M", "TW"]
@@ -83,6 +87,15 @@ def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
         return [c for c in configs if c.num_stages == 1]
     small = m <= SMALL_M
     return [c for c in configs if c.num_stages > 1 and c.kwargs["BLOCK_M"] != (256 if small else 32)]
+
+
+def through_l1_configs_for(configs, named_args: dict, **kwargs) -> list:
+    """The one-stage configurations for a launch that reads through L1 (``THROUGH_L1``: Triton's staged copies,
+    cp.async.cg, bypass it), the staged ones for any other (the tile grad input's early prune)."""
+    if len(configs) == 1:
+        return list(configs)
+    one_stage = bool({**named_args, **kwargs}.get("THROUGH_L1"))
+    return [c for c in configs if (c.num_stages == 1) == one_stage]
 
 
 def tma_configs_for(configs, named_args: dict, **kwargs) -> list:

@@ -8,7 +8,8 @@ import triton.language as tl
 from ._indexing import _inside
 from ._tma_boxes import _box_acc, _box_dot, _box_result, _rectangle, _rectangle_pixels
 from ._tuning import (
-    DGRAD_CONFIGS, DGRAD_TILES_KEY, TMA_DGRAD_KEY, TMA_FWD_CONFIGS, UNSPECIALISED, _TUNE_EXTRAS, tma_configs_for
+    DGRAD_TILES_CONFIGS, DGRAD_TILES_KEY, TMA_DGRAD_KEY, TMA_FWD_CONFIGS, UNSPECIALISED, _TUNE_EXTRAS, tma_configs_for,
+    through_l1_configs_for
 )
 from .grad_input import _dgrad_pixels, _dgrad_program, _output_phase, _store_dx
 
@@ -75,7 +76,8 @@ def _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX: tl.
     return wt
 
 
-@triton.autotune(configs=DGRAD_CONFIGS, key=DGRAD_TILES_KEY, **_TUNE_EXTRAS)
+@triton.autotune(configs=DGRAD_TILES_CONFIGS, key=DGRAD_TILES_KEY,
+                 prune_configs_by={"early_config_prune": through_l1_configs_for}, **_TUNE_EXTRAS)
 @triton.jit(do_not_specialize=UNSPECIALISED)
 def stripe_dgrad_tiles_kernel(
     dy_ptr, w_ptr, dx_ptr, w_rows_ptr, dy_col0_ptr,
@@ -87,7 +89,7 @@ def stripe_dgrad_tiles_kernel(
     KEY_M, KEY_C, KEY_N, KEY_DENSITY, KEY_CONV,
     INPUT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, INT64_INDEX: tl.constexpr, ROW_RUNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-    BY_POSITION: tl.constexpr = False, RUN: tl.constexpr = 1,
+    BY_POSITION: tl.constexpr = False, RUN: tl.constexpr = 1, THROUGH_L1: tl.constexpr = False,
 ):
     """Grad input over the forward's filter tiles: for each (tile, position of its union) that lines
     up with this program's output phase, a [pixels, BLOCK_T filters] x [BLOCK_T, channels] product.
@@ -99,7 +101,10 @@ def stripe_dgrad_tiles_kernel(
     BY_POSITION: each entry of the phase is one kernel position and the BLOCK_T columns of the tiles that
     keep it, side by side in runs of RUN (a tile's width): dy columns ``dy_col0[e * BLOCK_T + j]``, packed
     rows ``w_rows[e * BLOCK_T + j]`` (ROW_RUNS off). Narrow tiles then make products BLOCK_T deep instead
-    of RUN, in as many fewer iterations."""
+    of RUN, in as many fewer iterations.
+
+    THROUGH_L1 (one-stage configurations): dy loaded into L1 as well, where the entries of one tile, which
+    follow each other, read the same columns shifted by their positions (staged copies read each from L2)."""
     tl.static_assert(not (BY_POSITION and ROW_RUNS))
     phase, rh, rw, g, c0, pid_m, Mp, Hp, Wp = _dgrad_program(H, W, B, G, NCB, SH, SW, BLOCK_N)
     if pid_m * BLOCK_M < Mp:
@@ -128,7 +133,10 @@ def stripe_dgrad_tiles_kernel(
                 dy_off = (dy_base + (dh * sdh + dw * sdw))[:, None] + (col0 * sdc)[None, :]
             else:
                 dy_off = (dy_base + (dh * sdh + dw * sdw + col0 * sdc))[:, None] + dy_cols[None, :]
-            dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0)
+            if THROUGH_L1:
+                dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0, cache_modifier=".ca")
+            else:
+                dyt = tl.load(dy_ptr + dy_off, mask=ok[:, None], other=0.0)
             wt = _dgrad_tile_weights(w_ptr, w_block, rows, offs_c, c_ok, CG, INT64_INDEX, ROW_RUNS)
             dh, dw, col0, rows = dh_next, dw_next, col0_next, rows_next
             acc = tl.dot(dyt, wt, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)

@@ -231,6 +231,12 @@ CASES = dict([
     _case("tile_major_weights_grad_input_runs_groups", channels_last=True, pick="dgrad_runs_wtiles", C=32, N=64,
           groups=2, density=0.4, bias=False, dy_in_place=True),
     _case("tile_major_weights_grad_input_nchw_int64", pick="dgrad_wtiles", int64=True, N=64, density=0.3),
+    # ... and the tile grad input through L1 (one-stage configurations; the kernel's loop is the same)
+    _case("tiles_grad_input_l1_s2", channels_last=True, pick="dgrad_l1", N=48, density=0.4, stride=(2, 2), H=8, W=9),
+    _case("tiles_grad_input_runs_l1_groups_int64", channels_last=True, pick="dgrad_runs_l1", C=32, N=64, groups=2,
+          density=0.4, int64=True, bias=False, dy_in_place=True),
+    _case("tiles_grad_input_l1_nchw_bf16_dil", pick="dgrad_l1", dtype="bfloat16", dilation=(2, 1),
+          padding=(2, 2, 1, 1), N=40, density=0.5, empty_filters=6),
     _case("subtiles_x4_gathered", pick="x4_gathered", N=64, density=0.3, channels_last=True, H=6, W=6),
     _case("subtiles_narrow8_gathered_groups", pick="stripe8x4_gathered", block_n=8, C=32, N=64, groups=2,
           density=0.3, channels_last=True, H=5, W=6),
@@ -473,7 +479,9 @@ PICKS = {"tiles": {"dgrad": "tiles", "wgrad": "tiles"}, "tiles_tma": {"dgrad": "
          "bypos": {"dgrad": "tiles_bypos", "wgrad": "tiles_bypos"},
          "tiles_runs_bypos": {"dgrad": "tiles_runs_bypos", "wgrad": "tiles_runs_bypos"},
          "dgrad_wtiles": {"dgrad": "tiles_wtiles", "wgrad": "tiles"},
-         "dgrad_runs_wtiles": {"dgrad": "tiles_runs_wtiles", "wgrad": "tiles_runs"}}
+         "dgrad_runs_wtiles": {"dgrad": "tiles_runs_wtiles", "wgrad": "tiles_runs"},
+         "dgrad_l1": {"dgrad": "tiles_l1", "wgrad": "tiles"},
+         "dgrad_runs_l1": {"dgrad": "tiles_runs_l1", "wgrad": "tiles_runs"}}
 
 
 @contextlib.contextmanager

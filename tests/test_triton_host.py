@@ -507,6 +507,10 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
         gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
+        # (the grad input through L1 loads without staged copies: test_l1_candidates_compile_to_cached_loads...)
+        through_l1 = [launch for launch in tiles if launch.kwargs.get("THROUGH_L1")]
+        assert [(launch.kwargs["BLOCK_T"], launch.kwargs["ROW_RUNS"]) for launch in through_l1] == [(16, False)]
+        tiles = [launch for launch in tiles if not launch.kwargs.get("THROUGH_L1")]
         assert len(tiles) == 6, names
         # (grad input over the tiles twice: weights through the row table, and the tile-major weight as row runs)
         dgrad = sorted((launch.kwargs["BY_POSITION"], launch.kwargs["BLOCK_T"], launch.kwargs["ROW_RUNS"])
@@ -1235,22 +1239,30 @@ def test_forward_times_one_stage_configurations_for_the_channel_major_loop_alone
         assert staged and all(stages > 1 for _, _, stages in staged)
         assert {block_m for block_m, _, _ in staged} & {32, 256} == ({32} if m <= _tuning.SMALL_M else {256})
     assert kept(KEY_M=1024) == kept(KEY_M=1024, CHANNEL_MAJOR=False)
+    # the tile grad input's: the same split by THROUGH_L1
+    dgrad = [(c.num_stages == 1, flag) for flag in (True, False)
+             for c in _tuning.through_l1_configs_for(_tuning.DGRAD_TILES_CONFIGS, {}, THROUGH_L1=flag)]
+    assert dgrad and all(one_stage == flag for one_stage, flag in dgrad) and {f for _, f in dgrad} == {True, False}
 
 
-def test_channel_major_forward_compiles_to_cached_loads_and_tensor_cores(monkeypatch):
-    """The ``_l1`` candidates: sm_90 compiles of every one-stage configuration load the input with L1-cached
-    vector loads (no cp.async, whose 16-byte copies bypass L1) and multiply with wgmma, without spills, for an
-    aligned plan (in place) and a scattered one (tile order)."""
+def test_l1_candidates_compile_to_cached_loads_and_tensor_cores(monkeypatch):
+    """The ``_l1`` candidates: sm_90 compiles of every one-stage configuration load the input (dy for the tile grad
+    input) with L1-cached vector loads (no cp.async, whose 16-byte copies bypass L1) and multiply with wgmma,
+    without spills, for an aligned plan (in place) and a scattered one (tile order)."""
     aot = _aot()
     from stripeconv.backends import triton_backend as tb
 
     ptx = _ptx_recorded(monkeypatch)
-    label, call = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16, batch=16)[0]
+    (label, call), (_, grad_input_call) = aot.layer_calls(128, 128, 16, density=0.2, dtype=torch.bfloat16,
+                                                          batch=16)[:2]
     tb.clear_cache()
     major = [launch for launch in aot.capture_launches(call, every_candidate=True)
              if launch.kwargs.get("CHANNEL_MAJOR")]
     assert {launch.kwargs["STORE"] for launch in major} == {1, 3}, label
-    for launch in major:
+    through_l1 = [launch for launch in aot.capture_launches(grad_input_call, every_candidate=True)
+                  if launch.kwargs.get("THROUGH_L1")]
+    assert through_l1 and {launch.name for launch in through_l1} == {"stripe_dgrad_tiles_kernel"}
+    for launch in major + through_l1:
         for variant in aot.compile_launch(launch, 90):
             assert variant.config["num_stages"] == 1 and variant.tensor_cores == "wgmma", variant.row()
             assert variant.async_copies == 0 and variant.spill_bytes == 0, variant.row()

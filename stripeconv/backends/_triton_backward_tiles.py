@@ -137,10 +137,12 @@ class DyGather:
 
 def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, input_shape, stride,
                               groups: int, by_position: bool = False,
-                              tile_weights: Optional[Callable[[Tensor], Tensor]] = None) -> Callable:
+                              tile_weights: Optional[Callable[[Tensor], Tensor]] = None,
+                              through_l1: bool = False) -> Callable:
     """Grad input over the forward's tiles for every call shaped like this one: ``launch(grad_output, weight)``;
     with ``by_position`` over the entries of one kernel position and the tiles that keep it (``plan.bypos_*``);
-    with ``tile_weights`` reading the forward plan's tile-major weight it makes (as the forward's ``_wtiles``)."""
+    with ``tile_weights`` reading the forward plan's tile-major weight it makes (as the forward's ``_wtiles``);
+    with ``through_l1`` under one-stage configurations that load dy through L1 (as the forward's ``_l1``)."""
     b, c, h, w = input_shape
     fwd = plan.fwd
     n, kh, kw = fwd.mask_shape
@@ -169,7 +171,7 @@ def grad_input_tiles_launcher(plan: TilesBackwardPlan, grad_output, weight, inpu
         INT64_INDEX=shapes.needs_int64(dy, torch.empty(w_shape, device="meta"), dx),
         ROW_RUNS=(fwd.row_runs or tile_weights is not None) and not by_position, BLOCK_N=block_n,
         BLOCK_T=plan.bypos_width if by_position else fwd.block_n, BY_POSITION=by_position,
-        RUN=fwd.block_n if by_position else 1,
+        RUN=fwd.block_n if by_position else 1, THROUGH_L1=through_l1,
     )
     kernel = runtime.TunedLaunch("stripe_dgrad_tiles_kernel",
                                  lambda meta: (shapes.cdiv(mp_max, meta["BLOCK_M"]) * groups * ncb, sh * sw), constants,

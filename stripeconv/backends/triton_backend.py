@@ -324,6 +324,9 @@ def _first_grad_input(key: tuple, grad_output: Tensor, weight: Tensor, mask: Ten
         if plan is not None and grad_output.numel() and math.prod(input_shape):
             launchers["stripe_tiles" + suffix] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
                                                                            stride, groups)
+            # (a tile's entries follow each other: its dy columns at each position, through L1)
+            launchers[f"stripe_tiles{suffix}_l1"] = grad_input_tiles_launcher(plan, grad_output, weight, input_shape,
+                                                                              stride, groups, through_l1=True)
             if plan.bypos_width:  # several tiles keep a position: products over all of them at once
                 launchers[f"stripe_tiles{suffix}_bypos"] = grad_input_tiles_launcher(
                     plan, grad_output, weight, input_shape, stride, groups, by_position=True)
