@@ -83,10 +83,12 @@ def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
     m = get("KEY_M")
     if m is None or len(configs) == 1:
         return list(configs)
-    if get("CHANNEL_MAJOR"):
-        return [c for c in configs if c.num_stages == 1]
     small = m <= SMALL_M
-    return [c for c in configs if c.num_stages > 1 and c.kwargs["BLOCK_M"] != (256 if small else 32)]
+    if get("CHANNEL_MAJOR"):
+        kept = [c for c in configs if c.num_stages == 1]
+    else:
+        kept = [c for c in configs if c.num_stages > 1 and c.kwargs["BLOCK_M"] != (256 if small else 32)]
+    return kept or list(configs)  # (a list that holds none of them, as tools make: all)
 
 
 def through_l1_configs_for(configs, named_args: dict, **kwargs) -> list:
@@ -95,7 +97,7 @@ def through_l1_configs_for(configs, named_args: dict, **kwargs) -> list:
     if len(configs) == 1:
         return list(configs)
     one_stage = bool({**named_args, **kwargs}.get("THROUGH_L1"))
-    return [c for c in configs if (c.num_stages == 1) == one_stage]
+    return [c for c in configs if (c.num_stages == 1) == one_stage] or list(configs)
 
 
 def tma_configs_for(configs, named_args: dict, **kwargs) -> list:
