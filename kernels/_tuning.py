@@ -83,21 +83,23 @@ def fwd_configs_for(configs, named_args: dict, **kwargs) -> list:
     m = get("KEY_M")
     if m is None or len(configs) == 1:
         return list(configs)
-    small = m <= SMALL_M
-    if get("CHANNEL_MAJOR"):
-        kept = [c for c in configs if c.num_stages == 1]
-    else:
-        kept = [c for c in configs if c.num_stages > 1 and c.kwargs["BLOCK_M"] != (256 if small else 32)]
-    return kept or list(configs)  # (a list that holds none of them, as tools make: all)
+    kept = _by_stages(configs, bool(get("CHANNEL_MAJOR")))
+    if kept[0].num_stages > 1:
+        small = m <= SMALL_M
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] != (256 if small else 32)]
+    return kept or list(configs)
+
+
+def _by_stages(configs, one_stage: bool) -> list:
+    """The one-stage configurations of ``configs`` (loads through L1), or the staged ones; all of them where
+    the list holds none of the kind asked for (as the tools make it)."""
+    return [c for c in configs if (c.num_stages == 1) == one_stage] or list(configs)
 
 
 def through_l1_configs_for(configs, named_args: dict, **kwargs) -> list:
     """The one-stage configurations for a launch that reads through L1 (``THROUGH_L1``: Triton's staged copies,
     cp.async.cg, bypass it), the staged ones for any other (the tile grad input's early prune)."""
-    if len(configs) == 1:
-        return list(configs)
-    one_stage = bool({**named_args, **kwargs}.get("THROUGH_L1"))
-    return [c for c in configs if (c.num_stages == 1) == one_stage] or list(configs)
+    return _by_stages(configs, bool({**named_args, **kwargs}.get("THROUGH_L1")))
 
 
 def tma_configs_for(configs, named_args: dict, **kwargs) -> list:
