@@ -502,9 +502,11 @@ def test_tile_backward_compiles_for_hopper_with_dy_gathered_or_in_place(monkeypa
         launches = aot.capture_launches(lambda: (tb.grad_input(dy, packed, m, x.shape, *conv),
                                                  tb.grad_weight(dy, x, packed, m, *conv)), every_candidate=True)
         names = [launch.name for launch in launches]
-        # one gather for both gradients; each further grad weight candidate of the same call (three positions a
-        # program, the TMA one where offered: only while candidates are timed) gathers again
-        gathers = names.count("stripe_wgrad_tiles_tma_kernel") + names.count("stripe_wgrad_tiles_kernel")
+        # every grad input candidate over the tiles gathers dy; the last one's copy serves the first grad weight
+        # candidate, and each further one (three positions a program, the TMA one where offered: only while
+        # candidates are timed) gathers again
+        gathers = (names.count("stripe_dgrad_tiles_kernel") + names.count("stripe_wgrad_tiles_tma_kernel")
+                   + names.count("stripe_wgrad_tiles_kernel") - 1)
         assert names.count("stripe_gather_columns_kernel") == (0 if ordered else gathers), names
         tiles = [launch for launch in launches if launch.name.endswith("_tiles_kernel")]
         # (the grad input through L1 loads without staged copies: test_l1_candidates_compile_to_cached_loads...)
@@ -706,7 +708,8 @@ def test_compiles_every_tile_width(width, monkeypatch):
 
 
 def test_one_gather_of_dy_serves_both_gradients(monkeypatch):
-    """Grad input leaves its gathered dy for grad weight: the same tensor, version and plan only, once."""
+    """Grad input leaves its gathered dy for grad weight: the same tensor, version, plan and capture state
+    only, once; grad input itself always gathers."""
     from stripeconv.backends import triton_backend as tb
 
     gathers = []
@@ -714,18 +717,32 @@ def test_one_gather_of_dy_serves_both_gradients(monkeypatch):
     monkeypatch.setattr(_triton_backward_tiles, "_last_gather", None)
     plan, other_plan = object(), object()
     dy = torch.ones(2, 3)
-    kept = _triton_backward_tiles.gathered_dy(dy, plan, True, None)
-    # grad weight reuses it
-    assert _triton_backward_tiles.gathered_dy(dy, plan, False, None) is kept and len(gathers) == 1
+    first = _triton_backward_tiles.gathered_dy(dy, plan, True, None)
+    kept = _triton_backward_tiles.gathered_dy(dy, plan, True, None)  # the same dy again: gathered again
+    assert kept is not first and len(gathers) == 2
+    # grad weight reuses the last one
+    assert _triton_backward_tiles.gathered_dy(dy, plan, False, None) is kept and len(gathers) == 2
     _triton_backward_tiles.gathered_dy(dy, plan, False, None)  # taken once: a third call gathers again
-    assert len(gathers) == 2 and _triton_backward_tiles._last_gather is None
+    assert len(gathers) == 3 and _triton_backward_tiles._last_gather is None
+    # a copy gathered outside a CUDA graph capture is not read inside one, nor the other way round
+    for before, after in ((False, True), (True, False)):
+        monkeypatch.setattr(_triton_backward_tiles.runtime, "capturing", lambda t: before)
+        _triton_backward_tiles.gathered_dy(dy, plan, True, None)
+        monkeypatch.setattr(_triton_backward_tiles.runtime, "capturing", lambda t: after)
+        assert _triton_backward_tiles.gathered_dy(dy, plan, False, None) is not None
+    assert len(gathers) == 7
+    monkeypatch.setattr(_triton_backward_tiles.runtime, "capturing", lambda t: True)  # both inside: shared
+    kept = _triton_backward_tiles.gathered_dy(dy, plan, True, None)
+    assert _triton_backward_tiles.gathered_dy(dy, plan, False, None) is kept and len(gathers) == 8
+    monkeypatch.setattr(_triton_backward_tiles.runtime, "capturing", lambda t: False)
+    gathers.clear()
     for changed in (lambda: dy.clone(), lambda: dy.add_(1)):  # another tensor, or the same one written to
         _triton_backward_tiles.gathered_dy(dy, plan, True, None)
         probe = changed()
         _triton_backward_tiles.gathered_dy(probe if probe is not dy else dy, plan, False, None)
     _triton_backward_tiles.gathered_dy(dy, plan, True, None)
     _triton_backward_tiles.gathered_dy(dy, other_plan, False, None)
-    assert len(gathers) == 8 and _triton_backward_tiles._last_gather is None
+    assert len(gathers) == 6 and _triton_backward_tiles._last_gather is None
     _triton_backward_tiles.gathered_dy(dy, plan, True, None)
     tb.clear_cache()  # holds no tensor after the caches are cleared
     assert _triton_backward_tiles._last_gather is None

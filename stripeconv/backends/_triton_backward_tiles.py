@@ -89,7 +89,10 @@ def dy_layout(plan: TilesBackwardPlan, grad_output: Tensor) -> tuple[bool, Tenso
 
 
 # A backward's two tile kernels read the same gathered dy: grad input gathers it and leaves it here,
-# grad weight takes it (matched by the very tensor, its version and the plan), so it is gathered once.
+# grad weight takes it (matched by the very tensor, its version, the plan and whether the stream is being
+# captured), so it is gathered once. Grad input never takes one: a call with the dy of an earlier call (a
+# candidate timed by gpu_select, a benchmark's fixed dy, a CUDA graph captured after warm-up calls) still
+# pays its gather, and a graph never reads a copy made outside it.
 _last_gather: Optional[tuple] = None
 
 
@@ -100,17 +103,17 @@ def forget_gathered() -> None:
 
 
 def gathered_dy(grad_output: Tensor, plan: TilesBackwardPlan, keep: bool, gather: "DyGather") -> Tensor:
-    """dy in tile order: the copy grad input left for the same ``grad_output`` and plan, or a new
-    gather (left for grad weight when ``keep``)."""
+    """dy in tile order: for grad input (``keep``) a new gather, left for grad weight; for grad weight
+    the copy grad input left for the same ``grad_output`` and plan, or a new gather."""
     global _last_gather
     hit, _last_gather = _last_gather, None
-    if hit is not None and hit[0] is grad_output and hit[1] == grad_output._version and hit[2] is plan:
-        if keep:  # another grad input (a candidate being timed) took it: still there for grad weight
-            _last_gather = hit
+    capturing = runtime.capturing(grad_output)
+    if (not keep and hit is not None and hit[0] is grad_output and hit[1] == grad_output._version
+            and hit[2] is plan and hit[4] == capturing):
         return hit[3]
     dyt = gather_dy(grad_output, gather)
     if keep:
-        _last_gather = (grad_output, grad_output._version, plan, dyt)
+        _last_gather = (grad_output, grad_output._version, plan, dyt, capturing)
     return dyt
 
 
