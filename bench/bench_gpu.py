@@ -50,6 +50,11 @@ every layer, so a run cut short keeps what it measured) and a plot ``<out>/bench
 when matplotlib is importable. ``--budget-s`` stops starting new layers after that many
 seconds. ``--from-json A.json B.json ...`` merges earlier runs (e.g. one per suite) and prints
 the tables, the target check and the plot again without a GPU.
+
+Each Triton column of a cell records what gpu_select chose for its calls and the time it measured
+for that choice (``kernels``: fwd, and in forward + backward dgrad and wgrad); the summary ends with
+where a training step's CUDA graph replay goes: the chosen candidates' shares and the rest
+(``--step-rows``: row by row).
 """
 from __future__ import annotations
 
@@ -357,7 +362,7 @@ def plan_kernels(layers, masks, dtype, args, sm_count: int) -> list:
 
 def run_layer(layer, args, dtype, device, peaks, masks, results):
     from stripeconv import backends, ops
-    from stripeconv.backends import triton_plans as tp
+    from stripeconv.backends import gpu_select, triton_plans as tp
     from stripeconv.packing import pack_weight
 
     name, b, c, n, hw, k, s, p = layer
@@ -440,6 +445,7 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
             widths = tp.tile_widths(mask, 1, device) if mask.any() else []
             eff_by_width = {w: tp.tile_efficiency(mask, w) for w in widths}
             eff = max(eff_by_width.values(), default=1.0)
+            asked_by_method: dict = {}  # per method, op -> gpu_select's choice for this mask (fwd: in its own cell)
             for mode, backward in modes:
                 entry = {"layer": name, "batch": b, "C": c, "N": n, "H": hw, "k": k, "stride": s, "pad": p,
                          "mask": kind, "density": real_density, "target_density": density, "mode": mode,
@@ -464,9 +470,14 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                             if backward:
                                 torch.autograd.grad(y, (x, packed, bias), gy)
                             return y
-                        entry[method] = timed(op_fn, backward, host=method != "reference",
-                                              column=method if method in ("triton", "stripeconv")
-                                              and (density, kind) in profiled_cells else None)
+                        with gpu_select.recording() as asked:
+                            entry[method] = timed(op_fn, backward, host=method != "reference",
+                                                  column=method if method in ("triton", "stripeconv")
+                                                  and (density, kind) in profiled_cells else None)
+                        if backend == "triton":
+                            ops_asked = asked_by_method.setdefault(method, {})
+                            ops_asked.update((a["key"][0], a) for a in asked)
+                            entry[method]["kernels"] = chosen_kernels(ops_asked, gpu_select.decisions())
 
                         def op_call(x):
                             conv = backends.eager_conv2d(x) or ops.stripe_conv2d
@@ -511,6 +522,80 @@ def run_layer(layer, args, dtype, device, peaks, masks, results):
                     print(f"{'':>9} {'':>5} {'':>5} {'':>5} {'graph':>7} | {g['dense']:9.4f} {g['triton']:10.4f} "
                           f"{'':>7} {g['dense'] / g['triton']:7.2f} | {g['dense'] / g['stripeconv']:6.2f}  "
                           f"(CUDA graph replay: GPU time only)", flush=True)
+
+
+def chosen_kernels(asked: dict, decisions: list) -> dict:
+    """Per op (fwd, dgrad, wgrad) of a cell, what gpu_select chose and its time there: ``asked`` maps the
+    op to what :func:`gpu_select.recording` collected, ``decisions`` is :func:`gpu_select.decisions`.
+    ``ms`` is None where nothing was timed (a lone candidate, deterministic mode, a CPU run)."""
+    timed = {(d["mode"], tuple(d["excluded"]), d["key"]): d for d in decisions}
+    kernels = {}
+    for op, a in asked.items():
+        d = timed.get((a["mode"], tuple(a["excluded"]), a["key"]), {})
+        kernels[op] = {"choice": a["choice"], "ms": d.get("times_ms", {}).get(a["choice"])}
+        if d.get("captured_choice") not in (None, a["choice"]):
+            kernels[op]["captured_choice"] = d["captured_choice"]
+    return kernels
+
+
+_KEY_TENSOR = re.compile(r"\(\(([\d, ]+)\), torch\.\w+, (?:True|False), '[^']*'\)")
+
+
+def kernels_from_decisions(row: dict, method: str, decisions: list) -> dict:
+    """:func:`chosen_kernels` for a row of a run that did not record them: the decisions whose key has the
+    row's shapes (input, grad_output, packed rows) and the method's mode; an op whose key is not unique
+    (two masks of the same row count and other plans) is left out."""
+    mode = {"triton": "never", "stripeconv": "auto"}[method]
+    b, c, n, hw, k, s, p = (row[f] for f in ("batch", "C", "N", "H", "k", "stride", "pad"))
+    ho = (hw + 2 * p - k) // s + 1
+    rows = round(row["density"] * n * k * k)
+    x, dy = (b, c, hw, hw), (b, n, ho, ho)
+    want = {"fwd": [x, (rows, c)], "dgrad": [dy, (rows, c)], "wgrad": [dy, x, (rows, c)]}
+    ops = ("fwd",) if row["mode"] == "fwd" else ("fwd", "dgrad", "wgrad")
+    kernels = {}
+    for op in ops:
+        found = [d for d in decisions if d["mode"] == mode and not d.get("excluded") and d["key"].startswith(f"('{op}'")
+                 and [tuple(int(v) for v in t.split(",")) for t in _KEY_TENSOR.findall(d["key"])] == want[op]]
+        if len(found) == 1:
+            d = found[0]
+            kernels[op] = {"choice": d["choice"], "ms": d["times_ms"].get(d["choice"])}
+    return kernels
+
+
+def report_training_steps(results: list, method: str = "stripeconv", rows: bool = False) -> None:
+    """Where a training step's GPU time goes: per forward+backward row with a CUDA graph time, the times
+    gpu_select measured for the candidates it chose (forward, grad input, grad weight), their sum and the
+    rest of the replay (the bias gradient and whatever else the step runs beside the chosen candidates).
+    ``rows``: one line per row, else the medians over them."""
+    cells = []
+    for r in results:
+        t = r.get(method, {})
+        if r["mode"] != "fwd+bwd" or not t.get("graph_ms") or t.get("wrong"):
+            continue
+        kernels = t.get("kernels") or {}
+        if not all((kernels.get(op) or {}).get("ms") for op in ("fwd", "dgrad", "wgrad")):
+            continue
+        cells.append((r, kernels, t["graph_ms"] * 1e3))
+    if not cells:
+        return
+    print(f"\ntraining step ({method}, CUDA graph replay) against the times gpu_select measured for its choices, "
+          f"{len(cells)} rows:")
+    if rows:
+        print(f"  {'layer':<16} {'mask':<9} {'dens':>4} {'cuDNN us':>8} {'step us':>7} | "
+              f"{'forward':<28} {'grad input':<28} {'grad weight':<28} | {'rest us':>7}")
+    shares = {"fwd": [], "dgrad": [], "wgrad": [], "rest": []}
+    for r, kernels, step in cells:
+        times = {op: kernels[op]["ms"] * 1e3 for op in ("fwd", "dgrad", "wgrad")}
+        rest = step - sum(times.values())
+        for op, v in [*times.items(), ("rest", rest)]:
+            shares[op].append(v / step)
+        if rows:
+            chosen = " ".join(f"{kernels[op]['choice'][:20]:<20} {times[op]:6.1f} " for op in times)
+            print(f"  {r['layer']:<16} {r['mask']:<9} {r['target_density']:4.2f} {r['dense']['graph_ms'] * 1e3:8.1f} "
+                  f"{step:7.1f} | {chosen}| {rest:7.1f}")
+    print("  median share of the step: " + ", ".join(
+        f"{label} {statistics.median(shares[op]):.0%}" for op, label in
+        (("fwd", "forward"), ("dgrad", "grad input"), ("wgrad", "grad weight"), ("rest", "rest"))))
 
 
 def _wrong_note(entry: dict) -> str:
@@ -731,7 +816,7 @@ def _write(path: str, meta: dict, results: list) -> None:
     os.replace(tmp, path)
 
 
-def _from_json(paths: list, out: str) -> None:
+def _from_json(paths: list, out: str, step_rows: bool = False) -> None:
     loaded = []
     for path in paths:
         with open(path) as f:
@@ -747,6 +832,9 @@ def _from_json(paths: list, out: str) -> None:
         report_rejected(meta.get("dispatch_decisions", []))
         decisions += meta.get("dispatch_decisions", [])
         for r in data["results"]:
+            for method in ("triton", "stripeconv"):  # runs before the cells recorded their choices
+                if "median_ms" in r.get(method, {}) and "kernels" not in r[method]:
+                    r[method]["kernels"] = kernels_from_decisions(r, method, meta.get("dispatch_decisions", []))
             key = (r["layer"], r["mask"], r["target_density"], r["mode"])
             replaced += key in rows
             rows[key] = r
@@ -758,6 +846,7 @@ def _from_json(paths: list, out: str) -> None:
         print(f"layers never measured (budget): {', '.join(missing)}")
     report_candidates(decisions)
     summarize(results)
+    report_training_steps(results, rows=step_rows)
     plot(results, out)
 
 
@@ -884,6 +973,8 @@ def main(argv=None):
     ap.add_argument("--tag", default="", help="added to the output file names")
     ap.add_argument("--from-json", nargs="+", default=None, metavar="JSON",
                     help="no measuring: merge these result files, print the summary and plot")
+    ap.add_argument("--step-rows", action="store_true",
+                    help="print the training-step breakdown (forward, grad input, grad weight, rest) row by row")
     ap.add_argument("--profile-host", type=int, default=0, metavar="CALLS",
                     help="profile the Python of CALLS calls with cProfile (python_profile in the JSON; 0: off): the "
                          "dense column once per layer and mode, the triton and stripeconv columns at each layer's "
@@ -895,7 +986,7 @@ def main(argv=None):
     args.masks = args.masks.split(",")
     if args.from_json:
         os.makedirs(args.out, exist_ok=True)
-        _from_json(args.from_json, os.path.join(args.out, f"bench_gpu_merged{args.tag}.png"))
+        _from_json(args.from_json, os.path.join(args.out, f"bench_gpu_merged{args.tag}.png"), args.step_rows)
         return
     if args.plan_only:
         _print_plan(args)
@@ -993,6 +1084,7 @@ def main(argv=None):
     report_rejected(meta.get("dispatch_decisions", []))
     report_candidates(meta.get("dispatch_decisions", []))
     summarize(results)
+    report_training_steps(results, rows=args.step_rows)
     plot(results, os.path.join(args.out, f"bench_gpu_{stamp}.png"))
 
 

@@ -80,6 +80,11 @@ def test_cpu_smoke_run_writes_complete_results(tmp_path):
             assert not r[method]["wrong"] and all(e < 1e-4 for e in errors.values()), (method, r)
         assert 0 < r["tile_efficiency"] <= 1
         assert r["floor_flops_ms"] > 0 and r["floor_bytes_ms"] > 0
+        for method in ("triton", "stripeconv"):  # what gpu_select chose for the cell's calls (untimed on CPU)
+            kernels = r[method]["kernels"]
+            assert set(kernels) == ({"fwd", "dgrad", "wgrad"} if r["mode"] == "fwd+bwd" else {"fwd"}), (method, r)
+            assert all(k["choice"] and k["ms"] is None for k in kernels.values()), (method, r)
+            assert method == "stripeconv" or "dense" not in {k["choice"] for k in kernels.values()}, r
     assert "summary: geometric mean speedup" in out
     merged = _run("--from-json", str(jpath), "--out", str(tmp_path))
     assert "fwd+bwd realistic density 0.30" in merged and "  grouped density 0.30" in merged
@@ -175,6 +180,56 @@ def test_candidate_report_counts_families_beside_cudnn(capsys):
     assert re.search(r"wgrad +stripe_tiles_bypos +1 +0 +0 +3.00x", out), out
     bench.report_candidates([{"key": "('fwd', 3)", "times_ms": {"stripe64": 1.0, "stripe32": 2.0}}])
     assert capsys.readouterr().out == ""
+
+
+def test_training_step_breakdown(capsys):
+    """Forward+backward rows with a graph time and timed choices for the three ops: the times of the choices,
+    their sum and the rest of the step; choices of runs that did not record them are found in the decisions
+    by the key's shapes (input, grad_output, packed rows) and mode, where one key matches."""
+    bench = _bench_module()
+    row = {"layer": "l", "mask": "random", "target_density": 0.5, "density": 0.5, "batch": 8, "C": 16, "N": 32,
+           "H": 10, "k": 3, "stride": 1, "pad": 1, "mode": "fwd+bwd", "dense": {"graph_ms": 0.2}}
+    dy, x, w = (f"(({shape}), torch.bfloat16, {cl}, 'cuda:0')" for shape, cl in
+                (("8, 32, 10, 10", True), ("8, 16, 10, 10", True), ("144, 16", False)))
+    decisions = [
+        {"key": f"('fwd', {x}, {w}, True, (1, 1))", "mode": "auto", "excluded": [], "choice": "stripe32",
+         "times_ms": {"stripe32": 0.04, "dense": 0.05}},
+        {"key": f"('fwd', {x}, {w}, True, (1, 1))", "mode": "never", "excluded": [], "choice": "stripe32",
+         "times_ms": {"stripe32": 0.04}},
+        {"key": f"('dgrad', {dy}, {w}, (8, 16, 10, 10))", "mode": "auto", "excluded": [], "choice": "dense",
+         "times_ms": {"stripe_tiles": 0.09, "dense": 0.06}},
+        {"key": f"('wgrad', {dy}, {x}, {w}, (1, 1))", "mode": "auto", "excluded": [], "choice": "stripe_tiles",
+         "times_ms": {"stripe_tiles": 0.05, "dense": 0.07}},
+        # another mask with as many rows and other plans: two keys, no answer for the triton column's grad input
+        {"key": f"('dgrad', {dy}, {w}, (8, 16, 10, 10), 'a')", "mode": "never", "excluded": [], "choice": "stripe",
+         "times_ms": {"stripe": 0.1}},
+        {"key": f"('dgrad', {dy}, {w}, (8, 16, 10, 10), 'b')", "mode": "never", "excluded": [], "choice": "stripe",
+         "times_ms": {"stripe": 0.2}},
+        {"key": f"('dgrad', {dy}, {w}, (8, 16, 10, 10))", "mode": "auto", "excluded": ["*_tma"], "choice": "stripe",
+         "times_ms": {"stripe": 0.01}}]  # excluded variants: another column
+    auto = bench.kernels_from_decisions(row, "stripeconv", decisions)
+    assert auto == {"fwd": {"choice": "stripe32", "ms": 0.04}, "dgrad": {"choice": "dense", "ms": 0.06},
+                    "wgrad": {"choice": "stripe_tiles", "ms": 0.05}}
+    assert set(bench.kernels_from_decisions(row, "triton", decisions)) == {"fwd"}
+    assert set(bench.kernels_from_decisions({**row, "mode": "fwd"}, "stripeconv", decisions)) == {"fwd"}
+    rows = [{**row, "stripeconv": {"graph_ms": 0.2, "kernels": auto}},
+            {**row, "layer": "m", "stripeconv": {"graph_ms": 0.3, "kernels": auto}},
+            {**row, "layer": "untimed", "stripeconv": {"graph_ms": 0.3, "kernels": {**auto, "wgrad": {
+                "choice": "stripe", "ms": None}}}},
+            {**row, "layer": "wrong", "stripeconv": {"graph_ms": 0.3, "wrong": True, "kernels": auto}},
+            {**row, "layer": "forward", "mode": "fwd", "stripeconv": {"graph_ms": 0.1, "kernels": auto}}]
+    bench.report_training_steps(rows, rows=True)
+    out = capsys.readouterr().out
+    assert "2 rows:" in out, out
+    assert re.search(r"l +random +0.50 +200.0 +200.0 \| stripe32 +40.0 +dense +60.0 +stripe_tiles +50.0 +\| +50.0", out)
+    assert re.search(r"m +random .* 300.0 \|.*\| +150.0", out), out
+    # shares: forward 20% and 13%, grad input 30% and 20%, grad weight 25% and 17%, rest 25% and 50%
+    assert "median share of the step: forward 17%, grad input 25%, grad weight 21%, rest 38%" in out, out
+    bench.chosen_kernels({}, [])  # nothing asked: nothing to report
+    assert bench.chosen_kernels({"fwd": {"mode": "auto", "excluded": [], "key": ("fwd", 1), "choice": "stripe16"}},
+                                [{"mode": "auto", "excluded": [], "key": ("fwd", 1), "choice": "stripe16",
+                                  "times_ms": {"stripe16": 0.5}, "captured_choice": "stripe32"}]) == {
+        "fwd": {"choice": "stripe16", "ms": 0.5, "captured_choice": "stripe32"}}
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):

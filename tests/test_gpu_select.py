@@ -434,3 +434,26 @@ def test_disagreement(monkeypatch, chunk):
     assert gpu_select.disagreement(zeros, zeros) == 0.0 and gpu_select.disagreement(zeros + 1, zeros) == float("inf")
     assert gpu_select.tolerance(torch.bfloat16) == gpu_select.tolerance(torch.float16) > gpu_select.tolerance(
         torch.float32)
+
+
+def test_recording_collects_what_each_call_asks_for(monkeypatch):
+    """A recording sees every choice asked inside it, settled by an earlier call or not, with the mode and
+    exclusions its decision is kept under; nested recordings both see it, nothing is recorded outside."""
+    _fake_timer(monkeypatch, {"stripe64": 2.0, "stripe32": 1.5, "dense": 3.0})
+    gpu_select.choose(("before",), _candidates(), CUDA)
+    with gpu_select.recording() as outer:
+        gpu_select.choose(("k", 1), _candidates(), CUDA)
+        monkeypatch.setenv("STRIPECONV_GPU_DENSE", "never")
+        monkeypatch.setenv("STRIPECONV_TRITON_EXCLUDE", "stripe32")
+        with gpu_select.recording() as inner:
+            gpu_select.choose(("k", 1), _candidates(), CUDA)
+        gpu_select.choose(("before",), _candidates(), CUDA)  # decided before the recording started
+    gpu_select.choose(("after",), _candidates(), CUDA)
+    assert [(a["key"], a["mode"], a["excluded"], a["choice"]) for a in outer] == [
+        (("k", 1), "auto", [], "stripe32"), (("k", 1), "never", ["stripe32"], "stripe64"),
+        (("before",), "never", ["stripe32"], "stripe64")]
+    assert inner == [outer[1]]
+    assert not gpu_select._recorders
+    # each recorded call matches its decision's entry
+    decided = {(d["mode"], tuple(d["excluded"]), d["key"]): d["choice"] for d in gpu_select.decisions()}
+    assert all(decided[(a["mode"], tuple(a["excluded"]), a["key"])] == a["choice"] for a in outer)

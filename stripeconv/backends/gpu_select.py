@@ -66,7 +66,7 @@ from torch import Tensor
 from ._environ import getenv, raw_lookup
 
 __all__ = ["mode", "excluded", "every_candidate", "deterministic", "settings", "tolerance", "disagreement", "choose",
-           "choice", "captured_choice", "generation", "decisions", "clear"]
+           "choice", "captured_choice", "generation", "decisions", "recording", "clear"]
 
 _MODES = ("auto", "never", "always")
 _decisions: dict[tuple, str] = {}  # (mode, excluded, key) -> name
@@ -75,6 +75,7 @@ _rejected: dict[tuple, dict[str, float]] = {}  # candidates whose result disagre
 _captured: dict[tuple, str] = {}  # (mode, excluded, key) -> the choice for a call captured into a CUDA graph
 _captured_times: dict[tuple, dict[str, float]] = {}  # name -> its captured variant's time
 _generation = 0  # counts clear() calls: whoever caches a choice checks it
+_recorders: list[list] = []  # open recording() lists
 _lock = threading.Lock()
 _DEVICE_FAULT = getattr(torch, "AcceleratorError", RuntimeError)  # torch >= 2.8: CUDA errors
 _TIMED_DEVICES = ("cuda",)  # elsewhere the first candidate runs untimed (tests add "cpu", with a timer of their own)
@@ -278,6 +279,29 @@ def choice(key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torc
     ``captured`` maps candidates to the work they do where a CUDA graph replays them, if other than
     their eager call's; when timed, the fastest under capture becomes :func:`captured_choice`."""
     m = mode()
+    name, settled = _choice(m, key, candidates, device, captured)
+    if _recorders:
+        asked = {"mode": m, "excluded": list(excluded()), "key": key, "choice": name}
+        for recorder in _recorders:
+            recorder.append(asked)
+    return name, settled
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect what the calls inside ask for: a list that gets, per :func:`choice` call, a dict with its
+    ``mode``, ``excluded`` patterns, ``key`` and ``choice`` (match them to :func:`decisions` for the times).
+    A settled call does not ask again: record from a call shape's first call on."""
+    asked: list[dict] = []
+    _recorders.append(asked)
+    try:
+        yield asked
+    finally:
+        del _recorders[next(i for i, r in enumerate(_recorders) if r is asked)]  # this one, not an equal one
+
+
+def _choice(m: str, key: tuple, candidates: dict[str, Callable[[], Tensor]], device: torch.device,
+            captured: Optional[dict[str, Callable[[], Tensor]]]) -> tuple[str, bool]:
     if m == "always" and "dense" in candidates:
         return "dense", True
     pool = _pool(candidates, m)
