@@ -529,13 +529,18 @@ def chosen_kernels(asked: dict, decisions: list) -> dict:
     op to what :func:`gpu_select.recording` collected, ``decisions`` is :func:`gpu_select.decisions`.
     ``ms`` is None where nothing was timed (a lone candidate, deterministic mode, a CPU run)."""
     timed = {(d["mode"], tuple(d["excluded"]), d["key"]): d for d in decisions}
-    kernels = {}
-    for op, a in asked.items():
-        d = timed.get((a["mode"], tuple(a["excluded"]), a["key"]), {})
-        kernels[op] = {"choice": a["choice"], "ms": d.get("times_ms", {}).get(a["choice"])}
-        if d.get("captured_choice") not in (None, a["choice"]):
-            kernels[op]["captured_choice"] = d["captured_choice"]
-    return kernels
+    return {op: _chosen(a["choice"], timed.get((a["mode"], tuple(a["excluded"]), a["key"]), {}))
+            for op, a in asked.items()}
+
+
+def _chosen(choice: str, decision: dict) -> dict:
+    """A choice and its time in ``decision``; the choice under CUDA graph capture too, where it differs."""
+    entry = {"choice": choice, "ms": decision.get("times_ms", {}).get(choice)}
+    in_graph = decision.get("captured_choice")
+    if in_graph not in (None, choice):
+        entry.update(captured_choice=in_graph, captured_ms=decision.get("captured_times_ms", {}).get(
+            in_graph, decision.get("times_ms", {}).get(in_graph)))
+    return entry
 
 
 _KEY_TENSOR = re.compile(r"\(\(([\d, ]+)\), torch\.\w+, (?:True|False), '[^']*'\)")
@@ -557,22 +562,24 @@ def kernels_from_decisions(row: dict, method: str, decisions: list) -> dict:
         found = [d for d in decisions if d["mode"] == mode and not d.get("excluded") and d["key"].startswith(f"('{op}'")
                  and [tuple(int(v) for v in t.split(",")) for t in _KEY_TENSOR.findall(d["key"])] == want[op]]
         if len(found) == 1:
-            d = found[0]
-            kernels[op] = {"choice": d["choice"], "ms": d["times_ms"].get(d["choice"])}
+            kernels[op] = _chosen(found[0]["choice"], found[0])
     return kernels
 
 
 def report_training_steps(results: list, method: str = "stripeconv", rows: bool = False) -> None:
     """Where a training step's GPU time goes: per forward+backward row with a CUDA graph time, the times
-    gpu_select measured for the candidates it chose (forward, grad input, grad weight), their sum and the
-    rest of the replay (the bias gradient and whatever else the step runs beside the chosen candidates).
+    gpu_select measured for the candidates it chose (forward, grad input, grad weight; under capture where
+    that choice differs), their sum and the rest of the replay (the bias gradient and whatever else the
+    step runs beside the chosen candidates).
     ``rows``: one line per row, else the medians over them."""
     cells = []
     for r in results:
         t = r.get(method, {})
         if r["mode"] != "fwd+bwd" or not t.get("graph_ms") or t.get("wrong"):
             continue
-        kernels = t.get("kernels") or {}
+        # what the replay ran: the choice under capture where it differs from the eager one
+        kernels = {op: {"choice": k.get("captured_choice", k["choice"]), "ms": k.get("captured_ms", k["ms"])}
+                   for op, k in (t.get("kernels") or {}).items()}
         if not all((kernels.get(op) or {}).get("ms") for op in ("fwd", "dgrad", "wgrad")):
             continue
         cells.append((r, kernels, t["graph_ms"] * 1e3))

@@ -217,19 +217,23 @@ def test_training_step_breakdown(capsys):
             {**row, "layer": "untimed", "stripeconv": {"graph_ms": 0.3, "kernels": {**auto, "wgrad": {
                 "choice": "stripe", "ms": None}}}},
             {**row, "layer": "wrong", "stripeconv": {"graph_ms": 0.3, "wrong": True, "kernels": auto}},
-            {**row, "layer": "forward", "mode": "fwd", "stripeconv": {"graph_ms": 0.1, "kernels": auto}}]
+            {**row, "layer": "forward", "mode": "fwd", "stripeconv": {"graph_ms": 0.1, "kernels": auto}},
+            {**row, "layer": "captured", "stripeconv": {"graph_ms": 0.25, "kernels": {**auto, "dgrad": {
+                "choice": "dense", "ms": 0.06, "captured_choice": "stripe_tiles", "captured_ms": 0.09}}}}]
     bench.report_training_steps(rows, rows=True)
     out = capsys.readouterr().out
-    assert "2 rows:" in out, out
+    assert "3 rows:" in out, out
+    assert re.search(r"captured +random .* 250.0 \| stripe32 +40.0 +stripe_tiles +90.0 .*\| +70.0", out), out
     assert re.search(r"l +random +0.50 +200.0 +200.0 \| stripe32 +40.0 +dense +60.0 +stripe_tiles +50.0 +\| +50.0", out)
     assert re.search(r"m +random .* 300.0 \|.*\| +150.0", out), out
-    # shares: forward 20% and 13%, grad input 30% and 20%, grad weight 25% and 17%, rest 25% and 50%
-    assert "median share of the step: forward 17%, grad input 25%, grad weight 21%, rest 38%" in out, out
+    # shares: forward 20%, 13% and 16%, grad input 30%, 20% and 36%, grad weight 25%, 17% and 20%, rest 25%,
+    # 50% and 28%
+    assert "median share of the step: forward 16%, grad input 30%, grad weight 20%, rest 28%" in out, out
     bench.chosen_kernels({}, [])  # nothing asked: nothing to report
     assert bench.chosen_kernels({"fwd": {"mode": "auto", "excluded": [], "key": ("fwd", 1), "choice": "stripe16"}},
                                 [{"mode": "auto", "excluded": [], "key": ("fwd", 1), "choice": "stripe16",
-                                  "times_ms": {"stripe16": 0.5}, "captured_choice": "stripe32"}]) == {
-        "fwd": {"choice": "stripe16", "ms": 0.5, "captured_choice": "stripe32"}}
+                                  "times_ms": {"stripe16": 0.5, "stripe32": 0.6}, "captured_choice": "stripe32"}]) == {
+        "fwd": {"choice": "stripe16", "ms": 0.5, "captured_choice": "stripe32", "captured_ms": 0.6}}
 
 
 def test_budget_stops_before_the_next_layer(tmp_path):
