@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh launch                   # ResNet-56 eager and compiled, settled launches direct vs
 #                                                      # through Triton's JIT function (STRIPECONV_TRITON_DIRECT=0)
 #   python bench/bench_gpu.py --from-json <the returned bench_gpu_*.json>   # merged table + plot
+#                                                      # (--step-rows: each training step's breakdown too)
 # A session with 30 minutes of device time (the machine's start counts) and 10 minutes a command fits
 # three commands, the targets first (random and centre-biased masks; no CUDA C++ build):
 #   BENCH_BUDGET_S=240 GPU_TEST_TIMEOUT_S=240 bash bench/gpu_session.sh test quick
