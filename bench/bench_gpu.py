@@ -70,7 +70,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -814,6 +814,45 @@ def _rates(results: list, speedup: Callable) -> None:
             if vals:
                 line += f", {label} {statistics.median(vals):5.2f}x"
         print(line)
+    _floor_multiples(results)
+
+
+def _floor(r) -> Optional[float]:
+    """Row ``r``'s floor in ms: the larger of FLOPs / peak and bytes / bandwidth of its forward (at the
+    mask's density), three times that for forward + backward (grad input and grad weight each do the
+    forward's FLOPs and move about its bytes: dy in for y out, dx or dw out for x or w in)."""
+    flops, byts = r.get("floor_flops_ms"), r.get("floor_bytes_ms")
+    if not flops or not byts:
+        return None
+    return max(flops, byts) * (1 if r["mode"] == "fwd" else 3)
+
+
+def _floor_multiples(results: list) -> None:
+    """Per target and density, medians over the cells of the time the target allows, cuDNN's time and
+    the stripe kernels' time (``triton``), each as a multiple of the cell's floor (:func:`_floor`); in
+    GPU time (graph replays) where both were replayed, else as timed eagerly."""
+    groups: dict = {}
+    for r in results:
+        floor = _floor(r)
+        for name, need, key in _targets(r):
+            if key != "median_ms" or not floor or r["layer"].startswith("b1."):  # batch 1: latency, not floors
+                continue
+            timing = "graph_ms" if r["dense"].get("graph_ms") and r.get("triton", {}).get("graph_ms") else "median_ms"
+            dense, kernels = r["dense"].get(timing), r.get("triton", {}).get(timing)
+            if not dense or not kernels or r["triton"].get("wrong"):
+                continue
+            groups.setdefault((name, r["target_density"]), []).append(
+                (dense / need / floor, dense / floor, kernels / floor, timing == "graph_ms"))
+    if not groups:
+        return
+    print("\ntime over the floor (max of FLOPs/peak and bytes/bandwidth; fwd+bwd: three passes), medians over "
+          "the cells, GPU time where replayed:")
+    for (name, d), rows in sorted(groups.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
+        allowed, dense, kernels = (statistics.median(row[i] for row in rows) for i in range(3))
+        below = sum(row[0] < 1 for row in rows)
+        print(f"  {name:<18} d={d:<4} target allows {allowed:5.2f}x, cuDNN {dense:5.2f}x, triton {kernels:5.2f}x  "
+              f"({len(rows)} cells, {sum(row[3] for row in rows)} replayed"
+              + (f"; {below} ask for less than the floor" if below else "") + ")")
 
 
 def _write(path: str, meta: dict, results: list) -> None:

@@ -366,3 +366,32 @@ def test_target_check(capsys):
     # 4.25 x 0.2 / 0.5, measured 2.0 x 0.5 / 1 and 2.5 x 0.2 / 0.5
     assert re.search(r"fwd >= 0.85/d\s+needs\s+1.28x \(1 of 2 cells above cuDNN's rate\), measured\s+1.00x$", out,
                      flags=re.M), out
+
+
+def test_time_over_the_floor(capsys):
+    """Per target and density, the times the target allows, cuDNN's and the kernels' as multiples of the
+    cell's floor: the larger of FLOPs / peak and bytes / bandwidth, three passes for forward+backward."""
+    bench = _bench_module()
+
+    def row(layer, d, mode, dense, kernels, flops_ms, bytes_ms, graph=True):
+        timing = "graph_ms" if graph else "median_ms"
+        return {"layer": layer, "mask": "random", "target_density": d, "mode": mode, "tile_efficiency": 1.0,
+                "floor_flops_ms": flops_ms, "floor_bytes_ms": bytes_ms,
+                "dense": {"median_ms": 2 * dense, timing: dense}, "triton": {"median_ms": 2 * kernels, timing: kernels}}
+
+    results = [
+        row("r50.layer3", 0.5, "fwd", 1.0, 0.5, 0.1, 0.2),           # floor 0.2: allows 1/1.7/0.2, 5x, 2.5x
+        row("vgg.conv3_x", 0.5, "fwd", 1.0, 0.8, 0.25, 0.05),        # floor 0.25: 2.35x, 4x, 3.2x
+        row("vgg.conv3_x", 0.2, "fwd+bwd", 3.0, 3.0, 0.1, 0.3),      # floor 0.9: 3/3.5/0.9 < 1, 3.33x, 3.33x
+        row("r50.layer1", 0.2, "fwd+bwd", 1.0, 2.0, 0.1, 0.3, False),  # eager: 1/3.5/0.9, 1.11x, 2.22x
+        row("b1.r50.layer4", 0.5, "fwd", 1.0, 1.0, 0.01, 0.01),      # batch 1: left out
+    ]
+    bench._floor_multiples(results)
+    out = capsys.readouterr().out
+    lines = {m.group(1) + " " + m.group(2): m.group(3) for m in
+             re.finditer(r"^\s+(\S+ >= \S+)\s+d=(\S+)\s+(.*)$", out, flags=re.M)}
+    assert set(lines) == {"fwd >= 0.85/d 0.5", "fwd+bwd >= 0.7/d 0.2"}, out
+    assert lines["fwd >= 0.85/d 0.5"] == "target allows  2.65x, cuDNN  4.50x, triton  2.85x  (2 cells, 2 replayed)"
+    # medians of (0.952, 0.317), (3.333, 1.111), (3.333, 2.222): both ask for less than their floor
+    assert lines["fwd+bwd >= 0.7/d 0.2"] == ("target allows  0.63x, cuDNN  2.22x, triton  2.78x  "
+                                            "(2 cells, 1 replayed; 2 ask for less than the floor)"), out
