@@ -788,6 +788,7 @@ def summarize(results: list, method: str = "stripeconv") -> None:
             print(f"  {name:<18} {met:3d} / {len(rows):<3d}  worst: {r['layer']} {r['mask']} d={r['target_density']} "
                   f"{v:.2f}x vs {need:.2f}x")
     _rates(results, speedup)
+    _floor_multiples(results)
 
 
 def _rates(results: list, speedup: Callable) -> None:
@@ -814,7 +815,6 @@ def _rates(results: list, speedup: Callable) -> None:
             if vals:
                 line += f", {label} {statistics.median(vals):5.2f}x"
         print(line)
-    _floor_multiples(results)
 
 
 def _floor(r) -> Optional[float]:
