@@ -409,6 +409,7 @@ void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule&
   }
   const int64_t threads = at::get_num_threads(), per_thread = e.in_bs + e.out_bs;
   at::Tensor buf = scratch({threads * per_thread}, options);
+  const bool simd = simd_transpose<T>();
   at::parallel_for(0, e.B * bands * nsplit, 1, [&](int64_t t0, int64_t t1) {
     const int64_t tid = at::get_thread_num();
     TORCH_INTERNAL_ASSERT(tid >= 0 && tid < threads, "thread ", tid, " of ", threads);
@@ -421,7 +422,7 @@ void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule&
       const int64_t a0 = std::max<int64_t>(0, p0 + lo), a1 = std::min(in_plane, p1 + hi);
       if (a0 < a1)
         transpose_matrix<T>(src + b * src_bs + a0 * in_channels, in_channels, in_buf + a0, in_pitch, a1 - a0,
-                            in_channels);
+                            in_channels, simd);
       if (nsplit == 1) {
         run_flat_tasks(e, ker, f, in_buf, out_buf, c0, c1);  // weight groups outermost over the band
       } else {
@@ -430,7 +431,7 @@ void run_bands(const AccEngine<T>& e, const Kernels<T>& ker, const FlatSchedule&
       }
       const int64_t n0 = e.split_range[s].first, n1 = e.split_range[s].second;
       transpose_matrix<T>(out_buf + n0 * e.out_cs + p0, e.out_cs, dst + b * dst_bs + p0 * out_channels + n0,
-                          out_channels, n1 - n0, p1 - p0);
+                          out_channels, n1 - n0, p1 - p0, simd);
     }
   });
 }
@@ -462,11 +463,12 @@ void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const a
   const T* src = in.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   const int64_t src_bs = in.stride(0), dst_bs = out.stride(0);
+  const bool simd = simd_transpose<T>();
   auto stage_in = [&](int64_t s, T* in_buf) {
     for (int64_t j = 0; j < k; ++j) {
       const T* img = src + (s * k + j) * src_bs;
       if (cl) {
-        transpose_matrix<T>(img, in_channels, in_buf + j * in_plane, in_pitch, in_plane, in_channels);
+        transpose_matrix<T>(img, in_channels, in_buf + j * in_plane, in_pitch, in_plane, in_channels, simd);
       } else {
         for (int64_t c = 0; c < in_channels; ++c)
           std::copy(img + c * in_plane, img + (c + 1) * in_plane, in_buf + c * in_pitch + j * in_plane);
@@ -477,7 +479,7 @@ void run_acc_engine_staged(const AccEngine<T>& e, const Kernels<T>& ker, const a
     for (int64_t j = 0; j < k; ++j) {
       T* img = dst + (s * k + j) * dst_bs;
       if (cl) {
-        transpose_matrix<T>(out_buf + j * out_plane, e.out_cs, img, out_channels, out_channels, out_plane);
+        transpose_matrix<T>(out_buf + j * out_plane, e.out_cs, img, out_channels, out_channels, out_plane, simd);
       } else {
         for (int64_t c = 0; c < out_channels; ++c) {
           const T* o = out_buf + c * e.out_cs + j * out_plane;

@@ -183,12 +183,13 @@ at::Tensor grad_input_impl(const at::Tensor& grad_output, const at::Tensor& weig
     T* dst = gx.data_ptr<T>();
     const T* src = phases.data_ptr<T>();
     const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.W * g.C));
+    const bool simd = simd_transpose<T>();
     at::parallel_for(0, g.B * g.H, grain, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / g.H, h = t % g.H, pa = h % g.sh, r = h / g.sh;
         for (int64_t pb = 0; pb < g.sw; ++pb)
           transpose_matrix<T>(src + (pa * g.sw + pb) * phase_size + b * g.C * out_cs + r * g.Wpm, out_cs,
-                              dst + (t * g.W + pb) * g.C, g.sw * g.C, g.C, g.phase_cols(pb));
+                              dst + (t * g.W + pb) * g.C, g.sw * g.C, g.C, g.phase_cols(pb), simd);
       }
     });
   } else if (g.sw == 2) {

@@ -92,10 +92,11 @@ void transpose_rows(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t r0, 
   }
 }
 
-// One R x S matrix, in this thread: dst[s * ldd + r] = src[r * lds + s].
+// One R x S matrix, in this thread: dst[s * ldd + r] = src[r * lds + s]. `simd`: simd_transpose<T>(),
+// read by the caller once per op call (an environment lookup per matrix cost 5 % of a strided
+// channels_last grad input, which transposes one row at a time).
 template <typename T>
-void transpose_matrix(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t R, int64_t S) {
-  const bool simd = simd_transpose<T>();
+void transpose_matrix(const T* src, int64_t lds, T* dst, int64_t ldd, int64_t R, int64_t S, bool simd) {
   for (int64_t r0 = 0; r0 < R; r0 += 16)
     transpose_rows(src, lds, dst, ldd, r0, std::min<int64_t>(16, R - r0), S, simd);
 }
@@ -140,13 +141,14 @@ at::Tensor split_phases_nhwc(const at::Tensor& x, const Geometry& g) {
   T* dst = buf.data_ptr<T>();
   const int64_t plane_ph = g.Hpm * g.Wpm, rows = g.B * g.Hpm;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.Wpm * g.C));
+  const bool simd = simd_transpose<T>();
   at::parallel_for(0, g.sh * g.sw * rows, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t ph = t / rows, b = (t % rows) / g.Hpm, r = t % g.Hpm, pa = ph / g.sw, pb = ph % g.sw;
       if (r >= g.phase_rows(pa)) continue;
       const T* s = src + ((b * g.H + pa + r * g.sh) * g.W + pb) * g.C;
       T* d = dst + (ph * g.B + b) * g.C * plane_ph + r * g.Wpm;
-      transpose_matrix<T>(s, g.sw * g.C, d, plane_ph, g.phase_cols(pb), g.C);
+      transpose_matrix<T>(s, g.sw * g.C, d, plane_ph, g.phase_cols(pb), g.C, simd);
     }
   });
   return buf;
